@@ -1,0 +1,36 @@
+# multichannel-gateway — how people and CI drive the project (CONTRACT §7).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(STAMP)
+	@bash scripts/install-system.sh
+	@if [ -f scripts/install-helm.sh ]; then bash scripts/install-helm.sh; fi
+
+$(STAMP): pyproject.toml $(PLUGINS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/gateway demo
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+bench: install
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+lint: install
+	$(BIN)/ruff check gateway channels sinks tests bench
+
+clean:
+	rm -rf $(VENV) .tools build *.egg-info

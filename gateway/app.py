@@ -1,0 +1,192 @@
+"""``create_app(config)``: the aiohttp application, its routes and its lifecycle (cleanup_ctx)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pluggy
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import intake, keys, plugins
+from gateway import logging as gwlog
+from gateway.config import GatewayConfig
+from gateway.dispatch import Dispatcher
+from gateway.errors import ConfigError
+from gateway.journal import open_journal
+from gateway.metrics import Metrics
+from gateway.processor import Processor
+
+log = gwlog.get("gateway.app")
+# Re-exported so plugin handlers can write ``request.app[gateway.app.CHANNELS]``.
+CONFIG, CHANNELS, SINKS, JOURNAL, METRICS = (
+    keys.CONFIG, keys.CHANNELS, keys.SINKS, keys.JOURNAL, keys.METRICS)
+HOUSEKEEPING_SECONDS = 5.0
+PRUNE_SECONDS = 60.0
+
+
+def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
+               metrics: Metrics | None = None) -> web.Application:
+    """Build the gateway application from a validated config.
+
+    Raises:
+        ConfigError: a plugin table is invalid, or an enabled channel has no app secret while
+            ``server.insecure_skip_signature`` is off.
+        PluginError: a plugin failed to load.
+    """
+    pm = pm or plugins.manager()
+    channels = plugins.channels(pm, config)
+    sinks = plugins.sinks(pm, config)
+    require_secrets(config, channels)
+    app = web.Application(client_max_size=config.server.max_body_bytes,
+                          middlewares=[json_errors])
+    app[keys.CONFIG] = config
+    app[keys.PLUGINS] = pm
+    app[keys.CHANNELS] = channels
+    app[keys.SINKS] = sinks
+    app[keys.METRICS] = metrics or Metrics()
+    app[keys.READY] = {"ready": False}
+    app.router.add_get("/webhooks/{channel}", intake.handshake)
+    app.router.add_post("/webhooks/{channel}", intake.receive)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    if config.server.metrics_port == config.server.port:
+        app.router.add_get("/metrics", metrics_handler)
+    for routes in pm.hook.register_routes(config=config):
+        app.router.add_routes(routes or [])
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_not_ready)
+    return app
+
+
+def require_secrets(config: GatewayConfig, channels: dict) -> None:
+    """Refuse to start when an enabled channel could accept unsigned requests."""
+    if config.server.insecure_skip_signature:
+        log.warning("insecure_skip_signature", detail="webhook signatures are NOT checked")
+        return
+    for name, channel in channels.items():
+        if not channel.app_secret:
+            env = name.upper()
+            raise ConfigError(
+                f"channel {name!r} is enabled but has no app secret: set {env}_APP_SECRET or "
+                "META_APP_SECRET (or app_secret in the config), or disable the channel",
+                f"channels.{name}.app_secret")
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config = app[keys.CONFIG]
+    metrics = app[keys.METRICS]
+    journal = open_journal(config)
+    await journal.open()
+    app[keys.JOURNAL] = journal
+    for channel in app[keys.CHANNELS].values():
+        await channel.start()
+    dispatcher = Dispatcher(journal, app[keys.SINKS], metrics)
+    await dispatcher.start()
+    processor = Processor(journal, app[keys.CHANNELS], dispatcher, metrics)
+    app[keys.DISPATCHER] = dispatcher
+    app[keys.PROCESSOR] = processor
+    tasks = [asyncio.create_task(processor.run(), name="processor"),
+             asyncio.create_task(_housekeeping(app), name="housekeeping")]
+    app[keys.READY]["ready"] = True
+    app[keys.PLUGINS].hook.gateway_started(app=app, config=config)
+    log.info("gateway_started", channels=sorted(app[keys.CHANNELS]), sinks=sorted(app[keys.SINKS]),
+             journal=config.queue.backend, pending=journal.pending)
+    yield
+    await _drain(app, tasks, processor, dispatcher, config.server.shutdown_timeout)
+    for channel in app[keys.CHANNELS].values():
+        await channel.close()
+    await journal.close()
+    log.info("gateway_stopped")
+
+
+async def _drain(app, tasks, processor, dispatcher, timeout: float) -> None:
+    """Process what is journaled and let sinks catch up, within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    processor.stop()
+    try:
+        await asyncio.wait_for(asyncio.shield(tasks[0]), timeout=max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        log.warning("drain_incomplete", pending=app[keys.JOURNAL].pending)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await dispatcher.stop(max(0.1, deadline - time.monotonic()))
+
+
+async def _housekeeping(app: web.Application) -> None:
+    journal, metrics = app[keys.JOURNAL], app[keys.METRICS]
+    dispatcher = app[keys.DISPATCHER]
+    last_prune = 0.0
+    while True:
+        await asyncio.sleep(HOUSEKEEPING_SECONDS)
+        with contextlib.suppress(Exception):
+            counts = await journal.dead_letter_counts()
+            for name in set(dispatcher.sinks) | set(counts):
+                metrics.dead_letters.labels(name).set(counts.get(name, 0))
+            for name, worker in dispatcher.workers.items():
+                metrics.queue_depth.labels(f"sink:{name}").set(worker.lag())
+            metrics.queue_depth.labels("journal").set(journal.pending)
+            if time.monotonic() - last_prune > PRUNE_SECONDS:
+                last_prune = time.monotonic()
+                await journal.prune(time.time())
+
+
+async def _not_ready(app: web.Application) -> None:
+    app[keys.READY]["ready"] = False
+    app[keys.PLUGINS].hook.gateway_stopping(app=app)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: started, not shutting down, journal and sinks reachable."""
+    app = request.app
+    checks = {"started": app[keys.READY]["ready"]}
+    if keys.JOURNAL in app:
+        checks["journal"] = await app[keys.JOURNAL].ping()
+    for name, sink in app[keys.SINKS].items():
+        try:
+            checks[f"sink:{name}"] = await asyncio.wait_for(sink.ready(), timeout=2.0)
+        except Exception:  # noqa: BLE001 - not ready is the answer
+            checks[f"sink:{name}"] = False
+    ok = all(checks.values())
+    return web.json_response({"status": "ready" if ok else "unavailable", "checks": checks},
+                             status=200 if ok else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """Prometheus exposition of this app's registry."""
+    registry = request.app[keys.METRICS].registry
+    return web.Response(body=generate_latest(registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def metrics_app(metrics: Metrics) -> web.Application:
+    """The small app served on ``metrics_port``."""
+    app = web.Application()
+    app[keys.METRICS] = metrics
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error the framework raises (404, 405, 413, …) becomes the JSON error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        keep = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return intake.error(exc.status, code, exc.text or exc.reason, keep)
+    except Exception:  # noqa: BLE001 - never a bare 500 page
+        log.exception("unhandled_error", path=request.path)
+        return intake.error(500, "internal_error", "internal error; see the gateway's log")

@@ -1,0 +1,50 @@
+"""The channel interface: what a channel plugin provides to the core."""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from gateway.events import Event
+
+
+class Channel(abc.ABC):
+    """A messaging channel: verifies and normalises its webhooks (and, optionally, sends).
+
+    Attributes:
+        name: the ``{channel}`` in ``/webhooks/{channel}`` and the events' ``channel`` field.
+        app_secret: the Meta app secret that signs this channel's webhooks (bytes), or None.
+        verify_token: the token Meta's GET handshake must present, or None (handshake refused).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, *, app_secret: str | None, verify_token: str | None) -> None:
+        self.app_secret = app_secret.encode("utf-8") if app_secret else None
+        self.verify_token = verify_token or None
+
+    @abc.abstractmethod
+    def check_envelope(self, body: bytes) -> None:
+        """Cheap check, on the request path, that ``body`` is this channel's Meta envelope.
+
+        Raises:
+            gateway.errors.BadPayload: not JSON, or not this channel's envelope (HTTP 400).
+        """
+
+    @abc.abstractmethod
+    def normalise(self, body: bytes) -> list[Event]:
+        """Turn one raw, verified request body into canonical events (after the ack).
+
+        Must return one event per message / status / reaction / … in the body and never raise for
+        odd content inside a valid envelope (unknown types become ``unsupported``).
+
+        Raises:
+            gateway.errors.BadPayload: the body is not this channel's envelope.
+        """
+
+    async def start(self) -> None:
+        """Open connections (HTTP clients for sending). Called once before intake opens."""
+
+    async def close(self) -> None:
+        """Release what ``start`` opened. Called once at shutdown."""

@@ -1,0 +1,184 @@
+"""The ``gateway`` command: serve, demo, plugins, check-config, dead-letters."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from gateway import config as gwconfig
+from gateway.errors import ConfigError, PluginError
+
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; return the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return args.run(args) or 0
+    except (ConfigError, PluginError) as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Meta messaging gateway")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    cfg = argparse.ArgumentParser(add_help=False)
+    cfg.add_argument("--config", metavar="PATH", help="TOML file (default: embedded defaults)")
+
+    p = sub.add_parser("serve", parents=[cfg], help="run the gateway")
+    p.set_defaults(run=_serve)
+    p = sub.add_parser("demo", parents=[cfg], help="run the pipeline locally with simulated customers")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of traffic (default 30)")
+    p.set_defaults(run=_demo)
+    p = sub.add_parser("plugins", help="list discovered channels and sinks")
+    p.set_defaults(run=_plugins)
+    p = sub.add_parser("check-config", parents=[cfg], help="validate the configuration")
+    p.set_defaults(run=_check_config)
+
+    dl = sub.add_parser("dead-letters", help="inspect and replay dead letters")
+    dsub = dl.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = dsub.add_parser("list", parents=[cfg], help="list dead letters")
+    p.add_argument("--sink", help="only this sink")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(run=_dead_list)
+    p = dsub.add_parser("replay", parents=[cfg], help="queue dead letters for redelivery")
+    p.add_argument("--sink", help="only this sink")
+    p.add_argument("ids", nargs="*", type=int, help="dead-letter ids (default: all)")
+    p.set_defaults(run=_dead_replay)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> gwconfig.GatewayConfig:
+    return gwconfig.load(args.config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway import logging as gwlog
+    from gateway import server
+    from gateway.app import create_app
+
+    config = _load(args)
+    gwlog.setup(config.logging)
+    create_app(config)  # fail fast (exit 2) on plugin or secret problems, before binding ports
+    server.run(config)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(args.config, args.duration)
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from gateway.plugins import discover, manager
+
+    found = discover()
+    try:
+        manager()
+        status = "ok"
+    except PluginError as exc:
+        status = f"error: {exc}"
+    print(f"{'KIND':<9} {'NAME':<14} {'MODULE':<28} PACKAGE")
+    for item in found:
+        print(f"{item.group[:-1]:<9} {item.name:<14} {item.value:<28} {item.dist} {item.version}")
+    print(f"\n{len(found)} plugins; loading: {status}")
+    return 0 if status == "ok" else EXIT_CONFIG
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.app import require_secrets
+    from gateway.plugins import channels, manager, sinks
+
+    errors = gwconfig.check(args.config)
+    if not errors:
+        config = gwconfig.load(args.config)
+        try:
+            pm = manager()
+            found = channels(pm, config)
+            sinks(pm, config)
+            require_secrets(config, found)
+        except (ConfigError, PluginError) as exc:
+            errors.append(exc)
+    if errors:
+        for exc in errors:
+            print(f"gateway: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(gwconfig.redacted(config), indent=2, default=str))
+    print(f"config OK ({config.source})", file=sys.stderr)
+    return 0
+
+
+def _dead_list(args: argparse.Namespace) -> int:
+    import json
+    from datetime import UTC, datetime
+
+    from gateway.events import decode
+
+    async def work() -> list:
+        journal = await _journal(args)
+        try:
+            return await journal.dead_letters(args.sink, args.limit)
+        finally:
+            await journal.close()
+
+    letters = asyncio.run(work())
+    for d in letters:
+        when = datetime.fromtimestamp(d.failed_at, tz=UTC).isoformat(timespec="seconds")
+        summary = _summary(d.data, decode)
+        if args.json:
+            print(json.dumps({"id": d.id, "sink": d.sink, "event_id": d.event_id, "state": d.state,
+                              "attempts": d.attempts, "failed_at": when, "reason": d.reason,
+                              **summary}))
+        else:
+            print(f"{d.id:>6} {d.sink:<12} {d.state:<6} {when} attempts={d.attempts} "
+                  f"{summary.get('kind', '?')} {d.event_id} :: {d.reason}")
+    print(f"{len(letters)} dead letters", file=sys.stderr)
+    return 0
+
+
+def _summary(data: bytes, decode) -> dict:
+    try:
+        ev = decode(data)
+    except Exception:  # noqa: BLE001 - normalise failures hold a raw request, not an event
+        return {"kind": "raw-request"}
+    return {"kind": ev.kind, "channel": ev.channel, "conversation_id": ev.conversation_id}
+
+
+def _dead_replay(args: argparse.Namespace) -> int:
+    async def work() -> int:
+        journal = await _journal(args)
+        try:
+            return await journal.request_replay(args.sink, args.ids or None)
+        finally:
+            await journal.close()
+
+    count = asyncio.run(work())
+    print(f"{count} dead letters queued for replay; the running gateway redelivers them "
+          "(or the next one to start)")
+    return 0
+
+
+async def _journal(args: argparse.Namespace):
+    from gateway.journal import open_journal
+
+    journal = open_journal(_load(args))
+    await journal.open()
+    return journal
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Configuration: msgspec Structs loaded from TOML, overlaid with environment variables.
+
+The core owns ``[server]``, ``[queue]``, ``[dispatch]`` and ``[logging]``. ``[channels.<name>]`` and
+``[sinks.<name>]`` belong to the plugin of that name, which converts its table into its own Struct
+with :func:`section` (unknown keys rejected, each error naming the dotted key).
+
+Secrets may be written inline, as ``{ env = "NAME" }`` or as ``{ file = "/run/secrets/x" }``; the
+documented environment variables (``WHATSAPP_APP_SECRET``, ``GATEWAY_API_TOKEN``, …) override the
+file. :func:`redacted` masks every secret for display.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, TypeVar
+
+import msgspec
+
+from gateway.errors import ConfigError
+
+SECRET_KEYS = frozenset(
+    {"app_secret", "verify_token", "access_token", "api_token", "api_key", "redis_url",
+     "password", "token", "secret"}
+)
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    def validate(self, prefix: str) -> None:
+        """Cross-field checks; raise ConfigError naming the key."""
+
+
+class ServerConfig(_Section):
+    """``[server]``: listening addresses, limits and the API token."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    metrics_port: int = 9090
+    data_dir: str = "./data"
+    max_body_bytes: int = 4 * 1024 * 1024  # Meta sends up to 3 MB; leave headroom
+    api_token: str | None = None
+    insecure_skip_signature: bool = False
+    shutdown_timeout: float = 25.0
+
+    def validate(self, prefix: str) -> None:
+        for key in ("port", "metrics_port"):
+            if not 0 <= getattr(self, key) <= 65535:
+                raise ConfigError("must be a TCP port (0-65535)", f"{prefix}.{key}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("must be at least 1024", f"{prefix}.max_body_bytes")
+        if self.shutdown_timeout < 0:
+            raise ConfigError("must not be negative", f"{prefix}.shutdown_timeout")
+
+
+class QueueConfig(_Section):
+    """``[queue]``: the intake journal and event queue."""
+
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    max_pending: int = 100_000  # unprocessed requests before intake answers 503
+    retry_after_seconds: int = 30
+    dedupe_window_seconds: int = 7 * 24 * 3600
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"  # SQLite: FULL fsyncs every group commit
+
+    def validate(self, prefix: str) -> None:
+        if self.max_pending < 1:
+            raise ConfigError("must be at least 1", f"{prefix}.max_pending")
+        if self.dedupe_window_seconds < 0:
+            raise ConfigError("must not be negative", f"{prefix}.dedupe_window_seconds")
+
+
+class LoggingConfig(_Section):
+    """``[logging]``: structlog output."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    log_text: bool = False  # include message text in debug logs (off: personal data)
+
+
+class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole configuration. ``channels`` and ``sinks`` stay raw until a plugin reads them."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    channels: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    sinks: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    source: str = "embedded defaults"
+
+    def enabled(self, kind: str, name: str) -> bool:
+        """Whether ``[kind.name]`` is present and not ``enabled = false``."""
+        table = getattr(self, kind).get(name)
+        return table is not None and table.get("enabled", True) is not False
+
+
+class PluginSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base for a plugin's config table. ``env`` maps a key to environment variables (first set wins)."""
+
+    enabled: bool = True
+    env: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+
+    def validate(self, prefix: str) -> None:
+        """Cross-field checks; raise ConfigError naming the key."""
+
+
+class SinkConfig(PluginSection):
+    """Fields every ``[sinks.<name>]`` table has: the sink's own retry policy and batch size."""
+
+    max_attempts: int = 6
+    backoff_initial: float = 0.2
+    backoff_max: float = 30.0
+    batch_size: int = 200
+
+    def validate(self, prefix: str) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError("must be at least 1", f"{prefix}.max_attempts")
+        if self.batch_size < 1:
+            raise ConfigError("must be at least 1", f"{prefix}.batch_size")
+
+
+class ChannelConfig(PluginSection):
+    """Fields every Meta channel table has."""
+
+    app_secret: str | None = None
+    verify_token: str | None = None
+    access_token: str | None = None
+    graph_base_url: str = "https://graph.facebook.com"
+    graph_version: str = "v24.0"
+
+
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "channels": {"whatsapp": {"enabled": True}, "instagram": {"enabled": True}},
+    "sinks": {"storage": {}},
+}
+
+_CORE_ENV = {
+    ("server", "api_token"): "GATEWAY_API_TOKEN",
+    ("server", "data_dir"): "GATEWAY_DATA_DIR",
+    ("queue", "redis_url"): "GATEWAY_REDIS_URL",
+}
+
+S = TypeVar("S", bound=PluginSection)
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read ``path`` (or the embedded defaults), overlay the environment, validate everything.
+
+    Raises:
+        ConfigError: naming the first bad key (use :func:`check` to collect them all).
+    """
+    errors = check(path, environ)
+    if errors:
+        raise errors[0]
+    return _build(_read(path), os.environ if environ is None else environ, path)
+
+
+def check(path: str | None = None, environ: Mapping[str, str] | None = None) -> list[ConfigError]:
+    """Every problem in the core sections, each naming its key (plugin sections: see plugins)."""
+    try:
+        data = _read(path)
+    except ConfigError as exc:
+        return [exc]
+    errors = [ConfigError("unknown key", key) for key in _unknown_keys(data)]
+    if errors:
+        return errors
+    try:
+        _build(data, os.environ if environ is None else environ, path)
+    except ConfigError as exc:
+        errors.append(exc)
+    return errors
+
+
+def section(config: GatewayConfig, kind: str, name: str, struct: type[S],
+            environ: Mapping[str, str] | None = None) -> S | None:
+    """Convert ``[kind.name]`` into ``struct``; None when the table is absent or disabled.
+
+    Environment variables named in ``struct.env`` override the table's values.
+
+    Raises:
+        ConfigError: naming ``kind.name.key`` for an unknown key or a wrong type.
+    """
+    if not config.enabled(kind, name):
+        return None
+    prefix = f"{kind}.{name}"
+    table = resolve_secrets(dict(getattr(config, kind)[name]), prefix)
+    env = environ if environ is not None else os.environ
+    for key, names in struct.env.items():
+        value = next((env[n] for n in names if env.get(n)), None)
+        if value is not None:
+            table[key] = value
+    result = _convert(table, struct, prefix)
+    result.validate(prefix)
+    return result
+
+
+def resolve_secrets(table: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Replace ``{env = "X"}`` / ``{file = "path"}`` values with what they point at."""
+    for key, value in list(table.items()):
+        if isinstance(value, dict) and len(value) == 1 and ("env" in value or "file" in value):
+            table[key] = _secret_value(value, f"{prefix}.{key}")
+    return table
+
+
+def redacted(data: Any) -> Any:
+    """A copy of a config mapping with every secret value masked, for logs and check-config."""
+    if isinstance(data, msgspec.Struct):
+        data = msgspec.to_builtins(data)
+    if isinstance(data, dict):
+        return {k: ("***" if _is_secret(k, v) else redacted(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redacted(v) for v in data]
+    return data
+
+
+def _is_secret(key: str, value: Any) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    return key in SECRET_KEYS or key.endswith(("_secret", "_token", "_key", "password"))
+
+
+def _secret_value(ref: dict[str, str], key: str) -> str:
+    if "env" in ref:
+        value = os.environ.get(str(ref["env"]))
+        if value is None:
+            raise ConfigError(f"environment variable {ref['env']!r} is not set", key)
+        return value
+    try:
+        with open(str(ref["file"]), encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {ref['file']!r}: {exc.strerror}", key) from None
+
+
+def _read(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {k: dict(v) for k, v in EMBEDDED_DEFAULTS.items()}
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return data
+
+
+def _unknown_keys(data: dict[str, Any]) -> list[str]:
+    known = {f.name for f in msgspec.structs.fields(GatewayConfig)} - {"source"}
+    found = []
+    for key, value in data.items():
+        if key not in known:
+            found.append(key)
+            continue
+        struct = {"server": ServerConfig, "queue": QueueConfig, "logging": LoggingConfig}.get(key)
+        if struct and isinstance(value, dict):
+            names = {f.name for f in msgspec.structs.fields(struct)}
+            found += [f"{key}.{k}" for k in value if k not in names]
+        if key in ("channels", "sinks") and isinstance(value, dict):
+            found += [f"{key}.{k}" for k, v in value.items() if not isinstance(v, dict)]
+    return found
+
+
+def _build(data: dict[str, Any], environ: Mapping[str, str], path: str | None) -> GatewayConfig:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for name in ("server", "queue"):
+        if isinstance(data.get(name), dict):
+            data[name] = resolve_secrets(data[name], name)
+    for (sect, key), var in _CORE_ENV.items():
+        if environ.get(var):
+            data.setdefault(sect, {})[key] = environ[var]
+    config = _convert({**data, "source": path or "embedded defaults"}, GatewayConfig, "")
+    config.server.validate("server")
+    config.queue.validate("queue")
+    return config
+
+
+def _convert(data: dict[str, Any], struct: type[Any], prefix: str) -> Any:
+    try:
+        return msgspec.convert(data, struct, strict=True)
+    except msgspec.ValidationError as exc:
+        raise _named(exc, prefix) from None
+
+
+def _named(exc: msgspec.ValidationError, prefix: str) -> ConfigError:
+    """Turn msgspec's ``... - at `$.server.port``` into a ConfigError naming ``server.port``."""
+    text = str(exc)
+    message, _, where = text.rpartition(" - at `")
+    if not message:
+        message, where = text, ""
+    path = where.rstrip("`").removeprefix("$").lstrip(".")
+    if message.startswith("Object contains unknown field `"):
+        field = message.split("`")[1]
+        path, message = ".".join(p for p in (path, field) if p), "unknown key"
+    elif message.startswith("Object missing required field `"):
+        field = message.split("`")[1]
+        path, message = ".".join(p for p in (path, field) if p), "required key is missing"
+    key = ".".join(p for p in (prefix, path) if p)
+    return ConfigError(message[0].lower() + message[1:] if message else "invalid value", key)

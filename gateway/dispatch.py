@@ -1,0 +1,226 @@
+"""Fan-out: every event to every enabled sink, each sink on its own worker.
+
+Each worker reads the event log after its own cursor (from memory while it keeps up, from the
+journal after a restart or when it lags), hands batches to its sink, and moves its cursor once a
+batch is done. A failed batch is split into conversation lanes that retry concurrently — one
+conversation's events stay in order, others are not held — with exponential backoff and jitter,
+then dead letters. A slow or failing sink never delays the others: they do not share a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import random
+import time
+from typing import TYPE_CHECKING
+
+from gateway import logging as gwlog
+from gateway.errors import PermanentError, RetryableError
+from gateway.events import decode
+from gateway.journal import StoredEvent
+from gateway.sink import Record
+
+if TYPE_CHECKING:
+    from gateway.journal import Journal
+    from gateway.metrics import Metrics
+    from gateway.sink import Sink
+
+log = gwlog.get("gateway.dispatch")
+TAIL_SIZE = 20_000
+
+
+class Tail:
+    """The newest records in memory, so that workers that keep up never re-read or re-decode."""
+
+    def __init__(self, covered_from: int) -> None:
+        self.records: list[Record] = []
+        self.covered_from = covered_from  # every record with seq >= this is held here
+        self.last_seq = covered_from - 1
+
+    def add(self, records: list[Record]) -> None:
+        if not records:
+            return
+        self.records.extend(records)
+        self.last_seq = records[-1].seq
+        if len(self.records) > 2 * TAIL_SIZE:
+            dropped = self.records[:-TAIL_SIZE]
+            self.records = self.records[-TAIL_SIZE:]
+            self.covered_from = dropped[-1].seq + 1
+
+    def after(self, seq: int, limit: int) -> list[Record] | None:
+        """Records after ``seq`` (up to ``limit``), or None when the tail no longer holds them."""
+        if seq + 1 < self.covered_from:
+            return None
+        start = bisect.bisect_right(self.records, seq, key=lambda r: r.seq)
+        return self.records[start:start + limit]
+
+
+class SinkWorker:
+    """Delivers the event log to one sink."""
+
+    def __init__(self, sink: Sink, journal: Journal, tail: Tail, metrics: Metrics) -> None:
+        self.sink = sink
+        self.journal = journal
+        self.tail = tail
+        self.metrics = metrics
+        self.cursor_name = f"sink:{sink.name}"
+        self.cursor = 0
+        self.wake = asyncio.Event()
+        self.idle = asyncio.Event()
+        self._stopping = False
+
+    async def run(self) -> None:
+        """Deliver until :meth:`stop` and caught up."""
+        self.cursor = await self.journal.cursor(self.cursor_name) or 0
+        while True:
+            self.wake.clear()
+            moved = await self._replays() + await self._step()
+            if moved:
+                continue
+            self.idle.set()
+            if self._stopping:
+                return
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        """Return once caught up."""
+        self._stopping = True
+        self.wake.set()
+
+    def lag(self) -> int:
+        """Events behind the newest."""
+        return max(0, self.tail.last_seq - self.cursor)
+
+    async def _step(self) -> int:
+        size = self.sink.config.batch_size
+        batch = self.tail.after(self.cursor, size)
+        if batch is None:
+            batch = [_record(e) for e in await self.journal.events_after(self.cursor, size)]
+        if not batch:
+            return 0
+        self.idle.clear()
+        await self.deliver(batch)
+        self.cursor = batch[-1].seq
+        await self.journal.set_cursor(self.cursor_name, self.cursor)
+        self.metrics.queue_depth.labels(self.cursor_name).set(self.lag())
+        return len(batch)
+
+    async def _replays(self) -> int:
+        letters = await self.journal.claim_replays(self.sink.name, self.sink.config.batch_size)
+        if letters:
+            log.info("replaying_dead_letters", sink=self.sink.name, count=len(letters))
+            await self.deliver([_record(StoredEvent(0, d.data, d.received_at)) for d in letters])
+        return len(letters)
+
+    async def deliver(self, batch: list[Record]) -> None:
+        """Write ``batch``; on failure retry per conversation lane, then dead-letter."""
+        try:
+            await self.sink.write(batch)
+        except Exception as exc:  # noqa: BLE001 - any sink failure is retried per lane
+            log.warning("sink_batch_failed", sink=self.sink.name, size=len(batch), error=repr(exc))
+            lanes: dict[str, list[Record]] = {}
+            for record in batch:
+                lanes.setdefault(record.event.conversation_id, []).append(record)
+            await asyncio.gather(*(self._lane(lane, exc) for lane in lanes.values()))
+            return
+        self._delivered(batch)
+
+    async def _lane(self, lane: list[Record], first: BaseException) -> None:
+        for record in lane:
+            await self._one(record, first)
+
+    async def _one(self, record: Record, error: BaseException) -> None:
+        cfg = self.sink.config
+        attempts = 1
+        while not isinstance(error, PermanentError) and attempts < cfg.max_attempts:
+            self.metrics.sink_deliveries.labels(self.sink.name, "retry").inc()
+            await asyncio.sleep(self._backoff(attempts, error))
+            attempts += 1
+            try:
+                await self.sink.write([record])
+            except Exception as exc:  # noqa: BLE001 - classified below
+                error = exc
+                continue
+            self._delivered([record])
+            return
+        await self._dead(record, error, attempts)
+
+    def _backoff(self, attempt: int, error: BaseException) -> float:
+        cfg = self.sink.config
+        delay = min(cfg.backoff_max, cfg.backoff_initial * 2 ** (attempt - 1))
+        hint = getattr(error, "retry_after", None) if isinstance(error, RetryableError) else None
+        return max(hint or 0.0, delay * random.uniform(0.5, 1.0))
+
+    async def _dead(self, record: Record, error: BaseException, attempts: int) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        log.error("dead_letter", sink=self.sink.name, event_id=record.event.id,
+                  conversation_id=record.event.conversation_id, attempts=attempts, reason=reason)
+        await self.journal.add_dead_letters(self.sink.name, [(
+            StoredEvent(record.seq, record.data, record.received_at), record.event.id, reason,
+            attempts)])
+        self.metrics.sink_deliveries.labels(self.sink.name, "dead").inc()
+
+    def _delivered(self, records: list[Record]) -> None:
+        now = time.time()
+        latency = self.metrics.sink_latency.labels(self.sink.name)
+        for record in records:
+            latency.observe(max(0.0, now - record.received_at))
+        self.metrics.sink_deliveries.labels(self.sink.name, "ok").inc(len(records))
+
+
+def _record(stored: StoredEvent) -> Record:
+    return Record(stored.seq, decode(stored.data), stored.data, stored.received_at)
+
+
+class Dispatcher:
+    """Owns one :class:`SinkWorker` per sink and the shared in-memory tail."""
+
+    def __init__(self, journal: Journal, sinks: dict[str, Sink], metrics: Metrics) -> None:
+        self.journal = journal
+        self.sinks = sinks
+        self.metrics = metrics
+        self.workers: dict[str, SinkWorker] = {}
+        self.tasks: list[asyncio.Task] = []
+        self.tail = Tail(1)
+
+    async def start(self) -> None:
+        """Start every sink and its worker. A sink seen for the first time starts at the end."""
+        last = await self.journal.last_event_seq()
+        self.tail = Tail(last + 1)
+        for name, sink in self.sinks.items():
+            await sink.start()
+            cursor_name = f"sink:{name}"
+            if await self.journal.cursor(cursor_name) is None:
+                # A sink seen for the first time receives events from now on, not the history.
+                await self.journal.set_cursor(cursor_name, last)
+            worker = SinkWorker(sink, self.journal, self.tail, self.metrics)
+            self.workers[name] = worker
+            self.tasks.append(asyncio.create_task(worker.run(), name=f"sink:{name}"))
+
+    def publish(self, records: list[Record]) -> None:
+        """New events from the processor: remember them and wake every worker."""
+        self.tail.add(records)
+        for worker in self.workers.values():
+            worker.wake.set()
+
+    async def caught_up(self) -> bool:
+        """Whether every worker has delivered everything published."""
+        return all(w.cursor >= self.tail.last_seq for w in self.workers.values())
+
+    async def stop(self, timeout: float) -> None:
+        """Let workers catch up for at most ``timeout`` seconds, then stop them and the sinks."""
+        for worker in self.workers.values():
+            worker.stop()
+        done, pending = await asyncio.wait(self.tasks, timeout=timeout) if self.tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for sink in self.sinks.values():
+            try:
+                await sink.close()
+            except Exception as exc:  # noqa: BLE001 - one sink's failure must not stop the others
+                log.error("sink_close_failed", sink=sink.name, error=repr(exc))

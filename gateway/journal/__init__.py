@@ -1,0 +1,89 @@
+"""The durable journal: raw webhook requests in, de-duplicated events out, sink cursors, dead letters.
+
+One small interface (:class:`Journal`) with two backends: ``sqlite`` (default, one process) and
+``redis`` (scale-out). The intake appends raw requests and acks only once they are durable; the
+processor turns them into events exactly once; each sink worker reads events after its cursor.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
+
+
+class RawRequest(NamedTuple):
+    """A journaled webhook request."""
+
+    seq: int
+    channel: str
+    received_at: float
+    body: bytes
+
+
+class NewEvent(NamedTuple):
+    """An event the processor wants stored (if its id is new)."""
+
+    id: str
+    channel: str
+    conversation_id: str
+    data: bytes
+    received_at: float
+
+
+class StoredEvent(NamedTuple):
+    """An event in the log, as sink workers read it."""
+
+    seq: int
+    data: bytes
+    received_at: float
+
+
+class DeadLetter(NamedTuple):
+    """An event a sink could not take, with the reason."""
+
+    id: int
+    sink: str
+    event_id: str
+    data: bytes
+    received_at: float
+    reason: str
+    attempts: int
+    failed_at: float
+    state: str
+
+
+class Journal(Protocol):
+    """What the intake, processor, dispatcher and CLI need from a journal backend."""
+
+    pending: int  # appended requests not yet processed
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+    async def append(self, channel: str, body: bytes, received_at: float) -> int: ...
+    async def unprocessed(self, limit: int) -> list[RawRequest]: ...
+    async def commit_processed(self, upto: int, events: list[NewEvent],
+                               failed: list[tuple[RawRequest, str]]) -> list[int | None]: ...
+    async def events_after(self, seq: int, limit: int) -> list[StoredEvent]: ...
+    async def last_event_seq(self) -> int: ...
+    async def cursor(self, name: str) -> int | None: ...
+    async def set_cursor(self, name: str, seq: int) -> None: ...
+    async def add_dead_letters(self, sink: str, items: list[tuple[StoredEvent, str, str, int]]) -> None: ...
+    async def dead_letters(self, sink: str | None = None, limit: int = 100) -> list[DeadLetter]: ...
+    async def dead_letter_counts(self) -> dict[str, int]: ...
+    async def request_replay(self, sink: str | None = None, ids: list[int] | None = None) -> int: ...
+    async def claim_replays(self, sink: str, limit: int) -> list[DeadLetter]: ...
+    async def prune(self, now: float) -> None: ...
+
+
+def open_journal(config: GatewayConfig) -> Journal:
+    """The journal backend ``config.queue.backend`` names (not yet opened)."""
+    if config.queue.backend == "redis":
+        from gateway.journal.redis import RedisJournal
+
+        return RedisJournal(config)
+    from gateway.journal.sqlite import SqliteJournal
+
+    return SqliteJournal(config)

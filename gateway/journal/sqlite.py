@@ -1,0 +1,202 @@
+"""The default journal: one SQLite file in WAL mode under ``data_dir``, written by one thread."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+
+from gateway.config import GatewayConfig
+from gateway.journal import DeadLetter, NewEvent, RawRequest, StoredEvent
+from gateway.journal.writer import SqliteWriter
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL,
+    received_at REAL NOT NULL, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, channel TEXT NOT NULL,
+    conversation_id TEXT NOT NULL, received_at REAL NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_at ON seen(at);
+CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL, event_id TEXT NOT NULL,
+    data BLOB NOT NULL, received_at REAL NOT NULL, reason TEXT NOT NULL, attempts INTEGER NOT NULL,
+    failed_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'dead');
+CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters(sink, state);
+"""
+PROCESSED = "processed"
+_DEAD_COLUMNS = "id, sink, event_id, data, received_at, reason, attempts, failed_at, state"
+
+
+class SqliteJournal:
+    """The :class:`gateway.journal.Journal` on SQLite (WAL, group commit, ``synchronous=FULL``)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.path = os.path.join(config.server.data_dir, "journal.db")
+        self.dedupe_window = config.queue.dedupe_window_seconds
+        self.pending = 0
+        self._writer = SqliteWriter(
+            self.path,
+            ["PRAGMA journal_mode=WAL", f"PRAGMA synchronous={config.queue.synchronous}",
+             "PRAGMA busy_timeout=10000", "PRAGMA cache_size=-16000"],
+            SCHEMA,
+        )
+
+    async def open(self) -> None:
+        """Create the data directory and the schema; count what is still unprocessed."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self._writer.start()
+        self.pending = await self._writer.run(
+            lambda c: c.execute("SELECT count(*) FROM requests").fetchone()[0])
+
+    async def close(self) -> None:
+        """Let queued work finish and close the database."""
+        self._writer.stop()
+
+    async def ping(self) -> bool:
+        """Whether the database answers."""
+        try:
+            return await self._writer.run(lambda c: c.execute("SELECT 1").fetchone()[0] == 1)
+        except Exception:  # noqa: BLE001 - readiness is a yes/no question
+            return False
+
+    async def append(self, channel: str, body: bytes, received_at: float) -> int:
+        """Store a raw request durably (group commit); return its sequence number."""
+        seq = await self._writer.run(lambda c: c.execute(
+            "INSERT INTO requests(channel, received_at, body) VALUES (?, ?, ?)",
+            (channel, received_at, body)).lastrowid)
+        self.pending += 1
+        return seq
+
+    async def unprocessed(self, limit: int) -> list[RawRequest]:
+        """The oldest journaled requests not yet turned into events."""
+        rows = await self._writer.run(lambda c: c.execute(
+            "SELECT seq, channel, received_at, body FROM requests ORDER BY seq LIMIT ?",
+            (limit,)).fetchall())
+        return [RawRequest(*row) for row in rows]
+
+    async def commit_processed(self, upto: int, events: list[NewEvent],
+                               failed: list[tuple[RawRequest, str]]) -> list[int | None]:
+        """Store the events whose ids are new and drop requests up to ``upto``, atomically.
+
+        Returns each event's new sequence number, or None where its id was already seen.
+        """
+        now = time.time()
+
+        def work(c: sqlite3.Connection) -> tuple[list[int | None], int]:
+            seqs: list[int | None] = []
+            for ev in events:
+                if c.execute("INSERT OR IGNORE INTO seen(id, at) VALUES (?, ?)",
+                             (ev.id, now)).rowcount == 0:
+                    seqs.append(None)
+                    continue
+                seqs.append(c.execute(
+                    "INSERT INTO events(id, channel, conversation_id, received_at, data) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (ev.id, ev.channel, ev.conversation_id, ev.received_at, ev.data)).lastrowid)
+            for req, reason in failed:
+                c.execute(
+                    "INSERT INTO dead_letters(sink, event_id, data, received_at, reason, attempts,"
+                    " failed_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
+                    (f"normalise:{req.channel}", f"request:{req.seq}", req.body,
+                     req.received_at, reason, now))
+            removed = c.execute("DELETE FROM requests WHERE seq <= ?", (upto,)).rowcount
+            _set_cursor(c, PROCESSED, upto)
+            return seqs, removed
+
+        seqs, removed = await self._writer.run(work)
+        self.pending = max(0, self.pending - removed)
+        return seqs
+
+    async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
+        """Events with a sequence number above ``seq``, oldest first."""
+        rows = await self._writer.run(lambda c: c.execute(
+            "SELECT seq, data, received_at FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit)).fetchall())
+        return [StoredEvent(*row) for row in rows]
+
+    async def last_event_seq(self) -> int:
+        """The newest event's sequence number (0 when none was ever stored)."""
+        return await self._writer.run(lambda c: c.execute(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
+        ).fetchone()[0])
+
+    async def cursor(self, name: str) -> int | None:
+        """A named position (a sink's last delivered event); None when never set."""
+        row = await self._writer.run(lambda c: c.execute(
+            "SELECT seq FROM cursors WHERE name = ?", (name,)).fetchone())
+        return row[0] if row else None
+
+    async def set_cursor(self, name: str, seq: int) -> None:
+        """Move a named position forward."""
+        await self._writer.run(lambda c: _set_cursor(c, name, seq))
+
+    async def add_dead_letters(self, sink: str, items: list[tuple[StoredEvent, str, str, int]]) -> None:
+        """Store (event, event id, reason, attempts) tuples a sink gave up on."""
+        now = time.time()
+        await self._writer.run(lambda c: c.executemany(
+            "INSERT INTO dead_letters(sink, event_id, data, received_at, reason, attempts, failed_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(sink, eid, ev.data, ev.received_at, reason[:2000], attempts, now)
+             for ev, eid, reason, attempts in items]))
+
+    async def dead_letters(self, sink: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first, optionally of one sink."""
+        where, args = ("WHERE sink = ?", (sink, limit)) if sink else ("", (limit,))
+        rows = await self._writer.run(lambda c: c.execute(
+            f"SELECT {_DEAD_COLUMNS} FROM dead_letters {where} ORDER BY id LIMIT ?", args).fetchall())
+        return [DeadLetter(*row) for row in rows]
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters per sink (those waiting for replay included)."""
+        rows = await self._writer.run(lambda c: c.execute(
+            "SELECT sink, count(*) FROM dead_letters GROUP BY sink").fetchall())
+        return dict(rows)
+
+    async def request_replay(self, sink: str | None = None, ids: list[int] | None = None) -> int:
+        """Mark dead letters for redelivery by the running gateway; return how many."""
+        clauses, args = ["state = 'dead'", "sink NOT LIKE 'normalise:%'"], []
+        if sink:
+            clauses.append("sink = ?")
+            args.append(sink)
+        if ids:
+            clauses.append(f"id IN ({','.join('?' * len(ids))})")
+            args.extend(ids)
+        sql = f"UPDATE dead_letters SET state = 'replay' WHERE {' AND '.join(clauses)}"
+        return await self._writer.run(lambda c: c.execute(sql, args).rowcount)
+
+    async def claim_replays(self, sink: str, limit: int) -> list[DeadLetter]:
+        """Take dead letters marked for replay out of the store (the caller redelivers them)."""
+        def work(c: sqlite3.Connection) -> list[DeadLetter]:
+            rows = c.execute(
+                f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE sink = ? AND state = 'replay' "
+                "ORDER BY id LIMIT ?", (sink, limit)).fetchall()
+            c.executemany("DELETE FROM dead_letters WHERE id = ?", [(r[0],) for r in rows])
+            return [DeadLetter(*row) for row in rows]
+
+        return await self._writer.run(work)
+
+    async def prune(self, now: float) -> None:
+        """Forget ids older than the de-duplication window and events every sink has passed."""
+        def work(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM seen WHERE at < ?", (now - self.dedupe_window,))
+            low = c.execute(
+                "SELECT min(seq) FROM cursors WHERE name LIKE 'sink:%'").fetchone()[0]
+            if low is not None:
+                c.execute("DELETE FROM events WHERE seq <= ?", (low,))
+
+        await self._writer.run(work)
+
+    async def forget_cursors(self, keep: set[str]) -> None:
+        """Drop the cursors of sinks no longer configured, so they do not pin old events."""
+        names = [f"sink:{n}" for n in keep]
+        marks = ",".join("?" * len(names)) or "''"
+        await self._writer.run(lambda c: c.execute(
+            f"DELETE FROM cursors WHERE name LIKE 'sink:%' AND name NOT IN ({marks})", names))
+
+
+def _set_cursor(c: sqlite3.Connection, name: str, seq: int) -> None:
+    c.execute("INSERT INTO cursors(name, seq) VALUES (?, ?) ON CONFLICT(name) DO UPDATE "
+              "SET seq = max(seq, excluded.seq)", (name, seq))

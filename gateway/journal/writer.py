@@ -1,0 +1,136 @@
+"""One SQLite connection owned by one thread; jobs from the event loop share its transactions.
+
+Every job that arrives while the previous transaction commits joins the next one, so N concurrent
+appends cost one fsync (group commit). Each job runs under a SAVEPOINT: one failing job cannot
+spoil the others' writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Job = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future, asyncio.AbstractEventLoop]
+MAX_GROUP = 2000
+
+
+class SqliteWriter:
+    """Serialises all work on one SQLite database through one thread."""
+
+    def __init__(self, path: str, pragmas: list[str], schema: str) -> None:
+        self._path = path
+        self._pragmas = pragmas
+        self._schema = schema
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        """Open the database in the writer thread; raise what opening raised."""
+        self._thread = threading.Thread(target=self._run, name=f"sqlite:{self._path}", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error:
+            raise self._error
+
+    @property
+    def alive(self) -> bool:
+        """Whether the writer thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` in the next group transaction; return its result once committed."""
+        if not self.alive:
+            raise RuntimeError(f"database {self._path} is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, future, loop))
+        return await future
+
+    def stop(self) -> None:
+        """Finish queued jobs, close the connection and join the thread."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            for pragma in self._pragmas:
+                conn.execute(pragma)
+            conn.executescript(self._schema)
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while self._loop_once(conn):
+                pass
+        finally:
+            conn.close()
+
+    def _loop_once(self, conn: sqlite3.Connection) -> bool:
+        first = self._jobs.get()
+        if first is None:
+            return False
+        group = [first]
+        stop = False
+        while len(group) < MAX_GROUP:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                stop = True
+                break
+            group.append(job)
+        self._commit_group(conn, group)
+        return not stop
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[Job]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, _, _ in group:
+                outcomes.append(_savepoint(conn, fn))
+            conn.execute("COMMIT")
+        except BaseException as exc:  # noqa: BLE001 - the commit itself failed: fail every job
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(False, exc)] * len(group)
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for (_, future, loop), outcome in zip(group, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append((future, outcome))
+        for loop, items in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, items)
+
+
+def _savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
+    conn.execute("SAVEPOINT job")
+    try:
+        result = fn(conn)
+    except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        conn.execute("ROLLBACK TO job")
+        conn.execute("RELEASE job")
+        return False, exc
+    conn.execute("RELEASE job")
+    return True, result
+
+
+def _settle(items: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
+    for future, (ok, value) in items:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)

@@ -1,0 +1,48 @@
+"""structlog set-up: JSON lines off a terminal, console rendering on one. Secrets never logged."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+from gateway.config import LoggingConfig
+
+_REDACT = ("secret", "token", "authorization", "api_key", "password", "text", "body")
+
+
+def _redact(_: object, __: str, event_dict: dict) -> dict:
+    for key in list(event_dict):
+        if any(word in key.lower() for word in _REDACT) and key != "event":
+            event_dict[key] = "***"
+    return event_dict
+
+
+def setup(config: LoggingConfig | None = None, stream=None) -> None:
+    """Configure structlog and the stdlib root logger once per process."""
+    config = config or LoggingConfig()
+    stream = stream or sys.stderr
+    as_json = config.format == "json" or (config.format == "auto" and not stream.isatty())
+    processors = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if not config.log_text:
+        processors.append(_redact)
+    renderer = (structlog.processors.JSONRenderer() if as_json
+                else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    level = getattr(logging, config.level.upper())
+    structlog.configure(
+        processors=[*processors, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(level=max(level, logging.WARNING), stream=stream)
+
+
+def get(name: str = "gateway") -> structlog.typing.FilteringBoundLogger:
+    """A bound logger named ``name``."""
+    return structlog.get_logger(component=name)

@@ -1,0 +1,113 @@
+"""The plugin manager: hookspecs, entry-point discovery and plugin-provided components.
+
+Plugins are found through the entry-point groups ``gateway.channels`` and ``gateway.sinks``; the
+built-in ones are registered through this project's own ``pyproject.toml`` the same way. One
+manager per app (stored under an ``AppKey``), never a module global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from gateway import hookspecs
+from gateway.errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    from gateway.channel import Channel
+    from gateway.config import GatewayConfig
+    from gateway.sink import Sink
+
+GROUPS = {"channels": "gateway.channels", "sinks": "gateway.sinks"}
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """One entry point: which group, its name, the module, and the distribution that ships it."""
+
+    group: str
+    name: str
+    value: str
+    dist: str
+    version: str
+
+
+def discover() -> list[Discovered]:
+    """Every entry point in the gateway's groups, sorted by group then name."""
+    found = []
+    for kind, group in GROUPS.items():
+        for ep in metadata.entry_points(group=group):
+            dist = ep.dist.metadata["Name"] if ep.dist else "?"
+            version = ep.dist.version if ep.dist else "?"
+            found.append(Discovered(kind, ep.name, ep.value, dist, version))
+    return sorted(found, key=lambda d: (d.group, d.name))
+
+
+def manager(load_entrypoints: bool = True, extra: list[Any] | None = None) -> pluggy.PluginManager:
+    """A fresh plugin manager with every installed plugin (and ``extra`` objects) registered.
+
+    Raises:
+        PluginError: a plugin failed to import, or implements a hook that does not exist.
+    """
+    pm = pluggy.PluginManager("gateway")
+    pm.add_hookspecs(hookspecs)
+    if load_entrypoints:
+        for kind, group in GROUPS.items():
+            for ep in metadata.entry_points(group=group):
+                _register(pm, ep, kind)
+    for plugin in extra or []:
+        pm.register(plugin)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc), plugin=str(getattr(exc.plugin, "__name__", exc.plugin))) from None
+    return pm
+
+
+def _register(pm: pluggy.PluginManager, ep: metadata.EntryPoint, kind: str) -> None:
+    try:
+        module = ep.load()
+    except Exception as exc:  # noqa: BLE001 - any import failure is reported by name
+        raise PluginError(f"cannot import {ep.value}: {exc!r}", plugin=f"{kind}.{ep.name}") from exc
+    if pm.is_registered(module):
+        return
+    try:
+        pm.register(module, name=f"{kind}.{ep.name}")
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        raise PluginError(str(exc), plugin=f"{kind}.{ep.name}") from exc
+
+
+def channels(pm: pluggy.PluginManager, config: GatewayConfig) -> dict[str, Channel]:
+    """The enabled channels by name. Raises ConfigError for a table no plugin claims."""
+    found = _collect(pm.hook.register_channels(config=config), "channel")
+    _check_claimed(config, "channels", found)
+    return found
+
+
+def sinks(pm: pluggy.PluginManager, config: GatewayConfig) -> dict[str, Sink]:
+    """The enabled sinks by name. Raises ConfigError for a table no plugin claims."""
+    found = _collect(pm.hook.register_sinks(config=config), "sink")
+    _check_claimed(config, "sinks", found)
+    return found
+
+
+def _collect(results: list[list[Any]], what: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for items in results:
+        for item in items or []:
+            if item.name in found:
+                raise PluginError(f"two plugins provide a {what} named {item.name!r}")
+            found[item.name] = item
+    return found
+
+
+def _check_claimed(config: GatewayConfig, kind: str, found: dict[str, Any]) -> None:
+    for name in getattr(config, kind):
+        if config.enabled(kind, name) and name not in found:
+            raise ConfigError(
+                f"no installed plugin provides {kind[:-1]} {name!r} (see `gateway plugins`)",
+                f"{kind}.{name}",
+            )

@@ -1,0 +1,136 @@
+"""Turns journaled raw requests into de-duplicated canonical events, after the ack.
+
+One batch of requests becomes one transaction: the new events are stored, the requests are
+dropped and the processed position moves together, so a crash replays a batch whole or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from gateway import logging as gwlog
+from gateway.errors import BadPayload
+from gateway.events import Event, encode
+from gateway.journal import NewEvent, RawRequest
+from gateway.sink import Record
+
+if TYPE_CHECKING:
+    from gateway.channel import Channel
+    from gateway.dispatch import Dispatcher
+    from gateway.journal import Journal
+    from gateway.metrics import Metrics
+
+log = gwlog.get("gateway.processor")
+
+
+class ResponseTimer:
+    """Feeds ``gateway_response_time_seconds``: first outbound after a customer's message."""
+
+    def __init__(self, metrics: Metrics, size: int = 100_000) -> None:
+        self._metrics = metrics
+        self._waiting: OrderedDict[str, float] = OrderedDict()
+        self._size = size
+
+    def observe(self, event: Event) -> None:
+        """Note an inbound message, or measure the reply that answers one."""
+        if event.kind != "message" and event.kind != "status":
+            return
+        at = event.timestamp.timestamp()
+        if event.direction == "inbound" and event.kind == "message":
+            self._waiting.setdefault(event.conversation_id, at)
+            if len(self._waiting) > self._size:
+                self._waiting.popitem(last=False)
+            return
+        if event.kind == "status" and event.status != "sent":
+            return
+        asked = self._waiting.pop(event.conversation_id, None)
+        if asked is not None and at >= asked:
+            self._metrics.response_time.labels(event.channel).observe(at - asked)
+
+
+class Processor:
+    """The loop between the journal and the dispatcher."""
+
+    def __init__(self, journal: Journal, channels: dict[str, Channel], dispatcher: Dispatcher,
+                 metrics: Metrics, batch_size: int = 500) -> None:
+        self.journal = journal
+        self.channels = channels
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.wake = asyncio.Event()
+        self.timer = ResponseTimer(metrics)
+        self._stopping = False
+
+    async def run(self) -> None:
+        """Process until :meth:`stop`; then finish what is journaled (bounded by the caller)."""
+        while True:
+            self.wake.clear()
+            done = await self.process_batch()
+            if done == 0:
+                if self._stopping:
+                    return
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+
+    def stop(self) -> None:
+        """Ask the loop to return once the journal is empty."""
+        self._stopping = True
+        self.wake.set()
+
+    async def process_batch(self) -> int:
+        """Normalise one batch of requests and commit it; return how many requests it held."""
+        requests = await self.journal.unprocessed(self.batch_size)
+        self.metrics.queue_depth.labels("journal").set(self.journal.pending)
+        if not requests:
+            return 0
+        events, owners, failed = self._normalise(requests)
+        new = [NewEvent(ev.id, ev.channel, ev.conversation_id, data, received)
+               for ev, data, received in events]
+        seqs = await self.journal.commit_processed(requests[-1].seq, new, failed)
+        records = self._account(events, owners, seqs, requests)
+        self.metrics.queue_depth.labels("journal").set(self.journal.pending)
+        self.dispatcher.publish(records)
+        return len(requests)
+
+    def _normalise(self, requests: list[RawRequest]):
+        events: list[tuple[Event, bytes, float]] = []
+        owners: list[int] = []
+        failed: list[tuple[RawRequest, str]] = []
+        for index, req in enumerate(requests):
+            channel = self.channels.get(req.channel)
+            try:
+                if channel is None:
+                    raise BadPayload(f"channel {req.channel!r} is not enabled")
+                produced = channel.normalise(req.body)
+            except Exception as exc:  # noqa: BLE001 - kept as a dead letter, never lost
+                log.error("normalise_failed", channel=req.channel, request=req.seq, error=repr(exc))
+                self.metrics.normalise_failures.labels(req.channel).inc()
+                failed.append((req, repr(exc)))
+                continue
+            for event in produced:
+                events.append((event, encode(event), req.received_at))
+                owners.append(index)
+        return events, owners, failed
+
+    def _account(self, events, owners, seqs, requests) -> list[Record]:
+        records = []
+        fresh_per_request = [0] * len(requests)
+        total_per_request = [0] * len(requests)
+        for (event, data, received), owner, seq in zip(events, owners, seqs, strict=True):
+            total_per_request[owner] += 1
+            if seq is None:
+                self.metrics.duplicate_events.labels(event.channel).inc()
+                continue
+            fresh_per_request[owner] += 1
+            self.metrics.events.labels(event.channel, event.kind, event.type or "").inc()
+            self.timer.observe(event)
+            records.append(Record(seq, event, data, received))
+        for req, total, fresh in zip(requests, total_per_request, fresh_per_request, strict=True):
+            if total and not fresh:
+                self.metrics.webhook_requests.labels(req.channel, "duplicate").inc()
+        return records

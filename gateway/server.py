@@ -1,0 +1,59 @@
+"""Running the gateway: two listeners (HTTP and metrics), signals, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from aiohttp import web
+
+from gateway import logging as gwlog
+from gateway.app import create_app, metrics_app
+from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
+
+log = gwlog.get("gateway.server")
+
+
+async def serve(config: GatewayConfig, stop: asyncio.Event | None = None,
+                started: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain and close cleanly.
+
+    On a stop signal the gateway stops accepting connections, lets in-flight requests finish,
+    processes what is journaled and lets sinks catch up, all within ``server.shutdown_timeout``.
+    """
+    stop = stop or asyncio.Event()
+    metrics = Metrics()
+    app = create_app(config, metrics=metrics)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runners = [web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout)]
+    if config.server.metrics_port != config.server.port:
+        runners.append(web.AppRunner(metrics_app(metrics), access_log=None))
+    ports = [config.server.port, config.server.metrics_port]
+    try:
+        for runner, port in zip(runners, ports, strict=False):
+            await runner.setup()
+            await web.TCPSite(runner, config.server.host, port, reuse_address=True).start()
+        log.info("listening", host=config.server.host, port=config.server.port,
+                 metrics_port=config.server.metrics_port)
+        if started:
+            started.set()
+        await stop.wait()
+        log.info("shutting_down", timeout=config.server.shutdown_timeout)
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def run(config: GatewayConfig) -> None:
+    """Blocking entry point used by ``gateway serve``: uvloop when installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(serve(config))
+        return
+    uvloop.run(serve(config))

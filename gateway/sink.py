@@ -1,0 +1,66 @@
+"""The sink interface: where canonical events go after normalisation."""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from gateway.config import SinkConfig
+    from gateway.events import Event
+
+
+class Record(NamedTuple):
+    """One event as the dispatcher hands it to sinks.
+
+    Attributes:
+        seq: position in the event log (increasing; a sink may use it for its own checkpoints).
+        event: the canonical event.
+        data: ``gateway.events.encode(event)``, encoded once for every sink.
+        received_at: epoch seconds when the webhook carrying it was received.
+    """
+
+    seq: int
+    event: Event
+    data: bytes
+    received_at: float
+
+
+class Sink(abc.ABC):
+    """A destination for canonical events.
+
+    Delivery is at least once: after a crash, the last batch may be handed over again, so ``write``
+    must be idempotent by ``record.event.id`` (upsert, create-if-absent, or skip what is written).
+    Each conversation's events arrive in order. Raise ``gateway.errors.RetryableError`` for a
+    transient failure and ``gateway.errors.PermanentError`` when retrying cannot help; any other
+    exception counts as retryable. The dispatcher owns retries, backoff and dead letters.
+
+    Attributes:
+        name: the ``[sinks.NAME]`` table and the ``sink`` metric label.
+        config: the sink's table; its ``max_attempts``, ``backoff_*`` and ``batch_size`` drive the
+            dispatcher.
+    """
+
+    name: str
+
+    def __init__(self, config: SinkConfig) -> None:
+        self.config = config
+
+    async def start(self) -> None:
+        """Open files or connections. Called once before the first ``write``."""
+
+    @abc.abstractmethod
+    async def write(self, records: list[Record]) -> None:
+        """Store or forward a batch of records (same conversation's records in order)."""
+
+    async def close(self) -> None:
+        """Flush and release resources. Called once at shutdown, after the last ``write``."""
+
+    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int] | None:
+        """Erase everything stored about one contact (GDPR). Return counts removed per kind
+        (e.g. ``{"messages": 12}``), or None when this sink keeps no contact data."""
+        return None
+
+    async def ready(self) -> bool:
+        """Whether the sink's backend is reachable (used by ``/readyz``)."""
+        return True

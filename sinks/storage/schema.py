@@ -1,0 +1,28 @@
+"""SQLite schema of the storage sink: the three collections of CONTRACT §8 as tables."""
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS contacts (
+    id TEXT PRIMARY KEY,                 -- {channel}:{contact_id}
+    channel TEXT NOT NULL, contact_id TEXT NOT NULL, name TEXT, account_id TEXT,
+    first_seen TEXT, last_seen TEXT, last_inbound_at TEXT,
+    opted_out INTEGER NOT NULL DEFAULT 0, opted_out_at TEXT) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,                 -- conversation_id
+    channel TEXT NOT NULL, account_id TEXT NOT NULL, contact_id TEXT NOT NULL,
+    message_count INTEGER NOT NULL DEFAULT 0,
+    last_message_at TEXT, last_inbound_at TEXT, last_text TEXT) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS conversations_contact ON conversations(channel, contact_id);
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,                 -- message_id with '/' replaced by '_'
+    message_id TEXT NOT NULL, event_id TEXT, kind TEXT, channel TEXT NOT NULL,
+    direction TEXT, account_id TEXT, conversation_id TEXT NOT NULL,
+    sender_id TEXT, sender_name TEXT, recipient_id TEXT, timestamp TEXT,
+    type TEXT, text TEXT, payload TEXT, reply_to TEXT,
+    media TEXT, location TEXT, error TEXT, extra TEXT,   -- JSON objects
+    status TEXT, status_updated_at TEXT,
+    reactions TEXT                        -- JSON: {sender_id: emoji}
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_conversation ON messages(conversation_id, timestamp);
+"""
+
+STATUS_RANK = {"sent": 1, "delivered": 2, "read": 3, "played": 4, "failed": 5, "deleted": 6}

@@ -1,0 +1,220 @@
+"""Applies canonical events to the contacts / conversations / messages tables, one batch per
+transaction, idempotently: a message is counted once however often it is delivered, a status never
+moves backwards, ``first_seen`` is the earliest time ever seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from typing import Any
+
+import msgspec
+
+from gateway.config import SinkConfig
+from gateway.events import Event
+from gateway.journal.writer import SqliteWriter
+from gateway.sink import Record, Sink
+from sinks.storage.schema import SCHEMA, STATUS_RANK
+
+_EXTRA = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
+          "contacts", "handover")
+_RANK_SQL = " ".join(f"WHEN '{s}' THEN {r}" for s, r in STATUS_RANK.items())
+
+
+class StorageConfig(SinkConfig):
+    """``[sinks.storage]``: ``path`` (default ``<data_dir>/storage.db``)."""
+
+    path: str = ""
+
+
+def doc_id(value: str) -> str:
+    """Document ids never contain ``/`` (CONTRACT §8)."""
+    return value.replace("/", "_")
+
+
+def iso(event: Event) -> str:
+    """Fixed-width RFC 3339 UTC, so that text comparison orders instants."""
+    return event.timestamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else msgspec.json.encode(value).decode()
+
+
+class StorageSink(Sink):
+    """The embedded default storage (SQLite)."""
+
+    name = "storage"
+
+    def __init__(self, config: StorageConfig) -> None:
+        super().__init__(config)
+        self.config: StorageConfig = config
+        self._db = SqliteWriter(config.path, ["PRAGMA journal_mode=WAL",
+                                              "PRAGMA synchronous=NORMAL",
+                                              "PRAGMA busy_timeout=10000"], SCHEMA)
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.config.path)), exist_ok=True)
+        await asyncio.to_thread(self._db.start)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._db.stop)
+
+    async def ready(self) -> bool:
+        return self._db.alive
+
+    async def write(self, records: list[Record]) -> None:
+        events = [r.event for r in records]
+        await self._db.run(lambda c: apply_all(c, events))
+
+    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
+        return await self._db.run(lambda c: erase(c, channel, contact_id))
+
+    async def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Run a read-only query (tests, the CLI and the demo use it)."""
+        return await self._db.run(lambda c: c.execute(sql, args).fetchall())
+
+
+def apply_all(c: sqlite3.Connection, events: list[Event]) -> None:
+    """Apply a batch in order."""
+    for event in events:
+        APPLY.get(event.kind, _touch_contact)(c, event)
+
+
+def _apply_message(c: sqlite3.Connection, ev: Event) -> None:
+    mid = ev.message_id or ev.id
+    key = doc_id(mid)
+    row = c.execute("SELECT event_id, type FROM messages WHERE id = ?", (key,)).fetchone()
+    if row is not None and row[0] is not None:
+        if ev.type == "deleted" and row[1] != "deleted":
+            _mark_deleted(c, key)
+        return  # already stored: a redelivery or a second event for the same message
+    fields = _message_fields(ev, mid)
+    names = ", ".join(fields)
+    marks = ", ".join("?" * len(fields))
+    updates = ", ".join(f"{k} = excluded.{k}" for k in fields if k not in ("status", "reactions"))
+    c.execute(f"INSERT INTO messages(id, {names}) VALUES (?, {marks}) "
+              f"ON CONFLICT(id) DO UPDATE SET {updates}", (key, *fields.values()))
+    _count_in_conversation(c, ev)
+    _touch_contact(c, ev)
+
+
+def _message_fields(ev: Event, mid: str) -> dict[str, Any]:
+    extra = {k: getattr(ev, k) for k in _EXTRA if getattr(ev, k) not in (None, False)}
+    return {
+        "message_id": mid, "event_id": ev.id, "kind": ev.kind, "channel": ev.channel,
+        "direction": ev.direction, "account_id": ev.account_id,
+        "conversation_id": ev.conversation_id, "sender_id": ev.sender.id,
+        "sender_name": ev.sender.name, "recipient_id": ev.recipient.id, "timestamp": iso(ev),
+        "type": ev.type, "text": ev.text, "payload": ev.payload, "reply_to": ev.reply_to,
+        "media": _json(ev.media), "location": _json(ev.location), "error": _json(ev.error),
+        "extra": _json(extra or None),
+    }
+
+
+def _mark_deleted(c: sqlite3.Connection, key: str) -> None:
+    c.execute("UPDATE messages SET type = 'deleted', text = NULL, payload = NULL, media = NULL, "
+              "location = NULL, extra = NULL WHERE id = ?", (key,))
+
+
+def _count_in_conversation(c: sqlite3.Connection, ev: Event) -> None:
+    ts = iso(ev)
+    inbound = ts if ev.direction == "inbound" else None
+    c.execute(
+        "INSERT INTO conversations(id, channel, account_id, contact_id, message_count,"
+        " last_message_at, last_inbound_at, last_text) VALUES (?, ?, ?, ?, 1, ?, ?, ?) "
+        "ON CONFLICT(id) DO UPDATE SET message_count = message_count + 1,"
+        " last_text = CASE WHEN excluded.last_message_at >= coalesce(last_message_at, '')"
+        "   THEN excluded.last_text ELSE last_text END,"
+        " last_message_at = max(coalesce(last_message_at, ''), excluded.last_message_at),"
+        " last_inbound_at = CASE WHEN excluded.last_inbound_at IS NULL THEN last_inbound_at"
+        "   ELSE max(coalesce(last_inbound_at, ''), excluded.last_inbound_at) END",
+        (ev.conversation_id, ev.channel, ev.account_id, ev.customer_id, ts, inbound, ev.text))
+
+
+def _ensure_conversation(c: sqlite3.Connection, ev: Event) -> None:
+    c.execute("INSERT OR IGNORE INTO conversations(id, channel, account_id, contact_id) "
+              "VALUES (?, ?, ?, ?)", (ev.conversation_id, ev.channel, ev.account_id, ev.customer_id))
+
+
+def _touch_contact(c: sqlite3.Connection, ev: Event) -> None:
+    ts = iso(ev)
+    inbound = ts if ev.direction == "inbound" else None
+    name = ev.sender.name if ev.direction == "inbound" else None
+    c.execute(
+        "INSERT INTO contacts(id, channel, contact_id, name, account_id, first_seen, last_seen,"
+        " last_inbound_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(id) DO UPDATE SET name = coalesce(excluded.name, name),"
+        " account_id = coalesce(account_id, excluded.account_id),"
+        " first_seen = min(first_seen, excluded.first_seen),"
+        " last_seen = max(last_seen, excluded.last_seen),"
+        " last_inbound_at = CASE WHEN excluded.last_inbound_at IS NULL THEN last_inbound_at"
+        "   ELSE max(coalesce(last_inbound_at, ''), excluded.last_inbound_at) END",
+        (f"{ev.channel}:{ev.customer_id}", ev.channel, ev.customer_id, name, ev.account_id,
+         ts, ts, inbound))
+    if ev.kind != "message":
+        _ensure_conversation(c, ev)
+
+
+def _stub(c: sqlite3.Connection, ev: Event, mid: str, direction: str) -> str:
+    """The row of a message we may not have seen yet (statuses and reactions can come first)."""
+    key = doc_id(mid)
+    c.execute("INSERT OR IGNORE INTO messages(id, message_id, channel, direction, account_id,"
+              " conversation_id) VALUES (?, ?, ?, ?, ?, ?)",
+              (key, mid, ev.channel, direction, ev.account_id, ev.conversation_id))
+    return key
+
+
+def _apply_status(c: sqlite3.Connection, ev: Event, status: str | None = None) -> None:
+    status = status or ev.status
+    if not ev.message_id or status not in STATUS_RANK:
+        return
+    key = _stub(c, ev, ev.message_id, "outbound")
+    c.execute(
+        f"UPDATE messages SET status = ?, status_updated_at = ?, error = coalesce(?, error) "
+        f"WHERE id = ? AND (CASE status {_RANK_SQL} ELSE 0 END) < (CASE ? {_RANK_SQL} ELSE 0 END)",
+        (status, iso(ev), _json(ev.error), key, status))
+    _ensure_conversation(c, ev)
+
+
+def _apply_read(c: sqlite3.Connection, ev: Event) -> None:
+    _apply_status(c, ev, "read")
+    _touch_contact(c, ev)
+
+
+def _apply_reaction(c: sqlite3.Connection, ev: Event) -> None:
+    if not ev.message_id:
+        return
+    key = _stub(c, ev, ev.message_id, "outbound" if ev.direction == "inbound" else "inbound")
+    path = '$."' + ev.sender.id.replace('"', "") + '"'
+    if ev.emoji:
+        c.execute("UPDATE messages SET reactions = json_set(coalesce(reactions, '{}'), ?, ?) "
+                  "WHERE id = ?", (path, ev.emoji, key))
+    else:
+        c.execute("UPDATE messages SET reactions = json_remove(coalesce(reactions, '{}'), ?) "
+                  "WHERE id = ?", (path, key))
+    _touch_contact(c, ev)
+
+
+APPLY = {
+    "message": _apply_message,
+    "postback": _apply_message,
+    "status": _apply_status,
+    "read": _apply_read,
+    "reaction": _apply_reaction,
+}
+
+
+def erase(c: sqlite3.Connection, channel: str, contact_id: str) -> dict[str, int]:
+    """Delete one contact, their conversations and messages; return the counts removed."""
+    convs = [r[0] for r in c.execute(
+        "SELECT id FROM conversations WHERE channel = ? AND contact_id = ?", (channel, contact_id))]
+    messages = 0
+    for conv in convs:
+        messages += c.execute("DELETE FROM messages WHERE conversation_id = ?", (conv,)).rowcount
+    conversations = c.execute("DELETE FROM conversations WHERE channel = ? AND contact_id = ?",
+                              (channel, contact_id)).rowcount
+    contacts = c.execute("DELETE FROM contacts WHERE id = ?", (f"{channel}:{contact_id}",)).rowcount
+    return {"contacts": contacts, "conversations": conversations, "messages": messages}

@@ -1,0 +1,60 @@
+"""Comparing canonical events (as JSON dicts) with the fixtures' expectations."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+SKIP = {"covers", "identity", "conversation", "extra", "note"}
+
+
+def expected_files() -> dict[str, dict]:
+    """expected.json merged with expected_extra.json (cases added by this project)."""
+    files = json.loads((DATA / "expected.json").read_text())["files"]
+    extra = DATA / "expected_extra.json"
+    if extra.exists():
+        files.update(json.loads(extra.read_text())["files"])
+    return files
+
+
+def instant(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def matches(actual: dict, want: dict) -> list[str]:
+    """The differences between an event dict and one expectation ([] when it matches)."""
+    problems = []
+    for key, value in want.items():
+        if key in SKIP:
+            continue
+        got = actual.get(key)
+        if key == "timestamp":
+            if got is None or instant(got) != instant(value):
+                problems.append(f"timestamp {got!r} != {value!r}")
+        elif value is None:
+            if got not in (None, ""):
+                problems.append(f"{key} should be absent, got {got!r}")
+        elif isinstance(value, dict):
+            for sub, subvalue in value.items():
+                have = (got or {}).get(sub)
+                if (subvalue is None and have is not None) or (subvalue is not None and have != subvalue):
+                    problems.append(f"{key}.{sub} {have!r} != {subvalue!r}")
+        elif got != value:
+            problems.append(f"{key} {got!r} != {value!r}")
+    return problems
+
+
+def pair_up(actual: list[dict], wanted: list[dict]) -> list[tuple[dict, dict]]:
+    """Match each expectation to a distinct actual event (order is not asserted)."""
+    left = list(actual)
+    pairs = []
+    for want in wanted:
+        found = next((a for a in left if not matches(a, want)), None)
+        if found is None:
+            close = [matches(a, want) for a in left if a.get("kind") == want.get("kind")]
+            raise AssertionError(f"no event matches {want}: {close}")
+        left.remove(found)
+        pairs.append((found, want))
+    return pairs
