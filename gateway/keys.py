@@ -25,3 +25,6 @@ METRICS = web.AppKey("metrics", "Metrics")
 DISPATCHER = web.AppKey("dispatcher", "Dispatcher")
 PROCESSOR = web.AppKey("processor", "Processor")
 READY = web.AppKey("ready", "dict[str, bool]")
+# The outbound service (issue: outbound messaging): ``await app[OUTBOUND].send(body: dict)`` takes
+# the body of ``POST /v1/messages`` and returns ``{"id": ..., "status": "queued"}``.
+OUTBOUND = web.AppKey("outbound", object)
