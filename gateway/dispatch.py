@@ -33,7 +33,8 @@ TAIL_SIZE = 20_000
 class Tail:
     """The newest records in memory, so that workers that keep up never re-read or re-decode."""
 
-    def __init__(self, covered_from: int) -> None:
+    def __init__(self, covered_from: int, disabled: bool = False) -> None:
+        self.disabled = disabled  # a shared journal: other processes add events we never see here
         self.records: list[Record] = []
         self.covered_from = covered_from  # every record with seq >= this is held here
         self.last_seq = covered_from - 1
@@ -41,8 +42,10 @@ class Tail:
     def add(self, records: list[Record]) -> None:
         if not records:
             return
+        self.last_seq = max(self.last_seq, records[-1].seq)
+        if self.disabled:
+            return
         self.records.extend(records)
-        self.last_seq = records[-1].seq
         if len(self.records) > 2 * TAIL_SIZE:
             dropped = self.records[:-TAIL_SIZE]
             self.records = self.records[-TAIL_SIZE:]
@@ -50,7 +53,7 @@ class Tail:
 
     def after(self, seq: int, limit: int) -> list[Record] | None:
         """Records after ``seq`` (up to ``limit``), or None when the tail no longer holds them."""
-        if seq + 1 < self.covered_from:
+        if self.disabled or seq + 1 < self.covered_from:
             return None
         start = bisect.bisect_right(self.records, seq, key=lambda r: r.seq)
         return self.records[start:start + limit]
@@ -82,9 +85,14 @@ class SinkWorker:
             if self._stopping:
                 return
             try:
-                await asyncio.wait_for(self.wake.wait(), timeout=1.0)
+                await asyncio.wait_for(self.wake.wait(), timeout=self.poll_seconds)
             except TimeoutError:
                 pass
+
+    @property
+    def poll_seconds(self) -> float:
+        """How often an idle worker looks for events (and replays) nobody woke it for."""
+        return 0.2 if self.tail.disabled else 1.0
 
     def stop(self) -> None:
         """Return once caught up."""
@@ -92,7 +100,7 @@ class SinkWorker:
         self.wake.set()
 
     def lag(self) -> int:
-        """Events behind the newest."""
+        """Events behind the newest this process knows of."""
         return max(0, self.tail.last_seq - self.cursor)
 
     async def _step(self) -> int:
@@ -190,7 +198,7 @@ class Dispatcher:
     async def start(self) -> None:
         """Start every sink and its worker. A sink seen for the first time starts at the end."""
         last = await self.journal.last_event_seq()
-        self.tail = Tail(last + 1)
+        self.tail = Tail(last + 1, disabled=getattr(self.journal, "shared", False))
         for name, sink in self.sinks.items():
             await sink.start()
             cursor_name = f"sink:{name}"

@@ -121,3 +121,80 @@ async def gateway(tmp_path):
     for server, session in reversed(started):
         await session.close()
         await server.close()
+
+
+class ThreadedGateway:
+    """A gateway serving from its own thread and event loop, for synchronous tests (hypothesis)."""
+
+    def __init__(self, config_path: Path, extra_plugins: list | None = None) -> None:
+        import threading
+
+        from gateway.testing import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._config_path = config_path
+        self._plugins = extra_plugins
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.app = None
+        self.error: BaseException | None = None
+
+    def start(self) -> ThreadedGateway:
+        self._thread.start()
+        self._ready.wait(30)
+        if self.error:
+            raise self.error
+        return self
+
+    def _run(self) -> None:
+        from aiohttp import web
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            config = gwconfig.load(str(self._config_path), environ={})
+            self.app = create_app(config, pm=plugins.manager(extra=self._plugins))
+            runner = web.AppRunner(self.app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self.loop = asyncio.get_running_loop()
+            self._ready.set()
+            await self._stop.wait()
+            await runner.cleanup()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self.error = exc
+            self._ready.set()
+
+    def call(self, coro):
+        """Run a coroutine on the gateway's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def settle(self, timeout: float = 15.0) -> None:
+        import time
+
+        journal = self.app[keys.JOURNAL]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if journal.pending == 0 and self.call(self.app[keys.DISPATCHER].caught_up()):
+                return
+            time.sleep(0.05)
+        raise TimeoutError("not settled")
+
+    def stop(self) -> None:
+        if self.app is not None and not self.error:
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)
+
+
+@pytest.fixture
+def threaded_gateway(tmp_path):
+    """A gateway with both channels, jsonl and storage, served from a background thread."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\nshutdown_timeout = 5\n'
+                    f"{CHANNELS_TOML}\n{SINKS_TOML}")
+    gw = ThreadedGateway(path).start()
+    yield gw
+    gw.stop()

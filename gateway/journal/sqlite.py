@@ -33,6 +33,8 @@ _DEAD_COLUMNS = "id, sink, event_id, data, received_at, reason, attempts, failed
 class SqliteJournal:
     """The :class:`gateway.journal.Journal` on SQLite (WAL, group commit, ``synchronous=FULL``)."""
 
+    shared = False  # one process owns the file: the dispatcher may serve events from memory
+
     def __init__(self, config: GatewayConfig) -> None:
         self.path = os.path.join(config.server.data_dir, "journal.db")
         self.dedupe_window = config.queue.dedupe_window_seconds

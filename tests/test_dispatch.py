@@ -1,0 +1,150 @@
+"""Sink fan-out: retries, dead letters and replay, isolation of slow sinks, per-conversation order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+from gateway import RetryableError, Sink, hookimpl, keys
+from gateway.config import SinkConfig, section
+from tests.conftest import SINKS_TOML, fixture_bytes
+
+
+class TestSink(Sink):
+    """Records what it receives; fails on demand."""
+
+    def __init__(self, name: str, config: SinkConfig) -> None:
+        super().__init__(config)
+        self.name = name
+        self.fail_next = 0          # fail this many writes, then succeed
+        self.broken = False         # fail every write while True
+        self.delay = 0.0
+        self.received: list[tuple[str, str, int]] = []  # (event id, conversation, seq)
+        self.writes = 0
+
+    async def write(self, records):
+        self.writes += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.broken or self.fail_next > 0:
+            self.fail_next = max(0, self.fail_next - 1)
+            raise RetryableError(f"{self.name} is failing on purpose")
+        self.received += [(r.event.id, r.event.conversation_id, r.seq) for r in records]
+
+
+class TestSinks:
+    """A plugin providing [sinks.flaky], [sinks.broken], [sinks.slow], [sinks.order] as TestSinks."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[str, TestSink] = {}
+
+    @hookimpl
+    def register_sinks(self, config):
+        found = []
+        for name in ("flaky", "broken", "slow", "order"):
+            table = section(config, "sinks", name, SinkConfig)
+            if table:
+                self.sinks[name] = TestSink(name, table)
+                found.append(self.sinks[name])
+        return found
+
+
+FAST = "max_attempts = {n}\nbackoff_initial = 0.01\nbackoff_max = 0.05\n"
+
+
+async def _start(gateway, tables: str):
+    plugin = TestSinks()
+    gw = await gateway(extra_plugins=[plugin], sinks=SINKS_TOML + tables)
+    return gw, plugin.sinks
+
+
+async def test_sink_failing_twice_then_succeeding_gets_the_event_once(gateway):
+    gw, sinks = await _start(gateway, "[sinks.flaky]\n" + FAST.format(n=5))
+    sinks["flaky"].fail_next = 2
+    await gw.post("whatsapp", fixture_bytes("whatsapp/text.json"))
+    await gw.settle()
+    assert [r[0] for r in sinks["flaky"].received] == [gw.jsonl()[0]["id"]]
+    registry = gw.app[keys.METRICS].registry
+    assert registry.get_sample_value("gateway_sink_deliveries_total",
+                                     {"sink": "flaky", "outcome": "retry"}) == 2
+    assert registry.get_sample_value("gateway_sink_deliveries_total",
+                                     {"sink": "flaky", "outcome": "ok"}) == 1
+    assert await gw.app[keys.JOURNAL].dead_letters() == []
+
+
+async def test_always_failing_sink_dead_letters_then_replay_delivers(gateway, tmp_path):
+    gw, sinks = await _start(gateway, "[sinks.broken]\n" + FAST.format(n=3))
+    sinks["broken"].broken = True
+    await gw.post("whatsapp", fixture_bytes("whatsapp/text.json"))
+    await gw.settle()
+    event_id = gw.jsonl()[0]["id"]  # the healthy sinks have it
+    letters = await gw.app[keys.JOURNAL].dead_letters("broken")
+    assert [(d.event_id, d.attempts) for d in letters] == [(event_id, 3)]
+    assert "failing on purpose" in letters[0].reason
+    registry = gw.app[keys.METRICS].registry
+    assert registry.get_sample_value("gateway_sink_deliveries_total",
+                                     {"sink": "broken", "outcome": "dead"}) == 1
+
+    config = str(tmp_path / "gateway.toml")
+    listing = await _cli("dead-letters", "list", "--config", config, "--json")
+    rows = [json.loads(line) for line in listing.splitlines()]
+    assert [(r["sink"], r["event_id"], r["kind"]) for r in rows] == [("broken", event_id, "message")]
+
+    sinks["broken"].broken = False  # the operator fixed the sink
+    out = await _cli("dead-letters", "replay", "--config", config, "--sink", "broken")
+    assert out.startswith("1 dead letters queued")
+    for _ in range(100):
+        if sinks["broken"].received:
+            break
+        await asyncio.sleep(0.05)
+    assert [r[0] for r in sinks["broken"].received] == [event_id]
+    assert await gw.app[keys.JOURNAL].dead_letters("broken") == []
+
+
+async def _cli(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_failing_sink_does_not_delay_the_others(gateway):
+    gw, sinks = await _start(gateway, "[sinks.broken]\nmax_attempts = 4\nbackoff_initial = 1.0\n"
+                                      "[sinks.slow]\n")
+    sinks["broken"].broken = True
+    sinks["slow"].delay = 3.0
+    await gw.post("whatsapp", fixture_bytes("whatsapp/batch_mixed.json"))
+    for _ in range(100):
+        if len(gw.jsonl()) == 8:
+            break
+        await asyncio.sleep(0.02)
+    assert len(gw.jsonl()) == 8, "jsonl was held up by a failing or slow sink"
+    assert (await gw.sql("SELECT count(*) FROM messages"))[0][0] > 0
+    assert sinks["slow"].received == [] and sinks["broken"].received == []
+
+
+async def test_each_conversation_stays_in_order_through_retries(gateway):
+    gw, sinks = await _start(gateway, "[sinks.order]\n" + FAST.format(n=6) + "batch_size = 500\n")
+    order = sinks["order"]
+    gw.app[keys.PROCESSOR].stop()
+    await gw.settle()
+    for name in ("whatsapp/batch_mixed.json", "whatsapp/status_sent.json",
+                 "whatsapp/status_delivered.json", "whatsapp/status_read.json",
+                 "whatsapp/text.json", "whatsapp/image.json", "whatsapp/reaction.json"):
+        assert (await gw.post("whatsapp", fixture_bytes(name)))[0] == 200
+    order.fail_next = 3  # the batch fails, then lanes retry: some events fail once more
+    gw.app[keys.PROCESSOR]._stopping = False
+    task = asyncio.create_task(gw.app[keys.PROCESSOR].run())
+    await gw.settle()
+    gw.app[keys.PROCESSOR].stop()
+    await task
+    assert len(order.received) == len(gw.jsonl()) == 14
+    per_conversation: dict[str, list[int]] = {}
+    for _, conversation, seq in order.received:
+        per_conversation.setdefault(conversation, []).append(seq)
+    assert len(per_conversation) >= 3
+    for seqs in per_conversation.values():
+        assert seqs == sorted(seqs)

@@ -1,0 +1,204 @@
+"""Webhook intake through a real gateway on 127.0.0.1: handshake, signatures, errors, limits."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+from gateway import keys
+from gateway.testing import sign_headers
+from tests.conftest import SECRET, VERIFY, fixture_bytes
+
+TEXT = "whatsapp/text.json"
+
+
+def _metric(gw, channel: str, outcome: str) -> float:
+    value = gw.app[keys.METRICS].registry.get_sample_value(
+        "gateway_webhook_requests_total", {"channel": channel, "outcome": outcome})
+    return value or 0.0
+
+
+def _assert_error(body, code: str) -> None:
+    assert isinstance(body, dict), body
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+async def test_handshake_right_token_echoes_challenge(gateway):
+    gw = await gateway()
+    status, body, resp = await gw.get("/webhooks/whatsapp", params={
+        "hub.mode": "subscribe", "hub.verify_token": VERIFY, "hub.challenge": "1158201444"})
+    assert status == 200 and body == 1158201444  # the text "1158201444", parsed by the helper
+    assert resp.content_type == "text/plain"
+
+
+async def test_handshake_wrong_token_is_403(gateway):
+    gw = await gateway()
+    status, body, _ = await gw.get("/webhooks/instagram", params={
+        "hub.mode": "subscribe", "hub.verify_token": "nope", "hub.challenge": "42"})
+    assert status == 403
+    _assert_error(body, "forbidden")
+    assert "42" not in json.dumps(body)
+
+
+async def test_handshake_without_mode_is_400(gateway):
+    gw = await gateway()
+    status, body, _ = await gw.get("/webhooks/whatsapp", params={"hub.challenge": "1"})
+    assert status == 400
+    _assert_error(body, "bad_request")
+
+
+async def test_valid_signature_is_accepted(gateway):
+    gw = await gateway()
+    status, body = await gw.post("whatsapp", fixture_bytes(TEXT))
+    assert status == 200 and body == {"status": "accepted"}
+    assert _metric(gw, "whatsapp", "accepted") == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong", "wrong_secret", "altered", "reserialised",
+                                  "sha1_only", "no_prefix", "short"])
+async def test_bad_signatures_are_401(gateway, case):
+    gw = await gateway()
+    body = fixture_bytes("whatsapp/unicode_text.json")
+    headers = sign_headers(SECRET, body)
+    sent = body
+    if case == "missing":
+        del headers["X-Hub-Signature-256"]
+    elif case == "wrong":
+        headers["X-Hub-Signature-256"] = "sha256=" + "0" * 64
+    elif case == "wrong_secret":
+        headers = sign_headers("another-secret", body)
+    elif case == "altered":
+        sent = body[:-2] + bytes([body[-2] ^ 1]) + body[-1:]
+    elif case == "reserialised":
+        sent = json.dumps(json.loads(body), ensure_ascii=False, separators=(",", ":")).encode()
+        assert sent != body
+    elif case == "sha1_only":
+        del headers["X-Hub-Signature-256"]
+        headers["X-Hub-Signature"] = "sha1=" + "0" * 40
+    elif case == "no_prefix":
+        headers["X-Hub-Signature-256"] = headers["X-Hub-Signature-256"][7:]
+    elif case == "short":
+        headers["X-Hub-Signature-256"] = headers["X-Hub-Signature-256"][:-1]
+    status, answer = await gw.post("whatsapp", sent, secret=None, headers=headers)
+    assert status == 401
+    _assert_error(answer, "bad_signature")
+    assert headers.get("X-Hub-Signature-256", "") not in json.dumps(answer) or case == "missing"
+    assert _metric(gw, "whatsapp", "bad_signature") == 1
+    await gw.settle()
+    assert gw.jsonl() == []
+
+
+async def test_signature_over_escaped_slashes_verifies(gateway):
+    gw = await gateway()
+    body = fixture_bytes("instagram/image.json")
+    assert b"\\/" in body
+    status, _ = await gw.post("instagram", body)
+    assert status == 200
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (b"{not json", "JSON"),
+    (b"", "JSON"),
+    (b'{"hello": "world"}', "envelope"),
+    (b'[1, 2, 3]', "envelope"),
+    (b'{"object": "instagram", "entry": []}', "whatsapp_business_account"),
+    (b'{"object": "whatsapp_business_account", "entry": {"id": 1}}', "entry"),
+])
+async def test_not_a_meta_envelope_is_400(gateway, body, fragment):
+    gw = await gateway()
+    status, answer = await gw.post("whatsapp", body)
+    assert status == 400
+    _assert_error(answer, "bad_request")
+    assert fragment.lower() in answer["error"]["message"].lower()
+    assert _metric(gw, "whatsapp", "bad_request") == 1
+
+
+async def test_oversized_body_is_413(gateway):
+    gw = await _small_limit(gateway)
+    body = b'{"object":"whatsapp_business_account","entry":[],"pad":"' + b"x" * 4096 + b'"}'
+    status, answer = await gw.post("whatsapp", body)
+    assert status == 413
+    _assert_error(answer, "payload_too_large")
+    assert _metric(gw, "whatsapp", "too_large") == 1
+
+
+async def test_oversized_chunked_body_is_413(gateway):
+    gw = await _small_limit(gateway)
+
+    async def chunks():
+        for _ in range(8):
+            yield b"x" * 1024
+
+    headers = sign_headers(SECRET, b"")
+    async with gw.session.post(f"{gw.url}/webhooks/whatsapp", data=chunks(),
+                               headers=headers) as resp:
+        assert resp.status == 413
+        _assert_error(await resp.json(), "payload_too_large")
+
+
+async def _small_limit(gateway):
+    gw = await gateway(extra="max_body_bytes = 2048")
+    assert gw.config.server.max_body_bytes == 2048
+    return gw
+
+
+async def test_unknown_channel_is_404(gateway):
+    gw = await gateway()
+    status, answer = await gw.post("telegram", fixture_bytes(TEXT))
+    assert status == 404
+    _assert_error(answer, "unknown_channel")
+    status, answer, _ = await gw.get("/webhooks/telegram", params={"hub.mode": "subscribe"})
+    assert status == 404
+
+
+async def test_unknown_route_and_method_are_json(gateway):
+    gw = await gateway()
+    status, answer, _ = await gw.get("/nowhere")
+    assert status == 404
+    _assert_error(answer, "not_found")
+    async with gw.session.put(f"{gw.url}/webhooks/whatsapp", data=b"{}") as resp:
+        assert resp.status == 405
+        _assert_error(await resp.json(), "method_not_allowed")
+
+
+async def test_journal_full_is_503_with_retry_after(gateway):
+    gw = await gateway(extra="[queue]\nmax_pending = 1\nretry_after_seconds = 17")
+    processor = gw.app[keys.PROCESSOR]
+    processor.stop()  # returns once the journal is empty; nothing is processed after that
+    await gw.settle()
+    assert (await gw.post("whatsapp", fixture_bytes(TEXT)))[0] == 200
+    status, answer = await gw.post("whatsapp", fixture_bytes("whatsapp/image.json"))
+    assert status == 503
+    _assert_error(answer, "journal_full")
+    async with gw.session.post(f"{gw.url}/webhooks/whatsapp", data=fixture_bytes(TEXT),
+                               headers=sign_headers(SECRET, fixture_bytes(TEXT))) as resp:
+        assert resp.status == 503 and resp.headers["Retry-After"] == "17"
+    assert _metric(gw, "whatsapp", "unavailable") == 2
+
+
+async def test_health_and_readiness(gateway):
+    gw = await gateway()
+    status, body, _ = await gw.get("/healthz")
+    assert status == 200 and body == {"status": "ok"}
+    status, body, _ = await gw.get("/readyz")
+    assert status == 200 and body["status"] == "ready"
+    assert body["checks"] == {"started": True, "journal": True, "sink:jsonl": True,
+                              "sink:storage": True}
+
+
+async def test_insecure_mode_accepts_unsigned_requests(gateway):
+    gw = await gateway(extra="insecure_skip_signature = true",
+                       channels="[channels.whatsapp]\n")
+    status, _ = await gw.post("whatsapp", fixture_bytes(TEXT), secret=None)
+    assert status == 200
+
+
+async def test_client_can_reuse_connection_after_errors(gateway):
+    gw = await gateway()
+    for _ in range(3):
+        assert (await gw.post("whatsapp", b"{bad"))[0] == 400
+    assert (await gw.post("whatsapp", fixture_bytes(TEXT)))[0] == 200
+    assert isinstance(gw.session, aiohttp.ClientSession)

@@ -1,0 +1,185 @@
+"""Every fixture through a running gateway into the jsonl and storage sinks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway import keys
+from tests.conftest import fixture_bytes
+from tests.expect import expected_files, pair_up
+
+FILES = expected_files()
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+async def test_fixture_reaches_both_sinks(gateway, name):
+    gw = await gateway()
+    channel = name.split("/")[0]
+    status, _ = await gw.post(channel, fixture_bytes(name))
+    assert status == 200
+    await gw.settle()
+    events = gw.jsonl()
+    wanted = FILES[name]["events"]
+    assert len(events) == len(wanted)
+    pairs = pair_up(events, wanted)
+    conversations = {}
+    for event, want in pairs:
+        assert event["schema"] == 1 and event["channel"] == channel
+        triple = tuple(want["conversation"])
+        conversations.setdefault(triple, set()).add(event["conversation_id"])
+    assert all(len(ids) == 1 for ids in conversations.values())
+    assert len({next(iter(ids)) for ids in conversations.values()}) == len(conversations)
+    for event in events:
+        if event["kind"] in ("message", "postback") and event.get("message_id"):
+            rows = await gw.sql("SELECT event_id, conversation_id, type, text FROM messages "
+                                "WHERE message_id = ?", (event["message_id"],))
+            assert rows, f"message {event['message_id']} not stored"
+            if event.get("type") != "deleted":
+                assert rows[0][1:] == (event["conversation_id"], event.get("type"), event.get("text"))
+
+
+async def test_redelivery_yields_one_event_and_counts_duplicate(gateway):
+    gw = await gateway()
+    body = fixture_bytes("whatsapp/batch_mixed.json")
+    for _ in range(3):
+        assert (await gw.post("whatsapp", body))[0] == 200
+        await gw.settle()
+    assert len(gw.jsonl()) == 8
+    registry = gw.app[keys.METRICS].registry
+    assert registry.get_sample_value("gateway_webhook_requests_total",
+                                     {"channel": "whatsapp", "outcome": "duplicate"}) == 2
+    assert registry.get_sample_value("gateway_duplicate_events_total", {"channel": "whatsapp"}) == 16
+    counts = await gw.sql("SELECT id, message_count FROM conversations ORDER BY id")
+    assert sum(c for _, c in counts) == 3  # three inbound text messages, counted once
+
+
+async def test_concurrent_redeliveries_store_once(gateway):
+    import asyncio
+
+    gw = await gateway()
+    body = fixture_bytes("whatsapp/text.json")
+    results = await asyncio.gather(*(gw.post("whatsapp", body) for _ in range(20)))
+    assert {status for status, _ in results} == {200}
+    await gw.settle()
+    assert len(gw.jsonl()) == 1
+    assert await gw.sql("SELECT message_count FROM conversations") == [(1,)]
+
+
+async def test_three_messages_in_one_post_yield_three_events(gateway):
+    gw = await gateway()
+    envelope = json.loads(fixture_bytes("whatsapp/text.json"))
+    value = envelope["entry"][0]["changes"][0]["value"]
+    first = value["messages"][0]
+    value["messages"] = [dict(first, id=f"wamid.TEST.THREE.{i}", text={"body": f"part {i}"})
+                         for i in range(3)]
+    body = json.dumps(envelope).encode()
+    assert (await gw.post("whatsapp", body))[0] == 200
+    await gw.settle()
+    events = gw.jsonl()
+    assert sorted(e["text"] for e in events) == ["part 0", "part 1", "part 2"]
+    assert len({e["id"] for e in events}) == 3
+    assert await gw.sql("SELECT message_count FROM conversations") == [(3,)]
+
+
+async def test_status_never_moves_backwards(gateway):
+    gw = await gateway()
+    for name in ("status_read", "status_delivered", "status_sent"):
+        assert (await gw.post("whatsapp", fixture_bytes(f"whatsapp/{name}.json")))[0] == 200
+        await gw.settle()
+    assert len(gw.jsonl()) == 3
+    rows = await gw.sql("SELECT status FROM messages WHERE message_id = 'wamid.TEST.OUT.0007'")
+    assert rows == [("read",)]
+
+
+async def test_status_moves_forward(gateway):
+    gw = await gateway()
+    for name in ("status_sent", "status_delivered", "status_read"):
+        await gw.post("whatsapp", fixture_bytes(f"whatsapp/{name}.json"))
+        await gw.settle()
+        status = name.split("_")[1]
+        rows = await gw.sql("SELECT status FROM messages WHERE message_id = 'wamid.TEST.OUT.0007'")
+        assert rows == [(status,)]
+
+
+async def test_failed_status_keeps_meta_error(gateway):
+    gw = await gateway()
+    await gw.post("whatsapp", fixture_bytes("whatsapp/status_failed.json"))
+    await gw.settle()
+    (status, error), = await gw.sql(
+        "SELECT status, error FROM messages WHERE message_id = 'wamid.TEST.OUT.0008'")
+    assert status == "failed" and json.loads(error)["code"] == 131026
+
+
+@pytest.mark.parametrize("channel,add,remove,mid,who", [
+    ("whatsapp", "reaction", "reaction_removed", "wamid.TEST.OUT.0005", "15550001234"),
+    ("instagram", "reaction_react", "reaction_unreact", "aWdfTEST_OUT_0002", "9000000000000001"),
+])
+async def test_reaction_then_removal(gateway, channel, add, remove, mid, who):
+    gw = await gateway()
+    await gw.post(channel, fixture_bytes(f"{channel}/{add}.json"))
+    await gw.settle()
+    (reactions,), = await gw.sql("SELECT reactions FROM messages WHERE message_id = ?", (mid,))
+    assert who in json.loads(reactions)
+    await gw.post(channel, fixture_bytes(f"{channel}/{remove}.json"))
+    await gw.settle()
+    (reactions,), = await gw.sql("SELECT reactions FROM messages WHERE message_id = ?", (mid,))
+    assert json.loads(reactions) == {}
+
+
+async def test_unsend_keeps_one_message_without_content(gateway):
+    gw = await gateway()
+    await gw.post("instagram", fixture_bytes("instagram/text.json"))
+    await gw.post("instagram", fixture_bytes("instagram/deleted.json"))
+    await gw.settle()
+    events = gw.jsonl()
+    assert len(events) == 2 and len({e["id"] for e in events}) == 2
+    rows = await gw.sql("SELECT type, text FROM messages WHERE message_id = 'aWdfTEST_IN_0001'")
+    assert rows == [("deleted", None)]
+    assert await gw.sql("SELECT message_count FROM conversations") == [(1,)]
+
+
+async def test_echo_of_our_send_is_stored_once(gateway):
+    gw = await gateway()
+    await gw.post("instagram", fixture_bytes("instagram/echo.json"))
+    await gw.post("instagram", fixture_bytes("instagram/echo.json"))
+    await gw.settle()
+    rows = await gw.sql("SELECT direction, text FROM messages")
+    assert rows == [("outbound", "Thanks! Your order ships today.")]
+
+
+async def test_contacts_and_conversations_layout(gateway):
+    gw = await gateway()
+    for name in ("text", "image", "status_failed"):
+        await gw.post("whatsapp", fixture_bytes(f"whatsapp/{name}.json"))
+    await gw.settle()
+    contacts = await gw.sql("SELECT id, name, first_seen, last_seen, last_inbound_at, opted_out "
+                            "FROM contacts ORDER BY id")
+    alex = [c for c in contacts if c[0] == "whatsapp:15550001234"][0]
+    assert alex[1] == "Alex Example"
+    assert alex[2].startswith("2025-10-09T08:53:20") and alex[3].startswith("2025-10-09T08:53:30")
+    assert alex[4] == alex[3] and alex[5] == 0
+    conv = await gw.sql("SELECT channel, account_id, contact_id, message_count, last_text "
+                        "FROM conversations WHERE contact_id = '15550001234'")
+    assert conv == [("whatsapp", "100000000000001", "15550001234", 2, "Photo of the damaged box")]
+
+
+async def test_document_ids_never_contain_slash(gateway):
+    gw = await gateway()
+    await gw.post("whatsapp", fixture_bytes("whatsapp/text_base64_wamid.json"))
+    await gw.settle()
+    (doc, mid), = await gw.sql("SELECT id, message_id FROM messages")
+    assert "/" in mid and "/" not in doc and doc == mid.replace("/", "_")
+
+
+async def test_events_metric_counts_kinds(gateway):
+    gw = await gateway()
+    await gw.post("instagram", fixture_bytes("instagram/batch.json"))
+    await gw.settle()
+    registry = gw.app[keys.METRICS].registry
+    assert registry.get_sample_value("gateway_events_total", {
+        "channel": "instagram", "kind": "read", "type": ""}) == 1
+    assert registry.get_sample_value("gateway_sink_deliveries_total", {
+        "sink": "jsonl", "outcome": "ok"}) == 5
+    assert registry.get_sample_value("gateway_sink_latency_seconds_count", {"sink": "storage"}) == 5
