@@ -81,8 +81,9 @@ async def receive(request: web.Request) -> web.Response:
                        "the journal is full; retry later", {"Retry-After": retry})
     await journal.append(name, body, time.time())
     app[keys.PROCESSOR].wake.set()
-    metrics.webhook_requests.labels(name, "accepted").inc()
-    metrics.webhook_ack.labels(name).observe(time.perf_counter() - started)
+    accepted, ack = metrics.intake(name)
+    accepted.inc()
+    ack.observe(time.perf_counter() - started)
     return web.Response(body=_ACCEPTED, content_type="application/json")
 
 

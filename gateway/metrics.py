@@ -47,6 +47,15 @@ class Metrics:
         self.ratelimit_headroom = Gauge(
             "gateway_ratelimit_headroom_ratio", "0 = exhausted, 1 = idle.",
             ["channel", "account", "scope"], registry=r)
+        self._intake: dict[str, tuple] = {}
         self.normalise_failures = Counter(
             "gateway_normalise_failures_total", "Journaled requests a channel could not normalise.",
             ["channel"], registry=r)
+
+    def intake(self, channel: str) -> tuple:
+        """(accepted counter, ack histogram) of one channel, looked up once: the hot path."""
+        found = self._intake.get(channel)
+        if found is None:
+            found = (self.webhook_requests.labels(channel, "accepted"), self.webhook_ack.labels(channel))
+            self._intake[channel] = found
+        return found
