@@ -12,7 +12,7 @@ from gateway.config import SinkConfig, section
 from tests.conftest import SINKS_TOML, fixture_bytes
 
 
-class TestSink(Sink):
+class RecordingSink(Sink):
     """Records what it receives; fails on demand."""
 
     def __init__(self, name: str, config: SinkConfig) -> None:
@@ -34,11 +34,11 @@ class TestSink(Sink):
         self.received += [(r.event.id, r.event.conversation_id, r.seq) for r in records]
 
 
-class TestSinks:
-    """A plugin providing [sinks.flaky], [sinks.broken], [sinks.slow], [sinks.order] as TestSinks."""
+class RecordingPlugin:
+    """A plugin providing [sinks.flaky], [sinks.broken], [sinks.slow], [sinks.order] as RecordingPlugin."""
 
     def __init__(self) -> None:
-        self.sinks: dict[str, TestSink] = {}
+        self.sinks: dict[str, RecordingSink] = {}
 
     @hookimpl
     def register_sinks(self, config):
@@ -46,7 +46,7 @@ class TestSinks:
         for name in ("flaky", "broken", "slow", "order"):
             table = section(config, "sinks", name, SinkConfig)
             if table:
-                self.sinks[name] = TestSink(name, table)
+                self.sinks[name] = RecordingSink(name, table)
                 found.append(self.sinks[name])
         return found
 
@@ -55,7 +55,7 @@ FAST = "max_attempts = {n}\nbackoff_initial = 0.01\nbackoff_max = 0.05\n"
 
 
 async def _start(gateway, tables: str):
-    plugin = TestSinks()
+    plugin = RecordingPlugin()
     gw = await gateway(extra_plugins=[plugin], sinks=SINKS_TOML + tables)
     return gw, plugin.sinks
 

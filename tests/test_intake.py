@@ -85,7 +85,9 @@ async def test_bad_signatures_are_401(gateway, case):
     status, answer = await gw.post("whatsapp", sent, secret=None, headers=headers)
     assert status == 401
     _assert_error(answer, "bad_signature")
-    assert headers.get("X-Hub-Signature-256", "") not in json.dumps(answer) or case == "missing"
+    sent_header = headers.get("X-Hub-Signature-256")
+    if sent_header:
+        assert sent_header[7:] not in json.dumps(answer)  # nothing about digests is echoed
     assert _metric(gw, "whatsapp", "bad_signature") == 1
     await gw.settle()
     assert gw.jsonl() == []

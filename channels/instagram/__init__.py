@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from channels.instagram import normalise
 from gateway import Channel, hookimpl
+from gateway.events import Event
 from gateway.config import ChannelConfig, GatewayConfig, section
 
 
@@ -30,14 +32,10 @@ class InstagramChannel(Channel):
         self.config = config
 
     def check_envelope(self, body: bytes) -> None:
-        from channels.instagram.normalise import parse_envelope
+        normalise.parse_envelope(body)
 
-        parse_envelope(body)
-
-    def normalise(self, body: bytes):
-        from channels.instagram.normalise import normalise
-
-        return normalise(body)
+    def normalise(self, body: bytes) -> list[Event]:
+        return normalise.normalise(body)
 
 
 @hookimpl

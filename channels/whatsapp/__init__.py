@@ -6,7 +6,9 @@ from typing import ClassVar
 
 import msgspec
 
+from channels.whatsapp import normalise
 from gateway import Channel, hookimpl
+from gateway.events import Event
 from gateway.config import ChannelConfig, GatewayConfig, section
 
 
@@ -40,14 +42,10 @@ class WhatsAppChannel(Channel):
         self.config = config
 
     def check_envelope(self, body: bytes) -> None:
-        from channels.whatsapp.normalise import parse_envelope
+        normalise.parse_envelope(body)
 
-        parse_envelope(body)
-
-    def normalise(self, body: bytes):
-        from channels.whatsapp.normalise import normalise
-
-        return normalise(body)
+    def normalise(self, body: bytes) -> list[Event]:
+        return normalise.normalise(body)
 
 
 @hookimpl

@@ -1,0 +1,55 @@
+"""What every Meta channel shares: the envelope check and tolerant decoding helpers."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+from gateway.errors import BadPayload
+
+T = TypeVar("T")
+
+
+class Envelope(msgspec.Struct):
+    """The outer shape of every Meta webhook: ``{"object": ..., "entry": [...]}``."""
+
+    object: str
+    entry: list[msgspec.Raw]
+
+
+_envelope = msgspec.json.Decoder(Envelope)
+
+
+def parse_envelope(body: bytes, objects: frozenset[str]) -> Envelope:
+    """Decode the envelope; raise BadPayload unless ``object`` is one of ``objects``."""
+    try:
+        envelope = _envelope.decode(body)
+    except msgspec.DecodeError as exc:
+        if isinstance(exc, msgspec.ValidationError):
+            raise BadPayload(f"not a Meta webhook envelope: {exc}") from None
+        raise BadPayload(f"body is not JSON: {exc}") from None
+    if envelope.object not in objects:
+        expected = " or ".join(sorted(objects))
+        raise BadPayload(f"envelope object is {envelope.object!r}, expected {expected}")
+    return envelope
+
+
+def decode_each(raws: list[msgspec.Raw] | None, decoder: msgspec.json.Decoder) -> list[Any]:
+    """Decode every item on its own; an item of the wrong shape is skipped, not fatal."""
+    items = []
+    for raw in raws or ():
+        try:
+            items.append(decoder.decode(raw))
+        except msgspec.DecodeError:
+            continue
+    return items
+
+
+def as_str(value: Any) -> str | None:
+    """Meta's ids arrive as strings, sometimes as numbers; anything else is absent."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (str, int)):
+        return str(value) if str(value) else None
+    return None

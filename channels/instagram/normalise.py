@@ -1,0 +1,186 @@
+"""Instagram Messaging webhook → canonical events (CONTRACT §5, meta/webhooks.md §5).
+
+Every entry × ``messaging[]`` / ``standby[]`` item yields one event. Mapping choices
+(shared/fixtures/README.md "Conventions"):
+
+- ``account_id`` = ``entry[].id``; the customer is ``sender.id``, or ``recipient.id`` on echoes
+  (``is_echo``: ``direction`` outbound);
+- a message with several attachments is ONE event carrying the first attachment as ``media`` (the
+  others are not lost from the journal's raw body, but not modelled); ``file`` → ``document``,
+  ``ig_reel`` / ``reel`` → ``video`` (``raw_type`` keeps the original);
+- ``reply_to.story`` → ``story_reply`` with the story URL as ``media.url`` and ``story_id``;
+  ``is_deleted`` → ``deleted`` (its id differs from the original's), ``is_unsupported`` →
+  ``unsupported``;
+- ``read`` / ``reaction`` / ``postback`` / ``referral`` / ``*_thread_control`` → those kinds
+  (``handover`` for thread control); items on ``standby[]`` are marked ``standby``.
+
+Ids come only from Meta's fields (webhooks.md §3): a message's ``mid`` (+ the deleted flag), a
+reaction's (mid, sender, action, label, timestamp), a read's (sender, mid), and so on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.envelope import as_str, decode_each, parse_envelope as _parse
+from channels.instagram import schemas
+from gateway.events import (
+    SCHEMA_VERSION,
+    Event,
+    Handover,
+    Media,
+    Message,
+    Party,
+    Postback,
+    Reaction,
+    Read,
+    Referral,
+    conversation_id,
+    event_id,
+    from_epoch_millis,
+)
+
+CHANNEL = "instagram"
+OBJECTS = frozenset({"instagram", "page"})
+ATTACHMENT_TYPES = {"image": "image", "video": "video", "audio": "audio", "file": "document",
+                    "share": "share", "story_mention": "story_mention", "ig_reel": "video",
+                    "reel": "video"}
+HANDOVER = ("pass_thread_control", "take_thread_control", "request_thread_control")
+
+
+def parse_envelope(body: bytes) -> None:
+    """The intake's cheap check: JSON with ``object`` instagram (or page) and an entry list.
+
+    Raises:
+        BadPayload: not JSON, or not an Instagram envelope.
+    """
+    _parse(body, OBJECTS)
+
+
+def normalise(body: bytes) -> list[Event]:
+    """Every canonical event in one webhook body.
+
+    Raises:
+        BadPayload: not JSON, or not an Instagram envelope.
+    """
+    events: list[Event] = []
+    for entry in decode_each(_parse(body, OBJECTS).entry, schemas.entry_decoder):
+        account = as_str(entry.id)
+        if account is None:
+            continue
+        for standby, items in ((False, entry.messaging), (True, entry.standby)):
+            for item in decode_each(items, schemas.item_decoder):
+                event = _item(item, account, standby)
+                if event is not None:
+                    events.append(event)
+    return events
+
+
+def _item(item: schemas.Item, account: str, standby: bool) -> Event | None:
+    sender = as_str(item.sender.id) if item.sender else None
+    recipient = as_str(item.recipient.id) if item.recipient else None
+    try:
+        when = from_epoch_millis(item.timestamp)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+    if sender is None or recipient is None:
+        return None
+    echo = isinstance(item.message, dict) and item.message.get("is_echo") is True
+    customer = recipient if echo else sender
+    common = dict(
+        schema=SCHEMA_VERSION, channel=CHANNEL, direction="outbound" if echo else "inbound",
+        account_id=account, conversation_id=conversation_id(CHANNEL, account, customer),
+        sender=Party(id=sender), recipient=Party(id=recipient), timestamp=when, standby=standby,
+    )
+    stamp = str(item.timestamp)
+    for key, build in BUILDERS:
+        value = getattr(item, key)
+        if isinstance(value, dict):
+            return build(value, common, sender, stamp, key)
+    return None
+
+
+def _message(msg: dict[str, Any], common: dict, sender: str, stamp: str, key: str) -> Event | None:
+    mid = as_str(msg.get("mid"))
+    if mid is None:
+        return None
+    if msg.get("is_deleted") is True:
+        return Message(id=event_id(CHANNEL, "message", mid, "deleted"), **common, message_id=mid,
+                       type="deleted")
+    fields: dict[str, Any] = {"text": _str(msg.get("text"))}
+    if msg.get("is_unsupported") is True:
+        fields["type"] = "unsupported"
+    else:
+        fields.update(_attachment(msg.get("attachments")))
+        fields.update(_reply_to(msg.get("reply_to")))
+        fields.setdefault("type", "text")
+    quick = msg.get("quick_reply")
+    if isinstance(quick, dict):
+        fields["payload"] = as_str(quick.get("payload"))
+    return Message(id=event_id(CHANNEL, "message", mid), **common, message_id=mid, **fields)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _attachment(attachments: Any) -> dict[str, Any]:
+    if not isinstance(attachments, list) or not attachments or not isinstance(attachments[0], dict):
+        return {}
+    first = attachments[0]
+    raw = _str(first.get("type")) or ""
+    payload = first.get("payload") if isinstance(first.get("payload"), dict) else {}
+    kind = ATTACHMENT_TYPES.get(raw, "unsupported")
+    return {"type": kind, "raw_type": raw if ATTACHMENT_TYPES.get(raw) != raw else None,
+            "media": Media(url=_str(payload.get("url")))}
+
+
+def _reply_to(reply: Any) -> dict[str, Any]:
+    if not isinstance(reply, dict):
+        return {}
+    story = reply.get("story")
+    if isinstance(story, dict):
+        return {"type": "story_reply", "media": Media(url=_str(story.get("url"))),
+                "story_id": as_str(story.get("id"))}
+    return {"reply_to": as_str(reply.get("mid"))}
+
+
+def _postback(pb: dict[str, Any], common: dict, sender: str, stamp: str, key: str) -> Event:
+    mid = as_str(pb.get("mid"))
+    payload = as_str(pb.get("payload"))
+    ident = event_id(CHANNEL, "postback", mid) if mid else event_id(
+        CHANNEL, "postback", sender, stamp, payload or "")
+    referral = pb.get("referral") if isinstance(pb.get("referral"), dict) else None
+    return Postback(id=ident, **common, message_id=mid, text=_str(pb.get("title")),
+                    payload=payload, referral=referral)
+
+
+def _reaction(r: dict[str, Any], common: dict, sender: str, stamp: str, key: str) -> Event:
+    mid = as_str(r.get("mid"))
+    action = _str(r.get("action")) or "react"
+    label = _str(r.get("reaction")) or ""
+    emoji = "" if action == "unreact" else (_str(r.get("emoji")) or label)
+    return Reaction(id=event_id(CHANNEL, "reaction", mid or "", sender, action, label, stamp),
+                    **common, message_id=mid, emoji=emoji)
+
+
+def _read(r: dict[str, Any], common: dict, sender: str, stamp: str, key: str) -> Event:
+    mid = as_str(r.get("mid"))
+    mark = mid if mid else f"watermark:{as_str(r.get('watermark')) or stamp}"
+    return Read(id=event_id(CHANNEL, "read", sender, mark), **common, message_id=mid)
+
+
+def _referral(r: dict[str, Any], common: dict, sender: str, stamp: str, key: str) -> Event:
+    return Referral(id=event_id(CHANNEL, "referral", sender, stamp), **common,
+                    payload=as_str(r.get("ref")), referral=r)
+
+
+def _handover(h: dict[str, Any], common: dict, sender: str, stamp: str, key: str) -> Event:
+    detail = {"action": key.split("_", 1)[0], **h}
+    return Handover(id=event_id(CHANNEL, "handover", sender, key, stamp), **common, handover=detail)
+
+
+BUILDERS = (
+    ("message", _message), ("postback", _postback), ("reaction", _reaction), ("read", _read),
+    ("referral", _referral), *((key, _handover) for key in HANDOVER),
+)

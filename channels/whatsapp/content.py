@@ -1,0 +1,124 @@
+"""The content of one WhatsApp message by type → canonical fields (meta/webhooks.md §4.4, §4.7).
+
+Each reader takes the decoded message and returns the canonical fields it sets: ``type``, ``text``,
+``payload``, ``media``, ``location`` and extra fields. Unknown types become ``unsupported`` with the
+raw type kept in ``raw_type``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.envelope import as_str
+from channels.whatsapp.schemas import Message
+from gateway.events import ErrorInfo, Location, Media
+
+MEDIA_TYPES = ("image", "audio", "video", "document", "sticker")
+
+
+def first_error(errors: list[Any] | None) -> ErrorInfo | None:
+    """``errors[0]`` as the canonical error, when it has an integer code."""
+    for item in errors or ():
+        if isinstance(item, dict) and isinstance(item.get("code"), int) and not isinstance(
+                item.get("code"), bool):
+            return ErrorInfo(code=item["code"], title=_str(item.get("title")),
+                             message=_str(item.get("message")))
+    return None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _media(obj: dict[str, Any] | None) -> Media | None:
+    if not isinstance(obj, dict):
+        return None
+    return Media(id=as_str(obj.get("id")), url=_str(obj.get("url")),
+                 mime_type=_str(obj.get("mime_type")), sha256=_str(obj.get("sha256")),
+                 caption=_str(obj.get("caption")), filename=_str(obj.get("filename")))
+
+
+def _text(m: Message) -> dict[str, Any]:
+    return {"type": "text", "text": _str((m.text or {}).get("body"))}
+
+
+def _media_message(m: Message) -> dict[str, Any]:
+    media = _media(getattr(m, m.type or ""))
+    return {"type": m.type, "media": media, "text": media.caption if media else None}
+
+
+def _location(m: Message) -> dict[str, Any]:
+    loc = m.location or {}
+    lat, lon = loc.get("latitude"), loc.get("longitude")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lat, lon)):
+        return {"type": "location"}
+    return {"type": "location", "location": Location(
+        latitude=float(lat), longitude=float(lon), name=_str(loc.get("name")),
+        address=_str(loc.get("address")))}
+
+
+def _interactive(m: Message) -> dict[str, Any]:
+    inter = m.interactive or {}
+    kind = inter.get("type")
+    reply = inter.get(kind) if isinstance(kind, str) else None
+    if not isinstance(reply, dict):
+        return {"type": "interactive"}
+    if kind == "nfm_reply":
+        return {"type": "interactive", "text": _str(reply.get("body")),
+                "payload": _str(reply.get("response_json"))}
+    return {"type": "interactive", "text": _str(reply.get("title")), "payload": as_str(reply.get("id"))}
+
+
+def _button(m: Message) -> dict[str, Any]:
+    button = m.button or {}
+    return {"type": "button", "text": _str(button.get("text")), "payload": as_str(button.get("payload"))}
+
+
+def _order(m: Message) -> dict[str, Any]:
+    order = m.order if isinstance(m.order, dict) else None
+    text = _str((order or {}).get("text")) or None
+    return {"type": "order", "text": text, "order": order}
+
+
+def _system(m: Message) -> dict[str, Any]:
+    system = m.system if isinstance(m.system, dict) else None
+    return {"type": "system", "text": _str((system or {}).get("body")), "system": system}
+
+
+def _contacts(m: Message) -> dict[str, Any]:
+    return {"type": "contacts", "contacts": m.contacts if isinstance(m.contacts, list) else None}
+
+
+def _unsupported(m: Message) -> dict[str, Any]:
+    raw = None if m.type in ("unsupported", "unknown") else m.type
+    return {"type": "unsupported", "raw_type": raw, "error": first_error(m.errors)}
+
+
+def _edit(m: Message) -> dict[str, Any]:
+    """An edited message: a new message (its own wamid) replying to the original."""
+    edit = m.edit or {}
+    inner = edit.get("message") if isinstance(edit.get("message"), dict) else {}
+    body = inner.get("text", {}).get("body") if isinstance(inner.get("text"), dict) else None
+    return {"type": "text" if body is not None else "unsupported", "text": _str(body),
+            "raw_type": "edit", "reply_to": as_str(edit.get("original_message_id"))}
+
+
+READERS = {
+    "text": _text,
+    **{t: _media_message for t in MEDIA_TYPES},
+    "location": _location,
+    "interactive": _interactive,
+    "button": _button,
+    "order": _order,
+    "system": _system,
+    "contacts": _contacts,
+    "edit": _edit,
+}
+
+
+def content(m: Message) -> dict[str, Any]:
+    """The canonical fields of one message's content."""
+    fields = READERS.get(m.type or "", _unsupported)(m)
+    if "error" not in fields:
+        fields["error"] = first_error(m.errors)
+    return fields

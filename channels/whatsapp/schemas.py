@@ -1,0 +1,102 @@
+"""msgspec Structs mirroring the WhatsApp Cloud API webhook (meta/webhooks.md §4).
+
+Tolerant by construction: unknown fields are ignored, enum-like values (``type``, ``status``,
+``field``) are plain strings, and lists are kept as raw items so that one malformed item is skipped
+without spoiling the rest of the batch. Per-type objects (``text``, ``image``, ``interactive``, …)
+stay dicts: Meta adds keys to them often and we read only a few.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+Obj = dict[str, Any]
+
+
+class Entry(msgspec.Struct):
+    """``entry[]``: one WhatsApp Business Account."""
+
+    id: Any = None
+    changes: list[msgspec.Raw] | None = None
+
+
+class Change(msgspec.Struct):
+    """``entry[].changes[]``: one subscription field's update."""
+
+    field: Any = None
+    value: msgspec.Raw = msgspec.Raw(b"null")
+
+
+class Metadata(msgspec.Struct):
+    """``value.metadata``: the business number the update belongs to."""
+
+    phone_number_id: str | int | None = None
+    display_phone_number: str | int | None = None
+
+
+class Value(msgspec.Struct):
+    """``changes[].value`` of the ``messages`` field."""
+
+    metadata: Metadata | None = None
+    contacts: list[msgspec.Raw] | None = None
+    messages: list[msgspec.Raw] | None = None
+    statuses: list[msgspec.Raw] | None = None
+
+
+class Profile(msgspec.Struct):
+    name: str | None = None
+
+
+class Contact(msgspec.Struct):
+    """``value.contacts[]``: the profile of a sender of ``messages[]``."""
+
+    wa_id: str | int | None = None
+    profile: Profile | None = None
+
+
+class Message(msgspec.Struct, rename={"from_": "from"}):
+    """``value.messages[]``: common fields, and the per-type objects as dicts."""
+
+    id: str | None = None
+    timestamp: str | int | None = None
+    type: str | None = None
+    from_: str | int | None = None
+    context: Obj | None = None
+    referral: Obj | None = None
+    errors: list[Any] | None = None
+    text: Obj | None = None
+    image: Obj | None = None
+    audio: Obj | None = None
+    video: Obj | None = None
+    document: Obj | None = None
+    sticker: Obj | None = None
+    location: Obj | None = None
+    contacts: list[Any] | None = None
+    interactive: Obj | None = None
+    button: Obj | None = None
+    reaction: Obj | None = None
+    order: Obj | None = None
+    system: Obj | None = None
+    revoke: Obj | None = None
+    edit: Obj | None = None
+
+
+class Status(msgspec.Struct):
+    """``value.statuses[]``: delivery status of one of our messages."""
+
+    id: str | None = None
+    status: str | None = None
+    timestamp: str | int | None = None
+    recipient_id: str | int | None = None
+    biz_opaque_callback_data: str | None = None
+    errors: list[Any] | None = None
+
+
+entry_decoder = msgspec.json.Decoder(Entry)
+change_decoder = msgspec.json.Decoder(Change)
+value_decoder = msgspec.json.Decoder(Value)
+contact_decoder = msgspec.json.Decoder(Contact)
+message_decoder = msgspec.json.Decoder(Message)
+status_decoder = msgspec.json.Decoder(Status)
