@@ -66,12 +66,10 @@ def _load(args: argparse.Namespace) -> gwconfig.GatewayConfig:
 def _serve(args: argparse.Namespace) -> int:
     from gateway import logging as gwlog
     from gateway import server
-    from gateway.app import create_app
 
     config = _load(args)
     gwlog.setup(config.logging)
-    create_app(config)  # fail fast (exit 2) on plugin or secret problems, before binding ports
-    server.run(config)
+    server.run(config)  # builds the app before binding ports: plugin or secret problems exit 2
     return 0
 
 

@@ -1,6 +1,7 @@
 """Configuration: msgspec Structs loaded from TOML, overlaid with environment variables.
 
-The core owns ``[server]``, ``[queue]``, ``[dispatch]`` and ``[logging]``. ``[channels.<name>]`` and
+The core owns ``[server]``, ``[queue]`` and ``[logging]`` (a sink's retry policy lives in its
+own ``[sinks.<name>]`` table). ``[channels.<name>]`` and
 ``[sinks.<name>]`` belong to the plugin of that name, which converts its table into its own Struct
 with :func:`section` (unknown keys rejected, each error naming the dotted key).
 

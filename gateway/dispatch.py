@@ -133,29 +133,34 @@ class SinkWorker:
             lanes: dict[str, list[Record]] = {}
             for record in batch:
                 lanes.setdefault(record.event.conversation_id, []).append(record)
-            await asyncio.gather(*(self._lane(lane, exc) for lane in lanes.values()))
+            batched = len(batch) > 1
+            await asyncio.gather(*(self._lane(lane, exc, batched) for lane in lanes.values()))
             return
         self._delivered(batch)
 
-    async def _lane(self, lane: list[Record], first: BaseException) -> None:
+    async def _lane(self, lane: list[Record], first: BaseException, batched: bool) -> None:
         for record in lane:
-            await self._one(record, first)
+            await self._one(record, first, batched)
 
-    async def _one(self, record: Record, error: BaseException) -> None:
+    async def _one(self, record: Record, error: BaseException, batched: bool) -> None:
+        """Retry one event alone. After a failed batch, every event gets one attempt of its own
+        (a permanent error of the batch may be one bad event's); then backoff until
+        ``max_attempts`` or a permanent error."""
         cfg = self.sink.config
-        attempts = 1
-        while not isinstance(error, PermanentError) and attempts < cfg.max_attempts:
+        attempts = 0 if batched else 1
+        while attempts < cfg.max_attempts and not (attempts and isinstance(error, PermanentError)):
             self.metrics.sink_deliveries.labels(self.sink.name, "retry").inc()
-            await asyncio.sleep(self._backoff(attempts, error))
+            if attempts:
+                await asyncio.sleep(self._backoff(attempts, error))
             attempts += 1
             try:
                 await self.sink.write([record])
-            except Exception as exc:  # noqa: BLE001 - classified below
+            except Exception as exc:  # noqa: BLE001 - classified on the next turn
                 error = exc
                 continue
             self._delivered([record])
             return
-        await self._dead(record, error, attempts)
+        await self._dead(record, error, max(attempts, 1))
 
     def _backoff(self, attempt: int, error: BaseException) -> float:
         cfg = self.sink.config

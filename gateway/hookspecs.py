@@ -79,7 +79,8 @@ def register_routes(config: GatewayConfig) -> list[web.AbstractRouteDef]:
 
 @hookspec
 def gateway_started(app: web.Application, config: GatewayConfig) -> None:
-    """Notification: the gateway accepts webhooks now. Return value ignored.
+    """Notification: start-up is complete (journal open, sinks started); the listeners open next.
+    Return value ignored.
 
     Use it to start background work tied to the app's lifetime; stop it in a
     ``gateway_stopping`` implementation. Must not block: schedule tasks on the running loop.

@@ -59,7 +59,11 @@ def manager(load_entrypoints: bool = True, extra: list[Any] | None = None) -> pl
             for ep in metadata.entry_points(group=group):
                 _register(pm, ep, kind)
     for plugin in extra or []:
-        pm.register(plugin)
+        name = getattr(plugin, "__name__", type(plugin).__name__)
+        try:
+            pm.register(plugin)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            raise PluginError(str(exc), plugin=name) from exc
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
@@ -82,25 +86,29 @@ def _register(pm: pluggy.PluginManager, ep: metadata.EntryPoint, kind: str) -> N
 
 def channels(pm: pluggy.PluginManager, config: GatewayConfig) -> dict[str, Channel]:
     """The enabled channels by name. Raises ConfigError for a table no plugin claims."""
-    found = _collect(pm.hook.register_channels(config=config), "channel")
+    found = _collect(pm, pm.hook.register_channels, config, "channel")
     _check_claimed(config, "channels", found)
     return found
 
 
 def sinks(pm: pluggy.PluginManager, config: GatewayConfig) -> dict[str, Sink]:
     """The enabled sinks by name. Raises ConfigError for a table no plugin claims."""
-    found = _collect(pm.hook.register_sinks(config=config), "sink")
+    found = _collect(pm, pm.hook.register_sinks, config, "sink")
     _check_claimed(config, "sinks", found)
     return found
 
 
-def _collect(results: list[list[Any]], what: str) -> dict[str, Any]:
+def _collect(pm: pluggy.PluginManager, hook: Any, config: GatewayConfig, what: str) -> dict[str, Any]:
+    """Call each implementation on its own, so that a clash names both plugins."""
     found: dict[str, Any] = {}
-    for items in results:
-        for item in items or []:
+    owners: dict[str, str] = {}
+    for impl in reversed(hook.get_hookimpls()):  # pluggy's call order: last registered first
+        for item in impl.function(**{a: config for a in impl.argnames}) or []:
             if item.name in found:
-                raise PluginError(f"two plugins provide a {what} named {item.name!r}")
+                raise PluginError(f"plugins {owners[item.name]!r} and {impl.plugin_name!r} both "
+                                  f"provide a {what} named {item.name!r}")
             found[item.name] = item
+            owners[item.name] = impl.plugin_name
     return found
 
 

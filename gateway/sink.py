@@ -31,7 +31,9 @@ class Sink(abc.ABC):
 
     Delivery is at least once: after a crash, the last batch may be handed over again, so ``write``
     must be idempotent by ``record.event.id`` (upsert, create-if-absent, or skip what is written).
-    Each conversation's events arrive in order. Raise ``gateway.errors.RetryableError`` for a
+    Each conversation's events arrive in order, but after a failed batch the dispatcher retries
+    different conversations concurrently: ``write`` may run several times at once (for different
+    conversations), so keep it safe for concurrent calls. Raise ``gateway.errors.RetryableError`` for a
     transient failure and ``gateway.errors.PermanentError`` when retrying cannot help; any other
     exception counts as retryable. The dispatcher owns retries, backoff and dead letters.
 

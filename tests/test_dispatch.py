@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from gateway import RetryableError, Sink, hookimpl, keys
+from gateway import PermanentError, RetryableError, Sink, hookimpl, keys
 from gateway.config import SinkConfig, section
 from tests.conftest import SINKS_TOML, fixture_bytes
 
@@ -21,6 +21,7 @@ class RecordingSink(Sink):
         self.fail_next = 0          # fail this many writes, then succeed
         self.broken = False         # fail every write while True
         self.delay = 0.0
+        self.poison: set[str] = set()  # message ids refused permanently
         self.received: list[tuple[str, str, int]] = []  # (event id, conversation, seq)
         self.writes = 0
 
@@ -28,6 +29,8 @@ class RecordingSink(Sink):
         self.writes += 1
         if self.delay:
             await asyncio.sleep(self.delay)
+        if any(r.event.message_id in self.poison for r in records):
+            raise PermanentError("this event is malformed for this sink")
         if self.broken or self.fail_next > 0:
             self.fail_next = max(0, self.fail_next - 1)
             raise RetryableError(f"{self.name} is failing on purpose")
@@ -148,3 +151,15 @@ async def test_each_conversation_stays_in_order_through_retries(gateway):
     assert len(per_conversation) >= 3
     for seqs in per_conversation.values():
         assert seqs == sorted(seqs)
+
+
+async def test_one_poison_event_does_not_dead_letter_its_batch(gateway):
+    gw, sinks = await _start(gateway, "[sinks.flaky]\n" + FAST.format(n=5))
+    sinks["flaky"].poison = {"wamid.TEST.IN.BATCH.0002"}
+    await gw.post("whatsapp", fixture_bytes("whatsapp/batch_mixed.json"))
+    await gw.settle()
+    letters = await gw.app[keys.JOURNAL].dead_letters("flaky")
+    assert len(letters) == 1 and "malformed" in letters[0].reason and letters[0].attempts == 1
+    assert len(sinks["flaky"].received) == 7
+    poisoned = [e["id"] for e in gw.jsonl() if e.get("message_id") == "wamid.TEST.IN.BATCH.0002"]
+    assert letters[0].event_id == poisoned[0]

@@ -1,6 +1,6 @@
 """Helpers for testing the gateway and plugins against real servers on 127.0.0.1.
 
-Importable by plugin authors: ``signed_post`` signs bodies as Meta does, ``GatewayProcess`` runs
+Importable by plugin authors: ``sign_headers`` signs bodies as Meta does, ``GatewayProcess`` runs
 ``gateway serve`` as a subprocess (to test crash behaviour), ``free_port`` finds a port.
 """
 

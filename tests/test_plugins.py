@@ -1,0 +1,234 @@
+"""Plugin loading fails loudly and by name; ``gateway check-config`` names every bad key.
+
+Throwaway distributions are real ones: a ``*.dist-info`` directory with an ``entry_points.txt`` in
+a temporary directory on ``sys.path`` (or ``PYTHONPATH`` for a subprocess), which is all
+``importlib.metadata`` needs to report an installed plugin.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from gateway import PluginError, Sink, cli, hookimpl, plugins
+from gateway import config as gwconfig
+from gateway.config import SinkConfig, section
+from gateway.testing import free_port
+from tests.conftest import CHANNELS_TOML
+
+SECRET_VARS = ("META_APP_SECRET", "WHATSAPP_APP_SECRET", "INSTAGRAM_APP_SECRET",
+               "WHATSAPP_VERIFY_TOKEN", "INSTAGRAM_VERIFY_TOKEN", "WHATSAPP_ACCESS_TOKEN",
+               "INSTAGRAM_ACCESS_TOKEN", "GATEWAY_API_TOKEN", "GATEWAY_REDIS_URL",
+               "GATEWAY_DATA_DIR", "OPENAI_API_KEY")
+
+
+def make_distribution(root: Path, dist: str, group: str, entry_points: dict[str, str],
+                      modules: dict[str, str]) -> Path:
+    """Write modules and a ``<dist>-0.1.dist-info`` declaring ``entry_points`` under ``root``."""
+    for name, source in modules.items():
+        (root / f"{name}.py").write_text(source)
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[{group}]\n{lines}")
+    return root
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The current environment without any gateway secret, plus ``extra``."""
+    base = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
+    return {**base, **extra}
+
+
+def run_cli(*args: str, cwd: Path, environ: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m gateway ARGS`` as an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=cwd, timeout=timeout,
+                          env=environ or env(), capture_output=True, text=True)
+
+
+def write_config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n' + text)
+    return str(path)
+
+
+# -- plugins that fail to load -------------------------------------------------------------------
+
+@pytest.fixture
+def broken_distribution(tmp_path, monkeypatch):
+    """An installed ``gateway-broken-plugin`` whose sink module raises on import."""
+    (tmp_path / "site").mkdir()
+    root = make_distribution(
+        tmp_path / "site", "gateway-broken-plugin", "gateway.sinks",
+        {"broken": "gateway_broken_sink"},
+        {"gateway_broken_sink": "raise RuntimeError('broken at import time')\n"})
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
+def test_plugin_that_fails_to_import_is_reported_by_name(broken_distribution):
+    with pytest.raises(PluginError) as err:
+        plugins.manager()
+    assert err.value.plugin == "sinks.broken"
+    assert "gateway_broken_sink" in str(err.value)
+    assert "broken at import time" in str(err.value)
+
+
+def test_gateway_plugins_lists_the_broken_plugin_and_fails(broken_distribution, capsys):
+    assert cli.main(["plugins"]) == cli.EXIT_CONFIG
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if " broken " in line)
+    assert row == ["sink", "broken", "gateway_broken_sink", "gateway-broken-plugin", "0.1"]
+    assert "loading: error: plugin 'sinks.broken'" in out
+
+
+def test_serve_refuses_to_start_naming_the_broken_plugin(broken_distribution, tmp_path):
+    path = write_config(tmp_path, f"port = {free_port()}\nmetrics_port = {free_port()}\n"
+                        + CHANNELS_TOML)
+    result = run_cli("serve", "--config", path, cwd=tmp_path,
+                     environ=env(PYTHONPATH=str(broken_distribution)))
+    assert result.returncode == 2, result.stderr
+    assert "sinks.broken" in result.stderr and "broken at import time" in result.stderr
+
+
+def test_misspelt_hook_implementation_fails_naming_plugin_and_hook():
+    plugin = types.ModuleType("gateway_misspelt_plugin")
+
+    @hookimpl
+    def register_sink(config):  # the hook is register_sinks
+        return []
+
+    plugin.register_sink = register_sink
+    with pytest.raises(PluginError) as err:
+        plugins.manager(extra=[plugin])
+    assert err.value.plugin == "gateway_misspelt_plugin"
+    assert "register_sink" in str(err.value)
+
+
+def test_misspelt_hook_in_an_installed_plugin_fails_naming_it(tmp_path, monkeypatch):
+    source = ("from gateway import hookimpl\n\n"
+              "@hookimpl\ndef register_sink(config):\n    return []\n")
+    (tmp_path / "site").mkdir()
+    root = make_distribution(tmp_path / "site", "gateway-misspelt", "gateway.sinks",
+                             {"misspelt": "gateway_misspelt_sink"},
+                             {"gateway_misspelt_sink": source})
+    monkeypatch.syspath_prepend(str(root))
+    with pytest.raises(PluginError) as err:
+        plugins.manager()
+    assert "gateway_misspelt_sink" in str(err.value) and "register_sink" in str(err.value)
+
+
+# -- two plugins, one name -----------------------------------------------------------------------
+
+class NamedSink(Sink):
+    def __init__(self, name: str, config: SinkConfig) -> None:
+        super().__init__(config)
+        self.name = name
+
+    async def write(self, records) -> None:
+        pass
+
+
+class ProvidesSink:
+    """A plugin providing a sink called ``name`` when ``[sinks.<name>]`` is present."""
+
+    def __init__(self, name: str) -> None:
+        self.sink_name = name
+
+    @hookimpl
+    def register_sinks(self, config):
+        table = section(config, "sinks", self.sink_name, SinkConfig)
+        return [NamedSink(self.sink_name, table)] if table else []
+
+
+@pytest.mark.parametrize("name", ["dup", "jsonl"])
+def test_two_plugins_providing_the_same_sink_fail(tmp_path, name):
+    config = gwconfig.load(write_config(tmp_path, f"[sinks.{name}]\n"), environ={})
+    extra = [ProvidesSink(name)] if name == "jsonl" else [ProvidesSink(name), ProvidesSink(name)]
+    pm = plugins.manager(extra=extra)
+    with pytest.raises(PluginError) as err:
+        plugins.sinks(pm, config)
+    assert repr(name) in str(err.value)
+
+
+def test_one_plugin_per_sink_name_is_fine(tmp_path):
+    config = gwconfig.load(write_config(tmp_path, "[sinks.dup]\n[sinks.other]\n"), environ={})
+    pm = plugins.manager(extra=[ProvidesSink("dup"), ProvidesSink("other")])
+    assert sorted(plugins.sinks(pm, config)) == ["dup", "other"]
+
+
+# -- check-config --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("table", ["sinks.nosuch", "channels.nosuch"])
+def test_table_no_plugin_provides_fails_check_config(tmp_path, table):
+    path = write_config(tmp_path, CHANNELS_TOML + f"[{table}]\n")
+    result = run_cli("check-config", "--config", path, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{table}: no installed plugin provides" in result.stderr
+
+
+def test_check_config_names_each_unknown_key(tmp_path):
+    path = write_config(tmp_path, "prot = 8080\n[queu]\nbackend = 'sqlite'\n" + CHANNELS_TOML)
+    result = run_cli("check-config", "--config", path, cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "config error" in line]
+    assert errors == ["gateway: config error: server.prot: unknown key",
+                      "gateway: config error: queu: unknown key"]
+
+
+def test_check_config_names_an_unknown_key_in_a_plugin_table(tmp_path):
+    path = write_config(tmp_path, CHANNELS_TOML + "[sinks.jsonl]\npth = 'x.jsonl'\n")
+    result = run_cli("check-config", "--config", path, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "sinks.jsonl.pth: unknown key" in result.stderr
+
+
+def test_check_config_on_embedded_defaults_without_app_secret_fails(tmp_path):
+    result = run_cli("check-config", cwd=tmp_path, environ=env(GATEWAY_DATA_DIR=str(tmp_path)))
+    assert result.returncode == 2, result.stdout
+    assert "channels.whatsapp.app_secret" in result.stderr
+    assert "META_APP_SECRET" in result.stderr  # says how to fix it
+
+
+def test_check_config_on_embedded_defaults_with_app_secret_redacts_it(tmp_path):
+    secret = "meta-app-secret-4f1c9a"
+    result = run_cli("check-config", cwd=tmp_path,
+                     environ=env(META_APP_SECRET=secret, GATEWAY_DATA_DIR=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert secret not in result.stdout + result.stderr
+    assert "config OK (embedded defaults)" in result.stderr
+
+
+def test_check_config_redacts_every_secret(tmp_path):
+    secrets = {
+        "wa_secret": "inline-wa-secret-1", "wa_verify": "inline-wa-verify-2",
+        "wa_access": "inline-wa-access-3", "api": "env-api-token-4",
+        "redis": "redis-password-5", "openai": "sk-inline-openai-6", "ig": "ig-from-env-7",
+    }
+    path = write_config(tmp_path, f"""
+[queue]
+redis_url = "redis://:{secrets['redis']}@127.0.0.1:6379/0"
+[channels.whatsapp]
+app_secret = "{secrets['wa_secret']}"
+verify_token = "{secrets['wa_verify']}"
+access_token = "{secrets['wa_access']}"
+[channels.instagram]
+app_secret = {{ env = "IG_SECRET_FOR_TEST" }}
+[sinks.ai]
+provider = "rules"
+api_key = "{secrets['openai']}"
+""")
+    result = run_cli("check-config", "--config", path, cwd=tmp_path,
+                     environ=env(GATEWAY_API_TOKEN=secrets["api"],
+                                 IG_SECRET_FOR_TEST=secrets["ig"]))
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert [name for name, value in secrets.items() if value in output] == []
+    assert output.count('"***"') >= 6
