@@ -1,0 +1,99 @@
+"""The channel normalisers on their own: every fixture's events field by field, stable and distinct
+ids, the wire round trip, and the envelope errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from channels.instagram.normalise import normalise as instagram, parse_envelope as ig_envelope
+from channels.whatsapp.normalise import normalise as whatsapp, parse_envelope as wa_envelope
+from gateway.errors import BadPayload
+from gateway.events import decode, encode
+from tests.conftest import fixture_bytes
+from tests.expect import expected_files, pair_up
+
+FILES = expected_files()
+NORMALISE = {"whatsapp": whatsapp, "instagram": instagram}
+
+
+def events_of(name: str) -> list[dict]:
+    return [json.loads(encode(e)) for e in NORMALISE[name.split("/")[0]](fixture_bytes(name))]
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_every_fixture_matches_its_expected_events(name):
+    events = events_of(name)
+    assert len(events) == len(FILES[name]["events"])
+    pair_up(events, FILES[name]["events"])
+
+
+def test_ids_are_distinct_across_all_fixtures_and_stable():
+    seen: dict[str, str] = {}
+    for name in sorted(FILES):
+        first, second = events_of(name), events_of(name)
+        assert [e["id"] for e in first] == [e["id"] for e in second]
+        for event in first:
+            assert event["id"] not in seen, (name, seen.get(event["id"]))
+            seen[event["id"]] = name
+    assert len(seen) == sum(len(f["events"]) for f in FILES.values())
+
+
+def test_conversation_ids_follow_the_triple():
+    by_triple: dict[tuple, set[str]] = {}
+    for name in sorted(FILES):
+        pairs = pair_up(events_of(name), FILES[name]["events"])
+        for event, want in pairs:
+            by_triple.setdefault(tuple(want["conversation"]), set()).add(event["conversation_id"])
+    assert all(len(ids) == 1 for ids in by_triple.values())
+    assert len({next(iter(ids)) for ids in by_triple.values()}) == len(by_triple)
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_events_survive_the_wire_round_trip(name):
+    channel = name.split("/")[0]
+    for event in NORMALISE[channel](fixture_bytes(name)):
+        assert decode(encode(event)) == event
+        assert json.loads(encode(event))["schema"] == 1
+
+
+def test_unicode_is_decoded_from_escapes():
+    (event,) = events_of("whatsapp/unicode_text.json")
+    assert event["text"] == "Olá! Café ☕ naïve façade üß — مرحبا 😀👍"
+    assert event["sender"]["name"] == "Zoë Ünal"
+
+
+@pytest.mark.parametrize("check", [wa_envelope, ig_envelope, whatsapp, instagram])
+@pytest.mark.parametrize("body", [b"", b"{", b"[]", b"null", b'"x"', b'{"entry": []}',
+                                  b'{"object": "x", "entry": []}', b'{"object": 1, "entry": []}',
+                                  b'{"object": "instagram", "entry": {}}',
+                                  b'{"object": "whatsapp_business_account"}', b"\xff\xfe"])
+def test_not_an_envelope_is_bad_payload(check, body):
+    with pytest.raises(BadPayload):
+        check(body)
+
+
+def test_the_other_channels_envelope_is_bad_payload():
+    with pytest.raises(BadPayload, match="whatsapp_business_account"):
+        whatsapp(fixture_bytes("instagram/text.json"))
+    with pytest.raises(BadPayload, match="instagram"):
+        instagram(fixture_bytes("whatsapp/text.json"))
+
+
+def test_one_malformed_item_does_not_spoil_the_batch():
+    envelope = json.loads(fixture_bytes("whatsapp/text.json"))
+    value = envelope["entry"][0]["changes"][0]["value"]
+    good = value["messages"][0]
+    value["messages"] = [{"id": 5, "timestamp": [], "type": {}}, "junk", good, {"type": "text"}]
+    envelope["entry"].insert(0, {"id": "x", "changes": "not a list"})
+    events = whatsapp(json.dumps(envelope).encode())
+    assert [e.message_id for e in events] == [good["id"]]
+
+
+def test_unknown_fields_and_types_pass_through():
+    envelope = json.loads(fixture_bytes("whatsapp/text.json"))
+    message = envelope["entry"][0]["changes"][0]["value"]["messages"][0]
+    message.update({"type": "poll", "poll": {"question": "?"}, "brand_new_field": {"x": 1}})
+    (event,) = whatsapp(json.dumps(envelope).encode())
+    assert (event.type, event.raw_type, event.error) == ("unsupported", "poll", None)
