@@ -98,17 +98,16 @@ def _plugins(args: argparse.Namespace) -> int:
 def _check_config(args: argparse.Namespace) -> int:
     import json
 
+    from gateway import plugins
     from gateway.app import require_secrets
-    from gateway.plugins import channels, manager, sinks
 
-    errors = gwconfig.check(args.config)
-    if not errors:
-        config = gwconfig.load(args.config)
+    errors, config = gwconfig.check_all(args.config)
+    if config is not None:
         try:
-            pm = manager()
-            found = channels(pm, config)
-            sinks(pm, config)
-            require_secrets(config, found)
+            pm = plugins.manager()
+            errors += plugins.check(pm, config)
+            if not errors:
+                require_secrets(config, plugins.channels(pm, config))
         except (ConfigError, PluginError) as exc:
             errors.append(exc)
     if errors:

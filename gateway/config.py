@@ -158,18 +158,35 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> G
 
 def check(path: str | None = None, environ: Mapping[str, str] | None = None) -> list[ConfigError]:
     """Every problem in the core sections, each naming its key (plugin sections: see plugins)."""
+    return check_all(path, environ)[0]
+
+
+def check_all(path: str | None = None, environ: Mapping[str, str] | None = None
+              ) -> tuple[list[ConfigError], GatewayConfig | None]:
+    """The core's problems, and the config built without its unknown keys (None if impossible),
+    so that plugin tables can be checked in the same run."""
     try:
         data = _read(path)
     except ConfigError as exc:
-        return [exc]
-    errors = [ConfigError("unknown key", key) for key in _unknown_keys(data)]
-    if errors:
-        return errors
+        return [exc], None
+    unknown = _unknown_keys(data)
+    errors = [ConfigError("unknown key", key) for key in unknown]
     try:
-        _build(data, os.environ if environ is None else environ, path)
+        config = _build(_without(data, unknown), os.environ if environ is None else environ, path)
     except ConfigError as exc:
-        errors.append(exc)
-    return errors
+        return [*errors, exc], None
+    return errors, config
+
+
+def _without(data: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key in keys:
+        head, _, tail = key.partition(".")
+        if not tail:
+            data.pop(head, None)
+        elif isinstance(data.get(head), dict):
+            data[head].pop(tail, None)
+    return data
 
 
 def section(config: GatewayConfig, kind: str, name: str, struct: type[S],
@@ -190,9 +207,21 @@ def section(config: GatewayConfig, kind: str, name: str, struct: type[S],
         value = next((env[n] for n in names if env.get(n)), None)
         if value is not None:
             table[key] = value
+    known = {f.encode_name for f in msgspec.structs.fields(struct)}
+    unknown = [ConfigError("unknown key", f"{prefix}.{k}") for k in table if k not in known]
+    if len(unknown) > 1:
+        raise ConfigErrors(unknown)
     result = _convert(table, struct, prefix)
     result.validate(prefix)
     return result
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration problems at once; ``errors`` holds each."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__("; ".join(str(e) for e in errors), errors[0].key)
+        self.errors = errors
 
 
 def resolve_secrets(table: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -98,17 +98,43 @@ def sinks(pm: pluggy.PluginManager, config: GatewayConfig) -> dict[str, Sink]:
     return found
 
 
+def check(pm: pluggy.PluginManager, config: GatewayConfig) -> list[ConfigError]:
+    """Every plugin table's problems (each plugin checked even when another one fails)."""
+    errors: list[ConfigError] = []
+    for hook, kind in ((pm.hook.register_channels, "channels"), (pm.hook.register_sinks, "sinks")):
+        found: dict[str, Any] = {}
+        for impl in hook.get_hookimpls():
+            try:
+                found.update(_collect_one(impl, config, {}, {}, kind[:-1]))
+            except ConfigError as exc:
+                errors.extend(getattr(exc, "errors", [exc]))
+                parts = exc.key.split(".")
+                if len(parts) > 1 and parts[0] == kind:
+                    found[parts[1]] = None  # claimed by a plugin, but its table is broken
+        try:
+            _check_claimed(config, kind, found)
+        except ConfigError as exc:
+            errors.append(exc)
+    return errors
+
+
 def _collect(pm: pluggy.PluginManager, hook: Any, config: GatewayConfig, what: str) -> dict[str, Any]:
     """Call each implementation on its own, so that a clash names both plugins."""
     found: dict[str, Any] = {}
     owners: dict[str, str] = {}
     for impl in reversed(hook.get_hookimpls()):  # pluggy's call order: last registered first
-        for item in impl.function(**{a: config for a in impl.argnames}) or []:
-            if item.name in found:
-                raise PluginError(f"plugins {owners[item.name]!r} and {impl.plugin_name!r} both "
-                                  f"provide a {what} named {item.name!r}")
-            found[item.name] = item
-            owners[item.name] = impl.plugin_name
+        _collect_one(impl, config, found, owners, what)
+    return found
+
+
+def _collect_one(impl: Any, config: GatewayConfig, found: dict[str, Any], owners: dict[str, str],
+                 what: str) -> dict[str, Any]:
+    for item in impl.function(**{a: config for a in impl.argnames}) or []:
+        if item.name in found:
+            raise PluginError(f"plugins {owners[item.name]!r} and {impl.plugin_name!r} both "
+                              f"provide a {what} named {item.name!r}")
+        found[item.name] = item
+        owners[item.name] = impl.plugin_name
     return found
 
 

@@ -1,0 +1,87 @@
+"""Configuration: every bad key named in one run, env overlay, secret references."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from gateway import config as gwconfig
+from gateway.errors import ConfigError
+
+BAD = """
+[server]
+prot = 1
+[queu]
+x = 1
+[channels.whatsapp]
+app_secret = "s"
+bogus = 1
+other = 2
+[sinks.jsonl]
+pth = "x"
+[sinks.nosuch]
+"""
+
+
+def test_check_config_names_every_bad_key_at_once(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD)
+    run = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    for key in ("server.prot", "queu", "channels.whatsapp.bogus", "channels.whatsapp.other",
+                "sinks.jsonl.pth", "sinks.nosuch"):
+        assert f"config error: {key}:" in run.stderr, run.stderr
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text('[server]\nport = "eighty"\n')
+    with pytest.raises(ConfigError) as exc:
+        gwconfig.load(str(path), environ={})
+    assert exc.value.key == "server.port" and "int" in str(exc.value)
+
+
+def test_environment_overrides_the_file_and_secret_references(tmp_path, monkeypatch):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-file\n")
+    path = tmp_path / "g.toml"
+    path.write_text(f'[server]\napi_token = {{ file = "{secret_file}" }}\n'
+                    '[channels.instagram]\napp_secret = { env = "MY_IG_SECRET" }\n')
+    monkeypatch.setenv("MY_IG_SECRET", "from-env-ref")
+    config = gwconfig.load(str(path), environ={"GATEWAY_DATA_DIR": "/srv/data"})
+    assert config.server.api_token == "from-file" and config.server.data_dir == "/srv/data"
+    from channels.instagram import InstagramConfig
+
+    table = gwconfig.section(config, "channels", "instagram", InstagramConfig, environ={})
+    assert table.app_secret == "from-env-ref"
+    table = gwconfig.section(config, "channels", "instagram", InstagramConfig,
+                             environ={"INSTAGRAM_APP_SECRET": "env-wins"})
+    assert table.app_secret == "env-wins"
+    assert gwconfig.redacted({"app_secret": "x", "nested": {"access_token": "y", "port": 1}}) == {
+        "app_secret": "***", "nested": {"access_token": "***", "port": 1}}
+
+
+def test_missing_secret_reference_names_the_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    path = tmp_path / "g.toml"
+    path.write_text('[channels.whatsapp]\napp_secret = { env = "NOT_SET_ANYWHERE" }\n')
+    config = gwconfig.load(str(path), environ={})
+    from channels.whatsapp import WhatsAppConfig
+
+    with pytest.raises(ConfigError) as exc:
+        gwconfig.section(config, "channels", "whatsapp", WhatsAppConfig, environ={})
+    assert exc.value.key == "channels.whatsapp.app_secret" and "NOT_SET_ANYWHERE" in str(exc.value)
+
+
+def test_serve_refuses_to_start_without_app_secret(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[channels.whatsapp]\n')
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.endswith("APP_SECRET")}
+    run = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 2
+    assert "channels.whatsapp.app_secret" in run.stderr and "WHATSAPP_APP_SECRET" in run.stderr
