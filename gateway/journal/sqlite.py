@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters(sink, state);
 """
 PROCESSED = "processed"
+_APPEND = "INSERT INTO requests(channel, received_at, body) VALUES (?, ?, ?)"
 _DEAD_COLUMNS = "id, sink, event_id, data, received_at, reason, attempts, failed_at, state"
 
 
@@ -64,13 +65,10 @@ class SqliteJournal:
         except Exception:  # noqa: BLE001 - readiness is a yes/no question
             return False
 
-    async def append(self, channel: str, body: bytes, received_at: float) -> int:
-        """Store a raw request durably (group commit); return its sequence number."""
-        seq = await self._writer.run(lambda c: c.execute(
-            "INSERT INTO requests(channel, received_at, body) VALUES (?, ?, ?)",
-            (channel, received_at, body)).lastrowid)
+    async def append(self, channel: str, body: bytes, received_at: float) -> None:
+        """Store a raw request durably; return once committed (group commit, one executemany)."""
+        await self._writer.insert(_APPEND, (channel, received_at, body))
         self.pending += 1
-        return seq
 
     async def unprocessed(self, limit: int) -> list[RawRequest]:
         """The oldest journaled requests not yet turned into events."""
@@ -88,22 +86,13 @@ class SqliteJournal:
         now = time.time()
 
         def work(c: sqlite3.Connection) -> tuple[list[int | None], int]:
-            seqs: list[int | None] = []
-            for ev in events:
-                if c.execute("INSERT OR IGNORE INTO seen(id, at) VALUES (?, ?)",
-                             (ev.id, now)).rowcount == 0:
-                    seqs.append(None)
-                    continue
-                seqs.append(c.execute(
-                    "INSERT INTO events(id, channel, conversation_id, received_at, data) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (ev.id, ev.channel, ev.conversation_id, ev.received_at, ev.data)).lastrowid)
-            for req, reason in failed:
-                c.execute(
+            seqs = _store_new(c, events, now)
+            if failed:
+                c.executemany(
                     "INSERT INTO dead_letters(sink, event_id, data, received_at, reason, attempts,"
                     " failed_at) VALUES (?, ?, ?, ?, ?, 1, ?)",
-                    (f"normalise:{req.channel}", f"request:{req.seq}", req.body,
-                     req.received_at, reason, now))
+                    [(f"normalise:{req.channel}", f"request:{req.seq}", req.body, req.received_at,
+                      reason, now) for req, reason in failed])
             removed = c.execute("DELETE FROM requests WHERE seq <= ?", (upto,)).rowcount
             _set_cursor(c, PROCESSED, upto)
             return seqs, removed
@@ -197,6 +186,34 @@ class SqliteJournal:
         marks = ",".join("?" * len(names)) or "''"
         await self._writer.run(lambda c: c.execute(
             f"DELETE FROM cursors WHERE name LIKE 'sink:%' AND name NOT IN ({marks})", names))
+
+
+def _store_new(c: sqlite3.Connection, events: list[NewEvent], now: float) -> list[int | None]:
+    """Insert the events whose ids were never seen (nor earlier in ``events``); their new seqs."""
+    if not events:
+        return []
+    ids = list({ev.id for ev in events})
+    seen: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        seen.update(r[0] for r in c.execute(
+            f"SELECT id FROM seen WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+    fresh = []
+    for ev in events:
+        if ev.id not in seen:
+            seen.add(ev.id)
+            fresh.append(ev)
+    if not fresh:
+        return [None] * len(events)
+    first = c.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)"
+                      ).fetchone()[0] + 1
+    c.executemany("INSERT INTO seen(id, at) VALUES (?, ?)", [(ev.id, now) for ev in fresh])
+    c.executemany("INSERT INTO events(seq, id, channel, conversation_id, received_at, data) "
+                  "VALUES (?, ?, ?, ?, ?, ?)",
+                  [(first + i, ev.id, ev.channel, ev.conversation_id, ev.received_at, ev.data)
+                   for i, ev in enumerate(fresh)])
+    assigned = {id(ev): first + i for i, ev in enumerate(fresh)}
+    return [assigned.get(id(ev)) for ev in events]
 
 
 def _set_cursor(c: sqlite3.Connection, name: str, seq: int) -> None:

@@ -1,8 +1,9 @@
 """One SQLite connection owned by one thread; jobs from the event loop share its transactions.
 
 Every job that arrives while the previous transaction commits joins the next one, so N concurrent
-appends cost one fsync (group commit). Each job runs under a SAVEPOINT: one failing job cannot
-spoil the others' writes.
+appends cost one fsync (group commit). Plain inserts (:meth:`SqliteWriter.insert`) of a group are
+written with one ``executemany`` per statement; every other job runs under a SAVEPOINT, so one
+failing job cannot spoil the others' writes.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ class SqliteWriter:
     def alive(self) -> bool:
         """Whether the writer thread runs."""
         return self._thread is not None and self._thread.is_alive()
+
+    async def insert(self, sql: str, params: tuple) -> None:
+        """Insert one row in the next group transaction (batched with the group's other inserts
+        of the same ``sql``); return once committed."""
+        if not self.alive:
+            raise RuntimeError(f"database {self._path} is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._jobs.put(((sql, params), future, loop))
+        await future
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in the next group transaction; return its result once committed."""
@@ -99,8 +110,9 @@ class SqliteWriter:
         outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, _, _ in group:
-                outcomes.append(_savepoint(conn, fn))
+            _insert_all(conn, [job for job, _, _ in group if isinstance(job, tuple)])
+            for job, _, _ in group:
+                outcomes.append((True, None) if isinstance(job, tuple) else _savepoint(conn, job))
             conn.execute("COMMIT")
         except BaseException as exc:  # noqa: BLE001 - the commit itself failed: fail every job
             if conn.in_transaction:
@@ -112,6 +124,14 @@ class SqliteWriter:
         for loop, items in by_loop.items():
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_settle, items)
+
+
+def _insert_all(conn: sqlite3.Connection, rows: list[tuple[str, tuple]]) -> None:
+    by_sql: dict[str, list[tuple]] = {}
+    for sql, params in rows:
+        by_sql.setdefault(sql, []).append(params)
+    for sql, params in by_sql.items():
+        conn.executemany(sql, params)
 
 
 def _savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:

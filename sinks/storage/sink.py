@@ -36,7 +36,9 @@ def doc_id(value: str) -> str:
 
 def iso(event: Event) -> str:
     """Fixed-width RFC 3339 UTC, so that text comparison orders instants."""
-    return event.timestamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    t = event.timestamp
+    return (f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
+            f".{t.microsecond:06d}Z")
 
 
 def _json(value: Any) -> str | None:
@@ -78,27 +80,121 @@ class StorageSink(Sink):
 
 
 def apply_all(c: sqlite3.Connection, events: list[Event]) -> None:
-    """Apply a batch in order."""
+    """Apply a batch in order, with one statement per kind of write where the batch allows."""
+    batch = _Batch(c, events)
     for event in events:
-        APPLY.get(event.kind, _touch_contact)(c, event)
+        if event.kind in ("message", "postback"):
+            batch.message(event)
+        else:
+            APPLY.get(event.kind, _touch_contact)(c, event)
+    batch.flush()
 
 
-def _apply_message(c: sqlite3.Connection, ev: Event) -> None:
-    mid = ev.message_id or ev.id
-    key = doc_id(mid)
-    row = c.execute("SELECT event_id, type FROM messages WHERE id = ?", (key,)).fetchone()
-    if row is not None and row[0] is not None:
-        if ev.type == "deleted" and row[1] != "deleted":
-            _mark_deleted(c, key)
-        return  # already stored: a redelivery or a second event for the same message
-    fields = _message_fields(ev, mid)
-    names = ", ".join(fields)
-    marks = ", ".join("?" * len(fields))
-    updates = ", ".join(f"{k} = excluded.{k}" for k in fields if k not in ("status", "reactions"))
-    c.execute(f"INSERT INTO messages(id, {names}) VALUES (?, {marks}) "
-              f"ON CONFLICT(id) DO UPDATE SET {updates}", (key, *fields.values()))
-    _count_in_conversation(c, ev)
-    _touch_contact(c, ev)
+_MESSAGE_COLUMNS = (
+    "message_id", "event_id", "kind", "channel", "direction", "account_id", "conversation_id",
+    "sender_id", "sender_name", "recipient_id", "timestamp", "type", "text", "payload", "reply_to",
+    "media", "location", "error", "extra")
+_INSERT_MESSAGE = (
+    f"INSERT INTO messages(id, {', '.join(_MESSAGE_COLUMNS)}) "
+    f"VALUES (?, {', '.join('?' * len(_MESSAGE_COLUMNS))}) ON CONFLICT(id) DO UPDATE SET "
+    + ", ".join(f"{k} = excluded.{k}" for k in _MESSAGE_COLUMNS))
+_UPSERT_CONVERSATION = (
+    "INSERT INTO conversations(id, channel, account_id, contact_id, message_count,"
+    " last_message_at, last_inbound_at, last_text) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(id) DO UPDATE SET message_count = message_count + excluded.message_count,"
+    " last_text = CASE WHEN excluded.last_message_at >= coalesce(last_message_at, '')"
+    "   THEN excluded.last_text ELSE last_text END,"
+    " last_message_at = max(coalesce(last_message_at, ''), excluded.last_message_at),"
+    " last_inbound_at = CASE WHEN excluded.last_inbound_at IS NULL THEN last_inbound_at"
+    "   ELSE max(coalesce(last_inbound_at, ''), excluded.last_inbound_at) END")
+_UPSERT_CONTACT = (
+    "INSERT INTO contacts(id, channel, contact_id, name, account_id, first_seen, last_seen,"
+    " last_inbound_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(id) DO UPDATE SET name = coalesce(excluded.name, name),"
+    " account_id = coalesce(account_id, excluded.account_id),"
+    " first_seen = min(first_seen, excluded.first_seen),"
+    " last_seen = max(last_seen, excluded.last_seen),"
+    " last_inbound_at = CASE WHEN excluded.last_inbound_at IS NULL THEN last_inbound_at"
+    "   ELSE max(coalesce(last_inbound_at, ''), excluded.last_inbound_at) END")
+
+
+def _later(a: str | None, b: str | None) -> str | None:
+    return b if a is None or (b is not None and b > a) else a
+
+
+class _Batch:
+    """Collects a batch's message rows, conversation counts and contact times, then writes each
+    with one executemany. Rows already stored (a redelivery) are skipped, so counts never grow."""
+
+    def __init__(self, c: sqlite3.Connection, events: list[Event]) -> None:
+        self.c = c
+        keys = list({doc_id(e.message_id or e.id) for e in events if e.kind in ("message", "postback")})
+        self.state: dict[str, tuple[str | None, str | None]] = {}  # doc id -> (event_id, type)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            for key, eid, kind in c.execute(
+                    f"SELECT id, event_id, type FROM messages WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk):
+                self.state[key] = (eid, kind)
+        self.rows: dict[str, list[Any]] = {}
+        self.conversations: dict[str, list[Any]] = {}
+        self.contacts: dict[str, list[Any]] = {}
+
+    def message(self, ev: Event) -> None:
+        mid = ev.message_id or ev.id
+        key = doc_id(mid)
+        known = self.state.get(key)
+        if known is not None and known[0] is not None:
+            if ev.type == "deleted" and known[1] != "deleted":
+                self._delete(key)
+            return  # already stored: a redelivery or a second event for the same message
+        self.state[key] = (ev.id, ev.type)
+        self.rows[key] = [key, *_message_fields(ev, mid).values()]
+        self._count(ev)
+        self.contact(ev)
+
+    def _delete(self, key: str) -> None:
+        self.state[key] = (self.state[key][0], "deleted")
+        row = self.rows.get(key)
+        if row is None:
+            _mark_deleted(self.c, key)
+            return
+        for column in ("type", "text", "payload", "media", "location", "extra"):
+            row[1 + _MESSAGE_COLUMNS.index(column)] = "deleted" if column == "type" else None
+
+    def _count(self, ev: Event) -> None:
+        ts = iso(ev)
+        inbound = ts if ev.direction == "inbound" else None
+        conv = self.conversations.get(ev.conversation_id)
+        if conv is None:
+            self.conversations[ev.conversation_id] = [
+                ev.conversation_id, ev.channel, ev.account_id, ev.customer_id, 1, ts, inbound, ev.text]
+            return
+        conv[4] += 1
+        if ts >= conv[5]:
+            conv[5], conv[7] = ts, ev.text
+        conv[6] = _later(conv[6], inbound)
+
+    def contact(self, ev: Event) -> None:
+        ts = iso(ev)
+        inbound = ts if ev.direction == "inbound" else None
+        name = ev.sender.name if ev.direction == "inbound" else None
+        key = f"{ev.channel}:{ev.customer_id}"
+        row = self.contacts.get(key)
+        if row is None:
+            self.contacts[key] = [key, ev.channel, ev.customer_id, name, ev.account_id, ts, ts, inbound]
+            return
+        row[3] = name or row[3]
+        row[5], row[6] = min(row[5], ts), max(row[6], ts)
+        row[7] = _later(row[7], inbound)
+
+    def flush(self) -> None:
+        if self.rows:
+            self.c.executemany(_INSERT_MESSAGE, list(self.rows.values()))
+        if self.conversations:
+            self.c.executemany(_UPSERT_CONVERSATION, list(self.conversations.values()))
+        if self.contacts:
+            self.c.executemany(_UPSERT_CONTACT, list(self.contacts.values()))
 
 
 def _message_fields(ev: Event, mid: str) -> dict[str, Any]:
@@ -119,43 +215,19 @@ def _mark_deleted(c: sqlite3.Connection, key: str) -> None:
               "location = NULL, extra = NULL WHERE id = ?", (key,))
 
 
-def _count_in_conversation(c: sqlite3.Connection, ev: Event) -> None:
-    ts = iso(ev)
-    inbound = ts if ev.direction == "inbound" else None
-    c.execute(
-        "INSERT INTO conversations(id, channel, account_id, contact_id, message_count,"
-        " last_message_at, last_inbound_at, last_text) VALUES (?, ?, ?, ?, 1, ?, ?, ?) "
-        "ON CONFLICT(id) DO UPDATE SET message_count = message_count + 1,"
-        " last_text = CASE WHEN excluded.last_message_at >= coalesce(last_message_at, '')"
-        "   THEN excluded.last_text ELSE last_text END,"
-        " last_message_at = max(coalesce(last_message_at, ''), excluded.last_message_at),"
-        " last_inbound_at = CASE WHEN excluded.last_inbound_at IS NULL THEN last_inbound_at"
-        "   ELSE max(coalesce(last_inbound_at, ''), excluded.last_inbound_at) END",
-        (ev.conversation_id, ev.channel, ev.account_id, ev.customer_id, ts, inbound, ev.text))
-
-
 def _ensure_conversation(c: sqlite3.Connection, ev: Event) -> None:
     c.execute("INSERT OR IGNORE INTO conversations(id, channel, account_id, contact_id) "
               "VALUES (?, ?, ?, ?)", (ev.conversation_id, ev.channel, ev.account_id, ev.customer_id))
 
 
 def _touch_contact(c: sqlite3.Connection, ev: Event) -> None:
+    """A reaction, read, referral or handover: the contact was active; the conversation exists."""
     ts = iso(ev)
     inbound = ts if ev.direction == "inbound" else None
     name = ev.sender.name if ev.direction == "inbound" else None
-    c.execute(
-        "INSERT INTO contacts(id, channel, contact_id, name, account_id, first_seen, last_seen,"
-        " last_inbound_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT(id) DO UPDATE SET name = coalesce(excluded.name, name),"
-        " account_id = coalesce(account_id, excluded.account_id),"
-        " first_seen = min(first_seen, excluded.first_seen),"
-        " last_seen = max(last_seen, excluded.last_seen),"
-        " last_inbound_at = CASE WHEN excluded.last_inbound_at IS NULL THEN last_inbound_at"
-        "   ELSE max(coalesce(last_inbound_at, ''), excluded.last_inbound_at) END",
-        (f"{ev.channel}:{ev.customer_id}", ev.channel, ev.customer_id, name, ev.account_id,
-         ts, ts, inbound))
-    if ev.kind != "message":
-        _ensure_conversation(c, ev)
+    c.execute(_UPSERT_CONTACT, (f"{ev.channel}:{ev.customer_id}", ev.channel, ev.customer_id, name,
+                                ev.account_id, ts, ts, inbound))
+    _ensure_conversation(c, ev)
 
 
 def _stub(c: sqlite3.Connection, ev: Event, mid: str, direction: str) -> str:
@@ -199,8 +271,6 @@ def _apply_reaction(c: sqlite3.Connection, ev: Event) -> None:
 
 
 APPLY = {
-    "message": _apply_message,
-    "postback": _apply_message,
     "status": _apply_status,
     "read": _apply_read,
     "reaction": _apply_reaction,
