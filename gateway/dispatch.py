@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from gateway.sink import Sink
 
 log = gwlog.get("gateway.dispatch")
-TAIL_SIZE = 20_000
+TAIL_SIZE = 5_000  # records kept in memory (at most twice this before trimming)
 
 
 class Tail:
