@@ -239,3 +239,22 @@ def test_chart_app_version_is_the_package_version():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert chart["appVersion"] == project["version"]
+
+
+def test_alert_rules_pass_promtool_and_use_real_metrics():
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool is not installed (make install installs Debian's prometheus)")
+    rules = CHART / "rules" / "alerts.yaml"
+    run = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    from gateway.metrics import Metrics
+
+    names = {m.name for m in Metrics().registry.collect()}
+    for group in yaml.safe_load(rules.read_text())["groups"]:
+        for rule in group["rules"]:
+            used = [n for n in names if n in rule["expr"]]
+            assert used, f"{rule['alert']} uses no metric the gateway exports"
