@@ -18,6 +18,8 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import ConfigError
 from gateway.journal import open_journal
 from gateway.metrics import Metrics
+from gateway.outbound import OutboundService, OutboxSink
+from gateway.outbound import api as outbound_api
 from gateway.processor import Processor
 
 log = gwlog.get("gateway.app")
@@ -49,10 +51,15 @@ def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
     app[keys.SINKS] = sinks
     app[keys.METRICS] = metrics or Metrics()
     app[keys.READY] = {"ready": False}
+    if any(channel.accounts() for channel in channels.values()):
+        service = OutboundService(config, channels, app[keys.METRICS])
+        app[keys.OUTBOUND] = service
+        sinks["outbox"] = OutboxSink(service)
     app.router.add_get("/webhooks/{channel}", intake.handshake)
     app.router.add_post("/webhooks/{channel}", intake.receive)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_routes(outbound_api.routes())
     if config.server.metrics_port == config.server.port:
         app.router.add_get("/metrics", metrics_handler)
     for routes in pm.hook.register_routes(config=config):
@@ -84,6 +91,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[keys.JOURNAL] = journal
     for channel in app[keys.CHANNELS].values():
         await channel.start()
+    outbound = app.get(keys.OUTBOUND)
+    if outbound is not None:
+        await outbound.start()
     dispatcher = Dispatcher(journal, app[keys.SINKS], metrics)
     await dispatcher.start()
     processor = Processor(journal, app[keys.CHANNELS], dispatcher, metrics)
@@ -97,6 +107,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
              journal=config.queue.backend, pending=journal.pending)
     yield
     await _drain(app, tasks, processor, dispatcher, config.server.shutdown_timeout)
+    if outbound is not None:
+        await outbound.stop()
     for channel in app[keys.CHANNELS].values():
         await channel.close()
     await journal.close()

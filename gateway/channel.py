@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from gateway.events import Event
+    from gateway.outbound.http import SendResult
+    from gateway.outbound.request import OutboundRequest
 
 
 class Channel(abc.ABC):
@@ -42,6 +44,21 @@ class Channel(abc.ABC):
         Raises:
             gateway.errors.BadPayload: the body is not this channel's envelope.
         """
+
+    def accounts(self) -> dict[str, dict[str, Any]]:
+        """Accounts this channel can send from: id -> limits (``rate`` per second, optional
+        ``pair_interval`` seconds and ``pair_burst`` for a per-recipient limit). Empty: receive only."""
+        return {}
+
+    async def send(self, account_id: str, request: OutboundRequest,
+                   callback_data: str | None) -> SendResult:
+        """Send one message through the provider's API.
+
+        Raises:
+            gateway.outbound.request.InvalidRequest: the channel cannot send this request.
+            gateway.outbound.errors.MetaError: the provider refused (retryable or permanent).
+        """
+        raise NotImplementedError(f"channel {self.name!r} cannot send")
 
     async def start(self) -> None:
         """Open connections (HTTP clients for sending). Called once before intake opens."""

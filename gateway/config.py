@@ -79,12 +79,34 @@ class LoggingConfig(_Section):
     log_text: bool = False  # include message text in debug logs (off: personal data)
 
 
+class OutboundConfig(_Section):
+    """``[outbound]``: sending through Meta (the outbox, retries, the service window, consent)."""
+
+    enforce_window: bool = True  # refuse free-form messages outside the 24-hour window up front
+    window_hours: float = 24.0
+    human_agent_days: float = 7.0  # Instagram's HUMAN_AGENT tag
+    opt_out_keywords: list[str] = msgspec.field(default_factory=lambda: ["STOP", "UNSUBSCRIBE"])
+    opt_in_keywords: list[str] = msgspec.field(default_factory=lambda: ["START"])
+    max_attempts: int = 6
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+    reconcile_seconds: float = 60.0  # wait for a status webhook before resending after a crash
+    concurrency: int = 64  # sends in flight per account
+
+    def validate(self, prefix: str) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError("must be at least 1", f"{prefix}.max_attempts")
+        if self.concurrency < 1:
+            raise ConfigError("must be at least 1", f"{prefix}.concurrency")
+
+
 class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration. ``channels`` and ``sinks`` stay raw until a plugin reads them."""
 
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    outbound: OutboundConfig = msgspec.field(default_factory=OutboundConfig)
     channels: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     sinks: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     source: str = "embedded defaults"
@@ -282,7 +304,8 @@ def _unknown_keys(data: dict[str, Any]) -> list[str]:
         if key not in known:
             found.append(key)
             continue
-        struct = {"server": ServerConfig, "queue": QueueConfig, "logging": LoggingConfig}.get(key)
+        struct = {"server": ServerConfig, "queue": QueueConfig, "logging": LoggingConfig,
+                  "outbound": OutboundConfig}.get(key)
         if struct and isinstance(value, dict):
             names = {f.name for f in msgspec.structs.fields(struct)}
             found += [f"{key}.{k}" for k in value if k not in names]
@@ -302,6 +325,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str], path: str | None) -
     config = _convert({**data, "source": path or "embedded defaults"}, GatewayConfig, "")
     config.server.validate("server")
     config.queue.validate("queue")
+    config.outbound.validate("outbound")
     return config
 
 

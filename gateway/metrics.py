@@ -47,6 +47,9 @@ class Metrics:
         self.ratelimit_headroom = Gauge(
             "gateway_ratelimit_headroom_ratio", "0 = exhausted, 1 = idle.",
             ["channel", "account", "scope"], registry=r)
+        self.alerts = Gauge(
+            "gateway_alerts", "1 while an operator must act (expired token, paused account, …).",
+            ["channel", "account", "reason"], registry=r)
         self._intake: dict[str, tuple] = {}
         self.normalise_failures = Counter(
             "gateway_normalise_failures_total", "Journaled requests a channel could not normalise.",

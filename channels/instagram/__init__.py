@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from channels.instagram import normalise
+from channels.instagram import normalise, send
 from gateway import Channel, hookimpl
-from gateway.events import Event
 from gateway.config import ChannelConfig, GatewayConfig, section
+from gateway.events import Event
+from gateway.outbound.http import GraphClient, SendResult
+from gateway.outbound.request import OutboundRequest
 
 
 class InstagramConfig(ChannelConfig):
@@ -20,22 +22,52 @@ class InstagramConfig(ChannelConfig):
         "page_id": ("INSTAGRAM_PAGE_ID",),
     }
     page_id: str | None = None
+    account_id: str | None = None  # the IG account id of webhooks (entry[].id) if not page_id
+    messages_per_second: float = 100.0  # per account; Meta publishes no exact figure
+    send_timeout: float = 10.0
 
 
 class InstagramChannel(Channel):
-    """Verifies and normalises Instagram Messaging webhooks."""
+    """Verifies and normalises Instagram Messaging webhooks; sends through the Send API."""
 
     name = "instagram"
 
     def __init__(self, config: InstagramConfig) -> None:
         super().__init__(app_secret=config.app_secret, verify_token=config.verify_token)
         self.config = config
+        self.client: GraphClient | None = None
 
     def check_envelope(self, body: bytes) -> None:
         normalise.parse_envelope(body)
 
     def normalise(self, body: bytes) -> list[Event]:
         return normalise.normalise(body)
+
+    @property
+    def account(self) -> str | None:
+        return self.config.account_id or self.config.page_id
+
+    def accounts(self) -> dict[str, dict[str, Any]]:
+        if not (self.account and self.config.access_token):
+            return {}
+        return {self.account: {"rate": self.config.messages_per_second}}
+
+    async def start(self) -> None:
+        c = self.config
+        if c.access_token:
+            self.client = GraphClient(c.graph_base_url, c.graph_version, c.access_token,
+                                      c.send_timeout)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    async def send(self, account_id: str, request: OutboundRequest,
+                   callback_data: str | None) -> SendResult:
+        body = send.build(request, callback_data)
+        path = f"{self.config.page_id}/messages" if self.config.page_id else "me/messages"
+        answer, headers = await self.client.post(path, body)
+        return SendResult(send.message_id(answer), headers)
 
 
 @hookimpl

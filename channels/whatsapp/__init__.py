@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgspec
 
-from channels.whatsapp import normalise
+from channels.whatsapp import normalise, send
 from gateway import Channel, hookimpl
-from gateway.events import Event
 from gateway.config import ChannelConfig, GatewayConfig, section
+from gateway.errors import ConfigError
+from gateway.events import Event
+from gateway.outbound.http import GraphClient, SendResult
+from gateway.outbound.request import OutboundRequest
 
 
 class Account(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -17,6 +20,7 @@ class Account(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     phone_number_id: str
     access_token: str | None = None
+    messages_per_second: float | None = None
 
 
 class WhatsAppConfig(ChannelConfig):
@@ -30,22 +34,67 @@ class WhatsAppConfig(ChannelConfig):
     }
     phone_number_id: str | None = None
     accounts: list[Account] = msgspec.field(default_factory=list)
+    messages_per_second: float = 80.0  # Meta's default throughput per number (up to 1000)
+    pair_interval_seconds: float = 6.0  # about one message per 6 s to one user
+    pair_burst: int = 5  # small bursts to one user without borrowing against the future
+    send_timeout: float = 10.0
+
+    def validate(self, prefix: str) -> None:
+        for rate in [self.messages_per_second, *(a.messages_per_second for a in self.accounts)]:
+            if rate is not None and not 0 < rate <= 1000:
+                raise ConfigError("must be between 0 and 1000 (Meta's maximum)",
+                                  f"{prefix}.messages_per_second")
+        if not 1 <= self.pair_burst <= 45:
+            raise ConfigError("must be between 1 and 45", f"{prefix}.pair_burst")
 
 
 class WhatsAppChannel(Channel):
-    """Verifies and normalises WhatsApp Cloud API webhooks."""
+    """Verifies and normalises WhatsApp Cloud API webhooks; sends through the Graph API."""
 
     name = "whatsapp"
 
     def __init__(self, config: WhatsAppConfig) -> None:
         super().__init__(app_secret=config.app_secret, verify_token=config.verify_token)
         self.config = config
+        self.clients: dict[str, GraphClient] = {}
 
     def check_envelope(self, body: bytes) -> None:
         normalise.parse_envelope(body)
 
     def normalise(self, body: bytes) -> list[Event]:
         return normalise.normalise(body)
+
+    def _tokens(self) -> dict[str, tuple[str | None, float]]:
+        c = self.config
+        found = {}
+        if c.phone_number_id:
+            found[c.phone_number_id] = (c.access_token, c.messages_per_second)
+        for a in c.accounts:
+            found[a.phone_number_id] = (a.access_token or c.access_token,
+                                        a.messages_per_second or c.messages_per_second)
+        return {k: v for k, v in found.items() if v[0]}
+
+    def accounts(self) -> dict[str, dict[str, Any]]:
+        return {pid: {"rate": rate, "pair_interval": self.config.pair_interval_seconds,
+                      "pair_burst": self.config.pair_burst}
+                for pid, (_, rate) in self._tokens().items()}
+
+    async def start(self) -> None:
+        c = self.config
+        self.clients = {pid: GraphClient(c.graph_base_url, c.graph_version, token, c.send_timeout)
+                        for pid, (token, _) in self._tokens().items()}
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()
+
+    async def send(self, account_id: str, request: OutboundRequest,
+                   callback_data: str | None) -> SendResult:
+        body = send.build(request, callback_data)
+        if body is None:
+            return SendResult(None)
+        answer, headers = await self.clients[account_id].post(f"{account_id}/messages", body)
+        return SendResult(send.message_id(answer), headers)
 
 
 @hookimpl

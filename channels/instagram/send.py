@@ -1,0 +1,49 @@
+"""Instagram Send API request bodies (meta/outbound.md §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.outbound.request import InvalidRequest, OutboundRequest
+
+ATTACHMENT = {"image": "image", "audio": "audio", "video": "video", "document": "file"}
+
+
+def build(req: OutboundRequest, callback_data: str | None) -> dict[str, Any] | None:
+    """The JSON body for ``POST /{version}/{page_id}/messages`` (or ``me/messages``)."""
+    recipient = {"id": req.to}
+    if req.type == "typing":
+        return {"recipient": recipient, "sender_action": "typing_on" if req.on else "typing_off"}
+    if req.type == "mark_read":
+        return {"recipient": recipient, "sender_action": "mark_seen"}
+    if req.type == "reaction":
+        return {"recipient": recipient, "sender_action": "react" if req.emoji else "unreact",
+                "payload": {"message_id": req.message_id, "reaction": req.emoji or None}}
+    body: dict[str, Any] = {"recipient": recipient, "message": _message(req)}
+    if req.tag:
+        body["messaging_type"], body["tag"] = "MESSAGE_TAG", req.tag
+    else:
+        body["messaging_type"] = "RESPONSE"
+    return body
+
+
+def _message(req: OutboundRequest) -> dict[str, Any]:
+    if req.type == "text":
+        if len(req.text.encode("utf-8")) > 1000:
+            raise InvalidRequest("text", "Instagram allows at most 1000 bytes of UTF-8")
+        return {"text": req.text}
+    if req.type == "quick_replies":
+        return {"text": req.text, "quick_replies": [
+            {"content_type": "text", "title": q.title, "payload": q.payload}
+            for q in req.quick_replies]}
+    if req.type in ATTACHMENT:
+        if not req.media.link:
+            raise InvalidRequest("media.link", "Instagram attachments are sent by URL")
+        return {"attachment": {"type": ATTACHMENT[req.type], "payload": {"url": req.media.link}}}
+    raise InvalidRequest("type", f"{req.type!r} cannot be sent on Instagram")
+
+
+def message_id(answer: dict[str, Any]) -> str | None:
+    """The mid of an accepted message (sender actions have none)."""
+    value = answer.get("message_id")
+    return value if isinstance(value, str) else None

@@ -1,0 +1,66 @@
+"""WhatsApp Cloud API request bodies for every outbound type (meta/outbound.md §2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.outbound.request import MEDIA, OutboundRequest
+
+CAPTIONED = ("image", "video", "document")
+
+
+def build(req: OutboundRequest, callback_data: str | None) -> dict[str, Any] | None:
+    """The JSON body for ``POST /{version}/{phone_number_id}/messages``; None = nothing to send
+    (``typing`` off: WhatsApp's indicator stops by itself)."""
+    if req.type == "mark_read":
+        return {"messaging_product": "whatsapp", "status": "read", "message_id": req.message_id}
+    if req.type == "typing":
+        if not req.on:
+            return None
+        return {"messaging_product": "whatsapp", "status": "read", "message_id": req.message_id,
+                "typing_indicator": {"type": "text"}}
+    body: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual",
+                            "to": req.to, "type": req.type}
+    body[req.type] = _content(req)
+    if req.reply_to:
+        body["context"] = {"message_id": req.reply_to}
+    if callback_data:
+        body["biz_opaque_callback_data"] = callback_data
+    return body
+
+
+def _content(req: OutboundRequest) -> Any:
+    if req.type == "text":
+        return {"body": req.text, "preview_url": req.preview_url}
+    if req.type == "template":
+        t = req.template
+        language = t.language if isinstance(t.language, dict) else {"code": t.language}
+        out: dict[str, Any] = {"name": t.name, "language": language}
+        if t.components:
+            out["components"] = t.components
+        return out
+    if req.type in MEDIA:
+        m = req.media
+        out = {"id": m.id} if m.id else {"link": m.link}
+        if m.caption and req.type in CAPTIONED:
+            out["caption"] = m.caption
+        if m.filename and req.type == "document":
+            out["filename"] = m.filename
+        return out
+    if req.type == "reaction":
+        return {"message_id": req.message_id, "emoji": req.emoji}
+    if req.type == "quick_replies":  # WhatsApp's equivalent: reply buttons (at most 3)
+        return {"type": "button", "body": {"text": req.text}, "action": {"buttons": [
+            {"type": "reply", "reply": {"id": q.payload, "title": q.title}}
+            for q in req.quick_replies[:3]]}}
+    return {"interactive": req.interactive, "location": req.location,
+            "contacts": req.contacts}[req.type]
+
+
+def message_id(answer: dict[str, Any]) -> str | None:
+    """The wamid of an accepted message (``messages[0].id``)."""
+    messages = answer.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+        value = messages[0].get("id")
+        return value if isinstance(value, str) else None
+    return None

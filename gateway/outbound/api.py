@@ -1,0 +1,47 @@
+"""``POST /v1/messages`` and ``GET /v1/messages/{id}`` (Bearer ``server.api_token``)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway import keys
+from gateway.auth import check_bearer
+from gateway.intake import error
+from gateway.outbound.request import InvalidRequest
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.post("/v1/messages", send), web.get("/v1/messages/{id}", status)]
+
+
+def _service(request: web.Request):
+    return request.app.get(keys.OUTBOUND)
+
+
+async def send(request: web.Request) -> web.Response:
+    """Accept a message: 202 ``{"id", "status": "queued"}`` once it is in the outbox."""
+    refused = check_bearer(request)
+    if refused is not None:
+        return refused
+    service = _service(request)
+    if service is None:
+        return error(503, "outbound_disabled", "no channel has an access_token: nothing can be sent")
+    try:
+        answer = await service.send(await request.read())
+    except InvalidRequest as exc:
+        code = getattr(exc, "code", "invalid_request")
+        body = {"error": {"code": code, "message": str(exc), "field": exc.field}}
+        return web.json_response(body, status=422)
+    return web.json_response(answer, status=202)
+
+
+async def status(request: web.Request) -> web.Response:
+    """The outbound record: queued / sent / delivered / read / failed (+ error)."""
+    refused = check_bearer(request)
+    if refused is not None:
+        return refused
+    service = _service(request)
+    found = await service.status(request.match_info["id"]) if service else None
+    if found is None:
+        return error(404, "not_found", f"no outbound message {request.match_info['id']!r}")
+    return web.json_response(found)

@@ -1,0 +1,214 @@
+"""The durable outbox: every accepted send is stored before the 202, then sent exactly once.
+
+States: ``queued`` → ``sending`` → ``sent`` → ``delivered`` → ``read`` (or ``failed``). A record
+moves only forward. After a crash, records left in ``sending`` may or may not have reached Meta:
+they become ``uncertain`` and wait ``reconcile_seconds`` for a status webhook that names them
+(WhatsApp echoes the outbox id as ``biz_opaque_callback_data``); only when none arrives are they
+sent again. Records still ``queued`` are simply sent.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import uuid
+from typing import Any, NamedTuple
+
+import msgspec
+
+from gateway.journal.writer import SqliteWriter
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE, channel TEXT NOT NULL,
+    account_id TEXT NOT NULL, recipient TEXT NOT NULL, type TEXT NOT NULL, request BLOB NOT NULL,
+    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL,
+    provider_message_id TEXT, error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    sent_at REAL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(channel, account_id, state, next_at);
+CREATE INDEX IF NOT EXISTS outbox_provider ON outbox(provider_message_id);
+CREATE TABLE IF NOT EXISTS customers (
+    channel TEXT NOT NULL, account_id TEXT NOT NULL, contact_id TEXT NOT NULL,
+    last_inbound_at REAL, last_inbound_message_id TEXT, opted_out INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (channel, account_id, contact_id)) WITHOUT ROWID;
+"""
+RANK = {"queued": 0, "sending": 0, "uncertain": 0, "sent": 1, "delivered": 2, "read": 3,
+        "played": 3, "failed": 9}
+_COLUMNS = ("id, idempotency_key, channel, account_id, recipient, type, request, state, attempts, "
+            "next_at, provider_message_id, error, created_at, updated_at, sent_at")
+
+
+class Row(NamedTuple):
+    id: str
+    idempotency_key: str | None
+    channel: str
+    account_id: str
+    recipient: str
+    type: str
+    request: bytes
+    state: str
+    attempts: int
+    next_at: float
+    provider_message_id: str | None
+    error: str | None
+    created_at: float
+    updated_at: float
+    sent_at: float | None
+
+    def public(self) -> dict[str, Any]:
+        """What ``GET /v1/messages/{id}`` shows."""
+        state = "queued" if self.state in ("sending", "uncertain") else self.state
+        return {"id": self.id, "status": state, "channel": self.channel,
+                "account_id": self.account_id, "to": self.recipient, "type": self.type,
+                "provider_message_id": self.provider_message_id, "attempts": self.attempts,
+                "error": msgspec.json.decode(self.error) if self.error else None,
+                "created_at": self.created_at, "sent_at": self.sent_at}
+
+
+class Customer(NamedTuple):
+    last_inbound_at: float | None
+    last_inbound_message_id: str | None
+    opted_out: bool
+
+
+class Outbox:
+    """The outbox database (``<data_dir>/outbox.db``), one writer thread."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.path = os.path.join(data_dir, "outbox.db")
+        self._db = SqliteWriter(self.path, ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
+                                            "PRAGMA busy_timeout=10000"], SCHEMA)
+
+    async def open(self, reconcile_seconds: float) -> int:
+        """Open; turn records a crash left in ``sending`` into ``uncertain``. Returns how many."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self._db.start()
+        at = time.time() + reconcile_seconds
+        return await self._db.run(lambda c: c.execute(
+            "UPDATE outbox SET state = 'uncertain', next_at = ? WHERE state = 'sending'",
+            (at,)).rowcount)
+
+    async def close(self) -> None:
+        self._db.stop()
+
+    async def add(self, channel: str, account_id: str, recipient: str, kind: str,
+                  request: bytes, idempotency_key: str | None) -> tuple[Row, bool]:
+        """Store a new send (durably); with a known idempotency key, return the existing one.
+        The bool says whether the record is new."""
+        now = time.time()
+        new_id = "msg_" + uuid.uuid4().hex
+
+        def work(c: sqlite3.Connection) -> tuple[Row, bool]:
+            if idempotency_key:
+                row = c.execute(f"SELECT {_COLUMNS} FROM outbox WHERE idempotency_key = ?",
+                                (idempotency_key,)).fetchone()
+                if row:
+                    return Row(*row), False
+            c.execute(f"INSERT INTO outbox({_COLUMNS}) VALUES (?,?,?,?,?,?,?,'queued',0,?,NULL,NULL,?,?,NULL)",
+                      (new_id, idempotency_key, channel, account_id, recipient, kind, request, now,
+                       now, now))
+            return Row(*c.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (new_id,)).fetchone()), True
+
+        return await self._db.run(work)
+
+    async def get(self, record_id: str) -> Row | None:
+        row = await self._db.run(lambda c: c.execute(
+            f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (record_id,)).fetchone())
+        return Row(*row) if row else None
+
+    async def claim_due(self, channel: str, account_id: str, limit: int) -> list[Row]:
+        """Due records of one account, oldest first, moved to ``sending``."""
+        now = time.time()
+
+        def work(c: sqlite3.Connection) -> list[Row]:
+            rows = [Row(*r) for r in c.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE channel = ? AND account_id = ? AND state IN "
+                "('queued', 'uncertain') AND next_at <= ? ORDER BY next_at, created_at LIMIT ?",
+                (channel, account_id, now, limit))]
+            c.executemany("UPDATE outbox SET state = 'sending', attempts = attempts + 1, "
+                          "updated_at = ? WHERE id = ?", [(now, r.id) for r in rows])
+            return rows
+
+        return await self._db.run(work)
+
+    async def next_due(self, channel: str, account_id: str) -> float | None:
+        """When the account's next record falls due (epoch s), or None."""
+        return await self._db.run(lambda c: c.execute(
+            "SELECT min(next_at) FROM outbox WHERE channel = ? AND account_id = ? AND state IN "
+            "('queued', 'uncertain')", (channel, account_id)).fetchone()[0])
+
+    async def sent(self, record_id: str, provider_message_id: str | None) -> None:
+        now = time.time()
+        await self._db.run(lambda c: c.execute(
+            "UPDATE outbox SET state = CASE WHEN state IN ('sending', 'uncertain', 'queued') "
+            "THEN 'sent' ELSE state END, provider_message_id = coalesce(provider_message_id, ?), "
+            "sent_at = coalesce(sent_at, ?), updated_at = ?, error = NULL WHERE id = ?",
+            (provider_message_id, now, now, record_id)))
+
+    async def failed(self, record_id: str, error: dict[str, Any]) -> None:
+        now = time.time()
+        await self._db.run(lambda c: c.execute(
+            "UPDATE outbox SET state = 'failed', error = ?, updated_at = ? WHERE id = ?",
+            (msgspec.json.encode(error), now, record_id)))
+
+    async def retry_at(self, record_id: str, at: float, error: dict[str, Any] | None,
+                       count_attempt: bool = True) -> None:
+        now = time.time()
+        await self._db.run(lambda c: c.execute(
+            "UPDATE outbox SET state = 'queued', next_at = ?, updated_at = ?, error = ?, "
+            "attempts = attempts - ? WHERE id = ?",
+            (at, now, msgspec.json.encode(error) if error else None, 0 if count_attempt else 1,
+             record_id)))
+
+    async def status(self, *, provider_message_id: str | None, record_id: str | None, status: str,
+                     error: dict[str, Any] | None) -> None:
+        """A delivery status from a webhook: move the record forward (never backwards)."""
+        if status not in RANK:
+            return
+        now = time.time()
+        rank_sql = " ".join(f"WHEN '{s}' THEN {r}" for s, r in RANK.items())
+
+        def work(c: sqlite3.Connection) -> None:
+            where, arg = ("id = ?", record_id) if record_id else ("provider_message_id = ?",
+                                                                   provider_message_id)
+            c.execute(
+                f"UPDATE outbox SET state = ?, updated_at = ?, error = coalesce(?, error), "
+                f"provider_message_id = coalesce(provider_message_id, ?), "
+                f"sent_at = coalesce(sent_at, ?) WHERE {where} AND "
+                f"(CASE state {rank_sql} ELSE 0 END) < (CASE ? {rank_sql} ELSE 0 END)",
+                (status, now, msgspec.json.encode(error) if error else None, provider_message_id,
+                 now, arg, status))
+
+        await self._db.run(work)
+
+    async def inbound(self, channel: str, account_id: str, contact_id: str, at: float,
+                      message_id: str | None, opted_out: bool | None) -> None:
+        """Remember a customer's latest inbound message (the service window) and consent."""
+        await self._db.run(lambda c: c.execute(
+            "INSERT INTO customers(channel, account_id, contact_id, last_inbound_at, "
+            "last_inbound_message_id, opted_out) VALUES (?, ?, ?, ?, ?, coalesce(?, 0)) "
+            "ON CONFLICT DO UPDATE SET opted_out = coalesce(?, opted_out), "
+            "last_inbound_message_id = CASE WHEN excluded.last_inbound_at >= "
+            "coalesce(last_inbound_at, 0) THEN excluded.last_inbound_message_id "
+            "ELSE last_inbound_message_id END, "
+            "last_inbound_at = max(coalesce(last_inbound_at, 0), excluded.last_inbound_at)",
+            (channel, account_id, contact_id, at, message_id, opted_out, opted_out)))
+
+    async def customer(self, channel: str, account_id: str, contact_id: str) -> Customer:
+        row = await self._db.run(lambda c: c.execute(
+            "SELECT last_inbound_at, last_inbound_message_id, opted_out FROM customers WHERE "
+            "channel = ? AND account_id = ? AND contact_id = ?",
+            (channel, account_id, contact_id)).fetchone())
+        return Customer(row[0], row[1], bool(row[2])) if row else Customer(None, None, False)
+
+    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
+        """GDPR: forget a contact's outbound records and window/consent state."""
+        def work(c: sqlite3.Connection) -> dict[str, int]:
+            sends = c.execute("DELETE FROM outbox WHERE channel = ? AND recipient = ?",
+                              (channel, contact_id)).rowcount
+            known = c.execute("DELETE FROM customers WHERE channel = ? AND contact_id = ?",
+                              (channel, contact_id)).rowcount
+            return {"outbox": sends, "customers": known}
+
+        return await self._db.run(work)

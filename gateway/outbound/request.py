@@ -1,0 +1,112 @@
+"""The body of ``POST /v1/messages`` (CONTRACT §4) as a msgspec Struct, validated per type."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+TYPES = ("text", "template", "image", "audio", "video", "document", "sticker", "interactive",
+         "reaction", "quick_replies", "mark_read", "typing", "location", "contacts")
+MEDIA = ("image", "audio", "video", "document", "sticker")
+NO_WINDOW = ("template", "mark_read", "typing")  # allowed whatever the service window says
+
+
+class InvalidRequest(ValueError):
+    """A send request that cannot be sent as given; ``field`` names the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class MediaRef(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    link: str | None = None
+    id: str | None = None
+    caption: str | None = None
+    filename: str | None = None
+
+
+class Template(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: str
+    language: str | dict[str, Any]
+    components: list[dict[str, Any]] = []
+    category: str | None = None  # ours: "marketing" templates are refused to opted-out contacts
+
+
+class QuickReply(msgspec.Struct, forbid_unknown_fields=True):
+    title: str
+    payload: str
+
+
+class OutboundRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """One message to send."""
+
+    channel: str
+    type: Literal[TYPES]  # type: ignore[valid-type]
+    to: str | None = None
+    account_id: str | None = None
+    text: str | None = None
+    preview_url: bool = False
+    template: Template | None = None
+    media: MediaRef | None = None
+    interactive: dict[str, Any] | None = None
+    message_id: str | None = None
+    emoji: str | None = None
+    quick_replies: list[QuickReply] | None = None
+    on: bool = True
+    location: dict[str, Any] | None = None
+    contacts: list[dict[str, Any]] | None = None
+    reply_to: str | None = None
+    tag: str | None = None
+    idempotency_key: str | None = None
+
+    def validate(self) -> None:
+        """Per-type checks; raise InvalidRequest naming the field."""
+        if not self.to and self.type != "mark_read":
+            raise InvalidRequest("to", "required")
+        need = {"text": "text", "template": "template", "interactive": "interactive",
+                "quick_replies": "quick_replies", "location": "location", "contacts": "contacts",
+                **{m: "media" for m in MEDIA}}.get(self.type)
+        if need and getattr(self, need) in (None, "", []):
+            raise InvalidRequest(need, f"required for type {self.type!r}")
+        if self.type in MEDIA and not (self.media.link or self.media.id):
+            raise InvalidRequest("media", "needs link or id")
+        if self.type == "reaction" and (not self.message_id or self.emoji is None):
+            raise InvalidRequest("message_id" if not self.message_id else "emoji",
+                                 "required for type 'reaction'")
+        if self.type == "mark_read" and not self.message_id:
+            raise InvalidRequest("message_id", "required for type 'mark_read'")
+        if self.type == "quick_replies" and not self.text:
+            raise InvalidRequest("text", "required for type 'quick_replies'")
+        if self.tag is not None and self.tag != "HUMAN_AGENT":
+            raise InvalidRequest("tag", "only HUMAN_AGENT is supported")
+
+
+_decoder = msgspec.json.Decoder(OutboundRequest)
+
+
+def parse(body: bytes | dict[str, Any]) -> OutboundRequest:
+    """Decode and validate; raise InvalidRequest naming the first bad field."""
+    try:
+        request = (msgspec.convert(body, OutboundRequest) if isinstance(body, dict)
+                   else _decoder.decode(body))
+    except msgspec.DecodeError as exc:
+        text = str(exc)
+        message, _, where = text.rpartition(" - at `")
+        field = where.rstrip("`").removeprefix("$").lstrip(".") if message else ""
+        if "unknown field `" in text or "missing required field `" in text:
+            name = text.split("`")[1]
+            field = ".".join(p for p in (field, name) if p)
+        raise InvalidRequest(field or "body", message or text) from None
+    request.validate()
+    return request
+
+
+def encode(request: OutboundRequest) -> bytes:
+    return msgspec.json.encode(request)
+
+
+def decode(data: bytes) -> OutboundRequest:
+    return _decoder.decode(data)

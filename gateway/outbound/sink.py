@@ -1,0 +1,58 @@
+"""The ``outbox`` sink: what the outbound service learns from the event stream.
+
+Inbound messages open the customer-service window and may carry an opt-out keyword; statuses,
+Instagram reads and echoes move outbox records forward, so ``GET /v1/messages/{id}`` tells the
+truth. Registered by the core whenever a channel can send.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.config import SinkConfig
+from gateway.sink import Record, Sink
+
+if TYPE_CHECKING:
+    from gateway.events import Event
+    from gateway.outbound.service import OutboundService
+
+
+class OutboxSink(Sink):
+    """Feeds the outbound service from events (idempotent: every update is monotonic)."""
+
+    name = "outbox"
+
+    def __init__(self, service: OutboundService) -> None:
+        super().__init__(SinkConfig(batch_size=500))
+        self.service = service
+        cfg = service.config
+        self.opt_out = {k.strip().casefold() for k in cfg.opt_out_keywords}
+        self.opt_in = {k.strip().casefold() for k in cfg.opt_in_keywords}
+
+    async def write(self, records: list[Record]) -> None:
+        outbox = self.service.outbox
+        for record in records:
+            ev = record.event
+            if ev.direction == "inbound" and ev.kind in ("message", "postback"):
+                await outbox.inbound(ev.channel, ev.account_id, ev.customer_id,
+                                     ev.timestamp.timestamp(), ev.message_id, self._consent(ev))
+            elif ev.kind == "status" and ev.status:
+                record_id = ev.callback_data if (ev.callback_data or "").startswith("msg_") else None
+                await outbox.status(provider_message_id=ev.message_id, record_id=record_id,
+                                    status=ev.status,
+                                    error=None if ev.error is None else {
+                                        "code": ev.error.code, "message": ev.error.title})
+            elif ev.kind == "read" and ev.message_id:
+                await outbox.status(provider_message_id=ev.message_id, record_id=None,
+                                    status="read", error=None)
+
+    def _consent(self, ev: Event) -> bool | None:
+        word = (ev.text or "").strip().casefold()
+        if word in self.opt_out:
+            return True
+        if word in self.opt_in:
+            return False
+        return None
+
+    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
+        return await self.service.outbox.erase_contact(channel, contact_id)
