@@ -143,5 +143,6 @@ def from_response(status: int, body: bytes, table: dict[int, Rule] | None = None
     exc = rule.kind(str(error.get("message") or f"Meta error {code}"))
     exc.code, exc.subcode, exc.http_status = code, subcode, status
     exc.fbtrace_id = error.get("fbtrace_id") if isinstance(error.get("fbtrace_id"), str) else None
-    exc.alert, exc.hint, exc.scope = rule.alert, rule.hint, rule.scope
+    exc.alert, exc.hint = rule.alert, rule.hint
+    exc.scope = "account" if issubclass(rule.kind, AccountPaused) else rule.scope
     return exc

@@ -76,8 +76,9 @@ class OutboundRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
         if self.type == "reaction" and (not self.message_id or self.emoji is None):
             raise InvalidRequest("message_id" if not self.message_id else "emoji",
                                  "required for type 'reaction'")
-        if self.type == "mark_read" and not self.message_id:
-            raise InvalidRequest("message_id", "required for type 'mark_read'")
+        if self.type == "mark_read" and not (self.message_id or self.to):
+            raise InvalidRequest("message_id", "required for type 'mark_read' (or give 'to': "
+                                 "the customer's latest inbound message is read)")
         if self.type == "quick_replies" and not self.text:
             raise InvalidRequest("text", "required for type 'quick_replies'")
         if self.tag is not None and self.tag != "HUMAN_AGENT":

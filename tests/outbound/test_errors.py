@@ -1,0 +1,84 @@
+"""Each Meta error code's behaviour: retry, slow down, fail at once, or pause the account."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway import keys
+from gateway.outbound.errors import AccountPaused, MetaRetryable, MetaThrottled, from_response
+from tests.conftest import DATA
+from tests.outbound.conftest import IG, WA
+
+INDEX = json.loads((DATA / "graph" / "errors_index.json").read_text())["errors"]
+A, U1 = "15550001234", "9000000000000001"
+
+
+def behaviour(exc) -> str:
+    if isinstance(exc, AccountPaused):
+        return "pause"
+    if isinstance(exc, MetaThrottled):
+        return "slow"
+    return "retry" if isinstance(exc, MetaRetryable) else "fail"
+
+
+@pytest.mark.parametrize("case", INDEX, ids=[c["file"] for c in INDEX])
+def test_every_error_body_maps_to_its_behaviour(case):
+    body = (DATA / "graph" / case["file"]).read_bytes()
+    exc = from_response(case["http_status"], body)
+    assert behaviour(exc) == case["behaviour"]
+    assert exc.code == case["code"] and exc.subcode == case["error_subcode"]
+    assert exc.alert == case["alert"]
+    if case["behaviour"] in ("slow", "pause"):
+        assert exc.scope == case["scope"]
+    assert exc.fbtrace_id and exc.describe()["code"] == case["code"]
+    if case["behaviour"] in ("fail", "pause"):
+        assert exc.hint, "permanent errors tell the operator what to do"
+
+
+def test_5xx_without_body_is_retryable_and_4xx_without_body_is_not():
+    assert isinstance(from_response(502, b"<html>Bad gateway</html>"), MetaRetryable)
+    assert not from_response(404, b"not found").retryable
+
+
+@pytest.mark.parametrize("case", INDEX, ids=[c["file"] for c in INDEX])
+async def test_the_service_applies_the_behaviour(outbound, case):
+    ob = await outbound()
+    channel, to, account = ("whatsapp", A, WA) if case["channel"] == "whatsapp" else ("instagram", U1, IG)
+    await ob.inbound(channel, to)
+    body = json.loads((DATA / "graph" / case["file"]).read_text())
+    ob.sim.fail_next(account, body, status=case["http_status"])
+    status, answer = await ob.send({"channel": channel, "to": to, "type": "text", "text": "hello"})
+    assert status == 202
+    registry = ob.gw.app[keys.METRICS].registry
+    if case["behaviour"] in ("retry", "slow"):
+        record = await ob.wait(answer["id"], "sent", timeout=10)
+        assert len(ob.sim.requests) == 2 and len(ob.sim.accepted) == 1
+        assert registry.get_sample_value("gateway_outbound_messages_total", {
+            "channel": channel, "type": "text", "outcome": "retried"}) == 1
+        assert record["error"] is None
+    elif case["behaviour"] == "fail":
+        record = await ob.wait(answer["id"], "failed")
+        assert record["error"]["code"] == case["code"] and record["error"]["hint"]
+        assert len(ob.sim.requests) == 1
+    else:  # pause: the account stops, the message is kept
+        record = await ob.wait(answer["id"], "queued")
+        service = ob.gw.app[keys.OUTBOUND]
+        for _ in range(100):
+            if service.paused:
+                break
+            import asyncio
+            await asyncio.sleep(0.02)
+        assert (channel, account) in service.paused
+        status, later = await ob.send({"channel": channel, "to": to, "type": "text", "text": "again"})
+        import asyncio
+        await asyncio.sleep(0.3)
+        assert len(ob.sim.requests) == 1, "a paused account sends nothing"
+        assert (await ob.status(later["id"]))["status"] == "queued"
+        alerts = [s for m in registry.collect() if m.name == "gateway_alerts" for s in m.samples
+                  if s.labels["account"] == account and s.value == 1]
+        assert alerts
+    if case["alert"]:
+        assert registry.get_sample_value("gateway_alerts", {
+            "channel": channel, "account": account, "reason": str(case["code"])}) == 1

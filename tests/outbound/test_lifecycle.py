@@ -1,0 +1,203 @@
+"""Window and consent refusals, idempotency, API errors, statuses closing the loop, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from gateway import keys
+from gateway.outbound.ratelimit import GCRA, AccountLimiter, headroom_from_headers
+from tests.conftest import DATA, fixture_bytes
+from tests.outbound.conftest import IG, WA
+
+A, B, U1 = "15550001234", "15550005678", "9000000000000001"
+TEMPLATE = {"name": "order_update", "language": "en_US"}
+
+
+async def test_free_form_outside_the_window_is_refused_templates_are_not(outbound):
+    ob = await outbound()
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text", "text": "hi"})
+    assert status == 422 and answer["error"]["code"] == "outside_window"
+    assert "template" in answer["error"]["message"]
+    await ob.inbound("whatsapp", A, at=time.time() - 25 * 3600)  # wrote 25 hours ago
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text", "text": "hi"})
+    assert status == 422 and "25.0 h ago" in answer["error"]["message"]
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "template", "template": TEMPLATE})
+    assert status == 202
+    await ob.wait(answer["id"], "sent")
+    assert ob.sim.bodies()[0]["template"] == {"name": "order_update", "language": {"code": "en_US"}}
+
+
+async def test_instagram_human_agent_tag_extends_the_window_to_seven_days(outbound):
+    ob = await outbound()
+    await ob.inbound("instagram", U1, at=time.time() - 3 * 24 * 3600)
+    body = {"channel": "instagram", "to": U1, "type": "text", "text": "An agent here"}
+    status, answer = await ob.send(body)
+    assert status == 422 and "HUMAN_AGENT" in answer["error"]["message"]
+    status, answer = await ob.send({**body, "tag": "HUMAN_AGENT"})
+    assert status == 202
+    await ob.wait(answer["id"], "sent")
+    assert ob.sim.requests[0]["body"]["tag"] == "HUMAN_AGENT"
+    assert ob.sim.requests[0]["body"]["messaging_type"] == "MESSAGE_TAG"
+
+
+async def test_opt_out_keyword_blocks_marketing_templates_only(outbound):
+    ob = await outbound()
+    await ob.inbound("whatsapp", A, text=" stop ")
+    marketing = {"channel": "whatsapp", "to": A, "type": "template",
+                 "template": {**TEMPLATE, "category": "marketing"}}
+    status, answer = await ob.send(marketing)
+    assert status == 422 and answer["error"]["code"] == "opted_out"
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "template", "template": TEMPLATE})
+    assert status == 202  # a utility template is still allowed
+    await ob.inbound("whatsapp", A, text="START")
+    assert (await ob.send(marketing))[0] == 202
+
+
+async def test_idempotency_key_sends_once(outbound):
+    ob = await outbound()
+    await ob.inbound("whatsapp", A)
+    body = {"channel": "whatsapp", "to": A, "type": "text", "text": "once", "idempotency_key": "k-1"}
+    answers = await asyncio.gather(*(ob.send(body) for _ in range(5)))
+    assert {a["id"] for _, a in answers} == {answers[0][1]["id"]}
+    await ob.wait(answers[0][1]["id"], "sent")
+    await asyncio.sleep(0.2)
+    assert len(ob.sim.accepted) == 1
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"channel": "whatsapp", "type": "text", "text": "x"}, "to"),
+    ({"channel": "whatsapp", "to": A, "type": "text"}, "text"),
+    ({"channel": "whatsapp", "to": A, "type": "selfie"}, "type"),
+    ({"channel": "whatsapp", "to": A, "type": "text", "text": "x", "colour": "red"}, "colour"),
+    ({"channel": "whatsapp", "to": A, "type": "image", "media": {}}, "media"),
+    ({"channel": "whatsapp", "to": A, "type": "reaction", "emoji": "x"}, "message_id"),
+    ({"channel": "telegram", "to": A, "type": "text", "text": "x"}, "channel"),
+    ({"channel": "whatsapp", "to": A, "type": "text", "text": "x", "account_id": "999"}, "account_id"),
+    ({"channel": "whatsapp", "to": A, "type": "template", "template": {"name": "x"}}, "template.language"),
+])
+async def test_invalid_bodies_are_422_naming_the_field(outbound, body, field):
+    ob = await outbound()
+    status, answer = await ob.send(body)
+    assert status == 422 and answer["error"]["field"] == field, answer
+
+
+async def test_api_needs_the_bearer_token(outbound):
+    ob = await outbound()
+    body = {"channel": "whatsapp", "to": A, "type": "text", "text": "x"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic x"}):
+        status, answer = await ob.send(body, headers=headers)
+        assert status == 401 and answer["error"]["code"] == "unauthorized"
+    async with ob.gw.session.get(f"{ob.gw.url}/v1/messages/msg_nope", headers=ob.auth) as r:
+        assert r.status == 404
+
+
+async def test_statuses_close_the_loop(outbound):
+    ob = await outbound()
+    await ob.inbound("whatsapp", A)
+    ob.sim.next_message_ids.append("wamid.TEST.OUT.0007")  # what the status fixtures refer to
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text", "text": "hi"})
+    assert (await ob.wait(answer["id"], "sent"))["provider_message_id"] == "wamid.TEST.OUT.0007"
+    for name, state in (("status_delivered", "delivered"), ("status_read", "read"),
+                        ("status_sent", "read")):  # a late "sent" never moves it back
+        await ob.webhook("whatsapp", json.loads(fixture_bytes(f"whatsapp/{name}.json")))
+        assert (await ob.status(answer["id"]))["status"] == state
+
+
+async def test_failed_status_webhook_fails_the_record_by_callback_data(outbound):
+    ob = await outbound()
+    await ob.inbound("whatsapp", B)
+    status, answer = await ob.send({"channel": "whatsapp", "to": B, "type": "text", "text": "hi"})
+    await ob.wait(answer["id"], "sent")
+    body = json.loads(fixture_bytes("whatsapp/status_failed.json"))
+    item = body["entry"][0]["changes"][0]["value"]["statuses"][0]
+    item.update({"id": "wamid.UNKNOWN.TO.US", "biz_opaque_callback_data": answer["id"]})
+    await ob.webhook("whatsapp", body)
+    record = await ob.status(answer["id"])
+    assert record["status"] == "failed" and record["error"]["code"] == 131026
+
+
+async def test_instagram_read_marks_our_message_read(outbound):
+    ob = await outbound()
+    await ob.inbound("instagram", U1)
+    ob.sim.next_message_ids.append("aWdfTEST_OUT_0003")  # instagram/read.json reads this mid
+    status, answer = await ob.send({"channel": "instagram", "to": U1, "type": "text", "text": "hi"})
+    await ob.wait(answer["id"], "sent")
+    await ob.webhook("instagram", json.loads(fixture_bytes("instagram/read.json")))
+    assert (await ob.status(answer["id"]))["status"] == "read"
+
+
+async def test_pair_limit_does_not_stall_the_number(outbound):
+    ob = await outbound(extra_wa="pair_burst = 1\npair_interval_seconds = 6.0")
+    await ob.inbound("whatsapp", A)
+    await ob.inbound("whatsapp", B)
+    first = [(await ob.send({"channel": "whatsapp", "to": A, "type": "text", "text": f"a{i}"}))[1]
+             for i in range(2)]
+    other = (await ob.send({"channel": "whatsapp", "to": B, "type": "text", "text": "b"}))[1]
+    await ob.wait(other["id"], "sent", timeout=3)  # B is not held behind A's pair limit
+    await ob.wait(first[0]["id"], "sent")
+    assert (await ob.status(first[1]["id"]))["status"] == "queued"  # A's second waits ~6 s
+
+
+async def test_throughput_stays_under_the_number_limit(outbound):
+    ob = await outbound(extra_wa="messages_per_second = 40\npair_burst = 45\npair_interval_seconds = 0.1",
+                        mps=40)
+    customers = [f"1555100{i:04d}" for i in range(20)]
+    for c in customers:
+        await ob.inbound("whatsapp", c)
+    ids = []
+    for i in range(100):
+        ids.append((await ob.send({"channel": "whatsapp", "to": customers[i % 20], "type": "text",
+                                   "text": f"m{i}"}))[1]["id"])
+    for record_id in ids:
+        await ob.wait(record_id, "sent", timeout=15)
+    assert ob.sim.count_130429 == 0
+    times = sorted(m.at for m in ob.sim.accepted)
+    worst = max(sum(1 for t in times if s <= t < s + 1.0) for s in times)
+    assert worst <= 40
+    registry = ob.gw.app[keys.METRICS].registry
+    assert registry.get_sample_value("gateway_ratelimit_headroom_ratio", {
+        "channel": "whatsapp", "account": WA, "scope": "number"}) is not None
+
+
+def test_account_limiter_never_exceeds_its_rate_in_any_second():
+    limiter, now, sent = AccountLimiter(80), 0.0, []
+    while now < 5.0:
+        wait = limiter.wait("x", now)
+        now += wait if wait > 0 else 0.0001
+        if limiter.wait("x", now) == 0:
+            limiter.take("x", now)
+            sent.append(now)
+    assert max(sum(1 for t in sent if s <= t < s + 1.0 + 0.015) for s in sent) <= 80  # 15 ms jitter
+    assert len(sent) >= 0.95 * 80 * 5
+
+
+def test_gcra_spaces_cells_evenly_without_bursts():
+    gcra = GCRA(10)
+    gcra.take(0.0)
+    assert gcra.wait(0.0) == pytest.approx(0.1) and gcra.wait(0.1) == 0
+
+
+def test_pair_backoff_is_four_to_the_x():
+    limiter = AccountLimiter(80, pair_interval=6.0, pair_burst=1)
+    assert [limiter.park("pair", 0, A) for _ in range(4)] == [1, 4, 16, 64]
+    limiter.sent_ok(A)
+    assert limiter.park("pair", 0, A) == 1
+
+
+def test_headroom_from_usage_headers_matches_the_fixture():
+    cases = json.loads((DATA / "graph" / "usage_headers.json").read_text())["cases"]
+    for case in cases:
+        got = headroom_from_headers(case["headers"], now=0.0)
+        for scope, want in case["expect"].items():
+            if scope.startswith("ad_account"):
+                continue  # the Marketing API is out of scope for sending
+            assert scope in got, (case["name"], scope)
+            assert abs(got[scope][0] - want["headroom"]) < 1e-3, case["name"]
+            blocked = want["blocked_for_s"]
+            assert (got[scope][1] is None) == (blocked is None), case["name"]
+            if blocked is not None:
+                assert abs(got[scope][1] - blocked) < 1e-3

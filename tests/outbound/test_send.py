@@ -1,0 +1,122 @@
+"""Every outbound type's request body, checked field by field at the Graph simulator."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.outbound.conftest import IG, WA
+
+A, U1 = "15550001234", "9000000000000001"
+WA_CASES = [
+    ({"type": "text", "text": "Track: https://x.io/t/1", "preview_url": True},
+     {"type": "text", "text": {"body": "Track: https://x.io/t/1", "preview_url": True}}),
+    ({"type": "text", "text": "Quoting you", "reply_to": "wamid.IN.1"},
+     {"type": "text", "text": {"body": "Quoting you", "preview_url": False},
+      "context": {"message_id": "wamid.IN.1"}}),
+    ({"type": "template", "template": {"name": "order_update", "language": "en_US", "components": [
+        {"type": "body", "parameters": [{"type": "text", "text": "Alex"}]},
+        {"type": "button", "sub_type": "quick_reply", "index": "0",
+         "parameters": [{"type": "payload", "payload": "CONFIRM_42"}]}]}},
+     {"type": "template", "template": {"name": "order_update", "language": {"code": "en_US"},
+      "components": [{"type": "body", "parameters": [{"type": "text", "text": "Alex"}]},
+                     {"type": "button", "sub_type": "quick_reply", "index": "0",
+                      "parameters": [{"type": "payload", "payload": "CONFIRM_42"}]}]}}),
+    ({"type": "image", "media": {"link": "https://x.io/a.jpg", "caption": "pic"}},
+     {"type": "image", "image": {"link": "https://x.io/a.jpg", "caption": "pic"}}),
+    ({"type": "video", "media": {"id": "1203987654", "caption": "clip"}},
+     {"type": "video", "video": {"id": "1203987654", "caption": "clip"}}),
+    ({"type": "document", "media": {"link": "https://x.io/i.pdf", "filename": "invoice.pdf",
+                                    "caption": "inv"}},
+     {"type": "document", "document": {"link": "https://x.io/i.pdf", "filename": "invoice.pdf",
+                                       "caption": "inv"}}),
+    ({"type": "audio", "media": {"id": "1203987655", "caption": "dropped"}},
+     {"type": "audio", "audio": {"id": "1203987655"}}),
+    ({"type": "sticker", "media": {"id": "1203987657"}}, {"type": "sticker", "sticker": {"id": "1203987657"}}),
+    ({"type": "interactive", "interactive": {"type": "button", "body": {"text": "Confirm?"}, "action": {
+        "buttons": [{"type": "reply", "reply": {"id": "btn_yes", "title": "Yes"}}]}}},
+     {"type": "interactive", "interactive": {"type": "button", "body": {"text": "Confirm?"}, "action": {
+        "buttons": [{"type": "reply", "reply": {"id": "btn_yes", "title": "Yes"}}]}}}),
+    ({"type": "interactive", "interactive": {"type": "list", "body": {"text": "Pick"}, "action": {
+        "button": "Choose", "sections": [{"title": "Cups", "rows": [{"id": "r1", "title": "Small"}]}]}}},
+     {"type": "interactive", "interactive": {"type": "list", "body": {"text": "Pick"}, "action": {
+        "button": "Choose", "sections": [{"title": "Cups", "rows": [{"id": "r1", "title": "Small"}]}]}}}),
+    ({"type": "interactive", "interactive": {"type": "cta_url", "body": {"text": "Track"}, "action": {
+        "name": "cta_url", "parameters": {"display_text": "Track", "url": "https://x.io/t/1"}}}},
+     {"type": "interactive", "interactive": {"type": "cta_url", "body": {"text": "Track"}, "action": {
+        "name": "cta_url", "parameters": {"display_text": "Track", "url": "https://x.io/t/1"}}}}),
+    ({"type": "reaction", "message_id": "wamid.IN.1", "emoji": "\U0001f44d"},
+     {"type": "reaction", "reaction": {"message_id": "wamid.IN.1", "emoji": "\U0001f44d"}}),
+    ({"type": "location", "location": {"latitude": 37.48, "longitude": -122.14, "name": "HQ"}},
+     {"type": "location", "location": {"latitude": 37.48, "longitude": -122.14, "name": "HQ"}}),
+    ({"type": "contacts", "contacts": [{"name": {"formatted_name": "Ann Lee"},
+                                        "phones": [{"phone": "+15555555555"}]}]},
+     {"type": "contacts", "contacts": [{"name": {"formatted_name": "Ann Lee"},
+                                        "phones": [{"phone": "+15555555555"}]}]}),
+]
+
+
+@pytest.mark.parametrize("request_body,expected", WA_CASES, ids=[f"{c[0]['type']}-{i}" for i, c in enumerate(WA_CASES)])
+async def test_whatsapp_bodies(outbound, request_body, expected):
+    ob = await outbound()
+    await ob.inbound("whatsapp", A)
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, **request_body})
+    assert status == 202, answer
+    record = await ob.wait(answer["id"], "sent")
+    (body,) = ob.sim.bodies(WA)
+    assert body == {"messaging_product": "whatsapp", "recipient_type": "individual", "to": A,
+                    **expected, "biz_opaque_callback_data": answer["id"]}
+    assert record["provider_message_id"] == ob.sim.accepted[0].message_id
+
+
+async def test_whatsapp_mark_read_and_typing_use_the_latest_inbound_message(outbound):
+    ob = await outbound()
+    await ob.inbound("whatsapp", A, mid="wamid.IN.LATEST")
+    for body in ({"type": "mark_read", "to": A}, {"type": "typing", "to": A, "on": True},
+                 {"type": "typing", "to": A, "on": False}):
+        status, answer = await ob.send({"channel": "whatsapp", **body})
+        assert status == 202, answer
+        await ob.wait(answer["id"], "sent")
+    sent = [r["body"] for r in ob.sim.requests]
+    assert sent == [{"messaging_product": "whatsapp", "status": "read", "message_id": "wamid.IN.LATEST"},
+                    {"messaging_product": "whatsapp", "status": "read", "message_id": "wamid.IN.LATEST",
+                     "typing_indicator": {"type": "text"}}]  # typing off is a no-op on WhatsApp
+
+
+IG_CASES = [
+    ({"type": "text", "text": "Ol\u00e1!"},
+     {"recipient": {"id": U1}, "messaging_type": "RESPONSE", "message": {"text": "Ol\u00e1!"}}),
+    ({"type": "image", "media": {"link": "https://x.io/a.png"}},
+     {"recipient": {"id": U1}, "messaging_type": "RESPONSE",
+      "message": {"attachment": {"type": "image", "payload": {"url": "https://x.io/a.png"}}}}),
+    ({"type": "document", "media": {"link": "https://x.io/f.pdf"}},
+     {"recipient": {"id": U1}, "messaging_type": "RESPONSE",
+      "message": {"attachment": {"type": "file", "payload": {"url": "https://x.io/f.pdf"}}}}),
+    ({"type": "quick_replies", "text": "Pick a colour", "quick_replies": [
+        {"title": "Red", "payload": "COLOR_RED"}, {"title": "Blue", "payload": "COLOR_BLUE"}]},
+     {"recipient": {"id": U1}, "messaging_type": "RESPONSE", "message": {"text": "Pick a colour",
+      "quick_replies": [{"content_type": "text", "title": "Red", "payload": "COLOR_RED"},
+                        {"content_type": "text", "title": "Blue", "payload": "COLOR_BLUE"}]}}),
+    ({"type": "typing", "on": True}, {"recipient": {"id": U1}, "sender_action": "typing_on"}),
+    ({"type": "typing", "on": False}, {"recipient": {"id": U1}, "sender_action": "typing_off"}),
+    ({"type": "mark_read", "message_id": "aWdf.IN.1"}, {"recipient": {"id": U1}, "sender_action": "mark_seen"}),
+]
+
+
+@pytest.mark.parametrize("request_body,expected", IG_CASES, ids=[f"{c[0]['type']}-{i}" for i, c in enumerate(IG_CASES)])
+async def test_instagram_bodies(outbound, request_body, expected):
+    ob = await outbound()
+    await ob.inbound("instagram", U1)
+    status, answer = await ob.send({"channel": "instagram", "to": U1, **request_body})
+    assert status == 202, answer
+    await ob.wait(answer["id"], "sent")
+    (request,) = ob.sim.requests
+    assert request["path"] == f"/v24.0/{IG}/messages" and request["body"] == expected
+
+
+async def test_instagram_text_over_1000_bytes_fails_with_the_reason(outbound):
+    ob = await outbound()
+    await ob.inbound("instagram", U1)
+    status, answer = await ob.send({"channel": "instagram", "to": U1, "type": "text", "text": "\u00e9" * 600})
+    assert status == 202
+    record = await ob.wait(answer["id"], "failed")
+    assert "1000 bytes" in record["error"]["message"] and ob.sim.requests == []
