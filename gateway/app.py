@@ -95,6 +95,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if outbound is not None:
         await outbound.start()
     dispatcher = Dispatcher(journal, app[keys.SINKS], metrics)
+    if outbound is not None:
+        dispatcher.observers.append(outbound.observe)
     await dispatcher.start()
     processor = Processor(journal, app[keys.CHANNELS], dispatcher, metrics)
     app[keys.DISPATCHER] = dispatcher

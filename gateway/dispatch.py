@@ -199,6 +199,9 @@ class Dispatcher:
         self.workers: dict[str, SinkWorker] = {}
         self.tasks: list[asyncio.Task] = []
         self.tail = Tail(1)
+        # Called with every published batch before any sink sees it (cheap, synchronous): lets
+        # core services know of new events first, e.g. the outbound service's window check.
+        self.observers: list = []
 
     async def start(self) -> None:
         """Start every sink and its worker. A sink seen for the first time starts at the end."""
@@ -216,6 +219,8 @@ class Dispatcher:
 
     def publish(self, records: list[Record]) -> None:
         """New events from the processor: remember them and wake every worker."""
+        for observe in self.observers:
+            observe(records)
         self.tail.add(records)
         for worker in self.workers.values():
             worker.wake.set()

@@ -12,9 +12,9 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-# Sends are spaced for 98% of the configured rate: exact spacing puts rate+1 sends 1.000 s apart,
+# Sends are spaced for 96% of the configured rate: exact spacing puts rate+1 sends 1.000 s apart,
 # and a little network jitter would then push Meta's one-second count over the limit.
-SAFETY = 0.98
+SAFETY = 0.96
 
 
 class GCRA:
@@ -31,8 +31,14 @@ class GCRA:
         return max(0.0, self.tat - self.tolerance - now, self.parked_until - now)
 
     def take(self, now: float) -> None:
-        """Account for one cell sent at ``now``."""
-        self.tat = max(self.tat, now) + self.interval
+        """Account for one cell sent at ``now``.
+
+        A cell sent a little late (less than one interval: a timer that woke up late) keeps the
+        schedule instead of restarting it from ``now``, so oversleeping does not accumulate into
+        lost throughput; an idle limiter restarts from ``now`` (no burst after idling).
+        """
+        late = now - self.tat
+        self.tat = (self.tat if 0 <= late < self.interval else max(self.tat, now)) + self.interval
 
     def headroom(self, now: float) -> float:
         """1 when idle, 0 when the next cell must wait a full interval (or the scope is parked)."""
@@ -51,7 +57,7 @@ class AccountLimiter:
 
     def __init__(self, rate: float, pair_interval: float | None = None, pair_burst: int = 1,
                  max_pairs: int = 100_000) -> None:
-        self.account = GCRA(rate * SAFETY, burst=2)  # one cell of tolerance absorbs late wake-ups
+        self.account = GCRA(rate * SAFETY)
         self.pair_interval = pair_interval
         self.pair_burst = pair_burst
         self.pairs: OrderedDict[str, GCRA] = OrderedDict()

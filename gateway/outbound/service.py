@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from gateway import logging as gwlog
@@ -51,6 +52,8 @@ class OutboundService:
         self.tasks: list[asyncio.Task] = []
         self.inflight: set[asyncio.Task] = set()
         self.accepted_at: dict[str, float] = {}  # outbox id -> accept time (bench, metrics)
+        # Inbound messages seen by the processor but maybe not yet by the outbox sink.
+        self.recent: OrderedDict[tuple[str, str, str], tuple[float, str | None]] = OrderedDict()
 
     def accounts(self) -> list[tuple[str, str, dict[str, Any]]]:
         return [(name, account, limits) for name, ch in self.channels.items()
@@ -101,8 +104,23 @@ class OutboundService:
             self.wakes[(req.channel, account)].set()
         return {"id": row.id, "status": row.public()["status"]}
 
+    def observe(self, records: list) -> None:
+        """Dispatcher observer: note inbound messages the moment they are processed, so a reply
+        written by another sink is never refused because the outbox sink has not run yet."""
+        for record in records:
+            ev = record.event
+            if ev.direction == "inbound" and ev.kind in ("message", "postback"):
+                key = (ev.channel, ev.account_id, ev.customer_id)
+                self.recent[key] = (ev.timestamp.timestamp(), ev.message_id)
+                self.recent.move_to_end(key)
+                if len(self.recent) > 100_000:
+                    self.recent.popitem(last=False)
+
     async def _check(self, req: rq.OutboundRequest, account: str) -> rq.OutboundRequest:
         customer = await self.outbox.customer(req.channel, account, req.to or "")
+        seen = self.recent.get((req.channel, account, req.to or ""))
+        if seen is not None and seen[0] > (customer.last_inbound_at or 0):
+            customer = customer._replace(last_inbound_at=seen[0], last_inbound_message_id=seen[1])
         if req.type in ("mark_read", "typing") and not req.message_id:
             if not customer.last_inbound_message_id:
                 raise rq.InvalidRequest("message_id", "required: no inbound message is known")

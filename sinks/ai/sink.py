@@ -1,0 +1,356 @@
+"""The AI responder sink: answers customers' messages through the gateway's outbound service.
+
+For every inbound ``message`` event whose type is in ``reply_types`` the sink asks its provider
+for a reply and sends it with ``await app[gateway.keys.OUTBOUND].send({...})`` — the same path as
+``POST /v1/messages``, so the outbox, the rate limiter and the 24-hour window apply.
+
+It never answers outbound echoes, ``standby`` events (another app owns the thread), statuses,
+reactions or anything else, and never twice to one event: answered event ids are kept in a
+bounded memory set (the dispatcher hands a batch over again after a crash or a partial failure),
+and each send carries ``idempotency_key = "ai:<event id>"`` so the durable outbox drops a repeat
+across restarts too.
+
+Providers:
+
+- ``rules`` (default): :class:`sinks.ai.rules.RulesEngine`, deterministic keyword rules.
+- ``openai``: the official ``openai`` SDK (``AsyncOpenAI``, ``max_retries=0``: the dispatcher owns
+  retries) against ``base_url`` (any Chat Completions-compatible server), with the system prompt
+  and the conversation's last ``history`` messages, kept in memory per conversation.
+
+Errors: 429, 5xx, timeouts and connection errors are ``RetryableError`` (429 as ``RateLimited``
+with the server's ``retry-after`` hint); 400, 401, 403, 404 and 422 are ``PermanentError`` (dead
+letter at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import msgspec
+
+from gateway import keys
+from gateway import logging as gwlog
+from gateway.config import SinkConfig
+from gateway.errors import ConfigError, PermanentError, RateLimited, RetryableError
+from gateway.events import MESSAGE_TYPES
+from gateway.sink import Record, Sink
+from sinks.ai.rules import DEFAULT_FALLBACK, DEFAULT_GREETING, DEFAULT_RULES, Rule, RulesEngine
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from gateway.events import Event
+
+log = gwlog.get("sinks.ai")
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are the friendly customer-service assistant of an online shop, answering customers on "
+    "WhatsApp and Instagram. Reply in the customer's language, in at most three short sentences, "
+    "without markdown. If you cannot help, say that a colleague will follow up.")
+# Meta's limits on one text message: WhatsApp 4096 characters, Instagram 1000 UTF-8 bytes.
+MAX_TEXT_CHARS = 4096
+INSTAGRAM_MAX_BYTES = 1000
+START_WAIT_SECONDS = 5.0
+
+
+class AIConfig(SinkConfig):
+    """``[sinks.ai]``: see ``docs/ai.md`` for every key."""
+
+    env: ClassVar = {"api_key": ("OPENAI_API_KEY",)}
+    provider: Literal["rules", "openai"] = "rules"
+    reply_types: list[str] = msgspec.field(
+        default_factory=lambda: ["text", "interactive", "button"])
+    channels: list[str] = msgspec.field(default_factory=list)  # empty: every channel
+    # rules provider
+    rules: list[Rule] = msgspec.field(default_factory=list)
+    default_rules: bool = True
+    greeting: str = DEFAULT_GREETING
+    fallback: str = DEFAULT_FALLBACK
+    # openai provider
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    api_key: str | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    timeout: float = 20.0
+    temperature: float | None = None
+    max_tokens: int | None = None
+    max_age_seconds: float = 86_400.0  # older messages get no answer (24-hour window)
+    history: int = 10  # messages (customer + assistant) remembered per conversation
+    # bounded memory and concurrency
+    max_conversations: int = 10_000
+    remember_events: int = 100_000
+    concurrency: int = 8
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        unknown = sorted(set(self.reply_types) - set(MESSAGE_TYPES))
+        if unknown:
+            raise ConfigError(f"unknown message types {unknown}; choose from {list(MESSAGE_TYPES)}",
+                              f"{prefix}.reply_types")
+        for key in ("history", "max_conversations", "remember_events", "concurrency"):
+            if getattr(self, key) < (0 if key == "history" else 1):
+                raise ConfigError("must be positive", f"{prefix}.{key}")
+        for key in ("timeout", "max_age_seconds"):
+            if getattr(self, key) <= 0:
+                raise ConfigError("must be positive", f"{prefix}.{key}")
+        if self.provider == "openai" and not self.api_key:
+            raise ConfigError("required for provider 'openai' (or set OPENAI_API_KEY)",
+                              f"{prefix}.api_key")
+        for index, rule in enumerate(self.rules):
+            try:
+                RulesEngine([rule], defaults=())
+            except Exception as exc:  # noqa: BLE001 - a bad regex or an empty keyword
+                raise ConfigError(f"invalid rule: {exc}", f"{prefix}.rules[{index}]") from None
+
+
+class Memory:
+    """Bounded per-conversation history (LRU over conversations) and answered event ids."""
+
+    def __init__(self, history: int, conversations: int, events: int) -> None:
+        self._history = history
+        self._conversations: OrderedDict[str, deque[dict[str, str]]] = OrderedDict()
+        self._max_conversations = conversations
+        self._answered: OrderedDict[str, None] = OrderedDict()
+        self._max_events = events
+
+    def history(self, conversation_id: str) -> list[dict[str, str]]:
+        turns = self._conversations.get(conversation_id)
+        return list(turns) if turns else []
+
+    def known(self, conversation_id: str) -> bool:
+        return conversation_id in self._conversations
+
+    def add_turn(self, conversation_id: str, user: str, assistant: str) -> None:
+        turns = self._conversations.pop(conversation_id, None)
+        if turns is None:
+            turns = deque(maxlen=self._history)
+        turns.append({"role": "user", "content": user})
+        turns.append({"role": "assistant", "content": assistant})
+        self._conversations[conversation_id] = turns
+        while len(self._conversations) > self._max_conversations:
+            self._conversations.popitem(last=False)
+
+    def answered(self, event_id: str) -> bool:
+        return event_id in self._answered
+
+    def mark_answered(self, event_id: str) -> None:
+        self._answered[event_id] = None
+        while len(self._answered) > self._max_events:
+            self._answered.popitem(last=False)
+
+
+class RulesProvider:
+    """Deterministic keyword rules (``provider = "rules"``)."""
+
+    def __init__(self, config: AIConfig) -> None:
+        self.engine = RulesEngine(config.rules, DEFAULT_RULES if config.default_rules else (),
+                                  config.greeting, config.fallback)
+
+    async def reply(self, event: Event, history: list[dict[str, str]], first: bool) -> str:
+        return self.engine.reply(event.text or "", first=first, name=event.sender.name)
+
+    async def close(self) -> None:
+        return None
+
+
+class OpenAIProvider:
+    """Chat Completions through the official SDK (``provider = "openai"``)."""
+
+    def __init__(self, config: AIConfig) -> None:
+        import openai
+
+        self.config = config
+        self.client = openai.AsyncOpenAI(api_key=config.api_key, base_url=config.base_url,
+                                         timeout=config.timeout, max_retries=0)
+
+    def messages(self, event: Event, history: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The request's ``messages``: system prompt, remembered turns, the customer's text."""
+        system = [{"role": "system", "content": self.config.system_prompt}]
+        return [*system, *history, {"role": "user", "content": event.text or ""}]
+
+    async def reply(self, event: Event, history: list[dict[str, str]], first: bool) -> str:
+        extra: dict[str, Any] = {}
+        if self.config.temperature is not None:
+            extra["temperature"] = self.config.temperature
+        if self.config.max_tokens is not None:
+            extra["max_tokens"] = self.config.max_tokens
+        try:
+            completion = await self.client.chat.completions.create(
+                model=self.config.model, messages=self.messages(event, history), **extra)
+        except Exception as exc:  # noqa: BLE001 - classified for the dispatcher
+            raise classify_openai_error(exc) from exc
+        choice = completion.choices[0] if completion.choices else None
+        return ((choice.message.content if choice else None) or "").strip()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def classify_openai_error(exc: Exception) -> Exception:
+    """Map an ``openai`` SDK exception onto the gateway's retryable / permanent errors."""
+    import openai
+
+    if isinstance(exc, openai.RateLimitError):
+        return RateLimited(f"OpenAI rate limit (429): {exc.message}", _retry_after(exc.response))
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
+        return RetryableError(f"OpenAI unreachable: {type(exc).__name__}: {exc}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        if status >= 500 or status in (408, 409):
+            return RetryableError(f"OpenAI error {status}: {exc.message}")
+        hints = {401: "check sinks.ai.api_key / OPENAI_API_KEY",
+                 403: "the key lacks access to this model or project",
+                 404: "check sinks.ai.model and sinks.ai.base_url"}
+        hint = hints.get(status, "the request is invalid")
+        return PermanentError(f"OpenAI error {status} ({hint}): {exc.message}")
+    return exc
+
+
+def _retry_after(response: Any) -> float | None:
+    headers = getattr(response, "headers", None) or {}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            return float(headers[name]) * scale
+        except (KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+def fit(channel: str, text: str) -> str:
+    """Trim a reply to what Meta accepts in one text message on ``channel``."""
+    text = text[:MAX_TEXT_CHARS]
+    if channel == "instagram":
+        data = text.encode("utf-8")
+        if len(data) > INSTAGRAM_MAX_BYTES:
+            text = data[:INSTAGRAM_MAX_BYTES - 3].decode("utf-8", "ignore") + "..."
+    return text
+
+
+class AISink(Sink):
+    """Replies to customers (``[sinks.ai]``). Attached to the running app by ``gateway_started``."""
+
+    name = "ai"
+
+    def __init__(self, config: AIConfig) -> None:
+        super().__init__(config)
+        self.config: AIConfig = config
+        self.app: web.Application | None = None
+        self.memory = Memory(config.history, config.max_conversations, config.remember_events)
+        self.provider: RulesProvider | OpenAIProvider | None = None
+        self._attached = asyncio.Event()
+        self._limit = asyncio.Semaphore(config.concurrency)
+
+    def attach(self, app: web.Application) -> None:
+        """Remember the running app; replies go out through ``app[keys.OUTBOUND]``."""
+        self.app = app
+        self._attached.set()
+
+    async def start(self) -> None:
+        self.provider = (OpenAIProvider(self.config) if self.config.provider == "openai"
+                         else RulesProvider(self.config))
+
+    async def close(self) -> None:
+        if self.provider is not None:
+            await self.provider.close()
+
+    def wants(self, event: Event) -> bool:
+        """Whether ``event`` is a customer's message this sink answers."""
+        return (event.kind == "message" and event.direction == "inbound" and not event.standby
+                and event.type in self.config.reply_types and bool((event.text or "").strip())
+                and (not self.config.channels or event.channel in self.config.channels)
+                and not self.memory.answered(event.id))
+
+    async def write(self, records: list[Record]) -> None:
+        events = [r.event for r in records if self.wants(r.event)]
+        if not events:
+            return
+        outbound = await self._outbound()
+        lanes: dict[str, list[Event]] = {}
+        for event in events:
+            lanes.setdefault(event.conversation_id, []).append(event)
+        results = await asyncio.gather(*(self._lane(lane, outbound) for lane in lanes.values()),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if not errors:
+            return
+        if len(records) == 1:
+            raise errors[0]
+        # A PermanentError on a batch would dead-letter every record in it, answered ones too:
+        # let the dispatcher retry one by one instead (answered events are skipped then).
+        hint = max((getattr(e, "retry_after", None) or 0.0 for e in errors), default=0.0)
+        raise RetryableError(f"{len(errors)} of {len(lanes)} conversations failed; first: "
+                             f"{type(errors[0]).__name__}: {errors[0]}", retry_after=hint or None)
+
+    async def _lane(self, events: list[Event], outbound: Any) -> None:
+        for event in events:  # one conversation in order; stop at its first failure
+            async with self._limit:
+                await self.answer(event, outbound)
+
+    async def answer(self, event: Event, outbound: Any) -> None:
+        """Ask the provider and send its reply for one event (no-op if already answered)."""
+        if self.memory.answered(event.id):
+            return
+        assert self.provider is not None, "start() was not called"
+        age = time.time() - event.timestamp.timestamp()
+        if age > self.config.max_age_seconds:  # a free-form reply would be refused anyway
+            log.info("ai_too_old", event_id=event.id, conversation_id=event.conversation_id,
+                     age_seconds=round(age))
+            self.memory.mark_answered(event.id)
+            return
+        history = self.memory.history(event.conversation_id)
+        first = not self.memory.known(event.conversation_id)
+        reply = fit(event.channel, await self.provider.reply(event, history, first))
+        if not reply:
+            log.warning("ai_empty_reply", event_id=event.id, conversation_id=event.conversation_id)
+            self.memory.mark_answered(event.id)
+            return
+        await self._send(outbound, self.body(event, reply))
+        self.memory.mark_answered(event.id)
+        self.memory.add_turn(event.conversation_id, event.text or "", reply)
+        log.info("ai_replied", event_id=event.id, channel=event.channel,
+                 conversation_id=event.conversation_id, provider=self.config.provider)
+
+    def body(self, event: Event, reply: str) -> dict[str, Any]:
+        """The ``POST /v1/messages`` body that answers ``event`` with ``reply``."""
+        body = {"channel": event.channel, "account_id": event.account_id, "to": event.sender.id,
+                "type": "text", "text": reply, "idempotency_key": f"ai:{event.id}"}
+        accounts = self._sending_accounts(event.channel)
+        if accounts is not None and event.account_id not in accounts and len(accounts) == 1:
+            # Instagram webhooks name the IG account; the channel may send as its Page: when
+            # there is only one sending account, let the outbound service pick it.
+            del body["account_id"]
+        return body
+
+    def _sending_accounts(self, channel: str) -> set[str] | None:
+        channels = self.app.get(keys.CHANNELS) if self.app is not None else None
+        accounts = getattr((channels or {}).get(channel), "accounts", None)
+        return set(accounts()) if callable(accounts) else None
+
+    async def _outbound(self) -> Any:
+        if self.app is None:
+            try:
+                await asyncio.wait_for(self._attached.wait(), START_WAIT_SECONDS)
+            except TimeoutError:
+                raise RetryableError("the gateway has not started yet") from None
+        assert self.app is not None
+        if keys.OUTBOUND not in self.app:
+            raise RetryableError("no outbound service in this gateway (app[keys.OUTBOUND] is "
+                                 "missing): replies cannot be sent")
+        return self.app[keys.OUTBOUND]
+
+    @staticmethod
+    async def _send(outbound: Any, body: dict[str, Any]) -> None:
+        try:
+            await outbound.send(body)
+        except (PermanentError, RetryableError):
+            raise
+        except (ValueError, TypeError, KeyError) as exc:  # refused: invalid, window, consent
+            if getattr(exc, "code", None) == "outside_window":
+                # The message is recent (see max_age_seconds), so the outbox has not recorded
+                # it yet: its own sink runs beside this one. Try again in a moment.
+                raise RetryableError(f"outbound has not seen the customer's message yet: {exc}",
+                                     retry_after=0.1) from exc
+            raise PermanentError(f"outbound refused the reply: {exc}") from exc

@@ -1,0 +1,480 @@
+"""The AI responder sink: who gets an answer, what is sent, how provider errors are classified.
+
+Unit tests drive ``AISink.write`` with a recording outbound service; integration tests run a real
+gateway whose replies go through the outbound service to a GraphSimulator, with customers played
+by the MetaSimulator and OpenAI played by ``gateway.testing.openai_server``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+from gateway import config as gwconfig
+from gateway import keys
+from gateway.errors import ConfigError, PermanentError, RateLimited, RetryableError
+from gateway.events import Message, Party, Status, conversation_id, encode
+from gateway.sink import Record
+from gateway.testing.graph import GraphSimulator
+from gateway.testing.openai_server import OpenAIServer
+from gateway.testing.simulator import MetaSimulator
+from sinks.ai.sink import AIConfig, AISink, fit
+from tests.conftest import SECRET, VERIFY, fixture_bytes
+
+WA_ACCOUNT = "100000000000001"
+IG_ACCOUNT = "17840000000000001"
+_seq = itertools.count(1)
+
+
+class RecordingOutbound:
+    """Stands in for ``app[keys.OUTBOUND]``: records every body, optionally fails."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.sent: list[dict] = []
+        self.fail = fail
+
+    async def send(self, body: dict) -> dict:
+        if self.fail is not None:
+            raise self.fail
+        self.sent.append(body)
+        return {"id": f"out-{len(self.sent)}", "status": "queued"}
+
+
+def message(text: str | None = "Hi, is my order on its way?", *, customer: str = "15550001234",
+            channel: str = "whatsapp", direction: str = "inbound", standby: bool = False,
+            type: str = "text", name: str | None = "Alex Example", event_id: str | None = None,
+            cls=Message) -> Message:
+    account = WA_ACCOUNT if channel == "whatsapp" else IG_ACCOUNT
+    n = next(_seq)
+    customer_party = Party(customer, name)
+    business = Party(account)
+    inbound = direction == "inbound"
+    return cls(schema=1, id=event_id or f"ev-{n}", channel=channel, direction=direction,
+               account_id=account, conversation_id=conversation_id(channel, account, customer),
+               sender=customer_party if inbound else business,
+               recipient=business if inbound else customer_party,
+               timestamp=datetime.now(UTC), message_id=f"wamid.{n}", type=type, text=text,
+               standby=standby)
+
+
+def records(*events) -> list[Record]:
+    return [Record(next(_seq), ev, encode(ev), 0.0) for ev in events]
+
+
+def ai_config(**kw) -> AIConfig:
+    config = msgspec.convert(kw, AIConfig)
+    config.validate("sinks.ai")
+    return config
+
+
+async def started_sink(outbound=None, **kw) -> tuple[AISink, RecordingOutbound]:
+    sink = AISink(ai_config(**kw))
+    await sink.start()
+    outbound = outbound or RecordingOutbound()
+    sink.attach({keys.OUTBOUND: outbound})
+    return sink, outbound
+
+
+# -- rules provider, unit ---------------------------------------------------------------------
+
+async def test_rules_reply_once_per_inbound_text():
+    sink, out = await started_sink()
+    first = message("Hi, is my order on its way?")
+    second = message("Do you ship to Lisbon?", customer="9000000000000001", channel="instagram",
+                     name=None)
+    await sink.write(records(first, second))
+    assert [b["to"] for b in out.sent] == ["15550001234", "9000000000000001"]
+    body = out.sent[0]
+    assert body == {"channel": "whatsapp", "account_id": WA_ACCOUNT, "to": "15550001234",
+                    "type": "text", "text": body["text"], "idempotency_key": f"ai:{first.id}"}
+    assert "order" in body["text"].lower()
+    assert "ship" in out.sent[1]["text"].lower()
+    await sink.close()
+
+
+async def test_no_reply_to_echo_standby_status_reaction_media_or_empty_text():
+    sink, out = await started_sink()
+    skipped = [
+        message(direction="outbound"),                      # echo of the business's own message
+        message(standby=True, channel="instagram", customer="9000000000000001"),
+        message(cls=Status, type=None, text=None),           # a delivery status
+        message(type="image", text="a caption"),             # not in reply_types
+        message(text="   "),
+    ]
+    await sink.write(records(*skipped))
+    assert out.sent == []
+    await sink.close()
+
+
+async def test_never_twice_to_one_event():
+    sink, out = await started_sink()
+    event = message()
+    await sink.write(records(event, event))      # the same event twice in a batch
+    await sink.write(records(event))             # and handed over again later
+    assert len(out.sent) == 1
+    await sink.close()
+
+
+async def test_answered_memory_is_bounded():
+    sink, out = await started_sink(remember_events=2)
+    events = [message(event_id=f"bounded-{i}") for i in range(3)]
+    await sink.write(records(*events))
+    assert len(out.sent) == 3
+    assert not sink.memory.answered("bounded-0")
+    assert sink.memory.answered("bounded-2")
+    await sink.close()
+
+
+async def test_configured_rules_come_first_and_greeting_opens_a_conversation():
+    sink, out = await started_sink(rules=[{"match": ["lisbon", "porto"], "reply": "Yes, {name}!"}],
+                                   greeting="Welcome, {name}.")
+    await sink.write(records(message("Do you ship to Lisbon?"),
+                             message("hmm", customer="15550005678", name="Sam Sample")))
+    assert [b["text"] for b in out.sent] == ["Yes, Alex!", "Welcome, Sam."]
+    await sink.close()
+
+
+async def test_reply_types_are_configurable():
+    sink, out = await started_sink(reply_types=["button"])
+    button = message("Confirm", type="button")
+    await sink.write(records(message("text"), button))
+    assert [b["idempotency_key"] for b in out.sent] == [f"ai:{button.id}"]
+    await sink.close()
+
+
+async def test_without_outbound_service_the_write_is_retryable():
+    sink = AISink(ai_config())
+    await sink.start()
+    sink.attach({})
+    with pytest.raises(RetryableError, match="outbound"):
+        await sink.write(records(message()))
+    await sink.close()
+
+
+async def test_partial_batch_failure_retries_one_by_one_and_never_repeats():
+    class FailFor(RecordingOutbound):
+        async def send(self, body):
+            if body["to"] == "bad":
+                raise PermanentError("recipient refused")
+            return await super().send(body)
+
+    sink, out = await started_sink(FailFor())
+    good, bad = message(), message(customer="bad")
+    with pytest.raises(RetryableError) as info:  # never Permanent for a batch: it would
+        await sink.write(records(good, bad))     # dead-letter the answered event too
+    assert not isinstance(info.value, PermanentError)
+    assert len(out.sent) == 1
+    await sink.write(records(good))              # the dispatcher's one-by-one retry
+    with pytest.raises(PermanentError):
+        await sink.write(records(bad))
+    assert len(out.sent) == 1
+    await sink.close()
+
+
+async def test_outbound_refusals_are_classified():
+    from gateway.outbound.service import Refused
+
+    window = Refused("outside_window", "type", "free-form message outside the 24-hour window")
+    sink, out = await started_sink(RecordingOutbound(fail=window))
+    with pytest.raises(RetryableError) as info:  # the outbox sink has not seen it yet
+        await sink.write(records(message()))
+    assert not isinstance(info.value, PermanentError)
+    sink, out = await started_sink(RecordingOutbound(fail=ValueError("to: not a wa_id")))
+    with pytest.raises(PermanentError, match="not a wa_id"):
+        await sink.write(records(message()))
+
+
+async def test_messages_older_than_max_age_get_no_answer():
+    from datetime import timedelta
+
+    sink, out = await started_sink(max_age_seconds=3600)
+    old = message()
+    old = msgspec.structs.replace(old, timestamp=old.timestamp - timedelta(hours=2))
+    await sink.write(records(old, message("and a fresh one")))
+    assert len(out.sent) == 1 and sink.memory.answered(old.id)
+    await sink.close()
+
+
+async def test_instagram_account_falls_back_to_the_only_sending_account():
+    class Channel:
+        def accounts(self):
+            return {"page-1": {}}
+
+    sink, out = await started_sink()
+    sink.attach({keys.OUTBOUND: out, keys.CHANNELS: {"instagram": Channel()}})
+    await sink.write(records(message("hi", channel="instagram", customer="9000000000000001")))
+    assert "account_id" not in out.sent[0] and out.sent[0]["channel"] == "instagram"
+    await sink.close()
+
+
+def test_instagram_replies_fit_in_1000_bytes():
+    text = "\u00e9" * 900  # 1800 bytes
+    fitted = fit("instagram", text)
+    assert len(fitted.encode()) <= 1000 and fitted.endswith("...")
+    assert fit("whatsapp", text) == text
+
+
+@pytest.mark.parametrize("table, key", [
+    ({"provider": "openai"}, "sinks.ai.api_key"),
+    ({"reply_types": ["text", "hologram"]}, "sinks.ai.reply_types"),
+    ({"rules": [{"match": "x", "reply": "y", "typo": 1}]}, "sinks.ai.rules"),
+    ({"modle": "gpt"}, "sinks.ai.modle"),
+    ({"history": -1}, "sinks.ai.history"),
+])
+def test_bad_config_names_the_key(table, key, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    config = gwconfig.GatewayConfig(sinks={"ai": table})
+    with pytest.raises(ConfigError) as info:
+        gwconfig.section(config, "sinks", "ai", AIConfig)
+    assert info.value.key.startswith(key)
+
+
+def test_api_key_from_environment(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    config = gwconfig.GatewayConfig(sinks={"ai": {"provider": "openai"}})
+    assert gwconfig.section(config, "sinks", "ai", AIConfig).api_key == "sk-from-env"
+
+
+# -- openai provider, unit (real SDK against the OpenAI-compatible test server) ---------------
+
+@pytest.fixture
+async def openai_server():
+    async with OpenAIServer(api_key="sk-test", reply="Happy to help!") as server:
+        yield server
+
+
+async def test_openai_request_has_model_system_prompt_and_history(openai_server):
+    sink, out = await started_sink(provider="openai", api_key="sk-test", model="gpt-test",
+                                   base_url=openai_server.base_url, system_prompt="Be brief.",
+                                   history=4)
+    await sink.write(records(message("Hi there")))
+    await sink.write(records(message("Where is my order?")))
+    first, second = openai_server.requests
+    assert first["model"] == "gpt-test"
+    assert first["messages"] == [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "Hi there"}]
+    assert second["messages"] == [{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": "Hi there"},
+                                  {"role": "assistant", "content": "Happy to help!"},
+                                  {"role": "user", "content": "Where is my order?"}]
+    assert openai_server.headers[0]["Authorization"] == "Bearer sk-test"
+    assert [b["text"] for b in out.sent] == ["Happy to help!", "Happy to help!"]
+    for i in range(3):  # history keeps the last 4 messages only
+        await sink.write(records(message(f"more {i}")))
+    assert len(openai_server.requests[-1]["messages"]) == 1 + 4 + 1
+    await sink.close()
+
+
+async def test_openai_history_is_per_conversation(openai_server):
+    openai_server.reply = None  # echo
+    sink, out = await started_sink(provider="openai", api_key="sk-test",
+                                   base_url=openai_server.base_url)
+    await sink.write(records(message("from Alex")))
+    await sink.write(records(message("from Sam", customer="15550005678")))
+    assert len(openai_server.requests[1]["messages"]) == 2
+    assert out.sent[1]["text"] == "echo: from Sam"
+    await sink.close()
+
+
+@pytest.mark.parametrize("status, error", [(429, RateLimited), (500, RetryableError),
+                                           (503, RetryableError), (400, PermanentError)])
+async def test_openai_errors_are_classified(openai_server, status, error):
+    sink, out = await started_sink(provider="openai", api_key="sk-test",
+                                   base_url=openai_server.base_url)
+    openai_server.fail_next(status)
+    event = message()
+    with pytest.raises(error):
+        await sink.write(records(event))
+    assert out.sent == []
+    if error is not PermanentError:
+        await sink.write(records(event))  # the retry succeeds, once
+        await sink.write(records(event))
+        assert len(out.sent) == 1
+    await sink.close()
+
+
+async def test_openai_bad_key_is_permanent(openai_server):
+    sink, out = await started_sink(provider="openai", api_key="sk-wrong",
+                                   base_url=openai_server.base_url)
+    with pytest.raises(PermanentError, match="401"):
+        await sink.write(records(message()))
+    await sink.close()
+
+
+async def test_openai_timeout_is_retryable(openai_server):
+    openai_server.delay = 2.0
+    sink, out = await started_sink(provider="openai", api_key="sk-test", timeout=0.3,
+                                   base_url=openai_server.base_url)
+    with pytest.raises(RetryableError):
+        await sink.write(records(message()))
+    await sink.close()
+
+
+async def test_openai_unreachable_is_retryable():
+    from gateway.testing import free_port
+
+    sink, out = await started_sink(provider="openai", api_key="sk-test",
+                                   base_url=f"http://127.0.0.1:{free_port()}/v1")
+    with pytest.raises(RetryableError):
+        await sink.write(records(message()))
+    await sink.close()
+
+
+# -- integration: a real gateway, its outbound service, the Meta simulator --------------------
+
+SINKS_AI_RULES = """
+[sinks.jsonl]
+[sinks.ai]
+backoff_initial = 0.05
+backoff_max = 0.2
+"""
+
+
+def channels_toml(graph_url: str) -> str:
+    return f"""
+[channels.whatsapp]
+app_secret = "{SECRET}"
+verify_token = "{VERIFY}"
+access_token = "test-access-token"
+phone_number_id = "{WA_ACCOUNT}"
+graph_base_url = "{graph_url}"
+[channels.instagram]
+app_secret = "{SECRET}"
+verify_token = "{VERIFY}"
+access_token = "test-access-token"
+page_id = "{IG_ACCOUNT}"
+graph_base_url = "{graph_url}"
+"""
+
+
+@pytest.fixture
+async def meta(request):
+    """A started MetaSimulator factory bound to a gateway URL later (``await meta(gw)``)."""
+    graph = GraphSimulator()
+    await graph.start()
+    sims = []
+
+    def bind(gw):
+        sim = MetaSimulator(gw.url, app_secret=SECRET, graph=graph, status_delays=(0, 0, 0),
+                            echo_delay=0, read_delay=0)
+        sims.append(sim)
+        return sim
+
+    bind.graph = graph
+    yield bind
+    for sim in sims:
+        await sim.stop()
+    await graph.stop()
+
+
+class Accepted:
+    """Collects what the GraphSimulator accepts (attach before anything is sent)."""
+
+    def __init__(self, graph) -> None:
+        self.graph = graph
+        self.items: list = []
+        graph.on_accept.append(self.items.append)
+
+    def to(self, customer: str) -> list:
+        return [a for a in self.items if str(a.to) == customer]
+
+    async def wait(self, customer: str, count: int = 1, timeout: float = 10.0) -> list:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.to(customer)) < count and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return self.to(customer)
+
+    def close(self) -> None:
+        self.graph.on_accept.remove(self.items.append)
+
+
+async def _require_outbound(gw):
+    assert keys.OUTBOUND in gw.app, "the gateway has no outbound service"
+
+
+async def test_rules_reply_goes_through_outbound_to_graph(gateway, meta):
+    gw = await gateway(sinks=SINKS_AI_RULES, channels=channels_toml(meta.graph.url))
+    await _require_outbound(gw)
+    accepted = Accepted(meta.graph)
+    async with meta(gw) as sim:
+        delivery = await sim.customer_says("whatsapp", "15550001234", "Is my order on its way?")
+        assert delivery.ok
+        await sim.customer_says("instagram", "9000000000000001", "Do you ship to Lisbon?")
+        [reply] = await accepted.wait("15550001234")
+        [ig_reply] = await accepted.wait("9000000000000001")
+        assert reply.body["type"] == "text" and "order" in reply.body["text"]["body"].lower()
+        assert "ship" in ig_reply.body["message"]["text"].lower()
+        assert await sim.drain()
+        await gw.settle()
+    statuses = [e for e in gw.jsonl() if e["kind"] == "status"]
+    assert {e["status"] for e in statuses} >= {"sent", "delivered", "read"}
+    echoes = [e for e in gw.jsonl() if e["kind"] == "message" and e["direction"] == "outbound"]
+    assert [e["message_id"] for e in echoes] == [ig_reply.message_id]
+    accepted.close()
+
+
+async def test_no_reply_to_standby_echo_status_or_duplicate(gateway, meta):
+    gw = await gateway(sinks=SINKS_AI_RULES, channels=channels_toml(meta.graph.url))
+    await _require_outbound(gw)
+    accepted = Accepted(meta.graph)
+    async with meta(gw) as sim:
+        for name in ("instagram/standby.json", "instagram/echo.json",
+                     "whatsapp/status_delivered.json", "instagram/read.json"):
+            channel = name.split("/")[0]
+            assert (await gw.post(channel, fixture_bytes(name)))[0] == 200
+        body = sim.whatsapp_message("15550005678", sim.new_wamid(), "Where is my order?",
+                                    time.time(), name="Sam Sample")
+        for _ in range(3):  # Meta redelivers the same message
+            assert (await sim.deliver("whatsapp", body)).ok
+        await gw.settle()
+        assert len(await accepted.wait("15550005678")) == 1
+        await asyncio.sleep(0.5)
+        await gw.settle()
+    assert len(accepted.to("15550005678")) == 1
+    assert accepted.to("9000000000000001") == [] and len(accepted.items) == 1
+    accepted.close()
+
+
+async def test_openai_reply_429_retried_then_sent(gateway, meta, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    async with OpenAIServer(api_key="sk-test", reply="An answer from the model.") as server:
+        sinks = (SINKS_AI_RULES + f'provider = "openai"\napi_key = "sk-test"\n'
+                 f'base_url = "{server.base_url}"\nmodel = "gpt-test"\n')
+        gw = await gateway(sinks=sinks, channels=channels_toml(meta.graph.url))
+        await _require_outbound(gw)
+        server.fail_next(429)
+        accepted = Accepted(meta.graph)
+        async with meta(gw) as sim:
+            await sim.customer_says("whatsapp", "15550001234", "Hello?")
+            [reply] = await accepted.wait("15550001234")
+        accepted.close()
+        assert reply.body["text"]["body"] == "An answer from the model."
+        assert len(server.requests) == 2 and server.requests[1]["model"] == "gpt-test"
+        registry = gw.app[keys.METRICS].registry
+        assert registry.get_sample_value("gateway_sink_deliveries_total",
+                                         {"sink": "ai", "outcome": "retry"}) >= 1
+
+
+async def test_openai_bad_key_dead_letters(gateway, meta, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    async with OpenAIServer(api_key="sk-right") as server:
+        sinks = (SINKS_AI_RULES + f'provider = "openai"\napi_key = "sk-wrong"\n'
+                 f'base_url = "{server.base_url}"\n')
+        gw = await gateway(sinks=sinks, channels=channels_toml(meta.graph.url))
+        await _require_outbound(gw)
+        async with meta(gw) as sim:
+            await sim.customer_says("whatsapp", "15550001234", "Hello?")
+            await gw.settle()
+            for _ in range(100):
+                letters = await gw.app[keys.JOURNAL].dead_letters("ai", 10)
+                if letters:
+                    break
+                await asyncio.sleep(0.05)
+        assert len(letters) == 1 and "401" in letters[0].reason
+        assert len(server.requests) == 1  # permanent: not retried
