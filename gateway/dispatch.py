@@ -13,6 +13,7 @@ import asyncio
 import bisect
 import random
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 from gateway import logging as gwlog
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from gateway.sink import Sink
 
 log = gwlog.get("gateway.dispatch")
+LEASE_MS = 10_000  # a replica that stops renewing its sink lease loses it after this long
 TAIL_SIZE = 5_000  # records kept in memory (at most twice this before trimming)
 
 
@@ -69,6 +71,7 @@ class SinkWorker:
         self.metrics = metrics
         self.cursor_name = f"sink:{sink.name}"
         self.cursor = 0
+        self.owner = uuid.uuid4().hex
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
         self._stopping = False
@@ -104,6 +107,10 @@ class SinkWorker:
         return max(0, self.tail.last_seq - self.cursor)
 
     async def _step(self) -> int:
+        if self.tail.disabled:  # a shared journal: one replica delivers to this sink at a time
+            if not await self.journal.acquire_lease(self.cursor_name, self.owner, LEASE_MS):
+                return 0
+            self.cursor = await self.journal.cursor(self.cursor_name) or 0
         size = self.sink.config.batch_size
         batch = self.tail.after(self.cursor, size)
         if batch is None:
