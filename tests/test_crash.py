@@ -115,7 +115,10 @@ async def test_sigterm_drains_and_exits_cleanly(tmp_path):
     try:
         await _load(proc.url + "/webhooks/whatsapp", 0, seconds=1.5, acked=acked)
         assert proc.stop() == 0
-        assert "gateway_stopped" in proc.log()
+        log = proc.log()
+        assert "gateway_stopped" in log
+        assert SECRET not in log and "test-verify-token" not in log  # secrets are never logged
+        assert all(line.startswith("{") for line in log.splitlines() if line)  # JSON off a terminal
         assert acked <= set(_jsonl_ids(proc)), "SIGTERM did not drain what was acknowledged"
         db = sqlite3.connect(proc.data_dir / "journal.db")
         assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
