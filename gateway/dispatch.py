@@ -107,8 +107,11 @@ class SinkWorker:
         return max(0, self.tail.last_seq - self.cursor)
 
     async def _step(self) -> int:
-        if self.tail.disabled:  # a shared journal: one replica delivers to this sink at a time
+        # -- shared journal (Redis): one replica delivers to this sink at a time (a lease) --
+        if self.tail.disabled and hasattr(self.journal, "acquire_lease"):
             if not await self.journal.acquire_lease(self.cursor_name, self.owner, LEASE_MS):
+                # another replica delivers: follow its cursor, so lag() and caught_up() are true
+                self.cursor = max(self.cursor, await self.journal.cursor(self.cursor_name) or 0)
                 return 0
             self.cursor = await self.journal.cursor(self.cursor_name) or 0
         size = self.sink.config.batch_size

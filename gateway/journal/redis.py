@@ -1,260 +1,570 @@
 """The scale-out journal: Redis (Streams + Lua), shared by every gateway replica.
 
-Keys, under a prefix (default ``gw``; ``?prefix=`` on the URL changes it):
+Keys, under a prefix ``p`` (default ``gw``; ``?prefix=NAME`` on the URL or ``prefix=`` changes it):
 
-- ``{p}:requests`` — stream of raw requests; consumer group ``processors``: each request is
-  normalised by one replica; entries are deleted once processed (XLEN = unprocessed);
-- ``{p}:seen:{event id}`` — de-duplication, expiring after ``dedupe_window_seconds``;
-- ``{p}:events`` — stream of canonical events with explicit ids ``{seq}-0`` (``{p}:events:seq``);
-- ``{p}:cursors`` — hash: sink name → last delivered seq (only ever moves forward);
-- ``{p}:dead`` — hash: dead-letter id → JSON; ``{p}:lease:{name}`` — one replica delivers per sink.
+- ``{p}:requests`` — stream of raw requests (fields channel, received_at, body). Consumer group
+  ``processors``: each entry is handed to one replica (``XREADGROUP``); an entry a dead replica
+  had claimed is taken over after ``stale_ms`` (``XAUTOCLAIM``). Entries are acknowledged *and
+  deleted* once processed, so ``XLEN`` is the number of unprocessed requests (``pending``).
+  A request's ``seq`` is its stream id ``ms-n`` mapped to ``ms * 1_000_000 + n`` (increasing).
+- ``{p}:seen:{event id}`` — de-duplication, ``SET NX`` with ``EX dedupe_window_seconds``.
+- ``{p}:events`` — stream of canonical events (fields id, channel, conversation_id, received_at,
+  data) with explicit entry ids ``{seq}-0``; ``{p}:events:seq`` is the counter (``INCR``) that
+  gives each new event its int seq. The stream id *is* the index: ``events_after(seq)`` is
+  ``XRANGE {seq+1}-0 +``, ``prune`` is ``XTRIM MINID``.
+- ``{p}:cursors`` — hash: cursor name (``sink:{name}``) → last delivered seq (only moves forward).
+- ``{p}:lease:{name}`` — which replica delivers to a sink right now (``SET NX PX``, renewed).
+- dead letters: ``{p}:dead:letter:{id}`` (hash of the letter's fields), ``{p}:dead:seq`` (ids),
+  ``{p}:dead:ids`` / ``{p}:dead:sink:{sink}`` (sorted sets of ids: all / per sink),
+  ``{p}:dead:replay:{sink}`` (sorted set: marked for replay), ``{p}:dead:counts`` (hash per sink).
 
-Processing a batch is one Lua script: new ids are remembered, their events appended, the requests
-acknowledged and deleted — all or nothing. Durability is Redis's: run it with ``appendonly yes``
-and ``appendfsync always`` for per-write durability (``everysec`` may lose the last second).
+Processing a batch is one Lua script (atomic; a script is never interleaved with other commands):
+each event id not seen yet is remembered and its event appended, the batch's requests are
+acknowledged and deleted, the requests no channel could normalise become dead letters.
+
+Durability is Redis's own: run it with ``appendonly yes`` and ``appendfsync always`` and a 200 means
+the request is on disk (Redis fsyncs the AOF before it replies); with ``appendfsync everysec`` a
+Redis crash may lose up to one second of acknowledged webhooks. See ``docs/redis.md``.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import json
 import os
 import time
 import uuid
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+from gateway import logging as gwlog
 from gateway.config import GatewayConfig
 from gateway.journal import DeadLetter, NewEvent, RawRequest, StoredEvent
 
-GROUP = "processors"
-STALE_MS = 30_000  # a request claimed this long ago by a replica that died is taken over
+log = gwlog.get("gateway.journal.redis")
 
-_COMMIT = """
-local p, ttl, now, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+GROUP = "processors"
+STALE_MS = 30_000  # an entry claimed this long ago by a replica that went away is taken over
+IDLE_CONSUMER_MS = 3_600_000  # consumers without pending entries idle this long are forgotten
+ERASE_CHUNK = 1_000
+OUTAGE_BACKOFF_MAX = 5.0  # background loops wait for Redis to come back, retrying this often
+
+# A dead letter, in Lua: shared by the commit (requests no channel could normalise) and
+# add_dead_letters (events a sink gave up on).
+_ADD_DEAD = """
+local function add_dead(p, sink, event_id, data, received_at, reason, attempts, failed_at)
+  local id = redis.call('INCR', p .. ':dead:seq')
+  redis.call('HSET', p .. ':dead:letter:' .. id, 'sink', sink, 'event_id', event_id,
+             'data', data, 'received_at', received_at, 'reason', reason, 'attempts', attempts,
+             'failed_at', failed_at, 'state', 'dead')
+  redis.call('ZADD', p .. ':dead:ids', id, id)
+  redis.call('ZADD', p .. ':dead:sink:' .. sink, id, id)
+  redis.call('HINCRBY', p .. ':dead:counts', sink, 1)
+  return id
+end
+local function drop_dead(p, id)
+  local key = p .. ':dead:letter:' .. id
+  local sink = redis.call('HGET', key, 'sink')
+  redis.call('ZREM', p .. ':dead:ids', id)
+  if not sink then return false end
+  redis.call('DEL', key)
+  redis.call('ZREM', p .. ':dead:sink:' .. sink, id)
+  redis.call('ZREM', p .. ':dead:replay:' .. sink, id)
+  if redis.call('HINCRBY', p .. ':dead:counts', sink, -1) <= 0 then
+    redis.call('HDEL', p .. ':dead:counts', sink)
+  end
+  return true
+end
+"""
+
+# ARGV: prefix, ttl, now, group, n, n * (id, channel, conversation_id, received_at, data),
+#       acks, acks * stream id, failed, failed * (sink, event_id, data, received_at, reason).
+# Returns {seqs (0 = already seen), XLEN of the requests}.
+_COMMIT = _ADD_DEAD + """
+local p, ttl, now, group, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
 local seqs = {}
-local i = 5
+local i = 6
 for k = 1, n do
   local id, channel, conv, received, data = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4]
   i = i + 5
-  if redis.call('SET', p .. ':seen:' .. id, now, 'NX', 'EX', ttl) then
+  local seen = p .. ':seen:' .. id
+  if redis.call('EXISTS', seen) == 0 then
     local seq = redis.call('INCR', p .. ':events:seq')
     redis.call('XADD', p .. ':events', seq .. '-0', 'id', id, 'channel', channel,
                'conversation_id', conv, 'received_at', received, 'data', data)
+    redis.call('SET', seen, now, 'EX', ttl)
     seqs[k] = seq
   else
     seqs[k] = 0
   end
 end
+local requests = p .. ':requests'
 local acks = tonumber(ARGV[i])
 for k = 1, acks do
-  redis.call('XACK', p .. ':requests', 'processors', ARGV[i + k])
-  redis.call('XDEL', p .. ':requests', ARGV[i + k])
+  redis.call('XACK', requests, group, ARGV[i + k])
+  redis.call('XDEL', requests, ARGV[i + k])
 end
 i = i + acks + 1
-local dead = tonumber(ARGV[i])
-for k = 1, dead do
-  local letter_id = redis.call('INCR', p .. ':dead:seq')
-  redis.call('HSET', p .. ':dead', letter_id, ARGV[i + k])
+local failed = tonumber(ARGV[i])
+i = i + 1
+for k = 1, failed do
+  add_dead(p, ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], 1, now)
+  i = i + 5
 end
-return {seqs, redis.call('XLEN', p .. ':requests')}
+return {seqs, redis.call('XLEN', requests)}
 """
+
+# ARGV: prefix, now, then (sink, event_id, data, received_at, reason, attempts) per letter.
+_ADD_DEAD_LETTERS = _ADD_DEAD + """
+local p, now = ARGV[1], ARGV[2]
+for i = 3, #ARGV, 6 do
+  add_dead(p, ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], now)
+end
+return 1
+"""
+
+# ARGV: prefix, sink ('' = every sink), ids... (none = every letter). Returns how many.
+_REQUEST_REPLAY = """
+local p, sink = ARGV[1], ARGV[2]
+local ids = {}
+if #ARGV > 2 then
+  for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+elseif sink ~= '' then
+  ids = redis.call('ZRANGE', p .. ':dead:sink:' .. sink, 0, -1)
+else
+  ids = redis.call('ZRANGE', p .. ':dead:ids', 0, -1)
+end
+local count = 0
+for _, id in ipairs(ids) do
+  local key = p .. ':dead:letter:' .. id
+  local f = redis.call('HMGET', key, 'sink', 'state')
+  if f[1] and f[2] == 'dead' and string.sub(f[1], 1, 10) ~= 'normalise:'
+     and (sink == '' or f[1] == sink) then
+    redis.call('HSET', key, 'state', 'replay')
+    redis.call('ZADD', p .. ':dead:replay:' .. f[1], id, id)
+    count = count + 1
+  end
+end
+return count
+"""
+
+# ARGV: prefix, sink, limit. Takes the oldest letters marked for replay out of the store.
+_CLAIM_REPLAYS = _ADD_DEAD + """
+local p, sink = ARGV[1], ARGV[2]
+local ids = redis.call('ZRANGE', p .. ':dead:replay:' .. sink, 0, tonumber(ARGV[3]) - 1)
+local out = {}
+for _, id in ipairs(ids) do
+  local fields = redis.call('HGETALL', p .. ':dead:letter:' .. id)
+  if drop_dead(p, id) then
+    out[#out + 1] = id
+    out[#out + 1] = fields
+  else
+    redis.call('ZREM', p .. ':dead:replay:' .. sink, id)
+  end
+end
+return out
+"""
+
+# ARGV: prefix, ids... Deletes dead letters; returns how many existed.
+_DROP_DEAD = _ADD_DEAD + """
+local count = 0
+for i = 2, #ARGV do
+  if drop_dead(ARGV[1], ARGV[i]) then count = count + 1 end
+end
+return count
+"""
+
 _SET_CURSOR = """
 local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
 if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 1
 """
-_CLAIM_REPLAYS = """
-local out = {}
-local all = redis.call('HGETALL', KEYS[1])
-for k = 1, #all, 2 do
-  if #out >= tonumber(ARGV[2]) then break end
-  local letter = cjson.decode(all[k + 1])
-  if letter.sink == ARGV[1] and letter.state == 'replay' then
-    redis.call('HDEL', KEYS[1], all[k])
-    out[#out + 1] = all[k]
-    out[#out + 1] = all[k + 1]
-  end
-end
-return out
-"""
-_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+
+_ACQUIRE_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0
 """
 
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
-def _split_url(url: str) -> tuple[str, str]:
+
+def split_url(url: str) -> tuple[str, str | None]:
+    """The Redis URL without a ``prefix=`` query parameter, and that parameter (or None)."""
     parts = urlsplit(url)
-    prefix = parse_qs(parts.query).get("prefix", ["gw"])[0]
+    prefix = parse_qs(parts.query).get("prefix", [None])[0]
     query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("prefix="))
     return urlunsplit(parts._replace(query=query)), prefix
 
 
-def _seq(stream_id: bytes | str) -> int:
-    ms, _, n = (stream_id.decode() if isinstance(stream_id, bytes) else stream_id).partition("-")
+def request_seq(stream_id: bytes | str) -> int:
+    """A request stream id ``ms-n`` as an increasing int (``ms * 1_000_000 + n``)."""
+    ms, _, n = _str(stream_id).partition("-")
     return int(ms) * 1_000_000 + int(n or 0)
 
 
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class RedisJournal:
-    """The :class:`gateway.journal.Journal` on Redis, for several replicas."""
+    """The :class:`gateway.journal.Journal` on Redis, shared by several gateway replicas."""
 
     shared = True  # other replicas add events too: the dispatcher reads them from here
 
-    def __init__(self, config: GatewayConfig, prefix: str | None = None) -> None:
-        self.url, url_prefix = _split_url(config.queue.redis_url)
-        self.p = prefix or url_prefix
+    def __init__(self, config: GatewayConfig, prefix: str | None = None,
+                 stale_ms: int = STALE_MS, consumer: str | None = None) -> None:
+        self.url, url_prefix = split_url(config.queue.redis_url)
+        self.p = prefix or url_prefix or "gw"
         self.ttl = max(1, config.queue.dedupe_window_seconds)
-        self.pending = 0
-        self.consumer = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.stale_ms = stale_ms
+        self.consumer = consumer or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.pending = 0  # unprocessed requests, all replicas: XLEN, refreshed on every round trip
         self.redis = None
-        self._claimed: dict[int, str] = {}
+        self._claimed: dict[int, str] = {}  # seq → stream id: handed to us, not yet acked
+        self._reread = False
+        self._next_autoclaim = 0.0
+        self._leases: dict[str, str] = {}  # leases this instance holds: released on close
+        self.k_requests = f"{self.p}:requests"
+        self.k_events = f"{self.p}:events"
+        self.k_cursors = f"{self.p}:cursors"
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Connect, create the consumer group, count what is unprocessed."""
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialWithJitterBackoff
 
-        self.redis = aioredis.from_url(self.url)
-        try:
-            await self.redis.xgroup_create(f"{self.p}:requests", GROUP, id="0", mkstream=True)
-        except Exception as exc:  # noqa: BLE001 - BUSYGROUP: it exists already
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._commit = self.redis.register_script(_COMMIT)
-        self._set_cursor = self.redis.register_script(_SET_CURSOR)
-        self._claim_replays = self.redis.register_script(_CLAIM_REPLAYS)
-        self._lease = self.redis.register_script(_LEASE)
-        self.pending = await self.redis.xlen(f"{self.p}:requests")
+        # A blip is retried by the client (≈1 s at most, so a webhook is answered quickly: 500,
+        # and Meta retries); longer outages are waited out by the background loops (_outage).
+        self.redis = aioredis.from_url(
+            self.url, socket_connect_timeout=3, socket_timeout=15, socket_keepalive=True,
+            health_check_interval=30,
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 3))
+        await self._create_group()
+        register = self.redis.register_script
+        self._commit = register(_COMMIT)
+        self._add_dead = register(_ADD_DEAD_LETTERS)
+        self._request_replay = register(_REQUEST_REPLAY)
+        self._claim_replays = register(_CLAIM_REPLAYS)
+        self._drop_dead = register(_DROP_DEAD)
+        self._set_cursor = register(_SET_CURSOR)
+        self._acquire = register(_ACQUIRE_LEASE)
+        self._release = register(_RELEASE_LEASE)
+        self.pending = await self.redis.xlen(self.k_requests)
 
     async def close(self) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
-            self.redis = None
+        """Give back this instance's sink leases and forget this consumer if it owes nothing."""
+        if self.redis is None:
+            return
+        try:
+            for name, owner in list(self._leases.items()):
+                await self.release_lease(name, owner)
+            info = await self.redis.xinfo_consumers(self.k_requests, GROUP)
+            if any(_str(c["name"]) == self.consumer and not c["pending"] for c in info):
+                await self.redis.xgroup_delconsumer(self.k_requests, GROUP, self.consumer)
+        except Exception:  # noqa: BLE001, S110 - best effort: leases expire, consumers are pruned
+            pass
+        await self.redis.aclose()
+        self.redis = None
 
     async def ping(self) -> bool:
+        """Whether Redis answers (within 2 s)."""
         try:
-            return bool(await self.redis.ping())
+            return bool(await asyncio.wait_for(self.redis.ping(), timeout=2.0))
         except Exception:  # noqa: BLE001 - readiness is a yes/no question
             return False
 
+    async def _create_group(self) -> None:
+        from redis.exceptions import ResponseError
+
+        try:
+            await self.redis.xgroup_create(self.k_requests, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # -- requests ----------------------------------------------------------------------------
+
     async def append(self, channel: str, body: bytes, received_at: float) -> None:
-        await self.redis.xadd(f"{self.p}:requests",
-                              {"channel": channel, "received_at": repr(received_at), "body": body})
-        self.pending += 1
+        """XADD the raw request (durable once Redis answers, with appendfsync always); one round
+        trip that also refreshes ``pending`` (XLEN: every replica's unprocessed requests)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(self.k_requests,
+                      {"channel": channel, "received_at": repr(received_at), "body": body})
+            pipe.xlen(self.k_requests)
+            _, self.pending = await pipe.execute()
+
+    async def _outage(self, what: str, call):
+        """``await call()``; while Redis is unreachable (or read-only during a fail-over), wait
+        and try again — the processor and the sink workers pause instead of dying."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import ReadOnlyError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError) as exc:
+                log.warning("redis_unavailable", operation=what, error=repr(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(OUTAGE_BACKOFF_MAX, delay * 2)
 
     async def unprocessed(self, limit: int) -> list[RawRequest]:
-        stream = f"{self.p}:requests"
-        _, stale, _ = await self.redis.xautoclaim(stream, GROUP, self.consumer, STALE_MS,
-                                                   "0-0", count=limit)
-        fresh = await self.redis.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=limit)
-        entries = list(stale or []) + [e for _, items in fresh or [] for e in items]
+        """Requests for this replica to process, oldest first: those it was handed and has not
+        committed yet, those of replicas idle for ``stale_ms`` (taken over), then new ones.
+        Waits while Redis is unreachable."""
+        async def attempt() -> list[RawRequest]:
+            try:
+                return await self._unprocessed(limit)
+            except BaseException:
+                self._reread = True  # entries may have been handed to us with the reply lost
+                raise
+
+        return await self._outage("unprocessed", attempt)
+
+    async def _unprocessed(self, limit: int) -> list[RawRequest]:
+        from redis.exceptions import ResponseError
+
+        try:
+            entries = await self._read(limit)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._create_group()  # the stream was deleted (FLUSHDB?): start over
+            entries = await self._read(limit)
+        self._claimed = {}
         found = []
+        gone = []
         for stream_id, fields in entries:
-            if not fields:
+            if not fields:  # deleted (processed by a replica that took it over): forget it
+                gone.append(stream_id)
                 continue
-            seq = _seq(stream_id)
-            self._claimed[seq] = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
-            found.append(RawRequest(seq, fields[b"channel"].decode(),
-                                    float(fields[b"received_at"]), fields[b"body"]))
+            seq = request_seq(stream_id)
+            self._claimed[seq] = _str(stream_id)
+            found.append(RawRequest(seq, _str(fields[b"channel"]), float(fields[b"received_at"]),
+                                    bytes(fields[b"body"])))
+        if gone:
+            await self.redis.xack(self.k_requests, GROUP, *gone)
         found.sort(key=lambda r: r.seq)
-        self.pending = await self.redis.xlen(stream)
+        self.pending = await self.redis.xlen(self.k_requests)
         return found
+
+    async def _read(self, limit: int) -> list:
+        stream = self.k_requests
+        entries: list = []
+        if self._claimed or self._reread:  # handed to us before, not committed: again
+            mine = await self.redis.xreadgroup(GROUP, self.consumer, {stream: "0"}, count=limit)
+            entries += [e for _, items in mine or [] for e in items]
+            self._reread = False
+        now = time.monotonic()
+        if len(entries) < limit and now >= self._next_autoclaim:
+            self._next_autoclaim = now + min(5.0, self.stale_ms / 2000)
+            claimed = await self.redis.xautoclaim(stream, GROUP, self.consumer, self.stale_ms,
+                                                  "0-0", count=limit - len(entries))
+            entries += list(claimed[1] or [])
+        if len(entries) < limit:
+            fresh = await self.redis.xreadgroup(GROUP, self.consumer, {stream: ">"},
+                                                count=limit - len(entries))
+            entries += [e for _, items in fresh or [] for e in items]
+        return entries
 
     async def commit_processed(self, upto: int, events: list[NewEvent],
                                failed: list[tuple[RawRequest, str]]) -> list[int | None]:
+        """Atomically: store the events whose ids are new (``SET NX``-style on ``seen``, ``XADD``),
+        acknowledge and delete the requests handed to us up to ``upto``, dead-letter ``failed``.
+
+        Returns each event's new sequence number, or None where its id was already seen. Waits
+        while Redis is unreachable (a retried script that had run reports its events as seen).
+        """
+        return await self._outage("commit_processed",
+                                  lambda: self._commit_processed(upto, events, failed))
+
+    async def _commit_processed(self, upto: int, events: list[NewEvent],
+                                failed: list[tuple[RawRequest, str]]) -> list[int | None]:
         acks = [sid for seq, sid in self._claimed.items() if seq <= upto]
-        args: list = [self.p, self.ttl, repr(time.time()), len(events)]
+        args: list = [self.p, self.ttl, repr(time.time()), GROUP, len(events)]
         for ev in events:
             args += [ev.id, ev.channel, ev.conversation_id, repr(ev.received_at), ev.data]
         args += [len(acks), *acks, len(failed)]
-        now = time.time()
-        args += [json.dumps({"sink": f"normalise:{req.channel}", "event_id": f"request:{req.seq}",
-                             "data": base64.b64encode(req.body).decode(), "received_at": req.received_at,
-                             "reason": reason, "attempts": 1, "failed_at": now, "state": "dead"})
-                 for req, reason in failed]
+        for req, reason in failed:
+            args += [f"normalise:{req.channel}", f"request:{req.seq}", req.body,
+                     repr(req.received_at), reason]
         seqs, pending = await self._commit(args=args)
         for seq in [s for s in self._claimed if s <= upto]:
             del self._claimed[seq]
         self.pending = int(pending)
         return [int(s) or None for s in seqs]
 
+    # -- events and cursors ------------------------------------------------------------------
+
     async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:
-        entries = await self.redis.xrange(f"{self.p}:events", min=f"{seq + 1}-0", max="+",
-                                          count=limit)
-        return [StoredEvent(int(sid.split(b"-")[0]), fields[b"data"], float(fields[b"received_at"]))
-                for sid, fields in entries]
+        """Events with a sequence number above ``seq``, oldest first."""
+        entries = await self._outage("events_after", lambda: self.redis.xrange(
+            self.k_events, min=f"{seq + 1}-0", max="+", count=limit))
+        return [StoredEvent(int(_str(sid).split("-")[0]), bytes(fields[b"data"]),
+                            float(fields[b"received_at"])) for sid, fields in entries]
 
     async def last_event_seq(self) -> int:
+        """The newest event's sequence number (0 when none was ever stored)."""
         return int(await self.redis.get(f"{self.p}:events:seq") or 0)
 
     async def cursor(self, name: str) -> int | None:
-        value = await self.redis.hget(f"{self.p}:cursors", name)
+        """A named position (a sink's last delivered event); None when never set."""
+        value = await self._outage("cursor", lambda: self.redis.hget(self.k_cursors, name))
         return None if value is None else int(value)
 
     async def set_cursor(self, name: str, seq: int) -> None:
-        await self._set_cursor(keys=[f"{self.p}:cursors"], args=[name, seq])
-
-    async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
-        """Take or renew the right to deliver to one sink (one replica at a time)."""
-        return bool(await self._lease(keys=[f"{self.p}:lease:{name}"], args=[owner, ttl_ms]))
-
-    async def add_dead_letters(self, sink: str, items: list[tuple[StoredEvent, str, str, int]]) -> None:
-        now = time.time()
-        for ev, event_id, reason, attempts in items:
-            letter_id = await self.redis.incr(f"{self.p}:dead:seq")
-            await self.redis.hset(f"{self.p}:dead", letter_id, json.dumps({
-                "sink": sink, "event_id": event_id, "data": base64.b64encode(ev.data).decode(),
-                "received_at": ev.received_at, "reason": reason[:2000], "attempts": attempts,
-                "failed_at": now, "state": "dead"}))
-
-    async def _letters(self) -> list[DeadLetter]:
-        found = []
-        for key, value in (await self.redis.hgetall(f"{self.p}:dead")).items():
-            found.append(_letter(int(key), value))
-        return sorted(found, key=lambda d: d.id)
-
-    async def dead_letters(self, sink: str | None = None, limit: int = 100) -> list[DeadLetter]:
-        return [d for d in await self._letters() if sink in (None, d.sink)][:limit]
-
-    async def dead_letter_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for letter in await self._letters():
-            counts[letter.sink] = counts.get(letter.sink, 0) + 1
-        return counts
-
-    async def request_replay(self, sink: str | None = None, ids: list[int] | None = None) -> int:
-        count = 0
-        for letter in await self._letters():
-            if letter.state != "dead" or letter.sink.startswith("normalise:"):
-                continue
-            if (sink and letter.sink != sink) or (ids and letter.id not in ids):
-                continue
-            raw = json.loads(await self.redis.hget(f"{self.p}:dead", letter.id))
-            raw["state"] = "replay"
-            await self.redis.hset(f"{self.p}:dead", letter.id, json.dumps(raw))
-            count += 1
-        return count
-
-    async def claim_replays(self, sink: str, limit: int) -> list[DeadLetter]:
-        flat = await self._claim_replays(keys=[f"{self.p}:dead"], args=[sink, limit])
-        return [_letter(int(flat[k]), flat[k + 1]) for k in range(0, len(flat), 2)]
-
-    async def prune(self, now: float) -> None:
-        cursors = [int(v) for v in (await self.redis.hgetall(f"{self.p}:cursors")).values()]
-        if cursors:
-            await self.redis.xtrim(f"{self.p}:events", minid=f"{min(cursors) + 1}-0",
-                                   approximate=False)
+        """Move a named position forward (never back)."""
+        await self._outage("set_cursor", lambda: self._set_cursor(keys=[self.k_cursors],
+                                                                   args=[name, int(seq)]))
 
     async def forget_cursors(self, keep: set[str]) -> None:
-        names = [n.decode() for n in await self.redis.hkeys(f"{self.p}:cursors")]
+        """Drop the cursors of sinks no longer configured, so they do not pin old events."""
+        names = [_str(n) for n in await self.redis.hkeys(self.k_cursors)]
         stale = [n for n in names if n.startswith("sink:") and n[5:] not in keep]
         if stale:
-            await self.redis.hdel(f"{self.p}:cursors", *stale)
+            await self.redis.hdel(self.k_cursors, *stale)
+
+    async def prune(self, now: float) -> None:
+        """Drop events every sink cursor has passed (``seen`` ids expire by themselves), and
+        forget consumers of replicas long gone that hold nothing."""
+        cursors = await self.redis.hgetall(self.k_cursors)
+        low = [int(v) for k, v in cursors.items() if _str(k).startswith("sink:")]
+        if low:
+            await self.redis.xtrim(self.k_events, minid=f"{min(low) + 1}-0", approximate=False)
+        try:
+            consumers = await self.redis.xinfo_consumers(self.k_requests, GROUP)
+        except Exception:  # noqa: BLE001 - no group yet: nothing to forget
+            return
+        for c in consumers:
+            name = _str(c["name"])
+            if name != self.consumer and not c["pending"] and c["idle"] > IDLE_CONSUMER_MS:
+                await self.redis.xgroup_delconsumer(self.k_requests, GROUP, name)
+
+    # -- sink leases (one replica delivers to a sink at a time) --------------------------------
+
+    async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Take, or renew if ``owner`` holds it, the lease ``name`` for ``ttl_ms``; True if held.
+        False too when Redis cannot be reached: whoever cannot renew must stop delivering."""
+        from redis.exceptions import RedisError
+
+        try:
+            held = bool(await self._acquire(keys=[f"{self.p}:lease:{name}"], args=[owner, ttl_ms]))
+        except (RedisError, OSError) as exc:
+            log.warning("redis_unavailable", operation="acquire_lease", error=repr(exc))
+            await asyncio.sleep(0.5)
+            held = False
+        if held:
+            self._leases[name] = owner
+        elif self._leases.get(name) == owner:
+            del self._leases[name]
+        return held
+
+    async def release_lease(self, name: str, owner: str) -> bool:
+        """Give the lease back if ``owner`` holds it (another replica may take it at once)."""
+        if self._leases.get(name) == owner:
+            del self._leases[name]
+        return bool(await self._release(keys=[f"{self.p}:lease:{name}"], args=[owner]))
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    async def add_dead_letters(self, sink: str,
+                               items: list[tuple[StoredEvent, str, str, int]]) -> None:
+        """Store (event, event id, reason, attempts) tuples a sink gave up on (atomically)."""
+        if not items:
+            return
+        args: list = [self.p, repr(time.time())]
+        for ev, event_id, reason, attempts in items:
+            args += [sink, event_id, ev.data, repr(ev.received_at), reason[:2000], attempts]
+        await self._outage("add_dead_letters", lambda: self._add_dead(args=args))
+
+    async def dead_letters(self, sink: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first, optionally of one sink."""
+        index = f"{self.p}:dead:sink:{sink}" if sink else f"{self.p}:dead:ids"
+        ids = [int(i) for i in await self.redis.zrange(index, 0, limit - 1)]
+        return await self._letters(ids)
+
+    async def _letters(self, ids: list[int]) -> list[DeadLetter]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for letter_id in ids:
+                pipe.hgetall(f"{self.p}:dead:letter:{letter_id}")
+            found = await pipe.execute() if ids else []
+        return [_letter(i, f) for i, f in zip(ids, found, strict=True) if f]
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters per sink (those waiting for replay included)."""
+        counts = await self.redis.hgetall(f"{self.p}:dead:counts")
+        return {_str(k): int(v) for k, v in counts.items() if int(v) > 0}
+
+    async def request_replay(self, sink: str | None = None, ids: list[int] | None = None) -> int:
+        """Mark dead letters for redelivery by the running gateways; return how many."""
+        return int(await self._request_replay(args=[self.p, sink or "", *(ids or [])]))
+
+    async def claim_replays(self, sink: str, limit: int) -> list[DeadLetter]:
+        """Take dead letters marked for replay out of the store (the caller redelivers them);
+        atomic, so with several replicas each letter is claimed by one."""
+        flat = await self._outage("claim_replays",
+                                  lambda: self._claim_replays(args=[self.p, sink, limit]))
+        return [_letter(int(flat[k]), _pairs(flat[k + 1])) for k in range(0, len(flat), 2)]
+
+    # -- GDPR ----------------------------------------------------------------------------------
+
+    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
+        """GDPR: delete one contact's events and dead letters; return how many of each.
+
+        Same rules as :meth:`gateway.journal.sqlite.SqliteJournal.erase_contact`: an event belongs
+        to the contact when its channel matches and its customer is ``contact_id``; a raw request
+        dead letter when it came from ``channel`` and its body holds ``contact_id`` as a JSON
+        string. The ``seen`` ids stay (opaque hashes, expiring with the de-duplication window).
+        """
+        from gateway.events import decode
+
+        needle = json.dumps(contact_id).encode()
+        suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
+
+        def mine(data: bytes, sink: str) -> bool:
+            try:
+                event = decode(data)
+            except Exception:  # noqa: BLE001 - a raw request, not an event
+                return sink == f"normalise:{channel}" and needle in bytes(data)
+            return event.channel == channel and event.customer_id == contact_id
+
+        events = 0
+        start = "-"
+        while True:
+            entries = await self.redis.xrange(self.k_events, min=start, max="+", count=ERASE_CHUNK)
+            doomed = [sid for sid, f in entries
+                      if _str(f[b"channel"]) == channel
+                      and _str(f[b"conversation_id"]).endswith(suffix) and mine(f[b"data"], "")]
+            if doomed:
+                events += await self.redis.xdel(self.k_events, *doomed)
+            if len(entries) < ERASE_CHUNK:
+                break
+            start = "(" + _str(entries[-1][0])
+        letters = 0
+        ids = [int(i) for i in await self.redis.zrange(f"{self.p}:dead:ids", 0, -1)]
+        for chunk in range(0, len(ids), ERASE_CHUNK):
+            found = await self._letters(ids[chunk:chunk + ERASE_CHUNK])
+            doomed_letters = [d.id for d in found if mine(d.data, d.sink)]
+            if doomed_letters:
+                letters += int(await self._drop_dead(args=[self.p, *doomed_letters]))
+        return {"events": events, "dead_letters": letters}
 
 
-def _letter(letter_id: int, raw: bytes | str) -> DeadLetter:
-    d = json.loads(raw)
-    return DeadLetter(letter_id, d["sink"], d["event_id"], base64.b64decode(d["data"]),
-                      d["received_at"], d["reason"], d["attempts"], d["failed_at"], d["state"])
+def _pairs(flat: list) -> dict[bytes, bytes]:
+    return {flat[k]: flat[k + 1] for k in range(0, len(flat), 2)}
+
+
+def _letter(letter_id: int, f: dict[bytes, bytes]) -> DeadLetter:
+    return DeadLetter(letter_id, _str(f[b"sink"]), _str(f[b"event_id"]), bytes(f[b"data"]),
+                      float(f[b"received_at"]), _str(f[b"reason"]), int(f[b"attempts"]),
+                      float(f[b"failed_at"]), _str(f[b"state"]))

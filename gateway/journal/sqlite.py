@@ -187,6 +187,42 @@ class SqliteJournal:
         await self._writer.run(lambda c: c.execute(
             f"DELETE FROM cursors WHERE name LIKE 'sink:%' AND name NOT IN ({marks})", names))
 
+    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
+        """GDPR: delete one contact's events and dead letters; return how many of each.
+
+        An event belongs to the contact when its channel matches and its customer (the sender of
+        inbound events, the recipient of outbound ones) is ``contact_id``. A dead letter that is
+        not an event (a raw request the channel could not normalise) is deleted when it came
+        from ``channel`` and its body holds ``contact_id`` as a JSON string. The de-duplication
+        ids (``seen``) stay: they are opaque hashes, and keep a redelivered old payload a duplicate.
+        """
+        import json
+
+        from gateway.events import decode
+
+        needle = json.dumps(contact_id).encode()
+        suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
+
+        def mine(data: bytes, sink: str) -> bool:
+            try:
+                event = decode(data)
+            except Exception:  # noqa: BLE001 - a raw request, not an event
+                return sink == f"normalise:{channel}" and needle in bytes(data)
+            return event.channel == channel and event.customer_id == contact_id
+
+        def work(c: sqlite3.Connection) -> dict[str, int]:
+            rows = c.execute(
+                "SELECT seq, data FROM events WHERE channel = ? AND substr(conversation_id, ?) = ?",
+                (channel, -len(suffix), suffix)).fetchall()
+            events = [(seq,) for seq, data in rows if mine(data, "")]
+            c.executemany("DELETE FROM events WHERE seq = ?", events)
+            dead = [(i,) for i, sink, data in c.execute("SELECT id, sink, data FROM dead_letters")
+                    if mine(data, sink)]
+            c.executemany("DELETE FROM dead_letters WHERE id = ?", dead)
+            return {"events": len(events), "dead_letters": len(dead)}
+
+        return await self._writer.run(work)
+
 
 def _store_new(c: sqlite3.Connection, events: list[NewEvent], now: float) -> list[int | None]:
     """Insert the events whose ids were never seen (nor earlier in ``events``); their new seqs."""

@@ -1,10 +1,13 @@
-"""The Journal protocol's semantics, for both backends (SQLite and Redis)."""
+"""The Journal protocol's semantics, for both backends (SQLite and Redis on a real redis-server)."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import pytest
 
 from gateway import config as gwconfig
+from gateway.events import Message, Party, conversation_id, encode
 from gateway.journal import NewEvent, StoredEvent
 from gateway.journal.sqlite import SqliteJournal
 
@@ -29,6 +32,23 @@ def ev(i: str, conv: str = "c") -> NewEvent:
     return NewEvent(i, "whatsapp", conv, f'{{"id":"{i}"}}'.encode(), 1.5)
 
 
+def message(i: str, customer: str, channel: str = "whatsapp") -> NewEvent:
+    conv = conversation_id(channel, "acct", customer)
+    event = Message(schema=1, id=i, channel=channel, direction="inbound", account_id="acct",
+                    conversation_id=conv, sender=Party(customer), recipient=Party("acct"),
+                    timestamp=datetime(2026, 1, 1, tzinfo=UTC), type="text", text="hi")
+    return NewEvent(i, channel, conv, encode(event), 2.5)
+
+
+async def test_empty(journal):
+    assert journal.pending == 0
+    assert await journal.unprocessed(10) == []
+    assert await journal.events_after(0, 10) == []
+    assert await journal.last_event_seq() == 0
+    assert await journal.dead_letters() == [] and await journal.dead_letter_counts() == {}
+    assert await journal.ping()
+
+
 async def test_append_process_dedupe(journal):
     for n in range(3):
         await journal.append("whatsapp", f"body{n}".encode(), 10.0 + n)
@@ -36,17 +56,51 @@ async def test_append_process_dedupe(journal):
     requests = await journal.unprocessed(10)
     assert [r.body for r in requests] == [b"body0", b"body1", b"body2"]
     assert [r.channel for r in requests] == ["whatsapp"] * 3
+    assert [r.received_at for r in requests] == [10.0, 11.0, 12.0]
+    assert [r.seq for r in requests] == sorted({r.seq for r in requests})
     seqs = await journal.commit_processed(requests[-1].seq, [ev("a"), ev("b"), ev("a")], [])
     assert seqs[0] and seqs[1] and seqs[2] is None and seqs[1] > seqs[0]
     assert journal.pending == 0 and await journal.unprocessed(10) == []
     await journal.append("whatsapp", b"again", 20.0)
+    assert journal.pending == 1
     requests = await journal.unprocessed(10)
-    assert (await journal.commit_processed(requests[-1].seq, [ev("b"), ev("c")], []))[0] is None
+    assert await journal.commit_processed(requests[-1].seq, [ev("b"), ev("c")], []) == [
+        None, seqs[1] + 1]
     stored = await journal.events_after(0, 10)
     assert [s.data for s in stored] == [b'{"id":"a"}', b'{"id":"b"}', b'{"id":"c"}']
+    assert [s.received_at for s in stored] == [1.5] * 3
     assert await journal.last_event_seq() == stored[-1].seq
-    assert [s.seq for s in await journal.events_after(stored[0].seq, 10)] == [s.seq for s in stored[1:]]
+    after_first = await journal.events_after(stored[0].seq, 10)
+    assert [s.seq for s in after_first] == [s.seq for s in stored[1:]]
     assert [s.seq for s in await journal.events_after(0, 2)] == [s.seq for s in stored[:2]]
+    assert await journal.events_after(stored[-1].seq, 10) == []
+
+
+async def test_uncommitted_requests_are_offered_again(journal):
+    for n in range(4):
+        await journal.append("whatsapp", f"r{n}".encode(), 1.0)
+    first = await journal.unprocessed(10)
+    again = await journal.unprocessed(10)  # e.g. the commit failed: the same batch, in order
+    assert [r.body for r in again] == [r.body for r in first] == [b"r0", b"r1", b"r2", b"r3"]
+    assert [r.seq for r in again] == [r.seq for r in first]
+    await journal.commit_processed(again[1].seq, [], [])  # only the first two
+    assert journal.pending == 2
+    rest = await journal.unprocessed(10)
+    assert [r.body for r in rest] == [b"r2", b"r3"]
+    await journal.commit_processed(rest[-1].seq, [], [])
+    assert journal.pending == 0 and await journal.unprocessed(10) == []
+
+
+async def test_unprocessed_honours_limit(journal):
+    for n in range(5):
+        await journal.append("instagram", f"r{n}".encode(), 1.0)
+    batch = await journal.unprocessed(2)
+    assert [r.body for r in batch] == [b"r0", b"r1"]
+    await journal.commit_processed(batch[-1].seq, [], [])
+    batch = await journal.unprocessed(2)
+    assert [r.body for r in batch] == [b"r2", b"r3"] and batch[0].channel == "instagram"
+    await journal.commit_processed(batch[-1].seq, [], [])
+    assert journal.pending == 1
 
 
 async def test_cursors_start_unset_and_only_move_forward(journal):
@@ -54,23 +108,43 @@ async def test_cursors_start_unset_and_only_move_forward(journal):
     await journal.set_cursor("sink:x", 5)
     await journal.set_cursor("sink:x", 3)
     assert await journal.cursor("sink:x") == 5
-    await journal.set_cursor("sink:x", 0)
+    await journal.set_cursor("sink:x", 9)
+    assert await journal.cursor("sink:x") == 9
     await journal.set_cursor("sink:y", 0)
     assert await journal.cursor("sink:y") == 0
+
+
+async def test_forget_cursors_keeps_configured_sinks(journal):
+    await journal.set_cursor("sink:keep", 1)
+    await journal.set_cursor("sink:gone", 1)
+    await journal.forget_cursors({"keep"})
+    assert await journal.cursor("sink:keep") == 1 and await journal.cursor("sink:gone") is None
 
 
 async def test_dead_letters_and_replay(journal):
     stored = StoredEvent(1, b'{"id":"a"}', 2.0)
     await journal.add_dead_letters("s1", [(stored, "a", "Boom: broken", 3)])
     await journal.add_dead_letters("s2", [(stored, "a", "Other", 1)])
+    await journal.add_dead_letters("s1", [(StoredEvent(2, b'{"id":"b"}', 3.0), "b", "x" * 3000, 2)])
     letters = await journal.dead_letters("s1")
-    assert [(d.sink, d.event_id, d.data, d.reason, d.attempts, d.state) for d in letters] == [
-        ("s1", "a", b'{"id":"a"}', "Boom: broken", 3, "dead")]
-    assert await journal.dead_letter_counts() == {"s1": 1, "s2": 1}
+    assert [(d.sink, d.event_id, d.data, d.received_at, d.reason[:12], d.attempts, d.state)
+            for d in letters] == [("s1", "a", b'{"id":"a"}', 2.0, "Boom: broken", 3, "dead"),
+                                  ("s1", "b", b'{"id":"b"}', 3.0, "xxxxxxxxxxxx", 2, "dead")]
+    assert len(letters[1].reason) == 2000 and letters[0].id < letters[1].id
+    assert [d.sink for d in await journal.dead_letters()] == ["s1", "s2", "s1"]
+    assert len(await journal.dead_letters(limit=2)) == 2
+    assert await journal.dead_letter_counts() == {"s1": 2, "s2": 1}
     assert await journal.claim_replays("s1", 10) == []
-    assert await journal.request_replay("s1") == 1
+    assert await journal.request_replay("s1", [letters[0].id]) == 1
+    assert [d.state for d in await journal.dead_letters("s1")] == ["replay", "dead"]
+    assert await journal.request_replay("s1", [letters[0].id]) == 0  # already marked
+    assert await journal.claim_replays("s2", 10) == []
     claimed = await journal.claim_replays("s1", 10)
-    assert [d.event_id for d in claimed] == ["a"] and await journal.dead_letters("s1") == []
+    assert [(d.id, d.event_id, d.data) for d in claimed] == [(letters[0].id, "a", b'{"id":"a"}')]
+    assert await journal.claim_replays("s1", 10) == []  # taken out: claimed once
+    assert [d.event_id for d in await journal.dead_letters("s1")] == ["b"]
+    assert await journal.request_replay() == 2
+    assert [d.event_id for d in await journal.claim_replays("s1", 1)] == ["b"]
     assert await journal.dead_letter_counts() == {"s2": 1}
 
 
@@ -79,17 +153,45 @@ async def test_normalise_failures_are_kept_with_the_raw_body(journal):
     (request,) = await journal.unprocessed(10)
     await journal.commit_processed(request.seq, [], [(request, "ValueError('bug')")])
     (letter,) = await journal.dead_letters()
-    assert letter.sink == "normalise:whatsapp" and letter.data == b"raw-bytes"
+    assert (letter.sink, letter.event_id, letter.data, letter.reason, letter.attempts) == (
+        "normalise:whatsapp", f"request:{request.seq}", b"raw-bytes", "ValueError('bug')", 1)
+    assert letter.received_at == 1.0 and letter.state == "dead"
     assert journal.pending == 0
     assert await journal.request_replay() == 0  # raw requests are not events: never replayed
+    assert await journal.dead_letter_counts() == {"normalise:whatsapp": 1}
 
 
 async def test_prune_drops_what_every_sink_has_passed(journal):
     await journal.append("whatsapp", b"x", 1.0)
     (request,) = await journal.unprocessed(10)
     seqs = await journal.commit_processed(request.seq, [ev("p1"), ev("p2"), ev("p3")], [])
+    await journal.prune(10**10)  # no sink cursor yet: nothing can go
+    assert len(await journal.events_after(0, 10)) == 3
     await journal.set_cursor("sink:a", seqs[1])
     await journal.set_cursor("sink:b", seqs[2])
+    await journal.set_cursor("other", seqs[0])  # only sink cursors pin events
     await journal.prune(10**10)
     assert [s.seq for s in await journal.events_after(0, 10)] == [seqs[2]]
-    assert await journal.ping()
+    assert await journal.last_event_seq() == seqs[2]
+    await journal.append("whatsapp", b"y", 2.0)
+    (request,) = await journal.unprocessed(10)
+    assert await journal.commit_processed(request.seq, [ev("p4")], []) == [seqs[2] + 1]
+
+
+async def test_erase_contact(journal):
+    await journal.append("whatsapp", b'{"from": "111"}', 1.0)
+    await journal.append("whatsapp", b"broken", 1.0)
+    batch = await journal.unprocessed(10)
+    events = [message("m1", "111"), message("m2", "222"), message("m3", "111"),
+              message("m4", "111", channel="instagram")]
+    seqs = await journal.commit_processed(batch[-1].seq, events,
+                                          [(batch[0], "bad"), (batch[1], "bad")])
+    await journal.add_dead_letters("s", [(StoredEvent(seqs[0], events[0].data, 1.0), "m1", "r", 1),
+                                         (StoredEvent(seqs[1], events[1].data, 1.0), "m2", "r", 1)])
+    assert await journal.erase_contact("whatsapp", "111") == {"events": 2, "dead_letters": 2}
+    left = await journal.events_after(0, 10)
+    assert [s.seq for s in left] == [seqs[1], seqs[3]]
+    assert sorted(d.event_id for d in await journal.dead_letters()) == [
+        "m2", f"request:{batch[1].seq}"]
+    assert await journal.dead_letter_counts() == {"s": 1, "normalise:whatsapp": 1}
+    assert await journal.erase_contact("whatsapp", "111") == {"events": 0, "dead_letters": 0}

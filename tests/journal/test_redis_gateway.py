@@ -18,7 +18,8 @@ class Shared:
     """A sink plugin whose sinks (one per replica) record into one shared list."""
 
     def __init__(self) -> None:
-        self.delivered: list[str] = []
+        self.delivered: list[tuple[int, str]] = []  # (which replica's sink, event id)
+        self.instances = 0
 
     @hookimpl
     def register_sinks(self, config):
@@ -26,14 +27,26 @@ class Shared:
         if table is None:
             return []
         shared = self
+        shared.instances += 1
+        replica = shared.instances
 
         class Recording(Sink):
             name = "rec"
 
             async def write(self, records):
-                shared.delivered.extend(r.event.id for r in records)
+                shared.delivered.extend((replica, r.event.id) for r in records)
 
         return [Recording(table)]
+
+    def ids(self) -> list[str]:
+        return [event_id for _, event_id in self.delivered]
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
 
 
 async def test_two_replicas_deliver_every_event_exactly_once(gateway, redis_url):
@@ -48,15 +61,43 @@ async def test_two_replicas_deliver_every_event_exactly_once(gateway, redis_url)
         assert (await replicas[i % 2].post("whatsapp", body))[0] == 200
         assert (await replicas[(i + 1) % 2].post("whatsapp", body))[0] == 200  # Meta redelivers
         expected += len(expected_files()[name]["events"])
-    for _ in range(200):
-        if len(plugin.delivered) >= expected:
-            break
-        await asyncio.sleep(0.05)
+    await wait_for(lambda: len(plugin.delivered) >= expected)
+    for replica in replicas:  # both see the shared cursor: caught up, nothing pending
+        await replica.settle()
     await asyncio.sleep(0.5)  # a second delivery would show up now
-    assert len(plugin.delivered) == expected == len(set(plugin.delivered))
-    duplicates = sum(r.app[keys.METRICS].registry.get_sample_value(
-        "gateway_duplicate_events_total", {"channel": "whatsapp"}) or 0 for r in replicas)
+    assert len(plugin.ids()) == expected == len(set(plugin.ids()))
+    assert len({who for who, _ in plugin.delivered}) == 1  # one replica holds the sink's lease
+    registries = [r.app[keys.METRICS].registry for r in replicas]
+    duplicates = sum(reg.get_sample_value("gateway_duplicate_events_total",
+                                          {"channel": "whatsapp"}) or 0 for reg in registries)
     assert duplicates == expected
+    fresh = sum(reg.get_sample_value("gateway_webhook_requests_total",
+                                     {"channel": "whatsapp", "outcome": "accepted"}) or 0
+                for reg in registries)
+    assert fresh == 2 * len(FILES)
+
+
+async def test_the_other_replica_takes_over_the_sink_when_one_stops(gateway, redis_url):
+    plugin = Shared()
+    extra = f'[queue]\nbackend = "redis"\nredis_url = "{redis_url}"'
+    replicas = [await gateway(extra=extra, extra_plugins=[plugin], sinks="[sinks.rec]\n")
+                for _ in range(2)]
+    first = fixture_bytes("whatsapp/text.json")
+    assert (await replicas[1].post("whatsapp", first))[0] == 200
+    await wait_for(lambda: len(plugin.delivered) == 1)
+    holder = plugin.delivered[0][0]  # replica number (1-based) whose sink delivered
+    stopping, staying = replicas[holder - 1], replicas[2 - holder]
+    await stopping.session.close()
+    await stopping.server.close()  # graceful: drains, then gives its leases back
+    second = fixture_bytes("whatsapp/image.json")
+    assert (await staying.post("whatsapp", second))[0] == 200
+    assert (await staying.post("whatsapp", first))[0] == 200  # already delivered: a duplicate
+    # well within the 10 s lease: the stopped replica released it rather than letting it expire
+    await wait_for(lambda: len(plugin.delivered) == 2, timeout=5.0)
+    await staying.settle()
+    await asyncio.sleep(0.3)
+    assert [who for who, _ in plugin.delivered] == [holder, 3 - holder]
+    assert len(set(plugin.ids())) == 2
 
 
 async def test_readiness_reports_redis(gateway, redis_url):
