@@ -11,7 +11,7 @@ import pluggy
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway import intake, keys, plugins
+from gateway import erasure, intake, keys, plugins
 from gateway import logging as gwlog
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher
@@ -59,6 +59,7 @@ def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
     app.router.add_post("/webhooks/{channel}", intake.receive)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_routes(erasure.routes())
     app.router.add_routes(outbound_api.routes())
     if config.server.metrics_port == config.server.port:
         app.router.add_get("/metrics", metrics_handler)

@@ -1,0 +1,51 @@
+"""``gateway firestore indexes``: the Firestore sink's indexes as ``firestore.indexes.json``.
+
+    gateway firestore indexes [--config gateway.toml] > firestore.indexes.json
+    firebase deploy --only firestore:indexes      # or: gcloud firestore indexes composite create
+
+The collection names carry ``[sinks.firestore].collection_prefix`` from the config (or
+``--prefix``). Also runnable as ``python -m sinks.firestore.cli indexes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+INDEXES = Path(__file__).with_name("indexes.json")
+
+
+def indexes(prefix: str = "") -> dict[str, Any]:
+    """The index definitions, with ``prefix`` prepended to every collection group."""
+    spec = json.loads(INDEXES.read_text(encoding="utf-8"))
+    for entry in spec["indexes"] + spec.get("fieldOverrides", []):
+        entry["collectionGroup"] = prefix + entry["collectionGroup"]
+    return spec
+
+
+def firestore_indexes_command(args: argparse.Namespace) -> int:
+    """Print ``firestore.indexes.json`` for the configured collection prefix."""
+    prefix = getattr(args, "prefix", None)
+    if prefix is None and getattr(args, "config", None):
+        from gateway import config as gwconfig
+
+        table = gwconfig.load(args.config).sinks.get("firestore") or {}
+        prefix = table.get("collection_prefix", "")
+    json.dump(indexes(prefix or ""), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sinks.firestore.cli")
+    parser.add_argument("what", choices=["indexes"])
+    parser.add_argument("--config", metavar="PATH", help="TOML file (for collection_prefix)")
+    parser.add_argument("--prefix", help="collection prefix (overrides the config's)")
+    return firestore_indexes_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

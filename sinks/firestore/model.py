@@ -1,0 +1,240 @@
+"""How canonical events change the three Firestore collections (CONTRACT §8), as pure functions.
+
+The meaning is the SQLite ``storage`` sink's, rule for rule: a message is stored and counted once
+however often it is delivered (a document with an ``event_id`` is stored), a status never moves
+backwards (``STATUS_RANK``), ``first_seen`` is the earliest time ever seen and ``last_seen`` /
+``last_inbound_at`` the latest, an unsent message keeps its row but loses its content, reactions are
+a map by sender id, and every event touching a conversation makes sure its document exists.
+
+A :class:`Plan` starts from documents as read and applies events in order; :meth:`Plan.changes`
+then says which documents to create and which top-level fields to update. Nothing changes for an
+event already applied, so a redelivered or crash-replayed batch produces no write at all.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import msgspec
+
+from gateway.events import Event
+from sinks.storage.schema import STATUS_RANK
+
+MESSAGES, CONVERSATIONS, CONTACTS = "messages", "conversations", "contacts"
+# Canonical fields of CONTRACT §5 written on every message document (null when absent).
+CANONICAL = ("schema", "kind", "channel", "direction", "account_id", "conversation_id", "sender",
+             "recipient", "timestamp", "message_id", "type", "text", "payload", "reply_to", "media",
+             "location", "error", "emoji")
+# Meta's detail the contract has no field for: written only when present.
+EXTRA = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
+         "contacts", "handover")
+BLANKED = ("text", "payload", "media", "location")  # an unsent message loses these and EXTRA
+DELETE = object()  # marks a field to remove (the sink maps it to firestore.DELETE_FIELD)
+
+
+class Key(NamedTuple):
+    """A document: its collection (without prefix) and id."""
+
+    collection: str
+    id: str
+
+
+class Change(NamedTuple):
+    """One write: ``create`` a new document with ``fields``, or update these top-level fields."""
+
+    key: Key
+    create: bool
+    fields: dict[str, Any]
+
+
+def doc_id(value: str) -> str:
+    """Document ids never contain ``/`` (CONTRACT §8)."""
+    return value.replace("/", "_")
+
+
+def message_key(ev: Event, mid: str | None = None) -> Key:
+    return Key(MESSAGES, doc_id(mid or ev.message_id or ev.id))
+
+
+def conversation_key(ev: Event) -> Key:
+    return Key(CONVERSATIONS, doc_id(ev.conversation_id))
+
+
+def contact_key(ev: Event) -> Key:
+    return Key(CONTACTS, doc_id(f"{ev.channel}:{ev.customer_id}"))
+
+
+def keys_of(ev: Event) -> list[Key]:
+    """Every document ``ev`` may change (what to read, and a bound on its writes)."""
+    keys = [conversation_key(ev)]
+    if ev.kind in ("message", "postback") or (ev.message_id and ev.kind in ("status", "read",
+                                                                           "reaction")):
+        keys.append(message_key(ev))
+    if ev.kind != "status":
+        keys.append(contact_key(ev))
+    return keys
+
+
+def keys_to_read(ev: Event) -> list[Key]:
+    """What must be read before applying ``ev``. A new message's own document is assumed
+    absent and created with a precondition: if it exists after all (a redelivery), the commit
+    fails and the sink re-reads everything (``keys_of``) — one read fewer per fresh message."""
+    keys = keys_of(ev)
+    return keys if ev.kind not in ("message", "postback") else [
+        k for k in keys if k.collection != MESSAGES]
+
+
+def message_document(ev: Event) -> dict[str, Any]:
+    """Every canonical field of a message event; nested values as maps, instants as timestamps."""
+    doc = {name: getattr(ev, name) for name in CANONICAL}
+    for name in ("sender", "recipient", "media", "location", "error"):
+        if doc[name] is not None:
+            doc[name] = msgspec.to_builtins(doc[name])
+    doc.update(kind=ev.kind, event_id=ev.id, message_id=ev.message_id or ev.id)
+    for name in EXTRA:
+        value = getattr(ev, name)
+        if value not in (None, False):
+            doc[name] = msgspec.to_builtins(value)
+    return doc
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None or (b is not None and b > a) else a
+
+
+def _rank(status: str | None) -> int:
+    return STATUS_RANK.get(status or "", 0)
+
+
+class Plan:
+    """Documents as read (``base``: None = absent) and the events applied to working copies."""
+
+    def __init__(self, base: dict[Key, dict[str, Any] | None]) -> None:
+        self.base = base
+        self.docs: dict[Key, dict[str, Any] | None] = {}
+
+    def doc(self, key: Key) -> dict[str, Any] | None:
+        if key not in self.docs:
+            base = self.base.get(key)  # nested values are replaced, never changed in place
+            self.docs[key] = None if base is None else dict(base)
+        return self.docs[key]
+
+    def apply(self, ev: Event) -> None:
+        """Apply one event (events of one conversation in their order)."""
+        if ev.kind in ("message", "postback"):
+            self._message(ev)
+        elif ev.kind == "status":
+            self._status(ev, ev.status)
+        elif ev.kind == "read":
+            self._status(ev, "read")
+            self._touch(ev)
+        elif ev.kind == "reaction":
+            self._reaction(ev)
+        else:  # referral, handover: the contact was active
+            self._touch(ev)
+
+    def changes(self) -> list[Change]:
+        """The writes that take ``base`` to the working copies (none for what did not change)."""
+        out = []
+        for key, doc in self.docs.items():
+            before = self.base.get(key)
+            if doc is None or doc == before:
+                continue
+            if before is None:
+                out.append(Change(key, True, doc))
+                continue
+            fields: dict[str, Any] = {k: v for k, v in doc.items()
+                                      if k not in before or before[k] != v}
+            fields.update({k: DELETE for k in before if k not in doc})
+            out.append(Change(key, False, fields))
+        return out
+
+    def _message(self, ev: Event) -> None:
+        key = message_key(ev)
+        current = self.doc(key)
+        if current is not None and current.get("event_id"):
+            if ev.type == "deleted" and current.get("type") != "deleted":
+                _blank(current)
+            return  # stored already: a redelivery, or a second event for the same message
+        self.docs[key] = {**(current or {}), **message_document(ev)}
+        conv = self._conversation(ev)
+        conv["message_count"] = (conv.get("message_count") or 0) + 1
+        last = conv.get("last_message_at")
+        if last is None or ev.timestamp >= last:
+            conv["last_message_at"], conv["last_text"] = ev.timestamp, ev.text
+        if ev.direction == "inbound":
+            conv["last_inbound_at"] = _later(conv.get("last_inbound_at"), ev.timestamp)
+        self._contact(ev)
+
+    def _stub(self, ev: Event, direction: str) -> dict[str, Any]:
+        """The document of a message not seen yet (statuses and reactions can come first)."""
+        key = message_key(ev)
+        doc = self.doc(key)
+        if doc is None:
+            doc = self.docs[key] = {
+                "message_id": ev.message_id, "channel": ev.channel, "direction": direction,
+                "account_id": ev.account_id, "conversation_id": ev.conversation_id}
+        return doc
+
+    def _status(self, ev: Event, status: str | None) -> None:
+        if not ev.message_id or status not in STATUS_RANK:
+            return
+        doc = self._stub(ev, "outbound")
+        if _rank(doc.get("status")) < STATUS_RANK[status]:
+            doc["status"], doc["status_updated_at"] = status, ev.timestamp
+            if ev.error is not None:
+                doc["error"] = msgspec.to_builtins(ev.error)
+        self._conversation(ev)
+
+    def _reaction(self, ev: Event) -> None:
+        if not ev.message_id:
+            return
+        doc = self._stub(ev, "outbound" if ev.direction == "inbound" else "inbound")
+        reactions = dict(doc.get("reactions") or {})
+        if ev.emoji:
+            reactions[ev.sender.id] = ev.emoji
+        else:
+            reactions.pop(ev.sender.id, None)
+        doc["reactions"] = reactions
+        self._touch(ev)
+
+    def _touch(self, ev: Event) -> None:
+        self._contact(ev)
+        self._conversation(ev)
+
+    def _conversation(self, ev: Event) -> dict[str, Any]:
+        key = conversation_key(ev)
+        doc = self.doc(key)
+        if doc is None:
+            doc = self.docs[key] = {
+                "channel": ev.channel, "account_id": ev.account_id, "contact_id": ev.customer_id,
+                "message_count": 0, "last_message_at": None, "last_inbound_at": None,
+                "last_text": None}
+        return doc
+
+    def _contact(self, ev: Event) -> None:
+        key = contact_key(ev)
+        doc = self.doc(key)
+        inbound = ev.direction == "inbound"
+        if doc is None:
+            doc = self.docs[key] = {
+                "channel": ev.channel, "contact_id": ev.customer_id, "name": None,
+                "account_id": ev.account_id, "first_seen": ev.timestamp,
+                "last_seen": ev.timestamp, "last_inbound_at": None, "opted_out": False}
+        if inbound and ev.sender.name:
+            doc["name"] = ev.sender.name
+        if doc.get("account_id") is None:
+            doc["account_id"] = ev.account_id
+        first = doc.get("first_seen")
+        doc["first_seen"] = ev.timestamp if first is None else min(first, ev.timestamp)
+        doc["last_seen"] = _later(doc.get("last_seen"), ev.timestamp)
+        if inbound:
+            doc["last_inbound_at"] = _later(doc.get("last_inbound_at"), ev.timestamp)
+
+
+def _blank(doc: dict[str, Any]) -> None:
+    doc["type"] = "deleted"
+    doc.update({name: None for name in BLANKED})
+    for name in EXTRA:
+        doc.pop(name, None)

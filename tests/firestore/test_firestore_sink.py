@@ -1,0 +1,517 @@
+"""The Firestore sink against Google's Firestore emulator, through a running gateway.
+
+The SQLite ``storage`` sink is the reference: with both sinks on, every document of the three
+collections must say field for field what the storage row says, and the message documents must
+carry the fixtures' expected canonical fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway import keys
+from gateway.config import GatewayConfig, section
+from gateway.errors import ConfigError, PermanentError, RetryableError
+from gateway.events import Message, Party, Read, Status, conversation_id, decode
+from gateway.sink import Record
+from sinks.firestore.model import EXTRA, doc_id
+from sinks.firestore.sink import MAX_OPS, FirestoreConfig, FirestoreSink, classify
+from sinks.storage.schema import STATUS_RANK
+from tests.conftest import SINKS_TOML, fixture_bytes
+from tests.expect import expected_files, pair_up
+from tests.firestore.conftest import firestore_toml
+
+FILES = expected_files()
+ROOT = Path(__file__).resolve().parents[2]
+MESSAGE_COLUMNS = ("message_id", "event_id", "kind", "channel", "direction", "account_id",
+                   "conversation_id", "sender_id", "sender_name", "recipient_id", "timestamp",
+                   "type", "text", "payload", "reply_to", "media", "location", "error", "extra",
+                   "status", "status_updated_at", "reactions")
+CONVERSATION_COLUMNS = ("channel", "account_id", "contact_id", "message_count",
+                        "last_message_at", "last_inbound_at", "last_text")
+CONTACT_COLUMNS = ("channel", "contact_id", "name", "account_id", "first_seen", "last_seen",
+                   "last_inbound_at", "opted_out")
+JSON_COLUMNS = {"media", "location", "error", "extra", "reactions"}
+TIME_COLUMNS = {"timestamp", "status_updated_at", "last_message_at", "last_inbound_at",
+                "first_seen", "last_seen"}
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+async def start(gateway, table: str, extra: str = ""):
+    gw = await gateway(extra, sinks=SINKS_TOML + table)
+    return gw, gw.app[keys.SINKS]["firestore"]
+
+
+async def documents(sink: FirestoreSink, collection: str, with_time: bool = False) -> dict:
+    found = {}
+    async for snap in sink.collection(collection).stream():
+        found[snap.id] = (snap.to_dict(), snap.update_time) if with_time else snap.to_dict()
+    return found
+
+
+async def everything(sink: FirestoreSink, with_time: bool = False) -> dict:
+    return {c: await documents(sink, c, with_time)
+            for c in ("contacts", "conversations", "messages")}
+
+
+def stamp(value: datetime | None) -> str | None:
+    """The storage sink's fixed-width RFC 3339 text for an instant."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def as_row(collection: str, doc: dict) -> dict:
+    """A Firestore document in the storage sink's row shape (JSON columns decoded)."""
+    if collection == "messages":
+        sender, recipient = doc.get("sender") or {}, doc.get("recipient") or {}
+        row = {c: doc.get(c) for c in MESSAGE_COLUMNS}
+        row.update(sender_id=sender.get("id"), sender_name=sender.get("name"),
+                   recipient_id=recipient.get("id"),
+                   extra={k: doc[k] for k in EXTRA if k in doc} or None)
+    elif collection == "conversations":
+        row = {c: doc.get(c) for c in CONVERSATION_COLUMNS}
+    else:
+        row = {c: doc.get(c) for c in CONTACT_COLUMNS}
+    return {k: stamp(v) if k in TIME_COLUMNS else v for k, v in row.items()}
+
+
+async def storage_rows(gw, collection: str) -> dict[str, dict]:
+    columns = {"messages": MESSAGE_COLUMNS, "conversations": CONVERSATION_COLUMNS,
+               "contacts": CONTACT_COLUMNS}[collection]
+    rows = await gw.sql(f"SELECT id, {', '.join(columns)} FROM {collection}")
+    out = {}
+    for key, *values in rows:
+        row = dict(zip(columns, values, strict=True))
+        for name in JSON_COLUMNS & row.keys():
+            row[name] = None if row[name] is None else json.loads(row[name])
+        if "opted_out" in row:
+            row["opted_out"] = bool(row["opted_out"])
+        out[doc_id(key)] = row
+    return out
+
+
+async def assert_same_as_storage(gw, sink: FirestoreSink) -> dict:
+    """Every collection: the same document ids, and every field equal to the storage row."""
+    docs = await everything(sink)
+    for collection, found in docs.items():
+        want = await storage_rows(gw, collection)
+        assert set(found) == set(want), f"{collection}: ids differ"
+        for key, row in want.items():
+            got = as_row(collection, found[key])
+            diff = {k: (got[k], row[k]) for k in row if got[k] != row[k]}
+            assert not diff, f"{collection}/{key}: (firestore, storage) {diff}"
+    return docs
+
+
+def event_view(doc: dict) -> dict:
+    """A stored message document seen as a canonical event dict (for tests.expect). Like the
+    storage sink, a message without a mid (an Instagram postback) is keyed by its event id."""
+    mid = None if doc["message_id"] == doc["event_id"] else doc["message_id"]
+    return {**doc, "id": doc["event_id"], "message_id": mid, "timestamp": stamp(doc["timestamp"])}
+
+
+def assert_expected(docs: dict, wanted: list[dict]) -> None:
+    """The fixture's expected events, checked against the documents they produce."""
+    stored = [event_view(d) for d in docs["messages"].values() if d.get("event_id")]
+    pair_up(stored, [w for w in wanted if w["kind"] in ("message", "postback")])
+    statuses: dict[str, str] = {}
+    for want in wanted:
+        channel, account, customer = want["conversation"]
+        conv = docs["conversations"][conversation_id(channel, account, customer)]
+        assert (conv["channel"], conv["account_id"], conv["contact_id"]) == (channel, account,
+                                                                            customer)
+        if want["kind"] != "status":
+            assert f"{channel}:{customer}" in docs["contacts"]
+        status = want.get("status") or ("read" if want["kind"] == "read" else None)
+        if status and want.get("message_id"):
+            key = doc_id(want["message_id"])
+            if STATUS_RANK[status] > STATUS_RANK.get(statuses.get(key, ""), 0):
+                statuses[key] = status
+        if want["kind"] == "reaction":
+            reactions = docs["messages"][doc_id(want["message_id"])].get("reactions") or {}
+            assert reactions.get(want["sender"]["id"]) == (want["emoji"] or None)
+    for key, status in statuses.items():
+        assert docs["messages"][key]["status"] == status
+
+
+def records(events: list) -> list[Record]:
+    from gateway.events import encode
+
+    return [Record(i + 1, ev, encode(ev), time.time()) for i, ev in enumerate(events)]
+
+
+def jsonl_records(gw) -> list[Record]:
+    lines = (gw.data_dir / "events.jsonl").read_bytes().splitlines()
+    return [Record(i + 1, decode(line), line, time.time()) for i, line in enumerate(lines)]
+
+
+T0 = datetime(2025, 10, 9, 8, 0, tzinfo=UTC)
+
+
+def message(n: int, customer: str, at: int, account: str = "100000000000001") -> Message:
+    return Message(
+        schema=1, id=f"ev-{account}-{customer}-{n}", channel="whatsapp", direction="inbound",
+        account_id=account, conversation_id=conversation_id("whatsapp", account, customer),
+        sender=Party(id=customer, name=f"Customer {customer}"), recipient=Party(id=account),
+        timestamp=T0 + timedelta(seconds=at), message_id=f"wamid.B/{account}/{customer}/{n}",
+        type="text", text=f"message {n} from {customer}")
+
+
+def whatsapp_burst(post: int, customers: list[str]) -> bytes:
+    """One webhook carrying message ``post`` of every customer (their own timestamps)."""
+    return json.dumps({"object": "whatsapp_business_account", "entry": [{
+        "id": "190000000000001", "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550001000",
+                         "phone_number_id": "100000000000001"},
+            "contacts": [{"profile": {"name": f"Customer {c}"}, "wa_id": c} for c in customers],
+            "messages": [{"from": c, "id": f"wamid.BURST.{c}.{post}",
+                          "timestamp": str(1_760_000_000 + post), "type": "text",
+                          "text": {"body": f"burst {post} from {c}"}} for c in customers]}}]}]}
+                      ).encode()
+
+
+# --- every fixture ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(FILES))
+async def test_fixture_documents_field_by_field(gateway, firestore_table, name):
+    gw, sink = await start(gateway, firestore_table)
+    channel = name.split("/")[0]
+    assert (await gw.post(channel, fixture_bytes(name)))[0] == 200
+    await gw.settle()
+    docs = await assert_same_as_storage(gw, sink)
+    assert_expected(docs, FILES[name]["events"])
+    assert await gw.app[keys.JOURNAL].dead_letters("firestore") == []
+
+
+async def test_every_fixture_in_one_gateway_matches_storage(gateway, firestore_table):
+    """Statuses, reactions, reads and deletions meeting the messages they refer to."""
+    gw, sink = await start(gateway, firestore_table)
+    for name in sorted(FILES):
+        assert (await gw.post(name.split("/")[0], fixture_bytes(name)))[0] == 200
+        await gw.settle()
+    docs = await assert_same_as_storage(gw, sink)
+    assert len(docs["messages"]) > 50 and len(docs["conversations"]) >= 5
+    deleted = docs["messages"][doc_id("aWdfTEST_IN_0001")]
+    assert deleted["type"] == "deleted" and deleted["text"] is None
+
+
+async def test_message_documents_carry_every_canonical_field(gateway, firestore_table):
+    gw, sink = await start(gateway, firestore_table)
+    for name in ("whatsapp/location.json", "whatsapp/image.json", "instagram/story_reply.json",
+                 "whatsapp/text_base64_wamid.json", "whatsapp/order.json"):
+        await gw.post(name.split("/")[0], fixture_bytes(name))
+    await gw.settle()
+    docs = await documents(sink, "messages")
+    for event in gw.jsonl():
+        doc = docs[doc_id(event["message_id"])]
+        assert "/" not in doc_id(event["message_id"])
+        for key, value in event.items():
+            if key == "id":
+                assert doc["event_id"] == value
+            elif key == "timestamp":
+                assert stamp(doc["timestamp"]) == stamp(datetime.fromisoformat(value))
+            else:
+                assert doc[key] == value, key
+        assert doc["conversation_id"] == event["conversation_id"]
+        assert isinstance(doc["timestamp"], datetime)  # a Firestore timestamp, not text
+
+
+# --- idempotence -----------------------------------------------------------------------------
+
+async def test_redelivery_and_crash_replay_change_nothing(gateway, firestore_table):
+    gw, sink = await start(gateway, firestore_table)
+    body = fixture_bytes("whatsapp/batch_mixed.json")
+    assert (await gw.post("whatsapp", body))[0] == 200
+    await gw.settle()
+    before = await everything(sink, with_time=True)
+    commits = sink.commits
+    assert (await gw.post("whatsapp", body))[0] == 200  # Meta redelivers the same payload
+    await gw.settle()
+    batch = jsonl_records(gw)
+    assert len(batch) == 8
+    await sink.write(batch)  # the dispatcher hands the last batch over again after a crash
+    await sink.write(batch)
+    await sink.write(batch[3:] + batch[:3])
+    after = await everything(sink, with_time=True)
+    assert after == before  # same data, same update_time: nothing was even rewritten
+    assert sink.commits == commits
+    counts = [d["message_count"] for d, _ in after["conversations"].values()]
+    assert sum(counts) == 3
+
+
+async def test_partly_written_batch_replayed_counts_once(firestore_emulator, firestore_project):
+    sink = FirestoreSink(FirestoreConfig(project_id=firestore_project,
+                                         emulator_host=firestore_emulator))
+    await sink.start()
+    try:
+        batch = records([message(n, "15550009999", n) for n in range(40)])
+        await sink.write(batch[:25])  # a crash after these committed
+        await sink.write(batch)
+        conv = (await documents(sink, "conversations"))["whatsapp:100000000000001:15550009999"]
+        assert conv["message_count"] == 40
+        assert conv["last_text"] == "message 39 from 15550009999"
+    finally:
+        await sink.close()
+
+
+async def test_late_delivered_after_read_does_not_downgrade(gateway, firestore_table):
+    gw, sink = await start(gateway, firestore_table)
+    for name in ("status_read", "status_delivered", "status_sent"):
+        assert (await gw.post("whatsapp", fixture_bytes(f"whatsapp/{name}.json")))[0] == 200
+        await gw.settle()
+    doc = (await documents(sink, "messages"))[doc_id("wamid.TEST.OUT.0007")]
+    read_at = [e for e in gw.jsonl() if e["status"] == "read"][0]["timestamp"]
+    assert doc["status"] == "read"
+    assert stamp(doc["status_updated_at"]) == stamp(datetime.fromisoformat(read_at))
+    await assert_same_as_storage(gw, sink)
+
+
+async def test_statuses_in_one_batch_keep_the_highest(firestore_emulator, firestore_project):
+    sink = FirestoreSink(FirestoreConfig(project_id=firestore_project,
+                                         emulator_host=firestore_emulator))
+    await sink.start()
+    try:
+        common = dict(schema=1, channel="whatsapp", direction="outbound", account_id="1",
+                      conversation_id="whatsapp:1:2", sender=Party(id="1"),
+                      recipient=Party(id="2"), message_id="wamid.OUT.1")
+        await sink.write(records([
+            Status(id="s1", status="sent", timestamp=T0, **common),
+            Read(id="r1", timestamp=T0 + timedelta(seconds=5), **common),
+            Status(id="s2", status="delivered", timestamp=T0 + timedelta(seconds=2), **common),
+        ]))
+        doc = (await documents(sink, "messages"))["wamid.OUT.1"]
+        assert doc["status"] == "read" and doc["status_updated_at"] == T0 + timedelta(seconds=5)
+        assert (await documents(sink, "conversations"))["whatsapp:1:2"]["message_count"] == 0
+    finally:
+        await sink.close()
+
+
+# --- volume ----------------------------------------------------------------------------------
+
+async def test_burst_of_1200_events_all_land(gateway, firestore_emulator, firestore_project):
+    table = firestore_toml(firestore_project, firestore_emulator, batch_size=1500)
+    gw, sink = await start(gateway, table)
+    customers = [f"1555100{i:04d}" for i in range(50)]
+    results = await asyncio.gather(*(gw.post("whatsapp", whatsapp_burst(p, customers))
+                                     for p in range(24)))
+    assert {status for status, _ in results} == {200}
+    await gw.settle(timeout=120)
+    docs = await everything(sink)
+    assert len(docs["messages"]) == 1200
+    assert len(docs["conversations"]) == 50 and len(docs["contacts"]) == 50
+    for customer in customers:
+        conv = docs["conversations"][f"whatsapp:100000000000001:{customer}"]
+        assert conv["message_count"] == 24
+        assert conv["last_text"] == f"burst 23 from {customer}"
+        contact = docs["contacts"][f"whatsapp:{customer}"]
+        assert contact["first_seen"] == datetime.fromtimestamp(1_760_000_000, UTC)
+        assert contact["last_seen"] == datetime.fromtimestamp(1_760_000_023, UTC)
+    assert sink.largest_commit <= MAX_OPS
+    assert await gw.app[keys.JOURNAL].dead_letters("firestore") == []
+
+
+async def test_one_write_of_1200_events_uses_several_full_commits(firestore_emulator,
+                                                                  firestore_project):
+    sink = FirestoreSink(FirestoreConfig(project_id=firestore_project,
+                                         emulator_host=firestore_emulator))
+    await sink.start()
+    try:
+        events = [message(n, f"1555200{n % 50:04d}", n) for n in range(1200)]
+        events += [message(n, "15552999999", n) for n in range(600)]  # one lane > 500 writes
+        await sink.write(records(events))
+        assert sink.commits >= 4 and sink.largest_commit <= MAX_OPS
+        docs = await everything(sink)
+        assert len(docs["messages"]) == 1800
+        counts = {k: d["message_count"] for k, d in docs["conversations"].items()}
+        assert counts.pop("whatsapp:100000000000001:15552999999") == 600
+        assert set(counts.values()) == {24} and len(counts) == 50
+        long = docs["conversations"]["whatsapp:100000000000001:15552999999"]
+        assert long["last_text"] == "message 599 from 15552999999"  # written in order
+    finally:
+        await sink.close()
+
+
+async def test_concurrent_writers_count_each_message_once(firestore_emulator, firestore_project):
+    """Two replicas (and a retry) racing on one conversation and one contact: preconditions
+    make the losers re-read, so nothing is counted twice or lost."""
+    config = FirestoreConfig(project_id=firestore_project, emulator_host=firestore_emulator)
+    one, two = FirestoreSink(config), FirestoreSink(config)
+    await one.start()
+    await two.start()
+    try:
+        events = [message(n, "15553000001", n) for n in range(300)]
+        other = [message(n, "15553000001", 1000 + n, account="100000000000002") for n in range(50)]
+        await asyncio.gather(one.write(records(events[:200])), two.write(records(events[100:])),
+                             one.write(records(events[50:250] + other)), two.write(records(other)))
+        docs = await everything(one)
+        assert docs["conversations"]["whatsapp:100000000000001:15553000001"]["message_count"] == 300
+        assert docs["conversations"]["whatsapp:100000000000002:15553000001"]["message_count"] == 50
+        contact = docs["contacts"]["whatsapp:15553000001"]
+        assert contact["first_seen"] == T0 and contact["last_seen"] == T0 + timedelta(seconds=1049)
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_erase_contact_deletes_more_than_one_batch(firestore_emulator, firestore_project):
+    sink = FirestoreSink(FirestoreConfig(project_id=firestore_project,
+                                         emulator_host=firestore_emulator))
+    await sink.start()
+    try:
+        mine = [message(n, "15555000001", n) for n in range(620)]
+        mine += [message(n, "15555000001", 700 + n, account="100000000000002") for n in range(5)]
+        others = [message(n, "15555000002", n) for n in range(3)]
+        await sink.write(records(mine + others))
+        counts = await sink.erase_contact("whatsapp", "15555000001")
+        assert counts == {"contacts": 1, "conversations": 2, "messages": 625}
+        docs = await everything(sink)
+        assert set(docs["contacts"]) == {"whatsapp:15555000002"}
+        assert set(docs["conversations"]) == {"whatsapp:100000000000001:15555000002"}
+        assert len(docs["messages"]) == 3
+        assert await sink.erase_contact("whatsapp", "15555000001") == {
+            "contacts": 0, "conversations": 0, "messages": 0}
+    finally:
+        await sink.close()
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+async def test_permanent_error_goes_to_dead_letters_with_reason(gateway, firestore_table):
+    gw, sink = await start(gateway, firestore_table)
+    envelope = json.loads(fixture_bytes("whatsapp/text.json"))
+    msg = envelope["entry"][0]["changes"][0]["value"]["messages"][0]
+    msg.update(id="wamid.TOO.BIG", text={"body": "x" * 1_100_000})  # over Firestore's 1 MiB
+    assert (await gw.post("whatsapp", json.dumps(envelope).encode()))[0] == 200
+    assert (await gw.post("whatsapp", fixture_bytes("whatsapp/image.json")))[0] == 200
+    await gw.settle(timeout=30)
+    dead = await gw.app[keys.JOURNAL].dead_letters("firestore")
+    assert len(dead) == 1 and "InvalidArgument" in dead[0].reason
+    assert decode(dead[0].data).message_id == "wamid.TOO.BIG"
+    docs = await documents(sink, "messages")
+    assert set(docs) == {"wamid.TEST.IN.IMAGE.0001"}  # the rest of the traffic still lands
+    assert await gw.sql("SELECT count(*) FROM messages") == [(2,)]  # storage took both
+
+
+async def test_unreachable_firestore_is_retryable(firestore_project):
+    from gateway.testing import free_port
+
+    sink = FirestoreSink(FirestoreConfig(project_id=firestore_project, retry_seconds=0,
+                                         timeout=3, emulator_host=f"127.0.0.1:{free_port()}"))
+    await sink.start()
+    try:
+        with pytest.raises(RetryableError):
+            await sink.write(records([message(1, "15554000001", 1)]))
+        assert await sink.ready() is False
+    finally:
+        await sink.close()
+
+
+def test_error_classes_map_onto_retryable_and_permanent():
+    from google.api_core import exceptions as gexc
+
+    for exc in (gexc.ServiceUnavailable("x"), gexc.DeadlineExceeded("x"), gexc.Aborted("x"),
+                gexc.ResourceExhausted("x"), gexc.InternalServerError("x")):
+        assert isinstance(classify(exc), RetryableError), exc
+    for exc in (gexc.PermissionDenied("x"), gexc.InvalidArgument("x"), gexc.NotFound("x"),
+                gexc.FailedPrecondition("the database is in Datastore mode"),
+                gexc.Unauthenticated("x")):
+        assert isinstance(classify(exc), PermanentError), exc
+    # A commit whose preconditions keep failing after re-reads: a race, unless it is not one.
+    from sinks.firestore.sink import _gave_up
+
+    race = gexc.FailedPrecondition("the stored version (2) does not match the required base "
+                                   "version (1)")
+    assert isinstance(_gave_up(race), RetryableError)
+    assert isinstance(_gave_up(gexc.AlreadyExists("entity already exists")), RetryableError)
+    assert isinstance(_gave_up(gexc.FailedPrecondition("Datastore mode")), PermanentError)
+
+
+# --- configuration, readiness, indexes --------------------------------------------------------
+
+def test_config_names_bad_keys():
+    def load(table: dict) -> FirestoreConfig | None:
+        return section(GatewayConfig(sinks={"firestore": table}), "sinks", "firestore",
+                       FirestoreConfig)
+
+    with pytest.raises(ConfigError) as missing:
+        load({})
+    assert missing.value.key == "sinks.firestore.project_id"
+    with pytest.raises(ConfigError) as typo:
+        load({"project_id": "p", "colection_prefix": "x"})
+    assert typo.value.key == "sinks.firestore.colection_prefix"
+    with pytest.raises(ConfigError) as creds:
+        load({"project_id": "p", "credentials": "/nonexistent/key.json"})
+    assert creds.value.key == "sinks.firestore.credentials"
+    table = load({"project_id": "p", "database": "chat", "collection_prefix": "gw_"})
+    assert table.database == "chat" and table.collection_prefix == "gw_"
+
+
+async def test_readyz_and_collection_prefix(gateway, firestore_emulator, firestore_project):
+    table = firestore_toml(firestore_project, firestore_emulator, collection_prefix="gw_")
+    gw, sink = await start(gateway, table)
+    status, body, _ = await gw.get("/readyz")
+    assert status == 200 and body["checks"]["sink:firestore"] is True
+    await gw.post("whatsapp", fixture_bytes("whatsapp/text.json"))
+    await gw.settle()
+    names = sorted([c.id async for c in sink.client.collections()])
+    assert names == ["gw_contacts", "gw_conversations", "gw_messages"]
+
+
+async def test_public_api_fallback_writes_the_same(gateway, firestore_emulator):
+    """The direct protobuf encoding (wire.py) and the client's public API store the same."""
+    import os
+    import uuid
+
+    before = os.environ.get("FIRESTORE_EMULATOR_HOST")
+    sinks = [FirestoreSink(FirestoreConfig(project_id=f"wire-{uuid.uuid4().hex[:10]}",
+                                           emulator_host=firestore_emulator)) for _ in range(2)]
+    for sink in sinks:
+        await sink.start()
+    assert os.environ.get("FIRESTORE_EMULATOR_HOST") == before  # not left behind for others
+    assert sinks[0].fast is True  # the installed client encodes as wire.py does
+    sinks[1].fast = False
+    try:
+        gw = await gateway()  # jsonl + storage: the events to replay into both sinks
+        for name in sorted(FILES):
+            await gw.post(name.split("/")[0], fixture_bytes(name))
+            await gw.settle()
+        batch = jsonl_records(gw)
+        for sink in sinks:
+            for i in range(0, len(batch), 7):
+                await sink.write(batch[i:i + 7])
+        fast, public = await everything(sinks[0]), await everything(sinks[1])
+        assert fast == public and len(fast["messages"]) > 50
+    finally:
+        for sink in sinks:
+            await sink.close()
+
+
+def test_indexes_command_applies_the_prefix(capsys, tmp_path):
+    from sinks.firestore.cli import main
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('[sinks.firestore]\nproject_id = "p"\ncollection_prefix = "gw_"\n')
+    assert main(["indexes", "--config", str(config)]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    groups = {i["collectionGroup"] for i in spec["indexes"] + spec["fieldOverrides"]}
+    assert groups == {"gw_conversations", "gw_messages"}
+
+
+def test_indexes_file_covers_the_queries():
+    spec = json.loads((ROOT / "sinks/firestore/indexes.json").read_text())
+    composite = {(i["collectionGroup"], tuple(f["fieldPath"] for f in i["fields"]))
+                 for i in spec["indexes"]}
+    assert ("conversations", ("channel", "contact_id")) in composite  # erase_contact
+    assert ("messages", ("conversation_id", "timestamp")) in composite  # a conversation's history
+    for index in spec["indexes"]:
+        assert index["queryScope"] == "COLLECTION"
+        assert all(f.get("order") in ("ASCENDING", "DESCENDING") for f in index["fields"])

@@ -1,0 +1,264 @@
+"""``DELETE /v1/contacts/{channel}/{contact_id}``: erasure from every sink and the journal.
+
+Run with the SQLite storage sink alone, and again with Firestore on the emulator too (skipped,
+naming the package, when the emulator is not installed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from gateway import keys
+from gateway.events import decode
+from gateway.journal import StoredEvent
+from tests.conftest import SINKS_TOML, fixture_bytes
+from tests.firestore.conftest import firestore_emulator, firestore_toml  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "erasure-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ERASED = "15550001234"
+CONTACTS = {("whatsapp", ERASED), ("whatsapp", "15550005678"), ("whatsapp", "15550009876"),
+            ("instagram", "9000000000000001")}
+
+
+def second_account_text() -> bytes:
+    """The erased contact writing to a second WhatsApp number: a second conversation."""
+    envelope = json.loads(fixture_bytes("whatsapp/text.json"))
+    value = envelope["entry"][0]["changes"][0]["value"]
+    value["metadata"]["phone_number_id"] = "100000000000002"
+    value["messages"][0]["id"] = "wamid.TEST.IN.TEXT.SECOND.0001"
+    return json.dumps(envelope).encode()
+
+
+def new_text(message_id: str, timestamp: int) -> bytes:
+    envelope = json.loads(fixture_bytes("whatsapp/text.json"))
+    message = envelope["entry"][0]["changes"][0]["value"]["messages"][0]
+    message.update(id=message_id, timestamp=str(timestamp), text={"body": "I am back"})
+    return json.dumps(envelope).encode()
+
+
+@pytest.fixture(params=["storage", "storage+firestore"])
+def backends(request) -> str:
+    """The sinks tables: storage (always) and Firestore on the emulator (when installed)."""
+    if request.param == "storage":
+        return SINKS_TOML
+    host = request.getfixturevalue("firestore_emulator")
+    return SINKS_TOML + firestore_toml(f"erasure-{uuid.uuid4().hex[:12]}", host)
+
+
+async def start(gateway, sinks: str, token: str | None = TOKEN):
+    extra = f'api_token = "{token}"' if token else ""
+    return await gateway(extra, sinks=sinks)
+
+
+async def post_all(gw) -> None:
+    for channel, body in (("whatsapp", fixture_bytes("whatsapp/text.json")),
+                          ("whatsapp", fixture_bytes("whatsapp/batch_mixed.json")),
+                          ("whatsapp", second_account_text()),
+                          ("instagram", fixture_bytes("instagram/text.json"))):
+        assert (await gw.post(channel, body))[0] == 200
+    await gw.settle()
+
+
+def customer(event) -> tuple[str, str]:
+    return event.channel, event.customer_id
+
+
+async def storage_state(gw) -> dict[str, list[tuple]]:
+    return {
+        "contacts": await gw.sql("SELECT * FROM contacts ORDER BY id"),
+        "conversations": await gw.sql("SELECT * FROM conversations ORDER BY id"),
+        "messages": await gw.sql("SELECT * FROM messages ORDER BY id"),
+    }
+
+
+async def firestore_state(gw) -> dict[str, dict] | None:
+    sink = gw.app[keys.SINKS].get("firestore")
+    if sink is None:
+        return None
+    state = {}
+    for name in ("contacts", "conversations", "messages"):
+        state[name] = {d.id: d.to_dict() async for d in sink.collection(name).stream()}
+    return state
+
+
+async def journal_state(gw) -> tuple[list[bytes], list[tuple[str, bytes]]]:
+    journal = gw.app[keys.JOURNAL]
+    events = [e.data for e in await journal.events_after(0, 10_000)]
+    dead = [(d.sink, bytes(d.data)) for d in await journal.dead_letters(limit=10_000)]
+    return events, dead
+
+
+def is_erased_row(collection: str, row: tuple) -> bool:
+    """Whether a storage row belongs to the erased contact (by the table's own columns)."""
+    if collection == "contacts":
+        return row[0] == f"whatsapp:{ERASED}"
+    if collection == "conversations":
+        return row[1:4:2] == ("whatsapp", ERASED)
+    return row[7].startswith("whatsapp:") and row[7].endswith(f":{ERASED}")  # conversation_id
+
+
+def is_erased_doc(collection: str, key: str, doc: dict) -> bool:
+    if collection == "contacts":
+        return key == f"whatsapp:{ERASED}"
+    if collection == "conversations":
+        return (doc["channel"], doc["contact_id"]) == ("whatsapp", ERASED)
+    return doc["conversation_id"].startswith("whatsapp:") and doc["conversation_id"].endswith(
+        f":{ERASED}")
+
+
+async def add_dead_letters(gw) -> None:
+    """Dead letters of both kinds for the erased contact and for others."""
+    journal = gw.app[keys.JOURNAL]
+    lines = (gw.data_dir / "events.jsonl").read_bytes().splitlines()
+    items = [(StoredEvent(0, line, time.time()), decode(line).id, "test", 3) for line in lines]
+    await journal.add_dead_letters("storage", items)
+    def raw(body: bytes) -> list:
+        return [(StoredEvent(0, body, time.time()), "request:1", "bad", 1)]
+
+    text = fixture_bytes("whatsapp/text.json")
+    await journal.add_dead_letters("normalise:whatsapp", raw(text))  # the contact's: erased
+    await journal.add_dead_letters("normalise:whatsapp", raw(text.replace(
+        ERASED.encode(), b"15550005678")))  # someone else's: kept
+    ig = fixture_bytes("instagram/text.json").replace(b"9000000000000001", ERASED.encode())
+    await journal.add_dead_letters("normalise:instagram", raw(ig))  # another channel: kept
+
+
+async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends):
+    gw = await start(gateway, backends)
+    await post_all(gw)
+    await add_dead_letters(gw)
+    storage, firestore = await storage_state(gw), await firestore_state(gw)
+    events, dead = await journal_state(gw)
+    assert {customer(decode(e)) for e in events} == CONTACTS
+
+    status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
+    assert status == 200, body
+    assert body["channel"] == "whatsapp" and body["contact_id"] == ERASED
+    assert body["erased"]["storage"] == {"contacts": 1, "conversations": 2, "messages": 4}
+    if firestore is not None:
+        assert body["erased"]["firestore"] == {"contacts": 1, "conversations": 2, "messages": 4}
+    assert body["journal"] == {"events": 4, "dead_letters": 5}
+    assert "jsonl" in body["not_stored"] and body["failed"] == {}
+    assert body["erasure_id"].startswith("era_") and body["settled"] is True
+
+    after = await storage_state(gw)
+    for name, rows in storage.items():
+        assert after[name] == [r for r in rows if not is_erased_row(name, r)], name
+        assert len(after[name]) < len(rows)
+    if firestore is not None:
+        now = await firestore_state(gw)
+        for name, docs in firestore.items():
+            assert now[name] == {k: d for k, d in docs.items() if not is_erased_doc(name, k, d)}
+            assert len(now[name]) < len(docs)
+    events_after, dead_after = await journal_state(gw)
+    assert events_after == [e for e in events if customer(decode(e)) != ("whatsapp", ERASED)]
+    assert len(dead_after) == len(dead) - 5
+    assert [(s, d) for s, d in dead_after if ERASED.encode() in d] == [
+        ("normalise:instagram", fixture_bytes("instagram/text.json").replace(
+            b"9000000000000001", ERASED.encode()))]
+
+    status, again = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")  # idempotent
+    assert status == 200 and all(set(c.values()) == {0} for c in again["erased"].values())
+
+
+async def test_audit_line_has_no_personal_data(gateway):
+    gw = await start(gateway, SINKS_TOML)
+    await post_all(gw)
+    status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
+    assert status == 200
+    text = (gw.data_dir / "erasures.jsonl").read_text()
+    assert ERASED not in text and "Alex" not in text and "order" not in text.lower()
+    (line,) = [json.loads(x) for x in text.splitlines()]
+    assert line["erasure_id"] == body["erasure_id"] and line["channel"] == "whatsapp"
+    assert line["contact_sha256"] == hashlib.sha256(ERASED.encode()).hexdigest()
+    assert line["erased"] == body["erased"] and line["journal"] == body["journal"]
+    assert line["at"].endswith("Z")
+
+
+async def delete(gw, path: str, headers: dict | None = AUTH) -> tuple[int, dict]:
+    async with gw.session.delete(gw.url + path, headers=headers or {}) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_refused_without_the_right_token(gateway):
+    gw = await start(gateway, SINKS_TOML)
+    await post_all(gw)
+    status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}", headers=None)
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    status, _ = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}",
+                             headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    assert await gw.sql("SELECT count(*) FROM contacts WHERE contact_id = ?", (ERASED,)) == [(1,)]
+    assert not (gw.data_dir / "erasures.jsonl").exists()
+
+
+async def test_closed_when_no_api_token_is_configured(gateway):
+    gw = await start(gateway, SINKS_TOML, token=None)
+    status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
+    assert status == 503 and body["error"]["code"] == "api_disabled"
+
+
+async def test_unknown_channel_is_404(gateway):
+    gw = await start(gateway, SINKS_TOML)
+    status, body = await delete(gw, f"/v1/contacts/telegram/{ERASED}")
+    assert status == 404 and body["error"]["code"] == "unknown_channel"
+
+
+async def test_contact_writing_again_is_stored_afresh(gateway, backends):
+    gw = await start(gateway, backends)
+    await post_all(gw)
+    assert (await delete(gw, f"/v1/contacts/whatsapp/{ERASED}"))[0] == 200
+    # The very same old payload again: a duplicate (its event ids are remembered, not its
+    # content), so nothing about the erased contact comes back.
+    assert (await gw.post("whatsapp", fixture_bytes("whatsapp/text.json")))[0] == 200
+    await gw.settle()
+    assert await gw.sql("SELECT count(*) FROM contacts WHERE contact_id = ?", (ERASED,)) == [(0,)]
+    # A new message: stored afresh, as a new contact.
+    body = new_text("wamid.TEST.IN.AFTER.0001", 1_760_100_000)
+    assert (await gw.post("whatsapp", body))[0] == 200
+    await gw.settle()
+    rows = await gw.sql("SELECT message_count FROM conversations WHERE contact_id = ?", (ERASED,))
+    assert rows == [(1,)]
+    (first_seen,), = await gw.sql("SELECT first_seen FROM contacts WHERE contact_id = ?", (ERASED,))
+    assert first_seen.startswith("2025-10-10T12:40:00")
+    assert await gw.sql("SELECT id FROM messages WHERE conversation_id LIKE ?",
+                        (f"%:{ERASED}",)) == [("wamid.TEST.IN.AFTER.0001",)]
+    firestore = await firestore_state(gw)
+    if firestore is not None:
+        assert list(firestore["messages"]).count("wamid.TEST.IN.AFTER.0001") == 1
+        assert firestore["contacts"][f"whatsapp:{ERASED}"]["first_seen"].isoformat().startswith(
+            "2025-10-10T12:40:00")
+        mine = [c for c in firestore["conversations"].values() if c["contact_id"] == ERASED]
+        assert [c["message_count"] for c in mine] == [1]
+
+
+async def test_purge_jsonl_script_removes_only_that_contact(gateway, tmp_path):
+    gw = await start(gateway, SINKS_TOML)
+    await post_all(gw)
+    path = gw.data_dir / "events.jsonl"
+    before = [json.loads(x) for x in path.read_text().splitlines()]
+    script = [sys.executable, str(ROOT / "scripts/purge-jsonl.py"), "--channel", "whatsapp",
+              "--contact", ERASED]
+    dry = subprocess.run([*script, "--dry-run", str(path)], capture_output=True, text=True,
+                         check=True)
+    assert "would remove 4 line(s)" in dry.stdout and len(path.read_text().splitlines()) == 11
+    done = subprocess.run([*script, str(path)], capture_output=True, text=True, check=True)
+    assert "removed 4 line(s), kept 7" in done.stdout
+    after = [json.loads(x) for x in path.read_text().splitlines()]
+
+    def erased(e: dict) -> bool:
+        party = e["sender"] if e["direction"] == "inbound" else e["recipient"]
+        return e["channel"] == "whatsapp" and party["id"] == ERASED
+
+    assert after == [e for e in before if not erased(e)]
+    assert ERASED not in path.read_text()
