@@ -1,7 +1,7 @@
 """multichannel-gateway: verified Meta webhooks → canonical events → sinks.
 
 The public surface for plugin authors: ``hookimpl``, the channel and sink base classes, the
-canonical events and the exception tree.
+CLI ``Command``, the canonical events and the exception tree.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import pluggy
 
 from gateway.channel import Channel
+from gateway.command import Command
 from gateway.errors import (
     BadPayload,
     ConfigError,
@@ -37,6 +38,7 @@ hookimpl = pluggy.HookimplMarker("gateway")
 __all__ = [
     "BadPayload",
     "Channel",
+    "Command",
     "ConfigError",
     "DeliveryError",
     "Event",

@@ -1,21 +1,31 @@
-"""The ``gateway`` command: serve, demo, plugins, check-config, dead-letters."""
+"""The ``gateway`` command: serve, demo, plugins, check-config, dead-letters, and the commands
+plugins add through the ``register_commands`` hook (e.g. ``gateway firestore indexes``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
 from gateway import config as gwconfig
+from gateway.command import Command
 from gateway.errors import ConfigError, PluginError
 
 EXIT_CONFIG = 2
+CORE_COMMANDS = ("serve", "demo", "plugins", "check-config", "dead-letters")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen command; return the exit status."""
-    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands, broken = _plugin_commands()
+    if broken is not None and argv and not argv[0].startswith("-") and argv[0] not in CORE_COMMANDS:
+        # a plugin command was asked for, but the plugins could not be loaded: say why
+        print(f"gateway: {broken}", file=sys.stderr)
+        return EXIT_CONFIG
+    parser = _parser(commands)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -27,9 +37,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `gateway ... | head`: the reader is gone; nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def _plugin_commands() -> tuple[list[Command], PluginError | None]:
+    """The installed plugins' commands; a broken plugin leaves the core commands usable."""
+    from gateway import plugins
+
+    try:
+        return list(plugins.commands(plugins.manager(), CORE_COMMANDS).values()), None
+    except PluginError as exc:
+        return [], exc
+
+
+def _parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="Meta messaging gateway")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     cfg = argparse.ArgumentParser(add_help=False)
@@ -56,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", help="only this sink")
     p.add_argument("ids", nargs="*", type=int, help="dead-letter ids (default: all)")
     p.set_defaults(run=_dead_replay)
+
+    for command in sorted(commands, key=lambda c: c.name):
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        if command.arguments is not None:
+            command.arguments(p)
+        p.set_defaults(run=command.run)
     return parser
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from gateway.channel import Channel
+    from gateway.command import Command
     from gateway.config import GatewayConfig
     from gateway.sink import Sink
 
@@ -74,6 +75,19 @@ def register_routes(config: GatewayConfig) -> list[web.AbstractRouteDef]:
 
     Returns:
         A list of ``aiohttp.web.get(...)`` / ``web.post(...)`` route definitions.
+    """
+
+
+@hookspec
+def register_commands() -> list[Command]:
+    """Return extra ``gateway`` CLI subcommands (e.g. ``gateway firestore indexes``).
+
+    Called whenever the ``gateway`` command starts, before its arguments are parsed, so keep it
+    cheap: build the :class:`gateway.Command` objects and import heavy modules inside ``run``.
+    A name that is already a core command or another plugin's stops the CLI, naming both.
+
+    Returns:
+        A list of :class:`gateway.Command` (``name``, ``help``, ``run``, optional ``arguments``).
     """
 
 

@@ -18,6 +18,7 @@ from gateway.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
     from gateway.channel import Channel
+    from gateway.command import Command
     from gateway.config import GatewayConfig
     from gateway.sink import Sink
 
@@ -98,6 +99,23 @@ def sinks(pm: pluggy.PluginManager, config: GatewayConfig) -> dict[str, Sink]:
     return found
 
 
+def commands(pm: pluggy.PluginManager, reserved: tuple[str, ...]) -> dict[str, Command]:
+    """The plugins' CLI subcommands by name.
+
+    Raises:
+        PluginError: two plugins provide one name, or a plugin reuses a name in ``reserved``.
+    """
+    found: dict[str, Command] = {}
+    owners: dict[str, str] = {}
+    for impl in reversed(pm.hook.register_commands.get_hookimpls()):
+        _collect_one(impl, None, found, owners, "command")
+    for name in found:
+        if name in reserved:
+            raise PluginError(f"plugin {owners[name]!r} provides a command {name!r}, which is a "
+                              "core command")
+    return found
+
+
 def check(pm: pluggy.PluginManager, config: GatewayConfig) -> list[ConfigError]:
     """Every plugin table's problems (each plugin checked even when another one fails)."""
     errors: list[ConfigError] = []
@@ -127,7 +145,7 @@ def _collect(pm: pluggy.PluginManager, hook: Any, config: GatewayConfig, what: s
     return found
 
 
-def _collect_one(impl: Any, config: GatewayConfig, found: dict[str, Any], owners: dict[str, str],
+def _collect_one(impl: Any, config: GatewayConfig | None, found: dict[str, Any], owners: dict[str, str],
                  what: str) -> dict[str, Any]:
     for item in impl.function(**{a: config for a in impl.argnames}) or []:
         if item.name in found:

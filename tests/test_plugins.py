@@ -232,3 +232,82 @@ api_key = "{secrets['openai']}"
     output = result.stdout + result.stderr
     assert [name for name, value in secrets.items() if value in output] == []
     assert output.count('"***"') >= 6
+
+
+# -- commands plugins add to the CLI (register_commands) -----------------------------------------
+
+COMMAND_PLUGIN = '''
+from gateway import Command, hookimpl
+
+
+def greet(args):
+    print(f"hello {args.who}")
+    return 3
+
+
+def arguments(parser):
+    parser.add_argument("--who", default="world")
+
+
+@hookimpl
+def register_commands():
+    return [Command("{name}", "say hello", greet, arguments)]
+'''
+
+
+def command_distribution(tmp_path: Path, monkeypatch, name: str) -> Path:
+    site = tmp_path / f"site-{name}"
+    site.mkdir()
+    module = f"gateway_hello_{name}"  # a module of its own per test (imports are cached)
+    make_distribution(site, "gateway-hello", "gateway.sinks", {"hello": module},
+                      {module: COMMAND_PLUGIN.replace("{name}", name)})
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+def test_a_plugin_command_runs_with_its_arguments(tmp_path, monkeypatch, capsys):
+    command_distribution(tmp_path, monkeypatch, "hello")
+    assert cli.main(["hello", "--who", "plugin"]) == 3
+    assert capsys.readouterr().out == "hello plugin\n"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    listed = [line.split(None, 1) for line in capsys.readouterr().out.splitlines()]
+    assert ["hello", "say hello"] in listed
+
+
+def test_a_plugin_command_may_not_take_a_core_name(tmp_path, monkeypatch, capsys):
+    command_distribution(tmp_path, monkeypatch, "plugins")
+    with pytest.raises(PluginError, match="'sinks.hello' provides a command 'plugins'"):
+        plugins.commands(plugins.manager(), cli.CORE_COMMANDS)
+    assert cli.main(["plugins"]) == 0  # the core command still runs, and is the core's
+    assert "loading: ok" in capsys.readouterr().out
+
+
+def test_two_plugins_with_one_command_name_fail_naming_both():
+    from gateway import Command
+
+    twin = types.SimpleNamespace(__name__="twin", register_commands=hookimpl(
+        lambda: [Command("firestore", "twin", lambda args: 0)]))
+    with pytest.raises(PluginError, match="both provide a command named 'firestore'"):
+        plugins.commands(plugins.manager(extra=[twin]), cli.CORE_COMMANDS)
+
+
+def test_a_broken_plugin_leaves_core_commands_and_explains_plugin_ones(broken_distribution,
+                                                                       tmp_path, capsys):
+    assert cli.main(["firestore", "indexes"]) == cli.EXIT_CONFIG
+    assert "sinks.broken" in capsys.readouterr().err
+    path = write_config(tmp_path, CHANNELS_TOML)
+    assert cli.main(["check-config", "--config", path]) == cli.EXIT_CONFIG  # the broken sink
+    assert "broken at import time" in capsys.readouterr().err
+
+
+def test_gateway_firestore_indexes_through_the_cli(tmp_path):
+    path = write_config(tmp_path, '[sinks.firestore]\nproject_id = "p"\n'
+                                  'collection_prefix = "shop_"\n')
+    result = run_cli("firestore", "indexes", "--config", path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    spec = json.loads(result.stdout)
+    assert {i["collectionGroup"] for i in spec["indexes"]} == {"shop_conversations",
+                                                                "shop_messages"}

@@ -6,7 +6,7 @@ Registered through the ``gateway.sinks`` entry point ``firestore = "sinks.firest
 
 from __future__ import annotations
 
-from gateway import Sink, hookimpl
+from gateway import Command, Sink, hookimpl
 from gateway.config import GatewayConfig, section
 from sinks.firestore.sink import FirestoreConfig, FirestoreSink
 
@@ -15,3 +15,10 @@ from sinks.firestore.sink import FirestoreConfig, FirestoreSink
 def register_sinks(config: GatewayConfig) -> list[Sink]:
     table = section(config, "sinks", "firestore", FirestoreConfig)
     return [FirestoreSink(table)] if table is not None else []
+
+
+@hookimpl
+def register_commands() -> list[Command]:
+    from sinks.firestore.cli import COMMAND
+
+    return [COMMAND]

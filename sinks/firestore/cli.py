@@ -4,7 +4,8 @@
     firebase deploy --only firestore:indexes      # or: gcloud firestore indexes composite create
 
 The collection names carry ``[sinks.firestore].collection_prefix`` from the config (or
-``--prefix``). Also runnable as ``python -m sinks.firestore.cli indexes``.
+``--prefix``). Added to the ``gateway`` CLI through the ``register_commands`` hook; also runnable
+as ``python -m sinks.firestore.cli indexes``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from gateway.command import Command
 
 INDEXES = Path(__file__).with_name("indexes.json")
 
@@ -26,10 +29,10 @@ def indexes(prefix: str = "") -> dict[str, Any]:
     return spec
 
 
-def firestore_indexes_command(args: argparse.Namespace) -> int:
+def print_indexes(args: argparse.Namespace) -> int:
     """Print ``firestore.indexes.json`` for the configured collection prefix."""
-    prefix = getattr(args, "prefix", None)
-    if prefix is None and getattr(args, "config", None):
+    prefix = args.prefix
+    if prefix is None and args.config:
         from gateway import config as gwconfig
 
         table = gwconfig.load(args.config).sinks.get("firestore") or {}
@@ -39,12 +42,22 @@ def firestore_indexes_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """``firestore`` takes one action, ``indexes``."""
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = actions.add_parser("indexes", help="print firestore.indexes.json for the sink's queries")
+    p.add_argument("--config", metavar="PATH", help="TOML file (for collection_prefix)")
+    p.add_argument("--prefix", help="collection prefix (overrides the config's)")
+    p.set_defaults(run=print_indexes)
+
+
+COMMAND = Command("firestore", "Firestore sink tools (indexes)", print_indexes, arguments)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sinks.firestore.cli")
-    parser.add_argument("what", choices=["indexes"])
-    parser.add_argument("--config", metavar="PATH", help="TOML file (for collection_prefix)")
-    parser.add_argument("--prefix", help="collection prefix (overrides the config's)")
-    return firestore_indexes_command(parser.parse_args(argv))
+    arguments(parser)
+    return print_indexes(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
