@@ -39,7 +39,7 @@ class ServerConfig(_Section):
     port: int = 8080
     metrics_port: int = 9090
     data_dir: str = "./data"
-    max_body_bytes: int = 4 * 1024 * 1024  # Meta sends up to 3 MB; leave headroom
+    max_body_bytes: int = 3 * 1024 * 1024  # CONTRACT §3: Meta sends up to 3 MB
     api_token: str | None = None
     insecure_skip_signature: bool = False
     shutdown_timeout: float = 25.0

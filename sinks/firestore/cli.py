@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 from gateway.command import Command
 
-INDEXES = Path(__file__).with_name("indexes.json")
+INDEXES = resources.files("sinks.firestore").joinpath("indexes.json")  # package data
 
 
 def indexes(prefix: str = "") -> dict[str, Any]:
