@@ -9,14 +9,18 @@ import structlog
 
 from gateway.config import LoggingConfig
 
-_REDACT = ("secret", "token", "authorization", "api_key", "password", "text", "body")
+SECRET_WORDS = ("secret", "token", "authorization", "api_key", "password")  # always masked
+CONTENT_WORDS = ("text", "body")  # personal data: masked unless ``logging.log_text``
 
 
-def _redact(_: object, __: str, event_dict: dict) -> dict:
-    for key in list(event_dict):
-        if any(word in key.lower() for word in _REDACT) and key != "event":
-            event_dict[key] = "***"
-    return event_dict
+def _masker(words: tuple[str, ...]):
+    def mask(_: object, __: str, event_dict: dict) -> dict:
+        for key in list(event_dict):
+            if key != "event" and any(word in key.lower() for word in words):
+                event_dict[key] = "***"
+        return event_dict
+
+    return mask
 
 
 def setup(config: LoggingConfig | None = None, stream=None) -> None:
@@ -29,8 +33,7 @@ def setup(config: LoggingConfig | None = None, stream=None) -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if not config.log_text:
-        processors.append(_redact)
+    processors.append(_masker(SECRET_WORDS if config.log_text else SECRET_WORDS + CONTENT_WORDS))
     renderer = (structlog.processors.JSONRenderer() if as_json
                 else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
     level = getattr(logging, config.level.upper())
