@@ -81,7 +81,7 @@ class SinkWorker:
         self.cursor = await self.journal.cursor(self.cursor_name) or 0
         while True:
             self.wake.clear()
-            moved = await self._replays() + await self._step()
+            moved = await self._step()
             if moved:
                 continue
             self.idle.set()
@@ -107,6 +107,7 @@ class SinkWorker:
         return max(0, self.tail.last_seq - self.cursor)
 
     async def _step(self) -> int:
+        """Deliver the replays due and the next batch; how many events moved."""
         # -- shared journal (Redis): one replica delivers to this sink at a time (a lease) --
         if self.tail.disabled and hasattr(self.journal, "acquire_lease"):
             if not await self.journal.acquire_lease(self.cursor_name, self.owner, LEASE_MS):
@@ -114,6 +115,9 @@ class SinkWorker:
                 self.cursor = max(self.cursor, await self.journal.cursor(self.cursor_name) or 0)
                 return 0
             self.cursor = await self.journal.cursor(self.cursor_name) or 0
+        return await self._replays() + await self._next_batch()
+
+    async def _next_batch(self) -> int:
         size = self.sink.config.batch_size
         batch = self.tail.after(self.cursor, size)
         if batch is None:
@@ -128,10 +132,13 @@ class SinkWorker:
         return len(batch)
 
     async def _replays(self) -> int:
-        letters = await self.journal.claim_replays(self.sink.name, self.sink.config.batch_size)
+        """Redeliver dead letters marked for replay; each leaves the store only once it has been
+        delivered (or dead-lettered anew), so a crash in between replays it again."""
+        letters = await self.journal.replays_due(self.sink.name, self.sink.config.batch_size)
         if letters:
             log.info("replaying_dead_letters", sink=self.sink.name, count=len(letters))
             await self.deliver([_record(StoredEvent(0, d.data, d.received_at)) for d in letters])
+            await self.journal.finish_replays([d.id for d in letters])
         return len(letters)
 
     async def deliver(self, batch: list[Record]) -> None:

@@ -148,13 +148,15 @@ return count
 """
 
 # ARGV: prefix, sink, limit. Takes the oldest letters marked for replay out of the store.
-_CLAIM_REPLAYS = _ADD_DEAD + """
+# ARGV: prefix, sink, limit. The letters marked for replay (read only: they are deleted once
+# redelivered, so a crash in between replays them again); ids whose letter is gone are dropped.
+_REPLAYS_DUE = """
 local p, sink = ARGV[1], ARGV[2]
 local ids = redis.call('ZRANGE', p .. ':dead:replay:' .. sink, 0, tonumber(ARGV[3]) - 1)
 local out = {}
 for _, id in ipairs(ids) do
   local fields = redis.call('HGETALL', p .. ':dead:letter:' .. id)
-  if drop_dead(p, id) then
+  if #fields > 0 then
     out[#out + 1] = id
     out[#out + 1] = fields
   else
@@ -253,7 +255,7 @@ class RedisJournal:
         self._commit = register(_COMMIT)
         self._add_dead = register(_ADD_DEAD_LETTERS)
         self._request_replay = register(_REQUEST_REPLAY)
-        self._claim_replays = register(_CLAIM_REPLAYS)
+        self._replays_due = register(_REPLAYS_DUE)
         self._drop_dead = register(_DROP_DEAD)
         self._set_cursor = register(_SET_CURSOR)
         self._acquire = register(_ACQUIRE_LEASE)
@@ -509,12 +511,17 @@ class RedisJournal:
         """Mark dead letters for redelivery by the running gateways; return how many."""
         return int(await self._request_replay(args=[self.p, sink or "", *(ids or [])]))
 
-    async def claim_replays(self, sink: str, limit: int) -> list[DeadLetter]:
-        """Take dead letters marked for replay out of the store (the caller redelivers them);
-        atomic, so with several replicas each letter is claimed by one."""
-        flat = await self._outage("claim_replays",
-                                  lambda: self._claim_replays(args=[self.p, sink, limit]))
+    async def replays_due(self, sink: str, limit: int) -> list[DeadLetter]:
+        """Dead letters marked for replay, oldest first; they stay until :meth:`finish_replays`
+        (the caller holds the sink's lease, so one replica replays them)."""
+        flat = await self._outage("replays_due",
+                                  lambda: self._replays_due(args=[self.p, sink, limit]))
         return [_letter(int(flat[k]), _pairs(flat[k + 1])) for k in range(0, len(flat), 2)]
+
+    async def finish_replays(self, ids: list[int]) -> None:
+        """Delete replayed dead letters (redelivered, or dead-lettered anew)."""
+        if ids:
+            await self._outage("finish_replays", lambda: self._drop_dead(args=[self.p, *ids]))
 
     # -- GDPR ----------------------------------------------------------------------------------
 

@@ -158,16 +158,19 @@ class SqliteJournal:
         sql = f"UPDATE dead_letters SET state = 'replay' WHERE {' AND '.join(clauses)}"
         return await self._writer.run(lambda c: c.execute(sql, args).rowcount)
 
-    async def claim_replays(self, sink: str, limit: int) -> list[DeadLetter]:
-        """Take dead letters marked for replay out of the store (the caller redelivers them)."""
-        def work(c: sqlite3.Connection) -> list[DeadLetter]:
-            rows = c.execute(
-                f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE sink = ? AND state = 'replay' "
-                "ORDER BY id LIMIT ?", (sink, limit)).fetchall()
-            c.executemany("DELETE FROM dead_letters WHERE id = ?", [(r[0],) for r in rows])
-            return [DeadLetter(*row) for row in rows]
+    async def replays_due(self, sink: str, limit: int) -> list[DeadLetter]:
+        """Dead letters marked for replay, oldest first. They stay in the store until
+        :meth:`finish_replays`, so a crash before they are redelivered replays them again."""
+        rows = await self._writer.run(lambda c: c.execute(
+            f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE sink = ? AND state = 'replay' "
+            "ORDER BY id LIMIT ?", (sink, limit)).fetchall())
+        return [DeadLetter(*row) for row in rows]
 
-        return await self._writer.run(work)
+    async def finish_replays(self, ids: list[int]) -> None:
+        """Delete replayed dead letters (redelivered, or dead-lettered anew)."""
+        if ids:
+            await self._writer.run(lambda c: c.executemany(
+                "DELETE FROM dead_letters WHERE id = ?", [(i,) for i in ids]))
 
     async def prune(self, now: float) -> None:
         """Forget ids older than the de-duplication window and events every sink has passed."""

@@ -134,17 +134,23 @@ async def test_dead_letters_and_replay(journal):
     assert [d.sink for d in await journal.dead_letters()] == ["s1", "s2", "s1"]
     assert len(await journal.dead_letters(limit=2)) == 2
     assert await journal.dead_letter_counts() == {"s1": 2, "s2": 1}
-    assert await journal.claim_replays("s1", 10) == []
+    assert await journal.replays_due("s1", 10) == []
     assert await journal.request_replay("s1", [letters[0].id]) == 1
     assert [d.state for d in await journal.dead_letters("s1")] == ["replay", "dead"]
     assert await journal.request_replay("s1", [letters[0].id]) == 0  # already marked
-    assert await journal.claim_replays("s2", 10) == []
-    claimed = await journal.claim_replays("s1", 10)
-    assert [(d.id, d.event_id, d.data) for d in claimed] == [(letters[0].id, "a", b'{"id":"a"}')]
-    assert await journal.claim_replays("s1", 10) == []  # taken out: claimed once
+    assert await journal.replays_due("s2", 10) == []
+    due = await journal.replays_due("s1", 10)
+    assert [(d.id, d.event_id, d.data) for d in due] == [(letters[0].id, "a", b'{"id":"a"}')]
+    # not redelivered yet (e.g. a crash): still there, offered again
+    assert [d.id for d in await journal.replays_due("s1", 10)] == [letters[0].id]
+    assert await journal.dead_letter_counts() == {"s1": 2, "s2": 1}
+    await journal.finish_replays([d.id for d in due])
+    assert await journal.replays_due("s1", 10) == []  # redelivered: gone
     assert [d.event_id for d in await journal.dead_letters("s1")] == ["b"]
     assert await journal.request_replay() == 2
-    assert [d.event_id for d in await journal.claim_replays("s1", 1)] == ["b"]
+    due = await journal.replays_due("s1", 1)
+    assert [d.event_id for d in due] == ["b"]
+    await journal.finish_replays([d.id for d in due])
     assert await journal.dead_letter_counts() == {"s2": 1}
 
 
