@@ -97,3 +97,52 @@ def test_unknown_fields_and_types_pass_through():
     message.update({"type": "poll", "poll": {"question": "?"}, "brand_new_field": {"x": 1}})
     (event,) = whatsapp(json.dumps(envelope).encode())
     assert (event.type, event.raw_type, event.error) == ("unsupported", "poll", None)
+
+
+def _instagram_item(**fields) -> bytes:
+    item = {"sender": {"id": "9000000000000001"}, "recipient": {"id": "17840000000000001"},
+            "timestamp": 1760003300000, **fields}
+    return json.dumps({"object": "instagram", "entry": [
+        {"id": "17840000000000001", "time": 1760003300000, "messaging": [item]}]}).encode()
+
+
+@pytest.mark.parametrize("key,value", [
+    ("message_edit", {"mid": "aWdfTEST_IN_0001", "text": "edited", "num_edit": 2}),
+    ("optin", {"type": "notification_messages", "payload": "P"}),
+    ("messaging_feedback", {"feedback_screens": [{"screen_id": 0}]}),
+    ("policy_enforcement", {"action": "block", "reason": "spam"}),
+    ("brand_new_kind", "a string, not an object"),
+    ("brand_new_kind", None),
+    ("brand_new_kind", [1, 2]),
+])
+def test_unknown_instagram_item_keys_become_unsupported(key, value):
+    (event,) = instagram(_instagram_item(**{key: value}))
+    assert (event.kind, event.type, event.raw_type) == ("message", "unsupported", key)
+    assert event.message_id is None  # never the referenced message's id: storage keeps that one
+    assert event.reply_to == (value.get("mid") if isinstance(value, dict) else None)
+    assert (event.sender.id, event.account_id) == ("9000000000000001", "17840000000000001")
+    assert decode(encode(event)) == event
+    (again,) = instagram(_instagram_item(**{key: value}))
+    assert again.id == event.id  # a redelivery keeps the id
+
+
+def test_unknown_instagram_ids_differ_by_key_sender_time_and_mid():
+    base = {"mid": "aWdfTEST_IN_0001"}
+    ids = {
+        instagram(_instagram_item(message_edit=base))[0].id,
+        instagram(_instagram_item(optin=base))[0].id,
+        instagram(_instagram_item(message_edit={"mid": "aWdfTEST_IN_0002"}))[0].id,
+        instagram(_instagram_item(message_edit=base, timestamp=1760003300001))[0].id,
+        instagram(_instagram_item(message_edit=base, sender={"id": "9000000000000002"}))[0].id,
+        instagram(_instagram_item(message={"mid": "aWdfTEST_IN_0001", "text": "x"}))[0].id,
+    }
+    assert len(ids) == 6
+
+
+def test_known_key_wins_and_null_known_keys_fall_through_to_the_unknown_one():
+    (event,) = instagram(_instagram_item(read={"mid": "m1"}, message_edit={"mid": "m2"}))
+    assert event.kind == "read"
+    (event,) = instagram(_instagram_item(read=None, message_edit={"mid": "m2"}))
+    assert (event.type, event.raw_type) == ("unsupported", "message_edit")
+    assert instagram(_instagram_item(read=None)) == []  # no event object at all: nothing to keep
+    assert instagram(_instagram_item()) == []

@@ -12,17 +12,26 @@ Every entry × ``messaging[]`` / ``standby[]`` item yields one event. Mapping ch
   ``is_deleted`` → ``deleted`` (its id differs from the original's), ``is_unsupported`` →
   ``unsupported``;
 - ``read`` / ``reaction`` / ``postback`` / ``referral`` / ``*_thread_control`` → those kinds
-  (``handover`` for thread control); items on ``standby[]`` are marked ``standby``.
+  (``handover`` for thread control); items on ``standby[]`` are marked ``standby``;
+- an item whose event key is none of those (``message_edit``, ``optin``, a key Meta adds later)
+  is a ``message`` of type ``unsupported`` with ``raw_type`` = that key, never dropped; when its
+  object names a ``mid`` (the message it is about: the edited one for ``message_edit``) that is
+  ``reply_to``, as for WhatsApp's ``edit`` (``message_id`` stays unset, so the referenced
+  message is never overwritten in storage).
 
 Ids come only from Meta's fields (webhooks.md §3): a message's ``mid`` (+ the deleted flag), a
-reaction's (mid, sender, action, label, timestamp), a read's (sender, mid), and so on.
+reaction's (mid, sender, action, label, timestamp), a read's (sender, mid), an unknown item's
+(key, sender, timestamp, mid), and so on.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from channels.envelope import as_str, decode_each, parse_envelope as _parse
+import msgspec
+
+from channels.envelope import as_str, decode_each
+from channels.envelope import parse_envelope as _parse
 from channels.instagram import schemas
 from gateway.events import (
     SCHEMA_VERSION,
@@ -46,6 +55,7 @@ ATTACHMENT_TYPES = {"image": "image", "video": "video", "audio": "audio", "file"
                     "share": "share", "story_mention": "story_mention", "ig_reel": "video",
                     "reel": "video"}
 HANDOVER = ("pass_thread_control", "take_thread_control", "request_thread_control")
+ADDRESSING = frozenset({"sender", "recipient", "timestamp"})
 
 
 def parse_envelope(body: bytes) -> None:
@@ -69,14 +79,18 @@ def normalise(body: bytes) -> list[Event]:
         if account is None:
             continue
         for standby, items in ((False, entry.messaging), (True, entry.standby)):
-            for item in decode_each(items, schemas.item_decoder):
-                event = _item(item, account, standby)
+            for raw in items or ():
+                try:
+                    item = schemas.item_decoder.decode(raw)
+                except msgspec.DecodeError:
+                    continue  # one malformed item never spoils the batch
+                event = _item(item, raw, account, standby)
                 if event is not None:
                     events.append(event)
     return events
 
 
-def _item(item: schemas.Item, account: str, standby: bool) -> Event | None:
+def _item(item: schemas.Item, raw: msgspec.Raw, account: str, standby: bool) -> Event | None:
     sender = as_str(item.sender.id) if item.sender else None
     recipient = as_str(item.recipient.id) if item.recipient else None
     try:
@@ -97,7 +111,23 @@ def _item(item: schemas.Item, account: str, standby: bool) -> Event | None:
         value = getattr(item, key)
         if isinstance(value, dict):
             return build(value, common, sender, stamp, key)
-    return None
+    return _unknown(raw, common, sender, stamp)
+
+
+def _unknown(raw: msgspec.Raw, common: dict, sender: str, stamp: str) -> Event | None:
+    """An item of a kind this channel does not model: ``unsupported``, keyed by its event key.
+
+    The key is the first one that is neither addressing nor a known event key (those were
+    handled, or are not objects); an item with no such key carries no event at all.
+    """
+    fields = schemas.fields_decoder.decode(raw)
+    key = next((k for k in fields if k not in ADDRESSING and k not in KNOWN), None)
+    if key is None:
+        return None
+    value = msgspec.json.decode(fields[key])  # a part of an item that decoded: valid JSON
+    mid = as_str(value.get("mid")) if isinstance(value, dict) else None
+    return Message(id=event_id(CHANNEL, "unsupported", key, sender, stamp, mid or ""), **common,
+                   type="unsupported", raw_type=key, reply_to=mid)
 
 
 def _message(msg: dict[str, Any], common: dict, sender: str, stamp: str, key: str) -> Event | None:
@@ -184,3 +214,4 @@ BUILDERS = (
     ("message", _message), ("postback", _postback), ("reaction", _reaction), ("read", _read),
     ("referral", _referral), *((key, _handover) for key in HANDOVER),
 )
+KNOWN = frozenset(key for key, _ in BUILDERS)

@@ -44,3 +44,5 @@ class Item(msgspec.Struct):
 
 entry_decoder = msgspec.json.Decoder(Entry)
 item_decoder = msgspec.json.Decoder(Item)
+# An item's top-level keys, values undecoded: finds the event key of a kind Item does not know.
+fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
