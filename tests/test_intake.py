@@ -93,6 +93,44 @@ async def test_bad_signatures_are_401(gateway, case):
     assert gw.jsonl() == []
 
 
+def _assert_error_shape(body, code: str) -> None:
+    """Exactly the contract's error body: ``{"error": {"code": ..., "message": ...}}``."""
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+@pytest.mark.parametrize("channel", ["whatsapp", "instagram"])
+@pytest.mark.parametrize("signature", ["missing", "wrong", "wrong_secret"])
+@pytest.mark.parametrize("body", [b"{not json", b'{"hello": "world"}', b"[1, 2, 3]", b"",
+                                  b'{"object": "page_of_something_else", "entry": []}'],
+                         ids=["not_json", "not_meta", "json_array", "empty", "other_object"])
+async def test_signature_is_checked_before_any_parsing(gateway, channel, signature, body):
+    """A body that would be a 400 is a 401 first when unsigned: the signature comes first."""
+    gw = await gateway()
+    headers = {"Content-Type": "application/json"}
+    if signature == "wrong":
+        headers["X-Hub-Signature-256"] = "sha256=" + "f" * 64
+    elif signature == "wrong_secret":
+        headers.update(sign_headers("another-secret", body))
+    async with gw.session.post(f"{gw.url}/webhooks/{channel}", data=body,
+                               headers=headers) as resp:
+        assert resp.status == 401, await resp.text()
+        assert resp.content_type == "application/json"
+        _assert_error_shape(await resp.json(), "bad_signature")
+    assert _metric(gw, channel, "bad_signature") == 1
+    assert _metric(gw, channel, "bad_request") == 0
+    # the same bytes correctly signed are refused by the envelope check: a 400, not a 200
+    status, answer = await gw.post(channel, body)
+    assert status == 400
+    _assert_error_shape(answer, "bad_request")
+    assert _metric(gw, channel, "bad_request") == 1
+    assert gw.app[keys.JOURNAL].pending == 0
+    await gw.settle()
+    assert gw.jsonl() == []
+
+
 async def test_signature_over_escaped_slashes_verifies(gateway):
     gw = await gateway()
     body = fixture_bytes("instagram/image.json")
