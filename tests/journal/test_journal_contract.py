@@ -201,3 +201,86 @@ async def test_erase_contact(journal):
         "m2", f"request:{batch[1].seq}"]
     assert await journal.dead_letter_counts() == {"s": 1, "normalise:whatsapp": 1}
     assert await journal.erase_contact("whatsapp", "111") == {"events": 0, "dead_letters": 0}
+
+
+def _journal_like(journal, request, data_dir, window: int | None = None, prefix: str = ""):
+    """A new, unopened journal of ``journal``'s backend: the same store when ``data_dir`` is the
+    fixture's ``tmp_path`` and ``prefix`` is empty (a restart), else a store of its own."""
+    queue = {} if window is None else {"dedupe_window_seconds": window}
+    if isinstance(journal, SqliteJournal):
+        return SqliteJournal(gwconfig.GatewayConfig(
+            server=gwconfig.ServerConfig(data_dir=str(data_dir)),
+            queue=gwconfig.QueueConfig(**queue)))
+    from gateway.journal.redis import RedisJournal
+
+    url = request.getfixturevalue("redis_url")  # the fixture's own URL (cached for this test)
+    cfg = gwconfig.GatewayConfig(
+        queue=gwconfig.QueueConfig(backend="redis", redis_url=url, **queue))
+    return RedisJournal(cfg, prefix=journal.p + prefix if prefix else None)
+
+
+async def _commit_one(journal, event_id: str, received_at: float = 1.0) -> int | None:
+    """Journal one request, then commit it with one event: the event's new seq, or None (dup)."""
+    await journal.append("whatsapp", event_id.encode(), received_at)
+    requests = await journal.unprocessed(10)
+    (seq,) = await journal.commit_processed(requests[-1].seq, [ev(event_id)], [])
+    return seq
+
+
+async def test_dedupe_survives_close_and_reopen(journal, request, tmp_path):
+    first = await _commit_one(journal, "before-restart")
+    assert first
+    await journal.append("whatsapp", b"journaled, not processed", 3.0)
+    await journal.close()  # a restart: nothing in memory survives
+    reopened = _journal_like(journal, request, tmp_path)
+    await reopened.open()
+    try:
+        assert reopened.pending == 1
+        (left,) = await reopened.unprocessed(10)
+        assert left.body == b"journaled, not processed"
+        seqs = await reopened.commit_processed(left.seq, [ev("before-restart"), ev("after")], [])
+        assert seqs == [None, first + 1]  # the id seen before the restart is dropped after it
+        assert await _commit_one(reopened, "before-restart") is None
+        assert [s.data for s in await reopened.events_after(0, 10)] == [
+            b'{"id":"before-restart"}', b'{"id":"after"}']
+        assert reopened.pending == 0
+    finally:
+        await reopened.close()
+
+
+async def test_dedupe_window_forgets_ids_once_it_has_passed(journal, request, tmp_path):
+    import asyncio
+    import time
+
+    short = _journal_like(journal, request, tmp_path / "window", window=1, prefix="w")
+    await short.open()
+    try:
+        first = await _commit_one(short, "windowed", time.time())
+        assert first
+        await short.prune(time.time())  # still inside the window: the id is remembered
+        assert await _commit_one(short, "windowed", time.time()) is None
+        await asyncio.sleep(1.3)
+        await short.prune(time.time())  # past dedupe_window_seconds: forgotten
+        again = await _commit_one(short, "windowed", time.time())
+        assert again and again > first
+        assert await _commit_one(short, "windowed", time.time()) is None  # and remembered anew
+    finally:
+        await short.close()
+
+
+async def test_default_dedupe_window_is_seven_days(journal):
+    week = 7 * 24 * 3600
+    assert gwconfig.QueueConfig().dedupe_window_seconds == week
+    import time
+
+    now = time.time()
+    assert await _commit_one(journal, "kept-a-week")
+    if isinstance(journal, SqliteJournal):
+        await journal.prune(now + week - 60)  # a minute short of a week: still a duplicate
+        assert await _commit_one(journal, "kept-a-week") is None
+        await journal.prune(now + week + 60)  # a minute past it: new again
+        assert await _commit_one(journal, "kept-a-week")
+    else:  # Redis expires the ids itself: the key's TTL is the window
+        ttl = await journal.redis.ttl(f"{journal.p}:seen:kept-a-week")
+        assert week - 60 <= ttl <= week
+        assert await _commit_one(journal, "kept-a-week") is None
