@@ -17,6 +17,9 @@ Providers:
   retries) against ``base_url`` (any Chat Completions-compatible server), with the system prompt
   and the conversation's last ``history`` messages, kept in memory per conversation.
 
+Erasure (``DELETE /v1/contacts/...``): :meth:`AISink.erase_contact` forgets the contact's
+conversation history and answered event ids, so their old texts never reach the provider again.
+
 Errors: 429, 5xx, timeouts and connection errors are ``RetryableError`` (429 as ``RateLimited``
 with the server's ``retry-after`` hint); 400, 401, 403, 404 and 422 are ``PermanentError`` (dead
 letter at once).
@@ -106,40 +109,56 @@ class AIConfig(SinkConfig):
                 raise ConfigError(f"invalid rule: {exc}", f"{prefix}.rules[{index}]") from None
 
 
+Owner = tuple[str, str]  # (channel, customer id): whose data an entry is, for erasure
+
+
 class Memory:
-    """Bounded per-conversation history (LRU over conversations) and answered event ids."""
+    """Bounded per-conversation history (LRU over conversations) and answered event ids, each
+    entry tagged with its customer so that :meth:`erase` can forget one contact (GDPR)."""
 
     def __init__(self, history: int, conversations: int, events: int) -> None:
         self._history = history
-        self._conversations: OrderedDict[str, deque[dict[str, str]]] = OrderedDict()
+        self._conversations: OrderedDict[str, tuple[Owner, deque[dict[str, str]]]] = OrderedDict()
         self._max_conversations = conversations
-        self._answered: OrderedDict[str, None] = OrderedDict()
+        self._answered: OrderedDict[str, Owner] = OrderedDict()
         self._max_events = events
 
     def history(self, conversation_id: str) -> list[dict[str, str]]:
-        turns = self._conversations.get(conversation_id)
-        return list(turns) if turns else []
+        entry = self._conversations.get(conversation_id)
+        return list(entry[1]) if entry else []
 
     def known(self, conversation_id: str) -> bool:
         return conversation_id in self._conversations
 
-    def add_turn(self, conversation_id: str, user: str, assistant: str) -> None:
-        turns = self._conversations.pop(conversation_id, None)
-        if turns is None:
-            turns = deque(maxlen=self._history)
+    def add_turn(self, conversation_id: str, user: str, assistant: str,
+                 owner: Owner = ("", "")) -> None:
+        entry = self._conversations.pop(conversation_id, None)
+        turns = entry[1] if entry is not None else deque(maxlen=self._history)
         turns.append({"role": "user", "content": user})
         turns.append({"role": "assistant", "content": assistant})
-        self._conversations[conversation_id] = turns
+        self._conversations[conversation_id] = (owner, turns)
         while len(self._conversations) > self._max_conversations:
             self._conversations.popitem(last=False)
 
     def answered(self, event_id: str) -> bool:
         return event_id in self._answered
 
-    def mark_answered(self, event_id: str) -> None:
-        self._answered[event_id] = None
+    def mark_answered(self, event_id: str, owner: Owner = ("", "")) -> None:
+        self._answered[event_id] = owner
         while len(self._answered) > self._max_events:
             self._answered.popitem(last=False)
+
+    def erase(self, channel: str, contact_id: str) -> dict[str, int]:
+        """Forget one contact: the history of their conversations and the ids of their answered
+        events. Returns how many conversations, remembered messages and event ids went."""
+        owner = (channel, contact_id)
+        conversations = [c for c, (who, _) in self._conversations.items() if who == owner]
+        messages = sum(len(self._conversations.pop(c)[1]) for c in conversations)
+        events = [e for e, who in self._answered.items() if who == owner]
+        for event_id in events:
+            del self._answered[event_id]
+        return {"conversations": len(conversations), "messages": messages,
+                "answered_events": len(events)}
 
 
 class RulesProvider:
@@ -242,6 +261,8 @@ class AISink(Sink):
         self.provider: RulesProvider | OpenAIProvider | None = None
         self._attached = asyncio.Event()
         self._limit = asyncio.Semaphore(config.concurrency)
+        self._inflight: dict[str, Owner] = {}  # event id -> customer, while being answered
+        self._forget: set[str] = set()  # in-flight events whose contact was erased meanwhile
 
     def attach(self, app: web.Application) -> None:
         """Remember the running app; replies go out through ``app[keys.OUTBOUND]``."""
@@ -294,24 +315,43 @@ class AISink(Sink):
         if self.memory.answered(event.id):
             return
         assert self.provider is not None, "start() was not called"
+        owner = (event.channel, event.customer_id)
         age = time.time() - event.timestamp.timestamp()
         if age > self.config.max_age_seconds:  # a free-form reply would be refused anyway
             log.info("ai_too_old", event_id=event.id, conversation_id=event.conversation_id,
                      age_seconds=round(age))
-            self.memory.mark_answered(event.id)
+            self.memory.mark_answered(event.id, owner)
             return
-        history = self.memory.history(event.conversation_id)
-        first = not self.memory.known(event.conversation_id)
-        reply = fit(event.channel, await self.provider.reply(event, history, first))
-        if not reply:
-            log.warning("ai_empty_reply", event_id=event.id, conversation_id=event.conversation_id)
-            self.memory.mark_answered(event.id)
-            return
-        await self._send(outbound, self.body(event, reply))
-        self.memory.mark_answered(event.id)
-        self.memory.add_turn(event.conversation_id, event.text or "", reply)
-        log.info("ai_replied", event_id=event.id, channel=event.channel,
-                 conversation_id=event.conversation_id, provider=self.config.provider)
+        self._inflight[event.id] = owner
+        try:
+            history = self.memory.history(event.conversation_id)
+            first = not self.memory.known(event.conversation_id)
+            reply = fit(event.channel, await self.provider.reply(event, history, first))
+            if not reply:
+                log.warning("ai_empty_reply", event_id=event.id,
+                            conversation_id=event.conversation_id)
+            else:
+                await self._send(outbound, self.body(event, reply))
+            if event.id in self._forget:  # the contact was erased while we were answering
+                log.info("ai_erased_meanwhile", event_id=event.id)
+                return
+            self.memory.mark_answered(event.id, owner)
+            if reply:
+                self.memory.add_turn(event.conversation_id, event.text or "", reply, owner)
+                log.info("ai_replied", event_id=event.id, channel=event.channel,
+                         conversation_id=event.conversation_id, provider=self.config.provider)
+        finally:
+            self._inflight.pop(event.id, None)
+            self._forget.discard(event.id)
+
+    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
+        """GDPR: forget the contact's conversation history (their texts and our replies, which
+        would otherwise go to the provider again when they write next) and answered event ids.
+        A reply being prepared for them right now is sent but not remembered."""
+        for event_id, owner in self._inflight.items():
+            if owner == (channel, contact_id):
+                self._forget.add(event_id)
+        return self.memory.erase(channel, contact_id)
 
     def body(self, event: Event, reply: str) -> dict[str, Any]:
         """The ``POST /v1/messages`` body that answers ``event`` with ``reply``."""

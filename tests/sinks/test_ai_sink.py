@@ -478,3 +478,100 @@ async def test_openai_bad_key_dead_letters(gateway, meta, monkeypatch):
                 await asyncio.sleep(0.05)
         assert len(letters) == 1 and "401" in letters[0].reason
         assert len(server.requests) == 1  # permanent: not retried
+
+
+# -- erasure (GDPR): the remembered history goes with the contact ------------------------------
+
+ERASED = "15550001234"
+KEPT = "15550005678"
+TOKEN = "ai-erasure-token"
+
+
+def user_texts(request: dict) -> list[str]:
+    return [m["content"] for m in request["messages"] if m["role"] != "system"]
+
+
+async def test_erasure_through_the_endpoint_forgets_the_contacts_history(gateway, meta,
+                                                                        monkeypatch):
+    """Before the erasure, a customer's old texts are sent to OpenAI with every new message;
+    after ``DELETE /v1/contacts/...`` they are gone, while another customer keeps theirs."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    async with OpenAIServer(api_key="sk-test", reply=None) as server:  # echoes the user
+        sinks = (SINKS_AI_RULES + f'provider = "openai"\napi_key = "sk-test"\n'
+                 f'base_url = "{server.base_url}"\n')
+        gw = await gateway(f'api_token = "{TOKEN}"', sinks=sinks,
+                           channels=channels_toml(meta.graph.url))
+        await _require_outbound(gw)
+        ai = gw.app[keys.SINKS]["ai"]
+        accepted = Accepted(meta.graph)
+        async with meta(gw) as sim:
+            await sim.customer_says("whatsapp", ERASED, "I live at 1 Secret Street")
+            await sim.customer_says("whatsapp", KEPT, "I am Sam")
+            await accepted.wait(ERASED)
+            await accepted.wait(KEPT)
+            await sim.customer_says("whatsapp", ERASED, "Did you get my address?")
+            assert len(await accepted.wait(ERASED, 2)) == 2
+            assert user_texts(server.requests[-1]) == [  # the history the erasure must drop
+                "I live at 1 Secret Street", "echo: I live at 1 Secret Street",
+                "Did you get my address?"]
+            await gw.settle()
+
+            async with gw.session.delete(f"{gw.url}/v1/contacts/whatsapp/{ERASED}",
+                                         headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                status, body = resp.status, await resp.json()
+            assert status == 200, body
+            assert body["erased"]["ai"] == {"conversations": 1, "messages": 4,
+                                            "answered_events": 2}
+            assert "ai" not in body["not_stored"]
+            conv = conversation_id("whatsapp", WA_ACCOUNT, ERASED)
+            assert ai.memory.history(conv) == [] and not ai.memory.known(conv)
+
+            await sim.customer_says("whatsapp", ERASED, "Hello again")
+            assert len(await accepted.wait(ERASED, 3)) == 3
+            again = [r for r in server.requests if user_texts(r)[-1] == "Hello again"]
+            assert [user_texts(r) for r in again] == [["Hello again"]]
+            assert not any("Secret Street" in m["content"] for m in again[0]["messages"])
+
+            await sim.customer_says("whatsapp", KEPT, "Still there?")
+            assert len(await accepted.wait(KEPT, 2)) == 2
+            assert user_texts(server.requests[-1]) == ["I am Sam", "echo: I am Sam",
+                                                       "Still there?"]
+            await gw.settle()
+        accepted.close()
+        # A second erasure finds only what was remembered since.
+        async with gw.session.delete(f"{gw.url}/v1/contacts/whatsapp/{ERASED}",
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+            assert (await resp.json())["erased"]["ai"] == {
+                "conversations": 1, "messages": 2, "answered_events": 1}
+
+
+async def test_erasure_during_a_reply_is_not_undone(openai_server):
+    """The contact is erased while the provider is still answering: the reply goes out (it is
+    on its way), but neither the text nor the event id is remembered afterwards."""
+    openai_server.delay = 0.5
+    sink, out = await started_sink(provider="openai", api_key="sk-test",
+                                   base_url=openai_server.base_url)
+    erased, kept = message("my secret", customer=ERASED), message("hello", customer=KEPT)
+    task = asyncio.create_task(sink.write(records(erased, kept)))
+    while len(openai_server.requests) < 2:
+        await asyncio.sleep(0.01)
+    assert await sink.erase_contact("whatsapp", ERASED) == {
+        "conversations": 0, "messages": 0, "answered_events": 0}
+    await task
+    assert sorted(b["to"] for b in out.sent) == [ERASED, KEPT]
+    assert sink.memory.history(erased.conversation_id) == []
+    assert not sink.memory.answered(erased.id)
+    assert len(sink.memory.history(kept.conversation_id)) == 2 and sink.memory.answered(kept.id)
+    await sink.close()
+
+
+async def test_erase_contact_matches_channel_and_contact_exactly():
+    sink, out = await started_sink()
+    events = [message("hi", customer=ERASED), message("hi", customer=ERASED, channel="instagram"),
+              message("hi", customer=KEPT)]
+    await sink.write(records(*events))
+    assert await sink.erase_contact("whatsapp", ERASED) == {
+        "conversations": 1, "messages": 2, "answered_events": 1}
+    assert [sink.memory.known(e.conversation_id) for e in events] == [False, True, True]
+    assert [sink.memory.answered(e.id) for e in events] == [False, True, True]
+    await sink.close()
