@@ -41,6 +41,7 @@ class ServerConfig(_Section):
     data_dir: str = "./data"
     max_body_bytes: int = 3 * 1024 * 1024  # CONTRACT §3: Meta sends up to 3 MB
     api_token: str | None = None
+    erasure_audit_key: str | None = None  # HMAC key of erasures.jsonl; unset: data_dir file
     insecure_skip_signature: bool = False
     shutdown_timeout: float = 25.0
 
@@ -52,6 +53,9 @@ class ServerConfig(_Section):
             raise ConfigError("must be at least 1024", f"{prefix}.max_body_bytes")
         if self.shutdown_timeout < 0:
             raise ConfigError("must not be negative", f"{prefix}.shutdown_timeout")
+        if self.erasure_audit_key is not None and len(self.erasure_audit_key.strip()) < 16:
+            raise ConfigError("must be at least 16 characters (e.g. openssl rand -hex 32)",
+                              f"{prefix}.erasure_audit_key")
 
 
 class QueueConfig(_Section):
@@ -159,6 +163,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
 
 _CORE_ENV = {
     ("server", "api_token"): "GATEWAY_API_TOKEN",
+    ("server", "erasure_audit_key"): "GATEWAY_ERASURE_AUDIT_KEY",
     ("server", "data_dir"): "GATEWAY_DATA_DIR",
     ("queue", "redis_url"): "GATEWAY_REDIS_URL",
 }

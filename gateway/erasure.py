@@ -4,7 +4,11 @@ Every sink implementing :meth:`gateway.sink.Sink.erase_contact` deletes what it 
 contact (storage, Firestore, the outbox, plugins); a sink answering None keeps no contact data and
 is listed under ``not_stored``. The journal forgets the contact's events and dead letters, so no
 sink is handed them again. The erasure is recorded in ``<data_dir>/erasures.jsonl`` without the
-personal data: the contact id appears only as its SHA-256 (see ``docs/erasure.md``).
+personal data: the contact id appears only as an HMAC-SHA256 under a secret key
+(``server.erasure_audit_key`` / ``GATEWAY_ERASURE_AUDIT_KEY``, or a random key generated once
+into ``<data_dir>/erasure-audit.key``), so the line cannot be traced back to a phone number by
+hashing them all; ``scripts/erasure-check.py`` answers "was this contact erased?" with the key
+(see ``docs/erasure.md``).
 
 Before erasing, the handler waits (at most ``SETTLE_SECONDS``) until what is already journaled has
 reached every sink, so that an event received just before the request cannot re-create the data
@@ -14,9 +18,14 @@ afterwards; ``settled`` in the answer says whether that wait completed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import hmac
 import json
 import os
+import secrets
+import stat
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
@@ -32,15 +41,76 @@ from gateway.intake import error
 log = gwlog.get("gateway.erasure")
 SETTLE_SECONDS = 5.0
 AUDIT_FILE = "erasures.jsonl"
+KEY_FILE = "erasure-audit.key"  # generated once when server.erasure_audit_key is not set
+KEY_ID_MESSAGE = b"erasure-audit-key-id"  # HMAC'd to tell keys apart without revealing them
 
 
 def routes() -> list[web.RouteDef]:
     return [web.delete("/v1/contacts/{channel}/{contact_id}", erase)]
 
 
-def contact_hash(contact_id: str) -> str:
-    """What the audit log keeps instead of the contact id: plain SHA-256, hex."""
-    return hashlib.sha256(contact_id.encode("utf-8")).hexdigest()
+def contact_hmac(key: bytes, contact_id: str) -> str:
+    """What the audit log keeps instead of the contact id: HMAC-SHA256 under the audit key, hex.
+
+    Without the key nobody can test a guessed phone number against it (a plain hash of the id
+    could be reversed by hashing every number)."""
+    return hmac.new(key, contact_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def key_id(key: bytes) -> str:
+    """A short public fingerprint of the audit key: which key an audit line was made with."""
+    return hmac.new(key, KEY_ID_MESSAGE, hashlib.sha256).hexdigest()[:16]
+
+
+def audit_key(configured: str | None, data_dir: str) -> bytes:
+    """The HMAC key: ``server.erasure_audit_key`` when set, else the key in
+    ``<data_dir>/erasure-audit.key``, generated on first use (32 random bytes as 64 hex digits,
+    mode 0600). Either way the key is the text, stripped, as UTF-8.
+
+    Raises:
+        OSError: the key file cannot be read or created, or is empty.
+    """
+    if configured and configured.strip():
+        return configured.strip().encode("utf-8")
+    path = os.path.join(data_dir, KEY_FILE)
+    if not os.path.exists(path):
+        _create_key_file(data_dir, path)
+    with open(path, "rb") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        key = handle.read().strip()
+    if not key:
+        raise OSError(errno.EINVAL, "the erasure audit key file is empty")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("erasure_audit_key_readable", detail=f"{KEY_FILE} is readable by others "
+                    "than its owner: chmod 600 it")
+    return key
+
+
+def _create_key_file(data_dir: str, path: str) -> None:
+    """Write a new random key to ``path`` atomically, never replacing one that exists (two
+    erasures at once: the first link wins, both use that key)."""
+    os.makedirs(data_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{KEY_FILE}.", dir=data_dir)  # mode 0600
+    try:
+        os.write(fd, secrets.token_bytes(32).hex().encode() + b"\n")
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return
+        dir_fd = os.open(data_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        log.info("erasure_audit_key_created", detail=f"{KEY_FILE} in the data directory: back "
+                 "it up, or set server.erasure_audit_key (GATEWAY_ERASURE_AUDIT_KEY)")
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(tmp)
 
 
 async def erase(request: web.Request) -> web.Response:
@@ -56,8 +126,9 @@ async def erase(request: web.Request) -> web.Response:
     result = await erase_contact(app, channel, contact_id)
     result["settled"] = settled
     try:
-        await asyncio.to_thread(_audit, app[keys.CONFIG].server.data_dir, channel, contact_id,
-                                result)
+        server = app[keys.CONFIG].server
+        await asyncio.to_thread(_audit, server.data_dir, server.erasure_audit_key, channel,
+                                contact_id, result)
     except OSError as exc:  # erased, but not recorded: say so (and never log the path)
         result["failed"]["audit"] = f"{type(exc).__name__}: {exc.strerror}"
     log.info("contact_erased", channel=channel, erasure_id=result["erasure_id"],
@@ -118,13 +189,16 @@ async def _settle(app: web.Application, timeout: float) -> bool:
     return False
 
 
-def _audit(data_dir: str, channel: str, contact_id: str, result: dict[str, Any]) -> None:
+def _audit(data_dir: str, configured_key: str | None, channel: str, contact_id: str,
+           result: dict[str, Any]) -> None:
     """Append one line to ``erasures.jsonl``: no contact id, no message content, no error text."""
+    key = audit_key(configured_key, data_dir)
     line = {
         "erasure_id": result["erasure_id"],
         "at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "channel": channel,
-        "contact_sha256": contact_hash(contact_id),
+        "contact_hmac": contact_hmac(key, contact_id),
+        "key_id": key_id(key),
         "erased": result["erased"],
         "journal": result["journal"],
         "not_stored": result["not_stored"],

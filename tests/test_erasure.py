@@ -7,19 +7,27 @@ naming the package, when the emulator is not installed).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import stat
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from gateway import keys
+from gateway import Sink, hookimpl, keys
+from gateway import config as gwconfig
+from gateway.config import SinkConfig, section
+from gateway.errors import ConfigError
 from gateway.events import decode
 from gateway.journal import StoredEvent
-from tests.conftest import SINKS_TOML, fixture_bytes
+from gateway.testing.graph import GraphSimulator
+from tests.conftest import CHANNELS_TOML, SINKS_TOML, fixture_bytes
 from tests.firestore.conftest import firestore_emulator, firestore_toml  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,23 +179,195 @@ async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends)
     assert status == 200 and all(set(c.values()) == {0} for c in again["erased"].values())
 
 
+def hmac_hex(key: bytes, contact_id: str) -> str:
+    return hmac.new(key, contact_id.encode(), hashlib.sha256).hexdigest()
+
+
 async def test_audit_line_has_no_personal_data(gateway):
     gw = await start(gateway, SINKS_TOML)
     await post_all(gw)
+    assert not (gw.data_dir / "erasure-audit.key").exists()
     status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
     assert status == 200
     text = (gw.data_dir / "erasures.jsonl").read_text()
     assert ERASED not in text and "Alex" not in text and "order" not in text.lower()
+    # Not a plain hash either: hashing every phone number would find it.
+    assert hashlib.sha256(ERASED.encode()).hexdigest() not in text
     (line,) = [json.loads(x) for x in text.splitlines()]
     assert line["erasure_id"] == body["erasure_id"] and line["channel"] == "whatsapp"
-    assert line["contact_sha256"] == hashlib.sha256(ERASED.encode()).hexdigest()
+    assert "contact_sha256" not in line
+    # The key was generated once into the data directory: 32 random bytes (hex), mode 0600.
+    key_path = gw.data_dir / "erasure-audit.key"
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    key = key_path.read_bytes().strip()
+    assert len(bytes.fromhex(key.decode())) == 32
+    assert line["contact_hmac"] == hmac_hex(key, ERASED)
+    assert line["key_id"] == hmac.new(key, b"erasure-audit-key-id", hashlib.sha256).hexdigest()[:16]
     assert line["erased"] == body["erased"] and line["journal"] == body["journal"]
     assert line["at"].endswith("Z")
+    # A second erasure uses the same key (the file is not regenerated).
+    assert (await delete(gw, "/v1/contacts/whatsapp/15550005678"))[0] == 200
+    assert key_path.read_bytes().strip() == key
+    second = json.loads((gw.data_dir / "erasures.jsonl").read_text().splitlines()[1])
+    assert second["contact_hmac"] == hmac_hex(key, "15550005678")
+    assert second["key_id"] == line["key_id"]
+
+
+async def test_configured_audit_key_is_used_and_no_key_file_is_made(gateway):
+    key = "a-configured-audit-key-0123456789"
+    gw = await gateway(f'api_token = "{TOKEN}"\nerasure_audit_key = "{key}"', sinks=SINKS_TOML)
+    assert (await delete(gw, f"/v1/contacts/whatsapp/{ERASED}"))[0] == 200
+    (line,) = [json.loads(x) for x in (gw.data_dir / "erasures.jsonl").read_text().splitlines()]
+    assert line["contact_hmac"] == hmac_hex(key.encode(), ERASED)
+    assert not (gw.data_dir / "erasure-audit.key").exists()
+
+
+def test_audit_key_from_environment_is_validated_and_redacted(tmp_path):
+    path = tmp_path / "gateway.toml"
+    path.write_text("[server]\nerasure_audit_key = \"short\"\n")
+    with pytest.raises(ConfigError) as info:
+        gwconfig.load(str(path), environ={})
+    assert info.value.key == "server.erasure_audit_key"
+    env = {"GATEWAY_ERASURE_AUDIT_KEY": "from-the-environment-0123456789"}
+    config = gwconfig.load(str(path), environ=env)  # the environment wins over the file
+    assert config.server.erasure_audit_key == env["GATEWAY_ERASURE_AUDIT_KEY"]
+    shown = gwconfig.redacted(msgspec.to_builtins(config))
+    assert shown["server"]["erasure_audit_key"] == "***"
+    assert "from-the-environment" not in json.dumps(shown)
+
+
+def erasure_check(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "GATEWAY_ERASURE_AUDIT_KEY"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts/erasure-check.py"), *args],
+                          capture_output=True, text=True, env={**environ, **(env or {})})
+
+
+async def test_erasure_check_script_answers_was_this_contact_erased(gateway, tmp_path):
+    gw = await start(gateway, SINKS_TOML)
+    await post_all(gw)
+    status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
+    assert status == 200
+    data = str(gw.data_dir)
+    found = erasure_check("--data-dir", data, ERASED)
+    assert found.returncode == 0, found.stderr
+    assert body["erasure_id"] in found.stdout and "on whatsapp" in found.stdout
+    assert erasure_check("--data-dir", data, "--channel", "instagram", ERASED).returncode == 1
+    never = erasure_check("--data-dir", data, "15550005678")
+    assert never.returncode == 1 and "no erasure recorded" in never.stdout
+    both = erasure_check("--data-dir", data, ERASED, "15550005678")
+    assert both.returncode == 1 and body["erasure_id"] in both.stdout
+    # Another key (a wrong secret, another replica's key) cannot match: the line is opaque.
+    other = tmp_path / "other.key"
+    other.write_text("another-key-0123456789abcdef\n")
+    wrong = erasure_check("--data-dir", data, "--key-file", str(other), ERASED)
+    assert wrong.returncode == 1 and "1 made with another key" in wrong.stdout
+    key = (gw.data_dir / "erasure-audit.key").read_text().strip()
+    by_env = erasure_check("--data-dir", data, "--print-hmac", ERASED,
+                           env={"GATEWAY_ERASURE_AUDIT_KEY": key})
+    assert by_env.returncode == 0 and hmac_hex(key.encode(), ERASED) in by_env.stdout
+    assert erasure_check("--data-dir", str(tmp_path / "nowhere"), ERASED).returncode == 2
 
 
 async def delete(gw, path: str, headers: dict | None = AUTH) -> tuple[int, dict]:
     async with gw.session.delete(gw.url + path, headers=headers or {}) as resp:
         return resp.status, await resp.json()
+
+
+class KeepingSink(Sink):
+    """A third-party sink that keeps every event and implements ``erase_contact``; raises
+    ``fail`` from it while set (a CRM that is down)."""
+
+    def __init__(self, name: str, config: SinkConfig) -> None:
+        super().__init__(config)
+        self.name = name
+        self.events: dict[str, object] = {}
+        self.fail: Exception | None = None
+
+    async def write(self, records) -> None:
+        for record in records:
+            self.events[record.event.id] = record.event
+
+    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
+        if self.fail is not None:
+            raise self.fail
+        doomed = [k for k, e in self.events.items() if customer(e) == (channel, contact_id)]
+        for key in doomed:
+            del self.events[key]
+        return {"events": len(doomed)}
+
+    def of(self, who: tuple[str, str]) -> int:
+        return sum(customer(e) == who for e in self.events.values())
+
+
+class ThirdPartyPlugin:
+    """``[sinks.crm]`` and ``[sinks.archive]``: two KeepingSinks, as a pip-installed plugin."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[str, KeepingSink] = {}
+
+    @hookimpl
+    def register_sinks(self, config):
+        found = []
+        for name in ("crm", "archive"):
+            table = section(config, "sinks", name, SinkConfig)
+            if table:
+                self.sinks[name] = KeepingSink(name, table)
+                found.append(self.sinks[name])
+        return found
+
+
+async def test_plugin_sinks_and_the_outbox_report_what_they_erased(gateway):
+    graph = await GraphSimulator().start()
+    try:
+        plugin = ThirdPartyPlugin()
+        channels = CHANNELS_TOML.replace(
+            "[channels.instagram]",
+            f'access_token = "test-access-token"\nphone_number_id = "100000000000001"\n'
+            f'graph_base_url = "{graph.url}"\n[channels.instagram]')
+        gw = await gateway(f'api_token = "{TOKEN}"', extra_plugins=[plugin],
+                           sinks=SINKS_TOML + "[sinks.crm]\n[sinks.archive]\n", channels=channels)
+        crm, archive = plugin.sinks["crm"], plugin.sinks["archive"]
+        await post_all(gw)
+        template = {"channel": "whatsapp", "to": ERASED, "type": "template",
+                    "template": {"name": "order_update", "language": "en"}}
+        async with gw.session.post(f"{gw.url}/v1/messages", json=template, headers=AUTH) as resp:
+            assert resp.status == 202, await resp.text()
+            sent = (await resp.json())["id"]
+        outbox = gw.app[keys.OUTBOUND].outbox
+        assert (await outbox.customer("whatsapp", "100000000000001", ERASED)).last_inbound_at
+        mine = crm.of(("whatsapp", ERASED))
+        others = len(crm.events) - mine
+        assert mine == 4 and others > 0 and archive.of(("whatsapp", ERASED)) == 4
+
+        archive.fail = RuntimeError("the archive is down")
+        status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
+        assert status == 500, body
+        assert body["error"]["code"] == "erasure_incomplete"
+        assert "archive" in body["error"]["message"]
+        assert body["failed"] == {"archive": "RuntimeError: the archive is down"}
+        # Every other sink erased all the same, each under its own name.
+        assert body["erased"]["crm"] == {"events": 4}
+        assert body["erased"]["storage"] == {"contacts": 1, "conversations": 2, "messages": 4}
+        assert body["erased"]["outbox"] == {"outbox": 1, "customers": 2}
+        assert crm.of(("whatsapp", ERASED)) == 0 and len(crm.events) == others
+        assert archive.of(("whatsapp", ERASED)) == 4
+        assert await gw.sql("SELECT count(*) FROM contacts WHERE contact_id = ?", (ERASED,)) == [
+            (0,)]
+        status, _, _ = await gw.get(f"/v1/messages/{sent}", headers=AUTH)
+        assert status == 404  # the outbound record is gone
+        for account in ("100000000000001", "100000000000002"):
+            assert (await outbox.customer("whatsapp", account, ERASED)).last_inbound_at is None
+        (line,) = [json.loads(x) for x in (gw.data_dir / "erasures.jsonl").read_text().splitlines()]
+        assert line["failed"] == {"archive": "RuntimeError"}
+
+        archive.fail = None  # fixed: repeating the request completes the erasure
+        status, again = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
+        assert status == 200 and again["failed"] == {}
+        assert again["erased"]["archive"] == {"events": 4}
+        assert again["erased"]["crm"] == {"events": 0}
+        assert archive.of(("whatsapp", ERASED)) == 0
+    finally:
+        await graph.stop()
 
 
 async def test_refused_without_the_right_token(gateway):
