@@ -1,0 +1,714 @@
+"""The scale-out outbox: the durable outbox on Redis, shared by every gateway replica.
+
+:class:`RedisOutbox` has the interface and the semantics of :class:`gateway.outbound.outbox.Outbox`
+(same methods, arguments, :class:`Row` and :class:`Customer` results): any replica accepts a send,
+any replica answers ``GET /v1/messages/{id}``, status webhooks processed anywhere move the record,
+and the service window / consent state is one per customer for the whole cluster.
+:class:`AccountLease` lets one replica at a time run the send loop of a (channel, account), so
+the local rate limiter of that replica is the account's limiter cluster-wide.
+
+Keys, under the journal's prefix ``p`` (default ``gw``; ``?prefix=NAME`` on the URL):
+
+- ``{p}:out:rec:{id}`` — hash, one record: the :class:`Row` fields (absent ones are None) and
+  ``owner``, the replica that claimed it last.
+- ``{p}:out:idem:{idempotency key}`` — string → record id (one record per key, ever: set in the
+  same script that creates the record).
+- ``{p}:out:pmid:{provider message id}`` — string → record id, for status webhooks naming
+  Meta's wamid / mid.
+- ``{p}:out:due:{channel}:{account}`` — sorted set, the account's ``queued`` and ``uncertain``
+  records scored by ``next_at``: what ``claim_due`` takes and ``next_due`` reads.
+- ``{p}:out:to:{channel}:{recipient}`` — sorted set, the recipient's records (for
+  ``erase_contact``), scored by when they expire (far future while not settled).
+- ``{p}:out:sending:{owner}`` — set, records a replica claimed and has not settled;
+  ``{p}:out:owners`` — set of replicas that may have some; ``{p}:out:alive:{owner}`` — the
+  replica's heartbeat (``SET PX``, renewed every third of ``alive_ms``). Records of a replica
+  whose heartbeat expired become ``uncertain``, as a crash leaves them in the SQLite outbox.
+- ``{p}:out:claim:{token}`` — hash, what one ``claim_due`` call handed out (kept 10 minutes), so
+  that a call retried after its reply was lost hands out the same records instead of stranding
+  them in ``sending``.
+- ``{p}:out:customer:{channel}:{contact}`` — hash, per account ``at:{account}`` (latest inbound
+  message time), ``mid:{account}`` (its message id), ``opt:{account}`` (``1`` opted out).
+- ``{p}:out:wake`` — pub/sub channel: ``{channel}\\n{account}`` when a record is added, so the
+  replica sending for that account starts at once (see :meth:`RedisOutbox.watch`).
+- ``{p}:lease:outbound:{channel}:{account}`` — :class:`AccountLease` (``SET NX PX``, renewed).
+
+Retention: a record is *settled* once it will not be sent again (``sent``, ``delivered``,
+``read``, ``played``, ``failed``); from then on its keys (record, idempotency key, provider id
+index) expire ``retention_seconds`` (default 30 days) after its latest change. Records still
+queued, sending or uncertain never expire. Customer state (window, opt-out) does not expire: only
+``erase_contact`` removes it. An idempotency key is remembered as long as its record.
+
+Every script is atomic (Redis never interleaves a script with other commands): two replicas adding
+the same idempotency key get one record; a due record is claimed by exactly one caller; a status
+only moves a record forward (:data:`RANK`). Durability is Redis's own (``appendfsync always``:
+an acknowledged ``add`` is on disk), see ``docs/redis.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+
+from gateway import logging as gwlog
+from gateway.journal.redis import (
+    _ACQUIRE_LEASE,
+    _RELEASE_LEASE,
+    OUTAGE_BACKOFF_MAX,
+    _str,
+    split_url,
+)
+from gateway.outbound.outbox import RANK, Customer, Row
+
+log = gwlog.get("gateway.outbound.redis")
+
+T = TypeVar("T")
+RETENTION_SECONDS = 30 * 24 * 3600  # settled records are kept this long after their last change
+ALIVE_MS = 15_000  # a replica whose heartbeat is this old is gone: its sends become uncertain
+LEASE_MS = 10_000  # an account's sending lease; renewed every third of it
+CLAIM_TOKEN_MS = 600_000  # how long a claim_due call can be retried after a lost reply
+_UNSETTLED = "9000000000000000"  # the `to` index score of records that do not expire (yet)
+
+_COMMON = "local RANK = {" + ", ".join(f"{s} = {r}" for s, r in RANK.items()) + "}\n" + """
+local function rank(state) return RANK[state] or 0 end
+local function open_state(state)
+  return state == 'queued' or state == 'sending' or state == 'uncertain'
+end
+-- The record will not be sent again: out of the queue; it and its idempotency key and provider id
+-- index entry expire after the retention period (renewed by every later change).
+local function settle(p, id, ttl_ms, expire_at_ms)
+  local rec = p .. ':out:rec:' .. id
+  local f = redis.call('HMGET', rec, 'channel', 'account_id', 'recipient', 'idempotency_key',
+                       'provider_message_id', 'owner')
+  redis.call('ZREM', p .. ':out:due:' .. f[1] .. ':' .. f[2], id)
+  if f[6] then redis.call('SREM', p .. ':out:sending:' .. f[6], id) end
+  redis.call('PEXPIRE', rec, ttl_ms)
+  if f[4] then redis.call('PEXPIRE', p .. ':out:idem:' .. f[4], ttl_ms) end
+  if f[5] then redis.call('SET', p .. ':out:pmid:' .. f[5], id, 'PX', ttl_ms) end
+  local to = p .. ':out:to:' .. f[1] .. ':' .. f[3]
+  redis.call('ZADD', to, expire_at_ms, id)
+  local top = redis.call('ZRANGE', to, -1, -1, 'WITHSCORES')
+  if tonumber(top[2]) < 9e15 then redis.call('PEXPIREAT', to, top[2]) end
+end
+-- Records a replica claimed and never settled become uncertain (due at `at`).
+local function orphan(p, owner, at)
+  local set = p .. ':out:sending:' .. owner
+  local n = 0
+  for _, id in ipairs(redis.call('SMEMBERS', set)) do
+    local rec = p .. ':out:rec:' .. id
+    local f = redis.call('HMGET', rec, 'state', 'owner', 'channel', 'account_id')
+    if f[1] == 'sending' and f[2] == owner then
+      redis.call('HSET', rec, 'state', 'uncertain', 'next_at', at)
+      redis.call('ZADD', p .. ':out:due:' .. f[3] .. ':' .. f[4], at, id)
+      n = n + 1
+    end
+  end
+  redis.call('DEL', set)
+  redis.call('SREM', p .. ':out:owners', owner)
+  return n
+end
+"""
+
+# ARGV: prefix, id, idempotency key ('' none), channel, account, recipient, type, request, now,
+# now_ms. Returns {1 new | 0 existing, the record's fields}.
+_ADD = _COMMON + """
+local p, id, key = ARGV[1], ARGV[2], ARGV[3]
+local rec = p .. ':out:rec:' .. id
+if redis.call('EXISTS', rec) == 1 then return {1, redis.call('HGETALL', rec)} end  -- a retry
+if key ~= '' then
+  local idem = p .. ':out:idem:' .. key
+  local existing = redis.call('GET', idem)
+  if existing then
+    local fields = redis.call('HGETALL', p .. ':out:rec:' .. existing)
+    if #fields > 0 then return {0, fields} end
+  end
+  redis.call('SET', idem, id)
+end
+local channel, account, recipient, now = ARGV[4], ARGV[5], ARGV[6], ARGV[9]
+redis.call('HSET', rec, 'id', id, 'channel', channel, 'account_id', account,
+           'recipient', recipient, 'type', ARGV[7], 'request', ARGV[8], 'state', 'queued',
+           'attempts', 0, 'next_at', now, 'created_at', now, 'updated_at', now)
+if key ~= '' then redis.call('HSET', rec, 'idempotency_key', key) end
+redis.call('ZADD', p .. ':out:due:' .. channel .. ':' .. account, now, id)
+local to = p .. ':out:to:' .. channel .. ':' .. recipient
+redis.call('ZREMRANGEBYSCORE', to, '-inf', '(' .. ARGV[10])  -- records that expired meanwhile
+redis.call('ZADD', to, '""" + _UNSETTLED + """', id)
+redis.call('PERSIST', to)
+redis.call('PUBLISH', p .. ':out:wake', channel .. '\\n' .. account)
+return {1, redis.call('HGETALL', rec)}
+"""
+
+# ARGV: prefix, channel, account, now, limit, owner, token, token ttl ms.
+# Returns, per record handed out: its fields (now `sending`), 'state attempts updated_at' before.
+_CLAIM = _COMMON + """
+local p, now, owner = ARGV[1], ARGV[4], ARGV[6]
+local token = p .. ':out:claim:' .. ARGV[7]
+local out = {}
+local before = redis.call('HGETALL', token)
+if #before > 0 then  -- this very call ran and its reply was lost: the same records again
+  for i = 1, #before, 2 do
+    local rec = p .. ':out:rec:' .. before[i]
+    local f = redis.call('HMGET', rec, 'state', 'owner')
+    if f[1] == 'sending' and f[2] == owner then
+      out[#out + 1] = redis.call('HGETALL', rec)
+      out[#out + 1] = before[i + 1]
+    end
+  end
+  return out
+end
+local due = p .. ':out:due:' .. ARGV[2] .. ':' .. ARGV[3]
+local mine = p .. ':out:sending:' .. owner
+local left = tonumber(ARGV[5])
+while left > 0 do
+  local ids = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'LIMIT', 0, left)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', due, id)  -- every id read is removed: the loop ends
+    local rec = p .. ':out:rec:' .. id
+    local f = redis.call('HMGET', rec, 'state', 'attempts', 'updated_at')
+    if f[1] == 'queued' or f[1] == 'uncertain' then
+      local snapshot = f[1] .. ' ' .. f[2] .. ' ' .. f[3]
+      redis.call('HSET', rec, 'state', 'sending', 'updated_at', now, 'owner', owner)
+      redis.call('HINCRBY', rec, 'attempts', 1)
+      redis.call('SADD', mine, id)
+      redis.call('HSET', token, id, snapshot)
+      out[#out + 1] = redis.call('HGETALL', rec)
+      out[#out + 1] = snapshot
+      left = left - 1
+    end
+  end
+end
+if #out > 0 then
+  redis.call('PEXPIRE', token, ARGV[8])
+  redis.call('SADD', p .. ':out:owners', owner)
+end
+return out
+"""
+
+# ARGV: prefix, id, provider message id ('' none), now, ttl ms, expire at ms.
+_SENT = _COMMON + """
+local p, id, pmid, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local rec = p .. ':out:rec:' .. id
+local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'sent_at')
+if not f[1] then return 0 end
+if open_state(f[1]) then redis.call('HSET', rec, 'state', 'sent') end
+if not f[2] and pmid ~= '' then redis.call('HSET', rec, 'provider_message_id', pmid) end
+if not f[3] then redis.call('HSET', rec, 'sent_at', now) end
+redis.call('HSET', rec, 'updated_at', now)
+redis.call('HDEL', rec, 'error')
+settle(p, id, ARGV[5], ARGV[6])
+return 1
+"""
+
+# ARGV: prefix, id, error, now, ttl ms, expire at ms.
+_FAILED = _COMMON + """
+local p, id = ARGV[1], ARGV[2]
+local rec = p .. ':out:rec:' .. id
+if redis.call('EXISTS', rec) == 0 then return 0 end
+redis.call('HSET', rec, 'state', 'failed', 'error', ARGV[3], 'updated_at', ARGV[4])
+settle(p, id, ARGV[5], ARGV[6])
+return 1
+"""
+
+# ARGV: prefix, id, at, error ('' none), now, '1' to give back the attempt the claim counted.
+# Only a record still in the queue (queued, sending, uncertain) goes back to `queued`: a status
+# that made it sent/delivered/read/failed meanwhile is never undone.
+_RETRY = _COMMON + """
+local p, id, at = ARGV[1], ARGV[2], ARGV[3]
+local rec = p .. ':out:rec:' .. id
+local f = redis.call('HMGET', rec, 'state', 'owner', 'channel', 'account_id')
+if not open_state(f[1]) then return 0 end
+redis.call('HSET', rec, 'state', 'queued', 'next_at', at, 'updated_at', ARGV[5])
+if ARGV[4] ~= '' then redis.call('HSET', rec, 'error', ARGV[4])
+else redis.call('HDEL', rec, 'error') end
+if ARGV[6] == '1' and f[1] == 'sending' then redis.call('HINCRBY', rec, 'attempts', -1) end
+if f[2] then redis.call('SREM', p .. ':out:sending:' .. f[2], id) end
+redis.call('ZADD', p .. ':out:due:' .. f[3] .. ':' .. f[4], at, id)
+return 1
+"""
+
+# ARGV: prefix, record id ('' = by provider id), provider message id ('' none), status,
+# error ('' none), now, ttl ms, expire at ms. Moves the record forward only.
+_STATUS = _COMMON + """
+local p, id, pmid, status, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
+if id == '' then
+  if pmid == '' then return 0 end
+  id = redis.call('GET', p .. ':out:pmid:' .. pmid)
+  if not id then return 0 end
+end
+local rec = p .. ':out:rec:' .. id
+local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'sent_at')
+if not f[1] then return 0 end
+if ARGV[2] == '' and f[2] ~= pmid then return 0 end
+if rank(f[1]) >= rank(status) then return 0 end
+redis.call('HSET', rec, 'state', status, 'updated_at', now)
+if ARGV[5] ~= '' then redis.call('HSET', rec, 'error', ARGV[5]) end
+if not f[2] and pmid ~= '' then redis.call('HSET', rec, 'provider_message_id', pmid) end
+if not f[3] then redis.call('HSET', rec, 'sent_at', now) end
+settle(p, id, ARGV[7], ARGV[8])
+return 1
+"""
+
+# ARGV: prefix, channel, account, contact, at, message id, '1' if there is a message id,
+# opted out ('' unknown, '1', '0').
+_INBOUND = """
+local p, account, at = ARGV[1], ARGV[3], ARGV[5]
+local key = p .. ':out:customer:' .. ARGV[2] .. ':' .. ARGV[4]
+local old = redis.call('HGET', key, 'at:' .. account)
+if ARGV[8] ~= '' then redis.call('HSET', key, 'opt:' .. account, ARGV[8])
+elseif not old then redis.call('HSET', key, 'opt:' .. account, '0') end
+if not old or tonumber(at) >= tonumber(old) then
+  redis.call('HSET', key, 'at:' .. account, at)
+  if ARGV[7] == '1' then redis.call('HSET', key, 'mid:' .. account, ARGV[6])
+  else redis.call('HDEL', key, 'mid:' .. account) end
+end
+return 1
+"""
+
+# ARGV: prefix, channel, contact. Returns {records deleted, customer rows deleted}.
+_ERASE = """
+local p, channel, contact = ARGV[1], ARGV[2], ARGV[3]
+local to = p .. ':out:to:' .. channel .. ':' .. contact
+local sends = 0
+for _, id in ipairs(redis.call('ZRANGE', to, 0, -1)) do
+  local rec = p .. ':out:rec:' .. id
+  local f = redis.call('HMGET', rec, 'channel', 'recipient', 'account_id', 'idempotency_key',
+                       'provider_message_id', 'owner')
+  if f[1] == channel and f[2] == contact then
+    redis.call('ZREM', p .. ':out:due:' .. channel .. ':' .. f[3], id)
+    if f[6] then redis.call('SREM', p .. ':out:sending:' .. f[6], id) end
+    local idem = f[4] and (p .. ':out:idem:' .. f[4])
+    if idem and redis.call('GET', idem) == id then redis.call('DEL', idem) end
+    local pmid = f[5] and (p .. ':out:pmid:' .. f[5])
+    if pmid and redis.call('GET', pmid) == id then redis.call('DEL', pmid) end
+    redis.call('DEL', rec)
+    sends = sends + 1
+  end
+end
+redis.call('DEL', to)
+local customer = p .. ':out:customer:' .. channel .. ':' .. contact
+local known = 0
+for _, field in ipairs(redis.call('HKEYS', customer)) do
+  if string.sub(field, 1, 3) == 'at:' then known = known + 1 end
+end
+redis.call('DEL', customer)
+return {sends, known}
+"""
+
+# ARGV: prefix, owner, alive ms, now, reconcile at. The heartbeat: records of replicas whose
+# heartbeat expired (this one's too, if it lapsed) become uncertain; then this one is alive.
+_BEAT = _COMMON + """
+local p, me = ARGV[1], ARGV[2]
+local n = 0
+for _, owner in ipairs(redis.call('SMEMBERS', p .. ':out:owners')) do
+  if redis.call('EXISTS', p .. ':out:alive:' .. owner) == 0 then
+    n = n + orphan(p, owner, ARGV[5])
+  end
+end
+redis.call('SET', p .. ':out:alive:' .. me, ARGV[4], 'PX', ARGV[3])
+redis.call('SADD', p .. ':out:owners', me)
+return n
+"""
+
+# ARGV: prefix, owner, reconcile at. A graceful stop: what is still sending becomes uncertain.
+_RETIRE = _COMMON + """
+local n = orphan(ARGV[1], ARGV[2], ARGV[3])
+redis.call('DEL', ARGV[1] .. ':out:alive:' .. ARGV[2])
+return n
+"""
+
+
+def _pairs(flat: list) -> dict[bytes, bytes]:
+    return {flat[k]: flat[k + 1] for k in range(0, len(flat), 2)}
+
+
+def _opt_str(value: bytes | None) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _opt_float(value: bytes | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _row(f: dict[bytes, bytes], before: bytes | None = None) -> Row:
+    """A record hash as the SQLite outbox's :class:`Row`; ``before`` is the claim's snapshot
+    (``state attempts updated_at`` before the claim), which is what ``claim_due`` returns."""
+    state, attempts, updated_at = _str(f[b"state"]), int(f[b"attempts"]), float(f[b"updated_at"])
+    if before is not None:
+        old_state, old_attempts, old_updated = _str(before).split(" ")
+        state, attempts, updated_at = old_state, int(old_attempts), float(old_updated)
+    return Row(_str(f[b"id"]), _opt_str(f.get(b"idempotency_key")), _str(f[b"channel"]),
+               _str(f[b"account_id"]), _str(f[b"recipient"]), _str(f[b"type"]),
+               bytes(f[b"request"]), state, attempts, float(f[b"next_at"]),
+               _opt_str(f.get(b"provider_message_id")),
+               None if f.get(b"error") is None else bytes(f[b"error"]),
+               float(f[b"created_at"]), updated_at, _opt_float(f.get(b"sent_at")))
+
+
+def _connect(url: str):
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
+
+    # As the journal: a blip is retried by the client (≈1 s at most, so POST /v1/messages answers
+    # quickly); longer outages are waited out by the worker-side calls (_outage).
+    return aioredis.from_url(
+        url, socket_connect_timeout=3, socket_timeout=15, socket_keepalive=True,
+        health_check_interval=30, retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 3))
+
+
+def _unavailable() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ReadOnlyError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError
+
+
+class RedisOutbox:
+    """The :class:`gateway.outbound.outbox.Outbox` on Redis, shared by several gateway replicas.
+
+    Calls made by the send loop and the outbox sink (``claim_due``, ``next_due``, ``sent``,
+    ``failed``, ``retry_at``, ``status``, ``inbound``) wait while Redis is unreachable, so the
+    workers pause instead of dying; calls made for an HTTP request (``add``, ``get``,
+    ``customer``, ``erase_contact``) raise, and the request answers 500.
+    """
+
+    shared = True  # other replicas read and write the same records
+
+    def __init__(self, url: str, *, prefix: str | None = None,
+                 retention_seconds: float = RETENTION_SECONDS, alive_ms: int = ALIVE_MS,
+                 owner: str | None = None) -> None:
+        if retention_seconds < 1:
+            raise ValueError("retention_seconds must be at least 1")
+        self.url, url_prefix = split_url(url)
+        self.p = prefix or url_prefix or "gw"
+        self.retention_ms = int(retention_seconds * 1000)
+        self.alive_ms = int(alive_ms)
+        self.owner = owner or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.reconcile_seconds = 60.0
+        self.redis = None
+        self._tasks: list[asyncio.Task] = []
+        self.k_wake = f"{self.p}:out:wake"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self, reconcile_seconds: float) -> int:
+        """Connect; turn records left in ``sending`` by replicas that are gone (their heartbeat
+        expired) into ``uncertain``, due in ``reconcile_seconds``. Returns how many.
+
+        A replica that dies while others run is noticed by their heartbeats within ``alive_ms``
+        (plus a third of it); the same reconciliation then applies.
+        """
+        self.reconcile_seconds = reconcile_seconds
+        self.redis = _connect(self.url)
+        register = self.redis.register_script
+        self._add = register(_ADD)
+        self._claim = register(_CLAIM)
+        self._sent = register(_SENT)
+        self._failed = register(_FAILED)
+        self._retry = register(_RETRY)
+        self._status = register(_STATUS)
+        self._inbound = register(_INBOUND)
+        self._erase = register(_ERASE)
+        self._beat = register(_BEAT)
+        self._retire = register(_RETIRE)
+        self._acquire = register(_ACQUIRE_LEASE)
+        self._release = register(_RELEASE_LEASE)
+        try:
+            found = await self.heartbeat()
+        except BaseException:
+            await self.redis.aclose()
+            self.redis = None
+            raise
+        self._tasks.append(asyncio.create_task(self._keep_alive(), name="outbox:heartbeat"))
+        return found
+
+    async def close(self) -> None:
+        """Stop the heartbeat; records this replica still has in ``sending`` (sends that did not
+        finish in time) become ``uncertain`` at once, as a restart would make them."""
+        if self.redis is None:
+            return
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        try:
+            at = repr(time.time() + self.reconcile_seconds)
+            left = int(await self._retire(args=[self.p, self.owner, at]))
+            if left:
+                log.warning("outbox_uncertain_at_stop", count=left,
+                            reconcile_seconds=self.reconcile_seconds)
+        except Exception as exc:  # noqa: BLE001 - best effort: the heartbeat expires by itself
+            log.warning("redis_unavailable", operation="outbox_close", error=repr(exc))
+        await self.redis.aclose()
+        self.redis = None
+
+    async def ping(self) -> bool:
+        """Whether Redis answers (within 2 s)."""
+        try:
+            return bool(await asyncio.wait_for(self.redis.ping(), timeout=2.0))
+        except Exception:  # noqa: BLE001 - readiness is a yes/no question
+            return False
+
+    async def heartbeat(self) -> int:
+        """Renew this replica's heartbeat; reconcile the records of replicas whose heartbeat
+        expired. Returns how many records became ``uncertain``. Run every third of
+        ``alive_ms`` by a background task between :meth:`open` and :meth:`close`."""
+        at = repr(time.time() + self.reconcile_seconds)
+        return int(await self._beat(args=[self.p, self.owner, self.alive_ms,
+                                          repr(time.time()), at]))
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self.alive_ms / 3000)
+            try:
+                found = await self.heartbeat()
+            except _unavailable() as exc:
+                log.warning("redis_unavailable", operation="outbox_heartbeat", error=repr(exc))
+                continue
+            except Exception:  # noqa: BLE001 - keep beating; a bug is logged, not fatal
+                log.exception("outbox_heartbeat_failed")
+                continue
+            if found:
+                log.warning("outbox_uncertain_after_replica_loss", count=found,
+                            reconcile_seconds=self.reconcile_seconds)
+
+    def watch(self, wake: Callable[[str, str], None]) -> None:
+        """Call ``wake(channel, account)`` whenever any replica adds a record (Redis pub/sub on
+        ``{p}:out:wake``), so the replica holding that account's lease sends it at once. Call
+        after :meth:`open`; stops at :meth:`close`. Resubscribes after an outage."""
+        self._tasks.append(asyncio.create_task(self._listen(wake), name="outbox:wake"))
+
+    async def _listen(self, wake: Callable[[str, str], None]) -> None:
+        delay = 0.1
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.k_wake)
+                delay = 0.1
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=1.0)
+                    if message and message.get("type") == "message":
+                        channel, _, account = _str(message["data"]).partition("\n")
+                        wake(channel, account)
+            except _unavailable() as exc:
+                log.warning("redis_unavailable", operation="outbox_watch", error=repr(exc),
+                            retry_in=delay)
+            except Exception:  # noqa: BLE001 - keep listening; a bug is logged, not fatal
+                log.exception("outbox_watch_failed")
+            finally:
+                try:
+                    await pubsub.aclose()
+                except Exception:  # noqa: BLE001, S110 - the connection is gone anyway
+                    pass
+            await asyncio.sleep(delay)
+            delay = min(OUTAGE_BACKOFF_MAX, delay * 2)
+
+    async def _outage(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``await call()``; while Redis is unreachable (or read-only during a fail-over), wait
+        and try again (as :meth:`gateway.journal.redis.RedisJournal._outage`)."""
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except _unavailable() as exc:
+                log.warning("redis_unavailable", operation=what, error=repr(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(OUTAGE_BACKOFF_MAX, delay * 2)
+
+    def _expiry(self) -> tuple[int, int]:
+        """(ttl ms, expire-at ms) for a record settled now."""
+        return self.retention_ms, int(time.time() * 1000) + self.retention_ms
+
+    # -- the Outbox interface ----------------------------------------------------------------
+
+    async def add(self, channel: str, account_id: str, recipient: str, kind: str,
+                  request: bytes, idempotency_key: str | None) -> tuple[Row, bool]:
+        """Store a new send (durably); with a known idempotency key, return the existing one.
+        The bool says whether the record is new."""
+        now = time.time()
+        new_id = "msg_" + uuid.uuid4().hex
+        new, fields = await self._add(args=[
+            self.p, new_id, idempotency_key or "", channel, account_id, recipient, kind, request,
+            repr(now), int(now * 1000)])
+        return _row(_pairs(fields)), bool(new)
+
+    async def get(self, record_id: str) -> Row | None:
+        fields = await self.redis.hgetall(f"{self.p}:out:rec:{record_id}")
+        return _row(fields) if fields else None
+
+    async def claim_due(self, channel: str, account_id: str, limit: int) -> list[Row]:
+        """Due records of one account, oldest first, moved to ``sending`` (each handed to exactly
+        one caller, whichever replica asks). Like the SQLite outbox, the rows show the records as
+        they were before the claim."""
+        if limit < 1:
+            return []
+        token = uuid.uuid4().hex  # the same for every retry of this call
+
+        async def claim() -> list:
+            return await self._claim(args=[self.p, channel, account_id, repr(time.time()), limit,
+                                           self.owner, token, CLAIM_TOKEN_MS])
+
+        flat = await self._outage("claim_due", claim)
+        rows = [_row(_pairs(flat[k]), flat[k + 1]) for k in range(0, len(flat), 2)]
+        rows.sort(key=lambda r: (r.next_at, r.created_at))
+        return rows
+
+    async def next_due(self, channel: str, account_id: str) -> float | None:
+        """When the account's next record falls due (epoch s), or None."""
+        found = await self._outage("next_due", lambda: self.redis.zrange(
+            f"{self.p}:out:due:{channel}:{account_id}", 0, 0, withscores=True))
+        return float(found[0][1]) if found else None
+
+    async def sent(self, record_id: str, provider_message_id: str | None) -> None:
+        ttl, until = self._expiry()
+        now = repr(time.time())
+        await self._outage("sent", lambda: self._sent(args=[
+            self.p, record_id, provider_message_id or "", now, ttl, until]))
+
+    async def failed(self, record_id: str, error: dict[str, Any]) -> None:
+        ttl, until = self._expiry()
+        now = repr(time.time())
+        await self._outage("failed", lambda: self._failed(args=[
+            self.p, record_id, msgspec.json.encode(error), now, ttl, until]))
+
+    async def retry_at(self, record_id: str, at: float, error: dict[str, Any] | None,
+                       count_attempt: bool = True) -> None:
+        now = repr(time.time())
+        await self._outage("retry_at", lambda: self._retry(args=[
+            self.p, record_id, repr(float(at)), msgspec.json.encode(error) if error else "", now,
+            "0" if count_attempt else "1"]))
+
+    async def status(self, *, provider_message_id: str | None, record_id: str | None, status: str,
+                     error: dict[str, Any] | None) -> None:
+        """A delivery status from a webhook: move the record forward (never backwards)."""
+        if status not in RANK:
+            return
+        ttl, until = self._expiry()
+        now = repr(time.time())
+        await self._outage("status", lambda: self._status(args=[
+            self.p, record_id or "", provider_message_id or "", status,
+            msgspec.json.encode(error) if error else "", now, ttl, until]))
+
+    async def inbound(self, channel: str, account_id: str, contact_id: str, at: float,
+                      message_id: str | None, opted_out: bool | None) -> None:
+        """Remember a customer's latest inbound message (the service window) and consent."""
+        opted = "" if opted_out is None else ("1" if opted_out else "0")
+        await self._outage("inbound", lambda: self._inbound(args=[
+            self.p, channel, account_id, contact_id, repr(float(at)), message_id or "",
+            "0" if message_id is None else "1", opted]))
+
+    async def customer(self, channel: str, account_id: str, contact_id: str) -> Customer:
+        at, mid, opt = await self.redis.hmget(
+            f"{self.p}:out:customer:{channel}:{contact_id}",
+            [f"at:{account_id}", f"mid:{account_id}", f"opt:{account_id}"])
+        if at is None:
+            return Customer(None, None, False)
+        return Customer(float(at), _opt_str(mid), opt == b"1")
+
+    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
+        """GDPR: forget a contact's outbound records and window/consent state."""
+        sends, known = await self._erase(args=[self.p, channel, contact_id])
+        return {"outbox": int(sends), "customers": int(known)}
+
+
+class AccountLease:
+    """Only one replica at a time runs the send loop of one (channel, account).
+
+    ``{p}:lease:outbound:{channel}:{account}`` is taken with ``SET NX PX ttl_ms`` and renewed every
+    third of ``ttl_ms`` by a background task (:meth:`start`). :attr:`held` is true only while the
+    last successful renewal is recent enough that the key cannot have expired yet (with a 10 %
+    margin), so a replica that cannot renew (Redis unreachable, event loop stalled) stops sending
+    before another replica can take over. A graceful :meth:`close` gives the lease back at once.
+    """
+
+    def __init__(self, outbox: RedisOutbox, channel: str, account: str,
+                 ttl_ms: int = LEASE_MS) -> None:
+        self.outbox = outbox
+        self.key = f"{outbox.p}:lease:outbound:{channel}:{account}"
+        self.owner = outbox.owner
+        self.ttl_ms = int(ttl_ms)
+        self._until = 0.0  # monotonic deadline of the current lease (0: not ours)
+        self._won = asyncio.Event()
+        self._failed = False  # the last attempt could not reach Redis
+        self._task: asyncio.Task | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this replica may send for the account right now."""
+        return time.monotonic() < self._until
+
+    async def acquire(self) -> bool:
+        """One attempt to take the lease, or renew it if ours; True if it is ours now.
+
+        False when another replica holds it or Redis cannot be reached (then :attr:`held` stays
+        true until the lease, as last renewed, could expire)."""
+        from redis.exceptions import RedisError
+
+        started = time.monotonic()
+        try:
+            ok = bool(await self.outbox._acquire(keys=[self.key],
+                                                 args=[self.owner, self.ttl_ms]))
+        except (RedisError, OSError) as exc:
+            log.warning("redis_unavailable", operation="acquire_account_lease", error=repr(exc))
+            self._failed = True
+            return False
+        self._failed = False
+        if ok:
+            self._until = started + self.ttl_ms * 0.9 / 1000
+            self._won.set()
+        else:
+            self._until = 0.0
+            self._won.clear()
+        return ok
+
+    async def release(self) -> bool:
+        """Give the lease back if ours (another replica may take it at once)."""
+        self._until = 0.0
+        self._won.clear()
+        return bool(await self.outbox._release(keys=[self.key], args=[self.owner]))
+
+    async def start(self) -> bool:
+        """Try to take the lease now, then keep trying / renewing in the background.
+        Returns whether it is held."""
+        await self.acquire()
+        if self._task is None:
+            self._task = asyncio.create_task(self._keep(), name=f"lease:{self.key}")
+        return self.held
+
+    async def _keep(self) -> None:
+        renew = self.ttl_ms / 3000
+        while True:
+            # Renew every third of the ttl; a failed renewal of a lease still held is retried
+            # every 0.5 s until it lapses; a lease held elsewhere is asked for every third.
+            await asyncio.sleep(min(0.5, renew) if self.held and self._failed else renew)
+            await self.acquire()
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the lease to be ours; return :attr:`held`."""
+        if self.held:
+            return True
+        self._won.clear()
+        try:
+            await asyncio.wait_for(self._won.wait(), timeout)
+        except TimeoutError:
+            pass
+        return self.held
+
+    async def close(self) -> None:
+        """Stop renewing and give the lease back (best effort: otherwise it expires)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        try:
+            await self.release()
+        except Exception as exc:  # noqa: BLE001 - the lease expires by itself
+            log.warning("redis_unavailable", operation="release_account_lease", error=repr(exc))

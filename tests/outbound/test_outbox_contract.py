@@ -1,0 +1,336 @@
+"""The outbox's semantics, for both backends: the SQLite ``Outbox`` and ``RedisOutbox`` on a real
+redis-server (two instances sharing one Redis and one key prefix, as two replicas have)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gateway.outbound.outbox import Customer, Outbox
+from gateway.outbound.redis_outbox import RedisOutbox
+from tests.outbound import redis_fixtures
+
+redis_server = redis_fixtures.redis_server
+redis_url = redis_fixtures.redis_url
+
+WA, CUSTOMER = "100000000000001", "15550001234"
+ALIVE_MS = 300  # Redis: a "crashed" instance's heartbeat expires this fast
+
+
+class Backend:
+    """Makes outboxes on one store (a data directory, or a Redis prefix) and closes them."""
+
+    def __init__(self, kind: str, tmp_path, url: str | None) -> None:
+        self.kind, self.tmp_path, self.url = kind, tmp_path, url
+        self.opened: list[Outbox | RedisOutbox] = []
+
+    def make(self) -> Outbox | RedisOutbox:
+        if self.kind == "sqlite":
+            return Outbox(str(self.tmp_path))
+        return RedisOutbox(self.url, alive_ms=ALIVE_MS)
+
+    async def open(self, reconcile_seconds: float = 60.0) -> tuple[Outbox | RedisOutbox, int]:
+        ob = self.make()
+        found = await ob.open(reconcile_seconds)
+        self.opened.append(ob)
+        return ob, found
+
+    async def crash(self, ob: Outbox | RedisOutbox) -> None:
+        """Stop ``ob`` as a crash would: no graceful close of what it was sending."""
+        self.opened.remove(ob)
+        if isinstance(ob, Outbox):
+            await ob.close()  # closing SQLite writes nothing: the file is what a crash leaves
+            return
+        for task in ob._tasks:  # the heartbeat stops; records it claimed stay `sending`
+            task.cancel()
+        await asyncio.gather(*ob._tasks, return_exceptions=True)
+        await ob.redis.aclose()
+        ob.redis = None
+        await asyncio.sleep(ALIVE_MS * 1.5 / 1000)  # its heartbeat key expires
+
+    async def pair(self) -> tuple[Outbox | RedisOutbox, Outbox | RedisOutbox]:
+        """Two handles on one store: two replicas on Redis; the one SQLite outbox twice."""
+        first, _ = await self.open()
+        if self.kind == "sqlite":
+            return first, first
+        second, _ = await self.open()
+        return first, second
+
+    async def close(self) -> None:
+        for ob in self.opened:
+            await ob.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(request, tmp_path):
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    b = Backend(request.param, tmp_path, url)
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def outbox(backend):
+    ob, _ = await backend.open()
+    return ob
+
+
+async def add(ob, to: str = CUSTOMER, account: str = WA, key: str | None = None,
+              channel: str = "whatsapp", kind: str = "text"):
+    row, _ = await ob.add(channel, account, to, kind, f"req-{to}".encode(), key)
+    return row
+
+
+async def claim_all(ob, account: str = WA, channel: str = "whatsapp") -> list:
+    rows: list = []
+    for _ in range(50):  # bounded: each round takes up to 10
+        got = await ob.claim_due(channel, account, 10)
+        if not got:
+            return rows
+        rows += got
+    raise AssertionError("claim_due never ran dry")
+
+
+async def test_add_get_and_the_public_view(outbox):
+    before = time.time()
+    row, new = await outbox.add("whatsapp", WA, CUSTOMER, "text", b"\x00request\xff", None)
+    assert new is True
+    assert row.id.startswith("msg_") and len(row.id) == 36
+    assert (row.idempotency_key, row.channel, row.account_id, row.recipient, row.type) == (
+        None, "whatsapp", WA, CUSTOMER, "text")
+    assert row.request == b"\x00request\xff" and isinstance(row.request, bytes)
+    assert (row.state, row.attempts, row.provider_message_id, row.error, row.sent_at) == (
+        "queued", 0, None, None, None)
+    assert before <= row.created_at == row.next_at == row.updated_at <= time.time()
+    assert await outbox.get(row.id) == row
+    assert await outbox.get("msg_" + "0" * 32) is None
+    assert row.public() == {"id": row.id, "status": "queued", "channel": "whatsapp",
+                            "account_id": WA, "to": CUSTOMER, "type": "text",
+                            "provider_message_id": None, "attempts": 0, "error": None,
+                            "created_at": row.created_at, "sent_at": None}
+
+
+async def test_an_idempotency_key_gives_one_record_ever(backend):
+    a, b = await backend.pair()
+    first, new = await a.add("whatsapp", WA, CUSTOMER, "text", b"one", "key-1")
+    again, new_again = await b.add("whatsapp", WA, CUSTOMER, "text", b"two", "key-1")
+    assert new and not new_again and again == first and again.idempotency_key == "key-1"
+    other, new_other = await a.add("whatsapp", WA, CUSTOMER, "text", b"three", "key-2")
+    assert new_other and other.id != first.id
+    # the same key from many requests at once, on both replicas: still one record
+    results = await asyncio.gather(*(ob.add("whatsapp", WA, CUSTOMER, "text", b"x", "key-3")
+                                     for ob in [a, b] * 10))
+    assert sum(new for _, new in results) == 1
+    assert len({row.id for row, _ in results}) == 1
+    assert len(await claim_all(a)) == 3  # three records, each sent once
+
+
+async def test_claim_due_takes_due_records_oldest_first(outbox):
+    rows = [await add(outbox, to=f"c{i}") for i in range(5)]
+    other = await add(outbox, account="200000000000002")
+    await outbox.retry_at(rows[1].id, time.time() + 3600, None)  # not due for an hour
+    claimed = await outbox.claim_due("whatsapp", WA, 2)
+    assert [r.id for r in claimed] == [rows[0].id, rows[2].id]
+    # the rows show the records as they were before the claim (the service counts from them)
+    assert [(r.state, r.attempts) for r in claimed] == [("queued", 0), ("queued", 0)]
+    assert claimed[0] == rows[0]
+    now = await outbox.get(rows[0].id)
+    assert (now.state, now.attempts, now.public()["status"]) == ("sending", 1, "queued")
+    assert now.updated_at >= rows[0].updated_at
+    assert [r.id for r in await outbox.claim_due("whatsapp", WA, 10)] == [rows[3].id, rows[4].id]
+    assert await outbox.claim_due("whatsapp", WA, 10) == []  # the one not due stays
+    assert [r.id for r in await outbox.claim_due("whatsapp", "200000000000002", 10)] == [other.id]
+    assert await outbox.claim_due("instagram", WA, 10) == []
+
+
+async def test_each_due_record_is_handed_to_exactly_one_caller(backend):
+    a, b = await backend.pair()
+    ids = {(await add(a, to=f"c{i}")).id for i in range(120)}
+    rounds = await asyncio.gather(*(ob.claim_due("whatsapp", WA, 15) for ob in [a, b] * 6))
+    handed = [r.id for rows in rounds for r in rows]
+    assert len(handed) == len(set(handed)) == 120 and set(handed) == ids
+    assert await a.claim_due("whatsapp", WA, 15) == [] == await b.claim_due("whatsapp", WA, 15)
+
+
+async def test_next_due(outbox):
+    assert await outbox.next_due("whatsapp", WA) is None
+    first = await add(outbox)
+    second = await add(outbox, to="other")
+    assert await outbox.next_due("whatsapp", WA) == first.next_at
+    await outbox.claim_due("whatsapp", WA, 1)
+    assert await outbox.next_due("whatsapp", WA) == second.next_at
+    await outbox.claim_due("whatsapp", WA, 1)
+    assert await outbox.next_due("whatsapp", WA) is None  # sending: not waiting to be due
+    at = time.time() + 600.25
+    await outbox.retry_at(first.id, at, None)
+    assert await outbox.next_due("whatsapp", WA) == at
+    await outbox.sent(second.id, "wamid.2")
+    await outbox.failed(first.id, {"code": 100})
+    assert await outbox.next_due("whatsapp", WA) is None
+
+
+async def test_sent_then_statuses_by_provider_id_only_move_forward(outbox):
+    row = await add(outbox)
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.retry_at(row.id, time.time() - 1, {"code": 1, "message": "try again"})
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.sent(row.id, "wamid.A")
+    sent = await outbox.get(row.id)
+    assert (sent.state, sent.provider_message_id, sent.error, sent.attempts) == (
+        "sent", "wamid.A", None, 2)
+    assert sent.sent_at is not None and sent.public()["status"] == "sent"
+    assert await outbox.claim_due("whatsapp", WA, 10) == []
+
+    async def state() -> str:
+        return (await outbox.get(row.id)).state
+
+    status = outbox.status
+    await status(provider_message_id="wamid.A", record_id=None, status="delivered", error=None)
+    assert await state() == "delivered"
+    await status(provider_message_id="wamid.A", record_id=None, status="read", error=None)
+    await status(provider_message_id="wamid.A", record_id=None, status="delivered", error=None)
+    await status(provider_message_id="wamid.A", record_id=None, status="sent", error=None)
+    await status(provider_message_id="wamid.A", record_id=None, status="queued", error=None)
+    await status(provider_message_id="wamid.A", record_id=None, status="deleted", error=None)
+    assert await state() == "read"  # a late delivered never replaces read
+    await status(provider_message_id="wamid.unknown", record_id=None, status="failed", error=None)
+    await status(provider_message_id=None, record_id=None, status="failed", error=None)
+    assert await state() == "read"
+    await outbox.sent(row.id, "wamid.B")  # a late duplicate of the send's answer
+    again = await outbox.get(row.id)
+    assert (again.state, again.provider_message_id, again.sent_at) == ("read", "wamid.A",
+                                                                       sent.sent_at)
+    await status(provider_message_id="wamid.A", record_id=None, status="failed",
+                 error={"code": 131050, "message": "stopped"})
+    failed = await outbox.get(row.id)
+    assert failed.state == "failed"
+    assert failed.public()["error"] == {"code": 131050, "message": "stopped"}
+
+
+async def test_a_status_naming_the_record_settles_it_without_a_send(outbox):
+    row = await add(outbox)  # queued (or uncertain after a crash): WhatsApp echoes our id
+    await outbox.status(provider_message_id="wamid.X", record_id=row.id, status="sent",
+                        error=None)
+    got = await outbox.get(row.id)
+    assert (got.state, got.provider_message_id) == ("sent", "wamid.X")
+    assert got.sent_at is not None
+    assert await outbox.claim_due("whatsapp", WA, 10) == []
+    assert await outbox.next_due("whatsapp", WA) is None
+    await outbox.status(provider_message_id="wamid.X", record_id=None, status="read", error=None)
+    assert (await outbox.get(row.id)).state == "read"  # found by the provider id it learned
+
+
+async def test_retry_at_and_failed(outbox):
+    row = await add(outbox)
+    await outbox.claim_due("whatsapp", WA, 10)
+    at = time.time() + 100
+    await outbox.retry_at(row.id, at, {"code": 2, "message": "temporary"})
+    got = await outbox.get(row.id)
+    assert (got.state, got.attempts, got.next_at) == ("queued", 1, at)
+    assert got.public()["error"] == {"code": 2, "message": "temporary"}
+    assert await outbox.claim_due("whatsapp", WA, 10) == []
+    await outbox.retry_at(row.id, time.time() - 1, None)
+    assert [r.attempts for r in await outbox.claim_due("whatsapp", WA, 10)] == [1]
+    assert (await outbox.get(row.id)).attempts == 2
+    await outbox.retry_at(row.id, time.time() - 1, None, count_attempt=False)  # throttled
+    got = await outbox.get(row.id)
+    assert (got.state, got.attempts, got.error) == ("queued", 1, None)
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.failed(row.id, {"code": 131026, "hint": "not on WhatsApp"})
+    got = await outbox.get(row.id)
+    assert got.state == "failed" and got.public()["status"] == "failed"
+    assert got.public()["error"] == {"code": 131026, "hint": "not on WhatsApp"}
+    assert await outbox.claim_due("whatsapp", WA, 10) == []
+    assert await outbox.next_due("whatsapp", WA) is None
+
+
+async def test_updates_of_unknown_records_change_nothing(outbox):
+    missing = "msg_" + "f" * 32
+    await outbox.sent(missing, "wamid.M")
+    await outbox.failed(missing, {"code": 1})
+    await outbox.retry_at(missing, time.time(), None)
+    await outbox.status(provider_message_id="wamid.M", record_id=missing, status="read",
+                        error=None)
+    assert await outbox.get(missing) is None
+    assert await outbox.next_due("whatsapp", WA) is None
+    assert await outbox.erase_contact("whatsapp", CUSTOMER) == {"outbox": 0, "customers": 0}
+
+
+async def test_records_left_sending_by_a_crash_become_uncertain(backend):
+    ob, found = await backend.open()
+    assert found == 0
+    first, second, third = [await add(ob, to=f"c{i}") for i in range(3)]
+    assert [r.id for r in await ob.claim_due("whatsapp", WA, 2)] == [first.id, second.id]
+    await backend.crash(ob)  # in the middle of sending the first two
+
+    ob, found = await backend.open(reconcile_seconds=0.6)
+    assert found == 2
+    got = await ob.get(first.id)
+    assert (got.state, got.attempts, got.public()["status"]) == ("uncertain", 1, "queued")
+    assert got.next_at > time.time()
+    # the one still queued is simply sent; the uncertain ones wait for a status webhook …
+    assert [r.id for r in await ob.claim_due("whatsapp", WA, 10)] == [third.id]
+    await ob.status(provider_message_id="wamid.2", record_id=second.id, status="delivered",
+                    error=None)
+    await asyncio.sleep(0.7)
+    # … and only the one no webhook named is sent again
+    again = await ob.claim_due("whatsapp", WA, 10)
+    assert [(r.id, r.state, r.attempts) for r in again] == [(first.id, "uncertain", 1)]
+    assert (await ob.get(first.id)).attempts == 2
+    assert (await ob.get(second.id)).state == "delivered"
+
+
+async def test_inbound_keeps_the_latest_message_and_consent(outbox):
+    nobody = Customer(None, None, False)
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == nobody
+    await outbox.inbound("whatsapp", WA, CUSTOMER, 1000.5, "wamid.1", None)
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (1000.5, "wamid.1", False)
+    await outbox.inbound("whatsapp", WA, CUSTOMER, 900.0, "wamid.0", True)  # older, but STOP
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (1000.5, "wamid.1", True)
+    await outbox.inbound("whatsapp", WA, CUSTOMER, 2000.25, "wamid.2", None)
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (2000.25, "wamid.2", True)
+    await outbox.inbound("whatsapp", WA, CUSTOMER, 2000.25, "wamid.3", False)  # START
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (2000.25, "wamid.3", False)
+    await outbox.inbound("whatsapp", WA, CUSTOMER, 3000.0, None, None)
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (3000.0, None, False)
+    # per (channel, account, contact)
+    assert await outbox.customer("whatsapp", "200000000000002", CUSTOMER) == nobody
+    assert await outbox.customer("instagram", WA, CUSTOMER) == nobody
+    assert await outbox.customer("whatsapp", WA, "15550009999") == nobody
+    await outbox.inbound("whatsapp", "200000000000002", CUSTOMER, 10.0, "wamid.B", True)
+    assert await outbox.customer("whatsapp", "200000000000002", CUSTOMER) == (10.0, "wamid.B",
+                                                                              True)
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (3000.0, None, False)
+    found = await outbox.customer("whatsapp", WA, CUSTOMER)
+    assert isinstance(found, Customer) and isinstance(found.opted_out, bool)
+
+
+async def test_erase_contact_forgets_records_and_customer_state(backend):
+    a, b = await backend.pair()
+    second = "200000000000002"
+    mine = [await add(a, key="k-erase"), await add(a, account=second), await add(b)]
+    await a.claim_due("whatsapp", second, 10)
+    await a.sent(mine[1].id, "wamid.erased")
+    others = [await add(a, to="15550009999"), await add(a, channel="instagram")]
+    for channel, account, contact in [("whatsapp", WA, CUSTOMER), ("whatsapp", second, CUSTOMER),
+                                      ("whatsapp", WA, "15550009999"),
+                                      ("instagram", WA, CUSTOMER)]:
+        await a.inbound(channel, account, contact, 100.0, "m", True)
+
+    assert await b.erase_contact("whatsapp", CUSTOMER) == {"outbox": 3, "customers": 2}
+    for row in mine:
+        assert await a.get(row.id) is None
+    assert [r.id for r in await claim_all(a)] == [others[0].id]  # erased sends are not sent
+    assert [r.id for r in await claim_all(a, channel="instagram")] == [others[1].id]
+    await a.status(provider_message_id="wamid.erased", record_id=None, status="read", error=None)
+    assert await a.get(mine[1].id) is None
+    assert await a.customer("whatsapp", WA, CUSTOMER) == Customer(None, None, False)
+    assert await a.customer("whatsapp", second, CUSTOMER) == Customer(None, None, False)
+    assert (await a.customer("whatsapp", WA, "15550009999")).opted_out
+    assert (await a.customer("instagram", WA, CUSTOMER)).opted_out
+    _, new = await a.add("whatsapp", WA, CUSTOMER, "text", b"x", "k-erase")
+    assert new  # the key went with its record
+    assert await a.erase_contact("whatsapp", CUSTOMER) == {"outbox": 1, "customers": 0}
+    assert await a.erase_contact("whatsapp", CUSTOMER) == {"outbox": 0, "customers": 0}
