@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from channels.envelope import as_str, decode_each, parse_envelope as _parse
 from channels.whatsapp import schemas
 from channels.whatsapp.content import content, first_error
@@ -49,37 +51,57 @@ def parse_envelope(body: bytes) -> None:
 def normalise(body: bytes) -> list[Event]:
     """Every canonical event in one webhook body.
 
+    One typed decode of the whole body on the fast path; a body with any item of an unexpected
+    shape is decoded again item by item (the tolerant path), skipping only what is malformed.
+
     Raises:
         BadPayload: not JSON, or not a WhatsApp envelope.
     """
+    try:
+        envelope = schemas.fast_decoder.decode(body)
+    except msgspec.DecodeError:
+        return _tolerant(body)
+    if envelope.object not in OBJECTS:
+        _parse(body, OBJECTS)  # raises the envelope error
+    events: list[Event] = []
+    for entry in envelope.entry:
+        for change in entry.changes or ():
+            if change.field == "messages" and change.value is not None:
+                value = change.value
+                _value(value, value.contacts or (), value.messages or (), value.statuses or (),
+                       events)
+    return events
+
+
+def _tolerant(body: bytes) -> list[Event]:
     events: list[Event] = []
     for entry in decode_each(_parse(body, OBJECTS).entry, schemas.entry_decoder):
         for change in decode_each(entry.changes, schemas.change_decoder):
-            if change.field == "messages":
-                events.extend(_value(change.value))
+            if change.field != "messages":
+                continue
+            for value in decode_each([change.value], schemas.value_decoder):
+                _value(value, decode_each(value.contacts, schemas.contact_decoder),
+                       decode_each(value.messages, schemas.message_decoder),
+                       decode_each(value.statuses, schemas.status_decoder), events)
     return events
 
 
-def _value(raw: Any) -> list[Event]:
-    value = decode_each([raw], schemas.value_decoder)
-    if not value or value[0].metadata is None:
-        return []
-    value = value[0]
+def _value(value: Any, contacts, messages, statuses, events: list[Event]) -> None:
+    """Append the events of one ``messages`` change (its lists already decoded)."""
+    if value.metadata is None:
+        return
     account = as_str(value.metadata.phone_number_id)
     if account is None:
-        return []
-    names = {as_str(c.wa_id): c.profile.name for c in decode_each(value.contacts, schemas.contact_decoder)
-             if c.profile is not None}
-    events: list[Event] = []
-    for message in decode_each(value.messages, schemas.message_decoder):
+        return
+    names = {as_str(c.wa_id): c.profile.name for c in contacts if c.profile is not None}
+    for message in messages:
         event = _message(message, account, names)
         if event is not None:
             events.append(event)
-    for status in decode_each(value.statuses, schemas.status_decoder):
+    for status in statuses:
         event = _status(status, account)
         if event is not None:
             events.append(event)
-    return events
 
 
 def _timestamp(value: Any):
@@ -117,7 +139,10 @@ def _message(m: schemas.Message, account: str, names: dict) -> Event | None:
         original = as_str((m.revoke or {}).get("original_message_id")) or m.id
         return Message(id=event_id(CHANNEL, "revoke", m.id), **common, message_id=original,
                        type="deleted")
-    fields = content(m)
+    try:
+        fields = content(m)
+    except OverflowError:  # a number no float holds (e.g. a location's latitude 1e400 as an int)
+        fields = {"type": "unsupported", "raw_type": m.type, "error": first_error(m.errors)}
     context = m.context or {}
     fields.setdefault("reply_to", as_str(context.get("id")))
     return Message(id=event_id(CHANNEL, "message", m.id), **common, message_id=m.id,

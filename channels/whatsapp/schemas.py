@@ -94,9 +94,38 @@ class Status(msgspec.Struct):
     errors: list[Any] | None = None
 
 
+class FastValue(msgspec.Struct):
+    """``Value`` with its lists decoded in the same pass (the fast path)."""
+
+    metadata: Metadata | None = None
+    contacts: list[Contact] | None = None
+    messages: list[Message] | None = None
+    statuses: list[Status] | None = None
+
+
+class FastChange(msgspec.Struct):
+    field: str | None = None
+    value: FastValue | None = None
+
+
+class FastEntry(msgspec.Struct):
+    id: Any = None
+    changes: list[FastChange] | None = None
+
+
+class FastEnvelope(msgspec.Struct):
+    """The whole body in one typed decode. Any item of an unexpected shape fails it, and the
+    normaliser then takes the tolerant path (each item on its own), which yields the same events
+    for well-formed bodies."""
+
+    object: str
+    entry: list[FastEntry]
+
+
 entry_decoder = msgspec.json.Decoder(Entry)
 change_decoder = msgspec.json.Decoder(Change)
 value_decoder = msgspec.json.Decoder(Value)
 contact_decoder = msgspec.json.Decoder(Contact)
 message_decoder = msgspec.json.Decoder(Message)
 status_decoder = msgspec.json.Decoder(Status)
+fast_decoder = msgspec.json.Decoder(FastEnvelope)

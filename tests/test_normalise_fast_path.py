@@ -1,0 +1,46 @@
+"""The WhatsApp normaliser's one-pass decode gives exactly what the tolerant path gives, and a body
+with a malformed item falls back to the tolerant path without losing the well-formed items."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from channels.whatsapp import normalise as wn
+from channels.whatsapp import schemas
+
+DATA = Path(__file__).parent / "data" / "whatsapp"
+FIXTURES = sorted(DATA.glob("*.json"))
+
+
+def takes_fast_path(body: bytes) -> bool:
+    try:
+        schemas.fast_decoder.decode(body)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
+def test_fast_and_tolerant_paths_agree(path):
+    body = path.read_bytes()
+    assert wn.normalise(body) == wn._tolerant(body)
+
+
+def test_well_formed_fixtures_take_the_fast_path():
+    fast = [p.name for p in FIXTURES if takes_fast_path(p.read_bytes())]
+    assert len(fast) >= len(FIXTURES) - 3, f"only {fast} decode in one pass"
+
+
+def test_one_malformed_item_falls_back_and_keeps_the_rest():
+    body = json.loads((DATA / "three_messages.json").read_bytes())
+    messages = body["entry"][0]["changes"][0]["value"]["messages"]
+    expected = [e for e in wn.normalise(json.dumps(body).encode())
+                if e.message_id != messages[1]["id"]]
+    messages[1]["timestamp"] = {"not": "a timestamp"}  # fails the typed decode
+    broken = json.dumps(body).encode()
+    assert not takes_fast_path(broken)
+    assert wn.normalise(broken) == expected and len(expected) == 2
