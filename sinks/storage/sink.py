@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from datetime import UTC
 from typing import Any
 
 import msgspec
@@ -35,10 +36,11 @@ def doc_id(value: str) -> str:
 
 
 def iso(event: Event) -> str:
-    """Fixed-width RFC 3339 UTC, so that text comparison orders instants."""
+    """Fixed-width RFC 3339 UTC (microseconds, ``Z``), so that text comparison orders instants."""
     t = event.timestamp
-    return (f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
-            f".{t.microsecond:06d}Z")
+    if t.utcoffset():
+        t = t.astimezone(UTC)
+    return t.isoformat(timespec="microseconds")[:26] + "Z"
 
 
 def _json(value: Any) -> str | None:
@@ -149,9 +151,10 @@ class _Batch:
                 self._delete(key)
             return  # already stored: a redelivery or a second event for the same message
         self.state[key] = (ev.id, ev.type)
-        self.rows[key] = [key, *_message_fields(ev, mid).values()]
-        self._count(ev)
-        self.contact(ev)
+        ts = iso(ev)
+        self.rows[key] = _message_row(ev, key, mid, ts)
+        self._count(ev, ts)
+        self.contact(ev, ts)
 
     def _delete(self, key: str) -> None:
         self.state[key] = (self.state[key][0], "deleted")
@@ -162,8 +165,7 @@ class _Batch:
         for column in ("type", "text", "payload", "media", "location", "extra"):
             row[1 + _MESSAGE_COLUMNS.index(column)] = "deleted" if column == "type" else None
 
-    def _count(self, ev: Event) -> None:
-        ts = iso(ev)
+    def _count(self, ev: Event, ts: str) -> None:
         inbound = ts if ev.direction == "inbound" else None
         conv = self.conversations.get(ev.conversation_id)
         if conv is None:
@@ -175,8 +177,8 @@ class _Batch:
             conv[5], conv[7] = ts, ev.text
         conv[6] = _later(conv[6], inbound)
 
-    def contact(self, ev: Event) -> None:
-        ts = iso(ev)
+    def contact(self, ev: Event, ts: str | None = None) -> None:
+        ts = ts or iso(ev)
         inbound = ts if ev.direction == "inbound" else None
         name = ev.sender.name if ev.direction == "inbound" else None
         key = f"{ev.channel}:{ev.customer_id}"
@@ -197,17 +199,18 @@ class _Batch:
             self.c.executemany(_UPSERT_CONTACT, list(self.contacts.values()))
 
 
-def _message_fields(ev: Event, mid: str) -> dict[str, Any]:
-    extra = {k: getattr(ev, k) for k in _EXTRA if getattr(ev, k) not in (None, False)}
-    return {
-        "message_id": mid, "event_id": ev.id, "kind": ev.kind, "channel": ev.channel,
-        "direction": ev.direction, "account_id": ev.account_id,
-        "conversation_id": ev.conversation_id, "sender_id": ev.sender.id,
-        "sender_name": ev.sender.name, "recipient_id": ev.recipient.id, "timestamp": iso(ev),
-        "type": ev.type, "text": ev.text, "payload": ev.payload, "reply_to": ev.reply_to,
-        "media": _json(ev.media), "location": _json(ev.location), "error": _json(ev.error),
-        "extra": _json(extra or None),
-    }
+def _message_row(ev: Event, key: str, mid: str, ts: str) -> list[Any]:
+    """The ``messages`` row: ``key`` then the values of ``_MESSAGE_COLUMNS`` in order."""
+    extra = None
+    for name in _EXTRA:
+        value = getattr(ev, name)
+        if value is not None and value is not False:
+            if extra is None:
+                extra = {}
+            extra[name] = value
+    return [key, mid, ev.id, ev.kind, ev.channel, ev.direction, ev.account_id, ev.conversation_id,
+            ev.sender.id, ev.sender.name, ev.recipient.id, ts, ev.type, ev.text, ev.payload,
+            ev.reply_to, _json(ev.media), _json(ev.location), _json(ev.error), _json(extra)]
 
 
 def _mark_deleted(c: sqlite3.Connection, key: str) -> None:
