@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,10 +19,10 @@ import pytest
 from gateway import keys
 from gateway.config import GatewayConfig, section
 from gateway.errors import ConfigError, PermanentError, RetryableError
-from gateway.events import Message, Party, Read, Status, conversation_id, decode
+from gateway.events import Message, Party, Reaction, Read, Status, conversation_id, decode
 from gateway.sink import Record
 from sinks.firestore.model import EXTRA, doc_id
-from sinks.firestore.sink import MAX_OPS, FirestoreConfig, FirestoreSink, classify
+from sinks.firestore.sink import MAX_OPS, FirestoreConfig, FirestoreSink, _rounds, classify
 from sinks.storage.schema import STATUS_RANK
 from tests.conftest import SINKS_TOML, fixture_bytes
 from tests.expect import expected_files, pair_up
@@ -383,6 +384,133 @@ async def test_erase_contact_deletes_more_than_one_batch(firestore_emulator, fir
         await sink.close()
 
 
+async def test_order_within_a_conversation_holds_across_the_commit_split(firestore_emulator,
+                                                                         firestore_project):
+    """One conversation needing more than 500 writes is cut into two commits (two rounds). A
+    reaction added in the first and removed in the second, and a message written in the first
+    and unsent (WhatsApp revoke) in the second, end as they would one event at a time — which
+    they would not if the second round were applied first (or raced the first)."""
+    customer, account = "15556100001", "100000000000001"
+    conv = conversation_id("whatsapp", account, customer)
+    party, business = Party(id=customer, name="Order Test"), Party(id=account)
+    target = message(0, customer, 0)
+    common = dict(schema=1, channel="whatsapp", direction="inbound", account_id=account,
+                  conversation_id=conv, sender=party, recipient=business)
+    added = Reaction(id="react-add", timestamp=T0 + timedelta(seconds=1),
+                     message_id="wamid.OURS.1", emoji="\U0001f44d", **common)
+    filler = [message(n, customer, n) for n in range(1, 498)]  # 497: round 1 is then 500 writes
+    revoke = Message(id="revoke-0", timestamp=T0 + timedelta(seconds=900),
+                     message_id=target.message_id, type="deleted", **common)
+    removed = Reaction(id="react-remove", timestamp=T0 + timedelta(seconds=901),
+                       message_id="wamid.OURS.1", emoji="", **common)
+    events = [target, added, *filler, revoke, removed]
+    rounds = list(_rounds(events))
+    assert [len(r) for r in rounds] == [498, 3]  # filler[-1], revoke, removed in round 2
+    assert target in rounds[0] and added in rounds[0]
+    assert revoke in rounds[1] and removed in rounds[1]
+
+    sink = FirestoreSink(FirestoreConfig(project_id=firestore_project,
+                                         emulator_host=firestore_emulator))
+    await sink.start()
+    try:
+        await sink.write(records(events))
+        assert sink.commits == 2 and sink.largest_commit == MAX_OPS
+        docs = await everything(sink)
+        ours = docs["messages"]["wamid.OURS.1"]
+        assert ours["reactions"] == {}  # added, then removed
+        unsent = docs["messages"][doc_id(target.message_id)]
+        assert unsent["type"] == "deleted" and unsent["text"] is None
+        assert unsent["event_id"] == target.id  # the message itself came first
+        assert docs["conversations"][conv]["message_count"] == 498  # the revoke is not counted
+    finally:
+        await sink.close()
+
+
+class ObservedSink(FirestoreSink):
+    """The real sink, recording how many commits are in flight at once (observation only)."""
+
+    def __init__(self, config: FirestoreConfig) -> None:
+        super().__init__(config)
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def _send(self, changes, state):
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await super()._send(changes, state)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 3])
+async def test_commits_run_concurrently_up_to_the_limit(firestore_emulator, firestore_project,
+                                                        concurrency):
+    """800 conversations of one message each: 5 commits of one round, at most ``concurrency``
+    of them in flight at once, and more than one when the limit allows it."""
+    sink = ObservedSink(FirestoreConfig(project_id=firestore_project, concurrency=concurrency,
+                                        emulator_host=firestore_emulator))
+    await sink.start()
+    try:
+        events = [message(0, f"1555620{n:04d}", n) for n in range(800)]
+        assert len(list(_rounds(events))) == 1
+        await sink.write(records(events))
+        assert sink.commits == 5
+        assert sink.most_in_flight == concurrency
+        counts = [d["message_count"] for d in (await documents(sink, "conversations")).values()]
+        assert counts == [1] * 800
+    finally:
+        await sink.close()
+
+
+# --- first_seen --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backends", ["storage", "storage+firestore"])
+async def test_first_seen_is_the_earliest_timestamp_in_both_sinks(gateway, request, backends):
+    """Redelivery and replay never change ``first_seen``, a later event does not either, and a
+    late event that happened earlier lowers it — in the storage rows and the Firestore documents."""
+    table = ""
+    if backends != "storage":
+        table = firestore_toml(f"first-{uuid.uuid4().hex[:12]}",
+                               request.getfixturevalue("firestore_emulator"))
+    gw = await gateway(sinks=SINKS_TOML + table)
+    sinks = gw.app[keys.SINKS]
+    customer = "15556300001"
+    base = 1_760_000_000
+
+    async def seen() -> set[tuple[str, str]]:
+        """(first_seen, last_seen) as each sink holds it."""
+        found = set(await gw.sql("SELECT first_seen, last_seen FROM contacts WHERE id = ?",
+                                 (f"whatsapp:{customer}",)))
+        if "firestore" in sinks:
+            doc = (await documents(sinks["firestore"], "contacts"))[f"whatsapp:{customer}"]
+            found.add((stamp(doc["first_seen"]), stamp(doc["last_seen"])))
+        return found
+
+    def at(offset: int) -> str:
+        return stamp(datetime.fromtimestamp(base + offset, UTC))
+
+    async def post(offset: int) -> None:
+        assert (await gw.post("whatsapp", whatsapp_burst(offset, [customer])))[0] == 200
+        await gw.settle()
+
+    await post(0)
+    assert await seen() == {(at(0), at(0))}
+    await post(0)  # Meta redelivers it
+    for sink in sinks.values():  # and the dispatcher replays the batch after a crash
+        if sink.name in ("storage", "firestore"):
+            await sink.write(jsonl_records(gw))
+    assert await seen() == {(at(0), at(0))}
+    await post(600)  # a later message
+    assert await seen() == {(at(0), at(600))}
+    await post(-3600)  # one that happened an hour earlier, delivered late
+    assert await seen() == {(at(-3600), at(600))}
+    for sink in sinks.values():
+        if sink.name in ("storage", "firestore"):
+            await sink.write(jsonl_records(gw)[::-1])  # every event again, in any order
+    assert await seen() == {(at(-3600), at(600))}
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 async def test_permanent_error_goes_to_dead_letters_with_reason(gateway, firestore_table):
@@ -433,6 +561,46 @@ def test_error_classes_map_onto_retryable_and_permanent():
     assert isinstance(_gave_up(race), RetryableError)
     assert isinstance(_gave_up(gexc.AlreadyExists("entity already exists")), RetryableError)
     assert isinstance(_gave_up(gexc.FailedPrecondition("Datastore mode")), PermanentError)
+
+
+async def test_firestore_emulator_host_from_the_environment_alone(gateway, firestore_emulator,
+                                                                  firestore_project, monkeypatch,
+                                                                  tmp_path):
+    """No ``emulator_host`` in the table, only ``FIRESTORE_EMULATOR_HOST``: the sink writes to
+    that emulator, with no credentials (Application Default Credentials would fail here)."""
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", firestore_emulator)
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-file.json"))
+    table = f'[sinks.firestore]\nproject_id = "{firestore_project}"\nmax_attempts = 2\n'
+    gw, sink = await start(gateway, table)
+    assert sink.config.emulator_host is None
+    assert (await gw.post("whatsapp", fixture_bytes("whatsapp/text.json")))[0] == 200
+    await gw.settle()
+    assert await gw.app[keys.JOURNAL].dead_letters("firestore") == []
+    monkeypatch.delenv("FIRESTORE_EMULATOR_HOST")
+    reader = FirestoreSink(FirestoreConfig(project_id=firestore_project,
+                                           emulator_host=firestore_emulator))
+    await reader.start()
+    try:  # read back from the emulator itself, by a client told its address explicitly
+        assert set(await documents(reader, "messages")) == {"wamid.TEST.IN.TEXT.0001"}
+        assert len(await documents(reader, "contacts")) == 1
+    finally:
+        await reader.close()
+
+
+async def test_emulator_host_in_the_table_wins_over_the_environment(firestore_emulator,
+                                                                    firestore_project,
+                                                                    monkeypatch):
+    from gateway.testing import free_port
+
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")  # nothing there
+    sink = FirestoreSink(FirestoreConfig(project_id=firestore_project, retry_seconds=0,
+                                         timeout=5, emulator_host=firestore_emulator))
+    await sink.start()
+    try:
+        await sink.write(records([message(1, "15556400001", 1)]))
+        assert len(await documents(sink, "messages")) == 1
+    finally:
+        await sink.close()
 
 
 # --- configuration, readiness, indexes --------------------------------------------------------
