@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import sqlite3
 import time
@@ -27,7 +28,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters(sink, state);
 """
 PROCESSED = "processed"
-_APPEND = "INSERT INTO requests(channel, received_at, body) VALUES (?, ?, ?)"
+_APPEND = "INSERT INTO requests(seq, channel, received_at, body) VALUES (?, ?, ?, ?)"
+MEMORY_REQUESTS = 10_000  # committed requests also kept in memory for the processor (at most)
 _DEAD_COLUMNS = "id, sink, event_id, data, received_at, reason, attempts, failed_at, state"
 
 
@@ -40,6 +42,11 @@ class SqliteJournal:
         self.path = os.path.join(config.server.data_dir, "journal.db")
         self.dedupe_window = config.queue.dedupe_window_seconds
         self.pending = 0
+        # Requests committed by this process and not yet processed, in seq order. While it holds
+        # exactly the pending requests, ``unprocessed`` answers from it instead of reading the
+        # bodies back (after a restart, or past MEMORY_REQUESTS, it reads them from the file).
+        self._memory: list[RawRequest] = []
+        self._next_seq = 1
         self._writer = SqliteWriter(
             self.path,
             ["PRAGMA journal_mode=WAL", f"PRAGMA synchronous={config.queue.synchronous}",
@@ -51,8 +58,11 @@ class SqliteJournal:
         """Create the data directory and the schema; count what is still unprocessed."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self._writer.start()
-        self.pending = await self._writer.run(
-            lambda c: c.execute("SELECT count(*) FROM requests").fetchone()[0])
+        self.pending, last = await self._writer.run(lambda c: c.execute(
+            "SELECT count(*), max(coalesce((SELECT max(seq) FROM requests), 0),"
+            " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'requests'), 0))"
+            " FROM requests").fetchone())
+        self._next_seq = last + 1
 
     async def close(self) -> None:
         """Let queued work finish and close the database."""
@@ -67,11 +77,23 @@ class SqliteJournal:
 
     async def append(self, channel: str, body: bytes, received_at: float) -> None:
         """Store a raw request durably; return once committed (group commit, one executemany)."""
-        await self._writer.insert(_APPEND, (channel, received_at, body))
+        seq = self._next_seq  # one process owns the file: seqs are assigned here, in order
+        self._next_seq += 1
+        request = RawRequest(seq, channel, received_at, body)
+        await self._writer.insert(_APPEND, request, lambda: self._committed(request))
+
+    def _committed(self, request: RawRequest) -> None:
         self.pending += 1
+        if len(self._memory) < MEMORY_REQUESTS:
+            if self._memory and self._memory[-1].seq > request.seq:  # groups settle in order
+                bisect.insort(self._memory, request)
+            else:
+                self._memory.append(request)
 
     async def unprocessed(self, limit: int) -> list[RawRequest]:
         """The oldest journaled requests not yet turned into events."""
+        if len(self._memory) == self.pending:
+            return self._memory[:limit]
         rows = await self._writer.run(lambda c: c.execute(
             "SELECT seq, channel, received_at, body FROM requests ORDER BY seq LIMIT ?",
             (limit,)).fetchall())
@@ -99,6 +121,8 @@ class SqliteJournal:
 
         seqs, removed = await self._writer.run(work)
         self.pending = max(0, self.pending - removed)
+        if self._memory and self._memory[0].seq <= upto:
+            del self._memory[:bisect.bisect_right(self._memory, upto, key=lambda r: r.seq)]
         return seqs
 
     async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:

@@ -45,15 +45,22 @@ class SqliteWriter:
         """Whether the writer thread runs."""
         return self._thread is not None and self._thread.is_alive()
 
-    async def insert(self, sql: str, params: tuple) -> None:
+    async def insert(self, sql: str, params: tuple,
+                     on_commit: Callable[[], None] | None = None) -> None:
         """Insert one row in the next group transaction (batched with the group's other inserts
-        of the same ``sql``); return once committed."""
+        of the same ``sql``); return once committed.
+
+        ``on_commit`` runs on the event loop once the row is committed, even when the awaiting
+        task was cancelled meanwhile (bookkeeping that must not miss a committed row).
+        """
         if not self.alive:
             raise RuntimeError(f"database {self._path} is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
+        if on_commit is not None:
+            future.add_done_callback(lambda f: _committed(f) and on_commit())
         self._jobs.put(((sql, params), future, loop))
-        await future
+        await (asyncio.shield(future) if on_commit is not None else future)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in the next group transaction; return its result once committed."""
@@ -144,6 +151,10 @@ def _savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]
         return False, exc
     conn.execute("RELEASE job")
     return True, result
+
+
+def _committed(future: asyncio.Future) -> bool:
+    return not future.cancelled() and future.exception() is None
 
 
 def _settle(items: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
