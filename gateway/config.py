@@ -252,11 +252,25 @@ class ConfigErrors(ConfigError):
 
 
 def resolve_secrets(table: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Replace ``{env = "X"}`` / ``{file = "path"}`` values with what they point at."""
+    """Replace ``{env = "X"}`` / ``{file = "path"}`` values with what they point at, at any
+    depth (e.g. ``channels.whatsapp.accounts[0].access_token``, a plugin's ``headers``)."""
     for key, value in list(table.items()):
-        if isinstance(value, dict) and len(value) == 1 and ("env" in value or "file" in value):
-            table[key] = _secret_value(value, f"{prefix}.{key}")
+        table[key] = _resolved(value, f"{prefix}.{key}")
     return table
+
+
+def _is_reference(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and ("env" in value or "file" in value)
+
+
+def _resolved(value: Any, key: str) -> Any:
+    if _is_reference(value):
+        return _secret_value(value, key)
+    if isinstance(value, dict):
+        return resolve_secrets(dict(value), key)  # a copy: the config keeps the references
+    if isinstance(value, list):
+        return [_resolved(item, f"{key}[{i}]") for i, item in enumerate(value)]
+    return value
 
 
 def redacted(data: Any) -> Any:
@@ -273,7 +287,9 @@ def redacted(data: Any) -> Any:
 def _is_secret(key: str, value: Any) -> bool:
     if not isinstance(value, str) or not value:
         return False
-    return key in SECRET_KEYS or key.endswith(("_secret", "_token", "_key", "password"))
+    key = key.lower().replace("-", "_")
+    return (key in SECRET_KEYS or key.endswith(("_secret", "_token", "_key", "password"))
+            or key in ("authorization", "proxy_authorization"))
 
 
 def _secret_value(ref: dict[str, str], key: str) -> str:

@@ -85,3 +85,30 @@ def test_serve_refuses_to_start_without_app_secret(tmp_path):
                          capture_output=True, text=True, timeout=60, env=env)
     assert run.returncode == 2
     assert "channels.whatsapp.app_secret" in run.stderr and "WHATSAPP_APP_SECRET" in run.stderr
+
+
+def test_secret_references_resolve_at_any_depth_and_stay_references(tmp_path, monkeypatch):
+    monkeypatch.setenv("NUMBER_TWO_TOKEN", "EAAB-two")
+    monkeypatch.setenv("HOOK_AUTH", "Bearer hook")
+    path = tmp_path / "g.toml"
+    path.write_text('[channels.whatsapp]\napp_secret = "s"\nphone_number_id = "1"\n'
+                    'access_token = "t1"\n'
+                    '[[channels.whatsapp.accounts]]\nphone_number_id = "2"\n'
+                    'access_token = { env = "NUMBER_TWO_TOKEN" }\n')
+    config = gwconfig.load(str(path), environ={})
+    from channels.whatsapp import WhatsAppConfig
+
+    table = gwconfig.section(config, "channels", "whatsapp", WhatsAppConfig, environ={})
+    assert [a.access_token for a in table.accounts] == ["EAAB-two"]
+    # the loaded config keeps the reference (nothing resolved into it, nothing to print)
+    assert config.channels["whatsapp"]["accounts"][0]["access_token"] == {"env": "NUMBER_TWO_TOKEN"}
+    resolved = gwconfig.resolve_secrets(
+        {"headers": {"Authorization": {"env": "HOOK_AUTH"}}, "list": [{"file": str(path)}]}, "x")
+    assert resolved["headers"] == {"Authorization": "Bearer hook"}
+    assert resolved["list"][0].startswith("[channels.whatsapp]")
+    with pytest.raises(ConfigError) as exc:
+        gwconfig.resolve_secrets({"accounts": [{"access_token": {"env": "NOT_SET_ANYWHERE"}}]},
+                                 "channels.whatsapp")
+    assert exc.value.key == "channels.whatsapp.accounts[0].access_token"
+    assert gwconfig.redacted({"headers": {"Authorization": "Bearer x", "X-Api-Key": "k"}}) == {
+        "headers": {"Authorization": "***", "X-Api-Key": "***"}}
