@@ -9,7 +9,8 @@ import structlog
 
 from gateway.config import LoggingConfig
 
-SECRET_WORDS = ("secret", "token", "authorization", "api_key", "password")  # always masked
+SECRET_WORDS = ("secret", "token", "authorization", "api_key", "password", "private_key",
+                "audit_key", "signing_key")  # always masked
 CONTENT_WORDS = ("text", "body")  # personal data: masked unless ``logging.log_text``
 
 

@@ -15,6 +15,7 @@ def log_line(log_text: bool) -> dict:
     stream = io.StringIO()
     gwlog.setup(LoggingConfig(format="json", log_text=log_text), stream=stream)
     gwlog.get("test").info("sent", app_secret="s3cr3t", access_token="EAAB", api_key="sk-1",
+                           erasure_audit_key="k" * 32,
                            authorization="Bearer x", text="hello there", body="{}", sink="jsonl")
     return json.loads(stream.getvalue().splitlines()[-1])
 
@@ -27,7 +28,8 @@ def restore_logging():
 
 def test_default_masks_secrets_and_content():
     line = log_line(log_text=False)
-    for key in ("app_secret", "access_token", "api_key", "authorization", "text", "body"):
+    for key in ("app_secret", "access_token", "api_key", "authorization", "erasure_audit_key",
+                "text", "body"):
         assert line[key] == "***", key
     assert line["sink"] == "jsonl" and line["event"] == "sent" and line["component"] == "test"
 
