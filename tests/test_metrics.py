@@ -2,28 +2,64 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
+import time
 import urllib.request
 
 import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import PermanentError, Sink, hookimpl, keys
+from gateway.app import metrics_app
+from gateway.config import SinkConfig, section
 from gateway.testing import GatewayProcess
+from gateway.testing.graph import GraphSimulator
 from tests.conftest import CHANNELS_TOML, fixture_bytes
 from tests.test_crash import CONFIG
 
-CONTRACT = {
-    "gateway_webhook_requests_total": {"channel", "outcome"},
-    "gateway_webhook_ack_seconds": {"channel"},
-    "gateway_events_total": {"channel", "kind", "type"},
-    "gateway_sink_deliveries_total": {"sink", "outcome"},
-    "gateway_sink_latency_seconds": {"sink"},
-    "gateway_outbound_messages_total": {"channel", "type", "outcome"},
-    "gateway_response_time_seconds": {"channel"},
-    "gateway_queue_depth": {"queue"},
-    "gateway_dead_letters": {"sink"},
-    "gateway_ratelimit_headroom_ratio": {"channel", "account", "scope"},
+CONTRACT = {  # CONTRACT §6: name -> (type, label names)
+    "gateway_webhook_requests_total": ("counter", {"channel", "outcome"}),
+    "gateway_webhook_ack_seconds": ("histogram", {"channel"}),
+    "gateway_events_total": ("counter", {"channel", "kind", "type"}),
+    "gateway_sink_deliveries_total": ("counter", {"sink", "outcome"}),
+    "gateway_sink_latency_seconds": ("histogram", {"sink"}),
+    "gateway_outbound_messages_total": ("counter", {"channel", "type", "outcome"}),
+    "gateway_response_time_seconds": ("histogram", {"channel"}),
+    "gateway_queue_depth": ("gauge", {"queue"}),
+    "gateway_dead_letters": ("gauge", {"sink"}),
+    "gateway_ratelimit_headroom_ratio": ("gauge", {"channel", "account", "scope"}),
 }
+OUTCOMES = {  # the label values the contract enumerates
+    ("gateway_webhook_requests_total", "outcome"): {"accepted", "duplicate", "bad_signature",
+                                                    "bad_request", "too_large", "unavailable"},
+    ("gateway_sink_deliveries_total", "outcome"): {"ok", "retry", "dead"},
+    ("gateway_outbound_messages_total", "outcome"): {"sent", "failed", "retried"},
+}
+
+
+def contract_samples(text: str) -> dict[str, list]:
+    """Parse an exposition with Prometheus' own parser and check it against CONTRACT §6: every
+    metric is there with its type, and every sample has exactly the contract's label names
+    (plus ``le`` on histogram buckets). Returns each contract metric's samples."""
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    found = {}
+    for name, (kind, labels) in CONTRACT.items():
+        family = families.get(name.removesuffix("_total"))
+        assert family is not None, f"{name} is not exposed"
+        assert family.type == kind, (name, family.type)
+        for sample in family.samples:
+            names = set(sample.labels) - ({"le"} if sample.name.endswith("_bucket") else set())
+            assert names == labels, (sample.name, sample.labels)
+            for (metric, label), allowed in OUTCOMES.items():
+                if metric == name:
+                    assert sample.labels[label] in allowed, sample
+        found[name] = [s for s in family.samples if not s.name.endswith("_created")]
+    return found
+
+
 assert CHANNELS_TOML  # the config below embeds it
 
 
@@ -55,7 +91,8 @@ def test_metrics_exposition_passes_promtool_and_has_contract_metrics(tmp_path):
                 assert resp.status == 200
                 assert resp.headers["Content-Type"].startswith("text/plain")
                 text = resp.read().decode()
-            if 'gateway_sink_deliveries_total{outcome="ok",sink="storage"} 8.0' in text:
+            if ('gateway_sink_deliveries_total{outcome="ok",sink="storage"} 8.0' in text
+                    and 'outcome="duplicate"} 1.0' in text):  # the redelivery is processed too
                 break
             import time
             time.sleep(0.1)
@@ -64,8 +101,7 @@ def test_metrics_exposition_passes_promtool_and_has_contract_metrics(tmp_path):
     # promtool exits 0 when clean and 3 for lint-only findings; 1 means the exposition is broken.
     assert check.returncode in (0, 3), check.stdout + check.stderr
     assert "error" not in check.stderr.lower(), check.stderr
-    for name, labels in CONTRACT.items():
-        assert f"# TYPE {name.removesuffix('_total')}" in text, name
+    contract_samples(text)
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert 'gateway_webhook_requests_total{channel="whatsapp",outcome="accepted"} 2.0' in samples
     assert 'gateway_webhook_requests_total{channel="whatsapp",outcome="duplicate"} 1.0' in samples
@@ -75,3 +111,121 @@ def test_metrics_exposition_passes_promtool_and_has_contract_metrics(tmp_path):
         s for s in samples if "sink" in s]
     assert any(s.startswith('gateway_webhook_ack_seconds_bucket{channel="whatsapp"') for s in samples)
     assert any(s.startswith('gateway_queue_depth{queue="journal"} 0.0') for s in samples)
+
+
+
+class BrokenSink(Sink):
+    """[sinks.broken]: refuses every event for good, so each one ends in the dead letters."""
+
+    name = "broken"
+
+    async def write(self, records):
+        raise PermanentError("broken on purpose")
+
+
+class StuckSink(Sink):
+    """[sinks.stuck]: every write waits until ``release`` is set (a sink that fell behind)."""
+
+    name = "stuck"
+
+    def __init__(self, config: SinkConfig) -> None:
+        super().__init__(config)
+        self.release = asyncio.Event()
+        self.received = 0
+
+    async def write(self, records):
+        await self.release.wait()
+        self.received += len(records)
+
+
+class ScenarioPlugin:
+    def __init__(self) -> None:
+        self.sinks: dict[str, Sink] = {}
+
+    @hookimpl
+    def register_sinks(self, config):
+        for name, cls in (("broken", BrokenSink), ("stuck", StuckSink)):
+            table = section(config, "sinks", name, SinkConfig)
+            if table:
+                self.sinks[name] = cls(table)
+        return list(self.sinks.values())
+
+
+def _value(samples: dict[str, list], name: str, **labels) -> float | None:
+    return next((s.value for s in samples[name] if s.labels == labels), None)
+
+
+async def test_metric_values_after_dead_letters_replies_and_a_backlog(gateway):
+    """Every CONTRACT §6 metric is exposed with exactly its labels, and the values of
+    ``gateway_response_time_seconds``, ``gateway_dead_letters`` and
+    ``gateway_queue_depth{queue="sink:<name>"}`` follow what happened."""
+    sim = await GraphSimulator().start()
+    plugin = ScenarioPlugin()
+    whatsapp_sends = ('access_token = "EAAB-test"\nphone_number_id = "100000000000001"\n'
+                      f'graph_base_url = "{sim.url}"\n[channels.instagram]')
+    gw = await gateway(
+        extra='api_token = "metrics-token"', extra_plugins=[plugin],
+        channels=CHANNELS_TOML.replace("[channels.instagram]", whatsapp_sends),
+        sinks="[sinks.jsonl]\n[sinks.storage]\n[sinks.broken]\nmax_attempts = 1\n[sinks.stuck]\n")
+    exposition = TestServer(metrics_app(gw.app[keys.METRICS]), host="127.0.0.1")
+    await exposition.start_server()
+    stuck = plugin.sinks["stuck"]
+
+    async def scrape() -> dict[str, list]:
+        async with gw.session.get(exposition.make_url("/metrics")) as resp:
+            assert resp.status == 200
+            return contract_samples(await resp.text())
+
+    try:
+        # a customer message, then our reply's "sent" status 300 s later (WhatsApp); a DM, then
+        # the echo of our answer 149.877 s later (Instagram)
+        for name in ("whatsapp/text.json", "whatsapp/status_sent.json",
+                     "instagram/text.json", "instagram/echo.json"):
+            assert (await gw.post(name.split("/")[0], fixture_bytes(name)))[0] == 200
+        # a template sent through the API: the outbound and rate-limit metrics get samples
+        async with gw.session.post(f"{gw.url}/v1/messages", json={
+                "channel": "whatsapp", "to": "15550001234", "type": "template",
+                "template": {"name": "order_update", "language": "en_US"}},
+                headers={"Authorization": "Bearer metrics-token"}) as resp:
+            assert resp.status == 202, await resp.text()
+        deadline = time.monotonic() + 20  # housekeeping refreshes the gauges every 5 s
+        while True:
+            found = await scrape()
+            if (_value(found, "gateway_dead_letters", sink="broken") == 4
+                    and _value(found, "gateway_queue_depth", queue="sink:stuck") == 4
+                    and found["gateway_outbound_messages_total"]
+                    and found["gateway_ratelimit_headroom_ratio"]):
+                break
+            assert time.monotonic() < deadline, {k: found[k] for k in (
+                "gateway_dead_letters", "gateway_queue_depth", "gateway_outbound_messages_total")}
+            await asyncio.sleep(0.1)
+        for name in CONTRACT:
+            assert found[name], f"{name} has no samples after the scenario"
+        assert _value(found, "gateway_outbound_messages_total", channel="whatsapp",
+                      type="template", outcome="sent") == 1
+        # gateway_dead_letters: the four events the broken sink refused, none elsewhere
+        assert len(await gw.app[keys.JOURNAL].dead_letters("broken")) == 4
+        for sink in ("jsonl", "storage", "stuck"):
+            assert _value(found, "gateway_dead_letters", sink=sink) == 0
+        # gateway_queue_depth: the stuck sink is 4 events behind, the others caught up
+        for sink in ("jsonl", "storage", "broken"):
+            assert _value(found, "gateway_queue_depth", queue=f"sink:{sink}") == 0
+        assert _value(found, "gateway_queue_depth", queue="journal") == 0
+        # gateway_response_time_seconds: one reply per channel, measured on Meta's clock
+        times = {(s.name, s.labels.get("channel"), s.labels.get("le")): s.value
+                 for s in found["gateway_response_time_seconds"]}
+        prefix = "gateway_response_time_seconds"
+        for channel, seconds in (("whatsapp", 300.0), ("instagram", 149.877)):
+            assert times[(f"{prefix}_count", channel, None)] == 1
+            assert times[(f"{prefix}_sum", channel, None)] == pytest.approx(seconds, abs=1e-6)
+            assert times[(f"{prefix}_bucket", channel, "120.0")] == 0
+            assert times[(f"{prefix}_bucket", channel, "300.0")] == 1
+        # the backlog drains once the sink moves again: its depth goes back to 0
+        stuck.release.set()
+        await gw.settle()
+        assert stuck.received == 4
+        assert _value(await scrape(), "gateway_queue_depth", queue="sink:stuck") == 0
+    finally:
+        stuck.release.set()
+        await exposition.close()
+        await sim.stop()
