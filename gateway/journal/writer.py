@@ -57,10 +57,8 @@ class SqliteWriter:
             raise RuntimeError(f"database {self._path} is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        if on_commit is not None:
-            future.add_done_callback(lambda f: _committed(f) and on_commit())
-        self._jobs.put(((sql, params), future, loop))
-        await (asyncio.shield(future) if on_commit is not None else future)
+        self._jobs.put(((sql, params, on_commit), future, loop))
+        await future
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in the next group transaction; return its result once committed."""
@@ -126,16 +124,17 @@ class SqliteWriter:
                 conn.execute("ROLLBACK")
             outcomes = [(False, exc)] * len(group)
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for (_, future, loop), outcome in zip(group, outcomes, strict=True):
-            by_loop.setdefault(loop, []).append((future, outcome))
+        for (job, future, loop), outcome in zip(group, outcomes, strict=True):
+            on_commit = job[2] if isinstance(job, tuple) and outcome[0] else None
+            by_loop.setdefault(loop, []).append((future, outcome, on_commit))
         for loop, items in by_loop.items():
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_settle, items)
 
 
-def _insert_all(conn: sqlite3.Connection, rows: list[tuple[str, tuple]]) -> None:
+def _insert_all(conn: sqlite3.Connection, rows: list[tuple]) -> None:
     by_sql: dict[str, list[tuple]] = {}
-    for sql, params in rows:
+    for sql, params, _ in rows:
         by_sql.setdefault(sql, []).append(params)
     for sql, params in by_sql.items():
         conn.executemany(sql, params)
@@ -153,12 +152,10 @@ def _savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]
     return True, result
 
 
-def _committed(future: asyncio.Future) -> bool:
-    return not future.cancelled() and future.exception() is None
-
-
-def _settle(items: list[tuple[asyncio.Future, tuple[bool, Any]]]) -> None:
-    for future, (ok, value) in items:
+def _settle(items: list[tuple[asyncio.Future, tuple[bool, Any], Callable[[], None] | None]]) -> None:
+    for future, (ok, value), on_commit in items:
+        if on_commit is not None:
+            on_commit()  # before the caller resumes, and even if it was cancelled
         if future.done():
             continue
         if ok:
