@@ -54,7 +54,10 @@ almost_instagram = st.fixed_dictionaries({
             "recipient": st.one_of(json_values, st.fixed_dictionaries({"id": ids})),
             "timestamp": json_values,
         }, optional={"message": json_values, "reaction": json_values, "read": json_values,
-                     "postback": json_values, "referral": json_values}), max_size=3)),
+                     "postback": json_values, "referral": json_values,
+                     "pass_thread_control": json_values, "take_thread_control": json_values,
+                     "request_thread_control": json_values, "message_edit": json_values,
+                     "optin": json_values}), max_size=3)),
     }), max_size=3),
 })
 channels = st.sampled_from(["whatsapp", "instagram"])
