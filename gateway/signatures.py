@@ -21,11 +21,14 @@ def verify(secret: bytes | None, body: bytes, header: str | None) -> bool:
     """
     if not secret or not header or not header.startswith(PREFIX):
         return False
-    got = header[len(PREFIX):].strip().lower()
+    got = header[len(PREFIX):].strip()
     if len(got) != 64:
         return False
-    want = hmac.new(secret, body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(want.encode("ascii"), got.encode("ascii", "replace"))
+    try:
+        given = bytes.fromhex(got)
+    except ValueError:  # not hex
+        return False
+    return hmac.compare_digest(hmac.digest(secret, body, "sha256"), given)
 
 
 def tokens_equal(expected: str | None, given: str | None) -> bool:

@@ -47,14 +47,24 @@ def _media_message(m: Message) -> dict[str, Any]:
     return {"type": m.type, "media": media, "text": media.caption if media else None}
 
 
+def _coordinate(value: Any, bound: float) -> float | None:
+    """A latitude (bound 90) or longitude (bound 180) as a float; None when it is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer no float holds (e.g. 10**400)
+        return None
+    return number if -bound <= number <= bound else None  # NaN fails both comparisons
+
+
 def _location(m: Message) -> dict[str, Any]:
     loc = m.location or {}
-    lat, lon = loc.get("latitude"), loc.get("longitude")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lat, lon)):
+    lat, lon = _coordinate(loc.get("latitude"), 90.0), _coordinate(loc.get("longitude"), 180.0)
+    if lat is None or lon is None:
         return {"type": "location"}
     return {"type": "location", "location": Location(
-        latitude=float(lat), longitude=float(lon), name=_str(loc.get("name")),
-        address=_str(loc.get("address")))}
+        latitude=lat, longitude=lon, name=_str(loc.get("name")), address=_str(loc.get("address")))}
 
 
 def _interactive(m: Message) -> dict[str, Any]:
