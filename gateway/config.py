@@ -96,12 +96,33 @@ class OutboundConfig(_Section):
     backoff_max: float = 300.0
     reconcile_seconds: float = 60.0  # wait for a status webhook before resending after a crash
     concurrency: int = 64  # sends in flight per account
+    # Throttling answers (4, 613, 80007, 130429, 131048, 131056, ...): per-scope exponential
+    # backoff with jitter, reset on success; Meta's own hints (Retry-After, BUC
+    # estimated_time_to_regain_access) are waited out in full.
+    throttle_backoff_initial: float = 1.0  # 130429 (number), 131056 (pair: 1, 4, 16, 64 s)
+    throttle_backoff_long: float = 60.0  # 4, 17, 32, 613, 80007, 131048: Meta asks >= 60 s
+    throttle_backoff_max: float = 900.0  # one wait at most (unless Meta names a longer one)
+    throttle_max_attempts: int = 20  # throttled answers per message, then it fails
+    throttle_max_seconds: float = 3600.0  # or this long after its first throttled answer
+    # An expired token (190) or a billing problem (131042) pauses the account: its messages are
+    # held, one is tried as a probe every pause_probe_seconds, and a message held longer than
+    # max_pause_seconds fails with the original error (the service window is 24 h anyway).
+    max_pause_seconds: float = 86400.0
+    pause_probe_seconds: float = 300.0  # 0: no probes (resume only on restart)
 
     def validate(self, prefix: str) -> None:
         if self.max_attempts < 1:
             raise ConfigError("must be at least 1", f"{prefix}.max_attempts")
         if self.concurrency < 1:
             raise ConfigError("must be at least 1", f"{prefix}.concurrency")
+        if self.throttle_max_attempts < 1:
+            raise ConfigError("must be at least 1", f"{prefix}.throttle_max_attempts")
+        for key in ("throttle_backoff_initial", "throttle_backoff_long", "throttle_backoff_max",
+                    "throttle_max_seconds", "max_pause_seconds"):
+            if getattr(self, key) <= 0:
+                raise ConfigError("must be greater than 0", f"{prefix}.{key}")
+        if self.pause_probe_seconds < 0:
+            raise ConfigError("must not be negative", f"{prefix}.pause_probe_seconds")
 
 
 class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 from channels.instagram import normalise, send
 from gateway import Channel, hookimpl
 from gateway.config import ChannelConfig, GatewayConfig, section
+from gateway.errors import ConfigError
 from gateway.events import Event
 from gateway.outbound.http import GraphClient, SendResult
 from gateway.outbound.request import OutboundRequest
@@ -23,8 +24,23 @@ class InstagramConfig(ChannelConfig):
     }
     page_id: str | None = None
     account_id: str | None = None  # the IG account id of webhooks (entry[].id) if not page_id
-    messages_per_second: float = 100.0  # per account; Meta publishes no exact figure
+    # Meta (limits.md §8): 300 calls/s per account for text, links, reactions, stickers (and
+    # the other types), 10 calls/s for audio or video; "too many messages to a single thread"
+    # has no published figure, so one per thread_interval_seconds with a small burst.
+    messages_per_second: float = 300.0
+    audio_video_per_second: float = 10.0
+    thread_interval_seconds: float = 6.0  # 0: no per-thread limit
+    thread_burst: int = 5
     send_timeout: float = 10.0
+
+    def validate(self, prefix: str) -> None:
+        for key in ("messages_per_second", "audio_video_per_second"):
+            if getattr(self, key) <= 0:
+                raise ConfigError("must be greater than 0", f"{prefix}.{key}")
+        if self.thread_interval_seconds < 0:
+            raise ConfigError("must not be negative", f"{prefix}.thread_interval_seconds")
+        if self.thread_burst < 1:
+            raise ConfigError("must be at least 1", f"{prefix}.thread_burst")
 
 
 class InstagramChannel(Channel):
@@ -50,7 +66,11 @@ class InstagramChannel(Channel):
     def accounts(self) -> dict[str, dict[str, Any]]:
         if not (self.account and self.config.access_token):
             return {}
-        return {self.account: {"rate": self.config.messages_per_second}}
+        c = self.config
+        return {self.account: {
+            "rate": c.messages_per_second, "scope": "ig_account",
+            "type_limits": {"audio_video": (c.audio_video_per_second, ("audio", "video"))},
+            "pair_interval": c.thread_interval_seconds or None, "pair_burst": c.thread_burst}}
 
     async def start(self) -> None:
         c = self.config

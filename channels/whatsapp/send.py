@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.outbound.errors import MetaPermanent
 from gateway.outbound.request import MEDIA, OutboundRequest
 
 CAPTIONED = ("image", "video", "document")
@@ -64,3 +65,24 @@ def message_id(answer: dict[str, Any]) -> str | None:
         value = messages[0].get("id")
         return value if isinstance(value, str) else None
     return None
+
+
+def upload_fields(mime_type: str) -> dict[str, str]:
+    """The form fields of a media upload besides the ``file`` part (meta/outbound.md §2.5)."""
+    return {"messaging_product": "whatsapp", "type": mime_type}
+
+
+def uploaded_id(answer: dict[str, Any]) -> str:
+    """The media id of an upload's answer ``{"id": "..."}``."""
+    value = answer.get("id")
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
+        raise MetaPermanent(f"media upload answered without an id: {answer!r}")
+    return str(value)
+
+
+def media_url(info: dict[str, Any]) -> str:
+    """The (5-minute) download URL of ``GET /{media_id}``'s answer."""
+    url = info.get("url")
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise MetaPermanent(f"media lookup answered without a url: {info!r}")
+    return url

@@ -10,6 +10,15 @@ import msgspec
 
 from gateway.outbound.errors import MetaError, MetaRetryable, Rule, from_response
 
+USAGE_HEADERS = {"x-app-usage": "X-App-Usage",
+                 "x-business-use-case-usage": "X-Business-Use-Case-Usage"}
+
+
+def usage_headers(headers: Any) -> dict[str, str]:
+    """Meta's usage headers of an answer (limits.md §5) under their documented names (httpx
+    hands header names over in lower case)."""
+    return {USAGE_HEADERS[k.lower()]: v for k, v in headers.items() if k.lower() in USAGE_HEADERS}
+
 
 class SendUncertain(MetaRetryable):
     """The request may have reached Meta (a timeout after sending): do not resend blindly."""
@@ -38,23 +47,67 @@ class GraphClient:
 
     async def post(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         """POST JSON; return (parsed body, headers), or raise the MetaError for the answer."""
+        resp = await self._call("POST", path, content=msgspec.json.encode(body),
+                                headers={"Content-Type": "application/json"})
+        return self._answer(resp)
+
+    async def upload(self, path: str, fields: dict[str, str], filename: str, data: bytes,
+                     mime_type: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """POST ``multipart/form-data`` (``fields`` and one ``file`` part), e.g. a media upload.
+
+        An upload creates nothing a resend would duplicate harmfully, so an interrupted call is
+        plain retryable here (never :class:`SendUncertain`).
+        """
         try:
-            resp = await self.client.post(path, content=msgspec.json.encode(body),
-                                          headers={"Content-Type": "application/json"})
+            resp = await self._call("POST", path, data=fields,
+                                    files={"file": (filename, data, mime_type)})
+        except SendUncertain as exc:
+            raise MetaRetryable(str(exc)) from None
+        return self._answer(resp)
+
+    async def get(self, path: str, params: dict[str, str] | None = None,
+                  ) -> tuple[dict[str, Any], dict[str, str]]:
+        """GET a Graph object (JSON)."""
+        try:
+            resp = await self._call("GET", path, params=params)
+        except SendUncertain as exc:
+            raise MetaRetryable(str(exc)) from None
+        return self._answer(resp)
+
+    async def download(self, url: str) -> tuple[bytes, str | None]:
+        """GET an absolute URL (a media URL from ``GET /{media_id}``) with the bearer token,
+        following redirects; return (bytes, content type). An expired URL raises the
+        MetaError for the answer (fetch a fresh URL)."""
+        try:
+            resp = await self._call("GET", url, follow_redirects=True)
+        except SendUncertain as exc:
+            raise MetaRetryable(str(exc)) from None
+        if resp.status_code >= 300:
+            raise self._error(resp)
+        return resp.content, resp.headers.get("content-type")
+
+    async def _call(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        try:
+            return await self.client.request(method, url, **kw)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise MetaRetryable(f"Graph API unreachable: {exc!r}") from None  # never sent
         except httpx.TransportError as exc:
             raise SendUncertain(f"Graph API call interrupted after sending: {exc!r}") from None
-        headers = {k: v for k, v in resp.headers.items()
-                   if k.lower() in ("x-app-usage", "x-business-use-case-usage")}
+
+    def _answer(self, resp: httpx.Response) -> tuple[dict[str, Any], dict[str, str]]:
         if resp.status_code >= 300:
-            error: MetaError = from_response(resp.status_code, resp.content, self.errors)
-            error.headers = headers  # type: ignore[attr-defined]
-            raise error
+            raise self._error(resp)
         try:
-            return msgspec.json.decode(resp.content), headers
+            answer = msgspec.json.decode(resp.content)
         except msgspec.DecodeError:
-            return {}, headers
+            answer = {}
+        return (answer if isinstance(answer, dict) else {}), usage_headers(resp.headers)
+
+    def _error(self, resp: httpx.Response) -> MetaError:
+        headers = usage_headers(resp.headers)
+        error = from_response(resp.status_code, resp.content, self.errors, resp.headers)
+        error.headers = headers
+        return error
 
     async def close(self) -> None:
         await self.client.aclose()

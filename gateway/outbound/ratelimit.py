@@ -1,4 +1,5 @@
-"""Smooth rate limiting (GCRA) per account and per (account, recipient) pair, with parking.
+"""Smooth rate limiting (GCRA) per account, per message type and per (account, recipient) pair,
+with scopes Meta parks (throttling answers, usage headers) and exponential backoff per scope.
 
 GCRA keeps a theoretical arrival time (TAT): a send is allowed when ``now >= TAT - tolerance``;
 each send moves TAT by one emission interval. ``burst = 1`` gives perfectly even spacing (no
@@ -8,6 +9,7 @@ bursts), so a number limited to 80/s never sends more than 80 in any one-second 
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections import OrderedDict
 from typing import Any
@@ -52,70 +54,137 @@ class GCRA:
         self.parked_until = max(self.parked_until, now + seconds)
 
 
+JITTER = 0.25  # throttle waits are stretched by up to 25%, never shortened below Meta's hint
+
+
+class Backoff:
+    """Exponential backoff steps per key (a scope, or a recipient's pair), reset on success."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.steps: OrderedDict[str, int] = OrderedDict()
+        self.max_keys = max_keys
+
+    def next(self, key: str, initial: float, factor: float, cap: float,
+             floor: float = 0.0) -> float:
+        """The next wait for ``key``: ``initial * factor**step`` (at most ``cap``) with upward
+        jitter, and never less than ``floor`` (Meta's own hint, which may exceed ``cap``)."""
+        step = self.steps.pop(key, 0)
+        self.steps[key] = step + 1
+        if len(self.steps) > self.max_keys:
+            self.steps.popitem(last=False)
+        wait = min(cap, initial * factor ** min(step, 64)) * random.uniform(1.0, 1.0 + JITTER)
+        return max(floor, min(wait, cap * (1.0 + JITTER)))
+
+    def reset(self, key: str) -> None:
+        self.steps.pop(key, None)
+
+
 class AccountLimiter:
-    """One account's limits: its own rate, a pair limit per recipient, and named parked scopes."""
+    """One account's limits: its own rate, per-type rates (Instagram audio/video), a pair (thread)
+    limit per recipient, and named scopes Meta parked, each with its own throttle backoff.
+
+    Args:
+        rate: messages per second for the account (spaced for :data:`SAFETY` of it).
+        pair_interval, pair_burst: one message per ``pair_interval`` seconds to one recipient,
+            ``pair_burst`` at once; None: no pair limit.
+        type_limits: name -> (rate, message types) for type classes limited below ``rate``.
+        name: the account scope's name in :meth:`headroom` (``number``, ``account``).
+    """
 
     def __init__(self, rate: float, pair_interval: float | None = None, pair_burst: int = 1,
-                 max_pairs: int = 100_000) -> None:
+                 max_pairs: int = 100_000,
+                 type_limits: dict[str, tuple[float, tuple[str, ...]]] | None = None,
+                 name: str = "number") -> None:
+        self.name = name
         self.account = GCRA(rate * SAFETY)
         self.pair_interval = pair_interval
         self.pair_burst = pair_burst
         self.pairs: OrderedDict[str, GCRA] = OrderedDict()
-        self.pair_backoff: dict[str, int] = {}
+        self.kinds: dict[str, tuple[str, GCRA]] = {}
+        for scope, (kind_rate, types) in (type_limits or {}).items():
+            gcra = GCRA(kind_rate * SAFETY)
+            self.kinds.update({t: (f"type:{scope}", gcra) for t in types})
         self.scopes: dict[str, GCRA] = {}
+        self.backoff = Backoff(max_pairs)
         self.max_pairs = max_pairs
 
-    def _pair(self, recipient: str) -> GCRA | None:
-        if self.pair_interval is None:
-            return None
+    def _pair(self, recipient: str, create: bool = True) -> GCRA | None:
         gcra = self.pairs.get(recipient)
-        if gcra is None:
-            gcra = self.pairs[recipient] = GCRA(1.0 / self.pair_interval, self.pair_burst)
+        if gcra is None and create:
+            rate = 1e9 if self.pair_interval is None else 1.0 / self.pair_interval
+            gcra = self.pairs[recipient] = GCRA(rate, self.pair_burst)
             if len(self.pairs) > self.max_pairs:
                 self.pairs.popitem(last=False)
         return gcra
 
-    def wait(self, recipient: str, now: float | None = None) -> float:
-        """Seconds until a message to ``recipient`` may go."""
-        now = time.monotonic() if now is None else now
-        waits = [self.account.wait(now), *(s.wait(now) for s in self.scopes.values())]
-        pair = self._pair(recipient)
-        if pair is not None:
-            waits.append(pair.wait(now))
-        return max(waits)
+    def wait(self, recipient: str, now: float | None = None, kind: str | None = None) -> float:
+        """Seconds until a message (of type ``kind``) to ``recipient`` may go."""
+        return max(self.waits(recipient, now, kind))
 
-    def take(self, recipient: str, now: float | None = None) -> None:
-        """Account for one message sent to ``recipient``."""
+    def waits(self, recipient: str, now: float | None = None,
+              kind: str | None = None) -> tuple[float, float]:
+        """(shared, own): seconds every message of the account waits (its rate, parked scopes)
+        and seconds this one waits on top for its own limits (its recipient's pair, its type
+        class). A message held by its own limits should not hold the others."""
+        now = time.monotonic() if now is None else now
+        shared = max([self.account.wait(now), *(s.wait(now) for s in self.scopes.values())])
+        own = 0.0
+        pair = self._pair(recipient, create=self.pair_interval is not None)
+        if pair is not None:
+            own = pair.wait(now)
+        if kind in self.kinds:
+            own = max(own, self.kinds[kind][1].wait(now))
+        return shared, own
+
+    def interval(self, kind: str | None) -> float:
+        """The spacing of ``kind``'s type class (0 when it has none)."""
+        return self.kinds[kind][1].interval if kind in self.kinds else 0.0
+
+    def take(self, recipient: str, now: float | None = None, kind: str | None = None) -> None:
+        """Account for one message (of type ``kind``) sent to ``recipient``."""
         now = time.monotonic() if now is None else now
         self.account.take(now)
-        pair = self._pair(recipient)
-        if pair is not None:
-            pair.take(now)
+        if self.pair_interval is not None:
+            self._pair(recipient).take(now)
+        if kind in self.kinds:
+            self.kinds[kind][1].take(now)
 
     def park(self, scope: str, seconds: float, recipient: str | None = None) -> float:
-        """Park a scope. ``pair`` parks only that recipient, with Meta's 4^X s backoff."""
+        """Send nothing in ``scope`` for ``seconds`` (``pair``: to ``recipient`` only)."""
         now = time.monotonic()
         if scope == "pair" and recipient is not None:
-            step = self.pair_backoff.get(recipient, 0)
-            self.pair_backoff[recipient] = step + 1
-            seconds = max(seconds, 4.0 ** step)
-            pair = self._pair(recipient) or self.scopes.setdefault(f"pair:{recipient}", GCRA(1e9))
-            pair.park(seconds, now)
-            return seconds
-        self.scopes.setdefault(scope, GCRA(1e9)).park(seconds, now)
+            self._pair(recipient).park(seconds, now)
+        else:
+            self.scopes.setdefault(scope, GCRA(1e9)).park(seconds, now)
         return seconds
 
+    def throttle(self, scope: str, recipient: str | None, initial: float, factor: float,
+                 cap: float, floor: float = 0.0) -> float:
+        """Meta throttled ``scope``: park it for its next backoff step; return the wait.
+
+        ``pair`` throttles only ``recipient`` (Meta: 4^X s, other recipients unaffected)."""
+        key = f"pair:{recipient}" if scope == "pair" and recipient is not None else scope
+        return self.park(scope, self.backoff.next(key, initial, factor, cap, floor), recipient)
+
     def sent_ok(self, recipient: str) -> None:
-        """A successful send resets that recipient's pair backoff."""
-        self.pair_backoff.pop(recipient, None)
+        """A successful send resets the backoff of the recipient's pair and of every account
+        scope (the parks already served stay as they are)."""
+        self.backoff.reset(f"pair:{recipient}")
+        for scope in (self.name, *self.scopes):
+            self.backoff.reset(scope)
+
+    def parked(self, scope: str, now: float | None = None) -> float:
+        """Seconds ``scope`` stays parked (0 when it is not)."""
+        now = time.monotonic() if now is None else now
+        found = self.scopes.get(scope)
+        return max(0.0, found.parked_until - now) if found else 0.0
 
     def headroom(self, now: float | None = None) -> dict[str, float]:
-        """Headroom per local scope, 0..1."""
+        """Headroom per local scope, 0..1 (pairs are not reported: one per recipient)."""
         now = time.monotonic() if now is None else now
-        found = {"number": self.account.headroom(now)}
-        for name, scope in self.scopes.items():
-            if not name.startswith("pair:"):
-                found[name] = scope.headroom(now)
+        found = {self.name: self.account.headroom(now)}
+        for name, gcra in [*self.kinds.values(), *self.scopes.items()]:
+            found[name] = min(found.get(name, 1.0), gcra.headroom(now))
         return found
 
 
@@ -124,12 +193,14 @@ def _frac(*pcts: Any) -> float:
     return min(max(values, default=0.0), 100.0) / 100.0
 
 
-def headroom_from_headers(headers: Any, now: float | None = None) -> dict[str, tuple[float, float | None]]:
+def headroom_from_headers(headers: Any, now: float | None = None,
+                          ) -> dict[str, tuple[float, float | None]]:
     """scope -> (headroom 0..1, blocked_until epoch s or None) from Meta's usage headers
     (limits.md §5). Missing or garbled headers are skipped: absence means unknown, not idle."""
     now = time.time() if now is None else now
     out: dict[str, tuple[float, float | None]] = {}
-    raw = headers.get("X-App-Usage")
+    headers = {str(k).lower(): v for k, v in headers.items()}  # names are case-insensitive
+    raw = headers.get("x-app-usage")
     if raw:
         try:
             usage = json.loads(raw)
@@ -137,7 +208,7 @@ def headroom_from_headers(headers: Any, now: float | None = None) -> dict[str, t
                                       usage.get("total_time")), None)
         except (ValueError, AttributeError):
             pass
-    raw = headers.get("X-Business-Use-Case-Usage")
+    raw = headers.get("x-business-use-case-usage")
     if raw:
         try:
             for biz_id, items in json.loads(raw).items():

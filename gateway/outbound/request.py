@@ -32,7 +32,9 @@ class Template(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     name: str
     language: str | dict[str, Any]
     components: list[dict[str, Any]] = []
-    category: str | None = None  # ours: "marketing" templates are refused to opted-out contacts
+    # Ours, not sent to Meta: to an opted-out contact only "utility" / "authentication" go
+    # ("marketing" and a template without a category are refused).
+    category: str | None = None
 
 
 class QuickReply(msgspec.Struct, forbid_unknown_fields=True):
@@ -81,6 +83,10 @@ class OutboundRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
                                  "the customer's latest inbound message is read)")
         if self.type == "quick_replies" and not self.text:
             raise InvalidRequest("text", "required for type 'quick_replies'")
+        if self.type == "template" and (self.template.category or "marketing").lower() not in (
+                "marketing", "utility", "authentication"):
+            raise InvalidRequest("template.category",
+                                 "must be \"marketing\", \"utility\" or \"authentication\"")
         if self.tag is not None and self.tag != "HUMAN_AGENT":
             raise InvalidRequest("tag", "only HUMAN_AGENT is supported")
 

@@ -1,10 +1,23 @@
 """The outbound service: accept → outbox → rate limiter → channel sender → Meta.
 
-One worker per (channel, account) claims due records, waits for its limiter (account rate and
-per-recipient pair limit), and sends with up to ``outbound.concurrency`` requests in flight. A
-recipient whose pair limit is exhausted is rescheduled without stalling the number. Throttling
-errors park the scope Meta named; retryable errors back off with jitter; permanent errors fail the
-record with an operator hint; an expired token or a blocked account pauses that account.
+One worker per (channel, account) claims due records, waits for its limiter (account rate,
+per-type rates, per-recipient pair limit, scopes Meta parked), and sends with up to
+``outbound.concurrency`` requests in flight. A recipient whose pair limit is exhausted is
+rescheduled without stalling the number.
+
+What Meta answers decides the rest (``gateway.outbound.errors``):
+
+- throttling codes park the scope Meta named with exponential backoff and jitter per scope (reset
+  on success, never shorter than Meta's own hint); a message throttled too often or too long
+  (``outbound.throttle_max_attempts`` / ``throttle_max_seconds``) fails with a clear error;
+- usage headers park a scope Meta reports blocked (``X-Business-Use-Case-Usage``
+  ``estimated_time_to_regain_access``; ``X-App-Usage`` at 100 %) and feed the headroom gauge;
+- retryable errors back off with jitter, bounded by ``outbound.max_attempts``;
+- permanent errors fail the record with an operator hint;
+- an expired token (190), a billing problem (131042) and the other account-level errors pause the
+  account: its messages are held (no retry spent, nothing lost), one is sent as a probe every
+  ``outbound.pause_probe_seconds``, and a message held longer than ``outbound.max_pause_seconds``
+  fails with the original error.
 """
 
 from __future__ import annotations
@@ -12,8 +25,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from gateway import logging as gwlog
 from gateway.outbound import request as rq
@@ -28,6 +44,8 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
 log = gwlog.get("gateway.outbound")
+READING_TTL = 3600.0  # a usage-header reading decays back to 1.0 over Meta's 1 h window
+CATEGORIES = ("marketing", "utility", "authentication")
 
 
 class Refused(rq.InvalidRequest):
@@ -38,17 +56,32 @@ class Refused(rq.InvalidRequest):
         self.code = code
 
 
+@dataclass
+class Pause:
+    """An account that cannot send until something is fixed (token, payment, ...)."""
+
+    reason: str  # token_expired | code_<n>
+    code: int
+    error: dict[str, Any]  # the original error, with the operator's instructions and paused_at
+    since: float  # epoch s: when the account was first paused (kept on held records)
+    probe_at: float  # epoch s: the next probe send
+    check_at: float  # epoch s: the next look for messages held too long
+    probing: bool = False
+
+
 class OutboundService:
     """Owns the outbox, the limiters and one worker per sending account."""
 
-    def __init__(self, config: GatewayConfig, channels: dict[str, Channel], metrics: Metrics) -> None:
+    def __init__(self, config: GatewayConfig, channels: dict[str, Channel],
+                 metrics: Metrics) -> None:
         self.config = config.outbound
         self.channels = channels
         self.metrics = metrics
         self.outbox = Outbox(config.server.data_dir)
         self.limiters: dict[tuple[str, str], AccountLimiter] = {}
         self.wakes: dict[tuple[str, str], asyncio.Event] = {}
-        self.paused: dict[tuple[str, str], str] = {}
+        self.paused: dict[tuple[str, str], Pause] = {}
+        self.readings: dict[tuple[str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
         self.tasks: list[asyncio.Task] = []
         self.inflight: set[asyncio.Task] = set()
         self.accepted_at: dict[str, float] = {}  # outbox id -> accept time (bench, metrics)
@@ -66,10 +99,12 @@ class OutboundService:
                         reconcile_seconds=self.config.reconcile_seconds)
         for channel, account, limits in self.accounts():
             key = (channel, account)
-            self.limiters[key] = AccountLimiter(limits["rate"], limits.get("pair_interval"),
-                                                limits.get("pair_burst", 1))
+            self.limiters[key] = AccountLimiter(
+                limits["rate"], limits.get("pair_interval"), limits.get("pair_burst", 1),
+                type_limits=limits.get("type_limits"), name=limits.get("scope", "number"))
             self.wakes[key] = asyncio.Event()
-            self.tasks.append(asyncio.create_task(self._worker(key), name=f"outbound:{channel}:{account}"))
+            self.tasks.append(asyncio.create_task(self._worker(key),
+                                                  name=f"outbound:{channel}:{account}"))
 
     async def stop(self, timeout: float = 5.0) -> None:
         for task in self.tasks:
@@ -91,18 +126,26 @@ class OutboundService:
         channel = self.channels.get(req.channel)
         if channel is None:
             raise rq.InvalidRequest("channel", f"no enabled channel is named {req.channel!r}")
-        accounts = channel.accounts()
-        account = req.account_id or (next(iter(accounts)) if len(accounts) == 1 else None)
-        if account is None or account not in accounts:
-            raise rq.InvalidRequest("account_id", "unknown sending account" if account else
-                                    f"required: channel {req.channel!r} has {len(accounts)} accounts")
+        account = self._account(req.channel, req.account_id)
         req = await self._check(req, account)
         row, new = await self.outbox.add(req.channel, account, req.to or "", req.type,
                                          rq.encode(req), req.idempotency_key)
         if new:
             self.accepted_at[row.id] = time.monotonic()
+            pause = self.paused.get((req.channel, account))
+            if pause is not None:  # held from the start: its record says why and what to do
+                await self.outbox.retry_at(row.id, row.next_at, pause.error)  # attempts stay 0
             self.wakes[(req.channel, account)].set()
         return {"id": row.id, "status": row.public()["status"]}
+
+    def _account(self, channel_name: str, account_id: str | None) -> str:
+        accounts = self.channels[channel_name].accounts()
+        account = account_id or (next(iter(accounts)) if len(accounts) == 1 else None)
+        if account is None or account not in accounts:
+            raise rq.InvalidRequest("account_id", "unknown sending account" if account else
+                                    f"required: channel {channel_name!r} has {len(accounts)} "
+                                    "accounts")
+        return account
 
     def observe(self, records: list) -> None:
         """Dispatcher observer: note inbound messages the moment they are processed, so a reply
@@ -124,12 +167,10 @@ class OutboundService:
         if req.type in ("mark_read", "typing") and not req.message_id:
             if not customer.last_inbound_message_id:
                 raise rq.InvalidRequest("message_id", "required: no inbound message is known")
-            import msgspec
-
             req = msgspec.structs.replace(req, message_id=customer.last_inbound_message_id)
         if req.type == "template":
-            if customer.opted_out and (req.template.category or "").lower() == "marketing":
-                raise Refused("opted_out", "to", "the contact opted out of marketing messages")
+            if customer.opted_out:
+                _check_consent(req.template)
             return req
         if req.type in rq.NO_WINDOW or not self.config.enforce_window:
             return req
@@ -138,11 +179,13 @@ class OutboundService:
             hours = self.config.human_agent_days * 24
         last = customer.last_inbound_at
         if last is None or time.time() - last > hours * 3600:
-            since = "never wrote" if last is None else f"last wrote {(time.time() - last) / 3600:.1f} h ago"
+            since = ("never wrote" if last is None
+                     else f"last wrote {(time.time() - last) / 3600:.1f} h ago")
             raise Refused("outside_window", "type",
                           f"free-form message outside the {hours:g}-hour customer-service window "
                           f"(the contact {since}): send an approved template"
-                          + (" or use tag HUMAN_AGENT (7 days)" if req.channel == "instagram" else ""))
+                          + (" or use tag HUMAN_AGENT (7 days)" if req.channel == "instagram"
+                             else ""))
         return req
 
     async def status(self, record_id: str) -> dict[str, Any] | None:
@@ -152,74 +195,145 @@ class OutboundService:
     # -- the Python API of the original system -------------------------------------------------
 
     async def send_whatsapp_text(self, to: str, text: str, **kw: Any) -> dict[str, Any]:
-        return await self.send({"channel": "whatsapp", "type": "text", "to": to, "text": text, **kw})
+        """Send a WhatsApp text (``preview_url``, ``reply_to``, ``account_id`` ... in ``kw``)."""
+        return await self.send({"channel": "whatsapp", "type": "text", "to": to, "text": text,
+                                **kw})
 
     async def send_whatsapp_template(self, to: str, name: str, language: str,
-                                     components: list | None = None, **kw: Any) -> dict[str, Any]:
-        return await self.send({"channel": "whatsapp", "type": "template", "to": to, "template": {
-            "name": name, "language": language, "components": components or []}, **kw})
+                                     components: list | None = None,
+                                     category: str | None = None, **kw: Any) -> dict[str, Any]:
+        """Send an approved template; ``category`` (marketing / utility / authentication) is
+        checked against the contact's opt-out."""
+        template: dict[str, Any] = {"name": name, "language": language,
+                                    "components": components or []}
+        if category is not None:
+            template["category"] = category
+        return await self.send({"channel": "whatsapp", "type": "template", "to": to,
+                                "template": template, **kw})
 
     async def send_whatsapp_media(self, to: str, kind: str, link: str | None = None,
                                   media_id: str | None = None, caption: str | None = None,
                                   filename: str | None = None, **kw: Any) -> dict[str, Any]:
+        """Send image / audio / video / document / sticker by ``link`` or uploaded ``media_id``."""
         media = {k: v for k, v in {"link": link, "id": media_id, "caption": caption,
                                    "filename": filename}.items() if v is not None}
-        return await self.send({"channel": "whatsapp", "type": kind, "to": to, "media": media, **kw})
+        return await self.send({"channel": "whatsapp", "type": kind, "to": to, "media": media,
+                                **kw})
+
+    async def upload_whatsapp_media(self, data: bytes, mime_type: str,
+                                    filename: str | None = None,
+                                    account_id: str | None = None) -> str:
+        """Upload media to WhatsApp (``POST /{phone_number_id}/media``); return its media id,
+        usable as ``send_whatsapp_media(..., media_id=...)`` for about 30 days."""
+        account = self._account("whatsapp", account_id)
+        return await self.channels["whatsapp"].upload_media(account, data, mime_type, filename)
+
+    async def download_whatsapp_media(self, media_id: str, account_id: str | None = None,
+                                      ) -> tuple[bytes, str | None]:
+        """Fetch a media object's bytes (e.g. a customer's image): (bytes, mime type)."""
+        account = self._account("whatsapp", account_id)
+        return await self.channels["whatsapp"].download_media(account, media_id)
 
     async def send_instagram_text(self, to: str, text: str, **kw: Any) -> dict[str, Any]:
-        return await self.send({"channel": "instagram", "type": "text", "to": to, "text": text, **kw})
+        """Send an Instagram text (at most 1000 bytes of UTF-8; ``tag`` in ``kw``)."""
+        return await self.send({"channel": "instagram", "type": "text", "to": to, "text": text,
+                                **kw})
 
     async def send_instagram_quick_replies(self, to: str, text: str, replies: list[dict],
                                            **kw: Any) -> dict[str, Any]:
+        """Send text with quick replies (``[{title, payload}]``)."""
         return await self.send({"channel": "instagram", "type": "quick_replies", "to": to,
                                 "text": text, "quick_replies": replies, **kw})
 
     async def send_instagram_typing(self, to: str, on: bool = True, **kw: Any) -> dict[str, Any]:
-        return await self.send({"channel": "instagram", "type": "typing", "to": to, "on": on, **kw})
+        """Show (``on``) or hide the typing indicator."""
+        return await self.send({"channel": "instagram", "type": "typing", "to": to, "on": on,
+                                **kw})
 
     # -- sending --------------------------------------------------------------------------------
 
     async def _worker(self, key: tuple[str, str]) -> None:
         channel, account = key
-        limiter, wake = self.limiters[key], self.wakes[key]
+        wake = self.wakes[key]
         gate = asyncio.Semaphore(self.config.concurrency)
         while True:
             wake.clear()
-            rows = [] if key in self.paused else await self.outbox.claim_due(channel, account, 200)
-            for row in rows:
-                wait = limiter.wait(row.recipient)
-                if wait > 0.5:  # a parked scope or this recipient's pair limit: come back later,
-                    await self.outbox.retry_at(row.id, time.time() + wait, None, count_attempt=False)
-                    continue  # and never stall the whole number meanwhile
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                limiter.take(row.recipient)
-                await gate.acquire()
-                task = asyncio.create_task(self._send(key, row, gate))
-                self.inflight.add(task)
-                task.add_done_callback(self.inflight.discard)
-            self._headroom(key)
-            if rows:
+            try:
+                timeout = await self._turn(key, gate)
+            except Exception:  # noqa: BLE001 - a bug must not stop the account's sending for good
+                log.exception("outbound_worker_error", channel=channel, account=account)
+                timeout = 1.0
+            if timeout == 0:
                 continue
-            due = await self.outbox.next_due(channel, account)
-            timeout = 1.0 if due is None else max(0.005, min(1.0, due - time.time()))
             try:
                 await asyncio.wait_for(wake.wait(), timeout)
             except TimeoutError:
                 pass
 
-    async def _send(self, key: tuple[str, str], row: Row, gate: asyncio.Semaphore) -> None:
+    async def _turn(self, key: tuple[str, str], gate: asyncio.Semaphore) -> float:
+        """Claim and dispatch what is due; return how long to sleep (0: more may be due)."""
+        pause = self.paused.get(key)
+        if pause is not None:
+            return await self._paused_turn(key, pause, gate)
+        rows = await self.outbox.claim_due(*key, 200)
+        await self._dispatch(key, rows, gate)
+        self._headroom(key)
+        if rows:
+            return 0.0
+        due = await self.outbox.next_due(*key)
+        return 1.0 if due is None else max(0.005, min(1.0, due - time.time()))
+
+    async def _dispatch(self, key: tuple[str, str], rows: list[Row],
+                        gate: asyncio.Semaphore) -> None:
+        limiter = self.limiters[key]
+        slots: dict[str, float] = {}  # type class -> the next free slot for a deferred message
+        for index, row in enumerate(rows):
+            shared, own = limiter.waits(row.recipient, kind=row.type)
+            if own > shared:  # its recipient's pair or its type class is busy: come back later
+                at = time.time() + own  # and never stall the whole account meanwhile
+                step = limiter.interval(row.type)
+                if step:  # spread deferred messages of a slow type over their future slots
+                    at = slots[row.type] = max(at, slots.get(row.type, 0.0) + step)
+                await self.outbox.retry_at(row.id, at, _error(row), count_attempt=False)
+                continue
+            if 0 < shared <= 0.5:
+                await asyncio.sleep(shared)
+            pause = self.paused.get(key)
+            if pause is not None:  # an answer just paused the account: hold the rest
+                for held in rows[index:]:
+                    await self.outbox.retry_at(held.id, held.next_at, pause.error,
+                                               count_attempt=False)
+                return
+            if shared > 0.5:  # a parked scope: the account waits, the records keep their order
+                await self.outbox.retry_at(row.id, time.time() + shared, _error(row),
+                                           count_attempt=False)
+                continue
+            limiter.take(row.recipient, kind=row.type)
+            await gate.acquire()
+            self._spawn(self._send(key, row, gate))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+
+    async def _send(self, key: tuple[str, str], row: Row, gate: asyncio.Semaphore,
+                    probe: bool = False) -> None:
         channel_name, account = key
-        req = rq.decode(row.request)
         try:
+            req = rq.decode(row.request)
             result = await self.channels[channel_name].send(account, req, row.id)
-        except rq.InvalidRequest as exc:
+        except rq.InvalidRequest as exc:  # refused before reaching Meta: proves nothing
             await self._fail(row, {"code": "invalid_request", "message": str(exc)})
         except MetaError as exc:
+            # Any answer of Meta's but a pause shows the account works again (a network
+            # error or an answer without an error body does not).
+            self._resume(key, probe and bool(exc.code) and not isinstance(exc, AccountPaused))
             await self._meta_error(key, row, exc)
         except Exception as exc:  # noqa: BLE001 - a bug or an unexpected failure: retry, bounded
             await self._retry(row, {"code": "internal", "message": repr(exc)}, None)
         else:
+            self._resume(key, True)
             await self.outbox.sent(row.id, result.message_id)
             self.limiters[key].sent_ok(row.recipient)
             self._usage(key, result.headers)
@@ -228,36 +342,176 @@ class OutboundService:
                      provider_message_id=result.message_id)
         finally:
             gate.release()
+            pause = self.paused.get(key)
+            if probe and pause is not None:
+                pause.probing = False
 
     async def _meta_error(self, key: tuple[str, str], row: Row, exc: MetaError) -> None:
         channel, account = key
-        self._usage(key, getattr(exc, "headers", {}))
+        self._usage(key, exc.headers, throttled=exc.scope if isinstance(exc, MetaThrottled)
+                    else None)
+        if isinstance(exc, AccountPaused):
+            await self._pause(key, row, exc)
+            return
         error = exc.describe()
         if exc.alert:
             self.metrics.alerts.labels(channel, account, str(exc.code)).set(1)
             log.error("outbound_alert", channel=channel, account=account, code=exc.code,
                       fbtrace_id=exc.fbtrace_id, hint=exc.hint)
-        if isinstance(exc, AccountPaused):
-            reason = "token_expired" if isinstance(exc, TokenExpired) else f"code_{exc.code}"
-            self.paused[key] = reason
-            self.metrics.alerts.labels(channel, account, reason).set(1)
-            log.error("outbound_account_paused", channel=channel, account=account, reason=reason,
-                      hint=exc.hint)
-            await self.outbox.retry_at(row.id, time.time(), error, count_attempt=False)
-            return  # kept queued until an operator fixes the account and restarts
         if isinstance(exc, MetaThrottled):
-            limiter = self.limiters[key]
-            waited = limiter.park(exc.scope or "number", exc.retry_after or 1.0, row.recipient)
-            self.metrics.outbound_messages.labels(channel, row.type, "retried").inc()
-            await self.outbox.retry_at(row.id, time.time() + waited, error, count_attempt=False)
+            await self._throttled(key, row, exc, error)
             return
         if isinstance(exc, SendUncertain):
-            await self.outbox.retry_at(row.id, time.time() + self.config.reconcile_seconds, error)
+            await self._reschedule(row, time.time() + self.config.reconcile_seconds, error)
             return
         if exc.retryable:
-            await self._retry(row, error, exc.retry_after)
+            await self._retry(row, {**error, **_throttle_marks(row)}, exc.retry_after)
             return
         await self._fail(row, error)
+
+    # -- throttling -------------------------------------------------------------------------------
+
+    async def _throttled(self, key: tuple[str, str], row: Row, exc: MetaThrottled,
+                         error: dict[str, Any]) -> None:
+        """Park the scope Meta named for its next backoff step, or give the message up."""
+        cfg, now = self.config, time.time()
+        marks = _throttle_marks(row)
+        count = marks.get("throttled", 0) + 1
+        since = marks.get("throttled_since", now)
+        error = {**error, "throttled": count, "throttled_since": since}
+        if count >= cfg.throttle_max_attempts or now - since >= cfg.throttle_max_seconds:
+            error["hint"] = (
+                f"not sent: Meta throttled it {count} times over {now - since:.0f} s (limits: "
+                f"outbound.throttle_max_attempts = {cfg.throttle_max_attempts}, "
+                f"outbound.throttle_max_seconds = {cfg.throttle_max_seconds:g}); last answer "
+                f"{exc.code}: {exc.hint}. Lower the send rate or volume for this "
+                f"{exc.scope or 'account'}, then send it again")
+            log.warning("outbound_throttle_gave_up", channel=key[0], account=key[1], id=row.id,
+                        code=exc.code, scope=exc.scope, throttled=count,
+                        seconds=round(now - since, 1), fbtrace_id=exc.fbtrace_id)
+            await self._fail(row, error)
+            return
+        wait = self._throttle(key, exc.scope or "number", row.recipient, exc.backoff,
+                              exc.retry_after or 0.0)
+        self.metrics.outbound_messages.labels(row.channel, row.type, "retried").inc()
+        log.info("outbound_throttled", channel=key[0], account=key[1], id=row.id, code=exc.code,
+                 scope=exc.scope, wait=round(wait, 3), throttled=count)
+        self._headroom(key)
+        await self._reschedule(row, time.time() + wait, error, count_attempt=False)
+
+    def _throttle(self, key: tuple[str, str], scope: str, recipient: str | None,
+                  backoff: str | None, floor: float) -> float:
+        cfg = self.config
+        initial = cfg.throttle_backoff_long if backoff == "long" else cfg.throttle_backoff_initial
+        factor = 4.0 if backoff == "pair" else 2.0  # Meta: 4^X s for the pair limit
+        return self.limiters[key].throttle(scope, recipient, initial, factor,
+                                           cfg.throttle_backoff_max, floor)
+
+    # -- pausing --------------------------------------------------------------------------------
+
+    async def _pause(self, key: tuple[str, str], row: Row, exc: AccountPaused) -> None:
+        """Hold ``row`` and pause the account (once: later answers only hold their message)."""
+        channel, account = key
+        now, cfg = time.time(), self.config
+        pause = self.paused.get(key)
+        if pause is None:
+            earlier = _error(row) or {}
+            since = now
+            if earlier.get("code") == exc.code and isinstance(earlier.get("paused_at"), float):
+                since = min(now, earlier["paused_at"])  # paused before a restart: keep counting
+            reason = "token_expired" if isinstance(exc, TokenExpired) else f"code_{exc.code}"
+            error = {**exc.describe(), "hint": self._pause_hint(channel, account, exc),
+                     "paused_at": since}
+            probe = cfg.pause_probe_seconds or float("inf")
+            pause = self.paused[key] = Pause(reason, exc.code, error, since, now + probe,
+                                             since + cfg.max_pause_seconds)
+            self.metrics.alerts.labels(channel, account, reason).set(1)
+            self.metrics.alerts.labels(channel, account, str(exc.code)).set(1)
+            log.error("outbound_account_paused", channel=channel, account=account,
+                      code=exc.code, reason=reason, fbtrace_id=exc.fbtrace_id,
+                      hint=error["hint"], meta_message=str(exc))
+        else:
+            log.warning("outbound_pause_probe_failed", channel=channel, account=account,
+                        code=exc.code, fbtrace_id=exc.fbtrace_id)
+        await self.outbox.retry_at(row.id, row.next_at, pause.error, count_attempt=False)
+        self.wakes[key].set()
+
+    def _pause_hint(self, channel: str, account: str, exc: AccountPaused) -> str:
+        cfg = self.config
+        what = exc.hint
+        if isinstance(exc, TokenExpired):
+            env = getattr(getattr(self.channels.get(channel), "config", None), "env", {})
+            names = env.get("access_token") if isinstance(env, dict) else None
+            what += (f" (channels.{channel}.access_token or this account's entry in "
+                     f"[[channels.{channel}.accounts]]"
+                     + (f"; env {names[0]}" if names else "") + ")")
+        probe = (f"one held message is tried every {cfg.pause_probe_seconds:g} s and sending "
+                 "resumes when it goes through, or at the next restart"
+                 if cfg.pause_probe_seconds else "sending resumes at the next restart")
+        return (f"{what}. Sending from {channel} account {account} is paused (Meta error "
+                f"{exc.code}): its messages are held, not failed; {probe}. A message held "
+                f"longer than outbound.max_pause_seconds ({cfg.max_pause_seconds:g} s) fails "
+                "with this error")
+
+    def _resume(self, key: tuple[str, str], proven: bool) -> None:
+        """An answer other than a pause came back: the account works again."""
+        pause = self.paused.get(key)
+        if pause is None or not proven:
+            return
+        del self.paused[key]
+        channel, account = key
+        self.metrics.alerts.labels(channel, account, pause.reason).set(0)
+        self.metrics.alerts.labels(channel, account, str(pause.code)).set(0)
+        log.warning("outbound_account_resumed", channel=channel, account=account,
+                    code=pause.code, paused_seconds=round(time.time() - pause.since, 1))
+        self.wakes[key].set()
+
+    async def _paused_turn(self, key: tuple[str, str], pause: Pause,
+                           gate: asyncio.Semaphore) -> float:
+        """One turn of a paused account's worker: fail what was held too long, maybe send a
+        probe. Returns how long to sleep (a new message or a probe's answer wakes it)."""
+        now = time.time()
+        if now >= pause.check_at:
+            pause.check_at = await self._expire_held(key, pause, now)
+        if now >= pause.probe_at and not pause.probing:
+            pause.probe_at = now + self.config.pause_probe_seconds
+            rows = await self.outbox.claim_due(*key, 1)
+            if rows:
+                pause.probing = True
+                self.limiters[key].take(rows[0].recipient, kind=rows[0].type)
+                await gate.acquire()
+                self._spawn(self._send(key, rows[0], gate, probe=True))
+        self._headroom(key)
+        return max(0.005, min(pause.check_at, pause.probe_at, now + 60.0) - time.time())
+
+    async def _expire_held(self, key: tuple[str, str], pause: Pause, now: float) -> float:
+        """Fail held messages older than ``max_pause_seconds`` (oldest first); return when to
+        look again. A message's hold starts when the pause began or when it was accepted."""
+        limit = self.config.max_pause_seconds
+        expired = 0
+        while True:
+            rows = await self.outbox.claim_due(*key, 200)
+            keep = [r for r in rows if now - max(pause.since, r.created_at) < limit]
+            kept = {r.id for r in keep}
+            for row in rows:
+                if row.id in kept:
+                    await self.outbox.retry_at(row.id, row.next_at, _error(row) or pause.error,
+                                               count_attempt=False)
+                    continue
+                held = now - max(pause.since, row.created_at)
+                await self._fail(row, {**pause.error, "hint": (
+                    f"{pause.error['hint']}. Not sent: held {held / 3600:.1f} h while the "
+                    "account was paused, longer than outbound.max_pause_seconds")})
+                expired += 1
+            if keep or len(rows) < 200:
+                break
+        if expired:
+            log.error("outbound_pause_expired", channel=key[0], account=key[1],
+                      code=pause.code, failed=expired, max_pause_seconds=limit)
+        soonest = min((max(pause.since, r.created_at) + limit for r in keep), default=now + limit)
+        return min(soonest, now + min(60.0, limit))
+
+    # -- retries, failures, usage -----------------------------------------------------------------
 
     async def _retry(self, row: Row, error: dict[str, Any], hint: float | None) -> None:
         if row.attempts >= self.config.max_attempts:
@@ -266,7 +520,15 @@ class OutboundService:
         delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** (row.attempts - 1))
         delay = max(hint or 0.0, delay * random.uniform(0.5, 1.0))
         self.metrics.outbound_messages.labels(row.channel, row.type, "retried").inc()
-        await self.outbox.retry_at(row.id, time.time() + delay, error)
+        await self._reschedule(row, time.time() + delay, error)
+
+    async def _reschedule(self, row: Row, at: float, error: dict[str, Any] | None,
+                          count_attempt: bool = True) -> None:
+        """Put a record back for ``at`` and wake its worker to look at the new due time."""
+        await self.outbox.retry_at(row.id, at, error, count_attempt=count_attempt)
+        wake = self.wakes.get((row.channel, row.account_id))
+        if wake is not None:
+            wake.set()
 
     async def _fail(self, row: Row, error: dict[str, Any]) -> None:
         await self.outbox.failed(row.id, error)
@@ -274,12 +536,58 @@ class OutboundService:
         log.warning("outbound_failed", channel=row.channel, id=row.id, code=error.get("code"),
                     hint=error.get("hint"))
 
-    def _usage(self, key: tuple[str, str], headers: dict[str, str]) -> None:
-        channel, account = key
-        for scope, (headroom, _) in headroom_from_headers(headers).items():
-            self.metrics.ratelimit_headroom.labels(channel, account, scope).set(headroom)
+    def _usage(self, key: tuple[str, str], headers: dict[str, str],
+               throttled: str | None = None) -> None:
+        """Meta's usage headers: remember the readings (for the gauge) and park what they say
+        is blocked: a BUC scope until ``estimated_time_to_regain_access``, the app scope at 100 %
+        (with the long backoff: Meta gives no time for it). ``throttled`` is the scope the
+        answer's error already parked."""
+        now = time.time()
+        readings = self.readings[key]
+        for scope, (headroom, blocked) in headroom_from_headers(headers, now).items():
+            readings[scope] = (headroom, now)
+            if blocked is not None and blocked > now:
+                self.limiters[key].park(scope, blocked - now)
+            elif scope == "app" and headroom <= 0.0 and throttled != "app":
+                self._throttle(key, "app", None, "long", 0.0)
 
     def _headroom(self, key: tuple[str, str]) -> None:
+        """``gateway_ratelimit_headroom_ratio`` per scope: the lower of the local limiter's and
+        the last usage-header reading (which decays back to 1 over Meta's one-hour window)."""
         channel, account = key
-        for scope, headroom in self.limiters[key].headroom().items():
-            self.metrics.ratelimit_headroom.labels(channel, account, scope).set(headroom)
+        now = time.time()
+        found = self.limiters[key].headroom()
+        for scope, (headroom, at) in self.readings[key].items():
+            decayed = headroom + (1.0 - headroom) * min(1.0, max(0.0, now - at) / READING_TTL)
+            found[scope] = min(found.get(scope, 1.0), decayed)
+        for scope, value in found.items():
+            self.metrics.ratelimit_headroom.labels(channel, account, scope).set(value)
+
+
+def _check_consent(template: rq.Template) -> None:
+    """A template to an opted-out contact goes only when it says it is not marketing."""
+    category = (template.category or "").lower()
+    if category == "marketing":
+        raise Refused("opted_out", "to", "the contact opted out of marketing messages")
+    if not category:
+        raise Refused("opted_out", "template.category",
+                      "the contact opted out of marketing messages and this template has no "
+                      "category: set template.category to \"utility\" or \"authentication\" if "
+                      "it is not a marketing template (marketing templates are refused)")
+
+
+def _error(row: Row) -> dict[str, Any] | None:
+    """The error stored on a record (kept when it is rescheduled)."""
+    if not row.error:
+        return None
+    try:
+        found = msgspec.json.decode(row.error)
+    except msgspec.DecodeError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _throttle_marks(row: Row) -> dict[str, Any]:
+    """How often, and since when, Meta throttled this message (kept across retries)."""
+    error = _error(row) or {}
+    return {k: error[k] for k in ("throttled", "throttled_since") if k in error}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import tomllib
 
 import pytest
 
+from gateway import keys
 from gateway.testing.graph import GraphSimulator
 from tests.conftest import SECRET, fixture_bytes
 
@@ -16,7 +18,8 @@ IG = "17840000000000001"
 TOKEN = "api-token"
 
 
-def channels_toml(url: str, extra_wa: str = "", outbound: str = "") -> str:
+def channels_toml(url: str, extra_wa: str = "", outbound: str = "",
+                  extra_ig: str = "") -> str:
     return f"""
 [channels.whatsapp]
 app_secret = "{SECRET}"
@@ -29,12 +32,21 @@ app_secret = "{SECRET}"
 access_token = "IGAA-test"
 page_id = "{IG}"
 graph_base_url = "{url}"
+{extra_ig}
 [outbound]
-backoff_initial = 0.05
-backoff_max = 0.2
-reconcile_seconds = 0.5
-{outbound}
+{outbound_table(outbound)}
 """
+
+
+# Fast retries and throttle backoff for tests; a test's ``outbound`` text overrides any of them.
+OUTBOUND_DEFAULTS = {"backoff_initial": 0.05, "backoff_max": 0.2, "reconcile_seconds": 0.5,
+                     "throttle_backoff_initial": 0.05, "throttle_backoff_long": 0.1,
+                     "throttle_backoff_max": 1.0}
+
+
+def outbound_table(extra: str) -> str:
+    table = {**OUTBOUND_DEFAULTS, **tomllib.loads(extra)}
+    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in table.items())
 
 
 class Outbound:
@@ -82,6 +94,31 @@ class Outbound:
         assert status == 200
         await self.gw.settle()
 
+    async def open_windows(self, channel: str, customers: list[str]) -> None:
+        """One webhook carrying a fresh message from each customer (opens every window)."""
+        ts = int(time.time())
+        if channel == "whatsapp":
+            body = json.loads(fixture_bytes("whatsapp/text.json"))
+            value = body["entry"][0]["changes"][0]["value"]
+            value["contacts"] = [{"profile": {"name": "C"}, "wa_id": c} for c in customers]
+            value["messages"] = [{"from": c, "id": f"wamid.IN.{c}.{ts}", "timestamp": str(ts),
+                                  "type": "text", "text": {"body": "hi"}} for c in customers]
+        else:
+            body = json.loads(fixture_bytes("instagram/text.json"))
+            entry = body["entry"][0]
+            item = entry["messaging"][0]
+            entry["messaging"] = [{**item, "sender": {"id": c}, "timestamp": ts * 1000,
+                                   "message": {"mid": f"aWdf.IN.{c}.{ts}", "text": "hi"}}
+                                  for c in customers]
+        await self.webhook(channel, body)
+
+    @property
+    def service(self):
+        return self.gw.app[keys.OUTBOUND]
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.gw.app[keys.METRICS].registry.get_sample_value(name, labels)
+
     async def webhook(self, channel: str, body: dict) -> None:
         status, _ = await self.gw.post(channel, json.dumps(body).encode())
         assert status == 200
@@ -90,15 +127,16 @@ class Outbound:
 
 @pytest.fixture
 async def outbound(gateway):
-    """Factory: ``await outbound(extra_wa="", outbound="", mps=80)`` → Outbound helper."""
+    """Factory: ``await outbound(extra_wa="", outbound="", mps=80, extra_ig="", **sim_options)``
+    → Outbound helper (``sim_options`` go to the GraphSimulator)."""
     sims: list[GraphSimulator] = []
 
     async def start(extra_wa: str = "", outbound: str = "", mps: float = 80.0,
-                    pair_limit: int | None = None) -> Outbound:
-        sim = await GraphSimulator(mps=mps, pair_limit=pair_limit).start()
+                    pair_limit: int | None = None, extra_ig: str = "", **sim_options) -> Outbound:
+        sim = await GraphSimulator(mps=mps, pair_limit=pair_limit, **sim_options).start()
         sims.append(sim)
         gw = await gateway(extra=f'api_token = "{TOKEN}"',
-                           channels=channels_toml(sim.url, extra_wa, outbound))
+                           channels=channels_toml(sim.url, extra_wa, outbound, extra_ig))
         return Outbound(gw, sim)
 
     yield start

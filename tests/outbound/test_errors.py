@@ -82,3 +82,67 @@ async def test_the_service_applies_the_behaviour(outbound, case):
     if case["alert"]:
         assert registry.get_sample_value("gateway_alerts", {
             "channel": channel, "account": account, "reason": str(case["code"])}) == 1
+
+
+FAIL_AT_ONCE = [100, 131047, 131030, 131026, 131008, 131009, 132000, 132001, 132002, 132005,
+                132007, 132008, 132012, 132015, 132016, 132068, 132999]
+
+
+@pytest.mark.parametrize("code", FAIL_AT_ONCE)
+async def test_permanent_codes_fail_at_once_with_a_hint(outbound, code):
+    """Template errors (every 132xxx but the throttled flow), 131047, 131030, 100: one request,
+    failed at once, never retried, the error and an operator hint on the record."""
+    import time
+
+    from gateway.testing.graph import meta_error
+
+    ob = await outbound()
+    await ob.inbound("whatsapp", A)
+    ob.sim.fail_next(WA, meta_error(code, f"(#{code}) Simulated"), status=400)
+    started = time.monotonic()
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text", "text": "x"})
+    record = await ob.wait(answer["id"], "failed", timeout=5)
+    assert time.monotonic() - started < 2
+    assert record["error"]["code"] == code and record["error"]["hint"]
+    if code == 131047:
+        assert "template" in record["error"]["hint"]
+    import asyncio
+
+    await asyncio.sleep(0.3)  # nothing else is tried
+    assert len(ob.sim.requests) == 1
+    assert ob.metric("gateway_outbound_messages_total", channel="whatsapp", type="text",
+                     outcome="retried") is None
+    assert ob.metric("gateway_outbound_messages_total", channel="whatsapp", type="text",
+                     outcome="failed") == 1
+    alerted = ob.metric("gateway_alerts", channel="whatsapp", account=WA, reason=str(code))
+    assert (alerted == 1) == (code in (131030, 132000, 132001, 132002, 132007, 132015, 132016,
+                                       132999))
+
+
+@pytest.mark.parametrize("code,want,scope,alert", [
+    (132069, "slow", "number", False), (131064, "slow", "pair", False),
+    (133016, "slow", "number", False), (200, "fail", None, True), (299, "fail", None, True),
+    (131031, "pause", "account", True), (133004, "retry", None, False),
+    (131016, "retry", None, False), (130497, "fail", None, True), (135000, "fail", None, False),
+])
+def test_the_rest_of_metas_table(code, want, scope, alert):
+    from gateway.testing.graph import meta_error
+
+    exc = from_response(400, json.dumps(meta_error(code, "x")).encode())
+    assert behaviour(exc) == want
+    assert exc.alert == alert and (want != "slow" or exc.scope == scope)
+
+
+def test_retry_after_comes_from_metas_headers():
+    from gateway.testing.graph import meta_error
+
+    body = json.dumps(meta_error(80007, "x")).encode()
+    buc = {"X-Business-Use-Case-Usage": json.dumps({"190000000000001": [{
+        "type": "whatsapp_business_management", "call_count": 100,
+        "estimated_time_to_regain_access": 19}]})}
+    assert from_response(400, body, headers=buc).retry_after == 1140
+    assert from_response(400, body, headers={"Retry-After": "30"}).retry_after == 30
+    assert from_response(400, body).retry_after is None
+    permanent = json.dumps(meta_error(100, "x")).encode()  # a hint on a non-throttle is ignored
+    assert from_response(400, permanent, headers=buc).retry_after is None
+    assert from_response(503, b"", headers={"Retry-After": "7"}).retry_after == 7

@@ -11,7 +11,7 @@ import pytest
 from gateway import keys
 from gateway.outbound.ratelimit import GCRA, AccountLimiter, headroom_from_headers
 from tests.conftest import DATA, fixture_bytes
-from tests.outbound.conftest import IG, WA
+from tests.outbound.conftest import WA
 
 A, B, U1 = "15550001234", "15550005678", "9000000000000001"
 TEMPLATE = {"name": "order_update", "language": "en_US"}
@@ -51,10 +51,37 @@ async def test_opt_out_keyword_blocks_marketing_templates_only(outbound):
                  "template": {**TEMPLATE, "category": "marketing"}}
     status, answer = await ob.send(marketing)
     assert status == 422 and answer["error"]["code"] == "opted_out"
-    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "template", "template": TEMPLATE})
-    assert status == 202  # a utility template is still allowed
+    for category in ("utility", "Authentication"):  # not marketing: still allowed
+        status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "template",
+                                        "template": {**TEMPLATE, "category": category}})
+        assert status == 202, answer
     await ob.inbound("whatsapp", A, text="START")
     assert (await ob.send(marketing))[0] == 202
+
+
+async def test_opted_out_contact_needs_a_category_on_templates(outbound):
+    """The safe default: without a category a template may be marketing, so it is refused to an
+    opted-out contact with an error saying how to send a utility template."""
+    ob = await outbound()
+    uncategorised = {"channel": "whatsapp", "to": A, "type": "template", "template": TEMPLATE}
+    assert (await ob.send(uncategorised))[0] == 202  # no opt-out: nothing to check
+    await ob.inbound("whatsapp", A, text="UNSUBSCRIBE")
+    status, answer = await ob.send(uncategorised)
+    assert status == 422, answer
+    error = answer["error"]
+    assert (error["code"], error["field"]) == ("opted_out", "template.category")
+    assert 'template.category to "utility" or "authentication"' in error["message"]
+    status, answer = await ob.send({**uncategorised, "template": {**TEMPLATE, "category": "promo"}})
+    assert status == 422 and answer["error"]["field"] == "template.category"
+    service = ob.service
+    refused = None
+    try:
+        await service.send_whatsapp_template(A, "order_update", "en_US")
+    except Exception as exc:  # noqa: BLE001 - the Python API raises what the HTTP API answers
+        refused = exc
+    assert getattr(refused, "code", None) == "opted_out"
+    assert (await service.send_whatsapp_template(A, "order_update", "en_US",
+                                                 category="utility"))["status"] == "queued"
 
 
 async def test_idempotency_key_sends_once(outbound):
@@ -181,11 +208,25 @@ def test_gcra_spaces_cells_evenly_without_bursts():
     assert gcra.wait(0.0) == pytest.approx(0.1) and gcra.wait(0.1) == 0
 
 
-def test_pair_backoff_is_four_to_the_x():
+def test_pair_backoff_is_four_to_the_x_with_jitter_and_resets_on_success():
     limiter = AccountLimiter(80, pair_interval=6.0, pair_burst=1)
-    assert [limiter.park("pair", 0, A) for _ in range(4)] == [1, 4, 16, 64]
+    waits = [limiter.throttle("pair", A, 1.0, 4.0, 900.0) for _ in range(4)]
+    for wait, base in zip(waits, (1, 4, 16, 64), strict=True):
+        assert base <= wait <= base * 1.25
+    assert limiter.wait(B) == 0 and limiter.wait(A) >= 60  # only that recipient waits
     limiter.sent_ok(A)
-    assert limiter.park("pair", 0, A) == 1
+    assert 1 <= limiter.throttle("pair", A, 1.0, 4.0, 900.0) <= 1.25
+    assert 900 <= limiter.throttle("number", None, 1.0, 2.0, 900.0, floor=900.0)
+    assert limiter.throttle("number", None, 1.0, 2.0, 900.0, floor=1140.0) == 1140.0  # Meta's
+
+
+def test_type_limits_space_audio_and_video_only():
+    limiter = AccountLimiter(300, type_limits={"audio_video": (10, ("audio", "video"))},
+                             name="ig_account")
+    limiter.take(U1, 0.0, kind="audio")
+    assert limiter.wait(U1, 0.0, kind="video") == pytest.approx(1 / (10 * 0.96))
+    assert limiter.wait(U1, 0.01, kind="text") == 0
+    assert set(limiter.headroom(0.0)) == {"ig_account", "type:audio_video"}
 
 
 def test_headroom_from_usage_headers_matches_the_fixture():
