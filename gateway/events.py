@@ -14,6 +14,7 @@ fields, omitted when empty.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Union
@@ -182,6 +183,7 @@ def conversation_id(channel: str, account_id: str, customer_id: str) -> str:
     return f"{channel}:{account_id}:{customer_id}".replace("/", "_")
 
 
+@functools.lru_cache(maxsize=4096)  # the events of one second share their timestamp
 def from_epoch_seconds(value: str | int | float) -> datetime:
     """WhatsApp timestamps: strings of epoch seconds."""
     return datetime.fromtimestamp(int(float(value)), tz=UTC)

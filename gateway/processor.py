@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway import logging as gwlog
 from gateway.errors import BadPayload
@@ -63,6 +63,7 @@ class Processor:
         self.wake = asyncio.Event()
         self.timer = ResponseTimer(metrics)
         self._stopping = False
+        self._event_counters: dict[tuple[str, str, str], Any] = {}  # label children, looked up once
 
     async def run(self) -> None:
         """Process until :meth:`stop`; then finish what is journaled (bounded by the caller)."""
@@ -127,7 +128,11 @@ class Processor:
                 self.metrics.duplicate_events.labels(event.channel).inc()
                 continue
             fresh_per_request[owner] += 1
-            self.metrics.events.labels(event.channel, event.kind, event.type or "").inc()
+            labels = (event.channel, event.kind, event.type or "")
+            counter = self._event_counters.get(labels)
+            if counter is None:
+                counter = self._event_counters[labels] = self.metrics.events.labels(*labels)
+            counter.inc()
             self.timer.observe(event)
             records.append(Record(seq, event, data, received))
         for req, total, fresh in zip(requests, total_per_request, fresh_per_request, strict=True):
