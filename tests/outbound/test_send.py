@@ -88,6 +88,15 @@ IG_CASES = [
     ({"type": "image", "media": {"link": "https://x.io/a.png"}},
      {"recipient": {"id": U1}, "messaging_type": "RESPONSE",
       "message": {"attachment": {"type": "image", "payload": {"url": "https://x.io/a.png"}}}}),
+    ({"type": "audio", "media": {"link": "https://x.io/voice.m4a", "caption": "dropped"}},
+     {"recipient": {"id": U1}, "messaging_type": "RESPONSE",
+      "message": {"attachment": {"type": "audio", "payload": {"url": "https://x.io/voice.m4a"}}}}),
+    ({"type": "video", "media": {"link": "https://x.io/clip.mp4", "filename": "dropped.mp4"}},
+     {"recipient": {"id": U1}, "messaging_type": "RESPONSE",
+      "message": {"attachment": {"type": "video", "payload": {"url": "https://x.io/clip.mp4"}}}}),
+    ({"type": "video", "media": {"link": "https://x.io/clip.mp4"}, "tag": "HUMAN_AGENT"},
+     {"recipient": {"id": U1}, "messaging_type": "MESSAGE_TAG", "tag": "HUMAN_AGENT",
+      "message": {"attachment": {"type": "video", "payload": {"url": "https://x.io/clip.mp4"}}}}),
     ({"type": "document", "media": {"link": "https://x.io/f.pdf"}},
      {"recipient": {"id": U1}, "messaging_type": "RESPONSE",
       "message": {"attachment": {"type": "file", "payload": {"url": "https://x.io/f.pdf"}}}}),
@@ -111,6 +120,17 @@ async def test_instagram_bodies(outbound, request_body, expected):
     await ob.wait(answer["id"], "sent")
     (request,) = ob.sim.requests
     assert request["path"] == f"/v24.0/{IG}/messages" and request["body"] == expected
+
+
+async def test_instagram_audio_by_id_is_refused_with_the_reason(outbound):
+    ob = await outbound()
+    await ob.inbound("instagram", U1)
+    status, answer = await ob.send({"channel": "instagram", "to": U1, "type": "audio",
+                                    "media": {"id": "1203987655"}})
+    assert status == 202
+    record = await ob.wait(answer["id"], "failed")
+    assert record["error"]["code"] == "invalid_request" and "by URL" in record["error"]["message"]
+    assert ob.sim.requests == []
 
 
 async def test_instagram_text_over_1000_bytes_fails_with_the_reason(outbound):
