@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 SEED = 20251009
+# The time budget: at the default duration (30 s) the whole run, start-up to exit, fits in
+# DEADLINE_SECONDS (under a minute). Traffic is cut short when start-up was slow, the drain
+# ends SHUTDOWN_RESERVE seconds before the deadline, and shutdown is bounded by its timeouts.
+DEADLINE_SECONDS = 55.0
 DRAIN_SECONDS = 15.0
+MIN_DRAIN_SECONDS = 5.0
+SHUTDOWN_RESERVE = 6.0
+SHUTDOWN_TIMEOUT = 3.0  # the gateway's own drain (server.shutdown_timeout) during the demo
 REPLY_WAIT_SECONDS = 10.0
 PHONE_NUMBER_ID = "100000000000001"
 IG_ACCOUNT_ID = "17840000000000001"
@@ -101,7 +108,10 @@ class Demo:
 
     def __init__(self, config_path: str | None, duration: float, out: TextIO) -> None:
         self.config_path = config_path
-        self.duration = duration
+        self.duration = duration  # seconds of traffic (trimmed to the budget when it starts)
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + max(DEADLINE_SECONDS,
+                                      duration + DRAIN_SECONDS + SHUTDOWN_RESERVE + 4.0)
         self.screen = Screen(out)
         self.customers = customers()
         self.by_key = {(c.channel, c.id): c for c in self.customers}
@@ -152,6 +162,8 @@ class Demo:
                     "service (POST /v1/messages); install a build that includes it.")
             sim = self._simulator(app, graph, f"http://127.0.0.1:{config.server.port}")
             await sim.start()
+            budget = self.deadline - SHUTDOWN_RESERVE - MIN_DRAIN_SECONDS - time.monotonic()
+            self.duration = max(1.0, min(self.duration, budget))
             self._intro(config, log_path)
             await self._traffic(sim)
             await self._drain(sim)
@@ -214,8 +226,8 @@ class Demo:
         tasks = [asyncio.create_task(self._customer(sim, c, random.Random(SEED + i)))
                  for i, c in enumerate(self.customers)]
         ticker = asyncio.create_task(self.screen.tick())
-        try:
-            await asyncio.gather(*tasks)
+        try:  # a customer stuck in a delivery (retries, timeouts) is cut off at the end
+            await asyncio.wait(tasks, timeout=self.duration + 1.0)
         finally:
             for task in tasks:
                 task.cancel()
@@ -233,7 +245,11 @@ class Demo:
             customer.answered.clear()
             customer.pending.append(time.perf_counter())
             self.event(customer.channel, customer.name, f">  {short(text)}", "in")
-            delivery = await sim.customer_says(customer.channel, customer.id, text)
+            try:
+                delivery = await sim.customer_says(customer.channel, customer.id, text)
+            except asyncio.CancelledError:  # traffic ended mid-delivery: not a missing reply
+                customer.pending.pop()
+                raise
             if not delivery.ok:
                 customer.pending.pop()
                 self.undelivered += 1
@@ -249,7 +265,7 @@ class Demo:
     async def _drain(self, sim) -> None:
         self.screen.line(f"  -- {self.duration:.0f} s of traffic done; waiting for the last "
                          "replies and statuses")
-        deadline = time.monotonic() + DRAIN_SECONDS
+        deadline = min(time.monotonic() + DRAIN_SECONDS, self.deadline - SHUTDOWN_RESERVE)
         while self.awaiting() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await sim.drain(max(0.5, min(5.0, deadline - time.monotonic())))
@@ -319,6 +335,8 @@ class Demo:
             "(gateway_webhook_ack_seconds)",
             f"  deliveries:     {self.webhooks} webhooks, {self.retries} retried; "
             f"dead letters {_dead_letters(metrics)}",
+            f"  took:           {time.monotonic() - self.t0:.1f} s ({self.duration:.0f} s of "
+            f"traffic; stops by {self.deadline - self.t0:.0f} s at the latest)",
         ]
         if missing:
             lines.append(f"  result:         FAIL - {missing} of {total_in + self.undelivered} "
@@ -353,7 +371,7 @@ def demo_config(config_path: str | None, tmp: Path, graph_url: str, port: int) -
             data.setdefault("channels", {}).setdefault(name, {})
     server = data.setdefault("server", {})
     server.update(host="127.0.0.1", port=port, metrics_port=port)
-    server.setdefault("shutdown_timeout", 5)
+    server.setdefault("shutdown_timeout", SHUTDOWN_TIMEOUT)
     server.setdefault("api_token", secrets.token_urlsafe(24))
     ids = {"whatsapp": ("phone_number_id", PHONE_NUMBER_ID),
            "instagram": ("page_id", IG_ACCOUNT_ID)}

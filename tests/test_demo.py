@@ -41,6 +41,40 @@ def test_demo_runs_and_every_message_gets_a_reply(tmp_path):
     assert not list(tmp_path.iterdir())  # embedded defaults: a temporary data dir, cleaned up
 
 
+@pytest.mark.slow
+def test_demo_with_its_default_duration_stops_within_a_minute(tmp_path):
+    """``gateway demo`` with no arguments: 30 s of traffic, the drain and the shutdown all fit
+    the demo's 55 s budget; the summary has the figures."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WHATSAPP_", "INSTAGRAM_", "META_", "GATEWAY_", "OPENAI_"))}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "gateway", "demo"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    out = proc.stdout
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
+    assert took < 60, f"took {took:.1f} s"
+    assert "30 s of traffic" in out
+    got_in = int(re.search(r"messages in:\s+(\d+) \(whatsapp (\d+), instagram (\d+)\)",
+                           out).group(1))
+    got_out = int(re.search(r"messages out:\s+(\d+)", out).group(1))
+    assert got_in >= 30 and got_out == got_in
+    assert re.search(r"response time:\s+p50 [\d.]+ m?s\s+p99 [\d.]+ m?s", out)
+    assert re.search(r"webhook ack:\s+p50 [\d.]+ m?s\s+p99 [\d.]+ m?s", out)
+    assert re.search(r"took:\s+[\d.]+ s \(30 s of traffic; stops by 55 s at the latest\)", out)
+    assert "OK - all" in out
+
+
+def test_the_time_budget():
+    import io
+
+    from gateway.demo import DEADLINE_SECONDS, Demo
+
+    assert Demo(None, 30.0, io.StringIO()).deadline - time.monotonic() <= DEADLINE_SECONDS
+    longer = Demo(None, 100.0, io.StringIO())  # asked for more traffic: the budget grows
+    assert 120 < longer.deadline - longer.t0 <= 130
+
+
 def test_quantiles():
     assert quantile([], 0.5) is None
     assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
