@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from gateway import Command, Sink, hookimpl
 from gateway.config import GatewayConfig, section
+from gateway.consent import Consent
 from sinks.firestore.sink import FirestoreConfig, FirestoreSink
 
 
 @hookimpl
 def register_sinks(config: GatewayConfig) -> list[Sink]:
     table = section(config, "sinks", "firestore", FirestoreConfig)
-    return [FirestoreSink(table)] if table is not None else []
+    return [FirestoreSink(table, Consent.from_config(config))] if table is not None else []
 
 
 @hookimpl

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from gateway.consent import Consent
 from gateway.events import Event
 from sinks.storage.schema import STATUS_RANK
 
@@ -110,8 +111,10 @@ def _rank(status: str | None) -> int:
 class Plan:
     """Documents as read (``base``: None = absent) and the events applied to working copies."""
 
-    def __init__(self, base: dict[Key, dict[str, Any] | None]) -> None:
+    def __init__(self, base: dict[Key, dict[str, Any] | None],
+                 consent: Consent | None = None) -> None:
         self.base = base
+        self.consent = consent  # sets contacts' opted_out from inbound keywords
         self.docs: dict[Key, dict[str, Any] | None] = {}
 
     def doc(self, key: Key) -> dict[str, Any] | None:
@@ -231,6 +234,11 @@ class Plan:
         doc["last_seen"] = _later(doc.get("last_seen"), ev.timestamp)
         if inbound:
             doc["last_inbound_at"] = _later(doc.get("last_inbound_at"), ev.timestamp)
+        opted_out = self.consent.of(ev) if self.consent is not None else None
+        if opted_out is not None:
+            at = doc.get("opted_out_at")
+            if at is None or ev.timestamp >= at:  # the latest word on consent wins
+                doc["opted_out"], doc["opted_out_at"] = opted_out, ev.timestamp
 
 
 def _blank(doc: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 
 from gateway import logging as gwlog
 from gateway.config import SinkConfig
+from gateway.consent import Consent
 from gateway.errors import ConfigError, PermanentError, RetryableError
 from gateway.events import Event
 from gateway.sink import Record, Sink
@@ -136,9 +137,10 @@ class FirestoreSink(Sink):
 
     name = "firestore"
 
-    def __init__(self, config: FirestoreConfig) -> None:
+    def __init__(self, config: FirestoreConfig, consent: Consent | None = None) -> None:
         super().__init__(config)
         self.config: FirestoreConfig = config
+        self.consent = consent
         self.client: Any = None
         self.app: Any = None
         self.retry: Any = None
@@ -232,7 +234,7 @@ class FirestoreSink(Sink):
         keys = {k for ev in events for k in keys_of(ev)}
         last: BaseException | None = None
         for _ in range(CONFLICT_ATTEMPTS):
-            plan = Plan({k: state[k][0] for k in keys})
+            plan = Plan({k: state[k][0] for k in keys}, self.consent)
             for ev in events:
                 plan.apply(ev)
             changes = plan.changes()

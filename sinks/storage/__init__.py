@@ -6,6 +6,7 @@ import os
 
 from gateway import Sink, hookimpl
 from gateway.config import GatewayConfig, section
+from gateway.consent import Consent
 from sinks.storage.sink import StorageConfig, StorageSink
 
 
@@ -16,4 +17,4 @@ def register_sinks(config: GatewayConfig) -> list[Sink]:
         return []
     if not table.path:
         table.path = os.path.join(config.server.data_dir, "storage.db")
-    return [StorageSink(table)]
+    return [StorageSink(table, Consent.from_config(config))]

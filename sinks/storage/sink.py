@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from gateway.config import SinkConfig
+from gateway.consent import Consent
 from gateway.events import Event
 from gateway.journal.writer import SqliteWriter
 from gateway.sink import Record, Sink
@@ -52,9 +53,10 @@ class StorageSink(Sink):
 
     name = "storage"
 
-    def __init__(self, config: StorageConfig) -> None:
+    def __init__(self, config: StorageConfig, consent: Consent | None = None) -> None:
         super().__init__(config)
         self.config: StorageConfig = config
+        self.consent = consent
         self._db = SqliteWriter(config.path, ["PRAGMA journal_mode=WAL",
                                               "PRAGMA synchronous=NORMAL",
                                               "PRAGMA busy_timeout=10000"], SCHEMA)
@@ -71,7 +73,7 @@ class StorageSink(Sink):
 
     async def write(self, records: list[Record]) -> None:
         events = [r.event for r in records]
-        await self._db.run(lambda c: apply_all(c, events))
+        await self._db.run(lambda c: apply_all(c, events, self.consent))
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         return await self._db.run(lambda c: erase(c, channel, contact_id))
@@ -81,9 +83,12 @@ class StorageSink(Sink):
         return await self._db.run(lambda c: c.execute(sql, args).fetchall())
 
 
-def apply_all(c: sqlite3.Connection, events: list[Event]) -> None:
-    """Apply a batch in order, with one statement per kind of write where the batch allows."""
-    batch = _Batch(c, events)
+def apply_all(c: sqlite3.Connection, events: list[Event], consent: Consent | None = None) -> None:
+    """Apply a batch in order, with one statement per kind of write where the batch allows.
+
+    ``consent`` (the gateway's opt-out / opt-in keywords) sets ``contacts.opted_out`` from
+    inbound messages; the latest decision by timestamp wins."""
+    batch = _Batch(c, events, consent)
     for event in events:
         if event.kind in ("message", "postback"):
             batch.message(event)
@@ -109,15 +114,20 @@ _UPSERT_CONVERSATION = (
     " last_message_at = max(coalesce(last_message_at, ''), excluded.last_message_at),"
     " last_inbound_at = CASE WHEN excluded.last_inbound_at IS NULL THEN last_inbound_at"
     "   ELSE max(coalesce(last_inbound_at, ''), excluded.last_inbound_at) END")
+_NEWER_CONSENT = ("excluded.opted_out_at IS NOT NULL"
+                  " AND excluded.opted_out_at >= coalesce(opted_out_at, '')")
 _UPSERT_CONTACT = (
     "INSERT INTO contacts(id, channel, contact_id, name, account_id, first_seen, last_seen,"
-    " last_inbound_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    " last_inbound_at, opted_out, opted_out_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, 0), ?) "
     "ON CONFLICT(id) DO UPDATE SET name = coalesce(excluded.name, name),"
     " account_id = coalesce(account_id, excluded.account_id),"
     " first_seen = min(first_seen, excluded.first_seen),"
     " last_seen = max(last_seen, excluded.last_seen),"
     " last_inbound_at = CASE WHEN excluded.last_inbound_at IS NULL THEN last_inbound_at"
-    "   ELSE max(coalesce(last_inbound_at, ''), excluded.last_inbound_at) END")
+    "   ELSE max(coalesce(last_inbound_at, ''), excluded.last_inbound_at) END,"
+    f" opted_out = CASE WHEN {_NEWER_CONSENT} THEN excluded.opted_out ELSE opted_out END,"
+    f" opted_out_at = CASE WHEN {_NEWER_CONSENT} THEN excluded.opted_out_at"
+    "   ELSE opted_out_at END")
 
 
 def _later(a: str | None, b: str | None) -> str | None:
@@ -128,8 +138,10 @@ class _Batch:
     """Collects a batch's message rows, conversation counts and contact times, then writes each
     with one executemany. Rows already stored (a redelivery) are skipped, so counts never grow."""
 
-    def __init__(self, c: sqlite3.Connection, events: list[Event]) -> None:
+    def __init__(self, c: sqlite3.Connection, events: list[Event],
+                 consent: Consent | None = None) -> None:
         self.c = c
+        self.consent = consent
         keys = list({doc_id(e.message_id or e.id) for e in events if e.kind in ("message", "postback")})
         self.state: dict[str, tuple[str | None, str | None]] = {}  # doc id -> (event_id, type)
         for start in range(0, len(keys), 500):
@@ -182,13 +194,18 @@ class _Batch:
         inbound = ts if ev.direction == "inbound" else None
         name = ev.sender.name if ev.direction == "inbound" else None
         key = f"{ev.channel}:{ev.customer_id}"
+        opted_out = self.consent.of(ev) if self.consent is not None else None
+        consent_at = ts if opted_out is not None else None
         row = self.contacts.get(key)
         if row is None:
-            self.contacts[key] = [key, ev.channel, ev.customer_id, name, ev.account_id, ts, ts, inbound]
+            self.contacts[key] = [key, ev.channel, ev.customer_id, name, ev.account_id, ts, ts,
+                                  inbound, opted_out, consent_at]
             return
         row[3] = name or row[3]
         row[5], row[6] = min(row[5], ts), max(row[6], ts)
         row[7] = _later(row[7], inbound)
+        if consent_at is not None and (row[9] is None or consent_at >= row[9]):
+            row[8], row[9] = opted_out, consent_at  # the latest word on consent wins
 
     def flush(self) -> None:
         if self.rows:
@@ -229,7 +246,7 @@ def _touch_contact(c: sqlite3.Connection, ev: Event) -> None:
     inbound = ts if ev.direction == "inbound" else None
     name = ev.sender.name if ev.direction == "inbound" else None
     c.execute(_UPSERT_CONTACT, (f"{ev.channel}:{ev.customer_id}", ev.channel, ev.customer_id, name,
-                                ev.account_id, ts, ts, inbound))
+                                ev.account_id, ts, ts, inbound, None, None))  # says no consent
     _ensure_conversation(c, ev)
 
 
