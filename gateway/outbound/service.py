@@ -439,12 +439,17 @@ class OutboundService:
     def _pause_hint(self, channel: str, account: str, exc: AccountPaused) -> str:
         cfg = self.config
         what = exc.hint
-        if isinstance(exc, TokenExpired):
-            env = getattr(getattr(self.channels.get(channel), "config", None), "env", {})
+        if isinstance(exc, TokenExpired):  # where this account's token is configured
+            config = getattr(self.channels.get(channel), "config", None)
+            env = getattr(config, "env", {})
             names = env.get("access_token") if isinstance(env, dict) else None
-            what += (f" (channels.{channel}.access_token or this account's entry in "
-                     f"[[channels.{channel}.accounts]]"
-                     + (f"; env {names[0]}" if names else "") + ")")
+            where = f"channels.{channel}.access_token"
+            if getattr(config, "accounts", None):
+                where += f" or this account's entry in [[channels.{channel}.accounts]]"
+            if names:
+                where += f"; env {names[0]}"
+            what = what.replace("this account's access_token",
+                                f"this account's access_token ({where})")
         probe = (f"one held message is tried every {cfg.pause_probe_seconds:g} s and sending "
                  "resumes when it goes through, or at the next restart"
                  if cfg.pause_probe_seconds else "sending resumes at the next restart")
