@@ -33,7 +33,7 @@ async def test_backoff_doubles_with_jitter_and_resets_on_success(outbound):
     waits = gaps(ob.sim.requests)
     assert len(waits) == 3
     for wait, base in zip(waits, (0.2, 0.4, 0.8), strict=True):
-        assert base - 0.01 <= wait <= base * 1.25 + 0.15, waits
+        assert base - 0.01 <= wait <= base * 1.25 + 0.3, waits  # never shorter
     assert record["error"] is None and record["attempts"] == 1  # throttles spend no attempt
     assert ob.metric("gateway_outbound_messages_total", channel="whatsapp", type="text",
                      outcome="retried") == 3
@@ -42,7 +42,7 @@ async def test_backoff_doubles_with_jitter_and_resets_on_success(outbound):
     _, second = await ob.send(text(B, "again"))  # (another recipient: A's pair limit is spent)
     await ob.wait(second["id"], "sent", timeout=10)
     (wait,) = gaps(ob.sim.requests[before:])
-    assert 0.19 <= wait <= 0.4
+    assert 0.19 <= wait <= 0.55
 
 
 async def test_jitter_spreads_the_waits(outbound):
@@ -58,7 +58,7 @@ async def test_jitter_spreads_the_waits(outbound):
     for r in ob.sim.requests:
         first.setdefault(r["body"]["to"], []).append(r["at"])
     waits = [t[1] - t[0] for t in first.values()]
-    assert all(0.19 <= w <= 0.2 * 1.25 + 0.15 for w in waits), waits
+    assert all(0.19 <= w <= 0.2 * 1.25 + 0.3 for w in waits), waits
     assert max(waits) - min(waits) > 0.005, "jittered, not in lockstep"
 
 

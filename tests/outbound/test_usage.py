@@ -58,6 +58,7 @@ async def test_a_blocked_business_use_case_waits_until_meta_says(outbound):
     ob = await outbound()
     await ob.open_windows("whatsapp", [A, B])
     ob.sim.block(WA, 1.5)  # 80007 with estimated_time_to_regain_access = 0.025 min
+    block_ends = time.time() + 1.5
     _, first = await ob.send(text(A))
     await asyncio.sleep(0.3)
     _, second = await ob.send(text(B))  # another recipient: the whole account waits
@@ -67,7 +68,7 @@ async def test_a_blocked_business_use_case_waits_until_meta_says(outbound):
     await ob.wait(second["id"], "sent", timeout=6)
     refused, *later = ob.sim.requests
     assert refused["status"] == 400
-    assert all(r["at"] - refused["at"] >= 1.45 for r in later), "nothing before the block ends"
+    assert all(r["at"] >= block_ends - 0.02 for r in later), "nothing before the block ends"
     assert [r["status"] for r in later] == [200, 200]
     assert await gauge(ob, "whatsapp", WA, scope, 1.0, timeout=1) > 0.9
 
@@ -100,7 +101,7 @@ async def test_code_4_while_the_app_is_over_its_limit_then_recovers(outbound):
     await asyncio.sleep(0.7)
     record = await ob.status(answer["id"])
     assert record["status"] == "queued" and record["error"]["code"] == 4
-    assert 2 <= ob.sim.count_4 <= 3  # 0, 0.2, 0.6 s: backing off, not hammering
+    assert 1 <= ob.sim.count_4 <= 3  # 0, 0.2, 0.6 s: backing off, not hammering
     assert await gauge(ob, "whatsapp", WA, "app", 0.0) == 0.0
     ob.sim.set_app_usage(None)
     await ob.wait(answer["id"], "sent", timeout=5)
