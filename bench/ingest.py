@@ -50,7 +50,8 @@ def write_bodies(path: Path, count: int) -> None:
         "object": "whatsapp_business_account",
         "entry": [{"id": "190000000000001", "changes": [{"field": "messages", "value": {
             "messaging_product": "whatsapp",
-            "metadata": {"display_phone_number": "15550001000", "phone_number_id": "100000000000001"},
+            "metadata": {"display_phone_number": "15550001000",
+                         "phone_number_id": "100000000000001"},
             "contacts": [{"profile": {"name": "Bench Customer"}, "wa_id": ""}],
             "messages": [{"from": "", "id": "", "timestamp": "", "type": "text",
                           "text": {"body": ""}}]}}]}],
@@ -61,7 +62,8 @@ def write_bodies(path: Path, count: int) -> None:
             customer = f"1555{i % 997:07d}"
             value["contacts"][0]["wa_id"] = customer
             message = value["messages"][0]
-            message.update({"from": customer, "id": f"wamid.BENCH.{i:09d}.HBgLMTU1NTAwMDEyMzQVAgASGBQ",
+            message.update({"from": customer,
+                            "id": f"wamid.BENCH.{i:09d}.HBgLMTU1NTAwMDEyMzQVAgASGBQ",
                             "timestamp": str(1760000000 + i // 100)})
             message["text"]["body"] = f"Bench message {i}: is my order on its way? Caf\u00e9 \u2615"
             body = json.dumps(template, separators=(",", ":")).encode()
@@ -86,7 +88,8 @@ class Server:
     def __init__(self, argv: list[str], port: int, env: dict | None = None, cwd: str | None = None):
         self.port = port
         log = open(Path(tempfile.gettempdir()) / f"bench-server-{port}.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(["taskset", "-c", "0", *argv], env={**os.environ, **(env or {})},
+        self.proc = subprocess.Popen(["taskset", "-c", "0", *argv],
+                                     env={**os.environ, **(env or {})},
                                      cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         wait_http(f"http://127.0.0.1:{port}/healthz")
 
@@ -113,8 +116,8 @@ UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
 def run_wrk(port: int, bodies: Path, seconds: float, connections: int, delay_ms: float = 0,
             sample=None) -> dict:
     """Run wrk on CPU 1; return requests/s, p50/p99 (ms), request and error counts."""
-    argv = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--latency",
-            "-s", str(HERE / "wrk_post.lua"), f"http://127.0.0.1:{port}"]
+    argv = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s",
+            "--latency", "-s", str(HERE / "wrk_post.lua"), f"http://127.0.0.1:{port}"]
     env = {**os.environ, "BODIES_FILE": str(bodies), "DELAY_MS": str(delay_ms)}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
     while proc.poll() is None:
@@ -181,14 +184,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run (~30 s)")
     parser.add_argument("--duration", type=float, default=10.0, help="peak runs, seconds")
-    parser.add_argument("--soak", type=float, default=60.0, help="half-rate run (p99, RSS), seconds")
+    parser.add_argument("--soak", type=float, default=60.0,
+                        help="half-rate run (p99, RSS), seconds")
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
     if args.quick:
         args.duration, args.soak = 3.0, 8.0
     for tool in ("wrk", "taskset"):
         if not shutil.which(tool):
-            print(f"ingest.py: {tool} is not installed (make install installs wrk)", file=sys.stderr)
+            print(f"ingest.py: {tool} is not installed (make install installs wrk)",
+                  file=sys.stderr)
             return 1
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
@@ -203,7 +208,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
     t0 = time.monotonic()
     write_bodies(bodies, count)
     print(f"{count} distinct signed bodies ({bodies.stat().st_size / 1e6:.0f} MB) in "
-          f"{time.monotonic() - t0:.1f}s; servers on CPU 0, wrk on CPU 1, {args.connections} connections")
+          f"{time.monotonic() - t0:.1f}s; servers on CPU 0, wrk on CPU 1, "
+          f"{args.connections} connections")
 
     bare = Server([PYTHON, str(HERE / "bare_server.py"), str(port := free_port())], port)
     try:
@@ -255,7 +261,8 @@ def report(base, peak, half, rate, lag, accepted, have, rss, args) -> None:
           f"{args.soak:.0f} s)")
     print()
     print(f"throughput ratio gateway/bare : {ratio:.2f}   (target >= {TARGETS['ratio']})")
-    print(f"p99 ack at half peak          : {half['p99_ms']:.2f} ms   (target < {TARGETS['p99_half_ms']} ms)")
+    print(f"p99 ack at half peak          : {half['p99_ms']:.2f} ms   "
+          f"(target < {TARGETS['p99_half_ms']} ms)")
     print(f"sinks caught up after burst   : {lag:.2f} s after {args.duration:.0f} s of load "
           f"({have}/{accepted} accepted requests stored)   (target < {TARGETS['catch_up_s']} s)")
     print(f"gateway peak RSS              : {rss:.0f} MB   (target < {TARGETS['rss_mb']:.0f} MB)")

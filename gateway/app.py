@@ -123,7 +123,8 @@ async def _drain(app, tasks, processor, dispatcher, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     processor.stop()
     try:
-        await asyncio.wait_for(asyncio.shield(tasks[0]), timeout=max(0.1, deadline - time.monotonic()))
+        await asyncio.wait_for(asyncio.shield(tasks[0]),
+                               timeout=max(0.1, deadline - time.monotonic()))
     except TimeoutError:
         log.warning("drain_incomplete", pending=app[keys.JOURNAL].pending)
     for task in tasks:

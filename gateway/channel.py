@@ -47,7 +47,8 @@ class Channel(abc.ABC):
 
     def accounts(self) -> dict[str, dict[str, Any]]:
         """Accounts this channel can send from: id -> limits (``rate`` per second, optional
-        ``pair_interval`` seconds and ``pair_burst`` for a per-recipient limit). Empty: receive only."""
+        ``pair_interval`` seconds and ``pair_burst`` for a per-recipient limit).
+        Empty: receive only."""
         return {}
 
     async def send(self, account_id: str, request: OutboundRequest,
@@ -60,8 +61,8 @@ class Channel(abc.ABC):
         """
         raise NotImplementedError(f"channel {self.name!r} cannot send")
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook: a no-op unless overridden
         """Open connections (HTTP clients for sending). Called once before intake opens."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook: a no-op unless overridden
         """Release what ``start`` opened. Called once at shutdown."""

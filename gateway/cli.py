@@ -60,7 +60,8 @@ def _parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[cfg], help="run the gateway")
     p.set_defaults(run=_serve)
-    p = sub.add_parser("demo", parents=[cfg], help="run the pipeline locally with simulated customers")
+    p = sub.add_parser("demo", parents=[cfg],
+                       help="run the pipeline locally with simulated customers")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of traffic (default 30)")
     p.set_defaults(run=_demo)
     p = sub.add_parser("plugins", help="list discovered channels and sinks")

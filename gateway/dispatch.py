@@ -250,7 +250,8 @@ class Dispatcher:
         """Let workers catch up for at most ``timeout`` seconds, then stop them and the sinks."""
         for worker in self.workers.values():
             worker.stop()
-        done, pending = await asyncio.wait(self.tasks, timeout=timeout) if self.tasks else (set(), set())
+        done, pending = (await asyncio.wait(self.tasks, timeout=timeout) if self.tasks
+                         else (set(), set()))
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

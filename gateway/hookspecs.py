@@ -115,5 +115,6 @@ def gateway_stopping(app: web.Application) -> None:
 
 
 HOOK_NAMES: tuple[str, ...] = tuple(
-    name for name, value in list(globals().items()) if callable(value) and hasattr(value, "gateway_spec")
+    name for name, value in list(globals().items())
+    if callable(value) and hasattr(value, "gateway_spec")
 )

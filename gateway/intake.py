@@ -21,7 +21,8 @@ SIGNATURE_HEADER = "X-Hub-Signature-256"
 _ACCEPTED = b'{"status":"accepted"}'
 
 
-def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def error(status: int, code: str, message: str,
+          headers: dict[str, str] | None = None) -> web.Response:
     """A JSON error: ``{"error": {"code": ..., "message": ...}}``."""
     return web.json_response({"error": {"code": code, "message": message}}, status=status,
                              headers=headers)
@@ -43,7 +44,8 @@ async def handshake(request: web.Request) -> web.Response:
         return error(400, "bad_request", "expected hub.mode=subscribe and hub.challenge")
     if not tokens_equal(channel.verify_token, query.get("hub.verify_token")):
         log.warning("handshake_refused", channel=name)
-        return error(403, "forbidden", "hub.verify_token does not match the configured verify_token")
+        return error(403, "forbidden",
+                     "hub.verify_token does not match the configured verify_token")
     log.info("handshake_ok", channel=name)
     return web.Response(text=challenge, content_type="text/plain")
 

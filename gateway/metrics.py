@@ -59,6 +59,7 @@ class Metrics:
         """(accepted counter, ack histogram) of one channel, looked up once: the hot path."""
         found = self._intake.get(channel)
         if found is None:
-            found = (self.webhook_requests.labels(channel, "accepted"), self.webhook_ack.labels(channel))
+            found = (self.webhook_requests.labels(channel, "accepted"),
+                     self.webhook_ack.labels(channel))
             self._intake[channel] = found
         return found

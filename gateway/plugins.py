@@ -68,7 +68,8 @@ def manager(load_entrypoints: bool = True, extra: list[Any] | None = None) -> pl
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(str(exc), plugin=str(getattr(exc.plugin, "__name__", exc.plugin))) from None
+        raise PluginError(str(exc),
+                          plugin=str(getattr(exc.plugin, "__name__", exc.plugin))) from None
     return pm
 
 
@@ -136,7 +137,8 @@ def check(pm: pluggy.PluginManager, config: GatewayConfig) -> list[ConfigError]:
     return errors
 
 
-def _collect(pm: pluggy.PluginManager, hook: Any, config: GatewayConfig, what: str) -> dict[str, Any]:
+def _collect(pm: pluggy.PluginManager, hook: Any, config: GatewayConfig,
+             what: str) -> dict[str, Any]:
     """Call each implementation on its own, so that a clash names both plugins."""
     found: dict[str, Any] = {}
     owners: dict[str, str] = {}
@@ -145,8 +147,8 @@ def _collect(pm: pluggy.PluginManager, hook: Any, config: GatewayConfig, what: s
     return found
 
 
-def _collect_one(impl: Any, config: GatewayConfig | None, found: dict[str, Any], owners: dict[str, str],
-                 what: str) -> dict[str, Any]:
+def _collect_one(impl: Any, config: GatewayConfig | None, found: dict[str, Any],
+                 owners: dict[str, str], what: str) -> dict[str, Any]:
     for item in impl.function(**{a: config for a in impl.argnames}) or []:
         if item.name in found:
             raise PluginError(f"plugins {owners[item.name]!r} and {impl.plugin_name!r} both "

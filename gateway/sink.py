@@ -33,9 +33,9 @@ class Sink(abc.ABC):
     must be idempotent by ``record.event.id`` (upsert, create-if-absent, or skip what is written).
     Each conversation's events arrive in order, but after a failed batch the dispatcher retries
     different conversations concurrently: ``write`` may run several times at once (for different
-    conversations), so keep it safe for concurrent calls. Raise ``gateway.errors.RetryableError`` for a
-    transient failure and ``gateway.errors.PermanentError`` when retrying cannot help; any other
-    exception counts as retryable. The dispatcher owns retries, backoff and dead letters.
+    conversations), so keep it safe for concurrent calls. Raise ``gateway.errors.RetryableError``
+    for a transient failure and ``gateway.errors.PermanentError`` when retrying cannot help; any
+    other exception counts as retryable. The dispatcher owns retries, backoff and dead letters.
 
     Attributes:
         name: the ``[sinks.NAME]`` table and the ``sink`` metric label.
@@ -48,14 +48,14 @@ class Sink(abc.ABC):
     def __init__(self, config: SinkConfig) -> None:
         self.config = config
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook: a no-op unless overridden
         """Open files or connections. Called once before the first ``write``."""
 
     @abc.abstractmethod
     async def write(self, records: list[Record]) -> None:
         """Store or forward a batch of records (same conversation's records in order)."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook: a no-op unless overridden
         """Flush and release resources. Called once at shutdown, after the last ``write``."""
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int] | None:

@@ -104,7 +104,8 @@ async def gateway(tmp_path):
     async def start(extra: str = "", extra_plugins: list | None = None,
                     sinks: str = SINKS_TOML, channels: str = CHANNELS_TOML) -> RunningGateway:
         data_dir = tmp_path / "data"
-        text = f'[server]\ndata_dir = "{data_dir}"\nshutdown_timeout = 5\n{extra}\n{channels}\n{sinks}'
+        text = (f'[server]\ndata_dir = "{data_dir}"\nshutdown_timeout = 5\n'
+                f'{extra}\n{channels}\n{sinks}')
         path = tmp_path / "gateway.toml"
         path.write_text(text)
         tomllib.loads(text)

@@ -39,7 +39,8 @@ def matches(actual: dict, want: dict) -> list[str]:
         elif isinstance(value, dict):
             for sub, subvalue in value.items():
                 have = (got or {}).get(sub)
-                if (subvalue is None and have is not None) or (subvalue is not None and have != subvalue):
+                if ((subvalue is None and have is not None)
+                        or (subvalue is not None and have != subvalue)):
                     problems.append(f"{key}.{sub} {have!r} != {subvalue!r}")
         elif got != value:
             problems.append(f"{key} {got!r} != {value!r}")

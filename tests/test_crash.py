@@ -35,9 +35,11 @@ def message_body(i: int) -> bytes:
         "object": "whatsapp_business_account",
         "entry": [{"id": "190000000000001", "changes": [{"field": "messages", "value": {
             "messaging_product": "whatsapp",
-            "metadata": {"display_phone_number": "15550001000", "phone_number_id": "100000000000001"},
+            "metadata": {"display_phone_number": "15550001000",
+                         "phone_number_id": "100000000000001"},
             "contacts": [{"profile": {"name": "Load Test"}, "wa_id": customer}],
-            "messages": [{"from": customer, "id": f"wamid.CRASH.{i}", "timestamp": str(1760000000 + i),
+            "messages": [{"from": customer, "id": f"wamid.CRASH.{i}",
+                          "timestamp": str(1760000000 + i),
                           "type": "text", "text": {"body": f"message {i}"}}]}}]}],
     }, separators=(",", ":")).encode()
 
@@ -55,7 +57,7 @@ async def _load(url: str, start: int, seconds: float, acked: set[str], workers: 
                 async with session.post(url, data=body, headers=sign_headers(SECRET, body)) as r:
                     if r.status == 200:
                         acked.add(f"wamid.CRASH.{i}")
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 return  # the gateway is gone: stop this worker
 
     timeout = aiohttp.ClientTimeout(total=5)
@@ -80,7 +82,8 @@ async def _wait_for(proc: GatewayProcess, acked: set[str], timeout: float = 30.0
             return _jsonl_ids(proc)
         await asyncio.sleep(0.1)
     missing = acked - set(_jsonl_ids(proc))
-    raise AssertionError(f"{len(missing)} acknowledged messages missing, e.g. {sorted(missing)[:3]}")
+    raise AssertionError(f"{len(missing)} acknowledged messages missing, "
+                         f"e.g. {sorted(missing)[:3]}")
 
 
 async def test_sigkill_under_load_loses_nothing_and_duplicates_nothing(tmp_path):

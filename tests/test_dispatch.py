@@ -1,4 +1,5 @@
-"""Sink fan-out: retries, dead letters and replay, isolation of slow sinks, per-conversation order."""
+"""Sink fan-out: retries, dead letters and replay, isolation of slow sinks, per-conversation
+order."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class RecordingSink(Sink):
 
 
 class RecordingPlugin:
-    """A plugin providing [sinks.flaky], [sinks.broken], [sinks.slow], [sinks.order] as RecordingPlugin."""
+    """A plugin providing [sinks.flaky], [sinks.broken], [sinks.slow], [sinks.order] as
+    RecordingPlugin."""
 
     def __init__(self) -> None:
         self.sinks: dict[str, RecordingSink] = {}
@@ -93,7 +95,8 @@ async def test_always_failing_sink_dead_letters_then_replay_delivers(gateway, tm
     config = str(tmp_path / "gateway.toml")
     listing = await _cli("dead-letters", "list", "--config", config, "--json")
     rows = [json.loads(line) for line in listing.splitlines()]
-    assert [(r["sink"], r["event_id"], r["kind"]) for r in rows] == [("broken", event_id, "message")]
+    assert ([(r["sink"], r["event_id"], r["kind"]) for r in rows]
+            == [("broken", event_id, "message")])
 
     sinks["broken"].broken = False  # the operator fixed the sink
     out = await _cli("dead-letters", "replay", "--config", config, "--sink", "broken")

@@ -15,7 +15,8 @@ from tests.conftest import SECRET
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: (st.lists(inner, max_size=4)
+                   | st.dictionaries(st.text(max_size=10), inner, max_size=4)),
     max_leaves=30,
 )
 ids = st.text(alphabet="abc0123456789./+=_", max_size=12)
@@ -68,7 +69,8 @@ bodies = st.one_of(
     st.tuples(st.just("instagram"), almost_instagram.map(lambda v: json.dumps(v).encode())),
 )
 SETTINGS = settings(max_examples=400, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
 
 
 def test_arbitrary_bodies_are_200_or_400_and_never_break_normalisation(threaded_gateway):
@@ -79,7 +81,8 @@ def test_arbitrary_bodies_are_200_or_400_and_never_break_normalisation(threaded_
         @given(bodies)
         def post(case: tuple[str, bytes]) -> None:
             channel, body = case
-            resp = client.post(f"/webhooks/{channel}", content=body, headers=sign_headers(SECRET, body))
+            resp = client.post(f"/webhooks/{channel}", content=body,
+                               headers=sign_headers(SECRET, body))
             assert resp.status_code in (200, 400), (resp.status_code, resp.text, body[:200])
             if resp.status_code == 400:
                 assert resp.json()["error"]["code"] == "bad_request"
@@ -88,7 +91,8 @@ def test_arbitrary_bodies_are_200_or_400_and_never_break_normalisation(threaded_
     gw.settle()
     registry = gw.app[keys.METRICS].registry
     for channel in ("whatsapp", "instagram"):
-        assert not registry.get_sample_value("gateway_normalise_failures_total", {"channel": channel})
+        assert not registry.get_sample_value("gateway_normalise_failures_total",
+                                             {"channel": channel})
     assert gw.call(gw.app[keys.JOURNAL].dead_letters()) == []
 
 

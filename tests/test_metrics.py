@@ -105,11 +105,13 @@ def test_metrics_exposition_passes_promtool_and_has_contract_metrics(tmp_path):
     samples = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert 'gateway_webhook_requests_total{channel="whatsapp",outcome="accepted"} 2.0' in samples
     assert 'gateway_webhook_requests_total{channel="whatsapp",outcome="duplicate"} 1.0' in samples
-    assert 'gateway_webhook_requests_total{channel="instagram",outcome="bad_signature"} 1.0' in samples
+    assert ('gateway_webhook_requests_total{channel="instagram",outcome="bad_signature"} 1.0'
+            in samples)
     assert 'gateway_events_total{channel="whatsapp",kind="status",type=""} 4.0' in samples
     assert 'gateway_sink_deliveries_total{outcome="ok",sink="storage"} 8.0' in samples, [
         s for s in samples if "sink" in s]
-    assert any(s.startswith('gateway_webhook_ack_seconds_bucket{channel="whatsapp"') for s in samples)
+    assert any(s.startswith('gateway_webhook_ack_seconds_bucket{channel="whatsapp"')
+               for s in samples)
     assert any(s.startswith('gateway_queue_depth{queue="journal"} 0.0') for s in samples)
 
 

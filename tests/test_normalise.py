@@ -7,8 +7,10 @@ import json
 
 import pytest
 
-from channels.instagram.normalise import normalise as instagram, parse_envelope as ig_envelope
-from channels.whatsapp.normalise import normalise as whatsapp, parse_envelope as wa_envelope
+from channels.instagram.normalise import normalise as instagram
+from channels.instagram.normalise import parse_envelope as ig_envelope
+from channels.whatsapp.normalise import normalise as whatsapp
+from channels.whatsapp.normalise import parse_envelope as wa_envelope
 from gateway.errors import BadPayload
 from gateway.events import decode, encode
 from tests.conftest import fixture_bytes

@@ -37,7 +37,8 @@ async def test_fixture_reaches_both_sinks(gateway, name):
                                 "WHERE message_id = ?", (event["message_id"],))
             assert rows, f"message {event['message_id']} not stored"
             if event.get("type") != "deleted":
-                assert rows[0][1:] == (event["conversation_id"], event.get("type"), event.get("text"))
+                assert rows[0][1:] == (event["conversation_id"], event.get("type"),
+                                       event.get("text"))
 
 
 async def test_redelivery_yields_one_event_and_counts_duplicate(gateway):
@@ -50,7 +51,8 @@ async def test_redelivery_yields_one_event_and_counts_duplicate(gateway):
     registry = gw.app[keys.METRICS].registry
     assert registry.get_sample_value("gateway_webhook_requests_total",
                                      {"channel": "whatsapp", "outcome": "duplicate"}) == 2
-    assert registry.get_sample_value("gateway_duplicate_events_total", {"channel": "whatsapp"}) == 16
+    assert registry.get_sample_value("gateway_duplicate_events_total",
+                                     {"channel": "whatsapp"}) == 16
     counts = await gw.sql("SELECT id, message_count FROM conversations ORDER BY id")
     assert sum(c for _, c in counts) == 3  # three inbound text messages, counted once
 

@@ -76,12 +76,14 @@ def _interactive(m: Message) -> dict[str, Any]:
     if kind == "nfm_reply":
         return {"type": "interactive", "text": _str(reply.get("body")),
                 "payload": _str(reply.get("response_json"))}
-    return {"type": "interactive", "text": _str(reply.get("title")), "payload": as_str(reply.get("id"))}
+    return {"type": "interactive", "text": _str(reply.get("title")),
+            "payload": as_str(reply.get("id"))}
 
 
 def _button(m: Message) -> dict[str, Any]:
     button = m.button or {}
-    return {"type": "button", "text": _str(button.get("text")), "payload": as_str(button.get("payload"))}
+    return {"type": "button", "text": _str(button.get("text")),
+            "payload": as_str(button.get("payload"))}
 
 
 def _order(m: Message) -> dict[str, Any]:

@@ -4,8 +4,8 @@ Every entry × change × message / status yields one event; nothing is read at `
 come only from Meta's fields: a message's wamid, a status's (wamid, status), so a redelivery keeps
 its ids. Mapping choices (shared/fixtures/README.md "Conventions"):
 
-- inbound: ``account_id`` = ``recipient.id`` = ``metadata.phone_number_id``; ``sender.name`` from the
-  ``value.contacts`` item whose ``wa_id`` equals ``from`` (never from a shared contact card);
+- inbound: ``account_id`` = ``recipient.id`` = ``metadata.phone_number_id``; ``sender.name`` from
+  the ``value.contacts`` item whose ``wa_id`` equals ``from`` (never from a shared contact card);
 - statuses: ``direction`` outbound, sender = the business number, recipient = ``recipient_id``;
 - reactions: ``kind`` reaction, ``message_id`` = the message reacted to, ``emoji`` "" on removal;
 - ``revoke`` (the user deleted a message) → ``type`` deleted for the original wamid;
@@ -20,7 +20,8 @@ from typing import Any
 
 import msgspec
 
-from channels.envelope import as_str, decode_each, parse_envelope as _parse
+from channels.envelope import as_str, decode_each
+from channels.envelope import parse_envelope as _parse
 from channels.whatsapp import schemas
 from channels.whatsapp.content import content, first_error
 from gateway.events import (

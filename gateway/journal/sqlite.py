@@ -148,12 +148,13 @@ class SqliteJournal:
         """Move a named position forward."""
         await self._writer.run(lambda c: _set_cursor(c, name, seq))
 
-    async def add_dead_letters(self, sink: str, items: list[tuple[StoredEvent, str, str, int]]) -> None:
+    async def add_dead_letters(self, sink: str,
+                               items: list[tuple[StoredEvent, str, str, int]]) -> None:
         """Store (event, event id, reason, attempts) tuples a sink gave up on."""
         now = time.time()
         await self._writer.run(lambda c: c.executemany(
-            "INSERT INTO dead_letters(sink, event_id, data, received_at, reason, attempts, failed_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO dead_letters(sink, event_id, data, received_at, reason, attempts,"
+            " failed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(sink, eid, ev.data, ev.received_at, reason[:2000], attempts, now)
              for ev, eid, reason, attempts in items]))
 
@@ -161,7 +162,8 @@ class SqliteJournal:
         """Dead letters, oldest first, optionally of one sink."""
         where, args = ("WHERE sink = ?", (sink, limit)) if sink else ("", (limit,))
         rows = await self._writer.run(lambda c: c.execute(
-            f"SELECT {_DEAD_COLUMNS} FROM dead_letters {where} ORDER BY id LIMIT ?", args).fetchall())
+            f"SELECT {_DEAD_COLUMNS} FROM dead_letters {where} ORDER BY id LIMIT ?",
+            args).fetchall())
         return [DeadLetter(*row) for row in rows]
 
     async def dead_letter_counts(self) -> dict[str, int]:

@@ -140,7 +140,8 @@ def _insert_all(conn: sqlite3.Connection, rows: list[tuple]) -> None:
         conn.executemany(sql, params)
 
 
-def _savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
+def _savepoint(conn: sqlite3.Connection,
+               fn: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
     conn.execute("SAVEPOINT job")
     try:
         result = fn(conn)
@@ -152,7 +153,8 @@ def _savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]
     return True, result
 
 
-def _settle(items: list[tuple[asyncio.Future, tuple[bool, Any], Callable[[], None] | None]]) -> None:
+def _settle(items: list[tuple[asyncio.Future, tuple[bool, Any],
+                              Callable[[], None] | None]]) -> None:
     for future, (ok, value), on_commit in items:
         if on_commit is not None:
             on_commit()  # before the caller resumes, and even if it was cancelled

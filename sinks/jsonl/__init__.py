@@ -1,4 +1,5 @@
-"""The ``jsonl`` sink plugin: one canonical event per line (entry point ``gateway.sinks: jsonl``)."""
+"""The ``jsonl`` sink plugin: one canonical event per line (entry point
+``gateway.sinks: jsonl``)."""
 
 from __future__ import annotations
 

@@ -142,12 +142,14 @@ class _Batch:
                  consent: Consent | None = None) -> None:
         self.c = c
         self.consent = consent
-        keys = list({doc_id(e.message_id or e.id) for e in events if e.kind in ("message", "postback")})
+        keys = list({doc_id(e.message_id or e.id) for e in events
+                     if e.kind in ("message", "postback")})
         self.state: dict[str, tuple[str | None, str | None]] = {}  # doc id -> (event_id, type)
         for start in range(0, len(keys), 500):
             chunk = keys[start:start + 500]
             for key, eid, kind in c.execute(
-                    f"SELECT id, event_id, type FROM messages WHERE id IN ({','.join('?' * len(chunk))})",
+                    "SELECT id, event_id, type FROM messages "
+                    f"WHERE id IN ({','.join('?' * len(chunk))})",
                     chunk):
                 self.state[key] = (eid, kind)
         self.rows: dict[str, list[Any]] = {}
@@ -182,7 +184,8 @@ class _Batch:
         conv = self.conversations.get(ev.conversation_id)
         if conv is None:
             self.conversations[ev.conversation_id] = [
-                ev.conversation_id, ev.channel, ev.account_id, ev.customer_id, 1, ts, inbound, ev.text]
+                ev.conversation_id, ev.channel, ev.account_id, ev.customer_id, 1, ts, inbound,
+                ev.text]
             return
         conv[4] += 1
         if ts >= conv[5]:
@@ -237,7 +240,8 @@ def _mark_deleted(c: sqlite3.Connection, key: str) -> None:
 
 def _ensure_conversation(c: sqlite3.Connection, ev: Event) -> None:
     c.execute("INSERT OR IGNORE INTO conversations(id, channel, account_id, contact_id) "
-              "VALUES (?, ?, ?, ?)", (ev.conversation_id, ev.channel, ev.account_id, ev.customer_id))
+              "VALUES (?, ?, ?, ?)",
+              (ev.conversation_id, ev.channel, ev.account_id, ev.customer_id))
 
 
 def _touch_contact(c: sqlite3.Connection, ev: Event) -> None:
