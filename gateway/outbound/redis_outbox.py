@@ -9,8 +9,10 @@ the local rate limiter of that replica is the account's limiter cluster-wide.
 
 Keys, under the journal's prefix ``p`` (default ``gw``; ``?prefix=NAME`` on the URL):
 
-- ``{p}:out:rec:{id}`` — hash, one record: the :class:`Row` fields (absent ones are None) and
-  ``owner``, the replica that claimed it last.
+- ``{p}:out:rec:{id}`` — hash, one record: the :class:`Row` fields (absent ones are None)
+  but ``request`` and ``error``, and ``owner``, the replica that claimed it last;
+  ``{p}:out:req:{id}`` / ``{p}:out:err:{id}`` — its request and its error (JSON), strings of
+  their own so that the hash of small fields stays compact (a listpack).
 - ``{p}:out:idem:{idempotency key}`` — string → record id (one record per key, ever: set in the
   same script that creates the record).
 - ``{p}:out:pmid:{provider message id}`` — string → record id, for status webhooks naming
@@ -33,10 +35,10 @@ Keys, under the journal's prefix ``p`` (default ``gw``; ``?prefix=NAME`` on the 
 - ``{p}:lease:outbound:{channel}:{account}`` — :class:`AccountLease` (``SET NX PX``, renewed).
 
 Retention: a record is *settled* once it will not be sent again (``sent``, ``delivered``,
-``read``, ``played``, ``failed``); from then on its keys (record, idempotency key, provider id
-index) expire ``retention_seconds`` (default 30 days) after its latest change. Records still
-queued, sending or uncertain never expire. Customer state (window, opt-out) does not expire: only
-``erase_contact`` removes it. An idempotency key is remembered as long as its record.
+``read``, ``played``, ``failed``); from then on its keys (record, request, error, idempotency
+key, provider id index) expire ``retention_seconds`` (default 30 days) after its latest change.
+Records still queued, sending or uncertain never expire. Customer state (window, opt-out) does
+not expire: only ``erase_contact`` removes it. An idempotency key lives as long as its record.
 
 Every script is atomic (Redis never interleaves a script with other commands): two replicas adding
 the same idempotency key get one record; a due record is claimed by exactly one caller; a status
@@ -76,6 +78,20 @@ _UNSETTLED = "9000000000000000"  # the `to` index score of records that do not e
 
 _COMMON = "local RANK = {" + ", ".join(f"{s} = {r}" for s, r in RANK.items()) + "}\n" + """
 local function rank(state) return RANK[state] or 0 end
+-- A record's fields, with its request and error (kept as strings of their own, so that the hash
+-- of small fields stays compact) appended; {} when there is no such record.
+local function record(p, id)
+  local f = redis.call('HGETALL', p .. ':out:rec:' .. id)
+  if #f == 0 then return f end
+  f[#f + 1] = 'request'
+  f[#f + 1] = redis.call('GET', p .. ':out:req:' .. id) or ''
+  local err = redis.call('GET', p .. ':out:err:' .. id)
+  if err then
+    f[#f + 1] = 'error'
+    f[#f + 1] = err
+  end
+  return f
+end
 local function open_state(state)
   return state == 'queued' or state == 'sending' or state == 'uncertain'
 end
@@ -88,6 +104,8 @@ local function settle(p, id, ttl_ms, expire_at_ms)
   redis.call('ZREM', p .. ':out:due:' .. f[1] .. ':' .. f[2], id)
   if f[6] then redis.call('SREM', p .. ':out:sending:' .. f[6], id) end
   redis.call('PEXPIRE', rec, ttl_ms)
+  redis.call('PEXPIRE', p .. ':out:req:' .. id, ttl_ms)
+  redis.call('PEXPIRE', p .. ':out:err:' .. id, ttl_ms)
   if f[4] then redis.call('PEXPIRE', p .. ':out:idem:' .. f[4], ttl_ms) end
   if f[5] then redis.call('SET', p .. ':out:pmid:' .. f[5], id, 'PX', ttl_ms) end
   local to = p .. ':out:to:' .. f[1] .. ':' .. f[3]
@@ -119,20 +137,21 @@ end
 _ADD = _COMMON + """
 local p, id, key = ARGV[1], ARGV[2], ARGV[3]
 local rec = p .. ':out:rec:' .. id
-if redis.call('EXISTS', rec) == 1 then return {1, redis.call('HGETALL', rec)} end  -- a retry
+if redis.call('EXISTS', rec) == 1 then return {1, record(p, id)} end  -- a retry
 if key ~= '' then
   local idem = p .. ':out:idem:' .. key
   local existing = redis.call('GET', idem)
   if existing then
-    local fields = redis.call('HGETALL', p .. ':out:rec:' .. existing)
+    local fields = record(p, existing)
     if #fields > 0 then return {0, fields} end
   end
   redis.call('SET', idem, id)
 end
 local channel, account, recipient, now = ARGV[4], ARGV[5], ARGV[6], ARGV[9]
 redis.call('HSET', rec, 'id', id, 'channel', channel, 'account_id', account,
-           'recipient', recipient, 'type', ARGV[7], 'request', ARGV[8], 'state', 'queued',
+           'recipient', recipient, 'type', ARGV[7], 'state', 'queued',
            'attempts', 0, 'next_at', now, 'created_at', now, 'updated_at', now)
+redis.call('SET', p .. ':out:req:' .. id, ARGV[8])
 if key ~= '' then redis.call('HSET', rec, 'idempotency_key', key) end
 redis.call('ZADD', p .. ':out:due:' .. channel .. ':' .. account, now, id)
 local to = p .. ':out:to:' .. channel .. ':' .. recipient
@@ -140,7 +159,7 @@ redis.call('ZREMRANGEBYSCORE', to, '-inf', '(' .. ARGV[10])  -- records that exp
 redis.call('ZADD', to, '""" + _UNSETTLED + """', id)
 redis.call('PERSIST', to)
 redis.call('PUBLISH', p .. ':out:wake', channel .. '\\n' .. account)
-return {1, redis.call('HGETALL', rec)}
+return {1, record(p, id)}
 """
 
 # ARGV: prefix, channel, account, now, limit, owner, token, token ttl ms.
@@ -155,7 +174,7 @@ if #before > 0 then  -- this very call ran and its reply was lost: the same reco
     local rec = p .. ':out:rec:' .. before[i]
     local f = redis.call('HMGET', rec, 'state', 'owner')
     if f[1] == 'sending' and f[2] == owner then
-      out[#out + 1] = redis.call('HGETALL', rec)
+      out[#out + 1] = record(p, before[i])
       out[#out + 1] = before[i + 1]
     end
   end
@@ -177,7 +196,7 @@ while left > 0 do
       redis.call('HINCRBY', rec, 'attempts', 1)
       redis.call('SADD', mine, id)
       redis.call('HSET', token, id, snapshot)
-      out[#out + 1] = redis.call('HGETALL', rec)
+      out[#out + 1] = record(p, id)
       out[#out + 1] = snapshot
       left = left - 1
     end
@@ -200,7 +219,7 @@ if open_state(f[1]) then redis.call('HSET', rec, 'state', 'sent') end
 if not f[2] and pmid ~= '' then redis.call('HSET', rec, 'provider_message_id', pmid) end
 if not f[3] then redis.call('HSET', rec, 'sent_at', now) end
 redis.call('HSET', rec, 'updated_at', now)
-redis.call('HDEL', rec, 'error')
+redis.call('DEL', p .. ':out:err:' .. id)
 settle(p, id, ARGV[5], ARGV[6])
 return 1
 """
@@ -210,7 +229,8 @@ _FAILED = _COMMON + """
 local p, id = ARGV[1], ARGV[2]
 local rec = p .. ':out:rec:' .. id
 if redis.call('EXISTS', rec) == 0 then return 0 end
-redis.call('HSET', rec, 'state', 'failed', 'error', ARGV[3], 'updated_at', ARGV[4])
+redis.call('HSET', rec, 'state', 'failed', 'updated_at', ARGV[4])
+redis.call('SET', p .. ':out:err:' .. id, ARGV[3])
 settle(p, id, ARGV[5], ARGV[6])
 return 1
 """
@@ -224,8 +244,8 @@ local rec = p .. ':out:rec:' .. id
 local f = redis.call('HMGET', rec, 'state', 'owner', 'channel', 'account_id')
 if not open_state(f[1]) then return 0 end
 redis.call('HSET', rec, 'state', 'queued', 'next_at', at, 'updated_at', ARGV[5])
-if ARGV[4] ~= '' then redis.call('HSET', rec, 'error', ARGV[4])
-else redis.call('HDEL', rec, 'error') end
+if ARGV[4] ~= '' then redis.call('SET', p .. ':out:err:' .. id, ARGV[4])
+else redis.call('DEL', p .. ':out:err:' .. id) end
 if ARGV[6] == '1' and f[1] == 'sending' then redis.call('HINCRBY', rec, 'attempts', -1) end
 if f[2] then redis.call('SREM', p .. ':out:sending:' .. f[2], id) end
 redis.call('ZADD', p .. ':out:due:' .. f[3] .. ':' .. f[4], at, id)
@@ -247,7 +267,7 @@ if not f[1] then return 0 end
 if ARGV[2] == '' and f[2] ~= pmid then return 0 end
 if rank(f[1]) >= rank(status) then return 0 end
 redis.call('HSET', rec, 'state', status, 'updated_at', now)
-if ARGV[5] ~= '' then redis.call('HSET', rec, 'error', ARGV[5]) end
+if ARGV[5] ~= '' then redis.call('SET', p .. ':out:err:' .. id, ARGV[5]) end
 if not f[2] and pmid ~= '' then redis.call('HSET', rec, 'provider_message_id', pmid) end
 if not f[3] then redis.call('HSET', rec, 'sent_at', now) end
 settle(p, id, ARGV[7], ARGV[8])
@@ -286,7 +306,7 @@ for _, id in ipairs(redis.call('ZRANGE', to, 0, -1)) do
     if idem and redis.call('GET', idem) == id then redis.call('DEL', idem) end
     local pmid = f[5] and (p .. ':out:pmid:' .. f[5])
     if pmid and redis.call('GET', pmid) == id then redis.call('DEL', pmid) end
-    redis.call('DEL', rec)
+    redis.call('DEL', rec, p .. ':out:req:' .. id, p .. ':out:err:' .. id)
     sends = sends + 1
   end
 end
@@ -298,6 +318,11 @@ for _, field in ipairs(redis.call('HKEYS', customer)) do
 end
 redis.call('DEL', customer)
 return {sends, known}
+"""
+
+# ARGV: prefix, id. One record, read consistently.
+_GET = _COMMON + """
+return record(ARGV[1], ARGV[2])
 """
 
 # ARGV: prefix, owner, alive ms, now, reconcile at. The heartbeat: records of replicas whose
@@ -350,6 +375,21 @@ def _row(f: dict[bytes, bytes], before: bytes | None = None) -> Row:
                float(f[b"created_at"]), updated_at, _opt_float(f.get(b"sent_at")))
 
 
+async def _cancellable(awaitable: Awaitable[T]) -> T:
+    """``await awaitable``, then raise a cancellation of the current task that arrived meanwhile.
+
+    redis-py (seen with 8.1) may complete a command normally although the task awaiting it was
+    cancelled, swallowing the cancellation; a loop around it would then never stop (and whoever
+    cancelled it would wait forever). Only a cancellation requested *during* the call counts, so
+    cleanup code running after an earlier cancellation is not disturbed."""
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    result = await awaitable
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+    return result
+
+
 def _connect(url: str):
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
@@ -394,6 +434,7 @@ class RedisOutbox:
         self.reconcile_seconds = 60.0
         self.redis = None
         self._tasks: list[asyncio.Task] = []
+        self._closing = False
         self.k_wake = f"{self.p}:out:wake"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -406,9 +447,11 @@ class RedisOutbox:
         (plus a third of it); the same reconciliation then applies.
         """
         self.reconcile_seconds = reconcile_seconds
+        self._closing = False
         self.redis = _connect(self.url)
         register = self.redis.register_script
         self._add = register(_ADD)
+        self._get = register(_GET)
         self._claim = register(_CLAIM)
         self._sent = register(_SENT)
         self._failed = register(_FAILED)
@@ -434,9 +477,11 @@ class RedisOutbox:
         finish in time) become ``uncertain`` at once, as a restart would make them."""
         if self.redis is None:
             return
+        self._closing = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
         self._tasks = []
         try:
             at = repr(time.time() + self.reconcile_seconds)
@@ -465,10 +510,10 @@ class RedisOutbox:
                                           repr(time.time()), at]))
 
     async def _keep_alive(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.alive_ms / 3000)
             try:
-                found = await self.heartbeat()
+                found = await _cancellable(self.heartbeat())
             except _unavailable() as exc:
                 log.warning("redis_unavailable", operation="outbox_heartbeat", error=repr(exc))
                 continue
@@ -487,14 +532,14 @@ class RedisOutbox:
 
     async def _listen(self, wake: Callable[[str, str], None]) -> None:
         delay = 0.1
-        while True:
+        while not self._closing:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.k_wake)
+                await _cancellable(pubsub.subscribe(self.k_wake))
                 delay = 0.1
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                       timeout=1.0)
+                while not self._closing:
+                    message = await _cancellable(pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=1.0))
                     if message and message.get("type") == "message":
                         channel, _, account = _str(message["data"]).partition("\n")
                         wake(channel, account)
@@ -517,7 +562,7 @@ class RedisOutbox:
         delay = 0.1
         while True:
             try:
-                return await call()
+                return await _cancellable(call())
             except _unavailable() as exc:
                 log.warning("redis_unavailable", operation=what, error=repr(exc), retry_in=delay)
                 await asyncio.sleep(delay)
@@ -541,8 +586,8 @@ class RedisOutbox:
         return _row(_pairs(fields)), bool(new)
 
     async def get(self, record_id: str) -> Row | None:
-        fields = await self.redis.hgetall(f"{self.p}:out:rec:{record_id}")
-        return _row(fields) if fields else None
+        flat = await self._get(args=[self.p, record_id])
+        return _row(_pairs(flat)) if flat else None
 
     async def claim_due(self, channel: str, account_id: str, limit: int) -> list[Row]:
         """Due records of one account, oldest first, moved to ``sending`` (each handed to exactly
@@ -654,8 +699,8 @@ class AccountLease:
 
         started = time.monotonic()
         try:
-            ok = bool(await self.outbox._acquire(keys=[self.key],
-                                                 args=[self.owner, self.ttl_ms]))
+            ok = bool(await _cancellable(self.outbox._acquire(keys=[self.key],
+                                                              args=[self.owner, self.ttl_ms])))
         except (RedisError, OSError) as exc:
             log.warning("redis_unavailable", operation="acquire_account_lease", error=repr(exc))
             self._failed = True
@@ -693,20 +738,23 @@ class AccountLease:
 
     async def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the lease to be ours; return :attr:`held`."""
-        if self.held:
-            return True
-        self._won.clear()
-        try:
-            await asyncio.wait_for(self._won.wait(), timeout)
-        except TimeoutError:
-            pass
-        return self.held
+        deadline = time.monotonic() + timeout
+        while not self.held:  # an acquisition that took too long to answer does not count
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._won.clear()
+            try:
+                await asyncio.wait_for(self._won.wait(), left)
+            except TimeoutError:
+                return self.held
+        return True
 
     async def close(self) -> None:
         """Stop renewing and give the lease back (best effort: otherwise it expires)."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait([self._task], timeout=5.0)
             self._task = None
         try:
             await self.release()
