@@ -1,0 +1,377 @@
+"""RedisOutbox specifics on a real redis-server: key layout and retention, replicas that die or
+stop, lost replies, wake-ups, the per-account sending lease, a Redis crash, two gateways."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from gateway import config as gwconfig
+from gateway.outbound.outbox import Customer, Outbox
+from gateway.outbound.redis_outbox import CLAIM_TOKEN_MS, AccountLease, RedisOutbox
+from gateway.outbound.store import LocalLease, account_lease, open_outbox
+from tests.outbound import redis_fixtures
+
+redis_server = redis_fixtures.redis_server
+redis_url = redis_fixtures.redis_url
+own_redis = redis_fixtures.own_redis
+
+WA, CUSTOMER = "100000000000001", "15550001234"
+
+
+@pytest.fixture
+async def opened():
+    """Factory: ``await opened(url, **options)`` → an open RedisOutbox, closed after the test."""
+    boxes: list[RedisOutbox] = []
+
+    async def make(url: str, reconcile_seconds: float = 60.0, **options) -> RedisOutbox:
+        ob = RedisOutbox(url, **options)
+        await ob.open(reconcile_seconds)
+        boxes.append(ob)
+        return ob
+
+    yield make
+    for ob in boxes:
+        await ob.close()
+
+
+async def kill(ob: RedisOutbox) -> None:
+    """Stop ``ob`` as a crash would (no graceful close)."""
+    for task in ob._tasks:
+        task.cancel()
+    await asyncio.gather(*ob._tasks, return_exceptions=True)
+    ob._tasks = []
+    await ob.redis.aclose()
+    ob.redis = None
+
+
+async def eventually(check, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await check()
+        if found or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.05)
+
+
+def prefix_of(url: str) -> str:
+    return url.rsplit("prefix=", 1)[1]
+
+
+async def test_key_layout_under_the_url_prefix_and_retention(redis_url, opened):
+    ob = await opened(redis_url, retention_seconds=100)
+    p = prefix_of(redis_url)
+    assert ob.p == p and "prefix" not in ob.url
+    r = ob.redis
+    row, _ = await ob.add("whatsapp", WA, CUSTOMER, "text", b"req", "idem-1")
+    assert await r.hget(f"{p}:out:rec:{row.id}", "state") == b"queued"
+    assert await r.object("encoding", f"{p}:out:rec:{row.id}") == b"listpack"  # compact
+    assert await r.get(f"{p}:out:req:{row.id}") == b"req"
+    assert await r.get(f"{p}:out:idem:idem-1") == row.id.encode()
+    assert await r.zscore(f"{p}:out:due:whatsapp:{WA}", row.id) == row.next_at
+    assert await r.zscore(f"{p}:out:to:whatsapp:{CUSTOMER}", row.id) is not None
+    # nothing waiting to be sent ever expires
+    await ob.claim_due("whatsapp", WA, 10)
+    await ob.retry_at(row.id, time.time() - 1, {"code": 1, "message": "x" * 500})
+    assert await r.get(f"{p}:out:err:{row.id}") == b'{"code":1,"message":"%s"}' % (b"x" * 500)
+    for key in (f"{p}:out:rec:{row.id}", f"{p}:out:req:{row.id}", f"{p}:out:err:{row.id}",
+                f"{p}:out:idem:idem-1", f"{p}:out:to:whatsapp:{CUSTOMER}"):
+        assert await r.pttl(key) == -1, key
+    await ob.claim_due("whatsapp", WA, 10)
+    assert await r.smembers(f"{p}:out:sending:{ob.owner}") == {row.id.encode()}
+    assert ob.owner.encode() in await r.smembers(f"{p}:out:owners")
+    assert await r.pttl(f"{p}:out:alive:{ob.owner}") > 0
+    await ob.sent(row.id, "wamid.1")
+    assert await r.get(f"{p}:out:pmid:wamid.1") == row.id.encode()
+    assert await r.smembers(f"{p}:out:sending:{ob.owner}") == set()
+    assert await r.zcard(f"{p}:out:due:whatsapp:{WA}") == 0
+    assert await r.exists(f"{p}:out:err:{row.id}") == 0  # sent: no error any more
+    for key in (f"{p}:out:rec:{row.id}", f"{p}:out:req:{row.id}", f"{p}:out:idem:idem-1",
+                f"{p}:out:pmid:wamid.1", f"{p}:out:to:whatsapp:{CUSTOMER}"):
+        assert 90_000 < await r.pttl(key) <= 100_000, key  # settled: kept for the retention
+    await ob.inbound("whatsapp", WA, CUSTOMER, 5.5, "wamid.in", True)
+    assert await r.hgetall(f"{p}:out:customer:whatsapp:{CUSTOMER}") == {
+        f"at:{WA}".encode(): b"5.5", f"mid:{WA}".encode(): b"wamid.in", f"opt:{WA}".encode(): b"1"}
+    assert await r.pttl(f"{p}:out:customer:whatsapp:{CUSTOMER}") == -1  # consent never expires
+    other = await opened(redis_url.replace(f"prefix={p}", "prefix=elsewhere" + p))
+    assert await other.get(row.id) is None  # another prefix is another gateway
+
+
+async def test_settled_records_expire_queued_ones_stay(redis_url, opened):
+    ob = await opened(redis_url, retention_seconds=1)
+    done, _ = await ob.add("whatsapp", WA, CUSTOMER, "text", b"a", "idem-done")
+    waiting, _ = await ob.add("whatsapp", WA, CUSTOMER, "text", b"b", None)
+    await ob.claim_due("whatsapp", WA, 1)
+    await ob.failed(done.id, {"code": 100})
+    await asyncio.sleep(1.2)
+    assert await ob.get(done.id) is None
+    assert (await ob.get(waiting.id)).state == "queued"
+    again, new = await ob.add("whatsapp", WA, CUSTOMER, "text", b"a", "idem-done")
+    assert new and again.id != done.id  # the key is remembered as long as its record
+    assert await ob.erase_contact("whatsapp", CUSTOMER) == {"outbox": 2, "customers": 0}
+
+
+async def test_a_running_replica_reconciles_a_dead_replicas_sends(redis_url, opened):
+    alive = await opened(redis_url, reconcile_seconds=0.3, alive_ms=300)
+    dying = await opened(redis_url, alive_ms=300)
+    row, _ = await dying.add("whatsapp", WA, CUSTOMER, "text", b"req", None)
+    assert len(await dying.claim_due("whatsapp", WA, 10)) == 1
+    await kill(dying)  # its heartbeat stops; the record stays `sending` …
+
+    async def uncertain() -> bool:
+        return (await alive.get(row.id)).state == "uncertain"
+
+    assert await eventually(uncertain, 3.0)  # … until the other replica's heartbeat notices
+    await asyncio.sleep(0.35)
+    claimed = await alive.claim_due("whatsapp", WA, 10)
+    assert [(r.id, r.state) for r in claimed] == [(row.id, "uncertain")]
+
+
+async def test_a_replica_that_is_alive_keeps_its_sends(redis_url, opened):
+    a = await opened(redis_url, alive_ms=300)
+    b = await opened(redis_url, alive_ms=300)
+    row, _ = await a.add("whatsapp", WA, CUSTOMER, "text", b"req", None)
+    await a.claim_due("whatsapp", WA, 10)
+    await asyncio.sleep(0.8)  # several heartbeats of both
+    assert (await b.get(row.id)).state == "sending"
+    late = RedisOutbox(redis_url, alive_ms=300)
+    assert await late.open(60.0) == 0  # a replica starting now reconciles nothing of a's
+    await late.close()
+    assert (await b.get(row.id)).state == "sending"
+
+
+async def test_a_graceful_close_leaves_unfinished_sends_uncertain(redis_url, opened):
+    a = RedisOutbox(redis_url)
+    await a.open(0.3)
+    row, _ = await a.add("whatsapp", WA, CUSTOMER, "text", b"req", None)
+    await a.claim_due("whatsapp", WA, 10)
+    await a.close()
+    b = await opened(redis_url)
+    got = await b.get(row.id)
+    assert got.state == "uncertain" and got.next_at > time.time()
+    assert await b.redis.exists(f"{b.p}:out:alive:{a.owner}") == 0
+
+
+async def test_a_claim_retried_after_a_lost_reply_hands_out_the_same_records(redis_url, opened):
+    ob = await opened(redis_url)
+    rows = [(await ob.add("whatsapp", WA, f"c{i}", "text", b"req", None))[0] for i in range(3)]
+    args = [ob.p, "whatsapp", WA, repr(time.time()), 2, ob.owner, "token-1", CLAIM_TOKEN_MS]
+    first = await ob._claim(args=args)
+    again = await ob._claim(args=args)  # the same call, retried: not two more records
+    assert first == again and len(first) == 4
+    assert [r.id for r in await ob.claim_due("whatsapp", WA, 10)] == [rows[2].id]
+    await ob.sent(rows[0].id, "wamid.0")
+    assert len(await ob._claim(args=args)) == 2  # what has moved on is not handed out again
+
+
+async def test_a_cancelled_send_loop_always_stops(redis_url, opened):
+    """redis-py may swallow the cancellation of a task awaiting a command; the outbox raises it
+    again, so a send loop (and the service's stop()) never waits forever."""
+    ob = await opened(redis_url)
+    await ob.add("whatsapp", WA, CUSTOMER, "text", b"req", None)
+
+    async def loop() -> None:
+        for _ in range(1_000_000):  # bounded, but far longer than the test
+            await ob.next_due("whatsapp", WA)
+            await ob.claim_due("whatsapp", "200000000000002", 10)
+
+    for n in range(200):
+        task = asyncio.create_task(loop())
+        await asyncio.sleep(0.0002 * (n % 7))
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2.0)
+        assert done and task.cancelled(), f"round {n}: the cancellation was lost"
+
+
+async def test_watch_wakes_the_replica_that_sends(redis_url, opened):
+    a = await opened(redis_url)
+    b = await opened(redis_url)
+    woken: list[tuple[str, str]] = []
+    b.watch(lambda channel, account: woken.append((channel, account)))
+    await asyncio.sleep(0.2)  # subscribed
+
+    async def heard() -> bool:
+        return bool(woken)
+
+    await a.add("whatsapp", WA, CUSTOMER, "text", b"req", None)
+    assert await eventually(heard, 3.0)
+    assert woken == [("whatsapp", WA)]
+    await a.add("whatsapp", WA, CUSTOMER, "text", b"req", "k")
+    await a.add("whatsapp", WA, CUSTOMER, "text", b"req", "k")  # not new: nobody is woken
+    await asyncio.sleep(0.3)
+    assert woken == [("whatsapp", WA)] * 2
+
+
+def test_open_outbox_chooses_by_backend(tmp_path, redis_url):
+    sqlite = open_outbox(gwconfig.GatewayConfig(
+        server=gwconfig.ServerConfig(data_dir=str(tmp_path))))
+    assert isinstance(sqlite, Outbox) and sqlite.path == str(tmp_path / "outbox.db")
+    shared = open_outbox(gwconfig.GatewayConfig(queue=gwconfig.QueueConfig(
+        backend="redis", redis_url=redis_url)), retention_seconds=60)
+    assert isinstance(shared, RedisOutbox)
+    assert shared.p == prefix_of(redis_url) and shared.retention_ms == 60_000
+    assert isinstance(account_lease(sqlite, "whatsapp", WA), LocalLease)
+    lease = account_lease(shared, "whatsapp", WA)
+    assert isinstance(lease, AccountLease)
+    assert lease.key == f"{shared.p}:lease:outbound:whatsapp:{WA}"
+
+
+async def test_local_lease_always_holds():
+    lease = LocalLease()
+    assert lease.held and await lease.start() and await lease.wait(0.1)
+    assert await lease.acquire() and await lease.release()
+    await lease.close()
+
+
+# -- the per-account sending lease -----------------------------------------------------------
+
+async def test_one_replica_holds_an_accounts_lease(redis_url, opened):
+    a, b = await opened(redis_url), await opened(redis_url)
+    la, lb = AccountLease(a, "whatsapp", WA, 5_000), AccountLease(b, "whatsapp", WA, 5_000)
+    assert await la.acquire() and la.held
+    assert await la.acquire()  # renewal
+    assert not await lb.acquire() and not lb.held
+    other = AccountLease(b, "whatsapp", "200000000000002", 5_000)
+    assert await other.acquire()  # per account
+    assert await AccountLease(b, "instagram", WA, 5_000).acquire()  # per channel
+    assert 0 < await a.redis.pttl(la.key) <= 5_000
+    assert await a.redis.get(la.key) == a.owner.encode()
+    assert not await lb.release()  # not b's to give back
+    assert la.held
+    assert await la.release() and not la.held
+    assert await lb.acquire() and lb.held
+    assert not await la.acquire()
+
+
+async def test_an_expired_lease_is_taken_over(redis_url, opened):
+    a, b = await opened(redis_url), await opened(redis_url)
+    la, lb = AccountLease(a, "whatsapp", WA, 300), AccountLease(b, "whatsapp", WA, 300)
+    assert await la.acquire()
+    assert not await lb.acquire()
+    await asyncio.sleep(0.35)  # a stopped renewing (stalled, or died)
+    assert not la.held  # a stops sending before the key expires (10 % margin) …
+    assert await lb.acquire() and lb.held  # … and b takes over
+    assert not await la.acquire() and not la.held
+
+
+async def test_a_kept_lease_is_renewed_and_handed_over_on_close(redis_url, opened):
+    a, b = await opened(redis_url), await opened(redis_url)
+    la, lb = AccountLease(a, "whatsapp", WA, 300), AccountLease(b, "whatsapp", WA, 300)
+    assert await la.start()
+    assert not await lb.start()
+    for _ in range(10):  # a second: three times the ttl, renewed all along
+        await asyncio.sleep(0.1)
+        assert la.held and not lb.held
+    assert not await lb.wait(0.2)
+    await la.close()  # a graceful stop gives it back at once
+    assert not la.held
+    assert await lb.wait(1.0)
+    await lb.close()
+    assert await a.redis.exists(lb.key) == 0
+
+
+async def test_a_replica_that_cannot_renew_stops_sending(own_redis):
+    url, start = own_redis
+    proc = start()
+    ob = RedisOutbox(url)
+    await ob.open(60.0)
+    lease = AccountLease(ob, "whatsapp", WA, 600)
+    try:
+        assert await lease.start()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        await asyncio.sleep(0.6)
+        assert not lease.held  # Redis is gone: the lease lapses, whatever the key says
+        start()
+        assert await lease.wait(5.0)  # back, and free again (the key expired with the ttl)
+    finally:
+        await lease.close()
+        await ob.close()
+
+
+# -- a Redis crash ------------------------------------------------------------------------------
+
+async def test_acknowledged_adds_survive_a_redis_crash(own_redis):
+    url, start = own_redis
+    proc = start()
+    ob = RedisOutbox(url)
+    await ob.open(60.0)
+    rows = [(await ob.add("whatsapp", WA, f"1555000{n:04d}", "text", f"r{n}".encode(),
+                          f"key-{n}"))[0] for n in range(50)]
+    await ob.inbound("whatsapp", WA, CUSTOMER, 1234.5, "wamid.in", True)
+    claimed = await ob.claim_due("whatsapp", WA, 5)
+    await ob.sent(claimed[0].id, "wamid.sent")
+    os.kill(proc.pid, signal.SIGKILL)  # no shutdown, no final save: only the AOF remains
+    proc.wait(10)
+    assert not await ob.ping()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - POST /v1/messages answers 500
+        await ob.add("whatsapp", WA, CUSTOMER, "text", b"lost", None)
+    # the send loop's calls wait for Redis instead of failing
+    waiting = asyncio.create_task(ob.claim_due("whatsapp", WA, 100))
+    status = asyncio.create_task(ob.status(provider_message_id="wamid.sent", record_id=None,
+                                           status="delivered", error=None))
+    await asyncio.sleep(0.5)
+    assert not waiting.done() and not status.done()
+    start()
+    try:
+        again = await asyncio.wait_for(waiting, 15)
+        await asyncio.wait_for(status, 15)
+        assert [r.id for r in again] == [r.id for r in rows[5:]]
+        assert (await ob.get(claimed[0].id)).state == "delivered"
+        assert [(await ob.get(r.id)).state for r in claimed[1:]] == ["sending"] * 4
+        for n, row in enumerate(rows):
+            assert (await ob.get(row.id)).request == f"r{n}".encode()
+        same, new = await ob.add("whatsapp", WA, "x", "text", b"x", "key-7")
+        assert not new and same.id == rows[7].id
+        assert await ob.customer("whatsapp", WA, CUSTOMER) == Customer(1234.5, "wamid.in", True)
+        fresh = RedisOutbox(url)
+        assert await fresh.open(60.0) == 0  # ob is alive (its heartbeat is back)
+        await fresh.close()
+    finally:
+        await ob.close()
+
+
+# -- two gateways ----------------------------------------------------------------------------
+
+async def test_two_gateway_replicas_share_one_outbox(gateway, redis_url, monkeypatch):
+    """Whichever replica accepts a send, it is sent once; either replica answers its status; the
+    window opened by an inbound message is known to both. (service.py is patched here to build
+    a RedisOutbox, as open_outbox will make it do.)"""
+    from gateway import keys
+    from gateway.outbound import service as service_module
+    from gateway.testing.graph import GraphSimulator
+    from tests.outbound.conftest import TOKEN, Outbound, channels_toml
+
+    monkeypatch.setattr(service_module, "Outbox", lambda data_dir: RedisOutbox(redis_url))
+    async with GraphSimulator() as sim:
+        extra = (f'api_token = "{TOKEN}"\n[queue]\nbackend = "redis"\n'
+                 f'redis_url = "{redis_url}"')
+        channels = channels_toml(sim.url, extra_wa="pair_burst = 45\npair_interval_seconds = 0.1")
+        gws = [await gateway(extra=extra, channels=channels) for _ in range(2)]
+        assert all(isinstance(g.app[keys.OUTBOUND].outbox, RedisOutbox) for g in gws)
+        replicas = [Outbound(g, sim) for g in gws]
+        await replicas[0].inbound("whatsapp", CUSTOMER)
+        for g in gws:
+            await g.settle()
+
+        async def window_known() -> bool:
+            found = await gws[1].app[keys.OUTBOUND].outbox.customer("whatsapp", WA, CUSTOMER)
+            return found.last_inbound_at is not None
+
+        assert await eventually(window_known, 5.0)
+        ids = []
+        for i in range(20):
+            status, answer = await replicas[i % 2].send(
+                {"channel": "whatsapp", "to": CUSTOMER, "type": "text", "text": f"reply {i}"})
+            assert status == 202, answer
+            ids.append(answer["id"])
+        for i, record_id in enumerate(ids):  # asked of the replica that did not accept it
+            await replicas[(i + 1) % 2].wait(record_id, "sent", timeout=15)
+        await asyncio.sleep(0.5)  # a second send would show up now
+        texts = sorted(m.body["text"]["body"] for m in sim.accepted)
+        assert texts == sorted(f"reply {i}" for i in range(20))
+        assert sorted(m.body["biz_opaque_callback_data"] for m in sim.accepted) == sorted(ids)
