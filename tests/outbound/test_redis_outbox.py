@@ -339,14 +339,14 @@ async def test_acknowledged_adds_survive_a_redis_crash(own_redis):
 
 async def test_two_gateway_replicas_share_one_outbox(gateway, redis_url, monkeypatch):
     """Whichever replica accepts a send, it is sent once; either replica answers its status; the
-    window opened by an inbound message is known to both. (service.py is patched here to build
-    a RedisOutbox, as open_outbox will make it do.)"""
+    window opened by an inbound message is known to both."""
     from gateway import keys
     from gateway.outbound import service as service_module
     from gateway.testing.graph import GraphSimulator
     from tests.outbound.conftest import TOKEN, Outbound, channels_toml
 
-    monkeypatch.setattr(service_module, "Outbox", lambda data_dir: RedisOutbox(redis_url))
+    if hasattr(service_module, "Outbox"):  # until service.py builds it with open_outbox(config)
+        monkeypatch.setattr(service_module, "Outbox", lambda data_dir: RedisOutbox(redis_url))
     async with GraphSimulator() as sim:
         extra = (f'api_token = "{TOKEN}"\n[queue]\nbackend = "redis"\n'
                  f'redis_url = "{redis_url}"')
