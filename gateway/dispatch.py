@@ -17,6 +17,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from gateway import logging as gwlog
+from gateway.aio import wait_event
 from gateway.errors import PermanentError, RetryableError
 from gateway.events import decode
 from gateway.journal import StoredEvent
@@ -87,10 +88,7 @@ class SinkWorker:
             self.idle.set()
             if self._stopping:
                 return
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=self.poll_seconds)
-            except TimeoutError:
-                pass
+            await wait_event(self.wake, self.poll_seconds)
 
     @property
     def poll_seconds(self) -> float:

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from gateway import logging as gwlog
+from gateway.aio import wait_event
 from gateway.errors import BadPayload
 from gateway.events import Event, encode
 from gateway.journal import NewEvent, RawRequest
@@ -73,10 +74,7 @@ class Processor:
             if done == 0:
                 if self._stopping:
                     return
-                try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=1.0)
-                except TimeoutError:
-                    pass
+                await wait_event(self.wake, 1.0)
 
     def stop(self) -> None:
         """Ask the loop to return once the journal is empty."""

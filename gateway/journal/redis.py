@@ -34,6 +34,8 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Awaitable
+from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from gateway import logging as gwlog
@@ -41,6 +43,7 @@ from gateway.config import GatewayConfig
 from gateway.journal import DeadLetter, NewEvent, RawRequest, StoredEvent
 
 log = gwlog.get("gateway.journal.redis")
+T = TypeVar("T")
 
 GROUP = "processors"
 STALE_MS = 30_000  # an entry claimed this long ago by a replica that went away is taken over
@@ -214,6 +217,21 @@ def _str(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+async def cancellable(awaitable: Awaitable[T]) -> T:
+    """``await awaitable``, then raise a cancellation of the current task that arrived meanwhile.
+
+    redis-py (seen with 8.1) may complete a command normally although the task awaiting it was
+    cancelled, swallowing the cancellation; a loop around it would then never stop (and whoever
+    cancelled it would wait forever). Only a cancellation requested *during* the call counts, so
+    cleanup code running after an earlier cancellation is not disturbed."""
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    result = await awaitable
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+    return result
+
+
 class RedisJournal:
     """The :class:`gateway.journal.Journal` on Redis, shared by several gateway replicas."""
 
@@ -314,7 +332,7 @@ class RedisJournal:
         delay = 0.1
         while True:
             try:
-                return await call()
+                return await cancellable(call())
             except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError) as exc:
                 log.warning("redis_unavailable", operation=what, error=repr(exc), retry_in=delay)
                 await asyncio.sleep(delay)

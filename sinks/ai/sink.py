@@ -36,6 +36,7 @@ import msgspec
 
 from gateway import keys
 from gateway import logging as gwlog
+from gateway.aio import wait_event
 from gateway.config import SinkConfig
 from gateway.errors import ConfigError, PermanentError, RateLimited, RetryableError
 from gateway.events import MESSAGE_TYPES
@@ -371,10 +372,8 @@ class AISink(Sink):
 
     async def _outbound(self) -> Any:
         if self.app is None:
-            try:
-                await asyncio.wait_for(self._attached.wait(), START_WAIT_SECONDS)
-            except TimeoutError:
-                raise RetryableError("the gateway has not started yet") from None
+            if not await wait_event(self._attached, START_WAIT_SECONDS):
+                raise RetryableError("the gateway has not started yet")
         assert self.app is not None
         if keys.OUTBOUND not in self.app:
             raise RetryableError("no outbound service in this gateway (app[keys.OUTBOUND] is "

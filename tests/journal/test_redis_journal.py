@@ -266,3 +266,27 @@ async def test_acknowledged_appends_survive_a_redis_crash(own_redis):
         await fresh.close()
     finally:
         await j.close()
+
+
+async def test_a_cancelled_journal_loop_always_stops(redis_url):
+    """redis-py may swallow the cancellation of a task awaiting a command; the journal's calls
+    raise it again, so the processor and the sink workers stop when the gateway shuts down."""
+    from gateway.journal.redis import RedisJournal
+
+    cfg = gwconfig.GatewayConfig(queue=gwconfig.QueueConfig(backend="redis", redis_url=redis_url))
+    journal = RedisJournal(cfg)
+    await journal.open()
+    try:
+        async def loop() -> None:
+            for _ in range(1_000_000):  # bounded, but far longer than the test
+                await journal.cursor("sink:x")
+                await journal.events_after(0, 10)
+
+        for n in range(200):
+            task = asyncio.create_task(loop())
+            await asyncio.sleep(0.0002 * (n % 7))
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=2.0)
+            assert done and task.cancelled(), f"round {n}: the cancellation was lost"
+    finally:
+        await journal.close()
