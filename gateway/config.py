@@ -96,6 +96,7 @@ class OutboundConfig(_Section):
     backoff_max: float = 300.0
     reconcile_seconds: float = 60.0  # wait for a status webhook before resending after a crash
     concurrency: int = 64  # sends in flight per account
+    retention_days: float = 30.0  # Redis outbox: settled records kept this long, then expire
     # Throttling answers (4, 613, 80007, 130429, 131048, 131056, ...): per-scope exponential
     # backoff with jitter, reset on success; Meta's own hints (Retry-After, BUC
     # estimated_time_to_regain_access) are waited out in full.
@@ -115,6 +116,8 @@ class OutboundConfig(_Section):
             raise ConfigError("must be at least 1", f"{prefix}.max_attempts")
         if self.concurrency < 1:
             raise ConfigError("must be at least 1", f"{prefix}.concurrency")
+        if self.retention_days <= 0:
+            raise ConfigError("must be greater than 0", f"{prefix}.retention_days")
         if self.throttle_max_attempts < 1:
             raise ConfigError("must be at least 1", f"{prefix}.throttle_max_attempts")
         for key in ("throttle_backoff_initial", "throttle_backoff_long", "throttle_backoff_max",

@@ -157,7 +157,7 @@ class Outbox:
         now = time.time()
         await self._db.run(lambda c: c.execute(
             "UPDATE outbox SET state = 'queued', next_at = ?, updated_at = ?, error = ?, "
-            "attempts = attempts - ? WHERE id = ?",
+            "attempts = attempts - ? WHERE id = ? AND state IN ('queued', 'sending', 'uncertain')",
             (at, now, msgspec.json.encode(error) if error else None, 0 if count_attempt else 1,
              record_id)))
 
@@ -194,6 +194,14 @@ class Outbox:
             "ELSE last_inbound_message_id END, "
             "last_inbound_at = max(coalesce(last_inbound_at, 0), excluded.last_inbound_at)",
             (channel, account_id, contact_id, at, message_id, opted_out, opted_out)))
+
+    async def set_opted_out(self, channel: str, account_id: str, contact_id: str,
+                            opted_out: bool) -> None:
+        """Record consent learnt outside an inbound message (Meta's 131050 answer)."""
+        await self._db.run(lambda c: c.execute(
+            "INSERT INTO customers(channel, account_id, contact_id, opted_out) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO UPDATE SET opted_out = excluded.opted_out",
+            (channel, account_id, contact_id, int(opted_out))))
 
     async def customer(self, channel: str, account_id: str, contact_id: str) -> Customer:
         row = await self._db.run(lambda c: c.execute(

@@ -58,11 +58,13 @@ from typing import Any, TypeVar
 import msgspec
 
 from gateway import logging as gwlog
+from gateway.aio import wait_event
 from gateway.journal.redis import (
     _ACQUIRE_LEASE,
     _RELEASE_LEASE,
     OUTAGE_BACKOFF_MAX,
     _str,
+    cancellable,
     split_url,
 )
 from gateway.outbound.outbox import RANK, Customer, Row
@@ -281,7 +283,9 @@ local p, account, at = ARGV[1], ARGV[3], ARGV[5]
 local key = p .. ':out:customer:' .. ARGV[2] .. ':' .. ARGV[4]
 local old = redis.call('HGET', key, 'at:' .. account)
 if ARGV[8] ~= '' then redis.call('HSET', key, 'opt:' .. account, ARGV[8])
-elseif not old then redis.call('HSET', key, 'opt:' .. account, '0') end
+elseif redis.call('HEXISTS', key, 'opt:' .. account) == 0 then
+  redis.call('HSET', key, 'opt:' .. account, '0')
+end
 if not old or tonumber(at) >= tonumber(old) then
   redis.call('HSET', key, 'at:' .. account, at)
   if ARGV[7] == '1' then redis.call('HSET', key, 'mid:' .. account, ARGV[6])
@@ -373,21 +377,6 @@ def _row(f: dict[bytes, bytes], before: bytes | None = None) -> Row:
                _opt_str(f.get(b"provider_message_id")),
                None if f.get(b"error") is None else bytes(f[b"error"]),
                float(f[b"created_at"]), updated_at, _opt_float(f.get(b"sent_at")))
-
-
-async def _cancellable(awaitable: Awaitable[T]) -> T:
-    """``await awaitable``, then raise a cancellation of the current task that arrived meanwhile.
-
-    redis-py (seen with 8.1) may complete a command normally although the task awaiting it was
-    cancelled, swallowing the cancellation; a loop around it would then never stop (and whoever
-    cancelled it would wait forever). Only a cancellation requested *during* the call counts, so
-    cleanup code running after an earlier cancellation is not disturbed."""
-    task = asyncio.current_task()
-    before = task.cancelling() if task is not None else 0
-    result = await awaitable
-    if task is not None and task.cancelling() > before:
-        raise asyncio.CancelledError
-    return result
 
 
 def _connect(url: str):
@@ -513,7 +502,7 @@ class RedisOutbox:
         while not self._closing:
             await asyncio.sleep(self.alive_ms / 3000)
             try:
-                found = await _cancellable(self.heartbeat())
+                found = await cancellable(self.heartbeat())
             except _unavailable() as exc:
                 log.warning("redis_unavailable", operation="outbox_heartbeat", error=repr(exc))
                 continue
@@ -535,10 +524,10 @@ class RedisOutbox:
         while not self._closing:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await _cancellable(pubsub.subscribe(self.k_wake))
+                await cancellable(pubsub.subscribe(self.k_wake))
                 delay = 0.1
                 while not self._closing:
-                    message = await _cancellable(pubsub.get_message(
+                    message = await cancellable(pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=1.0))
                     if message and message.get("type") == "message":
                         channel, _, account = _str(message["data"]).partition("\n")
@@ -562,7 +551,7 @@ class RedisOutbox:
         delay = 0.1
         while True:
             try:
-                return await _cancellable(call())
+                return await cancellable(call())
             except _unavailable() as exc:
                 log.warning("redis_unavailable", operation=what, error=repr(exc), retry_in=delay)
                 await asyncio.sleep(delay)
@@ -650,13 +639,18 @@ class RedisOutbox:
             self.p, channel, account_id, contact_id, repr(float(at)), message_id or "",
             "0" if message_id is None else "1", opted]))
 
+    async def set_opted_out(self, channel: str, account_id: str, contact_id: str,
+                            opted_out: bool) -> None:
+        """Record consent learnt outside an inbound message (Meta's 131050 answer)."""
+        await self._outage("set_opted_out", lambda: self.redis.hset(
+            f"{self.p}:out:customer:{channel}:{contact_id}", f"opt:{account_id}",
+            "1" if opted_out else "0"))
+
     async def customer(self, channel: str, account_id: str, contact_id: str) -> Customer:
         at, mid, opt = await self.redis.hmget(
             f"{self.p}:out:customer:{channel}:{contact_id}",
             [f"at:{account_id}", f"mid:{account_id}", f"opt:{account_id}"])
-        if at is None:
-            return Customer(None, None, False)
-        return Customer(float(at), _opt_str(mid), opt == b"1")
+        return Customer(None if at is None else float(at), _opt_str(mid), opt == b"1")
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: forget a contact's outbound records and window/consent state."""
@@ -699,7 +693,7 @@ class AccountLease:
 
         started = time.monotonic()
         try:
-            ok = bool(await _cancellable(self.outbox._acquire(keys=[self.key],
+            ok = bool(await cancellable(self.outbox._acquire(keys=[self.key],
                                                               args=[self.owner, self.ttl_ms])))
         except (RedisError, OSError) as exc:
             log.warning("redis_unavailable", operation="acquire_account_lease", error=repr(exc))
@@ -744,9 +738,7 @@ class AccountLease:
             if left <= 0:
                 return False
             self._won.clear()
-            try:
-                await asyncio.wait_for(self._won.wait(), left)
-            except TimeoutError:
+            if not await wait_event(self._won, left):
                 return self.held
         return True
 

@@ -32,11 +32,15 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from gateway import logging as gwlog
+from gateway.aio import wait_event
 from gateway.outbound import request as rq
 from gateway.outbound.errors import AccountPaused, MetaError, MetaThrottled, TokenExpired
 from gateway.outbound.http import SendUncertain
-from gateway.outbound.outbox import Outbox, Row
+from gateway.outbound.outbox import Row
+from gateway.outbound.python_api import PythonAPI
 from gateway.outbound.ratelimit import AccountLimiter, headroom_from_headers
+from gateway.outbound.redis_outbox import RedisOutbox
+from gateway.outbound.store import account_lease, open_outbox
 
 if TYPE_CHECKING:
     from gateway.channel import Channel
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
 log = gwlog.get("gateway.outbound")
 READING_TTL = 3600.0  # a usage-header reading decays back to 1.0 over Meta's 1 h window
 CATEGORIES = ("marketing", "utility", "authentication")
+OPTED_OUT_CODE = 131050  # "the user stopped marketing messages"
 
 
 class Refused(rq.InvalidRequest):
@@ -69,7 +74,7 @@ class Pause:
     probing: bool = False
 
 
-class OutboundService:
+class OutboundService(PythonAPI):
     """Owns the outbox, the limiters and one worker per sending account."""
 
     def __init__(self, config: GatewayConfig, channels: dict[str, Channel],
@@ -77,7 +82,8 @@ class OutboundService:
         self.config = config.outbound
         self.channels = channels
         self.metrics = metrics
-        self.outbox = Outbox(config.server.data_dir)
+        self.outbox = open_outbox(config)  # SQLite, or Redis shared by every replica
+        self.leases: dict[tuple[str, str], Any] = {}  # who sends for an account (Redis: one)
         self.limiters: dict[tuple[str, str], AccountLimiter] = {}
         self.wakes: dict[tuple[str, str], asyncio.Event] = {}
         self.paused: dict[tuple[str, str], Pause] = {}
@@ -103,8 +109,12 @@ class OutboundService:
                 limits["rate"], limits.get("pair_interval"), limits.get("pair_burst", 1),
                 type_limits=limits.get("type_limits"), name=limits.get("scope", "number"))
             self.wakes[key] = asyncio.Event()
+            self.leases[key] = account_lease(self.outbox, channel, account)
+            await self.leases[key].start()
             self.tasks.append(asyncio.create_task(self._worker(key),
                                                   name=f"outbound:{channel}:{account}"))
+        if isinstance(self.outbox, RedisOutbox):  # a send accepted by another replica
+            self.outbox.watch(self._woken)
 
     async def stop(self, timeout: float = 5.0) -> None:
         for task in self.tasks:
@@ -112,7 +122,14 @@ class OutboundService:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.inflight:
             await asyncio.wait(self.inflight, timeout=timeout)
+        for lease in self.leases.values():  # after the sends in flight: then another replica
+            await lease.close()             # may take over the account's rate at once
         await self.outbox.close()
+
+    def _woken(self, channel: str, account: str) -> None:
+        wake = self.wakes.get((channel, account))
+        if wake is not None:
+            wake.set()
 
     # -- accepting ------------------------------------------------------------------------------
 
@@ -192,72 +209,17 @@ class OutboundService:
         row = await self.outbox.get(record_id)
         return row.public() if row else None
 
-    # -- the Python API of the original system -------------------------------------------------
-
-    async def send_whatsapp_text(self, to: str, text: str, **kw: Any) -> dict[str, Any]:
-        """Send a WhatsApp text (``preview_url``, ``reply_to``, ``account_id`` ... in ``kw``)."""
-        return await self.send({"channel": "whatsapp", "type": "text", "to": to, "text": text,
-                                **kw})
-
-    async def send_whatsapp_template(self, to: str, name: str, language: str,
-                                     components: list | None = None,
-                                     category: str | None = None, **kw: Any) -> dict[str, Any]:
-        """Send an approved template; ``category`` (marketing / utility / authentication) is
-        checked against the contact's opt-out."""
-        template: dict[str, Any] = {"name": name, "language": language,
-                                    "components": components or []}
-        if category is not None:
-            template["category"] = category
-        return await self.send({"channel": "whatsapp", "type": "template", "to": to,
-                                "template": template, **kw})
-
-    async def send_whatsapp_media(self, to: str, kind: str, link: str | None = None,
-                                  media_id: str | None = None, caption: str | None = None,
-                                  filename: str | None = None, **kw: Any) -> dict[str, Any]:
-        """Send image / audio / video / document / sticker by ``link`` or uploaded ``media_id``."""
-        media = {k: v for k, v in {"link": link, "id": media_id, "caption": caption,
-                                   "filename": filename}.items() if v is not None}
-        return await self.send({"channel": "whatsapp", "type": kind, "to": to, "media": media,
-                                **kw})
-
-    async def upload_whatsapp_media(self, data: bytes, mime_type: str,
-                                    filename: str | None = None,
-                                    account_id: str | None = None) -> str:
-        """Upload media to WhatsApp (``POST /{phone_number_id}/media``); return its media id,
-        usable as ``send_whatsapp_media(..., media_id=...)`` for about 30 days."""
-        account = self._account("whatsapp", account_id)
-        return await self.channels["whatsapp"].upload_media(account, data, mime_type, filename)
-
-    async def download_whatsapp_media(self, media_id: str, account_id: str | None = None,
-                                      ) -> tuple[bytes, str | None]:
-        """Fetch a media object's bytes (e.g. a customer's image): (bytes, mime type)."""
-        account = self._account("whatsapp", account_id)
-        return await self.channels["whatsapp"].download_media(account, media_id)
-
-    async def send_instagram_text(self, to: str, text: str, **kw: Any) -> dict[str, Any]:
-        """Send an Instagram text (at most 1000 bytes of UTF-8; ``tag`` in ``kw``)."""
-        return await self.send({"channel": "instagram", "type": "text", "to": to, "text": text,
-                                **kw})
-
-    async def send_instagram_quick_replies(self, to: str, text: str, replies: list[dict],
-                                           **kw: Any) -> dict[str, Any]:
-        """Send text with quick replies (``[{title, payload}]``)."""
-        return await self.send({"channel": "instagram", "type": "quick_replies", "to": to,
-                                "text": text, "quick_replies": replies, **kw})
-
-    async def send_instagram_typing(self, to: str, on: bool = True, **kw: Any) -> dict[str, Any]:
-        """Show (``on``) or hide the typing indicator."""
-        return await self.send({"channel": "instagram", "type": "typing", "to": to, "on": on,
-                                **kw})
-
     # -- sending --------------------------------------------------------------------------------
 
     async def _worker(self, key: tuple[str, str]) -> None:
         channel, account = key
-        wake = self.wakes[key]
+        wake, lease = self.wakes[key], self.leases[key]
         gate = asyncio.Semaphore(self.config.concurrency)
         while True:
             wake.clear()
+            if not lease.held:  # another replica sends for this account (or Redis is away)
+                await lease.wait(1.0)
+                continue
             try:
                 timeout = await self._turn(key, gate)
             except Exception:  # noqa: BLE001 - a bug must not stop the account's sending for good
@@ -265,10 +227,7 @@ class OutboundService:
                 timeout = 1.0
             if timeout == 0:
                 continue
-            try:
-                await asyncio.wait_for(wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            await wait_event(wake, timeout)
 
     async def _turn(self, key: tuple[str, str], gate: asyncio.Semaphore) -> float:
         """Claim and dispatch what is due; return how long to sleep (0: more may be due)."""
@@ -287,7 +246,13 @@ class OutboundService:
                         gate: asyncio.Semaphore) -> None:
         limiter = self.limiters[key]
         slots: dict[str, float] = {}  # type class -> the next free slot for a deferred message
+        lease = self.leases[key]
         for index, row in enumerate(rows):
+            if not lease.held:  # lost the lease mid-batch: the next holder sends the rest
+                for rest in rows[index:]:
+                    await self.outbox.retry_at(rest.id, rest.next_at, _error(rest),
+                                               count_attempt=False)
+                return
             shared, own = limiter.waits(row.recipient, kind=row.type)
             if own > shared:  # its recipient's pair or its type class is busy: come back later
                 at = time.time() + own  # and never stall the whole account meanwhile
@@ -367,6 +332,9 @@ class OutboundService:
         if exc.retryable:
             await self._retry(row, {**error, **_throttle_marks(row)}, exc.retry_after)
             return
+        if exc.code == OPTED_OUT_CODE:  # Meta knows of an opt-out we missed (limits.md §9)
+            await self.outbox.set_opted_out(channel, account, row.recipient, True)
+            log.info("contact_opted_out", channel=channel, account=account, source="meta_131050")
         await self._fail(row, error)
 
     # -- throttling -------------------------------------------------------------------------------

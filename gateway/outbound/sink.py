@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.config import SinkConfig
+from gateway.consent import Consent
 from gateway.sink import Record, Sink
 
 if TYPE_CHECKING:
-    from gateway.events import Event
     from gateway.outbound.service import OutboundService
 
 
@@ -25,9 +25,7 @@ class OutboxSink(Sink):
     def __init__(self, service: OutboundService) -> None:
         super().__init__(SinkConfig(batch_size=500))
         self.service = service
-        cfg = service.config
-        self.opt_out = {k.strip().casefold() for k in cfg.opt_out_keywords}
-        self.opt_in = {k.strip().casefold() for k in cfg.opt_in_keywords}
+        self.consent = Consent(service.config.opt_out_keywords, service.config.opt_in_keywords)
 
     async def write(self, records: list[Record]) -> None:
         outbox = self.service.outbox
@@ -35,7 +33,8 @@ class OutboxSink(Sink):
             ev = record.event
             if ev.direction == "inbound" and ev.kind in ("message", "postback"):
                 await outbox.inbound(ev.channel, ev.account_id, ev.customer_id,
-                                     ev.timestamp.timestamp(), ev.message_id, self._consent(ev))
+                                     ev.timestamp.timestamp(), ev.message_id,
+                                     self.consent.of(ev))
             elif ev.kind == "status" and ev.status:
                 record_id = ev.callback_data if (ev.callback_data or "").startswith("msg_") else None
                 await outbox.status(provider_message_id=ev.message_id, record_id=record_id,
@@ -45,14 +44,6 @@ class OutboxSink(Sink):
             elif ev.kind == "read" and ev.message_id:
                 await outbox.status(provider_message_id=ev.message_id, record_id=None,
                                     status="read", error=None)
-
-    def _consent(self, ev: Event) -> bool | None:
-        word = (ev.text or "").strip().casefold()
-        if word in self.opt_out:
-            return True
-        if word in self.opt_in:
-            return False
-        return None
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         return await self.service.outbox.erase_contact(channel, contact_id)

@@ -24,6 +24,7 @@ def open_outbox(config: GatewayConfig, **redis_options: Any) -> Outbox | RedisOu
 
     ``redis_options`` go to :class:`RedisOutbox` (``retention_seconds``, ``alive_ms``, ...)."""
     if config.queue.backend == "redis":
+        redis_options.setdefault("retention_seconds", config.outbound.retention_days * 86400)
         return RedisOutbox(config.queue.redis_url, **redis_options)
     return Outbox(config.server.data_dir)
 

@@ -242,3 +242,21 @@ def test_headroom_from_usage_headers_matches_the_fixture():
             assert (got[scope][1] is None) == (blocked is None), case["name"]
             if blocked is not None:
                 assert abs(got[scope][1] - blocked) < 1e-3
+
+
+async def test_meta_131050_records_the_opt_out(outbound):
+    """A marketing template Meta refuses with 131050 fails, and the contact is opted out from then
+    on (limits.md §9: record the opt-out even if the webhook was missed)."""
+    ob = await outbound()
+    body = json.loads((DATA / "graph" / "error_131050.json").read_text())
+    ob.sim.fail_next(WA, body, status=400)
+    marketing = {"channel": "whatsapp", "to": A, "type": "template",
+                 "template": {**TEMPLATE, "category": "marketing"}}
+    status, answer = await ob.send(marketing)
+    assert status == 202
+    record = await ob.wait(answer["id"], "failed")
+    assert record["error"]["code"] == 131050
+    assert (await ob.service.outbox.customer("whatsapp", WA, A)).opted_out
+    status, answer = await ob.send(marketing)
+    assert status == 422 and answer["error"]["code"] == "opted_out"
+    assert (await ob.send({**marketing, "template": {**TEMPLATE, "category": "utility"}}))[0] == 202

@@ -334,3 +334,25 @@ async def test_erase_contact_forgets_records_and_customer_state(backend):
     assert new  # the key went with its record
     assert await a.erase_contact("whatsapp", CUSTOMER) == {"outbox": 1, "customers": 0}
     assert await a.erase_contact("whatsapp", CUSTOMER) == {"outbox": 0, "customers": 0}
+
+
+async def test_retry_at_never_moves_a_settled_record_back(outbox):
+    """A status webhook may settle a record while its send is being retried (a timeout raced
+    the answer): the late retry must not queue it again, or it would be sent twice."""
+    row = await add(outbox)
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.status(provider_message_id=None, record_id=row.id, status="sent", error=None)
+    await outbox.retry_at(row.id, time.time() - 1, {"code": 2, "message": "late"})
+    got = await outbox.get(row.id)
+    assert got.state == "sent" and got.public()["error"] is None
+    assert await outbox.claim_due("whatsapp", WA, 10) == []
+
+
+async def test_an_opt_out_learnt_from_meta_is_kept_without_any_inbound(outbox):
+    await outbox.set_opted_out("whatsapp", WA, CUSTOMER, True)
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == Customer(None, None, True)
+    await outbox.inbound("whatsapp", WA, CUSTOMER, 100.0, "wamid.A", None)  # says nothing
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == Customer(100.0, "wamid.A", True)
+    await outbox.set_opted_out("whatsapp", WA, CUSTOMER, False)
+    assert not (await outbox.customer("whatsapp", WA, CUSTOMER)).opted_out
+    assert not (await outbox.customer("whatsapp", "other-number", CUSTOMER)).opted_out
