@@ -12,12 +12,17 @@ import asyncio
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 Job = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future, asyncio.AbstractEventLoop]
 MAX_GROUP = 2000
+# Under load (the last group held more than one job) the writer waits this long before taking the
+# next group, so that more rows share one commit and one fsync; an idle writer commits at once.
+# Measured with bench/ingest.py's load: about 4 appends per commit without it, +10% throughput.
+COMMIT_DELAY = 0.001
 
 
 class SqliteWriter:
@@ -31,6 +36,7 @@ class SqliteWriter:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._busy = False  # the last group held more than one job
 
     def start(self) -> None:
         """Open the database in the writer thread; raise what opening raised."""
@@ -97,6 +103,8 @@ class SqliteWriter:
         first = self._jobs.get()
         if first is None:
             return False
+        if self._busy:
+            time.sleep(COMMIT_DELAY)  # under load: let the group fill (one fsync for more rows)
         group = [first]
         stop = False
         while len(group) < MAX_GROUP:
@@ -108,6 +116,7 @@ class SqliteWriter:
                 stop = True
                 break
             group.append(job)
+        self._busy = len(group) > 1
         self._commit_group(conn, group)
         return not stop
 
