@@ -8,6 +8,8 @@ processor turns them into events exactly once; each sink worker reads events aft
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
@@ -53,6 +55,25 @@ class DeadLetter(NamedTuple):
     attempts: int
     failed_at: float
     state: str
+
+
+def contact_matcher(channel: str, contact_id: str) -> Callable[[bytes, str], bool]:
+    """For erasure: whether stored ``data`` (of dead-letter ``sink``, or "" for an event) belongs
+    to the contact. An event does when its channel matches and its customer (the sender of inbound
+    events, the recipient of outbound ones) is ``contact_id``; a raw request that no channel could
+    normalise when it came from ``channel`` and its body holds ``contact_id`` as a JSON string."""
+    from gateway.events import decode
+
+    needle = json.dumps(contact_id).encode()
+
+    def mine(data: bytes, sink: str) -> bool:
+        try:
+            event = decode(data)
+        except Exception:  # noqa: BLE001 - a raw request, not an event
+            return sink == f"normalise:{channel}" and needle in bytes(data)
+        return event.channel == channel and event.customer_id == contact_id
+
+    return mine
 
 
 class Journal(Protocol):

@@ -30,7 +30,6 @@ Redis crash may lose up to one second of acknowledged webhooks. See ``docs/redis
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 import uuid
@@ -40,7 +39,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from gateway import logging as gwlog
 from gateway.config import GatewayConfig
-from gateway.journal import DeadLetter, NewEvent, RawRequest, StoredEvent
+from gateway.journal import DeadLetter, NewEvent, RawRequest, StoredEvent, contact_matcher
 
 log = gwlog.get("gateway.journal.redis")
 T = TypeVar("T")
@@ -232,6 +231,14 @@ async def cancellable(awaitable: Awaitable[T]) -> T:
     return result
 
 
+async def redis_ping(client) -> bool:
+    """Whether Redis answers (within 2 s): the readiness check of the journal and the outbox."""
+    try:
+        return bool(await asyncio.wait_for(client.ping(), timeout=2.0))
+    except Exception:  # noqa: BLE001 - readiness is a yes/no question
+        return False
+
+
 class RedisJournal:
     """The :class:`gateway.journal.Journal` on Redis, shared by several gateway replicas."""
 
@@ -297,10 +304,7 @@ class RedisJournal:
 
     async def ping(self) -> bool:
         """Whether Redis answers (within 2 s)."""
-        try:
-            return bool(await asyncio.wait_for(self.redis.ping(), timeout=2.0))
-        except Exception:  # noqa: BLE001 - readiness is a yes/no question
-            return False
+        return await redis_ping(self.redis)
 
     async def _create_group(self) -> None:
         from redis.exceptions import ResponseError
@@ -551,17 +555,8 @@ class RedisJournal:
         dead letter when it came from ``channel`` and its body holds ``contact_id`` as a JSON
         string. The ``seen`` ids stay (opaque hashes, expiring with the de-duplication window).
         """
-        from gateway.events import decode
-
-        needle = json.dumps(contact_id).encode()
+        mine = contact_matcher(channel, contact_id)
         suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
-
-        def mine(data: bytes, sink: str) -> bool:
-            try:
-                event = decode(data)
-            except Exception:  # noqa: BLE001 - a raw request, not an event
-                return sink == f"normalise:{channel}" and needle in bytes(data)
-            return event.channel == channel and event.customer_id == contact_id
 
         events = 0
         start = "-"

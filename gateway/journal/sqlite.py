@@ -8,7 +8,7 @@ import sqlite3
 import time
 
 from gateway.config import GatewayConfig
-from gateway.journal import DeadLetter, NewEvent, RawRequest, StoredEvent
+from gateway.journal import DeadLetter, NewEvent, RawRequest, StoredEvent, contact_matcher
 from gateway.journal.writer import SqliteWriter
 
 SCHEMA = """
@@ -225,19 +225,8 @@ class SqliteJournal:
         from ``channel`` and its body holds ``contact_id`` as a JSON string. The de-duplication
         ids (``seen``) stay: they are opaque hashes, and keep a redelivered old payload a duplicate.
         """
-        import json
-
-        from gateway.events import decode
-
-        needle = json.dumps(contact_id).encode()
+        mine = contact_matcher(channel, contact_id)
         suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
-
-        def mine(data: bytes, sink: str) -> bool:
-            try:
-                event = decode(data)
-            except Exception:  # noqa: BLE001 - a raw request, not an event
-                return sink == f"normalise:{channel}" and needle in bytes(data)
-            return event.channel == channel and event.customer_id == contact_id
 
         def work(c: sqlite3.Connection) -> dict[str, int]:
             rows = c.execute(

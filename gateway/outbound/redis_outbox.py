@@ -65,6 +65,7 @@ from gateway.journal.redis import (
     OUTAGE_BACKOFF_MAX,
     _str,
     cancellable,
+    redis_ping,
     split_url,
 )
 from gateway.outbound.outbox import RANK, Customer, Row
@@ -485,10 +486,7 @@ class RedisOutbox:
 
     async def ping(self) -> bool:
         """Whether Redis answers (within 2 s)."""
-        try:
-            return bool(await asyncio.wait_for(self.redis.ping(), timeout=2.0))
-        except Exception:  # noqa: BLE001 - readiness is a yes/no question
-            return False
+        return await redis_ping(self.redis)
 
     async def heartbeat(self) -> int:
         """Renew this replica's heartbeat; reconcile the records of replicas whose heartbeat
