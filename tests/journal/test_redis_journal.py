@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import subprocess
 import time
 
 import pytest
@@ -15,7 +13,6 @@ from gateway import config as gwconfig
 from gateway.journal import NewEvent
 from gateway.journal import redis as redis_journal
 from gateway.journal.redis import RedisJournal, request_seq, split_url
-from gateway.testing import free_port
 
 
 def cfg(url: str, window: int = 7 * 24 * 3600) -> gwconfig.GatewayConfig:
@@ -196,43 +193,6 @@ async def test_close_forgets_the_consumer_and_prune_forgets_idle_ones(redis_url,
     finally:
         await a.close()
         await b.close()
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A redis-server of this test's own (it gets killed), AOF with fsync on every write."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed: run `make install` "
-                    "(it installs Debian's redis-server)")
-    port = free_port()
-    procs: list[subprocess.Popen] = []
-
-    def start() -> subprocess.Popen:
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "yes", "--appendfsync", "always",
-                                 "--dir", str(tmp_path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(proc)
-        import redis
-
-        client = redis.Redis(port=port)
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.exceptions.BusyLoadingError:
-                time.sleep(0.05)
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        client.close()
-        return proc
-
-    yield f"redis://127.0.0.1:{port}/0", start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)
 
 
 async def test_acknowledged_appends_survive_a_redis_crash(own_redis):
