@@ -45,7 +45,8 @@ def inbound(number: str, customers: list[str]) -> bytes:
             "metadata": {"display_phone_number": "1555000", "phone_number_id": number},
             "contacts": [{"profile": {"name": "C"}, "wa_id": c} for c in customers],
             "messages": [{"from": c, "id": f"wamid.B.{number}.{c}", "timestamp": now,
-                          "type": "text", "text": {"body": "hi"}} for c in customers]}}]}]}).encode()
+                          "type": "text", "text": {"body": "hi"}} for c in customers]}}]}]}
+    ).encode()
 
 
 async def run(messages: int, mps: float) -> None:
@@ -68,7 +69,8 @@ async def run(messages: int, mps: float) -> None:
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         service = app[keys.OUTBOUND]
-        customers = {n: [f"1{i:02d}55{j:07d}" for j in range(per_number)] for i, n in enumerate(NUMBERS)}
+        customers = {n: [f"1{i:02d}55{j:07d}" for j in range(per_number)]
+                     for i, n in enumerate(NUMBERS)}
         async with aiohttp.ClientSession() as session:
             for number, people in customers.items():
                 body = inbound(number, people)
@@ -82,8 +84,9 @@ async def run(messages: int, mps: float) -> None:
         ids = []
         for j in range(per_number):
             for number in NUMBERS:
-                answer = await service.send({"channel": "whatsapp", "account_id": number, "type": "text",
-                                             "to": customers[number][j], "text": f"Message {j}"})
+                answer = await service.send({"channel": "whatsapp", "account_id": number,
+                                             "type": "text", "to": customers[number][j],
+                                             "text": f"Message {j}"})
                 ids.append((number, answer["id"]))
         accept_done = time.monotonic() - start
         while len(sent_at) < len(ids) and time.monotonic() - start < 120:

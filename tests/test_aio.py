@@ -13,7 +13,7 @@ async def test_a_cancellation_arriving_as_the_event_is_set_stops_the_loop():
         event = asyncio.Event()
         turns = 0
 
-        async def loop() -> None:
+        async def loop(event: asyncio.Event) -> None:
             nonlocal turns
             while turns < 1_000:  # bounded: a swallowed cancellation runs into this
                 turns += 1
@@ -21,7 +21,7 @@ async def test_a_cancellation_arriving_as_the_event_is_set_stops_the_loop():
                 await wait_event(event, 10.0)
                 event.set()  # the next turn's wait finishes at once
 
-        task = asyncio.create_task(loop())
+        task = asyncio.create_task(loop(event))
         await asyncio.sleep(0)
         event.set()
         await asyncio.sleep(0)

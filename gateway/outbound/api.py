@@ -25,7 +25,8 @@ async def send(request: web.Request) -> web.Response:
         return refused
     service = _service(request)
     if service is None:
-        return error(503, "outbound_disabled", "no channel has an access_token: nothing can be sent")
+        return error(503, "outbound_disabled",
+                     "no channel has an access_token: nothing can be sent")
     try:
         answer = await service.send(await request.read())
     except InvalidRequest as exc:

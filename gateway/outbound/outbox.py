@@ -105,10 +105,12 @@ class Outbox:
                                 (idempotency_key,)).fetchone()
                 if row:
                     return Row(*row), False
-            c.execute(f"INSERT INTO outbox({_COLUMNS}) VALUES (?,?,?,?,?,?,?,'queued',0,?,NULL,NULL,?,?,NULL)",
+            c.execute(f"INSERT INTO outbox({_COLUMNS}) "
+                      "VALUES (?,?,?,?,?,?,?,'queued',0,?,NULL,NULL,?,?,NULL)",
                       (new_id, idempotency_key, channel, account_id, recipient, kind, request, now,
                        now, now))
-            return Row(*c.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (new_id,)).fetchone()), True
+            return Row(*c.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?",
+                                  (new_id,)).fetchone()), True
 
         return await self._db.run(work)
 

@@ -36,7 +36,8 @@ class OutboxSink(Sink):
                                      ev.timestamp.timestamp(), ev.message_id,
                                      self.consent.of(ev))
             elif ev.kind == "status" and ev.status:
-                record_id = ev.callback_data if (ev.callback_data or "").startswith("msg_") else None
+                record_id = (ev.callback_data if (ev.callback_data or "").startswith("msg_")
+                             else None)
                 await outbox.status(provider_message_id=ev.message_id, record_id=record_id,
                                     status=ev.status,
                                     error=None if ev.error is None else {

@@ -45,7 +45,8 @@ def test_5xx_without_body_is_retryable_and_4xx_without_body_is_not():
 @pytest.mark.parametrize("case", INDEX, ids=[c["file"] for c in INDEX])
 async def test_the_service_applies_the_behaviour(outbound, case):
     ob = await outbound()
-    channel, to, account = ("whatsapp", A, WA) if case["channel"] == "whatsapp" else ("instagram", U1, IG)
+    channel, to, account = (("whatsapp", A, WA) if case["channel"] == "whatsapp"
+                            else ("instagram", U1, IG))
     await ob.inbound(channel, to)
     body = json.loads((DATA / "graph" / case["file"]).read_text())
     ob.sim.fail_next(account, body, status=case["http_status"])
@@ -71,7 +72,8 @@ async def test_the_service_applies_the_behaviour(outbound, case):
             import asyncio
             await asyncio.sleep(0.02)
         assert (channel, account) in service.paused
-        status, later = await ob.send({"channel": channel, "to": to, "type": "text", "text": "again"})
+        status, later = await ob.send({"channel": channel, "to": to, "type": "text",
+                                       "text": "again"})
         import asyncio
         await asyncio.sleep(0.3)
         assert len(ob.sim.requests) == 1, "a paused account sends nothing"

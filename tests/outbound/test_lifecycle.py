@@ -25,7 +25,8 @@ async def test_free_form_outside_the_window_is_refused_templates_are_not(outboun
     await ob.inbound("whatsapp", A, at=time.time() - 25 * 3600)  # wrote 25 hours ago
     status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text", "text": "hi"})
     assert status == 422 and "25.0 h ago" in answer["error"]["message"]
-    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "template", "template": TEMPLATE})
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "template",
+                                    "template": TEMPLATE})
     assert status == 202
     await ob.wait(answer["id"], "sent")
     assert ob.sim.bodies()[0]["template"] == {"name": "order_update", "language": {"code": "en_US"}}
@@ -87,7 +88,8 @@ async def test_opted_out_contact_needs_a_category_on_templates(outbound):
 async def test_idempotency_key_sends_once(outbound):
     ob = await outbound()
     await ob.inbound("whatsapp", A)
-    body = {"channel": "whatsapp", "to": A, "type": "text", "text": "once", "idempotency_key": "k-1"}
+    body = {"channel": "whatsapp", "to": A, "type": "text", "text": "once",
+            "idempotency_key": "k-1"}
     answers = await asyncio.gather(*(ob.send(body) for _ in range(5)))
     assert {a["id"] for _, a in answers} == {answers[0][1]["id"]}
     await ob.wait(answers[0][1]["id"], "sent")
@@ -103,8 +105,10 @@ async def test_idempotency_key_sends_once(outbound):
     ({"channel": "whatsapp", "to": A, "type": "image", "media": {}}, "media"),
     ({"channel": "whatsapp", "to": A, "type": "reaction", "emoji": "x"}, "message_id"),
     ({"channel": "telegram", "to": A, "type": "text", "text": "x"}, "channel"),
-    ({"channel": "whatsapp", "to": A, "type": "text", "text": "x", "account_id": "999"}, "account_id"),
-    ({"channel": "whatsapp", "to": A, "type": "template", "template": {"name": "x"}}, "template.language"),
+    ({"channel": "whatsapp", "to": A, "type": "text", "text": "x", "account_id": "999"},
+     "account_id"),
+    ({"channel": "whatsapp", "to": A, "type": "template", "template": {"name": "x"}},
+     "template.language"),
 ])
 async def test_invalid_bodies_are_422_naming_the_field(outbound, body, field):
     ob = await outbound()
@@ -170,7 +174,8 @@ async def test_pair_limit_does_not_stall_the_number(outbound):
 
 
 async def test_throughput_stays_under_the_number_limit(outbound):
-    ob = await outbound(extra_wa="messages_per_second = 40\npair_burst = 45\npair_interval_seconds = 0.1",
+    ob = await outbound(extra_wa="messages_per_second = 40\npair_burst = 45\n"
+                                 "pair_interval_seconds = 0.1",
                         mps=40)
     customers = [f"1555100{i:04d}" for i in range(20)]
     for c in customers:

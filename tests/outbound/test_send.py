@@ -31,19 +31,24 @@ WA_CASES = [
                                        "caption": "inv"}}),
     ({"type": "audio", "media": {"id": "1203987655", "caption": "dropped"}},
      {"type": "audio", "audio": {"id": "1203987655"}}),
-    ({"type": "sticker", "media": {"id": "1203987657"}}, {"type": "sticker", "sticker": {"id": "1203987657"}}),
-    ({"type": "interactive", "interactive": {"type": "button", "body": {"text": "Confirm?"}, "action": {
-        "buttons": [{"type": "reply", "reply": {"id": "btn_yes", "title": "Yes"}}]}}},
-     {"type": "interactive", "interactive": {"type": "button", "body": {"text": "Confirm?"}, "action": {
-        "buttons": [{"type": "reply", "reply": {"id": "btn_yes", "title": "Yes"}}]}}}),
+    ({"type": "sticker", "media": {"id": "1203987657"}},
+     {"type": "sticker", "sticker": {"id": "1203987657"}}),
+    ({"type": "interactive", "interactive": {"type": "button", "body": {"text": "Confirm?"},
+        "action": {"buttons": [{"type": "reply", "reply": {"id": "btn_yes", "title": "Yes"}}]}}},
+     {"type": "interactive", "interactive": {"type": "button", "body": {"text": "Confirm?"},
+        "action": {"buttons": [{"type": "reply", "reply": {"id": "btn_yes", "title": "Yes"}}]}}}),
     ({"type": "interactive", "interactive": {"type": "list", "body": {"text": "Pick"}, "action": {
-        "button": "Choose", "sections": [{"title": "Cups", "rows": [{"id": "r1", "title": "Small"}]}]}}},
+        "button": "Choose",
+        "sections": [{"title": "Cups", "rows": [{"id": "r1", "title": "Small"}]}]}}},
      {"type": "interactive", "interactive": {"type": "list", "body": {"text": "Pick"}, "action": {
-        "button": "Choose", "sections": [{"title": "Cups", "rows": [{"id": "r1", "title": "Small"}]}]}}}),
-    ({"type": "interactive", "interactive": {"type": "cta_url", "body": {"text": "Track"}, "action": {
-        "name": "cta_url", "parameters": {"display_text": "Track", "url": "https://x.io/t/1"}}}},
-     {"type": "interactive", "interactive": {"type": "cta_url", "body": {"text": "Track"}, "action": {
-        "name": "cta_url", "parameters": {"display_text": "Track", "url": "https://x.io/t/1"}}}}),
+        "button": "Choose",
+        "sections": [{"title": "Cups", "rows": [{"id": "r1", "title": "Small"}]}]}}}),
+    ({"type": "interactive", "interactive": {"type": "cta_url", "body": {"text": "Track"},
+        "action": {"name": "cta_url",
+                   "parameters": {"display_text": "Track", "url": "https://x.io/t/1"}}}},
+     {"type": "interactive", "interactive": {"type": "cta_url", "body": {"text": "Track"},
+        "action": {"name": "cta_url",
+                   "parameters": {"display_text": "Track", "url": "https://x.io/t/1"}}}}),
     ({"type": "reaction", "message_id": "wamid.IN.1", "emoji": "\U0001f44d"},
      {"type": "reaction", "reaction": {"message_id": "wamid.IN.1", "emoji": "\U0001f44d"}}),
     ({"type": "location", "location": {"latitude": 37.48, "longitude": -122.14, "name": "HQ"}},
@@ -55,7 +60,8 @@ WA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("request_body,expected", WA_CASES, ids=[f"{c[0]['type']}-{i}" for i, c in enumerate(WA_CASES)])
+@pytest.mark.parametrize("request_body,expected", WA_CASES,
+                         ids=[f"{c[0]['type']}-{i}" for i, c in enumerate(WA_CASES)])
 async def test_whatsapp_bodies(outbound, request_body, expected):
     ob = await outbound()
     await ob.inbound("whatsapp", A)
@@ -77,8 +83,10 @@ async def test_whatsapp_mark_read_and_typing_use_the_latest_inbound_message(outb
         assert status == 202, answer
         await ob.wait(answer["id"], "sent")
     sent = [r["body"] for r in ob.sim.requests]
-    assert sent == [{"messaging_product": "whatsapp", "status": "read", "message_id": "wamid.IN.LATEST"},
-                    {"messaging_product": "whatsapp", "status": "read", "message_id": "wamid.IN.LATEST",
+    assert sent == [{"messaging_product": "whatsapp", "status": "read",
+                     "message_id": "wamid.IN.LATEST"},
+                    {"messaging_product": "whatsapp", "status": "read",
+                     "message_id": "wamid.IN.LATEST",
                      "typing_indicator": {"type": "text"}}]  # typing off is a no-op on WhatsApp
 
 
@@ -107,11 +115,13 @@ IG_CASES = [
                         {"content_type": "text", "title": "Blue", "payload": "COLOR_BLUE"}]}}),
     ({"type": "typing", "on": True}, {"recipient": {"id": U1}, "sender_action": "typing_on"}),
     ({"type": "typing", "on": False}, {"recipient": {"id": U1}, "sender_action": "typing_off"}),
-    ({"type": "mark_read", "message_id": "aWdf.IN.1"}, {"recipient": {"id": U1}, "sender_action": "mark_seen"}),
+    ({"type": "mark_read", "message_id": "aWdf.IN.1"},
+     {"recipient": {"id": U1}, "sender_action": "mark_seen"}),
 ]
 
 
-@pytest.mark.parametrize("request_body,expected", IG_CASES, ids=[f"{c[0]['type']}-{i}" for i, c in enumerate(IG_CASES)])
+@pytest.mark.parametrize("request_body,expected", IG_CASES,
+                         ids=[f"{c[0]['type']}-{i}" for i, c in enumerate(IG_CASES)])
 async def test_instagram_bodies(outbound, request_body, expected):
     ob = await outbound()
     await ob.inbound("instagram", U1)
@@ -136,7 +146,8 @@ async def test_instagram_audio_by_id_is_refused_with_the_reason(outbound):
 async def test_instagram_text_over_1000_bytes_fails_with_the_reason(outbound):
     ob = await outbound()
     await ob.inbound("instagram", U1)
-    status, answer = await ob.send({"channel": "instagram", "to": U1, "type": "text", "text": "\u00e9" * 600})
+    status, answer = await ob.send({"channel": "instagram", "to": U1, "type": "text",
+                                    "text": "\u00e9" * 600})
     assert status == 202
     record = await ob.wait(answer["id"], "failed")
     assert "1000 bytes" in record["error"]["message"] and ob.sim.requests == []
