@@ -23,6 +23,7 @@ demo: install
 	$(BIN)/gateway demo
 
 test: install
+	$(BIN)/ruff check gateway channels sinks tests bench scripts plugins
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: install
@@ -32,7 +33,7 @@ bench: install
 	@for b in $(BENCHES); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lint: install
-	$(BIN)/ruff check gateway channels sinks tests bench
+	$(BIN)/ruff check gateway channels sinks tests bench scripts plugins
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info

@@ -146,8 +146,10 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class PluginSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    ("""Base for a plugin's config table. ``env`` maps a key to environment variables """
-     """(first set wins).""")
+    """Base for a plugin's config table.
+
+    ``env`` maps a key to environment variables (the first one set wins).
+    """
 
     enabled: bool = True
     env: ClassVar[Mapping[str, tuple[str, ...]]] = {}
