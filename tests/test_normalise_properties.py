@@ -11,6 +11,7 @@ same items batched differently, or serialised differently, keep their ids.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -425,17 +426,18 @@ def test_every_well_addressed_instagram_item_is_one_event(envelope):
 
 WA_TYPES = sorted([*wa_bodies, "contacts", "unknown"])
 EXPECTED_TYPE = {"revoke": "deleted", "hologram": "unsupported", "unknown": "unsupported",
-                 "edit": ("text", "unsupported"), "location": ("location", "unsupported")}
+                 "edit": ("text", "unsupported"), "location": "location"}
 
 
-def _float_overflows(value) -> bool:
-    try:
-        float(value)
-    except OverflowError:
-        return True
-    except (TypeError, ValueError):
+def _coordinate(value, bound: float) -> bool:
+    """The oracle: a finite JSON number (not a bool) within ±``bound``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return False
+    try:
+        number = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(number) and -bound <= number <= bound
 
 
 @st.composite
@@ -479,12 +481,13 @@ def test_every_whatsapp_message_type_is_one_event(kind, data):
     assert event.type in (want if isinstance(want, tuple) else (want,))
     if kind in ("hologram", "unknown"):
         assert event.raw_type == kind if kind == "hologram" else event.raw_type is None
-    if kind == "location":  # unsupported only when a coordinate is a number no float holds
-        coords = [message["location"].get(k) for k in ("latitude", "longitude")]
-        numbers = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coords)
-        assert (event.type == "unsupported") == (
-            numbers and any(_float_overflows(c) for c in coords))
-        assert event.type == "location" or event.raw_type == "location"
+    if kind == "location":  # coordinates only when both are real latitude / longitude values
+        lat, lon = (message["location"].get(k) for k in ("latitude", "longitude"))
+        valid = _coordinate(lat, 90.0) and _coordinate(lon, 180.0)
+        assert event.type == "location"
+        assert (event.location is not None) == valid
+        if valid:
+            assert (event.location.latitude, event.location.longitude) == (float(lat), float(lon))
 
 
 @pytest.mark.parametrize("kind", sorted(IG_KINDS))
