@@ -30,6 +30,7 @@ CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters(sink, state);
 PROCESSED = "processed"
 _APPEND = "INSERT INTO requests(seq, channel, received_at, body) VALUES (?, ?, ?, ?)"
 MEMORY_REQUESTS = 10_000  # committed requests also kept in memory for the processor (at most)
+MEMORY_BYTES = 32 * 1024 * 1024  # ... and at most this many body bytes (Meta sends up to 3 MB)
 _DEAD_COLUMNS = "id, sink, event_id, data, received_at, reason, attempts, failed_at, state"
 
 
@@ -44,8 +45,9 @@ class SqliteJournal:
         self.pending = 0
         # Requests committed by this process and not yet processed, in seq order. While it holds
         # exactly the pending requests, ``unprocessed`` answers from it instead of reading the
-        # bodies back (after a restart, or past MEMORY_REQUESTS, it reads them from the file).
+        # bodies back (after a restart, or past MEMORY_REQUESTS / MEMORY_BYTES, from the file).
         self._memory: list[RawRequest] = []
+        self._memory_bytes = 0
         self._next_seq = 1
         self._writer = SqliteWriter(
             self.path,
@@ -84,7 +86,9 @@ class SqliteJournal:
 
     def _committed(self, request: RawRequest) -> None:
         self.pending += 1
-        if len(self._memory) < MEMORY_REQUESTS:
+        size = len(request.body)
+        if len(self._memory) < MEMORY_REQUESTS and self._memory_bytes + size <= MEMORY_BYTES:
+            self._memory_bytes += size
             if self._memory and self._memory[-1].seq > request.seq:  # groups settle in order
                 bisect.insort(self._memory, request)
             else:
@@ -122,7 +126,9 @@ class SqliteJournal:
         seqs, removed = await self._writer.run(work)
         self.pending = max(0, self.pending - removed)
         if self._memory and self._memory[0].seq <= upto:
-            del self._memory[:bisect.bisect_right(self._memory, upto, key=lambda r: r.seq)]
+            done = bisect.bisect_right(self._memory, upto, key=lambda r: r.seq)
+            self._memory_bytes -= sum(len(r.body) for r in self._memory[:done])
+            del self._memory[:done]
         return seqs
 
     async def events_after(self, seq: int, limit: int) -> list[StoredEvent]:

@@ -72,6 +72,21 @@ async def test_past_the_memory_cap_nothing_is_lost_or_repeated(cfg, monkeypatch)
     await journal.close()
 
 
+async def test_past_the_memory_byte_budget_nothing_is_lost_or_repeated(cfg, monkeypatch):
+    monkeypatch.setattr(sqlite_journal, "MEMORY_BYTES", 2500)  # two 1,000-byte bodies fit
+    journal = SqliteJournal(cfg)
+    await journal.open()
+    bodies = [bytes([65 + n]) * 1000 for n in range(7)]
+    for body in bodies:
+        await journal.append("whatsapp", body, 1.0)
+    assert len(journal._memory) == 2 and journal._memory_bytes == 2000
+    assert await drain(journal, limit=2) == bodies
+    assert journal._memory == [] and journal._memory_bytes == 0
+    await journal.append("whatsapp", b"again", 1.0)  # room again once processed
+    assert journal._memory_bytes == 5
+    await journal.close()
+
+
 async def test_seqs_continue_after_every_request_was_processed_and_pruned(cfg):
     journal = SqliteJournal(cfg)
     await journal.open()
