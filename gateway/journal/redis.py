@@ -33,7 +33,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -231,6 +231,42 @@ async def cancellable(awaitable: Awaitable[T]) -> T:
     return result
 
 
+def connect(url: str):
+    """The Redis client of the journal and the outbox. A blip is retried by the client (about 1 s
+    at most, so a webhook or a POST /v1/messages is answered quickly: 500, and Meta retries);
+    longer outages are waited out by the background loops (``_outage``)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
+
+    return aioredis.from_url(
+        url, socket_connect_timeout=3, socket_timeout=15, socket_keepalive=True,
+        health_check_interval=30, retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 3))
+
+
+def unavailable() -> tuple[type[BaseException], ...]:
+    """The errors of a Redis that is unreachable or read-only (during a fail-over)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ReadOnlyError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError
+
+
+async def retry_through_outages(logger, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``await call()``; while Redis is unavailable, log, wait (backing off to
+    ``OUTAGE_BACKOFF_MAX``) and try again. A cancellation is never swallowed
+    (:func:`cancellable`)."""
+    delay = 0.1
+    while True:
+        try:
+            return await cancellable(call())
+        except unavailable() as exc:
+            logger.warning("redis_unavailable", operation=what, error=repr(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(OUTAGE_BACKOFF_MAX, delay * 2)
+
+
 async def redis_ping(client) -> bool:
     """Whether Redis answers (within 2 s): the readiness check of the journal and the outbox."""
     try:
@@ -265,16 +301,7 @@ class RedisJournal:
 
     async def open(self) -> None:
         """Connect, create the consumer group, count what is unprocessed."""
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialWithJitterBackoff
-
-        # A blip is retried by the client (≈1 s at most, so a webhook is answered quickly: 500,
-        # and Meta retries); longer outages are waited out by the background loops (_outage).
-        self.redis = aioredis.from_url(
-            self.url, socket_connect_timeout=3, socket_timeout=15, socket_keepalive=True,
-            health_check_interval=30,
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 3))
+        self.redis = connect(self.url)
         await self._create_group()
         register = self.redis.register_script
         self._commit = register(_COMMIT)
@@ -327,20 +354,9 @@ class RedisJournal:
             _, self.pending = await pipe.execute()
 
     async def _outage(self, what: str, call):
-        """``await call()``; while Redis is unreachable (or read-only during a fail-over), wait
-        and try again — the processor and the sink workers pause instead of dying."""
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import ReadOnlyError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
-        delay = 0.1
-        while True:
-            try:
-                return await cancellable(call())
-            except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError) as exc:
-                log.warning("redis_unavailable", operation=what, error=repr(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(OUTAGE_BACKOFF_MAX, delay * 2)
+        """``await call()``, waiting out Redis outages (:func:`retry_through_outages`): the
+        processor and the sink workers pause instead of dying."""
+        return await retry_through_outages(log, what, call)
 
     async def unprocessed(self, limit: int) -> list[RawRequest]:
         """Requests for this replica to process, oldest first: those it was handed and has not

@@ -65,8 +65,11 @@ from gateway.journal.redis import (
     OUTAGE_BACKOFF_MAX,
     _str,
     cancellable,
+    connect,
     redis_ping,
+    retry_through_outages,
     split_url,
+    unavailable,
 )
 from gateway.outbound.outbox import RANK, Customer, Row
 
@@ -380,26 +383,6 @@ def _row(f: dict[bytes, bytes], before: bytes | None = None) -> Row:
                float(f[b"created_at"]), updated_at, _opt_float(f.get(b"sent_at")))
 
 
-def _connect(url: str):
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialWithJitterBackoff
-
-    # As the journal: a blip is retried by the client (≈1 s at most, so POST /v1/messages answers
-    # quickly); longer outages are waited out by the worker-side calls (_outage).
-    return aioredis.from_url(
-        url, socket_connect_timeout=3, socket_timeout=15, socket_keepalive=True,
-        health_check_interval=30, retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 3))
-
-
-def _unavailable() -> tuple[type[BaseException], ...]:
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import ReadOnlyError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    return RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError
-
-
 class RedisOutbox:
     """The :class:`gateway.outbound.outbox.Outbox` on Redis, shared by several gateway replicas.
 
@@ -438,7 +421,7 @@ class RedisOutbox:
         """
         self.reconcile_seconds = reconcile_seconds
         self._closing = False
-        self.redis = _connect(self.url)
+        self.redis = connect(self.url)
         register = self.redis.register_script
         self._add = register(_ADD)
         self._get = register(_GET)
@@ -501,7 +484,7 @@ class RedisOutbox:
             await asyncio.sleep(self.alive_ms / 3000)
             try:
                 found = await cancellable(self.heartbeat())
-            except _unavailable() as exc:
+            except unavailable() as exc:
                 log.warning("redis_unavailable", operation="outbox_heartbeat", error=repr(exc))
                 continue
             except Exception:  # noqa: BLE001 - keep beating; a bug is logged, not fatal
@@ -530,7 +513,7 @@ class RedisOutbox:
                     if message and message.get("type") == "message":
                         channel, _, account = _str(message["data"]).partition("\n")
                         wake(channel, account)
-            except _unavailable() as exc:
+            except unavailable() as exc:
                 log.warning("redis_unavailable", operation="outbox_watch", error=repr(exc),
                             retry_in=delay)
             except Exception:  # noqa: BLE001 - keep listening; a bug is logged, not fatal
@@ -544,16 +527,8 @@ class RedisOutbox:
             delay = min(OUTAGE_BACKOFF_MAX, delay * 2)
 
     async def _outage(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """``await call()``; while Redis is unreachable (or read-only during a fail-over), wait
-        and try again (as :meth:`gateway.journal.redis.RedisJournal._outage`)."""
-        delay = 0.1
-        while True:
-            try:
-                return await cancellable(call())
-            except _unavailable() as exc:
-                log.warning("redis_unavailable", operation=what, error=repr(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(OUTAGE_BACKOFF_MAX, delay * 2)
+        """``await call()``, waiting out Redis outages (as the journal does)."""
+        return await retry_through_outages(log, what, call)
 
     def _expiry(self) -> tuple[int, int]:
         """(ttl ms, expire-at ms) for a record settled now."""
