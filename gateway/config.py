@@ -44,6 +44,9 @@ class ServerConfig(_Section):
     erasure_audit_key: str | None = None  # HMAC key of erasures.jsonl; unset: data_dir file
     insecure_skip_signature: bool = False
     shutdown_timeout: float = 25.0
+    # Webhook POSTs answered by the lean HTTP/1.1 path of gateway/listener.py (aiohttp serves
+    # everything else on the port); false: aiohttp serves the whole port.
+    fast_intake: bool = True
 
     def validate(self, prefix: str) -> None:
         for key in ("port", "metrics_port"):

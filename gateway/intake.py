@@ -2,12 +2,16 @@
 
 The POST path does only this: look up the channel, read the raw bytes (size-limited), verify the
 signature over exactly those bytes, check the envelope cheaply, append to the journal (durable,
-group commit), answer 200. Normalisation and sinks happen after the ack.
+group commit), answer 200. Normalisation and sinks happen after the ack. :func:`accept` is that
+path without HTTP; the aiohttp route and the main port's lean listener (:mod:`gateway.listener`)
+both answer through it.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -24,12 +28,7 @@ _ACCEPTED = b'{"status":"accepted"}'
 def error(status: int, code: str, message: str,
           headers: dict[str, str] | None = None) -> web.Response:
     """A JSON error: ``{"error": {"code": ..., "message": ...}}``."""
-    return web.json_response({"error": {"code": code, "message": message}}, status=status,
-                             headers=headers)
-
-
-def _unknown_channel(name: str) -> web.Response:
-    return error(404, "unknown_channel", f"no enabled channel is named {name!r}")
+    return to_response(Reply(status, error_body(code, message), headers))
 
 
 async def handshake(request: web.Request) -> web.Response:
@@ -37,7 +36,7 @@ async def handshake(request: web.Request) -> web.Response:
     name = request.match_info["channel"]
     channel = request.app[keys.CHANNELS].get(name)
     if channel is None:
-        return _unknown_channel(name)
+        return to_response(unknown_channel(name))
     query = request.query
     challenge = query.get("hub.challenge")
     if query.get("hub.mode") != "subscribe" or challenge is None:
@@ -51,47 +50,100 @@ async def handshake(request: web.Request) -> web.Response:
 
 
 async def receive(request: web.Request) -> web.Response:
-    """``POST /webhooks/{channel}``: verify, journal, 200."""
+    """``POST /webhooks/{channel}``: verify, journal, 200 (the aiohttp route).
+
+    The main port usually answers webhook POSTs on :mod:`gateway.listener`'s lean path; both call
+    :func:`accept`, so the statuses, bodies, metrics and logs are the same.
+    """
     started = time.perf_counter()
     app = request.app
     name = request.match_info["channel"]
-    channel = app[keys.CHANNELS].get(name)
-    if channel is None:
-        return _unknown_channel(name)
-    metrics = app[keys.METRICS]
-    config = app[keys.CONFIG]
-    limit = config.server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        return _refuse(metrics, name, 413, "too_large", f"body exceeds {limit} bytes")
+    early = refuse_early(app, name, request.content_length)
+    if early is not None:
+        return to_response(early)
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return _refuse(metrics, name, 413, "too_large", f"body exceeds {limit} bytes")
+        limit = app[keys.CONFIG].server.max_body_bytes
+        return to_response(refuse(app[keys.METRICS], name, 413, "too_large",
+                                  f"body exceeds {limit} bytes"))
+    return to_response(await accept(app, name, body, request.headers.get(SIGNATURE_HEADER),
+                                    started))
+
+
+class Reply(NamedTuple):
+    """What the intake answers: a status, a JSON body and extra headers."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] | None = None
+
+
+ACCEPTED = Reply(200, _ACCEPTED)
+
+
+def to_response(reply: Reply) -> web.Response:
+    """The aiohttp response of a :class:`Reply`."""
+    return web.Response(status=reply.status, body=reply.body, headers=reply.headers,
+                        content_type="application/json", charset="utf-8")
+
+
+def unknown_channel(name: str) -> Reply:
+    """404: no enabled channel has this name."""
+    return Reply(404, error_body("unknown_channel", f"no enabled channel is named {name!r}"))
+
+
+def refuse_early(app: web.Application, name: str, content_length: int | None) -> Reply | None:
+    """The answer due before the body is read (unknown channel, declared size over the limit)."""
+    if name not in app[keys.CHANNELS]:
+        return unknown_channel(name)
+    limit = app[keys.CONFIG].server.max_body_bytes
+    if content_length is not None and content_length > limit:
+        return refuse(app[keys.METRICS], name, 413, "too_large", f"body exceeds {limit} bytes")
+    return None
+
+
+async def accept(app: web.Application, name: str, body: bytes, signature: str | None,
+                 started: float) -> Reply:
+    """Verify ``body``, check its envelope, journal it durably; the reply to send.
+
+    ``started`` is the request's ``time.perf_counter()`` at arrival (the ack-time histogram).
+    """
+    channel = app[keys.CHANNELS].get(name)
+    metrics = app[keys.METRICS]
+    if channel is None:
+        return unknown_channel(name)
+    config = app[keys.CONFIG]
     if config.server.insecure_skip_signature:
         log.warning("signature_not_checked", channel=name, reason="server.insecure_skip_signature")
-    elif not verify(channel.app_secret, body, request.headers.get(SIGNATURE_HEADER)):
-        return _refuse(metrics, name, 401, "bad_signature",
-                       f"missing or invalid {SIGNATURE_HEADER} for this channel's app secret")
+    elif not verify(channel.app_secret, body, signature):
+        return refuse(metrics, name, 401, "bad_signature",
+                      f"missing or invalid {SIGNATURE_HEADER} for this channel's app secret")
     try:
         channel.check_envelope(body)
     except BadPayload as exc:
-        return _refuse(metrics, name, 400, "bad_request", str(exc))
+        return refuse(metrics, name, 400, "bad_request", str(exc))
     journal = app[keys.JOURNAL]
     if journal.pending >= config.queue.max_pending:
-        retry = str(config.queue.retry_after_seconds)
-        return _refuse(metrics, name, 503, "unavailable",
-                       "the journal is full; retry later", {"Retry-After": retry})
+        return refuse(metrics, name, 503, "unavailable", "the journal is full; retry later",
+                      {"Retry-After": str(config.queue.retry_after_seconds)})
     await journal.append(name, body, time.time())
     app[keys.PROCESSOR].wake.set()
     accepted, ack = metrics.intake(name)
     accepted.inc()
     ack.observe(time.perf_counter() - started)
-    return web.Response(body=_ACCEPTED, content_type="application/json")
+    return ACCEPTED
 
 
-def _refuse(metrics, channel: str, status: int, outcome: str, message: str,
-            headers: dict[str, str] | None = None) -> web.Response:
+def error_body(code: str, message: str) -> bytes:
+    """The JSON error body: ``{"error": {"code": ..., "message": ...}}``."""
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def refuse(metrics, channel: str, status: int, outcome: str, message: str,
+           headers: dict[str, str] | None = None) -> Reply:
+    """Count and log a refused webhook; its reply."""
     metrics.webhook_requests.labels(channel, outcome).inc()
     log.info("webhook_refused", channel=channel, status=status, outcome=outcome)
     code = {"too_large": "payload_too_large", "unavailable": "journal_full"}.get(outcome, outcome)
-    return error(status, code, message, headers)
+    return Reply(status, error_body(code, message), headers)

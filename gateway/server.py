@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway import logging as gwlog
 from gateway.app import create_app, metrics_app
 from gateway.config import GatewayConfig
+from gateway.listener import Listener
 from gateway.metrics import Metrics
 
 log = gwlog.get("gateway.server")
@@ -45,11 +46,15 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None,
     runners = [web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout)]
     if config.server.metrics_port != config.server.port:
         runners.append(web.AppRunner(metrics_app(metrics), access_log=None))
-    ports = [config.server.port, config.server.metrics_port]
+    listener: Listener | None = None
     try:
-        for runner, port in zip(runners, ports, strict=False):
+        for runner in runners:
             await runner.setup()
-            await web.TCPSite(runner, config.server.host, port, reuse_address=True).start()
+        listener = Listener(runners[0], fast=config.server.fast_intake)
+        await listener.start(config.server.host, config.server.port)
+        if len(runners) > 1:
+            await web.TCPSite(runners[1], config.server.host, config.server.metrics_port,
+                              reuse_address=True).start()
         log.info("listening", host=config.server.host, port=config.server.port,
                  metrics_port=config.server.metrics_port)
         if gc_tuning:
@@ -59,6 +64,8 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None,
         await stop.wait()
         log.info("shutting_down", timeout=config.server.shutdown_timeout)
     finally:
+        if listener is not None:
+            await listener.stop(config.server.shutdown_timeout)
         for runner in reversed(runners):
             await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):

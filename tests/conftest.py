@@ -9,11 +9,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp import web
+from yarl import URL
 
 from gateway import config as gwconfig
 from gateway import keys, plugins
 from gateway.app import create_app
+from gateway.listener import Listener
 from gateway.testing import sign_headers
 
 DATA = Path(__file__).parent / "data"
@@ -38,10 +40,37 @@ def fixture_bytes(name: str) -> bytes:
     return (DATA / name).read_bytes()
 
 
+class Served:
+    """An app served on 127.0.0.1 as ``gateway serve`` serves its main port (gateway.listener)."""
+
+    def __init__(self, app: web.Application, fast: bool = True) -> None:
+        self.app = app
+        self.fast = fast
+        self.port = 0
+        self._runner = web.AppRunner(app, access_log=None)
+        self._listener: Listener | None = None
+
+    async def start_server(self) -> None:
+        await self._runner.setup()
+        self._listener = Listener(self._runner, fast=self.fast)
+        self.port = await self._listener.start("127.0.0.1", 0)
+
+    def make_url(self, path: str) -> URL:
+        return URL(f"http://127.0.0.1:{self.port}{path}")
+
+    async def close(self) -> None:
+        """Graceful, as on SIGTERM: answer what is in flight, drain, close (once)."""
+        if self._listener is None:
+            return
+        listener, self._listener = self._listener, None
+        await listener.stop(5.0)
+        await self._runner.cleanup()
+
+
 class RunningGateway:
     """An in-process gateway served on a real 127.0.0.1 port, with helpers for tests."""
 
-    def __init__(self, app, server: TestServer, session: aiohttp.ClientSession) -> None:
+    def __init__(self, app, server: Served, session: aiohttp.ClientSession) -> None:
         self.app = app
         self.server = server
         self.session = session
@@ -97,9 +126,16 @@ async def _body(resp: aiohttp.ClientResponse) -> dict | str:
 
 
 @pytest.fixture
-async def gateway(tmp_path):
+def intake_path() -> str:
+    """Which path answers webhook POSTs: "fast" (gateway.listener, the default) or "aiohttp".
+    A test module overrides this fixture to run its tests on both."""
+    return "fast"
+
+
+@pytest.fixture
+async def gateway(tmp_path, intake_path):
     """Factory: ``await gateway(extra_toml, plugins=[...], sinks=SINKS_TOML)`` → RunningGateway."""
-    started: list[tuple[TestServer, aiohttp.ClientSession]] = []
+    started: list[tuple[Served, aiohttp.ClientSession]] = []
 
     async def start(extra: str = "", extra_plugins: list | None = None,
                     sinks: str = SINKS_TOML, channels: str = CHANNELS_TOML) -> RunningGateway:
@@ -112,7 +148,7 @@ async def gateway(tmp_path):
         config = gwconfig.load(str(path), environ={})
         pm = plugins.manager(extra=extra_plugins)
         app = create_app(config, pm=pm)
-        server = TestServer(app, host="127.0.0.1")
+        server = Served(app, fast=intake_path == "fast")
         await server.start_server()
         session = aiohttp.ClientSession()
         started.append((server, session))
@@ -149,18 +185,18 @@ class ThreadedGateway:
         return self
 
     def _run(self) -> None:
-        from aiohttp import web
-
         async def main() -> None:
             self._stop = asyncio.Event()
             config = gwconfig.load(str(self._config_path), environ={})
             self.app = create_app(config, pm=plugins.manager(extra=self._plugins))
             runner = web.AppRunner(self.app, access_log=None)
             await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            listener = Listener(runner)
+            await listener.start("127.0.0.1", self.port)
             self.loop = asyncio.get_running_loop()
             self._ready.set()
             await self._stop.wait()
+            await listener.stop(5.0)
             await runner.cleanup()
 
         try:

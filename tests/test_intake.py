@@ -242,3 +242,9 @@ async def test_client_can_reuse_connection_after_errors(gateway):
         assert (await gw.post("whatsapp", b"{bad"))[0] == 400
     assert (await gw.post("whatsapp", fixture_bytes(TEXT)))[0] == 200
     assert isinstance(gw.session, aiohttp.ClientSession)
+
+
+@pytest.fixture(params=["fast", "aiohttp"])
+def intake_path(request) -> str:
+    """Every test here runs on the main port's lean path and on the aiohttp route."""
+    return request.param

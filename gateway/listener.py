@@ -1,0 +1,300 @@
+"""The main port: a lean HTTP/1.1 path for Meta's webhook POSTs, aiohttp for everything else.
+
+On one core, aiohttp's request cycle (request and response objects, router, middleware, stream
+reader, header writer) costs more than all the gateway's own work for a webhook except the
+journal's commit. Webhook deliveries have one narrow shape: ``POST /webhooks/{channel}`` with a
+``Content-Length`` body over a keep-alive connection. :class:`WebhookConnection` answers exactly
+that shape itself, through :func:`gateway.intake.accept` (the aiohttp route calls it too, so
+statuses, bodies, metrics and logs are the same), and hands the connection to aiohttp, with every
+byte not yet answered, the moment it sees anything else: another method or path, a query string,
+HTTP/1.0, chunked, compressed or ``Expect: 100-continue`` bodies, an upgrade, or any header it does
+not accept strictly (a repeated header, a space before the colon, obs-fold, control bytes). From
+then on that connection is aiohttp's, and its parser (llhttp) applies the full rules, so nothing
+is accepted here that aiohttp would refuse. ``server.fast_intake = false`` leaves the whole port to
+aiohttp.
+
+Requests on one connection are answered in order, one at a time (pipelined bytes wait, reading
+pauses past :data:`MAX_PIPELINED`). A connection idle for :data:`KEEPALIVE_SECONDS` is closed, as
+aiohttp's keep-alive timeout does; a connection that sends part of a request and then nothing for
+that long is closed too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+
+from aiohttp import web
+
+from gateway import intake
+from gateway import logging as gwlog
+
+log = gwlog.get("gateway.listener")
+
+PREFIX = b"POST /webhooks/"
+MAX_HEAD = 8190  # bytes of request line and headers (aiohttp's max_line_size / max_field_size)
+MAX_PIPELINED = 256 * 1024  # bytes received ahead of the request being answered; then pause
+KEEPALIVE_SECONDS = 75.0  # aiohttp's keepalive_timeout
+SWEEP_SECONDS = 5.0
+LINGER_SECONDS = 2.0  # after an early 413/404, unread body bytes are discarded this long
+# The request line, then header fields as RFC 9110 has them: token ":" OWS value OWS, the value
+# of visible bytes, obs-text, SP and HTAB only (so no obs-fold, bare CR or LF, control bytes, or
+# space before the colon).
+_HEAD = re.compile(rb"POST /webhooks/([A-Za-z0-9_.\-]{1,100}) HTTP/1\.1"
+                   rb"((?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*)")
+_HAND_OFF_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"})
+_SIGNATURE = intake.SIGNATURE_HEADER.lower().encode()
+_SERVER = b"multichannel-gateway"
+
+
+class Head:
+    """What the lean path needs from a request's head."""
+
+    __slots__ = ("channel", "length", "signature", "close")
+
+    def __init__(self, channel: str, length: int, signature: str | None, close: bool) -> None:
+        self.channel = channel
+        self.length = length
+        self.signature = signature
+        self.close = close
+
+
+def parse_head(head: bytes) -> Head | None:
+    """The request line and headers (without the final CRLF CRLF), or None: hand it to aiohttp."""
+    match = _HEAD.fullmatch(head)
+    if match is None:
+        return None
+    channel, block = match.groups()
+    fields: dict[bytes, bytes] = {}
+    for raw in block.split(b"\r\n")[1:]:
+        name, _, value = raw.partition(b":")
+        name = name.lower()
+        if name in fields or name in _HAND_OFF_FIELDS:
+            return None
+        fields[name] = value
+    length = fields.get(b"content-length", b"").strip(b" \t")
+    if not length.isdigit() or len(length) > 15:
+        return None
+    close = False
+    connection = fields.get(b"connection")
+    if connection is not None:
+        tokens = {t.strip(b" \t").lower() for t in connection.split(b",")}
+        if b"upgrade" in tokens:
+            return None
+        close = b"close" in tokens
+    signature = fields.get(_SIGNATURE)
+    if signature is not None:
+        signature = signature.strip(b" \t")
+    return Head(channel.decode(), int(length),
+                None if signature is None else signature.decode("latin-1"), close)
+
+
+class Listener:
+    """Serves the main port: :class:`WebhookConnection` per connection with aiohttp behind it,
+    or (``fast`` off) aiohttp alone.
+
+    Start it once the runner is set up; :meth:`stop` it before ``runner.cleanup()``, which drains
+    and closes the connections aiohttp holds.
+    """
+
+    def __init__(self, runner: web.AppRunner, fast: bool = True) -> None:
+        assert runner.server is not None, "set the runner up first"
+        self.app = runner.app
+        self.aiohttp_server = runner.server  # a protocol factory: aiohttp's RequestHandler
+        self.fast = fast
+        self.connections: set[WebhookConnection] = set()
+        self.closing = False
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._date_second = -1
+        self._date = b""
+        self._accepted = b""
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port``; the port bound (``port`` 0 picks a free one)."""
+        loop = asyncio.get_running_loop()
+        factory = (lambda: WebhookConnection(self)) if self.fast else self.aiohttp_server
+        self._server = await loop.create_server(factory, host, port, reuse_address=True,
+                                                backlog=128)
+        if self.fast:
+            self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting; answer the requests in flight (within ``timeout``); close the rest.
+
+        Connections already handed to aiohttp are aiohttp's to drain (``AppRunner.cleanup``)."""
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + timeout
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self.connections):
+            conn.close()
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if not conn.busy and now - conn.last_seen > KEEPALIVE_SECONDS:
+                conn.close()
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
+
+    def date(self) -> bytes:
+        """The ``Date`` header's value, computed once a second."""
+        now = int(time.time())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = formatdate(now, usegmt=True).encode()
+            self._accepted = render(intake.ACCEPTED, self._date, close=False)
+        return self._date
+
+    def accepted(self) -> bytes:
+        """The whole 200 response of an accepted webhook (rebuilt once a second for ``Date``)."""
+        self.date()
+        return self._accepted
+
+
+def render(reply: intake.Reply, date: bytes, close: bool) -> bytes:
+    """The HTTP/1.1 response bytes of ``reply``."""
+    parts = [b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
+             b"Content-Length: %d\r\nDate: %s\r\nServer: %s\r\n"
+             % (reply.status, HTTPStatus(reply.status).phrase.encode(), len(reply.body), date,
+                _SERVER)]
+    for name, value in (reply.headers or {}).items():
+        parts.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    if close:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    parts.append(reply.body)
+    return b"".join(parts)
+
+
+class WebhookConnection(asyncio.Protocol):
+    """One client connection, answered on the lean path until it needs aiohttp."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.busy = False  # a request is being answered
+        self.paused = False
+        self.discarding = False  # an early error was sent; the rest of its body is dropped
+        self.last_seen = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.listener.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.connections.discard(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = time.monotonic()
+        if self.discarding:
+            return
+        self.buffer += data
+        if not self.busy:
+            self._next()
+        elif len(self.buffer) > MAX_PIPELINED and not self.paused and self.transport:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def close(self) -> None:
+        """Close the connection (after writing what is buffered)."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def _next(self) -> None:
+        """Answer the next complete request in the buffer, or hand the connection off."""
+        buf = self.buffer
+        if not buf or self.transport is None or self.listener.closing:
+            return
+        if not buf.startswith(PREFIX):
+            if len(buf) >= len(PREFIX) or not PREFIX.startswith(buf):
+                self._hand_off()
+            return
+        end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+        if end < 0:
+            if len(buf) > MAX_HEAD:
+                self._hand_off()
+            return
+        head = parse_head(bytes(buf[:end]))
+        if head is None:
+            self._hand_off()
+            return
+        early = intake.refuse_early(self.listener.app, head.channel, head.length)
+        if early is not None:
+            self._refuse_early(early, len(buf) - end - 4 < head.length)
+            return
+        total = end + 4 + head.length
+        if len(buf) < total:
+            return  # the body is still arriving
+        body = bytes(buf[end + 4:total])
+        del buf[:total]
+        self.busy = True
+        asyncio.get_running_loop().create_task(self._answer(head, body, time.perf_counter()))
+
+    async def _answer(self, head: Head, body: bytes, started: float) -> None:
+        try:
+            reply = await intake.accept(self.listener.app, head.channel, body, head.signature,
+                                        started)
+        except Exception:  # noqa: BLE001 - never a dropped connection without an answer
+            log.exception("unhandled_error", path=f"/webhooks/{head.channel}")
+            reply = intake.Reply(500, intake.error_body(
+                "internal_error", "internal error; see the gateway's log"))
+        self.busy = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the client left; the request was still journaled (or refused) as answered
+        close = head.close or self.listener.closing
+        if reply is intake.ACCEPTED and not close:
+            transport.write(self.listener.accepted())
+        else:
+            transport.write(render(reply, self.listener.date(), close))
+        if close:
+            transport.close()
+            return
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
+        self._next()
+
+    def _refuse_early(self, reply: intake.Reply, body_pending: bool) -> None:
+        """Answer before reading the body, then close: the unread body cannot be skipped safely.
+        Bytes still arriving are dropped for a moment, so the client reads the answer."""
+        transport = self.transport
+        assert transport is not None
+        self.discarding = True
+        self.buffer.clear()
+        transport.write(render(reply, self.listener.date(), close=True))
+        if body_pending and transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+        else:
+            transport.close()
+
+    def _hand_off(self) -> None:
+        """Give this connection to aiohttp, starting with every byte not yet answered."""
+        transport = self.transport
+        assert transport is not None
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        self.transport = None
+        self.listener.connections.discard(self)
+        handler = self.listener.aiohttp_server()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self.paused:
+            transport.resume_reading()
+        if data:
+            handler.data_received(data)

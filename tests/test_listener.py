@@ -1,0 +1,265 @@
+"""The main port's lean webhook path (gateway.listener), over raw sockets on 127.0.0.1.
+
+What it answers itself must be answered exactly as the aiohttp route answers; everything else must
+reach aiohttp intact, on the same connection, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from gateway import keys, listener
+from gateway.listener import parse_head
+from gateway.signatures import sign
+from tests.conftest import SECRET, fixture_bytes
+
+TEXT = fixture_bytes("whatsapp/text.json")
+IMAGE = fixture_bytes("whatsapp/image.json")
+HEAD = (b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nX-Hub-Signature-256: sha256=ab\r\nContent-Length: 12")
+
+
+def post(body: bytes, channel: str = "whatsapp", secret: str | None = SECRET,
+         extra: bytes = b"", length: int | None = None) -> bytes:
+    """A raw webhook POST as Meta (or a proxy in front of us) sends it."""
+    signature = b"X-Hub-Signature-256: " + sign(secret.encode(), body).encode() + b"\r\n" \
+        if secret else b""
+    size = len(body) if length is None else length
+    return (b"POST /webhooks/" + channel.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n" + signature + extra
+            + b"Content-Length: " + str(size).encode() + b"\r\n\r\n" + body)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length body: (status, headers, body)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", 0))), 5)
+    return status, headers, body
+
+
+async def exchange(gw, data: bytes, answers: int = 1) -> list[tuple[int, dict, bytes]]:
+    """Send ``data`` on a fresh connection; read ``answers`` responses."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return [await read_response(reader) for _ in range(answers)]
+    finally:
+        writer.close()
+
+
+def test_parse_head_reads_a_webhook_head():
+    head = parse_head(HEAD)
+    assert (head.channel, head.length, head.signature, head.close) == (
+        "whatsapp", 12, "sha256=ab", False)
+    assert parse_head(HEAD + b"\r\nConnection: close").close
+    assert parse_head(HEAD + b"\r\nconnection: Keep-Alive").close is False
+    assert parse_head(HEAD.replace(b"Content-Length: 12", b"Content-Length:12 ")).length == 12
+
+
+@pytest.mark.parametrize("head", [
+    HEAD.replace(b"POST", b"PUT"),
+    HEAD.replace(b"POST", b"post"),
+    HEAD.replace(b"/webhooks/whatsapp", b"/webhooks/whatsapp?x=1"),
+    HEAD.replace(b"/webhooks/whatsapp", b"/webhooks/whatsapp/"),
+    HEAD.replace(b"/webhooks/whatsapp", b"/webhooks/what%73app"),
+    HEAD.replace(b"/webhooks/whatsapp", b"/webhooks/"),
+    HEAD.replace(b"HTTP/1.1", b"HTTP/1.0"),
+    HEAD + b"\r\nTransfer-Encoding: chunked",
+    HEAD + b"\r\nExpect: 100-continue",
+    HEAD + b"\r\nContent-Encoding: gzip",
+    HEAD + b"\r\nUpgrade: websocket\r\nConnection: Upgrade",
+    HEAD + b"\r\nConnection: keep-alive, upgrade",
+    HEAD + b"\r\nContent-Length: 12",  # repeated (the same value or not)
+    HEAD + b"\r\ncontent-length: 13",
+    HEAD + b"\r\nX-Hub-Signature-256: sha256=cd",
+    HEAD.replace(b"Content-Length: 12", b"Content-Length : 12"),  # space before the colon
+    HEAD.replace(b"Content-Length: 12", b"Content-Length: +12"),
+    HEAD.replace(b"Content-Length: 12", b"Content-Length: 1 2"),
+    HEAD.replace(b"Content-Length: 12", b"Content-Length: 0x1"),
+    HEAD.replace(b"Content-Length: 12", b"Content-Length: 1" + b"0" * 15),
+    HEAD.replace(b"Content-Length: 12", b"X-No-Length: 1"),
+    HEAD + b"\r\n folded continuation",  # obs-fold
+    HEAD + b"\r\nX-Evil: a\x00b",
+    HEAD + b"\r\nX-Evil: a\rb",
+    HEAD + b"\r\nX-Evil: a\nb",
+    HEAD + b"\r\n: no name",
+])
+def test_parse_head_hands_anything_unusual_to_aiohttp(head):
+    assert parse_head(head) is None
+
+
+async def test_webhook_is_answered_and_journaled(gateway):
+    gw = await gateway()
+    [(status, headers, body)] = await exchange(gw, post(TEXT))
+    assert status == 200 and json.loads(body) == {"status": "accepted"}
+    assert headers["content-type"] == "application/json; charset=utf-8"
+    assert headers["server"] == "multichannel-gateway" and headers["date"].endswith("GMT")
+    await gw.settle()
+    assert [e["type"] for e in gw.jsonl()] == ["text"]
+
+
+async def test_keep_alive_and_pipelined_requests_answer_in_order(gateway):
+    gw = await gateway()
+    bad = post(IMAGE, secret="not-the-secret")
+    answers = await exchange(gw, post(TEXT) + bad + post(IMAGE) + post(b"{bad"), answers=4)
+    assert [a[0] for a in answers] == [200, 401, 200, 400]
+    assert json.loads(answers[1][2])["error"]["code"] == "bad_signature"
+    await gw.settle()
+    assert sorted(e["type"] for e in gw.jsonl()) == ["image", "text"]
+
+
+async def test_request_split_into_small_pieces(gateway):
+    gw = await gateway()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    data = post(TEXT)
+    for start in range(0, len(data), 7):
+        writer.write(data[start:start + 7])
+        await writer.drain()
+        await asyncio.sleep(0)
+    status, _, _ = await read_response(reader)
+    writer.close()
+    assert status == 200
+
+
+async def test_a_request_that_starts_like_a_webhook_but_is_not_goes_to_aiohttp(gateway):
+    gw = await gateway()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer.write(b"POST /webhooks/whatsa")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(b"pp/extra HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    status, headers, body = await read_response(reader)
+    writer.close()
+    assert status == 404 and "aiohttp" in headers["server"]
+    assert json.loads(body)["error"]["code"] == "not_found"
+
+
+async def test_other_requests_are_handed_to_aiohttp_on_the_same_connection(gateway):
+    gw = await gateway()
+    chunked = (b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+               b"X-Hub-Signature-256: " + sign(SECRET.encode(), IMAGE).encode() + b"\r\n\r\n"
+               + f"{len(IMAGE):x}\r\n".encode() + IMAGE + b"\r\n0\r\n\r\n")
+    answers = await exchange(
+        gw, post(TEXT) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + chunked + post(TEXT),
+        answers=4)
+    assert [a[0] for a in answers] == [200, 200, 200, 200]
+    assert answers[0][1]["server"] == "multichannel-gateway"
+    assert all("aiohttp" in a[1]["server"] for a in answers[1:])  # the connection is aiohttp's
+    assert json.loads(answers[1][2]) == {"status": "ok"}
+    await gw.settle()
+    assert sorted(e["type"] for e in gw.jsonl()) == ["image", "text"]  # text once: a redelivery
+
+
+async def test_a_malformed_head_gets_aiohttps_400(gateway):
+    gw = await gateway()
+    twice = post(TEXT).replace(b"Content-Length:", b"Content-Length: 3\r\nContent-Length:", 1)
+    [(status, headers, _)] = await exchange(gw, twice)
+    assert status == 400 and "aiohttp" in headers["server"]
+    await gw.settle()
+    assert gw.jsonl() == []
+
+
+async def test_errors_match_the_aiohttp_route(gateway, tmp_path):
+    """Each refusal, byte for byte in its JSON body, with the same status and headers."""
+    cases = [post(TEXT, secret=None), post(TEXT, secret="wrong"),
+             post(TEXT).replace(b'"text"', b'"texT"'),  # the body altered after signing
+             post(b"[1, 2]"), post(b'{"object": "page", "entry": []}'),
+             post(TEXT, channel="telegram")]
+    fast = await gateway()
+    got = [(await exchange(fast, data))[0] for data in cases]
+    await fast.server.close()  # the same data directory: one gateway at a time
+    slow = await gateway(extra="fast_intake = false")
+    want = [(await exchange(slow, data))[0] for data in cases]
+    assert [g[0] for g in got] == [w[0] for w in want] == [401, 401, 401, 400, 400, 404]
+    assert [g[2] for g in got] == [w[2] for w in want]
+    assert all(g[1]["content-type"] == w[1]["content-type"] for g, w in zip(got, want, strict=True))
+
+
+async def test_oversized_body_is_413_and_the_connection_closes(gateway):
+    gw = await gateway(extra="max_body_bytes = 2048")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer.write(post(b"x" * 4096))
+    status, headers, body = await read_response(reader)
+    assert status == 413 and headers["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the gateway
+    writer.close()
+
+
+async def test_journal_full_is_503_with_retry_after(gateway):
+    gw = await gateway(extra="[queue]\nmax_pending = 1\nretry_after_seconds = 17")
+    gw.app[keys.PROCESSOR].stop()  # returns once the journal is empty; nothing processed after
+    await gw.settle()
+    [_, (status, headers, body)] = await exchange(gw, post(TEXT) + post(IMAGE), answers=2)
+    assert status == 503 and headers["retry-after"] == "17"
+    assert json.loads(body)["error"]["code"] == "journal_full"
+
+
+async def test_connection_close_is_honoured(gateway):
+    gw = await gateway()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer.write(post(TEXT, extra=b"Connection: close\r\n") + post(IMAGE))
+    status, headers, _ = await read_response(reader)
+    assert status == 200 and headers["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # the second request is not read
+    writer.close()
+    await gw.settle()
+    assert [e["type"] for e in gw.jsonl()] == ["text"]
+
+
+async def test_idle_connections_are_closed(gateway, monkeypatch):
+    monkeypatch.setattr(listener, "KEEPALIVE_SECONDS", 0.2)
+    monkeypatch.setattr(listener, "SWEEP_SECONDS", 0.05)
+    gw = await gateway()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer.write(post(TEXT))
+    assert (await read_response(reader))[0] == 200
+    writer.write(b"POST /webhooks/whatsapp HTTP/1.1\r\n")  # half a head, then silence
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_shutdown_answers_the_request_in_flight(gateway):
+    gw = await gateway()
+    journal = gw.app[keys.JOURNAL]
+    original = journal.append
+    entered = asyncio.Event()
+
+    async def slow_append(*args):
+        entered.set()
+        await asyncio.sleep(0.3)
+        await original(*args)
+
+    journal.append = slow_append
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer.write(post(TEXT))
+    await entered.wait()
+    closing = asyncio.create_task(gw.server.close())
+    status, headers, _ = await read_response(reader)
+    await closing
+    assert status == 200 and headers["connection"] == "close"
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer.close()
+    assert (gw.data_dir / "events.jsonl").read_bytes().count(b"\n") == 1  # drained into the sink
+
+
+async def test_many_pipelined_requests_past_the_read_pause(gateway, monkeypatch):
+    monkeypatch.setattr(listener, "MAX_PIPELINED", 4096)
+    gw = await gateway()
+    bodies = [TEXT.replace(b"wamid.", b"wamid.P%03d" % i) for i in range(60)]
+    answers = await exchange(gw, b"".join(post(b) for b in bodies), answers=60)
+    assert [a[0] for a in answers] == [200] * 60
+    await gw.settle()
+    assert len(gw.jsonl()) == 60
