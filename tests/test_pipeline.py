@@ -185,3 +185,31 @@ async def test_events_metric_counts_kinds(gateway):
     assert registry.get_sample_value("gateway_sink_deliveries_total", {
         "sink": "jsonl", "outcome": "ok"}) == 5
     assert registry.get_sample_value("gateway_sink_latency_seconds_count", {"sink": "storage"}) == 5
+
+
+async def test_a_storage_database_of_the_earlier_layout_keeps_working(gateway, tmp_path):
+    """Storage databases made before ``messages`` became a rowid table (WITHOUT ROWID, ``id``
+    the primary key) are used as they are: the same rows, counts and status rules."""
+    import sqlite3
+
+    from sinks.storage.schema import SCHEMA
+
+    earlier = SCHEMA.replace("id TEXT NOT NULL UNIQUE,             -- message_id",
+                             "id TEXT PRIMARY KEY,                 -- message_id")
+    end = "-- JSON: {sender_id: emoji}\n);"
+    earlier = earlier.replace(end, end.replace(");", ") WITHOUT ROWID;"))
+    assert earlier.count("WITHOUT ROWID") == 3
+    (tmp_path / "data").mkdir()
+    with sqlite3.connect(tmp_path / "data" / "storage.db") as db:
+        db.executescript(earlier)
+    gw = await gateway()
+    for name in ("text", "text", "status_delivered", "status_sent"):
+        assert (await gw.post("whatsapp", fixture_bytes(f"whatsapp/{name}.json")))[0] == 200
+    await gw.settle()
+    assert await gw.sql("SELECT count(*) FROM messages WHERE type = 'text'") == [(1,)]
+    assert await gw.sql("SELECT message_count FROM conversations "
+                        "WHERE contact_id = '15550001234'") == [(1,)]
+    statuses = await gw.sql("SELECT status FROM messages WHERE status IS NOT NULL")
+    assert statuses == [("delivered",)]
+    layout = await gw.sql("SELECT sql FROM sqlite_master WHERE name = 'messages'")
+    assert "WITHOUT ROWID" in layout[0][0]
