@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
 log = gwlog.get("gateway.processor")
+# Under load, how long the processor lets requests gather before its next batch. Measured
+# (bench/ingest.py load, journal alone): a processing commit costs about 11 us per request in
+# batches of 40 and 6 us in batches of 200; the sinks' batches grow with it.
+BATCH_DELAY = 0.01
 
 
 class ResponseTimer:
@@ -67,7 +71,12 @@ class Processor:
         self._event_counters: dict[tuple[str, str, str], Any] = {}  # label children, looked up once
 
     async def run(self) -> None:
-        """Process until :meth:`stop`; then finish what is journaled (bounded by the caller)."""
+        """Process until :meth:`stop`; then finish what is journaled (bounded by the caller).
+
+        Under load (the last batch was not empty) the next batch waits ``BATCH_DELAY`` first, so
+        that it holds more requests: one transaction, one commit and one batch per sink for more
+        events. An idle processor takes a new request at once.
+        """
         while True:
             self.wake.clear()
             done = await self.process_batch()
@@ -75,6 +84,8 @@ class Processor:
                 if self._stopping:
                     return
                 await wait_event(self.wake, 1.0)
+            elif done < self.batch_size and not self._stopping:
+                await asyncio.sleep(BATCH_DELAY)
 
     def stop(self) -> None:
         """Ask the loop to return once the journal is empty."""
@@ -120,19 +131,26 @@ class Processor:
         records = []
         fresh_per_request = [0] * len(requests)
         total_per_request = [0] * len(requests)
+        counts: dict[tuple[str, str, str], int] = {}  # counters move once per batch, not per event
+        duplicates: dict[str, int] = {}
+        observe = self.timer.observe
         for (event, data, received), owner, seq in zip(events, owners, seqs, strict=True):
             total_per_request[owner] += 1
             if seq is None:
-                self.metrics.duplicate_events.labels(event.channel).inc()
+                duplicates[event.channel] = duplicates.get(event.channel, 0) + 1
                 continue
             fresh_per_request[owner] += 1
             labels = (event.channel, event.kind, event.type or "")
+            counts[labels] = counts.get(labels, 0) + 1
+            observe(event)
+            records.append(Record(seq, event, data, received))
+        for labels, n in counts.items():
             counter = self._event_counters.get(labels)
             if counter is None:
                 counter = self._event_counters[labels] = self.metrics.events.labels(*labels)
-            counter.inc()
-            self.timer.observe(event)
-            records.append(Record(seq, event, data, received))
+            counter.inc(n)
+        for channel, n in duplicates.items():
+            self.metrics.duplicate_events.labels(channel).inc(n)
         for req, total, fresh in zip(requests, total_per_request, fresh_per_request, strict=True):
             if total and not fresh:
                 self.metrics.webhook_requests.labels(req.channel, "duplicate").inc()
