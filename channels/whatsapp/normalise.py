@@ -124,30 +124,35 @@ def _message(m: schemas.Message, account: str, names: dict) -> Event | None:
     when = _timestamp(m.timestamp)
     if not m.id or customer is None or when is None:
         return None
-    common = dict(
-        schema=SCHEMA_VERSION, channel=CHANNEL, direction="inbound", account_id=account,
-        conversation_id=conversation_id(CHANNEL, account, customer),
-        sender=Party(id=customer, name=names.get(customer)), recipient=Party(id=account),
-        timestamp=when,
-    )
+    conversation = conversation_id(CHANNEL, account, customer)
+    sender, recipient = Party(id=customer, name=names.get(customer)), Party(id=account)
+    if m.type == "reaction" or m.type == "revoke":
+        return _reaction_or_revoke(m, dict(
+            schema=SCHEMA_VERSION, channel=CHANNEL, direction="inbound", account_id=account,
+            conversation_id=conversation, sender=sender, recipient=recipient, timestamp=when))
+    try:
+        fields = content(m)
+    except OverflowError:  # a number no float holds (e.g. a location's latitude 1e400 as an int)
+        fields = {"type": "unsupported", "raw_type": m.type, "error": first_error(m.errors)}
+    if "reply_to" not in fields:
+        fields["reply_to"] = as_str((m.context or {}).get("id"))
+    # the common fields spelt out, not merged from a dict: this is the path of nearly every event
+    return Message(id=event_id(CHANNEL, "message", m.id), schema=SCHEMA_VERSION, channel=CHANNEL,
+                   direction="inbound", account_id=account, conversation_id=conversation,
+                   sender=sender, recipient=recipient, timestamp=when, message_id=m.id,
+                   referral=m.referral if isinstance(m.referral, dict) else None, **fields)
+
+
+def _reaction_or_revoke(m: schemas.Message, common: dict) -> Event:
     if m.type == "reaction":
         reaction = m.reaction or {}
         emoji = reaction.get("emoji")
         return Reaction(id=event_id(CHANNEL, "reaction", m.id), **common,
                         message_id=as_str(reaction.get("message_id")),
                         emoji=emoji if isinstance(emoji, str) else "")
-    if m.type == "revoke":
-        original = as_str((m.revoke or {}).get("original_message_id")) or m.id
-        return Message(id=event_id(CHANNEL, "revoke", m.id), **common, message_id=original,
-                       type="deleted")
-    try:
-        fields = content(m)
-    except OverflowError:  # a number no float holds (e.g. a location's latitude 1e400 as an int)
-        fields = {"type": "unsupported", "raw_type": m.type, "error": first_error(m.errors)}
-    context = m.context or {}
-    fields.setdefault("reply_to", as_str(context.get("id")))
-    return Message(id=event_id(CHANNEL, "message", m.id), **common, message_id=m.id,
-                   referral=m.referral if isinstance(m.referral, dict) else None, **fields)
+    original = as_str((m.revoke or {}).get("original_message_id")) or m.id
+    return Message(id=event_id(CHANNEL, "revoke", m.id), **common, message_id=original,
+                   type="deleted")
 
 
 def _status(s: schemas.Status, account: str) -> Event | None:

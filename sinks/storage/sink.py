@@ -6,9 +6,11 @@ moves backwards, ``first_seen`` is the earliest time ever seen.
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
 import os
 import sqlite3
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -22,6 +24,8 @@ from sinks.storage.schema import SCHEMA, STATUS_RANK
 
 _EXTRA = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
           "contacts", "handover")
+_extra_values = operator.attrgetter(*_EXTRA)
+_NO_EXTRA = tuple(False if name == "standby" else None for name in _EXTRA)  # the defaults
 _RANK_SQL = " ".join(f"WHEN '{s}' THEN {r}" for s, r in STATUS_RANK.items())
 
 
@@ -38,7 +42,11 @@ def doc_id(value: str) -> str:
 
 def iso(event: Event) -> str:
     """Fixed-width RFC 3339 UTC (microseconds, ``Z``), so that text comparison orders instants."""
-    t = event.timestamp
+    return _iso(event.timestamp)
+
+
+@functools.lru_cache(maxsize=4096)  # the events of one second share their timestamp
+def _iso(t: datetime) -> str:
     if t.utcoffset():
         t = t.astimezone(UTC)
     return t.isoformat(timespec="microseconds")[:26] + "Z"
@@ -222,12 +230,10 @@ class _Batch:
 def _message_row(ev: Event, key: str, mid: str, ts: str) -> list[Any]:
     """The ``messages`` row: ``key`` then the values of ``_MESSAGE_COLUMNS`` in order."""
     extra = None
-    for name in _EXTRA:
-        value = getattr(ev, name)
-        if value is not None and value is not False:
-            if extra is None:
-                extra = {}
-            extra[name] = value
+    values = _extra_values(ev)
+    if values != _NO_EXTRA:
+        extra = {name: value for name, value in zip(_EXTRA, values, strict=True)
+                 if value is not None and value is not False} or None
     return [key, mid, ev.id, ev.kind, ev.channel, ev.direction, ev.account_id, ev.conversation_id,
             ev.sender.id, ev.sender.name, ev.recipient.id, ts, ev.type, ev.text, ev.payload,
             ev.reply_to, _json(ev.media), _json(ev.location), _json(ev.error), _json(extra)]
