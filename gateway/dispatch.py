@@ -31,9 +31,6 @@ if TYPE_CHECKING:
 log = gwlog.get("gateway.dispatch")
 LEASE_MS = 10_000  # a replica that stops renewing its sink lease loses it after this long
 TAIL_SIZE = 5_000  # records kept in memory (at most twice this before trimming)
-# After a batch smaller than the sink's batch_size, a busy worker waits this long for the next one
-# to fill: fewer, larger sink writes (one transaction each) under load; an idle worker is woken.
-BATCH_DELAY = 0.01
 
 
 class Tail:
@@ -87,8 +84,6 @@ class SinkWorker:
             self.wake.clear()
             moved = await self._step()
             if moved:
-                if moved < self.sink.config.batch_size and not self._stopping:
-                    await asyncio.sleep(BATCH_DELAY)  # under load: let the next batch fill
                 continue
             self.idle.set()
             if self._stopping:

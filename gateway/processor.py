@@ -24,10 +24,6 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
 log = gwlog.get("gateway.processor")
-# Under load, how long the processor lets requests gather before its next batch. Measured
-# (bench/ingest.py load, journal alone): a processing commit costs about 11 us per request in
-# batches of 40 and 6 us in batches of 200; the sinks' batches grow with it.
-BATCH_DELAY = 0.01
 
 
 class ResponseTimer:
@@ -71,12 +67,7 @@ class Processor:
         self._event_counters: dict[tuple[str, str, str], Any] = {}  # label children, looked up once
 
     async def run(self) -> None:
-        """Process until :meth:`stop`; then finish what is journaled (bounded by the caller).
-
-        Under load (the last batch was not empty) the next batch waits ``BATCH_DELAY`` first, so
-        that it holds more requests: one transaction, one commit and one batch per sink for more
-        events. An idle processor takes a new request at once.
-        """
+        """Process until :meth:`stop`; then finish what is journaled (bounded by the caller)."""
         while True:
             self.wake.clear()
             done = await self.process_batch()
@@ -84,8 +75,6 @@ class Processor:
                 if self._stopping:
                     return
                 await wait_event(self.wake, 1.0)
-            elif done < self.batch_size and not self._stopping:
-                await asyncio.sleep(BATCH_DELAY)
 
     def stop(self) -> None:
         """Ask the loop to return once the journal is empty."""
