@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 # the benchmarks (bench/bare_server.py is the baseline server ingest.py starts, not a benchmark)
-BENCHES := bench/ingest.py bench/outbound.py bench/firestore.py
+BENCHES := bench/ingest.py bench/floors.py bench/outbound.py bench/firestore.py
 
 .PHONY: install demo test test-fast bench lint clean
 
