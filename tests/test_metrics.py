@@ -64,16 +64,7 @@ assert CHANNELS_TOML  # the config below embeds it
 
 
 def _post(proc: GatewayProcess, channel: str, name: str, secret: str = "test-app-secret") -> int:
-    from gateway.testing import sign_headers
-
-    body = fixture_bytes(name)
-    req = urllib.request.Request(f"{proc.url}/webhooks/{channel}", data=body,
-                                 headers=sign_headers(secret, body), method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    return proc.post_webhook(channel, fixture_bytes(name), secret)
 
 
 def test_metrics_exposition_passes_promtool_and_has_contract_metrics(tmp_path):

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from gateway.testing import GatewayProcess, sign_headers
+from gateway.testing import GatewayProcess
 from tests.conftest import SECRET, fixture_bytes
 from tests.test_crash import CONFIG
 
@@ -21,14 +21,7 @@ BARRIER = "whatsapp/image.json"  # new after the restart: once it is in the sink
 
 
 def _post(proc: GatewayProcess, name: str) -> int:
-    body = fixture_bytes(name)
-    req = urllib.request.Request(f"{proc.url}/webhooks/{name.split('/')[0]}", data=body,
-                                 headers=sign_headers(SECRET, body), method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    return proc.post_webhook(name.split("/")[0], fixture_bytes(name), SECRET)
 
 
 def _jsonl(proc: GatewayProcess) -> list[dict]:

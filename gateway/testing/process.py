@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-from gateway.testing.client import free_port, wait_http
+from gateway.testing.client import free_port, sign_headers, wait_http
 
 
 class GatewayProcess:
@@ -61,6 +63,17 @@ class GatewayProcess:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+    def post_webhook(self, channel: str, body: bytes, secret: str) -> int:
+        """POST ``body`` to ``/webhooks/{channel}``, signed with ``secret`` as Meta signs it;
+        the HTTP status."""
+        req = urllib.request.Request(f"{self.url}/webhooks/{channel}", data=body,
+                                     headers=sign_headers(secret, body), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
