@@ -5,7 +5,6 @@ a redelivery or a late, older keyword changes nothing."""
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -13,8 +12,7 @@ import pytest
 from gateway import keys
 from gateway.consent import Consent
 from gateway.events import Message, Party
-from tests.conftest import SINKS_TOML
-from tests.firestore.conftest import firestore_emulator, firestore_toml  # noqa: F401
+from tests.firestore.conftest import firestore_emulator, storage_gateway  # noqa: F401
 
 CUSTOMER = "15557700001"
 BASE = 1_760_000_000
@@ -34,11 +32,7 @@ def says(text: str, offset: int, customer: str = CUSTOMER) -> bytes:
 
 @pytest.mark.parametrize("backends", ["storage", "storage+firestore"])
 async def test_keywords_set_opted_out_in_both_sinks(gateway, request, backends):
-    table = ""
-    if backends != "storage":
-        table = firestore_toml(f"consent-{uuid.uuid4().hex[:12]}",
-                               request.getfixturevalue("firestore_emulator"))
-    gw = await gateway(sinks=SINKS_TOML + table)
+    gw = await storage_gateway(gateway, request, backends, "consent")
     sinks = gw.app[keys.SINKS]
 
     async def opted_out(customer: str = CUSTOMER) -> set[tuple[bool, str | None]]:

@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from sinks.firestore import emulator as fsemu
+from tests.conftest import SINKS_TOML
 
 _running: dict[str, fsemu.Emulator] = {}
 
@@ -41,6 +42,16 @@ def firestore_toml(project: str, host: str, **extra: object) -> str:
              "backoff_max = 0.5", "max_attempts = 4"]
     lines += [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}" for k, v in extra.items()]
     return "[sinks.firestore]\n" + "\n".join(lines) + "\n"
+
+
+async def storage_gateway(gateway, request, backends: str, name: str):
+    """A gateway whose sinks are jsonl and storage, plus Firestore (on a fresh project named
+    after ``name``) when ``backends`` is "storage+firestore"."""
+    table = ""
+    if backends != "storage":
+        table = firestore_toml(f"{name}-{uuid.uuid4().hex[:12]}",
+                               request.getfixturevalue("firestore_emulator"))
+    return await gateway(sinks=SINKS_TOML + table)
 
 
 @pytest.fixture

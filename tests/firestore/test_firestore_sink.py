@@ -26,7 +26,7 @@ from sinks.firestore.sink import MAX_OPS, FirestoreConfig, FirestoreSink, _round
 from sinks.storage.schema import STATUS_RANK
 from tests.conftest import SINKS_TOML, fixture_bytes
 from tests.expect import expected_files, pair_up
-from tests.firestore.conftest import firestore_toml
+from tests.firestore.conftest import firestore_toml, storage_gateway
 
 FILES = expected_files()
 ROOT = Path(__file__).resolve().parents[2]
@@ -469,11 +469,7 @@ async def test_commits_run_concurrently_up_to_the_limit(firestore_emulator, fire
 async def test_first_seen_is_the_earliest_timestamp_in_both_sinks(gateway, request, backends):
     """Redelivery and replay never change ``first_seen``, a later event does not either, and a
     late event that happened earlier lowers it — in the storage rows and the Firestore documents."""
-    table = ""
-    if backends != "storage":
-        table = firestore_toml(f"first-{uuid.uuid4().hex[:12]}",
-                               request.getfixturevalue("firestore_emulator"))
-    gw = await gateway(sinks=SINKS_TOML + table)
+    gw = await storage_gateway(gateway, request, backends, "first")
     sinks = gw.app[keys.SINKS]
     customer = "15556300001"
     base = 1_760_000_000
@@ -637,7 +633,6 @@ async def test_readyz_and_collection_prefix(gateway, firestore_emulator, firesto
 async def test_public_api_fallback_writes_the_same(gateway, firestore_emulator):
     """The direct protobuf encoding (wire.py) and the client's public API store the same."""
     import os
-    import uuid
 
     before = os.environ.get("FIRESTORE_EMULATOR_HOST")
     sinks = [FirestoreSink(FirestoreConfig(project_id=f"wire-{uuid.uuid4().hex[:10]}",
