@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 log = gwlog.get("gateway.dispatch")
 LEASE_MS = 10_000  # a replica that stops renewing its sink lease loses it after this long
+RETRY_MAX = 5.0  # a worker whose journal fails retries at least this often
 TAIL_SIZE = 5_000  # records kept in memory (at most twice this before trimming)
 
 
@@ -45,9 +46,13 @@ class Tail:
     def add(self, records: list[Record]) -> None:
         if not records:
             return
+        gap = records[0].seq != self.last_seq + 1  # events this process committed, not added
         self.last_seq = max(self.last_seq, records[-1].seq)
         if self.disabled:
             return
+        if gap:  # never claim to hold what was not added: workers read the gap from the journal
+            self.records = []
+            self.covered_from = records[0].seq
         self.records.extend(records)
         if len(self.records) > 2 * TAIL_SIZE:
             dropped = self.records[:-TAIL_SIZE]
@@ -76,19 +81,42 @@ class SinkWorker:
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
         self._stopping = False
+        self._leased = False
+        self._loaded = False
+        # Seqs after the cursor that already have a dead letter (the batch holding them was not
+        # finished when the gateway stopped): they are not delivered again, their replay is.
+        self._dead_ahead: set[int] = set()
+        self._replayed: list[int] = []  # dead letters delivered, not yet deleted from the store
 
     async def run(self) -> None:
-        """Deliver until :meth:`stop` and caught up."""
-        self.cursor = await self.journal.cursor(self.cursor_name) or 0
+        """Deliver until :meth:`stop` and caught up. A failing journal (locked, unreachable)
+        is logged and retried with backoff: the worker never ends while the gateway runs."""
+        failures = 0
         while True:
-            self.wake.clear()
-            moved = await self._step()
+            try:
+                if failures or not self._loaded:
+                    await self._load_position()
+                self.wake.clear()
+                moved = await self._step()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - retried; intake keeps journaling meanwhile
+                failures += 1
+                log.error("sink_worker_failed", sink=self.sink.name, error=repr(exc),
+                          failures=failures)
+                await asyncio.sleep(min(RETRY_MAX, 0.1 * 2 ** min(failures, 10)))
+                continue
             if moved:
                 continue
             self.idle.set()
             if self._stopping:
                 return
             await wait_event(self.wake, self.poll_seconds)
+
+    async def _load_position(self) -> None:
+        """The cursor and the dead letters ahead of it, as stored in the journal."""
+        self.cursor = max(self.cursor, await self.journal.cursor(self.cursor_name) or 0)
+        self._dead_ahead = await self.journal.dead_lettered_after(self.sink.name, self.cursor)
+        self._loaded = True
 
     @property
     def poll_seconds(self) -> float:
@@ -110,8 +138,12 @@ class SinkWorker:
         if self.tail.disabled and hasattr(self.journal, "acquire_lease"):
             if not await self.journal.acquire_lease(self.cursor_name, self.owner, LEASE_MS):
                 # another replica delivers: follow its cursor, so lag() and caught_up() are true
+                self._leased = False
                 self.cursor = max(self.cursor, await self.journal.cursor(self.cursor_name) or 0)
                 return 0
+            if not self._leased:  # taken over: the last holder may have left dead letters ahead
+                await self._load_position()
+                self._leased = True
             self.cursor = await self.journal.cursor(self.cursor_name) or 0
         return await self._replays() + await self._next_batch()
 
@@ -123,8 +155,13 @@ class SinkWorker:
         if not batch:
             return 0
         self.idle.clear()
-        await self.deliver(batch)
-        self.cursor = batch[-1].seq
+        last = batch[-1].seq
+        if self._dead_ahead:
+            batch = [r for r in batch if r.seq not in self._dead_ahead]
+            self._dead_ahead = {seq for seq in self._dead_ahead if seq > last}
+        if batch:
+            await self.deliver(batch)
+        self.cursor = last
         await self.journal.set_cursor(self.cursor_name, self.cursor)
         self.metrics.queue_depth.labels(self.cursor_name).set(self.lag())
         return len(batch)
@@ -132,11 +169,16 @@ class SinkWorker:
     async def _replays(self) -> int:
         """Redeliver dead letters marked for replay; each leaves the store only once it has been
         delivered (or dead-lettered anew), so a crash in between replays it again."""
+        if self._replayed:  # delivered before the journal failed: delete, never deliver again
+            await self.journal.finish_replays(self._replayed)
+            self._replayed = []
         letters = await self.journal.replays_due(self.sink.name, self.sink.config.batch_size)
         if letters:
             log.info("replaying_dead_letters", sink=self.sink.name, count=len(letters))
             await self.deliver([_record(StoredEvent(0, d.data, d.received_at)) for d in letters])
-            await self.journal.finish_replays([d.id for d in letters])
+            self._replayed = [d.id for d in letters]
+            await self.journal.finish_replays(self._replayed)
+            self._replayed = []
         return len(letters)
 
     async def deliver(self, batch: list[Record]) -> None:
@@ -221,7 +263,11 @@ class Dispatcher:
     async def start(self) -> None:
         """Start every sink and its worker. A sink seen for the first time starts at the end."""
         last = await self.journal.last_event_seq()
-        self.tail = Tail(last + 1, disabled=getattr(self.journal, "shared", False))
+        shared = getattr(self.journal, "shared", False)
+        self.tail = Tail(last + 1, disabled=shared)
+        if not shared:  # a shared journal's other replicas may run sinks this one does not
+            # A sink no longer configured (or disabled) must not pin the event log forever.
+            await self.journal.forget_cursors(set(self.sinks))
         for name, sink in self.sinks.items():
             await sink.start()
             cursor_name = f"sink:{name}"
@@ -235,7 +281,10 @@ class Dispatcher:
     def publish(self, records: list[Record]) -> None:
         """New events from the processor: remember them and wake every worker."""
         for observe in self.observers:
-            observe(records)
+            try:
+                observe(records)
+            except Exception as exc:  # noqa: BLE001 - an observer must not cost the sinks events
+                log.error("observer_failed", observer=repr(observe), error=repr(exc))
         self.tail.add(records)
         for worker in self.workers.values():
             worker.wake.set()

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
 log = gwlog.get("gateway.processor")
+RETRY_MAX = 5.0  # a processor whose journal fails retries at least this often
 
 
 class ResponseTimer:
@@ -67,10 +68,21 @@ class Processor:
         self._event_counters: dict[tuple[str, str, str], Any] = {}  # label children, looked up once
 
     async def run(self) -> None:
-        """Process until :meth:`stop`; then finish what is journaled (bounded by the caller)."""
+        """Process until :meth:`stop`; then finish what is journaled (bounded by the caller).
+
+        A failing journal (locked, unreachable) is logged and retried with backoff; a batch is
+        committed whole or not at all, so a retry processes it again from the start."""
+        failures = 0
         while True:
             self.wake.clear()
-            done = await self.process_batch()
+            try:
+                done = await self.process_batch()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - retried; intake keeps journaling meanwhile
+                failures += 1
+                log.error("processing_failed", error=repr(exc), failures=failures)
+                await asyncio.sleep(min(RETRY_MAX, 0.1 * 2 ** min(failures, 10)))
+                continue
             if done == 0:
                 if self._stopping:
                     return

@@ -16,7 +16,8 @@ Keys, under a prefix ``p`` (default ``gw``; ``?prefix=NAME`` on the URL or ``pre
 - ``{p}:lease:{name}`` — which replica delivers to a sink right now (``SET NX PX``, renewed).
 - dead letters: ``{p}:dead:letter:{id}`` (hash of the letter's fields), ``{p}:dead:seq`` (ids),
   ``{p}:dead:ids`` / ``{p}:dead:sink:{sink}`` (sorted sets of ids: all / per sink),
-  ``{p}:dead:replay:{sink}`` (sorted set: marked for replay), ``{p}:dead:counts`` (hash per sink).
+  ``{p}:dead:replay:{sink}`` (sorted set: marked for replay), ``{p}:dead:seqs:{sink}`` (sorted set:
+  letter id scored by its event's seq), ``{p}:dead:counts`` (hash per sink).
 
 Processing a batch is one Lua script (atomic; a script is never interleaved with other commands):
 each event id not seen yet is remembered and its event appended, the batch's requests are
@@ -53,13 +54,14 @@ OUTAGE_BACKOFF_MAX = 5.0  # background loops wait for Redis to come back, retryi
 # A dead letter, in Lua: shared by the commit (requests no channel could normalise) and
 # add_dead_letters (events a sink gave up on).
 _ADD_DEAD = """
-local function add_dead(p, sink, event_id, data, received_at, reason, attempts, failed_at)
+local function add_dead(p, sink, event_id, data, received_at, reason, attempts, failed_at, seq)
   local id = redis.call('INCR', p .. ':dead:seq')
   redis.call('HSET', p .. ':dead:letter:' .. id, 'sink', sink, 'event_id', event_id,
              'data', data, 'received_at', received_at, 'reason', reason, 'attempts', attempts,
              'failed_at', failed_at, 'state', 'dead')
   redis.call('ZADD', p .. ':dead:ids', id, id)
   redis.call('ZADD', p .. ':dead:sink:' .. sink, id, id)
+  if tonumber(seq) > 0 then redis.call('ZADD', p .. ':dead:seqs:' .. sink, seq, id) end
   redis.call('HINCRBY', p .. ':dead:counts', sink, 1)
   return id
 end
@@ -71,6 +73,7 @@ local function drop_dead(p, id)
   redis.call('DEL', key)
   redis.call('ZREM', p .. ':dead:sink:' .. sink, id)
   redis.call('ZREM', p .. ':dead:replay:' .. sink, id)
+  redis.call('ZREM', p .. ':dead:seqs:' .. sink, id)
   if redis.call('HINCRBY', p .. ':dead:counts', sink, -1) <= 0 then
     redis.call('HDEL', p .. ':dead:counts', sink)
   end
@@ -109,17 +112,17 @@ i = i + acks + 1
 local failed = tonumber(ARGV[i])
 i = i + 1
 for k = 1, failed do
-  add_dead(p, ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], 1, now)
+  add_dead(p, ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], 1, now, 0)
   i = i + 5
 end
 return {seqs, redis.call('XLEN', requests)}
 """
 
-# ARGV: prefix, now, then (sink, event_id, data, received_at, reason, attempts) per letter.
+# ARGV: prefix, now, then (sink, event_id, data, received_at, reason, attempts, seq) per letter.
 _ADD_DEAD_LETTERS = _ADD_DEAD + """
 local p, now = ARGV[1], ARGV[2]
-for i = 3, #ARGV, 6 do
-  add_dead(p, ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], now)
+for i = 3, #ARGV, 7 do
+  add_dead(p, ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], now, ARGV[i+6])
 end
 return 1
 """
@@ -524,8 +527,16 @@ class RedisJournal:
             return
         args: list = [self.p, repr(time.time())]
         for ev, event_id, reason, attempts in items:
-            args += [sink, event_id, ev.data, repr(ev.received_at), reason[:2000], attempts]
+            args += [sink, event_id, ev.data, repr(ev.received_at), reason[:2000], attempts,
+                     ev.seq]
         await self._outage("add_dead_letters", lambda: self._add_dead(args=args))
+
+    async def dead_lettered_after(self, sink: str, seq: int) -> set[int]:
+        """The event seqs above ``seq`` that ``sink`` has dead letters for (dead-lettered while
+        its cursor had not yet passed them: the worker must not deliver them again)."""
+        found = await self._outage("dead_lettered_after", lambda: self.redis.zrangebyscore(
+            f"{self.p}:dead:seqs:{sink}", f"({seq}", "+inf", withscores=True))
+        return {int(score) for _, score in found}
 
     async def dead_letters(self, sink: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first, optionally of one sink."""

@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL)
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL, event_id TEXT NOT NULL,
     data BLOB NOT NULL, received_at REAL NOT NULL, reason TEXT NOT NULL, attempts INTEGER NOT NULL,
-    failed_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'dead');
+    failed_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'dead', seq INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters(sink, state);
 """
 PROCESSED = "processed"
@@ -60,6 +60,7 @@ class SqliteJournal:
         """Create the data directory and the schema; count what is still unprocessed."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self._writer.start()
+        await self._writer.run(_migrate)
         self.pending, last = await self._writer.run(lambda c: c.execute(
             "SELECT count(*), max(coalesce((SELECT max(seq) FROM requests), 0),"
             " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'requests'), 0))"
@@ -160,9 +161,16 @@ class SqliteJournal:
         now = time.time()
         await self._writer.run(lambda c: c.executemany(
             "INSERT INTO dead_letters(sink, event_id, data, received_at, reason, attempts,"
-            " failed_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(sink, eid, ev.data, ev.received_at, reason[:2000], attempts, now)
+            " failed_at, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(sink, eid, ev.data, ev.received_at, reason[:2000], attempts, now, ev.seq)
              for ev, eid, reason, attempts in items]))
+
+    async def dead_lettered_after(self, sink: str, seq: int) -> set[int]:
+        """The event seqs above ``seq`` that ``sink`` has dead letters for (dead-lettered while
+        its cursor had not yet passed them: the worker must not deliver them again)."""
+        rows = await self._writer.run(lambda c: c.execute(
+            "SELECT seq FROM dead_letters WHERE sink = ? AND seq > ?", (sink, seq)).fetchall())
+        return {row[0] for row in rows}
 
     async def dead_letters(self, sink: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first, optionally of one sink."""
@@ -274,6 +282,13 @@ def _store_new(c: sqlite3.Connection, events: list[NewEvent], now: float) -> lis
                    for i, ev in enumerate(fresh)])
     assigned = {id(ev): first + i for i, ev in enumerate(fresh)}
     return [assigned.get(id(ev)) for ev in events]
+
+
+def _migrate(c: sqlite3.Connection) -> None:
+    """Bring a journal made by an earlier version up to this schema."""
+    columns = {row[1] for row in c.execute("PRAGMA table_info(dead_letters)")}
+    if "seq" not in columns:  # the event's seq, for dead_lettered_after (0 = unknown)
+        c.execute("ALTER TABLE dead_letters ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
 
 
 def _set_cursor(c: sqlite3.Connection, name: str, seq: int) -> None:

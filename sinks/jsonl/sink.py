@@ -41,6 +41,9 @@ class JsonlSink(Sink):
         self._fd: int | None = None
         self._recent: deque[str] = deque(maxlen=4 * config.batch_size)
         self._recent_set: set[str] = set()
+        # One write at a time: the dispatcher's conversation lanes call write concurrently, and a
+        # failed append truncates the file back to where it began.
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         await asyncio.to_thread(self._open)
@@ -68,26 +71,34 @@ class JsonlSink(Sink):
         self._recent_set.add(event_id)
 
     async def write(self, records: list[Record]) -> None:
-        fresh = [r for r in records if r.event.id not in self._recent_set]
-        if not fresh:
-            return
-        await asyncio.to_thread(self._append, b"".join(r.data + b"\n" for r in fresh))
-        for record in fresh:
-            self._remember(record.event.id)
+        async with self._lock:
+            fresh, ids = [], set()
+            for r in records:  # never an id twice: not one written before, nor within the batch
+                if r.event.id not in self._recent_set and r.event.id not in ids:
+                    ids.add(r.event.id)
+                    fresh.append(r)
+            if not fresh:
+                return
+            await asyncio.to_thread(self._append, b"".join(r.data + b"\n" for r in fresh))
+            for record in fresh:
+                self._remember(record.event.id)
 
     def _append(self, blob: bytes) -> None:
         if self._fd is None:
             raise PermanentError("jsonl sink is closed")
         before = os.fstat(self._fd).st_size
         try:
-            written = os.write(self._fd, blob)
-            while written < len(blob):
-                written += os.write(self._fd, blob[written:])
-            if self.config.fsync:
-                os.fsync(self._fd)
+            self._write_all(self._fd, blob)
         except OSError:
             os.ftruncate(self._fd, before)  # never leave half a batch behind
             raise
+
+    def _write_all(self, fd: int, blob: bytes) -> None:
+        written = os.write(fd, blob)
+        while written < len(blob):
+            written += os.write(fd, blob[written:])
+        if self.config.fsync:
+            os.fsync(fd)
 
     async def close(self) -> None:
         if self._fd is not None:

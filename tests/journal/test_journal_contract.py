@@ -154,6 +154,21 @@ async def test_dead_letters_and_replay(journal):
     assert await journal.dead_letter_counts() == {"s2": 1}
 
 
+async def test_dead_lettered_after_names_the_seqs_a_sink_gave_up_on_beyond_a_cursor(journal):
+    await journal.add_dead_letters("s1", [(StoredEvent(4, b'{"id":"a"}', 2.0), "a", "r", 1),
+                                          (StoredEvent(7, b'{"id":"b"}', 2.0), "b", "r", 1)])
+    await journal.add_dead_letters("s2", [(StoredEvent(9, b'{"id":"c"}', 2.0), "c", "r", 1)])
+    await journal.add_dead_letters("s1", [(StoredEvent(0, b'{"id":"d"}', 2.0), "d", "r", 1)])
+    assert await journal.dead_lettered_after("s1", 0) == {4, 7}  # 0: a replay's, no seq
+    assert await journal.dead_lettered_after("s1", 4) == {7}
+    assert await journal.dead_lettered_after("s2", 0) == {9}
+    await journal.request_replay("s1")
+    due = await journal.replays_due("s1", 10)
+    assert await journal.dead_lettered_after("s1", 0) == {4, 7}  # still there until delivered
+    await journal.finish_replays([d.id for d in due])
+    assert await journal.dead_lettered_after("s1", 0) == set()
+
+
 async def test_normalise_failures_are_kept_with_the_raw_body(journal):
     await journal.append("whatsapp", b"raw-bytes", 1.0)
     (request,) = await journal.unprocessed(10)

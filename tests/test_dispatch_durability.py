@@ -1,0 +1,254 @@
+"""The dispatcher and the jsonl sink across stops and failures: a dead letter is delivered once
+(by its replay), a failing journal never ends a sink worker, a removed sink stops pinning the
+event log, one lane's failed write never removes another's lines.
+
+Real components throughout: the SQLite journal in a temporary directory, the jsonl sink on a real
+file, the dispatcher's own workers. Faults are injected by subclassing at one seam each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
+
+from gateway.config import GatewayConfig, ServerConfig
+from gateway.dispatch import Dispatcher, SinkWorker, Tail
+from gateway.errors import RetryableError
+from gateway.events import Message, Party, conversation_id, encode
+from gateway.journal import NewEvent
+from gateway.journal.sqlite import SqliteJournal
+from gateway.metrics import Metrics
+from gateway.sink import Record
+from sinks.jsonl.sink import JsonlConfig, JsonlSink
+
+
+def message(i: int, customer: str) -> Message:
+    return Message(schema=1, id=f"ev-{i}", channel="whatsapp", direction="inbound",
+                   account_id="acct", conversation_id=conversation_id("whatsapp", "acct", customer),
+                   sender=Party(customer), recipient=Party("acct"),
+                   timestamp=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=i),
+                   message_id=f"wamid.{i}", type="text", text=f"hi {i}")
+
+
+async def open_journal(tmp_path) -> SqliteJournal:
+    journal = SqliteJournal(GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
+    await journal.open()
+    return journal
+
+
+async def store(journal: SqliteJournal, events: list[Message]) -> list[int]:
+    new = [NewEvent(e.id, e.channel, e.conversation_id, encode(e), 1.0) for e in events]
+    return await journal.commit_processed(0, new, [])
+
+
+def jsonl_config(tmp_path, **overrides) -> JsonlConfig:
+    settings = dict(path=str(tmp_path / "events.jsonl"), batch_size=5, max_attempts=2,
+                    backoff_initial=0.01, backoff_max=0.02)
+    return JsonlConfig(**{**settings, **overrides})
+
+
+def jsonl_ids(tmp_path) -> list[str]:
+    with open(tmp_path / "events.jsonl") as lines:
+        return [json.loads(line)["id"] for line in lines]
+
+
+async def until(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+class DiskFullFor(JsonlSink):
+    """The jsonl sink, whose disk is full for ``ev-1`` and whose backend is busy for ``ev-2``."""
+
+    def _write_all(self, fd: int, blob: bytes) -> None:
+        if b'"ev-1"' in blob:
+            raise OSError(28, "No space left on device")
+        if b'"ev-2"' in blob:
+            raise RetryableError("busy", retry_after=30)
+        super()._write_all(fd, blob)
+
+
+async def test_a_dead_letter_ahead_of_the_cursor_is_delivered_once_by_its_replay(tmp_path):
+    # ev-1 is dead-lettered while ev-2 (another conversation, same batch) still backs off, so the
+    # cursor has not moved when the gateway stops. The restart must not deliver ev-1 again: its
+    # dead letter stands, and the operator's replay delivers it, once.
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:jsonl", 0)
+    await store(journal, [message(1, "111"), message(2, "222")])
+    dispatcher = Dispatcher(journal, {"jsonl": DiskFullFor(jsonl_config(tmp_path))}, Metrics())
+    await dispatcher.start()
+    await until(lambda: journal.dead_letters("jsonl"))
+    await dispatcher.stop(0.3)  # ev-2's lane is still waiting out its 30 s Retry-After
+    assert await journal.cursor("sink:jsonl") == 0
+    await journal.close()
+
+    journal = await open_journal(tmp_path)
+    assert await journal.dead_lettered_after("jsonl", 0) == {1}
+    dispatcher = Dispatcher(journal, {"jsonl": JsonlSink(jsonl_config(tmp_path))}, Metrics())
+    await dispatcher.start()
+    await until(lambda: _cursor_at(journal, 2))
+    assert jsonl_ids(tmp_path) == ["ev-2"]
+    assert [d.event_id for d in await journal.dead_letters("jsonl")] == ["ev-1"]  # not a second
+    assert await journal.request_replay("jsonl") == 1
+    dispatcher.workers["jsonl"].wake.set()
+    await until(lambda: _no_dead_letters(journal))
+    await dispatcher.stop(2)
+    await journal.close()
+    assert sorted(jsonl_ids(tmp_path)) == ["ev-1", "ev-2"]
+
+
+async def _cursor_at(journal, seq: int) -> bool:
+    return await journal.cursor("sink:jsonl") == seq
+
+
+async def _no_dead_letters(journal) -> bool:
+    return not await journal.dead_letters("jsonl")
+
+
+class LockedFor(SqliteJournal):
+    """The SQLite journal, failing its first ``n`` reads of replays as a locked database does."""
+
+    failures = 3
+
+    async def replays_due(self, sink, limit):
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return await super().replays_due(sink, limit)
+
+
+async def test_a_failing_journal_does_not_end_the_sink_worker(tmp_path):
+    journal = LockedFor(GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
+    await journal.open()
+    await journal.set_cursor("sink:jsonl", 0)
+    await store(journal, [message(1, "111")])
+    dispatcher = Dispatcher(journal, {"jsonl": JsonlSink(jsonl_config(tmp_path))}, Metrics())
+    await dispatcher.start()
+    await until(lambda: _cursor_at(journal, 1))
+    assert journal.failures == 0 and not dispatcher.tasks[0].done()
+    later = message(2, "222")  # after the outage: still delivered
+    [seq] = await store(journal, [later])
+    dispatcher.publish([Record(seq, later, encode(later), 1.0)])
+    await until(lambda: _cursor_at(journal, 2))
+    await dispatcher.stop(2)
+    await journal.close()
+    assert jsonl_ids(tmp_path) == ["ev-1", "ev-2"]
+
+
+async def test_a_sink_removed_from_the_config_no_longer_pins_the_event_log(tmp_path):
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:gone", 0)  # a sink of an earlier config, never to move again
+    await store(journal, [message(i, "111") for i in range(1, 4)])
+    dispatcher = Dispatcher(journal, {"jsonl": JsonlSink(jsonl_config(tmp_path))}, Metrics())
+    await dispatcher.start()
+    assert await journal.cursor("sink:gone") is None
+    await journal.set_cursor("sink:jsonl", 3)
+    await journal.prune(time.time())
+    assert await journal.events_after(0, 10) == []
+    await dispatcher.stop(2)
+    await journal.close()
+
+
+def test_a_tail_never_claims_events_it_was_not_given():
+    tail = Tail(1)
+    first = [Record(seq, message(seq, "111"), b"", 1.0) for seq in (1, 2)]
+    later = [Record(seq, message(seq, "111"), b"", 1.0) for seq in (5, 6)]
+    tail.add(first)
+    tail.add(later)  # 3 and 4 were committed but never published here
+    assert tail.after(2, 10) is None  # the worker reads 3 and 4 from the journal
+    assert [r.seq for r in tail.after(4, 10)] == [5, 6]
+
+
+class SlowDiskFullFor(JsonlSink):
+    """Writing ``ev-9`` waits, writes part of it and then finds the disk full."""
+
+    def _write_all(self, fd: int, blob: bytes) -> None:
+        if b'"ev-9"' in blob:
+            time.sleep(0.2)  # the other lanes' writes land meanwhile (without the lock)
+            os.write(fd, blob[:10])
+            raise OSError(28, "No space left on device")
+        super()._write_all(fd, blob)
+
+
+async def test_a_failed_jsonl_write_never_removes_lines_of_other_lanes(tmp_path):
+    journal = await open_journal(tmp_path)
+    sink = SlowDiskFullFor(jsonl_config(tmp_path, max_attempts=1))
+    await sink.start()
+    worker = SinkWorker(sink, journal, Tail(1), Metrics())
+    events = [message(i, f"c{i}") for i in range(1, 10)]  # nine conversations: nine lanes
+    await worker.deliver([Record(i, e, encode(e), 1.0) for i, e in enumerate(events, 1)])
+    await sink.close()
+    assert sorted(jsonl_ids(tmp_path)) == [f"ev-{i}" for i in range(1, 9)]
+    assert [d.event_id for d in await journal.dead_letters("jsonl")] == ["ev-9"]
+    await journal.close()
+
+
+async def test_jsonl_writes_an_id_once_even_twice_in_one_batch(tmp_path):
+    sink = JsonlSink(jsonl_config(tmp_path))
+    await sink.start()
+    event = message(1, "111")
+    await sink.write([Record(0, event, encode(event), 1.0)] * 3)
+    await sink.close()
+    assert jsonl_ids(tmp_path) == ["ev-1"]
+
+
+async def test_an_old_journal_gains_the_dead_letter_seq_column(tmp_path):
+    conn = sqlite3.connect(tmp_path / "journal.db")
+    conn.execute(
+        "CREATE TABLE dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, sink TEXT NOT NULL,"
+        " event_id TEXT NOT NULL, data BLOB NOT NULL, received_at REAL NOT NULL,"
+        " reason TEXT NOT NULL, attempts INTEGER NOT NULL, failed_at REAL NOT NULL,"
+        " state TEXT NOT NULL DEFAULT 'dead')")
+    conn.execute("INSERT INTO dead_letters(sink, event_id, data, received_at, reason, attempts,"
+                 " failed_at) VALUES ('jsonl', 'old', x'7b7d', 1, 'r', 1, 1)")
+    conn.commit()
+    conn.close()
+    journal = await open_journal(tmp_path)
+    assert await journal.dead_lettered_after("jsonl", 0) == set()  # seq unknown: 0
+    assert [d.event_id for d in await journal.dead_letters("jsonl")] == ["old"]
+    await journal.close()
+
+
+class UnprocessedLockedFor(SqliteJournal):
+    """The SQLite journal, failing its first ``n`` reads of unprocessed requests."""
+
+    failures = 3
+
+    async def unprocessed(self, limit):
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return await super().unprocessed(limit)
+
+
+async def test_a_failing_journal_does_not_end_the_processor(tmp_path):
+    from channels.whatsapp import WhatsAppChannel, WhatsAppConfig
+    from gateway.processor import Processor
+    from tests.conftest import fixture_bytes
+
+    journal = UnprocessedLockedFor(GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
+    await journal.open()
+    metrics = Metrics()
+    dispatcher = Dispatcher(journal, {}, metrics)
+    await dispatcher.start()
+    channel = WhatsAppChannel(WhatsAppConfig(app_secret="secret"))
+    processor = Processor(journal, {"whatsapp": channel}, dispatcher, metrics)
+    task = asyncio.create_task(processor.run())
+    await journal.append("whatsapp", fixture_bytes("whatsapp/text.json"), time.time())
+    processor.wake.set()
+    await until(lambda: _processed(journal))
+    assert journal.failures == 0 and not task.done()
+    assert len(await journal.events_after(0, 10)) == 1
+    processor.stop()
+    await asyncio.wait_for(task, 5)
+    await journal.close()
+
+
+async def _processed(journal) -> bool:
+    return journal.pending == 0 and await journal.last_event_seq() > 0
