@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from typing import NamedTuple
 
 from aiohttp import web
@@ -23,6 +24,9 @@ from gateway.signatures import tokens_equal, verify
 log = gwlog.get("gateway.intake")
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 _ACCEPTED = b'{"status":"accepted"}'
+# Appends awaiting their commit, per journal: ``journal.pending`` counts a request only once it is
+# committed, so concurrent requests would all pass a check of ``pending`` alone.
+_appending: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
 
 
 def error(status: int, code: str, message: str,
@@ -124,10 +128,15 @@ async def accept(app: web.Application, name: str, body: bytes, signature: str | 
     except BadPayload as exc:
         return refuse(metrics, name, 400, "bad_request", str(exc))
     journal = app[keys.JOURNAL]
-    if journal.pending >= config.queue.max_pending:
+    appending = _appending.get(journal, 0)
+    if journal.pending + appending >= config.queue.max_pending:
         return refuse(metrics, name, 503, "unavailable", "the journal is full; retry later",
                       {"Retry-After": str(config.queue.retry_after_seconds)})
-    await journal.append(name, body, time.time())
+    _appending[journal] = appending + 1
+    try:
+        await journal.append(name, body, time.time())
+    finally:
+        _appending[journal] -= 1
     app[keys.PROCESSOR].wake.set()
     accepted, ack = metrics.intake(name)
     accepted.inc()

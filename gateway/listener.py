@@ -7,16 +7,17 @@ journal's commit. Webhook deliveries have one narrow shape: ``POST /webhooks/{ch
 that shape itself, through :func:`gateway.intake.accept` (the aiohttp route calls it too, so
 statuses, bodies, metrics and logs are the same), and hands the connection to aiohttp, with every
 byte not yet answered, the moment it sees anything else: another method or path, a query string,
-HTTP/1.0, chunked, compressed or ``Expect: 100-continue`` bodies, an upgrade, or any header it does
-not accept strictly (a repeated header, a space before the colon, obs-fold, control bytes). From
-then on that connection is aiohttp's, and its parser (llhttp) applies the full rules, so nothing
-is accepted here that aiohttp would refuse. ``server.fast_intake = false`` leaves the whole port to
-aiohttp.
+HTTP/1.0, chunked, compressed or ``Expect: 100-continue`` bodies, an upgrade, no ``Host``, more
+than :data:`MAX_HEADERS` header fields, or any header it does not accept strictly (a repeated
+header, a space before the colon, obs-fold, control bytes). From then on that connection is
+aiohttp's, and its parser (llhttp) applies the full rules, so nothing is accepted here that
+aiohttp would refuse. ``server.fast_intake = false`` leaves the whole port to aiohttp.
 
 Requests on one connection are answered in order, one at a time (pipelined bytes wait, reading
-pauses past :data:`MAX_PIPELINED`). A connection idle for :data:`KEEPALIVE_SECONDS` is closed, as
-aiohttp's keep-alive timeout does; a connection that sends part of a request and then nothing for
-that long is closed too.
+pauses past :data:`MAX_PIPELINED`). While the transport's write buffer is over its high-water
+mark (a client that sends and does not read) the next request waits too. A connection idle for
+:data:`KEEPALIVE_SECONDS` is closed, as aiohttp's keep-alive timeout does; a connection that
+sends part of a request and then nothing for that long is closed too.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = gwlog.get("gateway.listener")
 
 PREFIX = b"POST /webhooks/"
 MAX_HEAD = 8190  # bytes of request line and headers (aiohttp's max_line_size / max_field_size)
+MAX_HEADERS = 128  # header fields (aiohttp's max_headers: llhttp refuses the 129th)
 MAX_PIPELINED = 256 * 1024  # bytes received ahead of the request being answered; then pause
 KEEPALIVE_SECONDS = 75.0  # aiohttp's keepalive_timeout
 SWEEP_SECONDS = 5.0
@@ -68,13 +70,18 @@ def parse_head(head: bytes) -> Head | None:
     if match is None:
         return None
     channel, block = match.groups()
+    lines = block.split(b"\r\n")[1:]
+    if len(lines) > MAX_HEADERS:
+        return None
     fields: dict[bytes, bytes] = {}
-    for raw in block.split(b"\r\n")[1:]:
+    for raw in lines:
         name, _, value = raw.partition(b":")
         name = name.lower()
         if name in fields or name in _HAND_OFF_FIELDS:
             return None
         fields[name] = value
+    if b"host" not in fields:  # RFC 9112 §3.2: aiohttp answers 400
+        return None
     length = fields.get(b"content-length", b"").strip(b" \t")
     if not length.isdigit() or len(length) > 15:
         return None
@@ -86,10 +93,9 @@ def parse_head(head: bytes) -> Head | None:
             return None
         close = b"close" in tokens
     signature = fields.get(_SIGNATURE)
-    if signature is not None:
-        signature = signature.strip(b" \t")
-    return Head(channel.decode(), int(length),
-                None if signature is None else signature.decode("latin-1"), close)
+    if signature is not None:  # decoded as aiohttp decodes header values
+        signature = signature.strip(b" \t").decode("utf-8", "surrogateescape")
+    return Head(channel.decode(), int(length), signature, close)
 
 
 class Listener:
@@ -186,8 +192,11 @@ class WebhookConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.busy = False  # a request is being answered
-        self.paused = False
+        self.paused = False  # reading is paused
+        self.write_paused = False  # the transport's write buffer is over its high-water mark
         self.discarding = False  # an early error was sent; the rest of its body is dropped
+        self.head: Head | None = None  # the head of the request whose body is still arriving
+        self.body_start = 0  # where that request's body starts in the buffer
         self.last_seen = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -205,44 +214,81 @@ class WebhookConnection(asyncio.Protocol):
         self.buffer += data
         if not self.busy:
             self._next()
-        elif len(self.buffer) > MAX_PIPELINED and not self.paused and self.transport:
-            self.transport.pause_reading()
-            self.paused = True
+        self._pace()
+
+    def pause_writing(self) -> None:
+        """The client reads slower than we answer: start no request until it catches up."""
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        """The write buffer drained below its low-water mark: carry on with the pipeline."""
+        self.write_paused = False
+        if not self.busy:
+            self._next()
+        self._pace()
 
     def close(self) -> None:
         """Close the connection (after writing what is buffered)."""
         if self.transport is not None:
             self.transport.close()
 
+    def _pace(self) -> None:
+        """Pause reading while more than :data:`MAX_PIPELINED` bytes wait behind a request being
+        answered or a full write buffer; read again once they are taken."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        hold = (self.busy or self.write_paused) and len(self.buffer) > MAX_PIPELINED
+        if hold and not self.paused:
+            transport.pause_reading()
+            self.paused = True
+        elif not hold and self.paused:
+            transport.resume_reading()
+            self.paused = False
+
     def _next(self) -> None:
         """Answer the next complete request in the buffer, or hand the connection off."""
         buf = self.buffer
-        if not buf or self.transport is None or self.listener.closing:
+        if not buf or self.transport is None or self.listener.closing or self.write_paused:
             return
+        head = self.head
+        if head is None:
+            head = self._read_head()
+            if head is None:
+                return
+        total = self.body_start + head.length
+        if len(buf) < total:
+            return  # the body is still arriving
+        body = bytes(buf[self.body_start:total])
+        del buf[:total]
+        self.head = None
+        self.busy = True
+        asyncio.get_running_loop().create_task(self._answer(head, body, time.perf_counter()))
+
+    def _read_head(self) -> Head | None:
+        """Parse the head at the start of the buffer once it is complete and keep it (its body
+        may arrive in many pieces); None while it is incomplete or once the request is refused
+        early or handed off."""
+        buf = self.buffer
         if not buf.startswith(PREFIX):
             if len(buf) >= len(PREFIX) or not PREFIX.startswith(buf):
                 self._hand_off()
-            return
+            return None
         end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
         if end < 0:
             if len(buf) > MAX_HEAD:
                 self._hand_off()
-            return
+            return None
         head = parse_head(bytes(buf[:end]))
         if head is None:
             self._hand_off()
-            return
+            return None
         early = intake.refuse_early(self.listener.app, head.channel, head.length)
         if early is not None:
             self._refuse_early(early, len(buf) - end - 4 < head.length)
-            return
-        total = end + 4 + head.length
-        if len(buf) < total:
-            return  # the body is still arriving
-        body = bytes(buf[end + 4:total])
-        del buf[:total]
-        self.busy = True
-        asyncio.get_running_loop().create_task(self._answer(head, body, time.perf_counter()))
+            return None
+        self.head, self.body_start = head, end + 4
+        return head
 
     async def _answer(self, head: Head, body: bytes, started: float) -> None:
         try:
@@ -264,10 +310,8 @@ class WebhookConnection(asyncio.Protocol):
         if close:
             transport.close()
             return
-        if self.paused:
-            self.paused = False
-            transport.resume_reading()
         self._next()
+        self._pace()
 
     def _refuse_early(self, reply: intake.Reply, body_pending: bool) -> None:
         """Answer before reading the body, then close: the unread body cannot be skipped safely.

@@ -23,13 +23,15 @@ def sign(secret: bytes, body: bytes) -> str:
 def verify(secret: bytes | None, body: bytes, header: str | None) -> bool:
     """Whether ``header`` is Meta's signature of the exact bytes ``body`` under ``secret``.
 
-    Fails closed: no secret, no header, a wrong prefix or a wrong length is False. The digest is
-    compared with ``hmac.compare_digest``; the expected value is never returned or logged.
+    Fails closed: no secret, no header, a wrong prefix, a wrong length or a non-ASCII byte is
+    False. Only OWS (space, tab) around the digest is ignored, as HTTP defines it, so both intake
+    paths agree. The digest is compared with ``hmac.compare_digest``; the expected value is never
+    returned or logged.
     """
     if not secret or not header or not header.startswith(PREFIX):
         return False
-    got = header[len(PREFIX):].strip()
-    if len(got) != 64:
+    got = header[len(PREFIX):].strip(" \t")
+    if len(got) != 64 or not got.isascii():
         return False
     try:
         given = bytes.fromhex(got)

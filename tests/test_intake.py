@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
 import pytest
 
 from gateway import keys
+from gateway.signatures import sign
 from gateway.testing import sign_headers
 from tests.conftest import SECRET, VERIFY, fixture_bytes
+from tests.test_listener import exchange, post
 
 TEXT = "whatsapp/text.json"
 
@@ -217,6 +220,52 @@ async def test_journal_full_is_503_with_retry_after(gateway):
                                headers=sign_headers(SECRET, fixture_bytes(TEXT))) as resp:
         assert resp.status == 503 and resp.headers["Retry-After"] == "17"
     assert _metric(gw, "whatsapp", "unavailable") == 2
+
+
+async def test_concurrent_requests_cannot_overfill_the_journal(gateway):
+    """``pending`` grows only when a commit lands: appends in flight count against the limit."""
+    gw = await gateway(extra="[queue]\nmax_pending = 3\nretry_after_seconds = 17")
+    gw.app[keys.PROCESSOR].stop()  # returns once the journal is empty; nothing processed after
+    await gw.settle()
+    journal = gw.app[keys.JOURNAL]
+    append = journal.append
+
+    async def slow_append(*args):
+        await asyncio.sleep(0.2)  # every request arrives while the first appends are in flight
+        await append(*args)
+
+    journal.append = slow_append
+    body = fixture_bytes(TEXT)
+
+    async def one(i: int) -> tuple[int, str | None]:
+        data = body.replace(b"wamid.", b"wamid.C%03d" % i)
+        async with gw.session.post(f"{gw.url}/webhooks/whatsapp", data=data,
+                                   headers=sign_headers(SECRET, data)) as resp:
+            return resp.status, resp.headers.get("Retry-After")
+
+    answers = await asyncio.gather(*(one(i) for i in range(20)))
+    assert sorted(answers, key=str) == [(200, None)] * 3 + [(503, "17")] * 17
+    assert journal.pending == 3
+    assert _metric(gw, "whatsapp", "unavailable") == 17
+
+
+@pytest.mark.parametrize("after,status", [
+    (b"", 200), (b" ", 200), (b"\t \t", 200),  # OWS is not part of the value
+    (b"\xa0", 401), (b"\x85", 401), (b"\xe9", 401),  # latin-1 NBSP / NEL, or any other byte
+    ("\u00a0".encode(), 401), ("\u3000".encode(), 401), ("\u2028".encode(), 401),  # UTF-8
+    (b" 0", 401), (b"\x0b", 400), (b"\x0c", 400),  # control bytes: aiohttp's 400 on both
+], ids=repr)
+async def test_bytes_after_the_digest_get_the_same_answer_on_both_paths(gateway, after, status):
+    """The same raw bytes in the signature header: the same status from the lean path and the
+    aiohttp route (each is checked against the one expected here)."""
+    gw = await gateway()
+    body = fixture_bytes(TEXT)
+    signature = sign(SECRET.encode(), body).encode()
+    data = post(body).replace(signature, signature + after)
+    [(got, _, answer)] = await exchange(gw, data)
+    assert got == status, answer
+    if status == 401:
+        _assert_error_shape(json.loads(answer), "bad_signature")
 
 
 async def test_health_and_readiness(gateway):

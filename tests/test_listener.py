@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
@@ -20,6 +21,11 @@ TEXT = fixture_bytes("whatsapp/text.json")
 IMAGE = fixture_bytes("whatsapp/image.json")
 HEAD = (b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/json\r\nX-Hub-Signature-256: sha256=ab\r\nContent-Length: 12")
+
+
+def fields(count: int) -> bytes:
+    """``count`` header fields, each after its CRLF."""
+    return b"".join(b"\r\nX-F%03d: 1" % i for i in range(count))
 
 
 def post(body: bytes, channel: str = "whatsapp", secret: str | None = SECRET,
@@ -65,6 +71,7 @@ def test_parse_head_reads_a_webhook_head():
     assert parse_head(HEAD + b"\r\nConnection: close").close
     assert parse_head(HEAD + b"\r\nconnection: Keep-Alive").close is False
     assert parse_head(HEAD.replace(b"Content-Length: 12", b"Content-Length:12 ")).length == 12
+    assert parse_head(HEAD + fields(124)) is not None  # 128 fields: allowed
 
 
 @pytest.mark.parametrize("head", [
@@ -94,6 +101,8 @@ def test_parse_head_reads_a_webhook_head():
     HEAD + b"\r\nX-Evil: a\rb",
     HEAD + b"\r\nX-Evil: a\nb",
     HEAD + b"\r\n: no name",
+    HEAD.replace(b"Host: 127.0.0.1\r\n", b""),  # no Host: aiohttp's 400 (RFC 9112 section 3.2)
+    HEAD + fields(125),  # 129 fields: aiohttp's "Too many headers"
 ])
 def test_parse_head_hands_anything_unusual_to_aiohttp(head):
     assert parse_head(head) is None
@@ -165,6 +174,18 @@ async def test_a_malformed_head_gets_aiohttps_400(gateway):
     gw = await gateway()
     twice = post(TEXT).replace(b"Content-Length:", b"Content-Length: 3\r\nContent-Length:", 1)
     [(status, headers, _)] = await exchange(gw, twice)
+    assert status == 400 and "aiohttp" in headers["server"]
+    await gw.settle()
+    assert gw.jsonl() == []
+
+
+@pytest.mark.parametrize("data", [
+    post(TEXT).replace(b"Host: 127.0.0.1\r\n", b""),
+    post(TEXT, extra=fields(125)[2:] + b"\r\n"),  # 129 fields with the 4 of post
+], ids=["no_host", "129_fields"])
+async def test_heads_aiohttp_refuses_get_its_400(gateway, data):
+    gw = await gateway()
+    [(status, headers, _)] = await exchange(gw, data)
     assert status == 400 and "aiohttp" in headers["server"]
     await gw.settle()
     assert gw.jsonl() == []
@@ -263,3 +284,57 @@ async def test_many_pipelined_requests_past_the_read_pause(gateway, monkeypatch)
     assert [a[0] for a in answers] == [200] * 60
     await gw.settle()
     assert len(gw.jsonl()) == 60
+
+
+async def test_a_body_in_many_small_pieces_is_answered_and_its_head_parsed_once(
+        gateway, monkeypatch):
+    calls = []
+    parse = listener.parse_head
+    monkeypatch.setattr(listener, "parse_head", lambda head: calls.append(1) or parse(head))
+    gw = await gateway()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer.transport.get_extra_info("socket").setsockopt(
+        socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    data = post(TEXT, extra=fields(100)[2:] + b"\r\n") + post(IMAGE)
+    body_start = data.index(b"\r\n\r\n") + 4
+    writer.write(data[:body_start])
+    for start in range(body_start, len(data), 3):
+        writer.write(data[start:start + 3])
+        await writer.drain()
+        await asyncio.sleep(0)
+    answers = [await read_response(reader) for _ in range(2)]
+    writer.close()
+    assert [a[0] for a in answers] == [200, 200]
+    assert [a[1]["server"] for a in answers] == ["multichannel-gateway"] * 2  # not handed off
+    assert len(calls) == 2  # one parse per request, however its body arrives
+    await gw.settle()
+    assert sorted(e["type"] for e in gw.jsonl()) == ["image", "text"]
+
+
+async def test_a_client_that_does_not_read_holds_a_bounded_write_buffer(gateway, monkeypatch):
+    """Pipelined requests from a client that reads nothing: answers stop at the transport's
+    high-water mark (and reading pauses), then all arrive, in order, once the client reads."""
+    monkeypatch.setattr(listener, "MAX_PIPELINED", 4096)
+    gw = await gateway()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", gw.server.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1024)  # reads 2 KB at most
+    while not gw.server._listener.connections:
+        await asyncio.sleep(0.01)
+    [conn] = gw.server._listener.connections
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn.transport.set_write_buffer_limits(high=16384)
+    requests = [post(b"{bad") if i % 3 == 0 else post(b"{}", secret=None) for i in range(2000)]
+    writer.write(b"".join(requests + [post(TEXT)]))  # ~600 KB of answers, none read yet
+    await asyncio.sleep(0.5)
+    assert conn.transport.get_write_buffer_size() < 16384 + 1024  # one answer past the mark
+    assert conn.paused and conn.write_paused
+    answers = [await read_response(reader) for _ in range(len(requests) + 1)]
+    writer.close()
+    assert [a[0] for a in answers] == [400 if i % 3 == 0 else 401
+                                       for i in range(len(requests))] + [200]
+    await gw.settle()
+    assert [e["type"] for e in gw.jsonl()] == ["text"]

@@ -23,9 +23,17 @@ def test_meta_signature_verifies_in_either_case():
 @pytest.mark.parametrize("header", [
     None, "", "sha256=", GOOD[7:], "sha1=" + GOOD[7:], GOOD[:-1], GOOD + "0",
     "sha256=" + "z" * 64, "sha256=" + GOOD[7:39] + " " * 32, GOOD[:-2] + "00",
+    GOOD + "\xa0", GOOD + "\x85", GOOD + "\u3000", GOOD + "\x0b", GOOD + "\n", "\u2028" + GOOD,
+    "sha256=" + "\xe9" * 64, "sha256=" + "\udcff" * 64, GOOD[:-1] + "\u0660",  # Arabic-Indic 0
+    GOOD[:-1] + "\udce9",  # an undecodable byte, as aiohttp's surrogateescape passes it on
 ])
 def test_malformed_missing_or_wrong_headers_fail(header):
     assert not verify(SECRET, BODY, header)
+
+
+def test_only_ows_around_the_digest_is_ignored():
+    assert verify(SECRET, BODY, GOOD + " \t")
+    assert verify(SECRET, BODY, "sha256=\t " + GOOD[7:])
 
 
 @pytest.mark.parametrize("secret", [None, b""])
