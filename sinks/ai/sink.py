@@ -150,14 +150,16 @@ class Memory:
             self._answered.popitem(last=False)
 
     def erase(self, channel: str, contact_id: str) -> dict[str, int]:
-        """Forget one contact: the history of their conversations and the ids of their answered
-        events. Returns how many conversations, remembered messages and event ids went."""
+        """Forget one contact: the history of their conversations, and whose the ids of their
+        answered events were. The ids themselves stay, unowned: they are opaque hashes, and an
+        event of the contact still in a retry must not be answered (and its text sent to the
+        provider) again. Returns how many conversations, remembered messages and event ids went."""
         owner = (channel, contact_id)
         conversations = [c for c, (who, _) in self._conversations.items() if who == owner]
         messages = sum(len(self._conversations.pop(c)[1]) for c in conversations)
         events = [e for e, who in self._answered.items() if who == owner]
         for event_id in events:
-            del self._answered[event_id]
+            self._answered[event_id] = ("", "")
         return {"conversations": len(conversations), "messages": messages,
                 "answered_events": len(events)}
 
@@ -335,6 +337,7 @@ class AISink(Sink):
                 await self._send(outbound, self.body(event, reply))
             if event.id in self._forget:  # the contact was erased while we were answering
                 log.info("ai_erased_meanwhile", event_id=event.id)
+                self.memory.mark_answered(event.id)  # answered, owned by nobody: never again
                 return
             self.memory.mark_answered(event.id, owner)
             if reply:
@@ -347,8 +350,9 @@ class AISink(Sink):
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: forget the contact's conversation history (their texts and our replies, which
-        would otherwise go to the provider again when they write next) and answered event ids.
-        A reply being prepared for them right now is sent but not remembered."""
+        would otherwise go to the provider again when they write next) and whose the answered
+        event ids were (the opaque ids stay, so nothing is answered twice). A reply being
+        prepared for them right now is sent, its id kept unowned, its text not remembered."""
         for event_id, owner in self._inflight.items():
             if owner == (channel, contact_id):
                 self._forget.add(event_id)

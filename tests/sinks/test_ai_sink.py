@@ -547,7 +547,8 @@ async def test_erasure_through_the_endpoint_forgets_the_contacts_history(gateway
 
 async def test_erasure_during_a_reply_is_not_undone(openai_server):
     """The contact is erased while the provider is still answering: the reply goes out (it is
-    on its way), but neither the text nor the event id is remembered afterwards."""
+    on its way), its text is not remembered afterwards, and the event is never answered again
+    (its id stays, owned by nobody)."""
     openai_server.delay = 0.5
     sink, out = await started_sink(provider="openai", api_key="sk-test",
                                    base_url=openai_server.base_url)
@@ -560,8 +561,11 @@ async def test_erasure_during_a_reply_is_not_undone(openai_server):
     await task
     assert sorted(b["to"] for b in out.sent) == [ERASED, KEPT]
     assert sink.memory.history(erased.conversation_id) == []
-    assert not sink.memory.answered(erased.id)
+    assert sink.memory.answered(erased.id)
     assert len(sink.memory.history(kept.conversation_id)) == 2 and sink.memory.answered(kept.id)
+    await sink.write(records(erased))  # the dispatcher retrying it: no second reply
+    assert sorted(b["to"] for b in out.sent) == [ERASED, KEPT]
+    assert sink.memory.erase("whatsapp", ERASED)["answered_events"] == 0  # not theirs any more
     await sink.close()
 
 
@@ -573,5 +577,9 @@ async def test_erase_contact_matches_channel_and_contact_exactly():
     assert await sink.erase_contact("whatsapp", ERASED) == {
         "conversations": 1, "messages": 2, "answered_events": 1}
     assert [sink.memory.known(e.conversation_id) for e in events] == [False, True, True]
-    assert [sink.memory.answered(e.id) for e in events] == [False, True, True]
+    assert [sink.memory.answered(e.id) for e in events] == [True, True, True]  # ids stay
+    await sink.write(records(events[0]))  # redelivered after the erasure: not answered again
+    assert len(out.sent) == 3
+    assert await sink.erase_contact("whatsapp", ERASED) == {
+        "conversations": 0, "messages": 0, "answered_events": 0}
     await sink.close()
