@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+import zlib
 
 
 def belongs(line: bytes, channel: str, contact_id: str) -> bool | None:
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.files:
         try:
             counts = purge(path, args.channel, args.contact, args.dry_run)
-        except OSError as exc:
-            print(f"{path}: {exc.strerror or exc}", file=sys.stderr)
+        except (OSError, EOFError, zlib.error) as exc:  # e.g. a .gz still being written
+            print(f"{path}: {getattr(exc, 'strerror', None) or exc}; left as it was",
+                  file=sys.stderr)
             status = 1
             continue
         verb = "would remove" if args.dry_run else "removed"

@@ -6,6 +6,7 @@ naming the package, when the emulator is not installed).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import hmac
 import json
@@ -442,3 +443,24 @@ async def test_purge_jsonl_script_removes_only_that_contact(gateway, tmp_path):
 
     assert after == [e for e in before if not erased(e)]
     assert ERASED not in path.read_text()
+
+
+def test_purge_jsonl_script_reports_a_truncated_gz_and_purges_the_other_files(tmp_path):
+    line = json.dumps({"channel": "whatsapp", "direction": "inbound", "sender": {"id": ERASED},
+                       "recipient": {"id": "biz"}}) + "\n"
+    kept = json.dumps({"channel": "whatsapp", "direction": "inbound", "sender": {"id": "other"},
+                       "recipient": {"id": "biz"}}) + "\n"
+    whole = gzip.compress((line + kept).encode() * 50)
+    torn = tmp_path / "events.jsonl.1.gz"
+    torn.write_bytes(whole[:len(whole) // 2])  # a rotated copy still being compressed
+    main = tmp_path / "events.jsonl"
+    main.write_text(line + kept)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/purge-jsonl.py"), "--channel",
+                           "whatsapp", "--contact", ERASED, str(torn), str(main)],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"{torn}:" in done.stderr and "left as it was" in done.stderr
+    assert "removed 1 line(s), kept 1" in done.stdout
+    assert main.read_text() == kept
+    assert torn.read_bytes() == whole[:len(whole) // 2]
+    assert not list(tmp_path.glob(".purge-*"))
