@@ -101,7 +101,7 @@ def apply_all(c: sqlite3.Connection, events: list[Event], consent: Consent | Non
         if event.kind in ("message", "postback"):
             batch.message(event)
         else:
-            APPLY.get(event.kind, _touch_contact)(c, event)
+            APPLY.get(event.kind, _touch_contact)(batch, event)
     batch.flush()
 
 
@@ -250,14 +250,12 @@ def _ensure_conversation(c: sqlite3.Connection, ev: Event) -> None:
               (ev.conversation_id, ev.channel, ev.account_id, ev.customer_id))
 
 
-def _touch_contact(c: sqlite3.Connection, ev: Event) -> None:
-    """A reaction, read, referral or handover: the contact was active; the conversation exists."""
-    ts = iso(ev)
-    inbound = ts if ev.direction == "inbound" else None
-    name = ev.sender.name if ev.direction == "inbound" else None
-    c.execute(_UPSERT_CONTACT, (f"{ev.channel}:{ev.customer_id}", ev.channel, ev.customer_id, name,
-                                ev.account_id, ts, ts, inbound, None, None))  # says no consent
-    _ensure_conversation(c, ev)
+def _touch_contact(batch: _Batch, ev: Event) -> None:
+    """A reaction, read, referral or handover: the contact was active; the conversation exists.
+    The contact's row joins the batch's, so that the batch's events apply in their order (the
+    latest name, the first account), as Firestore applies them."""
+    batch.contact(ev)
+    _ensure_conversation(batch.c, ev)
 
 
 def _stub(c: sqlite3.Connection, ev: Event, mid: str, direction: str) -> str:
@@ -269,7 +267,8 @@ def _stub(c: sqlite3.Connection, ev: Event, mid: str, direction: str) -> str:
     return key
 
 
-def _apply_status(c: sqlite3.Connection, ev: Event, status: str | None = None) -> None:
+def _apply_status(batch: _Batch, ev: Event, status: str | None = None) -> None:
+    c = batch.c
     status = status or ev.status
     if not ev.message_id or status not in STATUS_RANK:
         return
@@ -281,12 +280,13 @@ def _apply_status(c: sqlite3.Connection, ev: Event, status: str | None = None) -
     _ensure_conversation(c, ev)
 
 
-def _apply_read(c: sqlite3.Connection, ev: Event) -> None:
-    _apply_status(c, ev, "read")
-    _touch_contact(c, ev)
+def _apply_read(batch: _Batch, ev: Event) -> None:
+    _apply_status(batch, ev, "read")
+    _touch_contact(batch, ev)
 
 
-def _apply_reaction(c: sqlite3.Connection, ev: Event) -> None:
+def _apply_reaction(batch: _Batch, ev: Event) -> None:
+    c = batch.c
     if not ev.message_id:
         return
     key = _stub(c, ev, ev.message_id, "outbound" if ev.direction == "inbound" else "inbound")
@@ -297,7 +297,7 @@ def _apply_reaction(c: sqlite3.Connection, ev: Event) -> None:
     else:
         c.execute("UPDATE messages SET reactions = json_remove(coalesce(reactions, '{}'), ?) "
                   "WHERE id = ?", (path, key))
-    _touch_contact(c, ev)
+    _touch_contact(batch, ev)
 
 
 APPLY = {
