@@ -140,9 +140,9 @@ class Listener:
             self._server.close()
         deadline = time.monotonic() + timeout
         for conn in list(self.connections):
-            if not conn.busy:
+            if not conn.in_flight:
                 conn.close()
-        while any(c.busy for c in self.connections) and time.monotonic() < deadline:
+        while any(c.in_flight for c in self.connections) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
             conn.close()
@@ -227,6 +227,12 @@ class WebhookConnection(asyncio.Protocol):
             self._next()
         self._pace()
 
+    @property
+    def in_flight(self) -> bool:
+        """A request is being answered, or its head has arrived and its body is arriving: at
+        shutdown it is still read and answered (within the timeout)."""
+        return self.busy or self.head is not None
+
     def close(self) -> None:
         """Close the connection (after writing what is buffered)."""
         if self.transport is not None:
@@ -249,10 +255,12 @@ class WebhookConnection(asyncio.Protocol):
     def _next(self) -> None:
         """Answer the next complete request in the buffer, or hand the connection off."""
         buf = self.buffer
-        if not buf or self.transport is None or self.listener.closing or self.write_paused:
+        if not buf or self.transport is None or self.write_paused:
             return
         head = self.head
         if head is None:
+            if self.listener.closing:  # shutting down: finish what has begun, start nothing
+                return
             head = self._read_head()
             if head is None:
                 return

@@ -276,6 +276,27 @@ async def test_shutdown_answers_the_request_in_flight(gateway):
     assert (gw.data_dir / "events.jsonl").read_bytes().count(b"\n") == 1  # drained into the sink
 
 
+async def test_shutdown_reads_and_answers_a_body_still_arriving(gateway):
+    gw = await gateway()
+    request = post(TEXT)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    idle = await asyncio.open_connection("127.0.0.1", gw.server.port)  # nothing sent: closed
+    head_end = request.index(b"\r\n\r\n") + 4
+    writer.write(request[:head_end + 10])
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    closing = asyncio.create_task(gw.server.close())
+    await asyncio.sleep(0.2)
+    assert await idle[0].read() == b""
+    writer.write(request[head_end + 10:])
+    status, headers, _ = await read_response(reader)
+    await closing
+    assert status == 200 and headers["connection"] == "close"
+    writer.close()
+    idle[1].close()
+    assert (gw.data_dir / "events.jsonl").read_bytes().count(b"\n") == 1
+
+
 async def test_many_pipelined_requests_past_the_read_pause(gateway, monkeypatch):
     monkeypatch.setattr(listener, "MAX_PIPELINED", 4096)
     gw = await gateway()
