@@ -86,6 +86,11 @@ def keys_to_read(ev: Event) -> list[Key]:
         k for k in keys if k.collection != MESSAGES]
 
 
+# A message document's own fields (CONTRACT §8), null until a status or reaction sets them, as
+# the storage sink's columns are: ``where("status", "==", None)`` finds what ``IS NULL`` finds.
+UNSET: dict[str, Any] = {"status": None, "status_updated_at": None, "reactions": None}
+
+
 def message_document(ev: Event) -> dict[str, Any]:
     """Every canonical field of a message event; nested values as maps, instants as timestamps."""
     doc = {name: getattr(ev, name) for name in CANONICAL}
@@ -160,7 +165,7 @@ class Plan:
             if ev.type == "deleted" and current.get("type") != "deleted":
                 _blank(current)
             return  # stored already: a redelivery, or a second event for the same message
-        self.docs[key] = {**(current or {}), **message_document(ev)}
+        self.docs[key] = {**UNSET, **(current or {}), **message_document(ev)}
         conv = self._conversation(ev)
         conv["message_count"] = (conv.get("message_count") or 0) + 1
         last = conv.get("last_message_at")
@@ -176,8 +181,9 @@ class Plan:
         doc = self.doc(key)
         if doc is None:
             doc = self.docs[key] = {
-                "message_id": ev.message_id, "channel": ev.channel, "direction": direction,
-                "account_id": ev.account_id, "conversation_id": ev.conversation_id}
+                **UNSET, "message_id": ev.message_id, "channel": ev.channel,
+                "direction": direction, "account_id": ev.account_id,
+                "conversation_id": ev.conversation_id}
         return doc
 
     def _status(self, ev: Event, status: str | None) -> None:
@@ -224,7 +230,8 @@ class Plan:
             doc = self.docs[key] = {
                 "channel": ev.channel, "contact_id": ev.customer_id, "name": None,
                 "account_id": ev.account_id, "first_seen": ev.timestamp,
-                "last_seen": ev.timestamp, "last_inbound_at": None, "opted_out": False}
+                "last_seen": ev.timestamp, "last_inbound_at": None, "opted_out": False,
+                "opted_out_at": None}
         if inbound and ev.sender.name:
             doc["name"] = ev.sender.name
         if doc.get("account_id") is None:

@@ -224,6 +224,11 @@ async def test_message_documents_carry_every_canonical_field(gateway, firestore_
                 assert doc[key] == value, key
         assert doc["conversation_id"] == event["conversation_id"]
         assert isinstance(doc["timestamp"], datetime)  # a Firestore timestamp, not text
+        # §8's own fields are there from the start, null as storage's columns are
+        assert {k: doc[k] for k in ("status", "status_updated_at", "reactions")} == dict.fromkeys(
+            ("status", "status_updated_at", "reactions"))
+    contacts = await documents(sink, "contacts")
+    assert contacts and all(c["opted_out_at"] is None for c in contacts.values())
 
 
 # --- idempotence -----------------------------------------------------------------------------
