@@ -1,0 +1,151 @@
+"""Aggregates canonical events into per-day figures, one transaction per batch.
+
+- ``daily``: events per UTC day (of Meta's timestamp), channel, account, direction, kind, type.
+- ``active``: which conversations had any event on a day (``count(*)`` per day = active ones).
+- ``responses``: per day, channel and account, how many customer messages got a first reply and
+  how long that took (sum, and counts under 1 min / 5 min / 1 h), by the same rule as
+  ``gateway_response_time_seconds``: an inbound message starts the wait, the next outbound
+  message or ``sent`` status of that conversation ends it.
+
+Counting is exactly once: every counted event id is kept (``counted``, pruned after
+``keep_days``), so the batch handed over again after a crash, a replayed dead letter, or the
+concurrent retry lanes of a failed batch never count twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from datetime import UTC
+
+from gateway.config import SinkConfig
+from gateway.errors import ConfigError
+from gateway.events import Event
+from gateway.journal.writer import SqliteWriter
+from gateway.sink import Record, Sink
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS daily (
+    day TEXT NOT NULL, channel TEXT NOT NULL, account_id TEXT NOT NULL, direction TEXT NOT NULL,
+    kind TEXT NOT NULL, type TEXT NOT NULL, events INTEGER NOT NULL,
+    PRIMARY KEY (day, channel, account_id, direction, kind, type)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS active (
+    day TEXT NOT NULL, channel TEXT NOT NULL, account_id TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    PRIMARY KEY (day, channel, account_id, conversation_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS responses (
+    day TEXT NOT NULL, channel TEXT NOT NULL, account_id TEXT NOT NULL,
+    replies INTEGER NOT NULL, seconds REAL NOT NULL, under_1m INTEGER NOT NULL,
+    under_5m INTEGER NOT NULL, under_1h INTEGER NOT NULL,
+    PRIMARY KEY (day, channel, account_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS waiting (
+    conversation_id TEXT PRIMARY KEY, since REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counted (id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS counted_at ON counted(at);
+"""
+_BUMP_DAILY = ("INSERT INTO daily VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+               "SET events = events + excluded.events")
+_BUMP_RESPONSES = (
+    "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+    "replies = replies + excluded.replies, seconds = seconds + excluded.seconds, "
+    "under_1m = under_1m + excluded.under_1m, under_5m = under_5m + excluded.under_5m, "
+    "under_1h = under_1h + excluded.under_1h")
+PRUNE_SECONDS = 3600.0  # how often counted ids older than keep_days are dropped
+
+
+class AnalyticsConfig(SinkConfig):
+    """``[sinks.analytics]``: ``path`` (default ``<data_dir>/analytics.db``), ``keep_days``."""
+
+    path: str = ""
+    keep_days: int = 8  # counted event ids kept this long: redeliveries come within minutes
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.keep_days < 1:
+            raise ConfigError("must be at least 1", f"{prefix}.keep_days")
+
+
+class AnalyticsSink(Sink):
+    """The built-in analytics sink (SQLite)."""
+
+    name = "analytics"
+
+    def __init__(self, config: AnalyticsConfig) -> None:
+        super().__init__(config)
+        self.config: AnalyticsConfig = config
+        self._db = SqliteWriter(config.path, ["PRAGMA journal_mode=WAL",
+                                              "PRAGMA synchronous=NORMAL",
+                                              "PRAGMA busy_timeout=10000"], SCHEMA)
+        self._pruned = 0.0
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.config.path)), exist_ok=True)
+        await asyncio.to_thread(self._db.start)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._db.stop)
+
+    async def ready(self) -> bool:
+        return self._db.alive
+
+    async def write(self, records: list[Record]) -> None:
+        now = time.time()
+        prune = now - self._pruned > PRUNE_SECONDS
+        if prune:
+            self._pruned = now
+        cutoff = now - self.config.keep_days * 86400.0
+        events = [r.event for r in records]
+        await self._db.run(lambda c: count(c, events, now, cutoff if prune else None))
+
+    async def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Run a read-only query (tests and the CLI use it)."""
+        return await self._db.run(lambda c: c.execute(sql, args).fetchall())
+
+
+def count(c: sqlite3.Connection, events: list[Event], now: float,
+          prune_before: float | None = None) -> None:
+    """Add the events not counted yet, in order, to the day tables."""
+    ids = list({e.id for e in events})
+    done: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        done.update(row[0] for row in c.execute(
+            f"SELECT id FROM counted WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+    daily: dict[tuple, int] = {}
+    active: set[tuple] = set()
+    for event in events:
+        if event.id in done:
+            continue
+        done.add(event.id)
+        c.execute("INSERT INTO counted VALUES (?, ?)", (event.id, now))
+        day = event.timestamp.astimezone(UTC).strftime("%Y-%m-%d")
+        where = (day, event.channel, event.account_id)
+        key = (*where, event.direction, event.kind, event.type or "")
+        daily[key] = daily.get(key, 0) + 1
+        active.add((*where, event.conversation_id))
+        _response(c, event, where)
+    c.executemany(_BUMP_DAILY, [(*key, n) for key, n in daily.items()])
+    c.executemany("INSERT OR IGNORE INTO active VALUES (?, ?, ?, ?)", list(active))
+    if prune_before is not None:
+        c.execute("DELETE FROM counted WHERE at < ?", (prune_before,))
+
+
+def _response(c: sqlite3.Connection, event: Event, where: tuple) -> None:
+    """Start or end a conversation's wait for its first reply."""
+    at = event.timestamp.timestamp()
+    if event.kind == "message" and event.direction == "inbound":
+        c.execute("INSERT OR IGNORE INTO waiting VALUES (?, ?)", (event.conversation_id, at))
+        return
+    replied = (event.kind == "message" and event.direction == "outbound") or (
+        event.kind == "status" and event.status == "sent")
+    if not replied:
+        return
+    row = c.execute("DELETE FROM waiting WHERE conversation_id = ? RETURNING since",
+                    (event.conversation_id,)).fetchone()
+    if row is None or at < row[0]:
+        return
+    took = at - row[0]
+    c.execute(_BUMP_RESPONSES, (*where, 1, took, int(took < 60), int(took < 300),
+                                int(took < 3600)))

@@ -1,0 +1,108 @@
+"""The analytics sink: daily volumes, active conversations and first-reply times, counted once,
+through a running gateway and on its own (a real SQLite file), and its ``gateway analytics``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+from gateway import keys
+from gateway.events import Message, Party, Status, conversation_id, encode
+from gateway.sink import Record
+from sinks.analytics.cli import report
+from sinks.analytics.sink import AnalyticsConfig, AnalyticsSink
+from tests.conftest import SINKS_TOML, fixture_bytes
+
+T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+ACCOUNT = "100000000000001"
+
+
+def conversation(customer: str) -> str:
+    return conversation_id("whatsapp", ACCOUNT, customer)
+
+
+def inbound(i: int, customer: str, at: datetime) -> Message:
+    return Message(schema=1, id=f"in-{i}", channel="whatsapp", direction="inbound",
+                   account_id=ACCOUNT, conversation_id=conversation(customer),
+                   sender=Party(customer), recipient=Party(ACCOUNT), timestamp=at,
+                   message_id=f"wamid.in.{i}", type="text", text="hello")
+
+
+def sent(i: int, customer: str, at: datetime) -> Status:
+    return Status(schema=1, id=f"st-{i}", channel="whatsapp", direction="outbound",
+                  account_id=ACCOUNT, conversation_id=conversation(customer),
+                  sender=Party(ACCOUNT), recipient=Party(customer), timestamp=at,
+                  message_id=f"wamid.out.{i}", status="sent")
+
+
+def records(*events) -> list[Record]:
+    return [Record(i, e, encode(e), 1.0) for i, e in enumerate(events, 1)]
+
+
+async def started(tmp_path) -> AnalyticsSink:
+    sink = AnalyticsSink(AnalyticsConfig(path=str(tmp_path / "analytics.db")))
+    await sink.start()
+    return sink
+
+
+async def test_volumes_and_first_reply_times_per_day(tmp_path):
+    sink = await started(tmp_path)
+    await sink.write(records(
+        inbound(1, "111", T0), inbound(2, "111", T0 + timedelta(seconds=20)),  # one wait
+        sent(1, "111", T0 + timedelta(seconds=45)),                             # 45 s
+        sent(2, "111", T0 + timedelta(seconds=50)),                             # not a first reply
+        inbound(3, "222", T0), sent(3, "222", T0 + timedelta(minutes=10)),      # 600 s
+        inbound(4, "333", T0 + timedelta(days=1))))                             # next day, waiting
+    daily = await sink.query("SELECT day, direction, kind, type, events FROM daily ORDER BY 1, 2")
+    assert daily == [("2026-03-01", "inbound", "message", "text", 3),
+                     ("2026-03-01", "outbound", "status", "", 3),
+                     ("2026-03-02", "inbound", "message", "text", 1)]
+    assert await sink.query("SELECT day, count(*) FROM active GROUP BY day ORDER BY day") == [
+        ("2026-03-01", 2), ("2026-03-02", 1)]
+    assert await sink.query("SELECT * FROM responses") == [
+        ("2026-03-01", "whatsapp", ACCOUNT, 2, 645.0, 1, 1, 2)]
+    await sink.close()
+    rows = report(str(tmp_path / "analytics.db"), 7, today=T0 + timedelta(days=1))
+    assert [(r["day"], r["messages_in"], r["statuses"], r["active_conversations"], r["replies"],
+             r["mean_first_reply_seconds"], r["replied_within_5m"]) for r in rows] == [
+        ("2026-03-01", 3, 3, 2, 2, 322.5, 1), ("2026-03-02", 1, 0, 1, 0, None, 0)]
+
+
+async def test_a_batch_handed_over_again_counts_once(tmp_path):
+    sink = await started(tmp_path)
+    batch = records(inbound(1, "111", T0), sent(1, "111", T0 + timedelta(seconds=5)))
+    await sink.write(batch)
+    await sink.write(batch)  # after a crash, or a replayed dead letter
+    await sink.write(batch[:1] * 3)  # the same event three times in one batch
+    assert await sink.query("SELECT sum(events) FROM daily") == [(2,)]
+    assert await sink.query("SELECT replies, seconds FROM responses") == [(1, 5.0)]
+    await sink.close()
+
+
+async def test_through_a_running_gateway_and_the_cli(gateway, tmp_path):
+    gw = await gateway(sinks=SINKS_TOML + "[sinks.analytics]\n")
+    for name in ("whatsapp/three_messages.json", "whatsapp/three_messages.json",
+                 "whatsapp/status_sent.json"):
+        assert (await gw.post("whatsapp", fixture_bytes(name)))[0] == 200
+    await gw.settle()
+    sink = gw.app[keys.SINKS]["analytics"]
+    assert await sink.query("SELECT kind, sum(events) FROM daily GROUP BY kind ORDER BY kind") == [
+        ("message", 3), ("status", 1)]  # the redelivered POST counted once
+    config = tmp_path / "gateway.toml"
+    out = subprocess.run([sys.executable, "-m", "gateway", "analytics", "--config", str(config),
+                          "--days", "100000", "--json"], capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sum(r["messages_in"] for r in rows) == 3 and sum(r["statuses"] for r in rows) == 1
+    table = subprocess.run([sys.executable, "-m", "gateway", "analytics", "--config", str(config),
+                            "--days", "100000"], capture_output=True, text=True, check=True)
+    assert table.stdout.splitlines()[0].split()[:3] == ["day", "channel", "account_id"]
+
+
+def test_the_cli_names_a_missing_table(tmp_path):
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[sinks.storage]\n')
+    out = subprocess.run([sys.executable, "-m", "gateway", "analytics", "--config", str(config)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "[sinks.analytics] is not in the configuration" in out.stderr
