@@ -71,17 +71,23 @@ def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
 
 
 def require_secrets(config: GatewayConfig, channels: dict) -> None:
-    """Refuse to start when an enabled channel could accept unsigned requests."""
+    """Refuse to start when an enabled channel could accept unsigned requests.
+
+    Raises:
+        ConfigError: naming each channel without an app secret (``ConfigErrors`` when several).
+    """
+    from gateway.config import ConfigErrors
+
     if config.server.insecure_skip_signature:
         log.warning("insecure_skip_signature", detail="webhook signatures are NOT checked")
         return
-    for name, channel in channels.items():
-        if not channel.app_secret:
-            env = name.upper()
-            raise ConfigError(
-                f"channel {name!r} is enabled but has no app secret: set {env}_APP_SECRET or "
-                "META_APP_SECRET (or app_secret in the config), or disable the channel",
-                f"channels.{name}.app_secret")
+    errors = [ConfigError(
+        f"channel {name!r} is enabled but has no app secret: set {name.upper()}_APP_SECRET or "
+        "META_APP_SECRET (or app_secret in the config), or disable the channel",
+        f"channels.{name}.app_secret") for name, channel in channels.items()
+        if not channel.app_secret]
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -33,13 +35,74 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except (ConfigError, PluginError) as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
+        for error in getattr(exc, "errors", [exc]):
+            print(f"gateway: {gwconfig.mask_url(str(error))}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `gateway ... | head`: the reader is gone; nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as exc:
+        failure = _failure(exc, args)
+        if failure is None:
+            raise
+        print(f"gateway: {gwconfig.mask_url(failure[0])}", file=sys.stderr)
+        return failure[1]
+
+
+# a port taken, a directory that cannot be created, a file that cannot be opened: fix the config
+CONFIG_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.EPERM,
+                           errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.EEXIST})
+
+
+def _failure(exc: Exception, args: argparse.Namespace) -> tuple[str, int] | None:
+    """One line and an exit status for a start-up or runtime failure that is not a bug in the
+    gateway: the operator sees what to fix, not a traceback (and never a password)."""
+    if _is_redis_error(exc):
+        config = _config_or_none(args)
+        where = f" at {config.queue.redis_url}" if config else ""
+        return (f"cannot use Redis{where}: {exc} (queue.redis_url, env GATEWAY_REDIS_URL)",
+                EXIT_CONFIG)
+    if not isinstance(exc, OSError):
+        return None
+    status = EXIT_CONFIG if exc.errno in CONFIG_ERRNOS else 1
+    address = re.search(r"address \('?([^',]*)'?, (\d+)", str(exc))
+    if address:
+        reason = (exc.strerror or str(exc)).rpartition(": ")[2]
+        return (f"cannot listen on {address[1]}:{address[2]}: {reason} (server.host, "
+                "server.port, server.metrics_port)", status)
+    if exc.filename:
+        key = _path_key(str(exc.filename), _config_or_none(args))
+        return f"cannot create or open {exc.filename}: {exc.strerror}{key}", status
+    return f"{type(exc).__name__}: {exc}", status
+
+
+def _is_redis_error(exc: Exception) -> bool:
+    redis = sys.modules.get("redis.exceptions")
+    return redis is not None and isinstance(exc, redis.RedisError)
+
+
+def _config_or_none(args: argparse.Namespace) -> gwconfig.GatewayConfig | None:
+    try:
+        return gwconfig.load(getattr(args, "config", None))
+    except ConfigError:
+        return None
+
+
+def _path_key(path: str, config: gwconfig.GatewayConfig | None) -> str:
+    """`` (server.data_dir)``: the config key that leads to ``path``, when one does."""
+    if config is None:
+        return ""
+    keys = {"server.data_dir": config.server.data_dir}
+    keys |= {f"sinks.{name}.path": table["path"] for name, table in config.sinks.items()
+             if isinstance(table.get("path"), str)}
+    path = os.path.abspath(path)
+    for key, value in keys.items():
+        value = os.path.abspath(value)
+        if path == value or value.startswith(path + os.sep) or path.startswith(value + os.sep):
+            return f" ({key})"
+    return ""
 
 
 def _plugin_commands() -> tuple[list[Command], PluginError | None]:
@@ -64,7 +127,7 @@ def _parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
                        help="run the pipeline locally with simulated customers")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of traffic (default 30)")
     p.set_defaults(run=_demo)
-    p = sub.add_parser("plugins", help="list discovered channels and sinks")
+    p = sub.add_parser("plugins", parents=[cfg], help="list discovered channels and sinks")
     p.set_defaults(run=_plugins)
     p = sub.add_parser("check-config", parents=[cfg], help="validate the configuration")
     p.set_defaults(run=_check_config)
@@ -110,18 +173,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from gateway.plugins import discover, manager
+    from gateway import plugins
 
-    found = discover()
+    found = plugins.discover()
     try:
-        manager()
-        status = "ok"
+        pm = plugins.manager()
+        # each plugin's register_* hooks run too: one that raises or returns junk is named here
+        config = gwconfig.check_all(args.config)[1] or gwconfig.GatewayConfig()
+        broken = [e for e in plugins.check(pm, config) if isinstance(e, PluginError)]
+        status = "; ".join(f"error: {e}" for e in broken) or "ok"
     except PluginError as exc:
         status = f"error: {exc}"
     print(f"{'KIND':<9} {'NAME':<14} {'MODULE':<28} PACKAGE")
     for item in found:
         print(f"{item.group[:-1]:<9} {item.name:<14} {item.value:<28} {item.dist} {item.version}")
-    print(f"\n{len(found)} plugins; loading: {status}")
+    print(f"\n{len(found)} plugins; loading: {gwconfig.mask_url(status)}")
     return 0 if status == "ok" else EXIT_CONFIG
 
 
@@ -131,18 +197,18 @@ def _check_config(args: argparse.Namespace) -> int:
     from gateway import plugins
     from gateway.app import require_secrets
 
-    errors, config = gwconfig.check_all(args.config)
+    core, config = gwconfig.check_all(args.config)
+    errors: list[ConfigError | PluginError] = list(core)
     if config is not None:
         try:
-            pm = plugins.manager()
-            errors += plugins.check(pm, config)
-            if not errors:
-                require_secrets(config, plugins.channels(pm, config))
+            found, channels = plugins.checked(plugins.manager(), config)
+            errors += found
+            require_secrets(config, channels)  # every channel that could be built
         except (ConfigError, PluginError) as exc:
-            errors.append(exc)
+            errors.extend(getattr(exc, "errors", [exc]))
     if errors:
         for exc in errors:
-            print(f"gateway: config error: {exc}", file=sys.stderr)
+            print(f"gateway: config error: {gwconfig.mask_url(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     print(json.dumps(gwconfig.redacted(config), indent=2, default=str))
     print(f"config OK ({config.source})", file=sys.stderr)

@@ -13,6 +13,7 @@ file. :func:`redacted` masks every secret for display.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
@@ -205,12 +206,13 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> G
     """Read ``path`` (or the embedded defaults), overlay the environment, validate everything.
 
     Raises:
-        ConfigError: naming the first bad key (use :func:`check` to collect them all).
+        ConfigError: naming the bad key (:class:`ConfigErrors` holding each one when several).
     """
-    errors = check(path, environ)
+    errors, config = check_all(path, environ)
     if errors:
-        raise errors[0]
-    return _build(_read(path), os.environ if environ is None else environ, path)
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+    assert config is not None
+    return config
 
 
 def check(path: str | None = None, environ: Mapping[str, str] | None = None) -> list[ConfigError]:
@@ -220,18 +222,17 @@ def check(path: str | None = None, environ: Mapping[str, str] | None = None) -> 
 
 def check_all(path: str | None = None, environ: Mapping[str, str] | None = None
               ) -> tuple[list[ConfigError], GatewayConfig | None]:
-    """The core's problems, and the config built without its unknown keys (None if impossible),
-    so that plugin tables can be checked in the same run."""
+    """The core's problems, each key checked on its own, and the config built without the bad
+    keys (None only when the file cannot be read), so that plugin tables are checked in the same
+    run."""
     try:
         data = _read(path)
     except ConfigError as exc:
         return [exc], None
     unknown = _unknown_keys(data)
     errors = [ConfigError("unknown key", key) for key in unknown]
-    try:
-        config = _build(_without(data, unknown), os.environ if environ is None else environ, path)
-    except ConfigError as exc:
-        return [*errors, exc], None
+    config = _build(_without(data, unknown), os.environ if environ is None else environ, path,
+                    errors)
     return errors, config
 
 
@@ -258,18 +259,16 @@ def section(config: GatewayConfig, kind: str, name: str, struct: type[S],
     if not config.enabled(kind, name):
         return None
     prefix = f"{kind}.{name}"
-    table = resolve_secrets(dict(getattr(config, kind)[name]), prefix)
+    errors: list[ConfigError] = []
+    table = _resolved_each(dict(getattr(config, kind)[name]), prefix, errors)
     env = environ if environ is not None else os.environ
     for key, names in struct.env.items():
         value = next((env[n] for n in names if env.get(n)), None)
         if value is not None:
             table[key] = value
-    known = {f.encode_name for f in msgspec.structs.fields(struct)}
-    unknown = [ConfigError("unknown key", f"{prefix}.{k}") for k in table if k not in known]
-    if len(unknown) > 1:
-        raise ConfigErrors(unknown)
-    result = _convert(table, struct, prefix)
-    result.validate(prefix)
+    result = _checked(table, struct, prefix, errors)
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     return result
 
 
@@ -303,14 +302,33 @@ def _resolved(value: Any, key: str) -> Any:
     return value
 
 
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#]+@")
+_SECRET_PARAM = re.compile(r"(?i)([?&][^=&\s#]*(?:token|secret|key|password|sig)[^=&\s#]*=)"
+                           r"[^&\s#]+")
+_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?#]*)\?[^\s#]+")
+
+
+def mask_url(text: str, query: bool = False) -> str:
+    """``text`` with every URL's credentials masked: ``scheme://user:pass@`` becomes
+    ``scheme://***@`` and ``?token=...``-like parameters ``?token=***``; with ``query``, every
+    URL's whole query string becomes ``?***``."""
+    if "://" not in text:
+        return text
+    text = _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+    return _QUERY.sub(r"\1?***", text) if query else text
+
+
 def redacted(data: Any) -> Any:
-    """A copy of a config mapping with every secret value masked, for logs and check-config."""
+    """A copy of a config mapping with every secret value masked, for logs and check-config
+    (and every URL's credentials and query string, whatever its key)."""
     if isinstance(data, msgspec.Struct):
         data = msgspec.to_builtins(data)
     if isinstance(data, dict):
         return {k: ("***" if _is_secret(k, v) else redacted(v)) for k, v in data.items()}
     if isinstance(data, list):
         return [redacted(v) for v in data]
+    if isinstance(data, str):
+        return mask_url(data, query=True)
     return data
 
 
@@ -365,26 +383,72 @@ def _unknown_keys(data: dict[str, Any]) -> list[str]:
     return found
 
 
-def _build(data: dict[str, Any], environ: Mapping[str, str], path: str | None) -> GatewayConfig:
+CORE_SECTIONS: dict[str, type[_Section]] = {
+    "server": ServerConfig, "queue": QueueConfig, "logging": LoggingConfig,
+    "outbound": OutboundConfig}
+
+
+def _build(data: dict[str, Any], environ: Mapping[str, str], path: str | None,
+           errors: list[ConfigError]) -> GatewayConfig:
+    """The config from ``data``; each bad core key is added to ``errors`` and left at its
+    default, so that the rest (the plugin tables above all) can still be checked."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     for name in ("server", "queue"):
         if isinstance(data.get(name), dict):
-            data[name] = resolve_secrets(data[name], name)
+            data[name] = _resolved_each(data[name], name, errors)
     for (sect, key), var in _CORE_ENV.items():
-        if environ.get(var):
-            data.setdefault(sect, {})[key] = environ[var]
-    config = _convert({**data, "source": path or "embedded defaults"}, GatewayConfig, "")
-    config.server.validate("server")
-    config.queue.validate("queue")
-    config.outbound.validate("outbound")
-    return config
+        if environ.get(var) and isinstance(data.setdefault(sect, {}), dict):
+            data[sect][key] = environ[var]
+    for name, struct in CORE_SECTIONS.items():
+        if name not in data:
+            continue
+        if not isinstance(data[name], dict):
+            errors.append(ConfigError(f"must be a table, not {type(data[name]).__name__}", name))
+        data[name] = _checked(data[name] if isinstance(data[name], dict) else {}, struct, name,
+                              errors) or struct()
+    for name in ("channels", "sinks"):
+        if name in data and not isinstance(data[name], dict):
+            errors.append(ConfigError(f"must be a table, not {type(data[name]).__name__}", name))
+            data.pop(name)
+    return GatewayConfig(**data, source=path or "embedded defaults")
 
 
-def _convert(data: dict[str, Any], struct: type[Any], prefix: str) -> Any:
-    try:
-        return msgspec.convert(data, struct, strict=True)
-    except msgspec.ValidationError as exc:
-        raise _named(exc, prefix) from None
+def _resolved_each(table: dict[str, Any], prefix: str, errors: list[ConfigError]
+                   ) -> dict[str, Any]:
+    """:func:`resolve_secrets`, key by key: a key whose reference fails is named and dropped."""
+    resolved = {}
+    for key, value in table.items():
+        try:
+            resolved[key] = _resolved(value, f"{prefix}.{key}")
+        except ConfigError as exc:
+            errors.append(exc)
+    return resolved
+
+
+def _checked(table: dict[str, Any], struct: type[Any], prefix: str,
+             errors: list[ConfigError]) -> Any:
+    """``table`` converted into ``struct`` and validated; every bad key is added to ``errors``.
+    msgspec and ``validate()`` stop at the first problem, so the key each one names is dropped
+    (back to its default) and the rest checked again, until nothing new is found. Returns the
+    Struct without the bad keys, or None when a required key is missing or bad."""
+    table = dict(table)
+    dropped: set[str] = set()
+    while True:
+        try:
+            result = msgspec.convert(table, struct, strict=True)
+            result.validate(prefix)
+            return result
+        except msgspec.ValidationError as exc:
+            error = _named(exc, prefix)
+        except ConfigError as exc:
+            error = exc
+        field = error.key.removeprefix(f"{prefix}.").split(".")[0].split("[")[0]
+        if field not in dropped:  # else: a required key dropped above, already named
+            errors.extend(getattr(error, "errors", [error]))
+        if field in dropped or field not in table:
+            return None
+        dropped.add(field)
+        del table[field]
 
 
 def _named(exc: msgspec.ValidationError, prefix: str) -> ConfigError:

@@ -117,24 +117,34 @@ def commands(pm: pluggy.PluginManager, reserved: tuple[str, ...]) -> dict[str, C
     return found
 
 
-def check(pm: pluggy.PluginManager, config: GatewayConfig) -> list[ConfigError]:
+def check(pm: pluggy.PluginManager, config: GatewayConfig) -> list[ConfigError | PluginError]:
     """Every plugin table's problems (each plugin checked even when another one fails)."""
-    errors: list[ConfigError] = []
+    return checked(pm, config)[0]
+
+
+def checked(pm: pluggy.PluginManager, config: GatewayConfig
+            ) -> tuple[list[ConfigError | PluginError], dict[str, Channel]]:
+    """:func:`check`, and the channels that could be built (for their secrets to be checked)."""
+    errors: list[ConfigError | PluginError] = []
+    built: dict[str, dict[str, Any]] = {}
     for hook, kind in ((pm.hook.register_channels, "channels"), (pm.hook.register_sinks, "sinks")):
-        found: dict[str, Any] = {}
+        found: dict[str, Any] = built.setdefault(kind, {})
         for impl in hook.get_hookimpls():
             try:
                 found.update(_collect_one(impl, config, {}, {}, kind[:-1]))
             except ConfigError as exc:
                 errors.extend(getattr(exc, "errors", [exc]))
-                parts = exc.key.split(".")
-                if len(parts) > 1 and parts[0] == kind:
-                    found[parts[1]] = None  # claimed by a plugin, but its table is broken
+                for error in getattr(exc, "errors", [exc]):
+                    parts = error.key.split(".")
+                    if len(parts) > 1 and parts[0] == kind:
+                        found[parts[1]] = None  # claimed by a plugin, but its table is broken
+            except PluginError as exc:
+                errors.append(exc)
         try:
             _check_claimed(config, kind, found)
         except ConfigError as exc:
             errors.append(exc)
-    return errors
+    return errors, {k: v for k, v in built["channels"].items() if v is not None}
 
 
 def _collect(pm: pluggy.PluginManager, hook: Any, config: GatewayConfig,
@@ -149,13 +159,36 @@ def _collect(pm: pluggy.PluginManager, hook: Any, config: GatewayConfig,
 
 def _collect_one(impl: Any, config: GatewayConfig | None, found: dict[str, Any],
                  owners: dict[str, str], what: str) -> dict[str, Any]:
-    for item in impl.function(**{a: config for a in impl.argnames}) or []:
+    """Call one implementation; a plugin that raises (anything but a config problem) or returns
+    something else than a list of its kind is reported by name, like an import failure."""
+    kind, hook = _component_class(what), f"register_{what}s"
+    try:
+        items = impl.function(**{a: config for a in impl.argnames}) or []
+    except (ConfigError, PluginError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any plugin failure is reported by name
+        raise PluginError(f"{hook} failed: {exc!r}", plugin=impl.plugin_name) from exc
+    if not isinstance(items, list | tuple):
+        raise PluginError(f"{hook} returned {type(items).__name__!r}, not a list of "
+                          f"{kind.__name__} objects", plugin=impl.plugin_name)
+    for item in items:
+        if not isinstance(item, kind):
+            raise PluginError(f"{hook} returned a {type(item).__name__!r}, not a "
+                              f"{kind.__name__}", plugin=impl.plugin_name)
         if item.name in found:
             raise PluginError(f"plugins {owners[item.name]!r} and {impl.plugin_name!r} both "
                               f"provide a {what} named {item.name!r}")
         found[item.name] = item
         owners[item.name] = impl.plugin_name
     return found
+
+
+def _component_class(what: str) -> type:
+    from gateway.channel import Channel
+    from gateway.command import Command
+    from gateway.sink import Sink
+
+    return {"channel": Channel, "sink": Sink, "command": Command}[what]
 
 
 def _check_claimed(config: GatewayConfig, kind: str, found: dict[str, Any]) -> None:

@@ -112,3 +112,91 @@ def test_secret_references_resolve_at_any_depth_and_stay_references(tmp_path, mo
     assert exc.value.key == "channels.whatsapp.accounts[0].access_token"
     assert gwconfig.redacted({"headers": {"Authorization": "Bearer x", "X-Api-Key": "k"}}) == {
         "headers": {"Authorization": "***", "X-Api-Key": "***"}}
+
+
+SEVERAL = """
+[server]
+port = "eighty"
+metrics_port = "ninety"
+max_body_bytes = 10
+[queue]
+backend = "kafka"
+max_pending = 0
+[logging]
+level = "verbose"
+[outbound]
+max_attempts = 0
+concurrency = 0
+[channels.whatsapp]
+graph_version = 5
+enabled = "yes"
+verfy_token = "x"
+[channels.instagram]
+page_idd = "1"
+[sinks.storage]
+batch_size = 0
+max_attempts = 0
+[sinks.jsonl]
+pth = "x"
+"""
+
+
+def test_check_config_names_every_independent_error_across_core_and_plugin_tables(tmp_path):
+    path = tmp_path / "several.toml"
+    path.write_text(SEVERAL.replace("[server]", f'[server]\ndata_dir = "{tmp_path}"')
+                    + "[channels.extra]\n")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.endswith(("APP_SECRET", "_TOKEN", "REDIS_URL", "DATA_DIR"))}
+    run = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 2
+    for key in ("server.port", "server.metrics_port", "server.max_body_bytes", "queue.backend",
+                "queue.max_pending", "logging.level", "outbound.max_attempts",
+                "outbound.concurrency", "channels.whatsapp.graph_version",
+                "channels.whatsapp.enabled", "channels.whatsapp.verfy_token",
+                "channels.instagram.page_idd", "sinks.storage.batch_size",
+                "sinks.storage.max_attempts", "sinks.jsonl.pth", "channels.extra"):
+        assert f"config error: {key}:" in run.stderr, (key, run.stderr)
+    assert "Traceback" not in run.stderr
+
+
+def test_every_channel_without_an_app_secret_is_named(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\nport = "x"\n'
+                    '[channels.whatsapp]\n[channels.instagram]\n')
+    env = {k: v for k, v in __import__("os").environ.items() if not k.endswith("APP_SECRET")}
+    run = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 2
+    for key in ("server.port", "channels.whatsapp.app_secret", "channels.instagram.app_secret"):
+        assert f"config error: {key}:" in run.stderr, (key, run.stderr)
+
+
+def test_load_collects_each_core_error_and_check_keeps_the_good_keys(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text('[server]\nport = "x"\nhost = "127.0.0.2"\nshutdown_timeout = -1\n'
+                    '[queue]\nbackend = "kafka"\n')
+    with pytest.raises(gwconfig.ConfigErrors) as exc:
+        gwconfig.load(str(path), environ={})
+    assert [e.key for e in exc.value.errors] == ["server.port", "server.shutdown_timeout",
+                                                 "queue.backend"]
+    errors, config = gwconfig.check_all(str(path), environ={})
+    assert len(errors) == 3 and config is not None
+    assert config.server.host == "127.0.0.2" and config.server.port == 8080  # bad key: default
+
+
+def test_section_names_every_bad_key_of_a_plugin_table():
+    from channels.whatsapp import WhatsAppConfig
+
+    config = gwconfig.GatewayConfig(channels={"whatsapp": {
+        "graph_version": 5, "bogus": 1, "pair_burst": 99, "accounts": [{"x": 1}]}})
+    with pytest.raises(gwconfig.ConfigErrors) as exc:
+        gwconfig.section(config, "channels", "whatsapp", WhatsAppConfig, environ={})
+    assert sorted(e.key for e in exc.value.errors) == [
+        "channels.whatsapp.accounts[0].x", "channels.whatsapp.bogus",
+        "channels.whatsapp.graph_version", "channels.whatsapp.pair_burst"]
+
+
+def test_redacted_masks_url_credentials_and_query_whatever_the_key():
+    shown = gwconfig.redacted({"url": "https://u:pw-1@h.example/x?token=t-2", "n": "plain"})
+    assert shown == {"url": "https://***@h.example/x?***", "n": "plain"}

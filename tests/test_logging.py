@@ -39,3 +39,24 @@ def test_log_text_shows_content_but_never_secrets():
     assert line["text"] == "hello there" and line["body"] == "{}"
     for key in ("app_secret", "access_token", "api_key", "authorization"):
         assert line[key] == "***", key
+
+
+def test_url_credentials_are_masked_in_every_string_value():
+    stream = io.StringIO()
+    gwlog.setup(LoggingConfig(format="json"), stream=stream)
+    log = gwlog.get("test")
+    log.warning("POST https://u:hunter2@crm.example/hook failed", sink="forward",
+                reason="redis://:redis-pw-3@127.0.0.1:6379/0 refused",
+                targets=["https://a:b-pw-4@x.example/?api_key=key-5&page=2"])
+    try:
+        raise RuntimeError("cannot reach https://bob:exc-pw-6@crm.example/hook")
+    except RuntimeError:
+        log.exception("sink_failed")
+    text = stream.getvalue()
+    first, second = (json.loads(line) for line in text.splitlines()[-2:])
+    assert first["event"] == "POST https://***@crm.example/hook failed"
+    assert first["reason"] == "redis://***@127.0.0.1:6379/0 refused"
+    assert first["targets"] == ["https://***@x.example/?api_key=***&page=2"]
+    assert "https://***@crm.example/hook" in second["exception"]
+    for leak in ("hunter2", "redis-pw-3", "b-pw-4", "key-5", "exc-pw-6"):
+        assert leak not in text, leak

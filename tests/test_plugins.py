@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import PluginError, Sink, cli, hookimpl, plugins
+from gateway import Channel, PluginError, Sink, cli, hookimpl, plugins
 from gateway import config as gwconfig
 from gateway.config import SinkConfig, section
 from gateway.testing import free_port
@@ -311,3 +311,78 @@ def test_gateway_firestore_indexes_through_the_cli(tmp_path):
     spec = json.loads(result.stdout)
     assert {i["collectionGroup"] for i in spec["indexes"]} == {"shop_conversations",
                                                                 "shop_messages"}
+
+
+# -- plugins whose register hooks misbehave ------------------------------------------------------
+
+def _raises(config):
+    raise RuntimeError("boom in register_sinks")
+
+
+@pytest.mark.parametrize(("returns", "says"), [
+    (_raises, "register_sinks failed: RuntimeError('boom in register_sinks')"),
+    (lambda config: [object()], "register_sinks returned a 'object', not a Sink"),
+    (lambda config: NamedSink("one", SinkConfig()), "returned 'NamedSink', not a list of Sink"),
+])
+def test_a_plugin_whose_register_hook_raises_or_returns_junk_is_named(tmp_path, returns, says):
+    plugin = types.SimpleNamespace(__name__="gateway_junk_plugin",
+                                   register_sinks=hookimpl(returns))
+    config = gwconfig.load(write_config(tmp_path, "[sinks.jsonl]\npth = 'x'\n"), environ={})
+    pm = plugins.manager(extra=[plugin])
+    with pytest.raises(PluginError) as err:
+        plugins.sinks(pm, config)
+    assert err.value.plugin == "gateway_junk_plugin" and says in str(err.value)
+    found = [str(e) for e in plugins.check(pm, config)]  # named next to the config errors
+    assert "sinks.jsonl.pth: unknown key" in found
+    assert any("'gateway_junk_plugin'" in e and says in e for e in found), found
+
+
+class BareChannel(Channel):
+    name = "bare"
+
+    def check_envelope(self, body: bytes) -> None:
+        pass
+
+    def normalise(self, body: bytes) -> list:
+        return []
+
+
+def test_a_register_hook_returning_a_channel_as_a_sink_is_named():
+    plugin = types.SimpleNamespace(__name__="gateway_mixed_plugin", register_sinks=hookimpl(
+        lambda config: [BareChannel(app_secret="s", verify_token=None)]))
+    with pytest.raises(PluginError, match="'gateway_mixed_plugin'.*not a Sink"):
+        plugins.sinks(plugins.manager(extra=[plugin]), gwconfig.GatewayConfig())
+
+
+@pytest.fixture
+def raising_distribution(tmp_path, monkeypatch):
+    """An installed plugin whose ``register_sinks`` raises."""
+    (tmp_path / "site").mkdir()
+    source = ("from gateway import hookimpl\n\n@hookimpl\ndef register_sinks(config):\n"
+              "    raise RuntimeError('boom in register_sinks')\n")
+    root = make_distribution(tmp_path / "site", "gateway-raising", "gateway.sinks",
+                             {"raising": "gateway_raising_sink"}, {"gateway_raising_sink": source})
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
+def test_gateway_plugins_and_check_config_name_a_plugin_whose_hook_raises(raising_distribution,
+                                                                          tmp_path, capsys):
+    assert cli.main(["plugins"]) == cli.EXIT_CONFIG
+    out = capsys.readouterr().out
+    assert "loading: error: plugin 'sinks.raising': register_sinks failed" in out
+    assert cli.main(["check-config", "--config", write_config(tmp_path, CHANNELS_TOML)]) == 2
+    err = capsys.readouterr().err
+    assert "config error: plugin 'sinks.raising': register_sinks failed" in err
+    assert "Traceback" not in err
+
+
+def test_check_config_masks_url_credentials_and_query_in_plugin_tables(tmp_path):
+    path = write_config(tmp_path, CHANNELS_TOML + '[sinks.forward]\n'
+                        'url = "https://hook-user:hook-pw-41@crm.example/in?token=tok-42"\n'
+                        'secret = "fwd-secret-43"\n')
+    result = run_cli("check-config", "--config", path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert '"url": "https://***@crm.example/in?***"' in result.stdout
+    for leak in ("hook-user", "hook-pw-41", "tok-42", "fwd-secret-43"):
+        assert leak not in result.stdout + result.stderr, leak

@@ -121,12 +121,11 @@ def test_a_plain_secret_anywhere_in_config_fails_naming_its_path(tmp_path, confi
     assert "{env: NAME}" in stderr
 
 
-def test_inside_a_list_the_message_says_the_gateway_does_not_resolve_references(tmp_path):
+def test_inside_a_list_the_message_says_references_resolve_there_too(tmp_path):
     stderr = render_error({"config": PLAIN[0][0]}, tmp_path=tmp_path)
-    assert "not inside lists or nested tables" in stderr
-    assert "leave access_token out" in stderr
+    assert "at any depth, inside lists and nested tables too" in stderr
     stderr = render_error({"config": {"server": {"api_token": "t"}}}, tmp_path=tmp_path)
-    assert "not inside lists" not in stderr
+    assert "at any depth" not in stderr
 
 
 def test_references_and_empty_values_render(tmp_path):

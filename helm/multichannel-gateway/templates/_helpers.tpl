@@ -93,7 +93,7 @@ credential headers Authorization and Proxy-Authorization.
 {{- if not (or (kindIs "invalid" $v) (and (kindIs "string" $v) (eq $v "")) (include "mcg.isSecretRef" $v)) -}}
 {{- $parts := splitList "." $p -}}
 {{- $own := and (not (contains "[" $p)) (or (and (has (index $parts 1) (list "server" "queue")) (eq (len $parts) 3)) (and (has (index $parts 1) (list "channels" "sinks")) (eq (len $parts) 4))) -}}
-{{- $hint := ternary "" " Note: the gateway resolves {env}/{file} references only for a table's own keys (config.server.<key>, config.queue.<key>, config.channels.<name>.<key>, config.sinks.<name>.<key>), not inside lists or nested tables; for channels.whatsapp.accounts[] leave access_token out, and the account sends with the channel's token (WHATSAPP_ACCESS_TOKEN)." $own -}}
+{{- $hint := ternary "" " Note: the gateway resolves {env}/{file} references at any depth, inside lists and nested tables too (e.g. channels.whatsapp.accounts[].access_token: {env: WA_TOKEN_2}, sinks.forward.headers.Authorization: {env: FORWARD_AUTH}); an account without access_token sends with the channel's token (WHATSAPP_ACCESS_TOKEN)." $own -}}
 {{- fail (printf "%s is a secret and would be written in plain text into the ConfigMap: put the value under `secrets` (or in the Secret named by `existingSecret`) and reference it as {env: NAME} (or mount it with extraVolumes and use {file: PATH}); for the documented keys the variable alone is enough (e.g. WHATSAPP_ACCESS_TOKEN, GATEWAY_API_TOKEN, OPENAI_API_KEY). See docs/kubernetes.md, Secrets.%s" $p $hint) -}}
 {{- end -}}
 {{- else -}}

@@ -21,6 +21,7 @@ import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import ClassVar, Literal
+from urllib.parse import urlsplit
 
 import httpx
 from gateway import PermanentError, RateLimited, Record, RetryableError, Sink
@@ -173,7 +174,8 @@ class ForwardSink(Sink):
         try:
             response = await self._client.post(self.config.url, content=body, headers=headers)
         except httpx.TransportError as exc:  # connect, read, write, pool, timeouts
-            raise RetryableError(f"POST {self.config.url} failed: {type(exc).__name__}") from exc
+            raise RetryableError(f"POST {safe_url(self.config.url)} failed: "
+                                 f"{type(exc).__name__}") from exc
         self.check(response)
 
     def check(self, response: httpx.Response) -> None:
@@ -187,7 +189,7 @@ class ForwardSink(Sink):
         status = response.status_code
         if 200 <= status < 300:
             return
-        detail = f"{self.config.url} answered {status} {_snippet(response)}".rstrip()
+        detail = f"{safe_url(self.config.url)} answered {status} {_snippet(response)}".rstrip()
         hint = retry_after(response.headers.get("Retry-After"))
         if hint is not None:
             hint = min(hint, self.config.max_retry_after)
@@ -196,6 +198,20 @@ class ForwardSink(Sink):
         if status >= 500 or status in RETRYABLE_STATUSES:
             raise RetryableError(detail, retry_after=hint)
         raise PermanentError(detail)
+
+
+def safe_url(url: str) -> str:
+    """``url`` fit for errors, logs and dead letters: without user, password or query string
+    (tokens often travel there), e.g. ``https://crm.example.com:8443/hooks``."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # a malformed port: show nothing that could be a credential
+        return "<forward url>"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _snippet(response: httpx.Response, limit: int = 200) -> str:

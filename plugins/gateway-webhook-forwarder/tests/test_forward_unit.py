@@ -163,3 +163,30 @@ def test_sign_and_verify():
     assert not verify("k", body, None) and not verify("k", body, "v1=abc")
     rotated = header.replace(",v1=", ",v1=" + "0" * 64 + ",v1=")        # old + new signature
     assert verify("k", body, rotated, now=1_700_000_000)
+
+
+SECRET_URL = "https://hook-user:hook-pass-8e1f@receiver.example:8443/hook?token=tok-5c2a&x=1"
+
+
+@pytest.mark.parametrize("answer", [lambda req: httpx.Response(403, text="no"),
+                                    lambda req: httpx.Response(503, text="later")])
+async def test_errors_never_carry_url_credentials_or_query(answer):
+    sink = await started(answer, url=SECRET_URL)
+    with pytest.raises((PermanentError, RetryableError)) as err:
+        await sink.write([record()])
+    await sink.close()
+    text = str(err.value)
+    assert "https://receiver.example:8443/hook answered" in text
+    for leak in ("hook-user", "hook-pass-8e1f", "tok-5c2a", "?"):
+        assert leak not in text
+
+
+async def test_network_error_never_carries_url_credentials_or_query():
+    def boom(request):
+        raise httpx.ConnectError("refused")
+
+    sink = await started(boom, url=SECRET_URL)
+    with pytest.raises(RetryableError) as err:
+        await sink.write([record()])
+    await sink.close()
+    assert str(err.value) == "POST https://receiver.example:8443/hook failed: ConnectError"

@@ -1,0 +1,71 @@
+"""Start-up and runtime failures an operator can fix: one clear line, exit 2, no traceback and no
+password (the gateway started as a subprocess on 127.0.0.1, as an operator runs it)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from gateway.testing import free_port
+from tests.conftest import CHANNELS_TOML
+from tests.test_plugins import env, run_cli
+
+
+def serve_config(tmp_path: Path, port: int, data_dir: str, extra: str = "") -> str:
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\nmetrics_port = {free_port()}\n'
+                    f'data_dir = "{data_dir}"\nshutdown_timeout = 2\n{extra}' + CHANNELS_TOML)
+    return str(path)
+
+
+def one_line_failure(result, *needles: str) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("gateway: ")]
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+def test_port_in_use_is_one_line_naming_the_address(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = run_cli("serve", "--config", serve_config(tmp_path, port, str(tmp_path / "d")),
+                         cwd=tmp_path)
+    one_line_failure(result, f"cannot listen on 127.0.0.1:{port}", "address already in use",
+                     "server.port")
+
+
+def test_data_dir_that_cannot_be_created_is_one_line_naming_path_and_key(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    data_dir = blocker / "data"
+    result = run_cli("serve", "--config", serve_config(tmp_path, free_port(), str(data_dir)),
+                     cwd=tmp_path)
+    one_line_failure(result, "cannot create or open", str(blocker), "server.data_dir")
+    result = run_cli("dead-letters", "list", "--config",
+                     serve_config(tmp_path, free_port(), str(data_dir)), cwd=tmp_path)
+    one_line_failure(result, "server.data_dir")
+
+
+def test_sink_path_that_cannot_be_created_names_the_sink_key(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = serve_config(tmp_path, free_port(), str(tmp_path / "d"),
+                          f'[sinks.jsonl]\npath = "{blocker}/events.jsonl"\n')
+    result = run_cli("serve", "--config", config, cwd=tmp_path)
+    one_line_failure(result, str(blocker), "sinks.jsonl.path")
+
+
+def test_unreachable_redis_is_one_line_without_the_password(tmp_path):
+    config = serve_config(tmp_path, free_port(), str(tmp_path / "d"),
+                          '[queue]\nbackend = "redis"\n')
+    redis_url = f"redis://:redis-pw-71@127.0.0.1:{free_port()}/0"
+    for args in (("serve",), ("dead-letters", "list")):
+        result = run_cli(*args, "--config", config, cwd=tmp_path,
+                         environ=env(GATEWAY_REDIS_URL=redis_url))
+        line = one_line_failure(result, "cannot use Redis at redis://***@127.0.0.1:",
+                                "queue.redis_url")
+        assert "redis-pw-71" not in result.stdout + result.stderr, line
