@@ -41,7 +41,8 @@ class Metrics:
             ["channel"], buckets=RESPONSE_BUCKETS, registry=r)
         self.queue_depth = Gauge(
             "gateway_queue_depth", "Items waiting: journal = unprocessed requests, "
-            "sink:<name> = events not yet delivered to that sink.", ["queue"], registry=r)
+            "sink:<name> = events not yet delivered to that sink, outbox = messages not yet "
+            "sent to Meta.", ["queue"], registry=r)
         self.dead_letters = Gauge(
             "gateway_dead_letters", "Events in the dead-letter store.", ["sink"], registry=r)
         self.ratelimit_headroom = Gauge(

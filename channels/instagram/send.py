@@ -1,4 +1,7 @@
-"""Instagram Send API request bodies (meta/outbound.md §3)."""
+"""Instagram Send API request bodies (meta/outbound.md §3).
+
+What Instagram cannot send (types, text length, media by id) is refused when the request is
+accepted (``OutboundRequest.validate``: HTTP 422), so ``build`` only builds."""
 
 from __future__ import annotations
 
@@ -29,18 +32,14 @@ def build(req: OutboundRequest, callback_data: str | None) -> dict[str, Any] | N
 
 def _message(req: OutboundRequest) -> dict[str, Any]:
     if req.type == "text":
-        if len(req.text.encode("utf-8")) > 1000:
-            raise InvalidRequest("text", "Instagram allows at most 1000 bytes of UTF-8")
         return {"text": req.text}
     if req.type == "quick_replies":
         return {"text": req.text, "quick_replies": [
             {"content_type": "text", "title": q.title, "payload": q.payload}
             for q in req.quick_replies]}
     if req.type in ATTACHMENT:
-        if not req.media.link:
-            raise InvalidRequest("media.link", "Instagram attachments are sent by URL")
         return {"attachment": {"type": ATTACHMENT[req.type], "payload": {"url": req.media.link}}}
-    raise InvalidRequest("type", f"{req.type!r} cannot be sent on Instagram")
+    raise InvalidRequest("type", f"{req.type!r} cannot be sent on Instagram")  # validated before
 
 
 def message_id(answer: dict[str, Any]) -> str | None:

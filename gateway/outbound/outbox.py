@@ -31,8 +31,11 @@ CREATE INDEX IF NOT EXISTS outbox_provider ON outbox(provider_message_id);
 CREATE TABLE IF NOT EXISTS customers (
     channel TEXT NOT NULL, account_id TEXT NOT NULL, contact_id TEXT NOT NULL,
     last_inbound_at REAL, last_inbound_message_id TEXT, opted_out INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (channel, account_id, contact_id)) WITHOUT ROWID;
+    opted_out_at REAL, PRIMARY KEY (channel, account_id, contact_id)) WITHOUT ROWID;
 """
+# The latest word on consent wins, by the time it was said (webhooks arrive in any order).
+_NEWER_CONSENT = "excluded.opted_out_at >= coalesce(opted_out_at, -1e300)"
+
 RANK = {"queued": 0, "sending": 0, "uncertain": 0, "sent": 1, "delivered": 2, "read": 3,
         "played": 3, "failed": 9}
 _COLUMNS = ("id, idempotency_key, channel, account_id, recipient, type, request, state, attempts, "
@@ -70,6 +73,7 @@ class Customer(NamedTuple):
     last_inbound_at: float | None
     last_inbound_message_id: str | None
     opted_out: bool
+    opted_out_at: float | None = None  # when the customer (or Meta) last said so (epoch s)
 
 
 class Outbox:
@@ -85,9 +89,15 @@ class Outbox:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self._db.start()
         at = time.time() + reconcile_seconds
-        return await self._db.run(lambda c: c.execute(
-            "UPDATE outbox SET state = 'uncertain', next_at = ? WHERE state = 'sending'",
-            (at,)).rowcount)
+
+        def work(c: sqlite3.Connection) -> int:
+            columns = {r[1] for r in c.execute("PRAGMA table_info(customers)")}
+            if "opted_out_at" not in columns:  # a database made before consent had a time
+                c.execute("ALTER TABLE customers ADD COLUMN opted_out_at REAL")
+            return c.execute("UPDATE outbox SET state = 'uncertain', next_at = ? "
+                             "WHERE state = 'sending'", (at,)).rowcount
+
+        return await self._db.run(work)
 
     async def close(self) -> None:
         self._db.stop()
@@ -164,53 +174,106 @@ class Outbox:
              record_id)))
 
     async def status(self, *, provider_message_id: str | None, record_id: str | None, status: str,
-                     error: dict[str, Any] | None) -> None:
-        """A delivery status from a webhook: move the record forward (never backwards)."""
+                     error: dict[str, Any] | None) -> Row | None:
+        """A delivery status from a webhook: move the record forward (never backwards).
+        Returns the record as moved, or None when it did not move (unknown, or a status it is
+        already past: e.g. a redelivered webhook)."""
         if status not in RANK:
-            return
+            return None
         now = time.time()
         rank_sql = " ".join(f"WHEN '{s}' THEN {r}" for s, r in RANK.items())
 
-        def work(c: sqlite3.Connection) -> None:
+        def work(c: sqlite3.Connection) -> Row | None:
             where, arg = ("id = ?", record_id) if record_id else ("provider_message_id = ?",
                                                                    provider_message_id)
-            c.execute(
+            row = c.execute(
                 f"UPDATE outbox SET state = ?, updated_at = ?, error = coalesce(?, error), "
                 f"provider_message_id = coalesce(provider_message_id, ?), "
                 f"sent_at = coalesce(sent_at, ?) WHERE {where} AND "
-                f"(CASE state {rank_sql} ELSE 0 END) < (CASE ? {rank_sql} ELSE 0 END)",
+                f"(CASE state {rank_sql} ELSE 0 END) < (CASE ? {rank_sql} ELSE 0 END) "
+                f"RETURNING {_COLUMNS}",
                 (status, now, msgspec.json.encode(error) if error else None, provider_message_id,
-                 now, arg, status))
+                 now, arg, status)).fetchone()
+            return Row(*row) if row else None
 
-        await self._db.run(work)
+        return await self._db.run(work)
+
+    async def requeue(self, *, record_id: str | None, provider_message_id: str, at: float,
+                      error: dict[str, Any], final_error: dict[str, Any],
+                      max_attempts: int) -> Row | None:
+        """Meta failed a message it had accepted, with an error worth retrying (a failed status
+        webhook): send it again at ``at``, or fail it when ``max_attempts`` sends were made.
+
+        Only a ``sent`` record whose provider id is ``provider_message_id`` moves (a redelivered
+        status of an earlier send changes nothing); it forgets that id, so the next send's is
+        kept. ``final_error`` is stored when it fails. Returns the record as it is now
+        (``queued`` or ``failed``), or None."""
+        now = time.time()
+        encoded, final = msgspec.json.encode(error), msgspec.json.encode(final_error)
+
+        def work(c: sqlite3.Connection) -> Row | None:
+            where = "id = :arg" if record_id else "provider_message_id = :arg"
+            arg = record_id or provider_message_id
+            row = c.execute(
+                "UPDATE outbox SET updated_at = :now, "
+                "error = CASE WHEN attempts >= :max THEN :final ELSE :error END, "
+                "state = CASE WHEN attempts >= :max THEN 'failed' ELSE 'queued' END, "
+                "next_at = CASE WHEN attempts >= :max THEN next_at ELSE :at END, "
+                "provider_message_id = CASE WHEN attempts >= :max THEN provider_message_id END, "
+                "sent_at = CASE WHEN attempts >= :max THEN sent_at END "
+                f"WHERE {where} AND state = 'sent' AND provider_message_id = :pmid "
+                f"RETURNING {_COLUMNS}",
+                {"now": now, "max": max_attempts, "final": final, "error": encoded, "at": at,
+                 "pmid": provider_message_id, "arg": arg}).fetchone()
+            return Row(*row) if row else None
+
+        return await self._db.run(work)
+
+    async def waiting(self, accounts: list[tuple[str, str]]) -> int:
+        """How many records wait to be sent (queued, sending or uncertain) on ``accounts``."""
+        return await self._db.run(lambda c: sum(c.execute(
+            "SELECT count(*) FROM outbox WHERE channel = ? AND account_id = ? AND state IN "
+            "('queued', 'sending', 'uncertain')", key).fetchone()[0] for key in accounts))
 
     async def inbound(self, channel: str, account_id: str, contact_id: str, at: float,
                       message_id: str | None, opted_out: bool | None) -> None:
-        """Remember a customer's latest inbound message (the service window) and consent."""
+        """Remember a customer's latest inbound message (the service window) and consent
+        (``opted_out`` None: the message says nothing about it). Consent said at ``at`` replaces
+        only consent said earlier: a STOP delivered before an older START stays."""
+        consent_at = None if opted_out is None else at
         await self._db.run(lambda c: c.execute(
             "INSERT INTO customers(channel, account_id, contact_id, last_inbound_at, "
-            "last_inbound_message_id, opted_out) VALUES (?, ?, ?, ?, ?, coalesce(?, 0)) "
-            "ON CONFLICT DO UPDATE SET opted_out = coalesce(?, opted_out), "
+            "last_inbound_message_id, opted_out, opted_out_at) "
+            "VALUES (?, ?, ?, ?, ?, coalesce(?, 0), ?) "
+            f"ON CONFLICT DO UPDATE SET opted_out = CASE WHEN {_NEWER_CONSENT} "
+            "THEN excluded.opted_out ELSE opted_out END, "
+            f"opted_out_at = CASE WHEN {_NEWER_CONSENT} THEN excluded.opted_out_at "
+            "ELSE opted_out_at END, "
             "last_inbound_message_id = CASE WHEN excluded.last_inbound_at >= "
             "coalesce(last_inbound_at, 0) THEN excluded.last_inbound_message_id "
             "ELSE last_inbound_message_id END, "
             "last_inbound_at = max(coalesce(last_inbound_at, 0), excluded.last_inbound_at)",
-            (channel, account_id, contact_id, at, message_id, opted_out, opted_out)))
+            (channel, account_id, contact_id, at, message_id, opted_out, consent_at)))
 
     async def set_opted_out(self, channel: str, account_id: str, contact_id: str,
-                            opted_out: bool) -> None:
-        """Record consent learnt outside an inbound message (Meta's 131050 answer)."""
+                            opted_out: bool, at: float | None = None) -> None:
+        """Record consent learnt outside an inbound message (Meta's 131050 answer), said at
+        ``at`` (epoch s; default now); consent said later is kept."""
+        at = time.time() if at is None else at
         await self._db.run(lambda c: c.execute(
-            "INSERT INTO customers(channel, account_id, contact_id, opted_out) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT DO UPDATE SET opted_out = excluded.opted_out",
-            (channel, account_id, contact_id, int(opted_out))))
+            "INSERT INTO customers(channel, account_id, contact_id, opted_out, opted_out_at) "
+            f"VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET opted_out = CASE WHEN "
+            f"{_NEWER_CONSENT} THEN excluded.opted_out ELSE opted_out END, opted_out_at = "
+            f"CASE WHEN {_NEWER_CONSENT} THEN excluded.opted_out_at ELSE opted_out_at END",
+            (channel, account_id, contact_id, int(opted_out), at)))
 
     async def customer(self, channel: str, account_id: str, contact_id: str) -> Customer:
         row = await self._db.run(lambda c: c.execute(
-            "SELECT last_inbound_at, last_inbound_message_id, opted_out FROM customers WHERE "
-            "channel = ? AND account_id = ? AND contact_id = ?",
+            "SELECT last_inbound_at, last_inbound_message_id, opted_out, opted_out_at "
+            "FROM customers WHERE channel = ? AND account_id = ? AND contact_id = ?",
             (channel, account_id, contact_id)).fetchone())
-        return Customer(row[0], row[1], bool(row[2])) if row else Customer(None, None, False)
+        return (Customer(row[0], row[1], bool(row[2]), row[3]) if row
+                else Customer(None, None, False))
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: forget a contact's outbound records and window/consent state."""

@@ -259,34 +259,101 @@ return 1
 """
 
 # ARGV: prefix, record id ('' = by provider id), provider message id ('' none), status,
-# error ('' none), now, ttl ms, expire at ms. Moves the record forward only.
+# error ('' none), now, ttl ms, expire at ms. Moves the record forward only; returns its fields
+# if it moved, {} if not.
 _STATUS = _COMMON + """
 local p, id, pmid, status, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 if id == '' then
-  if pmid == '' then return 0 end
+  if pmid == '' then return {} end
   id = redis.call('GET', p .. ':out:pmid:' .. pmid)
-  if not id then return 0 end
+  if not id then return {} end
 end
 local rec = p .. ':out:rec:' .. id
 local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'sent_at')
-if not f[1] then return 0 end
-if ARGV[2] == '' and f[2] ~= pmid then return 0 end
-if rank(f[1]) >= rank(status) then return 0 end
+if not f[1] then return {} end
+if ARGV[2] == '' and f[2] ~= pmid then return {} end
+if rank(f[1]) >= rank(status) then return {} end
 redis.call('HSET', rec, 'state', status, 'updated_at', now)
 if ARGV[5] ~= '' then redis.call('SET', p .. ':out:err:' .. id, ARGV[5]) end
 if not f[2] and pmid ~= '' then redis.call('HSET', rec, 'provider_message_id', pmid) end
 if not f[3] then redis.call('HSET', rec, 'sent_at', now) end
 settle(p, id, ARGV[7], ARGV[8])
+return record(p, id)
+"""
+
+# ARGV: prefix, id ('' = by provider id), provider message id, at, error, now, max attempts,
+# ttl ms, expire at ms, error when it fails. A `sent` record with that provider id goes back to
+# the queue (due at `at`, its provider id forgotten) or, after max attempts, fails. Returns its
+# fields, or {}.
+_REQUEUE = _COMMON + """
+local p, id, pmid, at, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
+if id == '' then
+  id = redis.call('GET', p .. ':out:pmid:' .. pmid)
+  if not id then return {} end
+end
+local rec = p .. ':out:rec:' .. id
+local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'attempts', 'channel',
+                     'account_id', 'recipient', 'idempotency_key')
+if f[1] ~= 'sent' or f[2] ~= pmid then return {} end
+if tonumber(f[3]) >= tonumber(ARGV[7]) then
+  redis.call('SET', p .. ':out:err:' .. id, ARGV[10])
+  redis.call('HSET', rec, 'state', 'failed', 'updated_at', now)
+  settle(p, id, ARGV[8], ARGV[9])
+  return record(p, id)
+end
+redis.call('SET', p .. ':out:err:' .. id, ARGV[5])
+redis.call('HSET', rec, 'state', 'queued', 'next_at', at, 'updated_at', now)
+redis.call('HDEL', rec, 'provider_message_id', 'sent_at')
+redis.call('PERSIST', rec)
+redis.call('PERSIST', p .. ':out:req:' .. id)
+if f[7] then redis.call('PERSIST', p .. ':out:idem:' .. f[7]) end
+if redis.call('GET', p .. ':out:pmid:' .. pmid) == id then
+  redis.call('DEL', p .. ':out:pmid:' .. pmid)
+end
+redis.call('ZADD', p .. ':out:due:' .. f[4] .. ':' .. f[5], at, id)
+local to = p .. ':out:to:' .. f[4] .. ':' .. f[6]
+redis.call('ZADD', to, '""" + _UNSETTLED + """', id)
+redis.call('PERSIST', to)
+redis.call('PUBLISH', p .. ':out:wake', f[4] .. '\\n' .. f[5])
+return record(p, id)
+"""
+
+# ARGV: prefix, then channel and account pairs. Records waiting to be sent: due (queued,
+# uncertain) on those accounts, and claimed but not settled (sending) by any replica.
+_WAITING = """
+local p, n = ARGV[1], 0
+for i = 2, #ARGV, 2 do
+  n = n + redis.call('ZCARD', p .. ':out:due:' .. ARGV[i] .. ':' .. ARGV[i + 1])
+end
+for _, owner in ipairs(redis.call('SMEMBERS', p .. ':out:owners')) do
+  n = n + redis.call('SCARD', p .. ':out:sending:' .. owner)
+end
+return n
+"""
+
+# ARGV: prefix, channel, account, contact, opted out ('1', '0'), said at. Consent said earlier
+# than what is stored changes nothing (the latest word wins, by its time).
+_CONSENT = """
+local p, account, at = ARGV[1], ARGV[3], ARGV[6]
+local key = p .. ':out:customer:' .. ARGV[2] .. ':' .. ARGV[4]
+local said = redis.call('HGET', key, 'optat:' .. account)
+if said and tonumber(at) < tonumber(said) then return 0 end
+redis.call('HSET', key, 'opt:' .. account, ARGV[5], 'optat:' .. account, at)
 return 1
 """
 
 # ARGV: prefix, channel, account, contact, at, message id, '1' if there is a message id,
-# opted out ('' unknown, '1', '0').
+# opted out ('' unknown, '1', '0'). Consent is kept with its time (`optat:`): an older word does
+# not replace a newer one.
 _INBOUND = """
 local p, account, at = ARGV[1], ARGV[3], ARGV[5]
 local key = p .. ':out:customer:' .. ARGV[2] .. ':' .. ARGV[4]
 local old = redis.call('HGET', key, 'at:' .. account)
-if ARGV[8] ~= '' then redis.call('HSET', key, 'opt:' .. account, ARGV[8])
+local said = redis.call('HGET', key, 'optat:' .. account)
+if ARGV[8] ~= '' then
+  if not said or tonumber(at) >= tonumber(said) then
+    redis.call('HSET', key, 'opt:' .. account, ARGV[8], 'optat:' .. account, at)
+  end
 elseif redis.call('HEXISTS', key, 'opt:' .. account) == 0 then
   redis.call('HSET', key, 'opt:' .. account, '0')
 end
@@ -430,6 +497,9 @@ class RedisOutbox:
         self._failed = register(_FAILED)
         self._retry = register(_RETRY)
         self._status = register(_STATUS)
+        self._requeue = register(_REQUEUE)
+        self._waiting = register(_WAITING)
+        self._consent = register(_CONSENT)
         self._inbound = register(_INBOUND)
         self._erase = register(_ERASE)
         self._beat = register(_BEAT)
@@ -594,15 +664,35 @@ class RedisOutbox:
             "0" if count_attempt else "1"]))
 
     async def status(self, *, provider_message_id: str | None, record_id: str | None, status: str,
-                     error: dict[str, Any] | None) -> None:
-        """A delivery status from a webhook: move the record forward (never backwards)."""
+                     error: dict[str, Any] | None) -> Row | None:
+        """A delivery status from a webhook: move the record forward (never backwards).
+        Returns the record as moved, or None when it did not move."""
         if status not in RANK:
-            return
+            return None
         ttl, until = self._expiry()
         now = repr(time.time())
-        await self._outage("status", lambda: self._status(args=[
+        flat = await self._outage("status", lambda: self._status(args=[
             self.p, record_id or "", provider_message_id or "", status,
             msgspec.json.encode(error) if error else "", now, ttl, until]))
+        return _row(_pairs(flat)) if flat else None
+
+    async def requeue(self, *, record_id: str | None, provider_message_id: str, at: float,
+                      error: dict[str, Any], final_error: dict[str, Any],
+                      max_attempts: int) -> Row | None:
+        """Send a ``sent`` record again at ``at`` (Meta failed it later with an error worth
+        retrying), or fail it after ``max_attempts`` sends; as :meth:`Outbox.requeue`."""
+        ttl, until = self._expiry()
+        now = repr(time.time())
+        flat = await self._outage("requeue", lambda: self._requeue(args=[
+            self.p, record_id or "", provider_message_id, repr(float(at)),
+            msgspec.json.encode(error), now, int(max_attempts), ttl, until,
+            msgspec.json.encode(final_error)]))
+        return _row(_pairs(flat)) if flat else None
+
+    async def waiting(self, accounts: list[tuple[str, str]]) -> int:
+        """How many records wait to be sent (queued, sending or uncertain) on ``accounts``."""
+        args = [self.p] + [part for key in accounts for part in key]
+        return int(await self._outage("waiting", lambda: self._waiting(args=args)))
 
     async def inbound(self, channel: str, account_id: str, contact_id: str, at: float,
                       message_id: str | None, opted_out: bool | None) -> None:
@@ -613,17 +703,19 @@ class RedisOutbox:
             "0" if message_id is None else "1", opted]))
 
     async def set_opted_out(self, channel: str, account_id: str, contact_id: str,
-                            opted_out: bool) -> None:
-        """Record consent learnt outside an inbound message (Meta's 131050 answer)."""
-        await self._outage("set_opted_out", lambda: self.redis.hset(
-            f"{self.p}:out:customer:{channel}:{contact_id}", f"opt:{account_id}",
-            "1" if opted_out else "0"))
+                            opted_out: bool, at: float | None = None) -> None:
+        """Record consent learnt outside an inbound message (Meta's 131050 answer), said at
+        ``at`` (epoch s; default now); consent said later is kept."""
+        said = repr(float(time.time() if at is None else at))
+        await self._outage("set_opted_out", lambda: self._consent(args=[
+            self.p, channel, account_id, contact_id, "1" if opted_out else "0", said]))
 
     async def customer(self, channel: str, account_id: str, contact_id: str) -> Customer:
-        at, mid, opt = await self.redis.hmget(
+        at, mid, opt, said = await self.redis.hmget(
             f"{self.p}:out:customer:{channel}:{contact_id}",
-            [f"at:{account_id}", f"mid:{account_id}", f"opt:{account_id}"])
-        return Customer(None if at is None else float(at), _opt_str(mid), opt == b"1")
+            [f"at:{account_id}", f"mid:{account_id}", f"opt:{account_id}", f"optat:{account_id}"])
+        return Customer(None if at is None else float(at), _opt_str(mid), opt == b"1",
+                        _opt_float(said))
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: forget a contact's outbound records and window/consent state."""

@@ -10,6 +10,11 @@ TYPES = ("text", "template", "image", "audio", "video", "document", "sticker", "
          "reaction", "quick_replies", "mark_read", "typing", "location", "contacts")
 MEDIA = ("image", "audio", "video", "document", "sticker")
 NO_WINDOW = ("template", "mark_read", "typing")  # allowed whatever the service window says
+# What Instagram's Send API takes (meta/outbound.md §3): no templates, stickers, interactive,
+# location or contacts; attachments by URL only; text at most 1000 bytes of UTF-8.
+INSTAGRAM_TYPES = ("text", "quick_replies", "image", "audio", "video", "document", "reaction",
+                   "mark_read", "typing")
+INSTAGRAM_TEXT_BYTES = 1000
 
 
 class InvalidRequest(ValueError):
@@ -89,6 +94,20 @@ class OutboundRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
                                  "must be \"marketing\", \"utility\" or \"authentication\"")
         if self.tag is not None and self.tag != "HUMAN_AGENT":
             raise InvalidRequest("tag", "only HUMAN_AGENT is supported")
+        if self.channel == "instagram":
+            self._validate_instagram()
+
+    def _validate_instagram(self) -> None:
+        """What Instagram cannot send is refused here, before it is accepted, not at send time."""
+        if self.type not in INSTAGRAM_TYPES:
+            raise InvalidRequest("type", f"{self.type!r} cannot be sent on Instagram (it takes "
+                                 f"{', '.join(INSTAGRAM_TYPES)})")
+        if self.text and len(self.text.encode("utf-8")) > INSTAGRAM_TEXT_BYTES:
+            raise InvalidRequest("text", f"Instagram allows at most {INSTAGRAM_TEXT_BYTES} bytes "
+                                 "of UTF-8")
+        if self.type in MEDIA and not self.media.link:
+            raise InvalidRequest("media.link", "Instagram attachments are sent by URL: give "
+                                 "media.link (an uploaded media id cannot be sent)")
 
 
 _decoder = msgspec.json.Decoder(OutboundRequest)

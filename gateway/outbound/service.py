@@ -12,7 +12,10 @@ What Meta answers decides the rest (``gateway.outbound.errors``):
   (``outbound.throttle_max_attempts`` / ``throttle_max_seconds``) fails with a clear error;
 - usage headers park a scope Meta reports blocked (``X-Business-Use-Case-Usage``
   ``estimated_time_to_regain_access``; ``X-App-Usage`` at 100 %) and feed the headroom gauge;
-- retryable errors back off with jitter, bounded by ``outbound.max_attempts``;
+- retryable errors back off with jitter, bounded by ``outbound.max_attempts`` (sends in all,
+  timeouts after the request was written included: those fail as "outcome unknown");
+- a failed status webhook follows the same table: a retryable or throttling code sends the
+  message again (within ``max_attempts``), 131050 records the opt-out;
 - permanent errors fail the record with an operator hint;
 - an expired token (190), a billing problem (131042) and the other account-level errors pause the
   account: its messages are held (no retry spent, nothing lost), one is sent as a probe every
@@ -33,8 +36,15 @@ import msgspec
 
 from gateway import logging as gwlog
 from gateway.aio import wait_event
+from gateway.consent import Consent
 from gateway.outbound import request as rq
-from gateway.outbound.errors import AccountPaused, MetaError, MetaThrottled, TokenExpired
+from gateway.outbound.errors import (
+    AccountPaused,
+    MetaError,
+    MetaThrottled,
+    TokenExpired,
+    rule_for,
+)
 from gateway.outbound.http import SendUncertain
 from gateway.outbound.outbox import Row
 from gateway.outbound.python_api import PythonAPI
@@ -45,12 +55,14 @@ from gateway.outbound.store import account_lease, open_outbox
 if TYPE_CHECKING:
     from gateway.channel import Channel
     from gateway.config import GatewayConfig
+    from gateway.events import Event
     from gateway.metrics import Metrics
 
 log = gwlog.get("gateway.outbound")
 READING_TTL = 3600.0  # a usage-header reading decays back to 1.0 over Meta's 1 h window
 CATEGORIES = ("marketing", "utility", "authentication")
 OPTED_OUT_CODE = 131050  # "the user stopped marketing messages"
+DEPTH_INTERVAL = 0.2  # s: gateway_queue_depth{queue="outbox"} is recounted at most this often
 
 
 class Refused(rq.InvalidRequest):
@@ -91,8 +103,12 @@ class OutboundService(PythonAPI):
         self.tasks: list[asyncio.Task] = []
         self.inflight: set[asyncio.Task] = set()
         self.accepted_at: dict[str, float] = {}  # outbox id -> accept time (bench, metrics)
-        # Inbound messages seen by the processor but maybe not yet by the outbox sink.
+        # Inbound messages seen by the processor but maybe not yet by the outbox sink: the
+        # latest message (window) and the latest word on consent (time, opted out).
         self.recent: OrderedDict[tuple[str, str, str], tuple[float, str | None]] = OrderedDict()
+        self.said: OrderedDict[tuple[str, str, str], tuple[float, bool]] = OrderedDict()
+        self.consent = Consent(self.config.opt_out_keywords, self.config.opt_in_keywords)
+        self.depth_changed = asyncio.Event()
 
     def accounts(self) -> list[tuple[str, str, dict[str, Any]]]:
         return [(name, account, limits) for name, ch in self.channels.items()
@@ -113,6 +129,7 @@ class OutboundService(PythonAPI):
             await self.leases[key].start()
             self.tasks.append(asyncio.create_task(self._worker(key),
                                                   name=f"outbound:{channel}:{account}"))
+        self.tasks.append(asyncio.create_task(self._depth(), name="outbound:depth"))
         if isinstance(self.outbox, RedisOutbox):  # a send accepted by another replica
             self.outbox.watch(self._woken)
 
@@ -149,6 +166,7 @@ class OutboundService(PythonAPI):
                                          rq.encode(req), req.idempotency_key)
         if new:
             self.accepted_at[row.id] = time.monotonic()
+            self.depth_changed.set()
             pause = self.paused.get((req.channel, account))
             if pause is not None:  # held from the start: its record says why and what to do
                 await self.outbox.retry_at(row.id, row.next_at, pause.error)  # attempts stay 0
@@ -166,15 +184,18 @@ class OutboundService(PythonAPI):
 
     def observe(self, records: list) -> None:
         """Dispatcher observer: note inbound messages the moment they are processed, so a reply
-        written by another sink is never refused because the outbox sink has not run yet."""
+        written by another sink is never refused because the outbox sink has not run yet, and a
+        STOP is honoured from then on (the outbox sink stores both later)."""
         for record in records:
             ev = record.event
             if ev.direction == "inbound" and ev.kind in ("message", "postback"):
                 key = (ev.channel, ev.account_id, ev.customer_id)
-                self.recent[key] = (ev.timestamp.timestamp(), ev.message_id)
-                self.recent.move_to_end(key)
-                if len(self.recent) > 100_000:
-                    self.recent.popitem(last=False)
+                at = ev.timestamp.timestamp()
+                _remember(self.recent, key, (at, ev.message_id))
+                opted_out = self.consent.of(ev)
+                said = self.said.get(key)
+                if opted_out is not None and (said is None or at >= said[0]):
+                    _remember(self.said, key, (at, opted_out))
 
     async def _check(self, req: rq.OutboundRequest, account: str) -> rq.OutboundRequest:
         customer = await self.outbox.customer(req.channel, account, req.to or "")
@@ -185,6 +206,9 @@ class OutboundService(PythonAPI):
             if not customer.last_inbound_message_id:
                 raise rq.InvalidRequest("message_id", "required: no inbound message is known")
             req = msgspec.structs.replace(req, message_id=customer.last_inbound_message_id)
+        said = self.said.get((req.channel, account, req.to or ""))
+        if said is not None and said[0] >= (customer.opted_out_at or float("-inf")):
+            customer = customer._replace(opted_out=said[1], opted_out_at=said[0])
         if req.type == "template":
             if customer.opted_out:
                 _check_consent(req.template)
@@ -253,6 +277,10 @@ class OutboundService(PythonAPI):
                     await self.outbox.retry_at(rest.id, rest.next_at, _error(rest),
                                                count_attempt=False)
                 return
+            if row.state == "uncertain" and row.attempts >= self.config.max_attempts:
+                await self._fail(row, self._unknown(row, _error(row) or {
+                    "code": "uncertain", "message": "interrupted by a restart during the send"}))
+                continue  # every send it may make was made: Meta may have one of them
             shared, own = limiter.waits(row.recipient, kind=row.type)
             if own > shared:  # its recipient's pair or its type class is busy: come back later
                 at = time.time() + own  # and never stall the whole account meanwhile
@@ -300,6 +328,7 @@ class OutboundService(PythonAPI):
         else:
             self._resume(key, True)
             await self.outbox.sent(row.id, result.message_id)
+            self.depth_changed.set()
             self.limiters[key].sent_ok(row.recipient)
             self._usage(key, result.headers)
             self.metrics.outbound_messages.labels(channel_name, row.type, "sent").inc()
@@ -326,16 +355,94 @@ class OutboundService(PythonAPI):
         if isinstance(exc, MetaThrottled):
             await self._throttled(key, row, exc, error)
             return
-        if isinstance(exc, SendUncertain):
+        if isinstance(exc, SendUncertain):  # bounded like any retry: it may have been sent
+            if _sends(row) >= self.config.max_attempts:
+                await self._fail(row, self._unknown(row, error))
+                return
+            self.metrics.outbound_messages.labels(row.channel, row.type, "retried").inc()
             await self._reschedule(row, time.time() + self.config.reconcile_seconds, error)
             return
         if exc.retryable:
             await self._retry(row, {**error, **_throttle_marks(row)}, exc.retry_after)
             return
         if exc.code == OPTED_OUT_CODE:  # Meta knows of an opt-out we missed (limits.md §9)
-            await self.outbox.set_opted_out(channel, account, row.recipient, True)
-            log.info("contact_opted_out", channel=channel, account=account, source="meta_131050")
+            await self._meta_opt_out(channel, account, row.recipient, time.time())
         await self._fail(row, error)
+
+    async def _meta_opt_out(self, channel: str, account: str, contact: str, at: float) -> None:
+        await self.outbox.set_opted_out(channel, account, contact, True, at)
+        log.info("contact_opted_out", channel=channel, account=account, source="meta_131050")
+
+    def _unknown(self, row: Row, error: dict[str, Any]) -> dict[str, Any]:
+        """The error of a message given up while its last send's outcome is unknown."""
+        return {**error, "outcome": "unknown", "hint": (
+            f"outcome unknown: the last send was interrupted after the request was written (a "
+            f"timeout or a restart), so Meta may have accepted it, and no status webhook named "
+            f"it; not sent again: {_sends(row)} sends made (outbound.max_attempts = "
+            f"{self.config.max_attempts}). Check the conversation before sending it again")}
+
+    # -- failed status webhooks -----------------------------------------------------------------
+
+    async def failed_status(self, ev: Event, record_id: str | None) -> Row | None:
+        """A failed status webhook: Meta failed a message after accepting it. Same table as a
+        synchronous answer (webhooks.md §4.5): a retryable or throttling code sends it again
+        (within ``max_attempts``; a throttling code also parks its scope), 131050 records the
+        opt-out, anything else fails it. Counted once per message (a redelivered status moves
+        nothing). Returns the record if it moved."""
+        if ev.error is None:  # no code: nothing to apply the table to
+            return await self._status_failed(ev, record_id, None)
+        code = ev.error.code
+        rule = rule_for(code, None, 0)
+        error = {"code": code, "message": ev.error.title, "hint": rule.hint or None}
+        key = (ev.channel, ev.account_id)
+        if code == OPTED_OUT_CODE:
+            await self._meta_opt_out(*key, ev.customer_id, ev.timestamp.timestamp())
+        if not (rule.kind.retryable and ev.message_id):
+            return await self._status_failed(ev, record_id, error)
+        row = await self._retry_failed(key, ev, record_id, rule, error)
+        if row is not None and row.state == "failed":
+            self._failed_by_status(row, error)
+        return row  # None: unknown, or a redelivered status of an earlier send
+
+    async def _status_failed(self, ev: Event, record_id: str | None,
+                             error: dict[str, Any] | None) -> Row | None:
+        row = await self.outbox.status(provider_message_id=ev.message_id, record_id=record_id,
+                                       status="failed", error=error)
+        if row is not None:  # None: unknown, or already failed (a redelivered status)
+            self._failed_by_status(row, error or {})
+        return row
+
+    def _failed_by_status(self, row: Row, error: dict[str, Any]) -> None:
+        self.depth_changed.set()
+        self.metrics.outbound_messages.labels(row.channel, row.type, "failed").inc()
+        log.warning("outbound_failed", channel=row.channel, id=row.id, code=error.get("code"),
+                    hint=error.get("hint"), source="status")
+
+    async def _retry_failed(self, key: tuple[str, str], ev: Event, record_id: str | None,
+                            rule: Any, error: dict[str, Any]) -> Row | None:
+        """Queue a message Meta failed with a retryable code again, or fail it when it used
+        its ``max_attempts`` sends; None when the status names no sent record (a redelivered
+        status of an earlier send)."""
+        cfg = self.config
+        found = await self.outbox.get(record_id) if record_id else None
+        sends = found.attempts if found is not None else 1
+        wait = min(cfg.backoff_max, cfg.backoff_initial * 2 ** (max(1, sends) - 1))
+        wait *= random.uniform(0.5, 1.0)
+        if issubclass(rule.kind, MetaThrottled) and key in self.limiters:
+            wait = max(wait, self._throttle(key, rule.scope or "number", ev.customer_id,
+                                            rule.backoff, 0.0))
+        given_up = {**error, "hint": (
+            f"{rule.hint or 'retryable error'} (code {error['code']} in a failed status "
+            f"webhook): not sent again, outbound.max_attempts = {cfg.max_attempts} sends made")}
+        row = await self.outbox.requeue(
+            record_id=record_id, provider_message_id=ev.message_id, at=time.time() + wait,
+            error=error, final_error=given_up, max_attempts=cfg.max_attempts)
+        if row is not None and row.state == "queued":
+            self.metrics.outbound_messages.labels(row.channel, row.type, "retried").inc()
+            log.info("outbound_retry_after_status", channel=row.channel, id=row.id,
+                     code=error["code"], wait=round(wait, 3), attempts=row.attempts)
+            self._woken(row.channel, row.account_id)
+        return row
 
     # -- throttling -------------------------------------------------------------------------------
 
@@ -487,10 +594,10 @@ class OutboundService(PythonAPI):
     # -- retries, failures, usage -----------------------------------------------------------------
 
     async def _retry(self, row: Row, error: dict[str, Any], hint: float | None) -> None:
-        if row.attempts >= self.config.max_attempts:
+        if _sends(row) >= self.config.max_attempts:
             await self._fail(row, error)
             return
-        delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** (row.attempts - 1))
+        delay = min(self.config.backoff_max, self.config.backoff_initial * 2 ** (_sends(row) - 1))
         delay = max(hint or 0.0, delay * random.uniform(0.5, 1.0))
         self.metrics.outbound_messages.labels(row.channel, row.type, "retried").inc()
         await self._reschedule(row, time.time() + delay, error)
@@ -505,9 +612,24 @@ class OutboundService(PythonAPI):
 
     async def _fail(self, row: Row, error: dict[str, Any]) -> None:
         await self.outbox.failed(row.id, error)
+        self.depth_changed.set()
         self.metrics.outbound_messages.labels(row.channel, row.type, "failed").inc()
         log.warning("outbound_failed", channel=row.channel, id=row.id, code=error.get("code"),
                     hint=error.get("hint"))
+
+    async def _depth(self) -> None:
+        """``gateway_queue_depth{queue="outbox"}``: records waiting to be sent (queued, being
+        sent, or uncertain after a crash), recounted when one is accepted, sent or failed."""
+        gauge = self.metrics.queue_depth.labels("outbox")
+        keys = [(channel, account) for channel, account, _ in self.accounts()]
+        while True:
+            self.depth_changed.clear()
+            try:
+                gauge.set(await self.outbox.waiting(keys))
+            except Exception as exc:  # noqa: BLE001 - a gauge must never stop anything
+                log.warning("outbox_depth_failed", error=repr(exc))
+            await asyncio.sleep(DEPTH_INTERVAL)  # a burst of sends is one recount
+            await wait_event(self.depth_changed, 30.0)  # retries and other replicas too
 
     def _usage(self, key: tuple[str, str], headers: dict[str, str],
                throttled: str | None = None) -> None:
@@ -547,6 +669,19 @@ def _check_consent(template: rq.Template) -> None:
                       "the contact opted out of marketing messages and this template has no "
                       "category: set template.category to \"utility\" or \"authentication\" if "
                       "it is not a marketing template (marketing templates are refused)")
+
+
+def _sends(row: Row) -> int:
+    """How many sends of ``row`` were made, the one just made included: ``claim_due`` counted
+    it, but its rows show the record as it was before the claim."""
+    return row.attempts + 1
+
+
+def _remember(cache: OrderedDict, key: tuple[str, str, str], value: tuple) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    if len(cache) > 100_000:
+        cache.popitem(last=False)
 
 
 def _error(row: Row) -> dict[str, Any] | None:

@@ -2,7 +2,9 @@
 
 Inbound messages open the customer-service window and may carry an opt-out keyword; statuses,
 Instagram reads and echoes move outbox records forward, so ``GET /v1/messages/{id}`` tells the
-truth. Registered by the core whenever a channel can send.
+truth; a failed status goes to the service, which applies Meta's error table to it as to a
+synchronous answer (retry, record an opt-out, fail). Registered by the core whenever a channel
+can send.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.config import SinkConfig
-from gateway.consent import Consent
 from gateway.sink import Record, Sink
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ class OutboxSink(Sink):
     def __init__(self, service: OutboundService) -> None:
         super().__init__(SinkConfig(batch_size=500))
         self.service = service
-        self.consent = Consent(service.config.opt_out_keywords, service.config.opt_in_keywords)
+        self.consent = service.consent  # the rule observe() applies first, so both agree
 
     async def write(self, records: list[Record]) -> None:
         outbox = self.service.outbox
@@ -38,6 +39,9 @@ class OutboxSink(Sink):
             elif ev.kind == "status" and ev.status:
                 record_id = (ev.callback_data if (ev.callback_data or "").startswith("msg_")
                              else None)
+                if ev.status == "failed":
+                    await self.service.failed_status(ev, record_id)
+                    continue
                 await outbox.status(provider_message_id=ev.message_id, record_id=record_id,
                                     status=ev.status,
                                     error=None if ev.error is None else {

@@ -286,23 +286,23 @@ async def test_inbound_keeps_the_latest_message_and_consent(outbox):
     nobody = Customer(None, None, False)
     assert await outbox.customer("whatsapp", WA, CUSTOMER) == nobody
     await outbox.inbound("whatsapp", WA, CUSTOMER, 1000.5, "wamid.1", None)
-    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (1000.5, "wamid.1", False)
+    assert (await outbox.customer("whatsapp", WA, CUSTOMER))[:3] == (1000.5, "wamid.1", False)
     await outbox.inbound("whatsapp", WA, CUSTOMER, 900.0, "wamid.0", True)  # older, but STOP
-    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (1000.5, "wamid.1", True)
+    assert (await outbox.customer("whatsapp", WA, CUSTOMER))[:3] == (1000.5, "wamid.1", True)
     await outbox.inbound("whatsapp", WA, CUSTOMER, 2000.25, "wamid.2", None)
-    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (2000.25, "wamid.2", True)
+    assert (await outbox.customer("whatsapp", WA, CUSTOMER))[:3] == (2000.25, "wamid.2", True)
     await outbox.inbound("whatsapp", WA, CUSTOMER, 2000.25, "wamid.3", False)  # START
-    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (2000.25, "wamid.3", False)
+    assert (await outbox.customer("whatsapp", WA, CUSTOMER))[:3] == (2000.25, "wamid.3", False)
     await outbox.inbound("whatsapp", WA, CUSTOMER, 3000.0, None, None)
-    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (3000.0, None, False)
+    assert (await outbox.customer("whatsapp", WA, CUSTOMER))[:3] == (3000.0, None, False)
     # per (channel, account, contact)
     assert await outbox.customer("whatsapp", "200000000000002", CUSTOMER) == nobody
     assert await outbox.customer("instagram", WA, CUSTOMER) == nobody
     assert await outbox.customer("whatsapp", WA, "15550009999") == nobody
     await outbox.inbound("whatsapp", "200000000000002", CUSTOMER, 10.0, "wamid.B", True)
-    assert await outbox.customer("whatsapp", "200000000000002", CUSTOMER) == (10.0, "wamid.B",
+    assert (await outbox.customer("whatsapp", "200000000000002", CUSTOMER))[:3] == (10.0, "wamid.B",
                                                                               True)
-    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (3000.0, None, False)
+    assert (await outbox.customer("whatsapp", WA, CUSTOMER))[:3] == (3000.0, None, False)
     found = await outbox.customer("whatsapp", WA, CUSTOMER)
     assert isinstance(found, Customer) and isinstance(found.opted_out, bool)
 
@@ -350,9 +350,89 @@ async def test_retry_at_never_moves_a_settled_record_back(outbox):
 
 async def test_an_opt_out_learnt_from_meta_is_kept_without_any_inbound(outbox):
     await outbox.set_opted_out("whatsapp", WA, CUSTOMER, True)
-    assert await outbox.customer("whatsapp", WA, CUSTOMER) == Customer(None, None, True)
+    assert (await outbox.customer("whatsapp", WA, CUSTOMER))[:3] == (None, None, True)
     await outbox.inbound("whatsapp", WA, CUSTOMER, 100.0, "wamid.A", None)  # says nothing
-    assert await outbox.customer("whatsapp", WA, CUSTOMER) == Customer(100.0, "wamid.A", True)
+    assert (await outbox.customer("whatsapp", WA, CUSTOMER))[:3] == (100.0, "wamid.A", True)
     await outbox.set_opted_out("whatsapp", WA, CUSTOMER, False)
     assert not (await outbox.customer("whatsapp", WA, CUSTOMER)).opted_out
     assert not (await outbox.customer("whatsapp", "other-number", CUSTOMER)).opted_out
+
+
+async def test_the_latest_word_on_consent_wins_by_its_time_not_its_arrival(outbox):
+    """STOP said at t=200 arrives before START said at t=100 (Meta does not keep webhooks in
+    order): the contact stays opted out; consent learnt from Meta (131050) follows the same
+    rule."""
+    await outbox.inbound("whatsapp", WA, CUSTOMER, 200.0, "wamid.stop", True)
+    await outbox.inbound("whatsapp", WA, CUSTOMER, 100.0, "wamid.start", False)
+    found = await outbox.customer("whatsapp", WA, CUSTOMER)
+    assert found == Customer(200.0, "wamid.stop", True, 200.0)
+    await outbox.inbound("whatsapp", WA, CUSTOMER, 300.0, "wamid.hi", None)  # says nothing
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (300.0, "wamid.hi", True, 200.0)
+    await outbox.set_opted_out("whatsapp", WA, CUSTOMER, False, 150.0)  # older than the STOP
+    assert (await outbox.customer("whatsapp", WA, CUSTOMER)).opted_out
+    await outbox.inbound("whatsapp", WA, CUSTOMER, 400.0, "wamid.start2", False)
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (400.0, "wamid.start2", False,
+                                                               400.0)
+    await outbox.set_opted_out("whatsapp", WA, CUSTOMER, True, 500.0)
+    assert await outbox.customer("whatsapp", WA, CUSTOMER) == (400.0, "wamid.start2", True,
+                                                               500.0)
+
+
+async def test_status_returns_the_record_only_when_it_moved(outbox):
+    row = await add(outbox)
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.sent(row.id, "wamid.moved")
+    moved = await outbox.status(provider_message_id="wamid.moved", record_id=row.id,
+                                status="failed", error={"code": 131026})
+    assert (moved.id, moved.state, moved.type) == (row.id, "failed", "text")
+    again = await outbox.status(provider_message_id="wamid.moved", record_id=row.id,
+                                status="failed", error={"code": 131026})
+    assert again is None  # a redelivered status: nothing to count twice
+    assert await outbox.status(provider_message_id="wamid.nobody", record_id=None,
+                               status="read", error=None) is None
+
+
+async def test_requeue_sends_a_sent_record_again_then_fails_it_at_max_attempts(outbox):
+    """Meta failed an accepted message with a retryable code (a failed status webhook)."""
+    row = await add(outbox)
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.sent(row.id, "wamid.first")
+    at = time.time() - 1
+    back = await outbox.requeue(record_id=row.id, provider_message_id="wamid.first", at=at,
+                                error={"code": 130429}, final_error={"code": 130429, "x": 1},
+                                max_attempts=2)
+    assert (back.state, back.attempts, back.provider_message_id, back.sent_at) == (
+        "queued", 1, None, None)
+    assert back.public()["error"] == {"code": 130429}
+    assert await outbox.next_due("whatsapp", WA) == at
+    assert await outbox.waiting([("whatsapp", WA)]) == 1
+    # a redelivery of the same status changes nothing, by record id or by provider id
+    for record_id in (row.id, None):
+        assert await outbox.requeue(record_id=record_id, provider_message_id="wamid.first",
+                                    at=at, error={"code": 130429}, final_error={},
+                                    max_attempts=2) is None
+    assert [r.id for r in await outbox.claim_due("whatsapp", WA, 10)] == [row.id]
+    await outbox.sent(row.id, "wamid.second")
+    assert (await outbox.get(row.id)).provider_message_id == "wamid.second"
+    assert await outbox.waiting([("whatsapp", WA)]) == 0
+    failed = await outbox.requeue(record_id=None, provider_message_id="wamid.second", at=at,
+                                  error={"code": 130429}, final_error={"code": 130429, "x": 1},
+                                  max_attempts=2)
+    assert (failed.state, failed.attempts) == ("failed", 2)
+    assert failed.public()["error"] == {"code": 130429, "x": 1}
+    assert await outbox.claim_due("whatsapp", WA, 10) == []
+
+
+async def test_waiting_counts_queued_sending_and_uncertain_records(backend):
+    ob, _ = await backend.open()
+    rows = [await add(ob, to=f"c{i}") for i in range(4)]
+    other = await add(ob, account="200000000000002")
+    both = [("whatsapp", WA), ("whatsapp", "200000000000002")]
+    assert await ob.waiting(both) == 5
+    assert await ob.waiting([("whatsapp", WA)]) == 4
+    await ob.claim_due("whatsapp", WA, 2)  # sending: still waiting for an answer
+    assert await ob.waiting(both) == 5
+    await ob.sent(rows[0].id, "wamid.0")
+    await ob.failed(rows[1].id, {"code": 100})
+    await ob.sent(other.id, "wamid.other")
+    assert await ob.waiting(both) == 2

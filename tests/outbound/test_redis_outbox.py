@@ -95,7 +95,8 @@ async def test_key_layout_under_the_url_prefix_and_retention(redis_url, opened):
         assert 90_000 < await r.pttl(key) <= 100_000, key  # settled: kept for the retention
     await ob.inbound("whatsapp", WA, CUSTOMER, 5.5, "wamid.in", True)
     assert await r.hgetall(f"{p}:out:customer:whatsapp:{CUSTOMER}") == {
-        f"at:{WA}".encode(): b"5.5", f"mid:{WA}".encode(): b"wamid.in", f"opt:{WA}".encode(): b"1"}
+        f"at:{WA}".encode(): b"5.5", f"mid:{WA}".encode(): b"wamid.in", f"opt:{WA}".encode(): b"1",
+        f"optat:{WA}".encode(): b"5.5"}  # when the consent was said: the latest word wins
     assert await r.pttl(f"{p}:out:customer:whatsapp:{CUSTOMER}") == -1  # consent never expires
     other = await opened(redis_url.replace(f"prefix={p}", "prefix=elsewhere" + p))
     assert await other.get(row.id) is None  # another prefix is another gateway
@@ -327,7 +328,8 @@ async def test_acknowledged_adds_survive_a_redis_crash(own_redis):
             assert (await ob.get(row.id)).request == f"r{n}".encode()
         same, new = await ob.add("whatsapp", WA, "x", "text", b"x", "key-7")
         assert not new and same.id == rows[7].id
-        assert await ob.customer("whatsapp", WA, CUSTOMER) == Customer(1234.5, "wamid.in", True)
+        assert await ob.customer("whatsapp", WA, CUSTOMER) == Customer(1234.5, "wamid.in", True,
+                                                                       1234.5)
         fresh = RedisOutbox(url)
         assert await fresh.open(60.0) == 0  # ob is alive (its heartbeat is back)
         await fresh.close()

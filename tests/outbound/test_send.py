@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.outbound.request import InvalidRequest
 from tests.outbound.conftest import IG, WA
 
 A, U1 = "15550001234", "9000000000000001"
@@ -132,22 +133,26 @@ async def test_instagram_bodies(outbound, request_body, expected):
     assert request["path"] == f"/v24.0/{IG}/messages" and request["body"] == expected
 
 
-async def test_instagram_audio_by_id_is_refused_with_the_reason(outbound):
+@pytest.mark.parametrize("request_body,field,reason", [
+    ({"type": "audio", "media": {"id": "1203987655"}}, "media.link", "by URL"),
+    ({"type": "image", "media": {"id": "123"}}, "media.link", "by URL"),
+    ({"type": "text", "text": "\u00e9" * 600}, "text", "1000 bytes"),
+    ({"type": "quick_replies", "text": "\u00e9" * 600,
+      "quick_replies": [{"title": "A", "payload": "a"}]}, "text", "1000 bytes"),
+    ({"type": "location", "location": {"latitude": 1, "longitude": 2}}, "type", "Instagram"),
+    ({"type": "sticker", "media": {"link": "https://x.io/s.webp"}}, "type", "Instagram"),
+    ({"type": "template", "template": {"name": "t", "language": "en_US"}}, "type", "Instagram"),
+], ids=["audio-by-id", "image-by-id", "text-over-1000-bytes", "quick-replies-over-1000-bytes",
+        "location", "sticker", "template"])
+async def test_what_instagram_cannot_send_is_refused_before_it_is_accepted(
+        outbound, request_body, field, reason):
+    """CONTRACT §4: an invalid body is a 422 naming the field, never a 202 that fails later."""
     ob = await outbound()
     await ob.inbound("instagram", U1)
-    status, answer = await ob.send({"channel": "instagram", "to": U1, "type": "audio",
-                                    "media": {"id": "1203987655"}})
-    assert status == 202
-    record = await ob.wait(answer["id"], "failed")
-    assert record["error"]["code"] == "invalid_request" and "by URL" in record["error"]["message"]
+    status, answer = await ob.send({"channel": "instagram", "to": U1, **request_body})
+    assert status == 422, answer
+    assert answer["error"]["field"] == field and reason in answer["error"]["message"]
+    with pytest.raises(InvalidRequest) as raised:  # the Python API raises where HTTP says 422
+        await ob.service.send({"channel": "instagram", "to": U1, **request_body})
+    assert raised.value.field == field
     assert ob.sim.requests == []
-
-
-async def test_instagram_text_over_1000_bytes_fails_with_the_reason(outbound):
-    ob = await outbound()
-    await ob.inbound("instagram", U1)
-    status, answer = await ob.send({"channel": "instagram", "to": U1, "type": "text",
-                                    "text": "\u00e9" * 600})
-    assert status == 202
-    record = await ob.wait(answer["id"], "failed")
-    assert "1000 bytes" in record["error"]["message"] and ob.sim.requests == []

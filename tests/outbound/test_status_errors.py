@@ -1,0 +1,88 @@
+"""Errors in failed status webhooks (webhooks.md §4.5) follow Meta's table as synchronous
+answers do: retry within max_attempts, record an opt-out, fail once (and count it once)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from tests.conftest import fixture_bytes
+from tests.outbound.conftest import WA
+
+A = "15550001234"
+TEMPLATE = {"name": "order_update", "language": "en_US"}
+
+
+def failed_status(wamid: str, code: int, callback: str | None, ts: int | None = None) -> dict:
+    body = json.loads(fixture_bytes("whatsapp/status_failed.json"))
+    value = body["entry"][0]["changes"][0]["value"]
+    value["metadata"]["phone_number_id"] = WA
+    status = value["statuses"][0]
+    status.update({"id": wamid, "recipient_id": A, "timestamp": str(ts or int(time.time()))})
+    status["errors"][0].update({"code": code, "title": f"Simulated {code}"})
+    if callback:
+        status["biz_opaque_callback_data"] = callback
+    return body
+
+
+def outcome(ob, name: str, kind: str = "text") -> float | None:
+    return ob.metric("gateway_outbound_messages_total", channel="whatsapp", type=kind,
+                     outcome=name)
+
+
+async def test_an_asynchronous_131050_records_the_opt_out(outbound):
+    ob = await outbound()
+    marketing = {"channel": "whatsapp", "to": A, "type": "template",
+                 "template": {**TEMPLATE, "category": "marketing"}}
+    status, answer = await ob.send(marketing)
+    assert status == 202
+    record = await ob.wait(answer["id"], "sent")
+    await ob.webhook("whatsapp", failed_status(record["provider_message_id"], 131050,
+                                               answer["id"]))
+    record = await ob.wait(answer["id"], "failed")
+    assert record["error"]["code"] == 131050
+    assert (await ob.service.outbox.customer("whatsapp", WA, A)).opted_out
+    status, answer = await ob.send(marketing)
+    assert status == 422 and answer["error"]["code"] == "opted_out"
+    assert len(ob.sim.accepted) == 1
+
+
+async def test_an_asynchronous_throttling_code_is_retried_within_max_attempts(outbound):
+    """130429 in a failed status: sent again (a new wamid); a redelivered status of the first
+    send changes nothing; at max_attempts sends the message fails with a clear error."""
+    ob = await outbound(outbound="max_attempts = 2")
+    await ob.inbound("whatsapp", A)
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text", "text": "x"})
+    first = await ob.wait(answer["id"], "sent")
+    first_wamid = first["provider_message_id"]
+    await ob.webhook("whatsapp", failed_status(first_wamid, 130429, answer["id"]))
+    for _ in range(200):
+        second = await ob.status(answer["id"])
+        if second["status"] == "sent" and second["provider_message_id"] != first_wamid:
+            break
+        await asyncio.sleep(0.05)
+    assert second["status"] == "sent" and second["attempts"] == 2
+    assert len(ob.sim.accepted) == 2 and outcome(ob, "retried") == 1
+    await ob.webhook("whatsapp", failed_status(first_wamid, 130429, answer["id"],
+                                               ts=int(time.time()) + 1))  # a late copy
+    assert (await ob.status(answer["id"]))["status"] == "sent"
+    await ob.webhook("whatsapp", failed_status(second["provider_message_id"], 130429,
+                                               answer["id"]))
+    record = await ob.wait(answer["id"], "failed")
+    assert record["error"]["code"] == 130429 and "max_attempts = 2" in record["error"]["hint"]
+    assert len(ob.sim.accepted) == 2 and record["attempts"] == 2
+    assert outcome(ob, "failed") == 1
+
+
+async def test_a_failed_status_is_counted_failed_once(outbound):
+    ob = await outbound()
+    await ob.inbound("whatsapp", A)
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text", "text": "x"})
+    record = await ob.wait(answer["id"], "sent")
+    for ts in (int(time.time()), int(time.time()) + 5):  # a second, redelivered failed status
+        await ob.webhook("whatsapp", failed_status(record["provider_message_id"], 131026,
+                                                   answer["id"], ts=ts))
+    record = await ob.wait(answer["id"], "failed")
+    assert record["error"]["code"] == 131026
+    assert outcome(ob, "failed") == 1 and outcome(ob, "sent") == 1
