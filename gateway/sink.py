@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import os
 from typing import TYPE_CHECKING, NamedTuple
+
+from gateway.journal.writer import SqliteWriter
 
 if TYPE_CHECKING:
     from gateway.config import SinkConfig
@@ -66,3 +70,29 @@ class Sink(abc.ABC):
     async def ready(self) -> bool:
         """Whether the sink's backend is reachable (used by ``/readyz``)."""
         return True
+
+
+class SqliteSink(Sink):
+    """A sink that keeps its tables in one SQLite file (WAL, ``synchronous=NORMAL``: the dispatcher
+    redelivers what a crash lost, so the sink's writes must be idempotent), written by one thread.
+    Subclasses run their SQL with ``await self._db.run(fn)``, ``fn`` taking the connection."""
+
+    def __init__(self, config: SinkConfig, path: str, schema: str) -> None:
+        super().__init__(config)
+        self.path = path
+        self._db = SqliteWriter(path, ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL",
+                                       "PRAGMA busy_timeout=10000"], schema)
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        await asyncio.to_thread(self._db.start)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._db.stop)
+
+    async def ready(self) -> bool:
+        return self._db.alive
+
+    async def query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Run a read-only query (tests, the CLI and the demo use it)."""
+        return await self._db.run(lambda c: c.execute(sql, args).fetchall())

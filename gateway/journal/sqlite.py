@@ -9,7 +9,7 @@ import time
 
 from gateway.config import GatewayConfig
 from gateway.journal import DeadLetter, NewEvent, RawRequest, StoredEvent, contact_matcher
-from gateway.journal.writer import SqliteWriter
+from gateway.journal.writer import SqliteWriter, rows_in
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -260,12 +260,8 @@ def _store_new(c: sqlite3.Connection, events: list[NewEvent], now: float) -> lis
     """Insert the events whose ids were never seen (nor earlier in ``events``); their new seqs."""
     if not events:
         return []
-    ids = list({ev.id for ev in events})
-    seen: set[str] = set()
-    for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
-        seen.update(r[0] for r in c.execute(
-            f"SELECT id FROM seen WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+    seen = {row[0] for row in rows_in(c, "SELECT id FROM seen WHERE id IN ({marks})",
+                                      list({ev.id for ev in events}))}
     fresh = []
     for ev in events:
         if ev.id not in seen:

@@ -13,7 +13,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -173,3 +173,12 @@ def _settle(items: list[tuple[asyncio.Future, tuple[bool, Any],
             future.set_result(value)
         else:
             future.set_exception(value)
+
+
+def rows_in(conn: sqlite3.Connection, sql: str, keys: Sequence[Any],
+            chunk: int = 500) -> Iterator[tuple]:
+    """The rows of ``sql`` for ``keys``, whose ``{marks}`` is filled with as many ``?`` as a
+    chunk of keys holds (SQLite limits the parameters of one statement)."""
+    for start in range(0, len(keys), chunk):
+        part = keys[start:start + chunk]
+        yield from conn.execute(sql.format(marks=",".join("?" * len(part))), part)

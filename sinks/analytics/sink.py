@@ -14,8 +14,6 @@ concurrent retry lanes of a failed batch never count twice.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sqlite3
 import time
 from datetime import UTC
@@ -23,8 +21,8 @@ from datetime import UTC
 from gateway.config import SinkConfig
 from gateway.errors import ConfigError
 from gateway.events import Event
-from gateway.journal.writer import SqliteWriter
-from gateway.sink import Record, Sink
+from gateway.journal.writer import rows_in
+from gateway.sink import Record, SqliteSink
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS daily (
@@ -67,28 +65,15 @@ class AnalyticsConfig(SinkConfig):
             raise ConfigError("must be at least 1", f"{prefix}.keep_days")
 
 
-class AnalyticsSink(Sink):
+class AnalyticsSink(SqliteSink):
     """The built-in analytics sink (SQLite)."""
 
     name = "analytics"
 
     def __init__(self, config: AnalyticsConfig) -> None:
-        super().__init__(config)
+        super().__init__(config, config.path, SCHEMA)
         self.config: AnalyticsConfig = config
-        self._db = SqliteWriter(config.path, ["PRAGMA journal_mode=WAL",
-                                              "PRAGMA synchronous=NORMAL",
-                                              "PRAGMA busy_timeout=10000"], SCHEMA)
         self._pruned = 0.0
-
-    async def start(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.config.path)), exist_ok=True)
-        await asyncio.to_thread(self._db.start)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._db.stop)
-
-    async def ready(self) -> bool:
-        return self._db.alive
 
     async def write(self, records: list[Record]) -> None:
         now = time.time()
@@ -99,20 +84,12 @@ class AnalyticsSink(Sink):
         events = [r.event for r in records]
         await self._db.run(lambda c: count(c, events, now, cutoff if prune else None))
 
-    async def query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        """Run a read-only query (tests and the CLI use it)."""
-        return await self._db.run(lambda c: c.execute(sql, args).fetchall())
-
 
 def count(c: sqlite3.Connection, events: list[Event], now: float,
           prune_before: float | None = None) -> None:
     """Add the events not counted yet, in order, to the day tables."""
-    ids = list({e.id for e in events})
-    done: set[str] = set()
-    for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
-        done.update(row[0] for row in c.execute(
-            f"SELECT id FROM counted WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+    done = {row[0] for row in rows_in(c, "SELECT id FROM counted WHERE id IN ({marks})",
+                                      list({e.id for e in events}))}
     daily: dict[tuple, int] = {}
     active: set[tuple] = set()
     for event in events:

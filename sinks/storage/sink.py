@@ -5,10 +5,8 @@ moves backwards, ``first_seen`` is the earliest time ever seen.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import operator
-import os
 import sqlite3
 from datetime import UTC, datetime
 from typing import Any
@@ -18,8 +16,8 @@ import msgspec
 from gateway.config import SinkConfig
 from gateway.consent import Consent
 from gateway.events import Event
-from gateway.journal.writer import SqliteWriter
-from gateway.sink import Record, Sink
+from gateway.journal.writer import rows_in
+from gateway.sink import Record, SqliteSink
 from sinks.storage.schema import SCHEMA, STATUS_RANK
 
 _EXTRA = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
@@ -56,28 +54,15 @@ def _json(value: Any) -> str | None:
     return None if value is None else msgspec.json.encode(value).decode()
 
 
-class StorageSink(Sink):
+class StorageSink(SqliteSink):
     """The embedded default storage (SQLite)."""
 
     name = "storage"
 
     def __init__(self, config: StorageConfig, consent: Consent | None = None) -> None:
-        super().__init__(config)
+        super().__init__(config, config.path, SCHEMA)
         self.config: StorageConfig = config
         self.consent = consent
-        self._db = SqliteWriter(config.path, ["PRAGMA journal_mode=WAL",
-                                              "PRAGMA synchronous=NORMAL",
-                                              "PRAGMA busy_timeout=10000"], SCHEMA)
-
-    async def start(self) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.config.path)), exist_ok=True)
-        await asyncio.to_thread(self._db.start)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._db.stop)
-
-    async def ready(self) -> bool:
-        return self._db.alive
 
     async def write(self, records: list[Record]) -> None:
         events = [r.event for r in records]
@@ -86,9 +71,6 @@ class StorageSink(Sink):
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         return await self._db.run(lambda c: erase(c, channel, contact_id))
 
-    async def query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        """Run a read-only query (tests, the CLI and the demo use it)."""
-        return await self._db.run(lambda c: c.execute(sql, args).fetchall())
 
 
 def apply_all(c: sqlite3.Connection, events: list[Event], consent: Consent | None = None) -> None:
@@ -152,14 +134,9 @@ class _Batch:
         self.consent = consent
         keys = list({doc_id(e.message_id or e.id) for e in events
                      if e.kind in ("message", "postback")})
-        self.state: dict[str, tuple[str | None, str | None]] = {}  # doc id -> (event_id, type)
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            for key, eid, kind in c.execute(
-                    "SELECT id, event_id, type FROM messages "
-                    f"WHERE id IN ({','.join('?' * len(chunk))})",
-                    chunk):
-                self.state[key] = (eid, kind)
+        self.state: dict[str, tuple[str | None, str | None]] = {  # doc id -> (event_id, type)
+            key: (eid, kind) for key, eid, kind in rows_in(
+                c, "SELECT id, event_id, type FROM messages WHERE id IN ({marks})", keys)}
         self.rows: dict[str, list[Any]] = {}
         self.conversations: dict[str, list[Any]] = {}
         self.contacts: dict[str, list[Any]] = {}
