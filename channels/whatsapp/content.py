@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from channels.envelope import as_str
 from channels.whatsapp.schemas import Message
 from gateway.events import ErrorInfo, Location, Media
@@ -107,12 +109,22 @@ def _unsupported(m: Message) -> dict[str, Any]:
 
 
 def _edit(m: Message) -> dict[str, Any]:
-    """An edited message: a new message (its own wamid) replying to the original."""
+    """An edited message: a new message (its own wamid) replying to the original, with the
+    replacement's content, whatever its type (a text, a captioned image, ...)."""
     edit = m.edit or {}
-    inner = edit.get("message") if isinstance(edit.get("message"), dict) else {}
-    body = inner.get("text", {}).get("body") if isinstance(inner.get("text"), dict) else None
-    return {"type": "text" if body is not None else "unsupported", "text": _str(body),
-            "raw_type": "edit", "reply_to": as_str(edit.get("original_message_id"))}
+    inner = edit.get("message")
+    fields: dict[str, Any] = {"type": "unsupported", "text": None}
+    if isinstance(inner, dict) and inner.get("type") != "edit":  # never an edit of an edit
+        try:
+            replacement = msgspec.convert(inner, Message)
+        except msgspec.ValidationError:
+            replacement = None
+        if replacement is not None and replacement.type in READERS:
+            fields = READERS[replacement.type](replacement)
+        elif isinstance(inner.get("text"), dict):  # an older shape: text without a type
+            body = inner["text"].get("body")
+            fields = {"type": "text" if body is not None else "unsupported", "text": _str(body)}
+    return {**fields, "raw_type": "edit", "reply_to": as_str(edit.get("original_message_id"))}
 
 
 READERS = {

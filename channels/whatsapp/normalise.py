@@ -94,7 +94,8 @@ def _value(value: Any, contacts, messages, statuses, events: list[Event]) -> Non
     account = as_str(value.metadata.phone_number_id)
     if account is None:
         return
-    names = {as_str(c.wa_id): c.profile.name for c in contacts if c.profile is not None}
+    names = {key: c.profile.name for c in contacts if c.profile is not None
+             for key in (as_str(c.wa_id), c.user_id) if key is not None}
     for message in messages:
         event = _message(message, account, names)
         if event is not None:
@@ -113,7 +114,7 @@ def _timestamp(value: Any):
 
 
 def _customer(m: schemas.Message) -> str | None:
-    customer = as_str(m.from_)
+    customer = as_str(m.from_) or as_str(m.from_user_id)  # wa_id while present, else the BSUID
     if customer is None and isinstance(m.system, dict):  # user_changed_user_id has no "from"
         customer = as_str(m.system.get("user_id")) or as_str(m.system.get("previous_user_id"))
     return customer
@@ -161,10 +162,18 @@ def _status(s: schemas.Status, account: str) -> Event | None:
     if not s.id or not s.status or when is None or customer is None:
         return None
     return Status(
-        schema=SCHEMA_VERSION, id=event_id(CHANNEL, "status", s.id, s.status), channel=CHANNEL,
+        schema=SCHEMA_VERSION, id=_status_id(s), channel=CHANNEL,
         direction="outbound", account_id=account,
         conversation_id=conversation_id(CHANNEL, account, customer),
         sender=Party(id=account), recipient=Party(id=customer), timestamp=when,
         message_id=s.id, status=s.status, error=first_error(s.errors),
         callback_data=s.biz_opaque_callback_data,
     )
+
+
+def _status_id(s: schemas.Status) -> str:
+    """(wamid, status); in a group, each participant's receipt is an event of its own."""
+    participant = as_str(s.recipient_participant_id)
+    if participant is None:
+        return event_id(CHANNEL, "status", s.id, s.status)
+    return event_id(CHANNEL, "status", s.id, s.status, participant)

@@ -53,6 +53,7 @@ class Contact(msgspec.Struct):
     """``value.contacts[]``: the profile of a sender of ``messages[]``."""
 
     wa_id: str | int | None = None
+    user_id: str | None = None  # BSUID (webhooks.md §4.3): newer payloads, maybe without wa_id
     profile: Profile | None = None
 
 
@@ -63,6 +64,7 @@ class Message(msgspec.Struct, rename={"from_": "from"}):
     timestamp: str | int | None = None
     type: str | None = None
     from_: str | int | None = None
+    from_user_id: str | None = None  # BSUID: the sender when ``from`` is absent
     context: Obj | None = None
     referral: Obj | None = None
     errors: list[Any] | None = None
@@ -90,6 +92,7 @@ class Status(msgspec.Struct):
     status: str | None = None
     timestamp: str | int | None = None
     recipient_id: str | int | None = None
+    recipient_participant_id: str | int | None = None  # group messages: whose receipt this is
     biz_opaque_callback_data: str | None = None
     errors: list[Any] | None = None
 
