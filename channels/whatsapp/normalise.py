@@ -9,7 +9,8 @@ its ids. Mapping choices (shared/fixtures/README.md "Conventions"):
 - statuses: ``direction`` outbound, sender = the business number, recipient = ``recipient_id``;
 - reactions: ``kind`` reaction, ``message_id`` = the message reacted to, ``emoji`` "" on removal;
 - ``revoke`` (the user deleted a message) → ``type`` deleted for the original wamid;
-- ``edit`` → a text message with its own wamid whose ``reply_to`` is the edited message;
+- ``edit`` → a message of the replacement's type (text, captioned media, ...) with its own wamid
+  whose ``reply_to`` is the edited message;
 - a referral rides on its message (extra field); value-level ``errors[]`` and other subscription
   fields (templates, account updates, ``user_preferences``) yield no event.
 """
