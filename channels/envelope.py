@@ -25,6 +25,8 @@ def parse_envelope(body: bytes, objects: frozenset[str]) -> Envelope:
     """Decode the envelope; raise BadPayload unless ``object`` is one of ``objects``."""
     try:
         envelope = _envelope.decode(body)
+    except RecursionError:  # msgspec's depth is Python's recursion limit
+        raise BadPayload("body is not JSON this gateway accepts: nested too deeply") from None
     except msgspec.DecodeError as exc:
         if isinstance(exc, msgspec.ValidationError):
             raise BadPayload(f"not a Meta webhook envelope: {exc}") from None
@@ -41,7 +43,7 @@ def decode_each(raws: list[msgspec.Raw] | None, decoder: msgspec.json.Decoder) -
     for raw in raws or ():
         try:
             items.append(decoder.decode(raw))
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             continue
     return items
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator
 
@@ -28,6 +29,7 @@ CONFIG, CHANNELS, SINKS, JOURNAL, METRICS = (
     keys.CONFIG, keys.CHANNELS, keys.SINKS, keys.JOURNAL, keys.METRICS)
 HOUSEKEEPING_SECONDS = 5.0
 PRUNE_SECONDS = 60.0
+GC_SECONDS = 60.0  # a full collection this often: the young threshold is raised (server.tune_gc)
 
 
 def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
@@ -142,9 +144,12 @@ async def _drain(app, tasks, processor, dispatcher, timeout: float) -> None:
 async def _housekeeping(app: web.Application) -> None:
     journal, metrics = app[keys.JOURNAL], app[keys.METRICS]
     dispatcher = app[keys.DISPATCHER]
-    last_prune = 0.0
+    last_prune, last_gc = 0.0, time.monotonic()
     while True:
         await asyncio.sleep(HOUSEKEEPING_SECONDS)
+        if time.monotonic() - last_gc > GC_SECONDS:  # whatever cycle still holds memory
+            last_gc = time.monotonic()
+            gc.collect()
         with contextlib.suppress(Exception):
             counts = await journal.dead_letter_counts()
             for name in set(dispatcher.sinks) | set(counts):
@@ -209,6 +214,14 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         code = exc.reason.lower().replace(" ", "_")
         keep = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return intake.error(exc.status, code, exc.text or exc.reason, keep)
-    except Exception:  # noqa: BLE001 - never a bare 500 page
+    except ConnectionResetError as exc:  # the client left mid-request: there is no one to answer
+        # The request's payload keeps this exception; its traceback holds the frames that hold
+        # the request: a reference cycle that would keep the body (up to max_body_bytes) alive
+        # until a full collection. Dropping the traceback lets reference counting free it now.
+        exc.__traceback__ = None
+        log.debug("client_disconnected", path=request.path)
+        return intake.error(400, "connection_lost", "the client closed the connection")
+    except Exception as exc:  # noqa: BLE001 - never a bare 500 page
         log.exception("unhandled_error", path=request.path)
+        exc.__traceback__ = None  # logged: free the frames (and the request) with it
         return intake.error(500, "internal_error", "internal error; see the gateway's log")

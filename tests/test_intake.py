@@ -149,6 +149,8 @@ async def test_signature_over_escaped_slashes_verifies(gateway):
     (b'[1, 2, 3]', "envelope"),
     (b'{"object": "instagram", "entry": []}', "whatsapp_business_account"),
     (b'{"object": "whatsapp_business_account", "entry": {"id": 1}}', "entry"),
+    (b'{"object": "whatsapp_business_account", "entry": [{"id": "1", "x": '
+     + b"[" * 50_000 + b"]" * 50_000 + b"}]}", "nested too deeply"),  # never a 500
 ])
 async def test_not_a_meta_envelope_is_400(gateway, body, fragment):
     gw = await gateway()

@@ -82,7 +82,7 @@ def normalise(body: bytes) -> list[Event]:
             for raw in items or ():
                 try:
                     item = schemas.item_decoder.decode(raw)
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, RecursionError):
                     continue  # one malformed item never spoils the batch
                 event = _item(item, raw, account, standby)
                 if event is not None:

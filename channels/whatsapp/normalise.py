@@ -61,7 +61,7 @@ def normalise(body: bytes) -> list[Event]:
     """
     try:
         envelope = schemas.fast_decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return _tolerant(body)
     if envelope.object not in OBJECTS:
         _parse(body, OBJECTS)  # raises the envelope error

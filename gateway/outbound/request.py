@@ -118,6 +118,8 @@ def parse(body: bytes | dict[str, Any]) -> OutboundRequest:
     try:
         request = (msgspec.convert(body, OutboundRequest) if isinstance(body, dict)
                    else _decoder.decode(body))
+    except RecursionError:
+        raise InvalidRequest("body", "JSON nested too deeply") from None
     except msgspec.DecodeError as exc:
         text = str(exc)
         message, _, where = text.rpartition(" - at `")

@@ -265,3 +265,14 @@ async def test_meta_131050_records_the_opt_out(outbound):
     status, answer = await ob.send(marketing)
     assert status == 422 and answer["error"]["code"] == "opted_out"
     assert (await ob.send({**marketing, "template": {**TEMPLATE, "category": "utility"}}))[0] == 202
+
+
+async def test_a_body_nested_too_deeply_is_422_not_500(outbound):
+    ob = await outbound()
+    nested = b"[" * 200_000 + b"]" * 200_000  # in a free-form field: Any, decoded deeply
+    bomb = (b'{"channel":"whatsapp","type":"interactive","to":"1","interactive":{"a":' + nested
+            + b"}}")
+    async with ob.gw.session.post(f"{ob.gw.url}/v1/messages", data=bomb,
+                                  headers={**ob.auth, "Content-Type": "application/json"}) as r:
+        answer = await r.json()
+    assert r.status == 422 and answer["error"]["field"] == "body", answer
