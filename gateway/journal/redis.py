@@ -82,7 +82,8 @@ end
 """
 
 # ARGV: prefix, ttl, now, group, n, n * (id, channel, conversation_id, received_at, data),
-#       acks, acks * stream id, failed, failed * (sink, event_id, data, received_at, reason).
+#       acks, acks * stream id, failed, failed * (sink, event_id, data, received_at, reason,
+#       stream id).
 # Returns {seqs (0 = already seen), XLEN of the requests}.
 _COMMIT = _ADD_DEAD + """
 local p, ttl, now, group, n = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
@@ -104,16 +105,21 @@ for k = 1, n do
 end
 local requests = p .. ':requests'
 local acks = tonumber(ARGV[i])
+local acked = {}
 for k = 1, acks do
-  redis.call('XACK', requests, group, ARGV[i + k])
+  if redis.call('XACK', requests, group, ARGV[i + k]) == 1 then acked[ARGV[i + k]] = true end
   redis.call('XDEL', requests, ARGV[i + k])
 end
 i = i + acks + 1
 local failed = tonumber(ARGV[i])
 i = i + 1
 for k = 1, failed do
-  add_dead(p, ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], 1, now, 0)
-  i = i + 5
+  -- only the replica whose acknowledgement took the request keeps its dead letter: a replica
+  -- that commits late (or a retried script) finds it acknowledged already
+  if acked[ARGV[i+5]] then
+    add_dead(p, ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], 1, now, 0)
+  end
+  i = i + 6
 end
 return {seqs, redis.call('XLEN', requests)}
 """
@@ -440,7 +446,7 @@ class RedisJournal:
         args += [len(acks), *acks, len(failed)]
         for req, reason in failed:
             args += [f"normalise:{req.channel}", f"request:{req.seq}", req.body,
-                     repr(req.received_at), reason]
+                     repr(req.received_at), reason, self._claimed.get(req.seq, "")]
         seqs, pending = await self._commit(args=args)
         for seq in [s for s in self._claimed if s <= upto]:
             del self._claimed[seq]

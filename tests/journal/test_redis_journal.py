@@ -100,6 +100,19 @@ async def test_a_dead_replicas_requests_are_taken_over_once(replicas):
     assert await a.unprocessed(10) == [] and await b.unprocessed(10) == []
 
 
+async def test_a_late_commit_of_a_request_no_channel_could_read_keeps_one_dead_letter(replicas):
+    a, b = replicas
+    await a.append("whatsapp", b'{"not": "a webhook"}', 1.0)
+    taken = await a.unprocessed(10)  # ... and replica a pauses past stale_ms
+    await asyncio.sleep(0.5)
+    b._next_autoclaim = 0.0
+    again = await b.unprocessed(10)
+    await b.commit_processed(again[-1].seq, [], [(again[0], "BadPayload('x')")])
+    await a.commit_processed(taken[-1].seq, [], [(taken[0], "BadPayload('x')")])  # late
+    assert [d.event_id for d in await a.dead_letters()] == [f"request:{taken[0].seq}"]
+    assert await a.dead_letter_counts() == {"normalise:whatsapp": 1}
+
+
 async def test_event_stream_layout_and_dedupe_ttl(redis_url):
     j = RedisJournal(cfg(redis_url, window=3600))
     await j.open()
