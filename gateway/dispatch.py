@@ -67,6 +67,10 @@ class Tail:
         return self.records[start:start + limit]
 
 
+class LeaseLost(Exception):
+    """The sink's lease could not be renewed in time: another replica may deliver now."""
+
+
 class SinkWorker:
     """Delivers the event log to one sink."""
 
@@ -82,6 +86,8 @@ class SinkWorker:
         self.idle = asyncio.Event()
         self._stopping = False
         self._leased = False
+        self._leasing = tail.disabled and hasattr(journal, "acquire_lease")
+        self._lease_until = 0.0  # monotonic: the lease, as last taken or renewed, is ours until
         self._loaded = False
         # Seqs after the cursor that already have a dead letter (the batch holding them was not
         # finished when the gateway stopped): they are not delivered again, their replay is.
@@ -135,17 +141,44 @@ class SinkWorker:
     async def _step(self) -> int:
         """Deliver the replays due and the next batch; how many events moved."""
         # -- shared journal (Redis): one replica delivers to this sink at a time (a lease) --
-        if self.tail.disabled and hasattr(self.journal, "acquire_lease"):
-            if not await self.journal.acquire_lease(self.cursor_name, self.owner, LEASE_MS):
-                # another replica delivers: follow its cursor, so lag() and caught_up() are true
-                self._leased = False
-                self.cursor = max(self.cursor, await self.journal.cursor(self.cursor_name) or 0)
-                return 0
-            if not self._leased:  # taken over: the last holder may have left dead letters ahead
-                await self._load_position()
-                self._leased = True
-            self.cursor = await self.journal.cursor(self.cursor_name) or 0
-        return await self._replays() + await self._next_batch()
+        if not self._leasing:
+            return await self._replays() + await self._next_batch()
+        if not await self._renew_lease():
+            # another replica delivers: follow its cursor, so lag() and caught_up() are true
+            self._leased = False
+            self.cursor = max(self.cursor, await self.journal.cursor(self.cursor_name) or 0)
+            return 0
+        if not self._leased:  # taken over: the last holder may have left dead letters ahead
+            await self._load_position()
+            self._leased = True
+        self.cursor = await self.journal.cursor(self.cursor_name) or 0
+        renewing = asyncio.create_task(self._keep_lease())  # a slow or retrying sink keeps it
+        try:
+            return await self._replays() + await self._next_batch()
+        except LeaseLost:
+            log.warning("sink_lease_lost", sink=self.sink.name)
+            self._leased = False
+            return 0
+        finally:
+            renewing.cancel()
+
+    async def _renew_lease(self) -> bool:
+        """Take or renew the sink's lease; whether it is ours (for 90% of its time to live)."""
+        started = time.monotonic()
+        if not await self.journal.acquire_lease(self.cursor_name, self.owner, LEASE_MS):
+            return False  # held elsewhere, or Redis unreachable: what we had lapses by itself
+        self._lease_until = started + LEASE_MS * 0.9 / 1000
+        return True
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_MS / 3000)
+            await self._renew_lease()
+
+    def _check_lease(self) -> None:
+        """Before anything reaches the sink or the dead letters: is the lease still ours?"""
+        if self._leasing and time.monotonic() >= self._lease_until:
+            raise LeaseLost(self.cursor_name)
 
     async def _next_batch(self) -> int:
         size = self.sink.config.batch_size
@@ -183,6 +216,7 @@ class SinkWorker:
 
     async def deliver(self, batch: list[Record]) -> None:
         """Write ``batch``; on failure retry per conversation lane, then dead-letter."""
+        self._check_lease()
         try:
             await self.sink.write(batch)
         except Exception as exc:  # noqa: BLE001 - any sink failure is retried per lane
@@ -210,6 +244,7 @@ class SinkWorker:
             if attempts:
                 await asyncio.sleep(self._backoff(attempts, error))
             attempts += 1
+            self._check_lease()
             try:
                 await self.sink.write([record])
             except Exception as exc:  # noqa: BLE001 - classified on the next turn
@@ -227,6 +262,7 @@ class SinkWorker:
 
     async def _dead(self, record: Record, error: BaseException, attempts: int) -> None:
         reason = f"{type(error).__name__}: {error}"
+        self._check_lease()  # a replica that lost the lease leaves the verdict to the next one
         log.error("dead_letter", sink=self.sink.name, event_id=record.event.id,
                   conversation_id=record.event.conversation_id, attempts=attempts, reason=reason)
         await self.journal.add_dead_letters(self.sink.name, [(

@@ -77,6 +77,40 @@ async def test_two_replicas_deliver_every_event_exactly_once(gateway, redis_url)
     assert fresh == 2 * len(FILES)
 
 
+async def test_a_sink_slower_than_the_lease_is_still_delivered_by_one_replica(
+        gateway, redis_url, monkeypatch):
+    # The lease (here 0.6 s) is renewed while its holder delivers: a write that takes longer
+    # (a slow backend, a sink retrying with backoff) never lets the other replica in to
+    # deliver the same batch, or to dead-letter the same event.
+    from gateway import dispatch
+
+    monkeypatch.setattr(dispatch, "LEASE_MS", 600)
+    plugin = Shared()
+    extra = f'[queue]\nbackend = "redis"\nredis_url = "{redis_url}"'
+    slow = {"first": True}
+    original = plugin.register_sinks
+
+    def register(config):
+        [sink] = original(config)
+        write = sink.write
+
+        async def slow_write(records):
+            if slow.pop("first", False):
+                await asyncio.sleep(2.0)  # more than three lease lifetimes
+            await write(records)
+
+        sink.write = slow_write
+        return [sink]
+
+    plugin.register_sinks = hookimpl(register)
+    replicas = [await gateway(extra=extra, extra_plugins=[plugin], sinks="[sinks.rec]\n")
+                for _ in range(2)]
+    assert (await replicas[0].post("whatsapp", fixture_bytes("whatsapp/text.json")))[0] == 200
+    await wait_for(lambda: len(plugin.delivered) == 1)
+    await asyncio.sleep(2.5)  # past the slow write: a second delivery would show up now
+    assert len(plugin.delivered) == 1
+
+
 async def test_the_other_replica_takes_over_the_sink_when_one_stops(gateway, redis_url):
     plugin = Shared()
     extra = f'[queue]\nbackend = "redis"\nredis_url = "{redis_url}"'
