@@ -41,6 +41,9 @@ class ServerConfig(_Section):
     metrics_port: int = 9090
     data_dir: str = "./data"
     max_body_bytes: int = 3 * 1024 * 1024  # CONTRACT §3: Meta sends up to 3 MB
+    # Request bytes the main port's lean path holds at once, across connections (a body counts at
+    # its declared length from its head on); a request that would go over gets 503 + Retry-After.
+    max_buffered_bytes: int = 64 * 1024 * 1024
     api_token: str | None = None
     erasure_audit_key: str | None = None  # HMAC key of erasures.jsonl; unset: data_dir file
     insecure_skip_signature: bool = False
@@ -55,6 +58,8 @@ class ServerConfig(_Section):
                 raise ConfigError("must be a TCP port (0-65535)", f"{prefix}.{key}")
         if self.max_body_bytes < 1024:
             raise ConfigError("must be at least 1024", f"{prefix}.max_body_bytes")
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ConfigError("must be at least max_body_bytes", f"{prefix}.max_buffered_bytes")
         if self.shutdown_timeout < 0:
             raise ConfigError("must not be negative", f"{prefix}.shutdown_timeout")
         if self.erasure_audit_key is not None and len(self.erasure_audit_key.strip()) < 16:

@@ -16,8 +16,21 @@ aiohttp would refuse. ``server.fast_intake = false`` leaves the whole port to ai
 Requests on one connection are answered in order, one at a time (pipelined bytes wait, reading
 pauses past :data:`MAX_PIPELINED`). While the transport's write buffer is over its high-water
 mark (a client that sends and does not read) the next request waits too. A connection idle for
-:data:`KEEPALIVE_SECONDS` is closed, as aiohttp's keep-alive timeout does; a connection that
-sends part of a request and then nothing for that long is closed too.
+:data:`KEEPALIVE_SECONDS` is closed; a connection that sends part of a request and then nothing
+for that long is closed too. However it trickles, a request must arrive whole within
+:data:`REQUEST_SECONDS` of its first byte (for a pipelined request: of the moment the one before
+it was answered), or its connection is closed: otherwise a byte every few seconds would hold a
+connection and its buffer for ever.
+
+Memory is bounded across connections too. The :class:`Listener` counts the request bytes its
+connections hold (:attr:`Listener.buffered`): what each buffer holds, a body whose head has
+arrived at its declared length (its bytes are on their way), and a body being answered until its
+answer is ready. Each connection keeps that count exact as it buffers, consumes, clears or hands
+off bytes, or goes away. A head whose declared body, with what the other connections hold, would
+take the count over ``server.max_buffered_bytes`` is answered at once with 503 and ``Retry-After``
+(as a full journal is; Meta retries) and its connection is closed, like a body over
+``max_body_bytes`` (413). Without it, connections that each declare 3 MB and send all but a byte
+would hold 3 MB each.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from http import HTTPStatus
 
 from aiohttp import web
 
-from gateway import intake
+from gateway import intake, keys
 from gateway import logging as gwlog
 
 log = gwlog.get("gateway.listener")
@@ -39,7 +52,10 @@ PREFIX = b"POST /webhooks/"
 MAX_HEAD = 8190  # bytes of request line and headers (aiohttp's max_line_size / max_field_size)
 MAX_HEADERS = 128  # header fields (aiohttp's max_headers: llhttp refuses the 129th)
 MAX_PIPELINED = 256 * 1024  # bytes received ahead of the request being answered; then pause
-KEEPALIVE_SECONDS = 75.0  # aiohttp's keepalive_timeout
+KEEPALIVE_SECONDS = 75.0  # as aiohttp's web.run_app sets its keepalive_timeout
+# A request's head and body, from its first byte: a client that trickles is closed. Meta waits
+# far less than this for its answer (and retries), so no honest delivery takes this long.
+REQUEST_SECONDS = 60.0
 SWEEP_SECONDS = 5.0
 LINGER_SECONDS = 2.0  # after an early 413/404, unread body bytes are discarded this long
 # The request line, then header fields as RFC 9110 has them: token ":" OWS value OWS, the value
@@ -111,6 +127,8 @@ class Listener:
         self.app = runner.app
         self.aiohttp_server = runner.server  # a protocol factory: aiohttp's RequestHandler
         self.fast = fast
+        self.budget = self.app[keys.CONFIG].server.max_buffered_bytes
+        self.buffered = 0  # request bytes the connections hold (see the module docstring)
         self.connections: set[WebhookConnection] = set()
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
@@ -150,7 +168,11 @@ class Listener:
     def _sweep(self) -> None:
         now = time.monotonic()
         for conn in list(self.connections):
-            if not conn.busy and now - conn.last_seen > KEEPALIVE_SECONDS:
+            if conn.busy:
+                continue
+            started = conn.request_started
+            if (now - conn.last_seen > KEEPALIVE_SECONDS
+                    or (started is not None and now - started > REQUEST_SECONDS)):
                 conn.close()
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
 
@@ -198,6 +220,9 @@ class WebhookConnection(asyncio.Protocol):
         self.head: Head | None = None  # the head of the request whose body is still arriving
         self.body_start = 0  # where that request's body starts in the buffer
         self.last_seen = time.monotonic()
+        self.request_started: float | None = None  # the unanswered request's clock (or None)
+        self.charged = 0  # this connection's share of ``listener.buffered``, but for ``answering``
+        self.answering = 0  # bytes of the body being answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -206,14 +231,21 @@ class WebhookConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.connections.discard(self)
         self.transport = None
+        self.buffer.clear()
+        self.head = None
+        self.request_started = None
+        self._recharge()  # a body being answered is let go of when its answer is done
 
     def data_received(self, data: bytes) -> None:
-        self.last_seen = time.monotonic()
+        now = self.last_seen = time.monotonic()
         if self.discarding:
             return
+        if self.request_started is None:
+            self.request_started = now
         self.buffer += data
         if not self.busy:
             self._next()
+        self._recharge()
         self._pace()
 
     def pause_writing(self) -> None:
@@ -225,7 +257,18 @@ class WebhookConnection(asyncio.Protocol):
         self.write_paused = False
         if not self.busy:
             self._next()
+        self._recharge()
         self._pace()
+
+    def _recharge(self) -> None:
+        """Bring ``listener.buffered`` up to date with the buffer (after any change to it or to
+        the head): the buffer, or the whole request once its head is known, if that is more."""
+        charge = len(self.buffer)
+        head = self.head
+        if head is not None and self.body_start + head.length > charge:
+            charge = self.body_start + head.length
+        self.listener.buffered += charge - self.charged
+        self.charged = charge
 
     @property
     def in_flight(self) -> bool:
@@ -271,6 +314,9 @@ class WebhookConnection(asyncio.Protocol):
         del buf[:total]
         self.head = None
         self.busy = True
+        self.request_started = None  # what follows is timed once this request is answered
+        self.answering = len(body)
+        self.listener.buffered += self.answering
         asyncio.get_running_loop().create_task(self._answer(head, body, time.perf_counter()))
 
     def _read_head(self) -> Head | None:
@@ -292,11 +338,23 @@ class WebhookConnection(asyncio.Protocol):
             self._hand_off()
             return None
         early = intake.refuse_early(self.listener.app, head.channel, head.length)
+        if early is None and self.listener.buffered - self.charged + head.length \
+                > self.listener.budget:
+            early = self._over_budget(head.channel)
         if early is not None:
             self._refuse_early(early, len(buf) - end - 4 < head.length)
             return None
         self.head, self.body_start = head, end + 4
         return head
+
+    def _over_budget(self, channel: str) -> intake.Reply:
+        """503 + ``Retry-After``, counted and logged as a full journal's (outcome
+        ``unavailable``), with its own code: the journal is not what is full."""
+        app = self.listener.app
+        message = "the gateway holds too many request bodies; retry later"
+        reply = intake.refuse(app[keys.METRICS], channel, 503, "unavailable", message,
+                              {"Retry-After": str(app[keys.CONFIG].queue.retry_after_seconds)})
+        return reply._replace(body=intake.error_body("busy", message))
 
     async def _answer(self, head: Head, body: bytes, started: float) -> None:
         try:
@@ -307,6 +365,8 @@ class WebhookConnection(asyncio.Protocol):
             reply = intake.Reply(500, intake.error_body(
                 "internal_error", "internal error; see the gateway's log"))
         self.busy = False
+        self.listener.buffered -= self.answering
+        self.answering = 0
         transport = self.transport
         if transport is None or transport.is_closing():
             return  # the client left; the request was still journaled (or refused) as answered
@@ -318,7 +378,10 @@ class WebhookConnection(asyncio.Protocol):
         if close:
             transport.close()
             return
+        if self.buffer:
+            self.request_started = time.monotonic()
         self._next()
+        self._recharge()
         self._pace()
 
     def _refuse_early(self, reply: intake.Reply, body_pending: bool) -> None:
@@ -328,6 +391,8 @@ class WebhookConnection(asyncio.Protocol):
         assert transport is not None
         self.discarding = True
         self.buffer.clear()
+        self.request_started = None
+        self._recharge()
         transport.write(render(reply, self.listener.date(), close=True))
         if body_pending and transport.can_write_eof():
             transport.write_eof()
@@ -341,6 +406,7 @@ class WebhookConnection(asyncio.Protocol):
         assert transport is not None
         data = bytes(self.buffer)
         self.buffer.clear()
+        self._recharge()  # the bytes are aiohttp's now
         self.transport = None
         self.listener.connections.discard(self)
         handler = self.listener.aiohttp_server()

@@ -11,7 +11,7 @@ from aiohttp import web
 from gateway import logging as gwlog
 from gateway.app import create_app, metrics_app
 from gateway.config import GatewayConfig
-from gateway.listener import Listener
+from gateway.listener import KEEPALIVE_SECONDS, Listener
 from gateway.metrics import Metrics
 
 log = gwlog.get("gateway.server")
@@ -43,7 +43,9 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runners = [web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout)]
+    # aiohttp's own keep-alive default is an hour; handed-off connections close as lean ones do
+    runners = [web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout,
+                             keepalive_timeout=KEEPALIVE_SECONDS)]
     if config.server.metrics_port != config.server.port:
         runners.append(web.AppRunner(metrics_app(metrics), access_log=None))
     listener: Listener | None = None

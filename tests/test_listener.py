@@ -12,7 +12,9 @@ import socket
 
 import pytest
 
+from gateway import config as gwconfig
 from gateway import keys, listener
+from gateway.errors import ConfigError
 from gateway.listener import parse_head
 from gateway.signatures import sign
 from tests.conftest import SECRET, fixture_bytes
@@ -388,3 +390,90 @@ async def test_an_upload_the_client_abandons_is_freed_at_once(gateway):
         gc.enable()
     assert alive == []
     assert (await gw.post("whatsapp", TEXT))[0] == 200  # and the gateway carries on
+
+
+async def wait_for(predicate, timeout: float = 5.0) -> None:
+    """Poll ``predicate`` until it holds (the gateway runs on this loop, between the polls)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def test_the_buffer_budget_may_not_be_below_max_body_bytes(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text("[server]\nmax_body_bytes = 4096\nmax_buffered_bytes = 4095\n")
+    with pytest.raises(ConfigError) as exc:
+        gwconfig.load(str(path), environ={})
+    assert exc.value.key == "server.max_buffered_bytes" and "max_body_bytes" in str(exc.value)
+    path.write_text("[server]\nmax_body_bytes = 4096\nmax_buffered_bytes = 4096\n")
+    assert gwconfig.load(str(path), environ={}).server.max_buffered_bytes == 4096
+
+
+async def test_bodies_over_the_buffer_budget_get_503_and_the_connection_closes(gateway):
+    """The budget counts a body at its declared length from its head on, across connections."""
+    gw = await gateway(extra="max_body_bytes = 2048\nmax_buffered_bytes = 2048\n"
+                             "[queue]\nretry_after_seconds = 17")
+    served = gw.server._listener
+    first = post(TEXT)  # its declared body and IMAGE's: more than 2048 bytes
+    body_start = first.index(b"\r\n\r\n") + 4
+    reader1, writer1 = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer1.write(first[:body_start + 10])
+    await wait_for(lambda: served.buffered > 0)
+    assert served.buffered == len(first)  # 10 body bytes received, all of them counted
+    reader2, writer2 = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer2.write(post(IMAGE))
+    status, headers, body = await read_response(reader2)
+    assert status == 503 and headers["retry-after"] == "17" and headers["connection"] == "close"
+    assert json.loads(body)["error"]["code"] == "busy"
+    assert await asyncio.wait_for(reader2.read(), 5) == b""  # closed by the gateway
+    assert gw.app[keys.METRICS].registry.get_sample_value(
+        "gateway_webhook_requests_total", {"channel": "whatsapp", "outcome": "unavailable"}) == 1
+    assert served.buffered == len(first)
+    writer1.write(first[body_start + 10:])
+    assert (await read_response(reader1))[0] == 200
+    assert served.buffered == 0  # an idle keep-alive connection holds nothing
+    [(status, _, _)] = await exchange(gw, post(IMAGE))  # room again
+    assert status == 200
+    for writer in (writer1, writer2):
+        writer.close()
+    await wait_for(lambda: not served.connections)
+    assert served.buffered == 0
+    await gw.settle()
+    assert sorted(e["type"] for e in gw.jsonl()) == ["image", "text"]
+
+
+@pytest.mark.parametrize("phase", ["head", "body"])
+async def test_a_request_that_trickles_past_its_deadline_is_closed(gateway, monkeypatch, phase):
+    """A byte at a time keeps the connection from being idle, not the request from its deadline;
+    a connection idle between requests is not touched by it."""
+    monkeypatch.setattr(listener, "REQUEST_SECONDS", 0.5)
+    monkeypatch.setattr(listener, "SWEEP_SECONDS", 0.05)
+    gw = await gateway()
+    served = gw.server._listener
+    reader2, writer2 = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer2.write(post(TEXT))
+    assert (await read_response(reader2))[0] == 200
+    data = post(IMAGE)
+    sent = 20 if phase == "head" else data.index(b"\r\n\r\n") + 4
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer.write(data[:sent])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    closed = None
+    while loop.time() - started < 5 and sent < len(data):
+        try:
+            closed = await asyncio.wait_for(reader.read(), 0.1)
+            break
+        except TimeoutError:
+            writer.write(data[sent:sent + 1])
+            sent += 1
+    assert closed == b"" and 0.4 < loop.time() - started < 3  # unanswered, closed
+    assert sent < len(data)
+    writer.close()
+    await wait_for(lambda: len(served.connections) == 1)
+    assert served.buffered == 0
+    writer2.write(post(IMAGE))  # the idle keep-alive connection is still open
+    assert (await read_response(reader2))[0] == 200
+    writer2.close()
+    await gw.settle()
+    assert sorted(e["type"] for e in gw.jsonl()) == ["image", "text"]
