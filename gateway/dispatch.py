@@ -225,7 +225,18 @@ class SinkWorker:
             for record in batch:
                 lanes.setdefault(record.event.conversation_id, []).append(record)
             batched = len(batch) > 1
-            await asyncio.gather(*(self._lane(lane, exc, batched) for lane in lanes.values()))
+            tasks = [asyncio.ensure_future(self._lane(lane, exc, batched))
+                     for lane in lanes.values()]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                # One lane's failure (the journal, a lost lease) ends the batch for all of them:
+                # none may go on writing while the batch is retried, or a conversation would have
+                # two lanes at once (out of order, dead-lettered twice).
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
             return
         self._delivered(batch)
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from gateway.config import GatewayConfig, ServerConfig
 from gateway.dispatch import Dispatcher, SinkWorker, Tail
-from gateway.errors import RetryableError
+from gateway.errors import PermanentError, RetryableError
 from gateway.events import Message, Party, conversation_id, encode
 from gateway.journal import NewEvent
 from gateway.journal.sqlite import SqliteJournal
@@ -252,3 +252,45 @@ async def test_a_failing_journal_does_not_end_the_processor(tmp_path):
 
 async def _processed(journal) -> bool:
     return journal.pending == 0 and await journal.last_event_seq() > 0
+
+
+class DeadLettersLockedOnce(SqliteJournal):
+    """The SQLite journal, failing its first dead-letter write as a locked database does."""
+
+    failures = 1
+
+    async def add_dead_letters(self, sink, items):
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        await super().add_dead_letters(sink, items)
+
+
+class BadAndBusy(JsonlSink):
+    """``ev-1`` is refused for good; ``ev-2``'s backend stays busy."""
+
+    def _write_all(self, fd: int, blob: bytes) -> None:
+        if b'"ev-1"' in blob:
+            raise PermanentError("this event is malformed for this sink")
+        if b'"ev-2"' in blob:
+            raise OSError(11, "Resource temporarily unavailable")
+        super()._write_all(fd, blob)
+
+
+async def test_one_lanes_journal_error_stops_every_lane_of_the_batch(tmp_path):
+    # ev-1's dead letter fails to be stored; the batch is retried. ev-2's lane of the first try
+    # must not go on meanwhile: two lanes of one conversation would write out of order and
+    # dead-letter it twice.
+    journal = DeadLettersLockedOnce(GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
+    await journal.open()
+    await journal.set_cursor("sink:jsonl", 0)
+    await store(journal, [message(1, "111"), message(2, "222")])
+    sink = BadAndBusy(jsonl_config(tmp_path, max_attempts=4, backoff_initial=0.15,
+                                   backoff_max=0.15))  # ev-2's lane outlasts the worker's retry
+    dispatcher = Dispatcher(journal, {"jsonl": sink}, Metrics())
+    await dispatcher.start()
+    await until(lambda: _cursor_at(journal, 2))
+    await asyncio.sleep(1.0)  # a lane left running would dead-letter ev-2 again by now
+    await dispatcher.stop(2)
+    assert sorted(d.event_id for d in await journal.dead_letters("jsonl")) == ["ev-1", "ev-2"]
+    await journal.close()
