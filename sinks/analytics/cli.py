@@ -43,6 +43,8 @@ def report(path: str, days: int, today: datetime | None = None) -> list[dict]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         rows = conn.execute(REPORT, (since,)).fetchall()
+    except sqlite3.DatabaseError as exc:  # another file, or not SQLite at all
+        raise ConfigError(f"{path} is not an analytics database ({exc})") from None
     finally:
         conn.close()
     out = []

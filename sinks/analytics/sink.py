@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS responses (
     PRIMARY KEY (day, channel, account_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS waiting (
     conversation_id TEXT PRIMARY KEY, since REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS replied (
+    conversation_id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counted (id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS counted_at ON counted(at);
 """
@@ -112,15 +114,21 @@ def count(c: sqlite3.Connection, events: list[Event], now: float,
 def _response(c: sqlite3.Connection, event: Event, where: tuple) -> None:
     """Start or end a conversation's wait for its first reply."""
     at = event.timestamp.timestamp()
+    conversation = event.conversation_id
     if event.kind == "message" and event.direction == "inbound":
-        c.execute("INSERT OR IGNORE INTO waiting VALUES (?, ?)", (event.conversation_id, at))
+        last = c.execute("SELECT at FROM replied WHERE conversation_id = ?",
+                         (conversation,)).fetchone()
+        if last is None or last[0] < at:  # not a message older than a reply counted already
+            c.execute("INSERT OR IGNORE INTO waiting VALUES (?, ?)", (conversation, at))
         return
     replied = (event.kind == "message" and event.direction == "outbound") or (
         event.kind == "status" and event.status == "sent")
     if not replied:
         return
+    c.execute("INSERT INTO replied VALUES (?, ?) ON CONFLICT DO UPDATE "
+              "SET at = max(at, excluded.at)", (conversation, at))
     row = c.execute("DELETE FROM waiting WHERE conversation_id = ? RETURNING since",
-                    (event.conversation_id,)).fetchone()
+                    (conversation,)).fetchone()
     if row is None or at < row[0]:
         return
     took = at - row[0]

@@ -106,3 +106,28 @@ def test_the_cli_names_a_missing_table(tmp_path):
     out = subprocess.run([sys.executable, "-m", "gateway", "analytics", "--config", str(config)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "[sinks.analytics] is not in the configuration" in out.stderr
+
+
+async def test_a_replayed_old_message_does_not_open_a_wait_its_reply_closed(tmp_path):
+    sink = await started(tmp_path)
+    await sink.write(records(sent(1, "111", T0 + timedelta(seconds=30))))  # the reply first
+    await sink.write(records(inbound(1, "111", T0)))  # its message, replayed from dead letters
+    await sink.write(records(sent(2, "111", T0 + timedelta(hours=3))))
+    assert await sink.query("SELECT * FROM responses") == []  # not a 3 h first reply
+    await sink.write(records(inbound(2, "111", T0 + timedelta(hours=4)),
+                             sent(3, "111", T0 + timedelta(hours=4, seconds=10))))
+    assert await sink.query("SELECT replies, seconds FROM responses") == [(1, 10.0)]
+    await sink.close()
+
+
+def test_the_cli_names_a_file_that_is_not_an_analytics_database(tmp_path):
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[sinks.analytics]\npath = "{other}"\n')
+    out = subprocess.run([sys.executable, "-m", "gateway", "analytics", "--config", str(config)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "is not an analytics database" in out.stderr
+    assert "Traceback" not in out.stderr
