@@ -36,6 +36,16 @@ def test_check_config_names_every_bad_key_at_once(tmp_path):
         assert f"config error: {key}:" in run.stderr, run.stderr
 
 
+def test_the_buffer_budget_may_not_be_below_max_body_bytes(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text("[server]\nmax_body_bytes = 4096\nmax_buffered_bytes = 4095\n")
+    with pytest.raises(ConfigError) as exc:
+        gwconfig.load(str(path), environ={})
+    assert exc.value.key == "server.max_buffered_bytes" and "max_body_bytes" in str(exc.value)
+    path.write_text("[server]\nmax_body_bytes = 4096\nmax_buffered_bytes = 4096\n")
+    assert gwconfig.load(str(path), environ={}).server.max_buffered_bytes == 4096
+
+
 def test_wrong_type_names_the_key(tmp_path):
     path = tmp_path / "g.toml"
     path.write_text('[server]\nport = "eighty"\n')

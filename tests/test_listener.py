@@ -12,9 +12,7 @@ import socket
 
 import pytest
 
-from gateway import config as gwconfig
 from gateway import keys, listener
-from gateway.errors import ConfigError
 from gateway.listener import parse_head
 from gateway.signatures import sign
 from tests.conftest import SECRET, fixture_bytes
@@ -397,16 +395,6 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
-
-
-def test_the_buffer_budget_may_not_be_below_max_body_bytes(tmp_path):
-    path = tmp_path / "g.toml"
-    path.write_text("[server]\nmax_body_bytes = 4096\nmax_buffered_bytes = 4095\n")
-    with pytest.raises(ConfigError) as exc:
-        gwconfig.load(str(path), environ={})
-    assert exc.value.key == "server.max_buffered_bytes" and "max_body_bytes" in str(exc.value)
-    path.write_text("[server]\nmax_body_bytes = 4096\nmax_buffered_bytes = 4096\n")
-    assert gwconfig.load(str(path), environ={}).server.max_buffered_bytes == 4096
 
 
 async def test_bodies_over_the_buffer_budget_get_503_and_the_connection_closes(gateway):
