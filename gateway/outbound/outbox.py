@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     account_id TEXT NOT NULL, recipient TEXT NOT NULL, type TEXT NOT NULL, request BLOB NOT NULL,
     state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL,
     provider_message_id TEXT, error TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    sent_at REAL) WITHOUT ROWID;
+    sent_at REAL, superseded TEXT) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(channel, account_id, state, next_at);
 CREATE INDEX IF NOT EXISTS outbox_provider ON outbox(provider_message_id);
 CREATE TABLE IF NOT EXISTS customers (
@@ -33,6 +33,9 @@ CREATE TABLE IF NOT EXISTS customers (
     last_inbound_at REAL, last_inbound_message_id TEXT, opted_out INTEGER NOT NULL DEFAULT 0,
     opted_out_at REAL, PRIMARY KEY (channel, account_id, contact_id)) WITHOUT ROWID;
 """
+# A status naming a send that a failed status webhook made us replace (``requeue``): the
+# provider ids of those sends, one per line, in ``superseded``; ``?`` is the status's provider id.
+_SUPERSEDED = "instr(char(10) || coalesce(superseded, '') || char(10), char(10) || ? || char(10))"
 # The latest word on consent wins, by the time it was said (webhooks arrive in any order).
 _NEWER_CONSENT = "excluded.opted_out_at >= coalesce(opted_out_at, -1e300)"
 
@@ -94,6 +97,9 @@ class Outbox:
             columns = {r[1] for r in c.execute("PRAGMA table_info(customers)")}
             if "opted_out_at" not in columns:  # a database made before consent had a time
                 c.execute("ALTER TABLE customers ADD COLUMN opted_out_at REAL")
+            columns = {r[1] for r in c.execute("PRAGMA table_info(outbox)")}
+            if "superseded" not in columns:  # a database made before requeue remembered them
+                c.execute("ALTER TABLE outbox ADD COLUMN superseded TEXT")
             return c.execute("UPDATE outbox SET state = 'uncertain', next_at = ? "
                              "WHERE state = 'sending'", (at,)).rowcount
 
@@ -158,11 +164,15 @@ class Outbox:
             "sent_at = coalesce(sent_at, ?), updated_at = ?, error = NULL WHERE id = ?",
             (provider_message_id, now, now, record_id)))
 
-    async def failed(self, record_id: str, error: dict[str, Any]) -> None:
+    async def failed(self, record_id: str, error: dict[str, Any],
+                     attempts: int | None = None) -> None:
+        """Fail the record. ``attempts``: the sends made, when the claim counted one that was
+        not made (a record given up before its send)."""
         now = time.time()
         await self._db.run(lambda c: c.execute(
-            "UPDATE outbox SET state = 'failed', error = ?, updated_at = ? WHERE id = ?",
-            (msgspec.json.encode(error), now, record_id)))
+            "UPDATE outbox SET state = 'failed', error = ?, updated_at = ?, "
+            "attempts = coalesce(?, attempts) WHERE id = ?",
+            (msgspec.json.encode(error), now, attempts, record_id)))
 
     async def retry_at(self, record_id: str, at: float, error: dict[str, Any] | None,
                        count_attempt: bool = True) -> None:
@@ -177,7 +187,11 @@ class Outbox:
                      error: dict[str, Any] | None) -> Row | None:
         """A delivery status from a webhook: move the record forward (never backwards).
         Returns the record as moved, or None when it did not move (unknown, or a status it is
-        already past: e.g. a redelivered webhook)."""
+        already past: e.g. a redelivered webhook).
+
+        A status of a send that :meth:`requeue` replaced (its provider id is one the record
+        superseded) moves nothing: that send failed, and the record is queued or sent again;
+        a late ``sent`` of it must not cancel (or be taken for) the new send."""
         if status not in RANK:
             return None
         now = time.time()
@@ -191,9 +205,10 @@ class Outbox:
                 f"provider_message_id = coalesce(provider_message_id, ?), "
                 f"sent_at = coalesce(sent_at, ?) WHERE {where} AND "
                 f"(CASE state {rank_sql} ELSE 0 END) < (CASE ? {rank_sql} ELSE 0 END) "
+                f"AND (? IS NULL OR {_SUPERSEDED} = 0) "
                 f"RETURNING {_COLUMNS}",
                 (status, now, msgspec.json.encode(error) if error else None, provider_message_id,
-                 now, arg, status)).fetchone()
+                 now, arg, status, provider_message_id, provider_message_id)).fetchone()
             return Row(*row) if row else None
 
         return await self._db.run(work)
@@ -206,8 +221,10 @@ class Outbox:
 
         Only a ``sent`` record whose provider id is ``provider_message_id`` moves (a redelivered
         status of an earlier send changes nothing); it forgets that id, so the next send's is
-        kept. ``final_error`` is stored when it fails. Returns the record as it is now
-        (``queued`` or ``failed``), or None."""
+        kept, and remembers it as superseded, so that a late status of that send (its ``sent``
+        may arrive after its ``failed``) moves nothing (:meth:`status`). ``final_error`` is
+        stored when it fails. Returns the record as it is now (``queued`` or ``failed``), or
+        None."""
         now = time.time()
         encoded, final = msgspec.json.encode(error), msgspec.json.encode(final_error)
 
@@ -220,7 +237,9 @@ class Outbox:
                 "state = CASE WHEN attempts >= :max THEN 'failed' ELSE 'queued' END, "
                 "next_at = CASE WHEN attempts >= :max THEN next_at ELSE :at END, "
                 "provider_message_id = CASE WHEN attempts >= :max THEN provider_message_id END, "
-                "sent_at = CASE WHEN attempts >= :max THEN sent_at END "
+                "sent_at = CASE WHEN attempts >= :max THEN sent_at END, "
+                "superseded = CASE WHEN attempts >= :max THEN superseded "
+                "ELSE coalesce(superseded || char(10), '') || :pmid END "
                 f"WHERE {where} AND state = 'sent' AND provider_message_id = :pmid "
                 f"RETURNING {_COLUMNS}",
                 {"now": now, "max": max_attempts, "final": final, "error": encoded, "at": at,

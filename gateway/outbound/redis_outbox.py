@@ -10,7 +10,9 @@ the local rate limiter of that replica is the account's limiter cluster-wide.
 Keys, under the journal's prefix ``p`` (default ``gw``; ``?prefix=NAME`` on the URL):
 
 - ``{p}:out:rec:{id}`` — hash, one record: the :class:`Row` fields (absent ones are None)
-  but ``request`` and ``error``, and ``owner``, the replica that claimed it last;
+  but ``request`` and ``error``, ``owner``, the replica that claimed it last, and
+  ``superseded``, the provider ids (one per line) of the sends a failed status webhook made
+  it replace (``requeue``), whose late statuses move nothing;
   ``{p}:out:req:{id}`` / ``{p}:out:err:{id}`` — its request and its error (JSON), strings of
   their own so that the hash of small fields stays compact (a listpack).
 - ``{p}:out:idem:{idempotency key}`` — string → record id (one record per key, ever: set in the
@@ -97,6 +99,11 @@ local function record(p, id)
     f[#f + 1] = err
   end
   return f
+end
+-- Whether `pmid` is one of the provider ids in `list` (one per line; nil: none).
+local function superseded(list, pmid)
+  if not list or pmid == '' then return false end
+  return string.find('\\n' .. list .. '\\n', '\\n' .. pmid .. '\\n', 1, true) ~= nil
 end
 local function open_state(state)
   return state == 'queued' or state == 'sending' or state == 'uncertain'
@@ -230,12 +237,13 @@ settle(p, id, ARGV[5], ARGV[6])
 return 1
 """
 
-# ARGV: prefix, id, error, now, ttl ms, expire at ms.
+# ARGV: prefix, id, error, now, ttl ms, expire at ms, attempts ('' unchanged).
 _FAILED = _COMMON + """
 local p, id = ARGV[1], ARGV[2]
 local rec = p .. ':out:rec:' .. id
 if redis.call('EXISTS', rec) == 0 then return 0 end
 redis.call('HSET', rec, 'state', 'failed', 'updated_at', ARGV[4])
+if ARGV[7] ~= '' then redis.call('HSET', rec, 'attempts', ARGV[7]) end
 redis.call('SET', p .. ':out:err:' .. id, ARGV[3])
 settle(p, id, ARGV[5], ARGV[6])
 return 1
@@ -259,8 +267,8 @@ return 1
 """
 
 # ARGV: prefix, record id ('' = by provider id), provider message id ('' none), status,
-# error ('' none), now, ttl ms, expire at ms. Moves the record forward only; returns its fields
-# if it moved, {} if not.
+# error ('' none), now, ttl ms, expire at ms. Moves the record forward only, and never by a
+# status of a send it superseded (see _REQUEUE); returns its fields if it moved, {} if not.
 _STATUS = _COMMON + """
 local p, id, pmid, status, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 if id == '' then
@@ -269,10 +277,11 @@ if id == '' then
   if not id then return {} end
 end
 local rec = p .. ':out:rec:' .. id
-local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'sent_at')
+local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'sent_at', 'superseded')
 if not f[1] then return {} end
 if ARGV[2] == '' and f[2] ~= pmid then return {} end
 if rank(f[1]) >= rank(status) then return {} end
+if superseded(f[4], pmid) then return {} end
 redis.call('HSET', rec, 'state', status, 'updated_at', now)
 if ARGV[5] ~= '' then redis.call('SET', p .. ':out:err:' .. id, ARGV[5]) end
 if not f[2] and pmid ~= '' then redis.call('HSET', rec, 'provider_message_id', pmid) end
@@ -283,8 +292,8 @@ return record(p, id)
 
 # ARGV: prefix, id ('' = by provider id), provider message id, at, error, now, max attempts,
 # ttl ms, expire at ms, error when it fails. A `sent` record with that provider id goes back to
-# the queue (due at `at`, its provider id forgotten) or, after max attempts, fails. Returns its
-# fields, or {}.
+# the queue (due at `at`, its provider id forgotten and added to `superseded`, so that a late
+# status of that send moves nothing) or, after max attempts, fails. Returns its fields, or {}.
 _REQUEUE = _COMMON + """
 local p, id, pmid, at, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 if id == '' then
@@ -293,7 +302,7 @@ if id == '' then
 end
 local rec = p .. ':out:rec:' .. id
 local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'attempts', 'channel',
-                     'account_id', 'recipient', 'idempotency_key')
+                     'account_id', 'recipient', 'idempotency_key', 'superseded')
 if f[1] ~= 'sent' or f[2] ~= pmid then return {} end
 if tonumber(f[3]) >= tonumber(ARGV[7]) then
   redis.call('SET', p .. ':out:err:' .. id, ARGV[10])
@@ -304,6 +313,7 @@ end
 redis.call('SET', p .. ':out:err:' .. id, ARGV[5])
 redis.call('HSET', rec, 'state', 'queued', 'next_at', at, 'updated_at', now)
 redis.call('HDEL', rec, 'provider_message_id', 'sent_at')
+redis.call('HSET', rec, 'superseded', f[8] and (f[8] .. '\\n' .. pmid) or pmid)
 redis.call('PERSIST', rec)
 redis.call('PERSIST', p .. ':out:req:' .. id)
 if f[7] then redis.call('PERSIST', p .. ':out:idem:' .. f[7]) end
@@ -650,11 +660,14 @@ class RedisOutbox:
         await self._outage("sent", lambda: self._sent(args=[
             self.p, record_id, provider_message_id or "", now, ttl, until]))
 
-    async def failed(self, record_id: str, error: dict[str, Any]) -> None:
+    async def failed(self, record_id: str, error: dict[str, Any],
+                     attempts: int | None = None) -> None:
+        """Fail the record; ``attempts`` as :meth:`Outbox.failed`."""
         ttl, until = self._expiry()
         now = repr(time.time())
         await self._outage("failed", lambda: self._failed(args=[
-            self.p, record_id, msgspec.json.encode(error), now, ttl, until]))
+            self.p, record_id, msgspec.json.encode(error), now, ttl, until,
+            "" if attempts is None else int(attempts)]))
 
     async def retry_at(self, record_id: str, at: float, error: dict[str, Any] | None,
                        count_attempt: bool = True) -> None:

@@ -278,9 +278,12 @@ class OutboundService(PythonAPI):
                                                count_attempt=False)
                 return
             if row.state == "uncertain" and row.attempts >= self.config.max_attempts:
+                # Every send it may make was made (Meta may have one of them): this claim
+                # counted a send that is not made, so the record keeps row.attempts.
                 await self._fail(row, self._unknown(row, _error(row) or {
-                    "code": "uncertain", "message": "interrupted by a restart during the send"}))
-                continue  # every send it may make was made: Meta may have one of them
+                    "code": "uncertain", "message": "interrupted by a restart during the send"},
+                    sends=row.attempts), attempts=row.attempts)
+                continue
             shared, own = limiter.waits(row.recipient, kind=row.type)
             if own > shared:  # its recipient's pair or its type class is busy: come back later
                 at = time.time() + own  # and never stall the whole account meanwhile
@@ -373,12 +376,15 @@ class OutboundService(PythonAPI):
         await self.outbox.set_opted_out(channel, account, contact, True, at)
         log.info("contact_opted_out", channel=channel, account=account, source="meta_131050")
 
-    def _unknown(self, row: Row, error: dict[str, Any]) -> dict[str, Any]:
-        """The error of a message given up while its last send's outcome is unknown."""
+    def _unknown(self, row: Row, error: dict[str, Any],
+                 sends: int | None = None) -> dict[str, Any]:
+        """The error of a message given up while its last send's outcome is unknown; ``sends``:
+        how many were made (default :func:`_sends`, the one just made included)."""
+        sends = _sends(row) if sends is None else sends
         return {**error, "outcome": "unknown", "hint": (
             f"outcome unknown: the last send was interrupted after the request was written (a "
             f"timeout or a restart), so Meta may have accepted it, and no status webhook named "
-            f"it; not sent again: {_sends(row)} sends made (outbound.max_attempts = "
+            f"it; not sent again: {sends} sends made (outbound.max_attempts = "
             f"{self.config.max_attempts}). Check the conversation before sending it again")}
 
     # -- failed status webhooks -----------------------------------------------------------------
@@ -581,7 +587,8 @@ class OutboundService(PythonAPI):
                 held = now - max(pause.since, row.created_at)
                 await self._fail(row, {**pause.error, "hint": (
                     f"{pause.error['hint']}. Not sent: held {held / 3600:.1f} h while the "
-                    "account was paused, longer than outbound.max_pause_seconds")})
+                    "account was paused, longer than outbound.max_pause_seconds")},
+                    attempts=row.attempts)  # not sent: the claim's count is given back
                 expired += 1
             if keep or len(rows) < 200:
                 break
@@ -610,8 +617,10 @@ class OutboundService(PythonAPI):
         if wake is not None:
             wake.set()
 
-    async def _fail(self, row: Row, error: dict[str, Any]) -> None:
-        await self.outbox.failed(row.id, error)
+    async def _fail(self, row: Row, error: dict[str, Any], attempts: int | None = None) -> None:
+        """Fail ``row``; ``attempts``: the sends made, when the claim of ``row`` counted one that
+        is not made (it is given up before its send)."""
+        await self.outbox.failed(row.id, error, attempts)
         self.depth_changed.set()
         self.metrics.outbound_messages.labels(row.channel, row.type, "failed").inc()
         log.warning("outbound_failed", channel=row.channel, id=row.id, code=error.get("code"),

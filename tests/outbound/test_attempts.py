@@ -4,7 +4,10 @@ timeouts after the request was written (Meta may have accepted it) alike."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
+from gateway.outbound.outbox import Outbox
 from tests.outbound.conftest import WA
 
 A = "15550001234"
@@ -41,3 +44,24 @@ async def test_a_send_that_times_out_is_resent_at_most_max_attempts_times(outbou
     assert "Meta may have accepted it" in error["hint"] and "max_attempts = 2" in error["hint"]
     assert ob.metric("gateway_outbound_messages_total", channel="whatsapp", type="text",
                      outcome="failed") == 1
+
+
+async def test_a_record_cut_off_after_its_last_send_shows_the_sends_made(outbound, tmp_path):
+    """A restart interrupts the max_attempts-th send: the record fails as "outcome unknown"
+    without another send, and its attempts and hint count the sends made, not the claim that
+    gave it up."""
+    pre = Outbox(str(tmp_path / "data"))
+    await pre.open(0.2)
+    body = {"channel": "whatsapp", "to": A, "type": "text", "text": "x"}
+    row, _ = await pre.add("whatsapp", WA, A, "text", json.dumps(body).encode(), None)
+    await pre.claim_due("whatsapp", WA, 1)  # send 1
+    await pre.retry_at(row.id, time.time() - 1, {"code": 1, "message": "retry"})
+    await pre.claim_due("whatsapp", WA, 1)  # send 2, cut off by the restart
+    assert (await pre.get(row.id)).attempts == 2
+    await pre.close()
+    ob = await outbound(outbound="max_attempts = 2")
+    record = await ob.wait(row.id, "failed", timeout=10)
+    assert ob.sim.requests == [] and record["attempts"] == 2
+    error = record["error"]
+    assert error["outcome"] == "unknown" and error["code"] == 1
+    assert "2 sends made (outbound.max_attempts = 2)" in error["hint"]

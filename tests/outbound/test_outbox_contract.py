@@ -423,6 +423,71 @@ async def test_requeue_sends_a_sent_record_again_then_fails_it_at_max_attempts(o
     assert await outbox.claim_due("whatsapp", WA, 10) == []
 
 
+async def test_a_late_status_of_a_requeued_send_moves_nothing(outbox):
+    """Meta's statuses arrive in any order: the ``sent`` (or ``delivered``) of a send a failed
+    status webhook requeued may come after that ``failed``. It must not settle the queued record
+    (the message would never be sent again), nor be taken for the resend (sending or sent)."""
+    row = await add(outbox)
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.sent(row.id, "wamid.first")
+    await outbox.requeue(record_id=row.id, provider_message_id="wamid.first",
+                         at=time.time() - 1, error={"code": 131000}, final_error={},
+                         max_attempts=3)
+
+    async def late(status: str, record_id: str | None = row.id, pmid: str = "wamid.first"):
+        return await outbox.status(provider_message_id=pmid, record_id=record_id,
+                                   status=status, error={"code": 131026} if status == "failed"
+                                   else None)
+
+    for status in ("sent", "delivered", "read", "failed"):  # queued: by record id or wamid
+        assert await late(status) is None and await late(status, None) is None
+    got = await outbox.get(row.id)
+    assert (got.state, got.provider_message_id, got.sent_at) == ("queued", None, None)
+    assert got.public()["error"] == {"code": 131000}
+    assert [r.id for r in await outbox.claim_due("whatsapp", WA, 10)] == [row.id]
+    for status in ("sent", "delivered", "read", "failed"):  # the resend has started
+        assert await late(status) is None
+    assert (await outbox.get(row.id)).state == "sending"
+    await outbox.sent(row.id, "wamid.second")
+    for status in ("delivered", "read", "failed"):  # the resend went out
+        assert await late(status) is None and await late(status, None) is None
+    got = await outbox.get(row.id)
+    assert (got.state, got.provider_message_id) == ("sent", "wamid.second")
+    moved = await late("delivered", pmid="wamid.second")  # the resend's own statuses move it
+    assert (moved.state, moved.provider_message_id) == ("delivered", "wamid.second")
+    # a second requeue remembers both superseded sends
+    await outbox.requeue(record_id=None, provider_message_id="wamid.second", at=time.time() - 1,
+                         error={"code": 131000}, final_error={}, max_attempts=3)
+    assert (await outbox.get(row.id)).state == "delivered"  # a requeue moves `sent` only
+    other = await add(outbox, to="c2")
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.sent(other.id, "wamid.o1")
+    for old, at in (("wamid.o1", "wamid.o2"), ("wamid.o2", None)):
+        await outbox.requeue(record_id=other.id, provider_message_id=old, at=time.time() - 1,
+                             error={"code": 131000}, final_error={}, max_attempts=5)
+        if at:
+            await outbox.claim_due("whatsapp", WA, 10)
+            await outbox.sent(other.id, at)
+    for old in ("wamid.o1", "wamid.o2"):
+        assert await late("sent", other.id, old) is None
+    assert (await outbox.get(other.id)).state == "queued"
+    # a send whose answer was lost (timeout: queued again) is still settled by its status
+    moved = await late("sent", other.id, "wamid.o3")
+    assert (moved.state, moved.provider_message_id) == ("sent", "wamid.o3")
+
+
+async def test_failed_can_set_the_sends_made(outbox):
+    """A record given up right after its claim (no send made) keeps the real count."""
+    row = await add(outbox)
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.failed(row.id, {"code": "uncertain"}, attempts=0)
+    assert (await outbox.get(row.id)).attempts == 0
+    other = await add(outbox, to="c2")
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.failed(other.id, {"code": 100})
+    assert (await outbox.get(other.id)).attempts == 1
+
+
 async def test_waiting_counts_queued_sending_and_uncertain_records(backend):
     ob, _ = await backend.open()
     rows = [await add(ob, to=f"c{i}") for i in range(4)]
@@ -436,3 +501,34 @@ async def test_waiting_counts_queued_sending_and_uncertain_records(backend):
     await ob.failed(rows[1].id, {"code": 100})
     await ob.sent(other.id, "wamid.other")
     assert await ob.waiting(both) == 2
+
+
+async def test_an_outbox_made_before_superseded_sends_were_kept_gains_the_column(tmp_path):
+    """SQLite: a database without ``outbox.superseded`` gets it on open, records kept."""
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "outbox.db")
+    db.executescript("""
+        CREATE TABLE outbox (
+            id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE, channel TEXT NOT NULL,
+            account_id TEXT NOT NULL, recipient TEXT NOT NULL, type TEXT NOT NULL,
+            request BLOB NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL, provider_message_id TEXT, error TEXT,
+            created_at REAL NOT NULL, updated_at REAL NOT NULL, sent_at REAL) WITHOUT ROWID;
+        INSERT INTO outbox VALUES ('msg_old', NULL, 'whatsapp', '100000000000001', '15550001234',
+            'text', X'7B7D', 'sent', 1, 0, 'wamid.old', NULL, 1, 1, 1);
+    """)
+    db.commit()
+    db.close()
+    ob = Outbox(str(tmp_path))
+    await ob.open(60.0)
+    try:
+        back = await ob.requeue(record_id="msg_old", provider_message_id="wamid.old",
+                                at=time.time() - 1, error={"code": 131000}, final_error={},
+                                max_attempts=3)
+        assert back.state == "queued"
+        assert await ob.status(provider_message_id="wamid.old", record_id="msg_old",
+                               status="sent", error=None) is None
+        assert (await ob.get("msg_old")).state == "queued"
+    finally:
+        await ob.close()

@@ -86,3 +86,43 @@ async def test_a_failed_status_is_counted_failed_once(outbound):
     record = await ob.wait(answer["id"], "failed")
     assert record["error"]["code"] == 131026
     assert outcome(ob, "failed") == 1 and outcome(ob, "sent") == 1
+
+
+def sent_status(wamid: str, callback: str | None, ts: int | None = None) -> dict:
+    body = json.loads(fixture_bytes("whatsapp/status_sent.json"))
+    value = body["entry"][0]["changes"][0]["value"]
+    value["metadata"]["phone_number_id"] = WA
+    status = value["statuses"][0]
+    status.update({"id": wamid, "recipient_id": A, "timestamp": str(ts or int(time.time()))})
+    if callback:
+        status["biz_opaque_callback_data"] = callback
+    return body
+
+
+async def test_a_late_sent_status_of_the_failed_send_does_not_cancel_the_resend(outbound):
+    """Meta's statuses come in any order: the failed send's own ``sent`` status, delivered after
+    its ``failed`` (retryable code), neither settles the requeued message nor is taken for the
+    resend: the message is sent again and keeps the resend's wamid."""
+    ob = await outbound(outbound="max_attempts = 3\nbackoff_initial = 1.0\nbackoff_max = 1.0")
+    await ob.inbound("whatsapp", A)
+    _, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text", "text": "x"})
+    first = (await ob.wait(answer["id"], "sent"))["provider_message_id"]
+    await ob.webhook("whatsapp", failed_status(first, 131000, answer["id"]))
+    assert (await ob.status(answer["id"]))["status"] == "queued"
+    await ob.webhook("whatsapp", sent_status(first, answer["id"], ts=int(time.time()) - 5))
+    await ob.webhook("whatsapp", sent_status(first, None, ts=int(time.time()) - 5))
+    record = await ob.status(answer["id"])
+    assert record["status"] == "queued" and record["provider_message_id"] is None
+    for _ in range(200):
+        record = await ob.status(answer["id"])
+        if record["status"] == "sent":
+            break
+        await asyncio.sleep(0.05)
+    assert len(ob.sim.accepted) == 2 and record["attempts"] == 2
+    second = record["provider_message_id"]
+    assert second == ob.sim.accepted[1].message_id != first
+    delivered = json.loads(json.dumps(sent_status(first, answer["id"])))
+    delivered["entry"][0]["changes"][0]["value"]["statuses"][0]["status"] = "delivered"
+    await ob.webhook("whatsapp", delivered)  # a late delivered of the first send
+    record = await ob.status(answer["id"])
+    assert (record["status"], record["provider_message_id"]) == ("sent", second)
