@@ -294,3 +294,23 @@ async def test_one_lanes_journal_error_stops_every_lane_of_the_batch(tmp_path):
     await dispatcher.stop(2)
     assert sorted(d.event_id for d in await journal.dead_letters("jsonl")) == ["ev-1", "ev-2"]
     await journal.close()
+
+
+class SlowJsonl(JsonlSink):
+    def _write_all(self, fd: int, blob: bytes) -> None:
+        time.sleep(0.2)
+        super()._write_all(fd, blob)
+
+
+async def test_a_jsonl_write_cancelled_midway_is_not_written_twice(tmp_path):
+    sink = SlowJsonl(jsonl_config(tmp_path))
+    await sink.start()
+    event = message(1, "111")
+    record = Record(1, event, encode(event), 1.0)
+    first = asyncio.create_task(sink.write([record]))
+    await asyncio.sleep(0.05)
+    first.cancel()  # e.g. a sibling lane failed, or the dispatcher stopped at its timeout
+    await asyncio.gather(first, return_exceptions=True)
+    await sink.write([record])  # the redelivery
+    await sink.close()
+    assert jsonl_ids(tmp_path) == ["ev-1"]

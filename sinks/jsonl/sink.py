@@ -71,6 +71,12 @@ class JsonlSink(Sink):
         self._recent_set.add(event_id)
 
     async def write(self, records: list[Record]) -> None:
+        # Shielded: a caller cancelled mid-write (the dispatcher cancels a batch's other lanes,
+        # or stops at its timeout) must not leave lines written but their ids not remembered,
+        # or the redelivery would append them again.
+        await asyncio.shield(self._write(records))
+
+    async def _write(self, records: list[Record]) -> None:
         async with self._lock:
             fresh, ids = [], set()
             for r in records:  # never an id twice: not one written before, nor within the batch
@@ -101,6 +107,7 @@ class JsonlSink(Sink):
             os.fsync(fd)
 
     async def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        async with self._lock:  # after a write still under way (shielded from cancellation)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
