@@ -111,16 +111,20 @@ async def _no_dead_letters(journal) -> bool:
     return not await journal.dead_letters("jsonl")
 
 
-class LockedFor(SqliteJournal):
-    """The SQLite journal, failing its first ``n`` reads of replays as a locked database does."""
+def locked(method: str, times: int) -> type[SqliteJournal]:
+    """The SQLite journal, whose first ``times`` calls of ``method`` fail as a database locked
+    past its busy timeout does (``failures`` counts down what is left)."""
 
-    failures = 3
-
-    async def replays_due(self, sink, limit):
+    async def fail_first(self, *args):
         if self.failures:
             self.failures -= 1
             raise sqlite3.OperationalError("database is locked")
-        return await super().replays_due(sink, limit)
+        return await getattr(SqliteJournal, method)(self, *args)
+
+    return type(f"Locked_{method}", (SqliteJournal,), {"failures": times, method: fail_first})
+
+
+LockedFor = locked("replays_due", 3)
 
 
 async def test_a_failing_journal_does_not_end_the_sink_worker(tmp_path):
@@ -215,16 +219,7 @@ async def test_an_old_journal_gains_the_dead_letter_seq_column(tmp_path):
     await journal.close()
 
 
-class UnprocessedLockedFor(SqliteJournal):
-    """The SQLite journal, failing its first ``n`` reads of unprocessed requests."""
-
-    failures = 3
-
-    async def unprocessed(self, limit):
-        if self.failures:
-            self.failures -= 1
-            raise sqlite3.OperationalError("database is locked")
-        return await super().unprocessed(limit)
+UnprocessedLockedFor = locked("unprocessed", 3)
 
 
 async def test_a_failing_journal_does_not_end_the_processor(tmp_path):
@@ -254,16 +249,7 @@ async def _processed(journal) -> bool:
     return journal.pending == 0 and await journal.last_event_seq() > 0
 
 
-class DeadLettersLockedOnce(SqliteJournal):
-    """The SQLite journal, failing its first dead-letter write as a locked database does."""
-
-    failures = 1
-
-    async def add_dead_letters(self, sink, items):
-        if self.failures:
-            self.failures -= 1
-            raise sqlite3.OperationalError("database is locked")
-        await super().add_dead_letters(sink, items)
+DeadLettersLockedOnce = locked("add_dead_letters", 1)
 
 
 class BadAndBusy(JsonlSink):
