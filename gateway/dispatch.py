@@ -173,6 +173,10 @@ class SinkWorker:
     async def _keep_lease(self) -> None:
         while True:
             await asyncio.sleep(LEASE_MS / 3000)
+            if time.monotonic() >= self._lease_until:
+                # lapsed (Redis out of reach): another replica may have delivered this batch
+                # meanwhile; taking the lease again would not make the batch ours again
+                return
             await self._renew_lease()
 
     def _check_lease(self) -> None:

@@ -263,3 +263,77 @@ async def test_a_cancelled_journal_loop_always_stops(redis_url):
             assert done and task.cancelled(), f"round {n}: the cancellation was lost"
     finally:
         await journal.close()
+
+
+class CutOff(RedisJournal):
+    """A replica's journal whose lease calls fail while ``down`` (as when Redis is out of reach:
+    acquire_lease answers False)."""
+
+    down = False
+
+    async def acquire_lease(self, name, owner, ttl_ms):
+        if self.down:
+            await asyncio.sleep(0.05)
+            return False
+        return await super().acquire_lease(name, owner, ttl_ms)
+
+
+async def test_a_worker_whose_lease_lapsed_never_resumes_its_stale_batch(redis_url, monkeypatch):
+    # A's first write is refused ("retry in 1.5 s") and A is then cut off from Redis: its lease
+    # lapses, B takes it, delivers and stops. When A reaches Redis again, its renewal must not
+    # take the free lease back and carry on with the batch B has delivered.
+    from datetime import UTC, datetime
+
+    from gateway import dispatch
+    from gateway.config import SinkConfig
+    from gateway.errors import RetryableError
+    from gateway.events import Message, Party, conversation_id, encode
+    from gateway.metrics import Metrics
+    from gateway.sink import Sink
+
+    monkeypatch.setattr(dispatch, "LEASE_MS", 600)
+    writes: list[str] = []
+
+    class Recording(Sink):
+        name = "rec"
+
+        def __init__(self, who: str, refuse_first: bool) -> None:
+            super().__init__(SinkConfig(max_attempts=3, backoff_initial=0.01, backoff_max=0.01))
+            self.who, self.refuse_first = who, refuse_first
+
+        async def write(self, records):
+            if self.refuse_first:
+                self.refuse_first = False
+                raise RetryableError("busy", retry_after=1.5)
+            writes.extend(f"{self.who}:{r.event.id}" for r in records)
+
+    a_journal, b_journal = CutOff(cfg(redis_url)), RedisJournal(cfg(redis_url))
+    await a_journal.open()
+    await b_journal.open()
+    event = Message(schema=1, id="ev-1", channel="whatsapp", direction="inbound", account_id="a",
+                    conversation_id=conversation_id("whatsapp", "a", "1"), sender=Party("1"),
+                    recipient=Party("a"), timestamp=datetime(2026, 1, 1, tzinfo=UTC),
+                    message_id="wamid.1", type="text", text="hi")
+    await a_journal.set_cursor("sink:rec", 0)
+    await a_journal.commit_processed(0, [NewEvent(event.id, event.channel, event.conversation_id,
+                                                  encode(event), 1.0)], [])
+    a = dispatch.SinkWorker(Recording("A", True), a_journal, dispatch.Tail(1, disabled=True),
+                            Metrics())
+    b = dispatch.SinkWorker(Recording("B", False), b_journal, dispatch.Tail(1, disabled=True),
+                            Metrics())
+    running_a = asyncio.create_task(a.run())
+    await asyncio.sleep(0.05)
+    a_journal.down = True
+    running_b = asyncio.create_task(b.run())
+    await asyncio.sleep(0.95)
+    b.stop()
+    await running_b
+    await b_journal.release_lease("sink:rec", b.owner)
+    await asyncio.sleep(0.1)
+    a_journal.down = False
+    await asyncio.sleep(1.0)  # past A's retry: a stale write would land now
+    a.stop()
+    await asyncio.wait_for(running_a, 5)
+    assert writes == ["B:ev-1"]
+    await a_journal.close()
+    await b_journal.close()
