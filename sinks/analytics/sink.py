@@ -118,7 +118,7 @@ def _response(c: sqlite3.Connection, event: Event, where: tuple) -> None:
     if event.kind == "message" and event.direction == "inbound":
         last = c.execute("SELECT at FROM replied WHERE conversation_id = ?",
                          (conversation,)).fetchone()
-        if last is None or last[0] < at:  # not a message older than a reply counted already
+        if last is None or last[0] <= at:  # not a message older than a reply counted already
             c.execute("INSERT OR IGNORE INTO waiting VALUES (?, ?)", (conversation, at))
         return
     replied = (event.kind == "message" and event.direction == "outbound") or (
@@ -127,9 +127,9 @@ def _response(c: sqlite3.Connection, event: Event, where: tuple) -> None:
         return
     c.execute("INSERT INTO replied VALUES (?, ?) ON CONFLICT DO UPDATE "
               "SET at = max(at, excluded.at)", (conversation, at))
-    row = c.execute("DELETE FROM waiting WHERE conversation_id = ? RETURNING since",
-                    (conversation,)).fetchone()
-    if row is None or at < row[0]:
+    row = c.execute("DELETE FROM waiting WHERE conversation_id = ? AND since <= ? "
+                    "RETURNING since", (conversation, at)).fetchone()
+    if row is None:  # nobody waiting, or a late older reply: the wait stands
         return
     took = at - row[0]
     c.execute(_BUMP_RESPONSES, (*where, 1, took, int(took < 60), int(took < 300),

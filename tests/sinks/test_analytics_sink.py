@@ -131,3 +131,22 @@ def test_the_cli_names_a_file_that_is_not_an_analytics_database(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2 and "is not an analytics database" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+async def test_a_late_older_reply_leaves_the_current_wait_alone(tmp_path):
+    sink = await started(tmp_path)
+    await sink.write(records(inbound(1, "111", T0), sent(1, "111", T0 + timedelta(seconds=30)),
+                             inbound(2, "111", T0 + timedelta(hours=1))))
+    await sink.write(records(sent(2, "111", T0 + timedelta(seconds=40))))  # late, older
+    await sink.write(records(sent(3, "111", T0 + timedelta(hours=1, seconds=10))))
+    assert await sink.query("SELECT replies, seconds FROM responses") == [(2, 40.0)]
+    await sink.close()
+
+
+async def test_a_message_in_the_same_second_as_the_last_reply_starts_a_wait(tmp_path):
+    sink = await started(tmp_path)  # Meta's timestamps are whole seconds
+    await sink.write(records(inbound(1, "111", T0), sent(1, "111", T0 + timedelta(seconds=30)),
+                             inbound(2, "111", T0 + timedelta(seconds=30)),
+                             sent(2, "111", T0 + timedelta(seconds=90))))
+    assert await sink.query("SELECT replies, seconds FROM responses") == [(2, 90.0)]
+    await sink.close()
