@@ -77,6 +77,12 @@ class AnalyticsSink(SqliteSink):
         self.config: AnalyticsConfig = config
         self._pruned = 0.0
 
+    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
+        """GDPR: the day tables' conversation ids name the customer; their rows go. The daily
+        counts are anonymous and stay, and so do the opaque counted event ids."""
+        suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
+        return await self._db.run(lambda c: erase(c, channel, suffix))
+
     async def write(self, records: list[Record]) -> None:
         now = time.time()
         prune = now - self._pruned > PRUNE_SECONDS
@@ -134,3 +140,14 @@ def _response(c: sqlite3.Connection, event: Event, where: tuple) -> None:
     took = at - row[0]
     c.execute(_BUMP_RESPONSES, (*where, 1, took, int(took < 60), int(took < 300),
                                 int(took < 3600)))
+
+
+def erase(c: sqlite3.Connection, channel: str, suffix: str) -> dict[str, int]:
+    """Delete the conversation rows of one customer (``suffix``: ``:<contact_id>``)."""
+    mine = "substr(conversation_id, 1, ?) = ? AND substr(conversation_id, ?) = ?"
+    args = (len(channel) + 1, channel + ":", -len(suffix), suffix)
+    active = c.execute(f"DELETE FROM active WHERE channel = ? AND {mine}",
+                       (channel, *args)).rowcount
+    pending = sum(c.execute(f"DELETE FROM {table} WHERE {mine}", args).rowcount
+                  for table in ("waiting", "replied"))
+    return {"conversation_days": active, "conversation_states": pending}

@@ -150,3 +150,18 @@ async def test_a_message_in_the_same_second_as_the_last_reply_starts_a_wait(tmp_
                              sent(2, "111", T0 + timedelta(seconds=90))))
     assert await sink.query("SELECT replies, seconds FROM responses") == [(2, 90.0)]
     await sink.close()
+
+
+async def test_erasure_removes_the_customers_conversation_rows_only(tmp_path):
+    sink = await started(tmp_path)
+    await sink.write(records(inbound(1, "111", T0), sent(1, "111", T0 + timedelta(seconds=5)),
+                             inbound(2, "111", T0 + timedelta(minutes=1)),
+                             inbound(3, "2111", T0), inbound(4, "222", T0)))
+    assert await sink.erase_contact("whatsapp", "111") == {
+        "conversation_days": 1, "conversation_states": 2}  # active; waiting + replied
+    left = await sink.query("SELECT conversation_id FROM active UNION ALL "
+                            "SELECT conversation_id FROM waiting UNION ALL "
+                            "SELECT conversation_id FROM replied")
+    assert sorted({c for (c,) in left}) == [conversation("2111"), conversation("222")]
+    assert await sink.query("SELECT sum(events) FROM daily") == [(5,)]  # anonymous counts stay
+    await sink.close()
