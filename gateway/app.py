@@ -145,6 +145,7 @@ async def _housekeeping(app: web.Application) -> None:
     journal, metrics = app[keys.JOURNAL], app[keys.METRICS]
     dispatcher = app[keys.DISPATCHER]
     last_prune, last_gc = 0.0, time.monotonic()
+    dead_labels: set[str] = set()  # every sink label the gauge was set for: back to 0 when empty
     while True:
         await asyncio.sleep(HOUSEKEEPING_SECONDS)
         if time.monotonic() - last_gc > GC_SECONDS:  # whatever cycle still holds memory
@@ -152,7 +153,8 @@ async def _housekeeping(app: web.Application) -> None:
             gc.collect()
         with contextlib.suppress(Exception):
             counts = await journal.dead_letter_counts()
-            for name in set(dispatcher.sinks) | set(counts):
+            dead_labels |= set(dispatcher.sinks) | set(counts)
+            for name in dead_labels:
                 metrics.dead_letters.labels(name).set(counts.get(name, 0))
             for name, worker in dispatcher.workers.items():
                 metrics.queue_depth.labels(f"sink:{name}").set(worker.lag())

@@ -47,8 +47,9 @@ class ResponseTimer:
             return
         if event.kind == "status" and event.status != "sent":
             return
-        asked = self._waiting.pop(event.conversation_id, None)
-        if asked is not None and at >= asked:
+        asked = self._waiting.get(event.conversation_id)
+        if asked is not None and at >= asked:  # an older reply arriving late leaves the wait
+            del self._waiting[event.conversation_id]
             self._metrics.response_time.labels(event.channel).observe(at - asked)
 
 
@@ -103,6 +104,8 @@ class Processor:
         new = [NewEvent(ev.id, ev.channel, ev.conversation_id, data, received)
                for ev, data, received in events]
         seqs = await self.journal.commit_processed(requests[-1].seq, new, failed)
+        for req, _ in failed:
+            self.metrics.normalise_failures.labels(req.channel).inc()
         records = self._account(events, owners, seqs, requests)
         self.metrics.queue_depth.labels("journal").set(self.journal.pending)
         self.dispatcher.publish(records)
@@ -120,8 +123,7 @@ class Processor:
                 produced = channel.normalise(req.body)
             except Exception as exc:  # noqa: BLE001 - kept as a dead letter, never lost
                 log.error("normalise_failed", channel=req.channel, request=req.seq, error=repr(exc))
-                self.metrics.normalise_failures.labels(req.channel).inc()
-                failed.append((req, repr(exc)))
+                failed.append((req, repr(exc)))  # counted once committed (_account)
                 continue
             for event in produced:
                 events.append((event, encode(event), req.received_at))

@@ -300,3 +300,31 @@ async def test_a_jsonl_write_cancelled_midway_is_not_written_twice(tmp_path):
     await sink.write([record])  # the redelivery
     await sink.close()
     assert jsonl_ids(tmp_path) == ["ev-1"]
+
+
+async def test_a_request_no_channel_can_read_is_counted_once_across_a_retried_commit(tmp_path):
+    from channels.whatsapp import WhatsAppChannel, WhatsAppConfig
+    from gateway.processor import Processor
+
+    journal = locked("commit_processed", 1)(
+        GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
+    await journal.open()
+    metrics = Metrics()
+    dispatcher = Dispatcher(journal, {}, metrics)
+    await dispatcher.start()
+    channel = WhatsAppChannel(WhatsAppConfig(app_secret="secret"))
+    processor = Processor(journal, {"whatsapp": channel}, dispatcher, metrics)
+    task = asyncio.create_task(processor.run())
+    await journal.append("whatsapp", b"not a webhook", time.time())
+    processor.wake.set()
+    await until(lambda: _no_pending(journal))
+    processor.stop()
+    await asyncio.wait_for(task, 5)
+    assert len(await journal.dead_letters("normalise:whatsapp")) == 1
+    assert metrics.registry.get_sample_value("gateway_normalise_failures_total",
+                                             {"channel": "whatsapp"}) == 1
+    await journal.close()
+
+
+async def _no_pending(journal) -> bool:
+    return journal.pending == 0

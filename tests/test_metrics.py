@@ -222,3 +222,57 @@ async def test_metric_values_after_dead_letters_replies_and_a_backlog(gateway):
         stuck.release.set()
         await exposition.close()
         await sim.stop()
+
+
+def test_a_late_older_reply_leaves_the_response_time_wait():
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.events import Message, Party, Status, conversation_id
+    from gateway.metrics import Metrics
+    from gateway.processor import ResponseTimer
+
+    metrics = Metrics()
+    timer = ResponseTimer(metrics)
+    t, conv = datetime(2026, 3, 1, tzinfo=UTC), conversation_id("whatsapp", "1", "2")
+
+    def sent(i: int, at: datetime) -> Status:
+        return Status(schema=1, id=f"st-{i}", channel="whatsapp", direction="outbound",
+                      account_id="1", conversation_id=conv, sender=Party("1"),
+                      recipient=Party("2"), timestamp=at, message_id=f"out-{i}", status="sent")
+
+    timer.observe(Message(schema=1, id="in-1", channel="whatsapp", direction="inbound",
+                          account_id="1", conversation_id=conv, sender=Party("2"),
+                          recipient=Party("1"), timestamp=t, message_id="in", type="text",
+                          text="hi"))
+    timer.observe(sent(1, t - timedelta(seconds=5)))  # an earlier reply's status, arriving late
+    timer.observe(sent(2, t + timedelta(seconds=60)))
+    labels = {"channel": "whatsapp"}
+    registry = metrics.registry
+    assert registry.get_sample_value("gateway_response_time_seconds_count", labels) == 1
+    assert registry.get_sample_value("gateway_response_time_seconds_sum", labels) == 60
+
+
+async def test_the_dead_letter_gauge_returns_to_0_when_a_sinks_last_letter_goes(
+        gateway, monkeypatch):
+    from gateway import app as gwapp
+    from gateway.journal import StoredEvent
+
+    monkeypatch.setattr(gwapp, "HOUSEKEEPING_SECONDS", 0.05)
+    gw = await gateway()
+    journal = gw.app[keys.JOURNAL]
+    registry = gw.app[keys.METRICS].registry
+    label = {"sink": "normalise:whatsapp"}
+    await journal.add_dead_letters("normalise:whatsapp", [(StoredEvent(0, b"raw", 1.0),
+                                                           "request:1", "BadPayload", 1)])
+    for _ in range(100):
+        if registry.get_sample_value("gateway_dead_letters", label) == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert registry.get_sample_value("gateway_dead_letters", label) == 1
+    [letter] = await journal.dead_letters("normalise:whatsapp")
+    await journal.finish_replays([letter.id])  # gone (as an erasure deletes it)
+    for _ in range(100):
+        if registry.get_sample_value("gateway_dead_letters", label) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert registry.get_sample_value("gateway_dead_letters", label) == 0
