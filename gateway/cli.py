@@ -136,7 +136,7 @@ def _parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     dsub = dl.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = dsub.add_parser("list", parents=[cfg], help="list dead letters")
     p.add_argument("--sink", help="only this sink")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(run=_dead_list)
     p = dsub.add_parser("replay", parents=[cfg], help="queue dead letters for redelivery")
@@ -221,14 +221,16 @@ def _dead_list(args: argparse.Namespace) -> int:
 
     from gateway.events import decode
 
-    async def work() -> list:
+    async def work() -> tuple[list, int]:
         journal = await _journal(args)
         try:
-            return await journal.dead_letters(args.sink, args.limit)
+            counts = await journal.dead_letter_counts()
+            total = counts.get(args.sink, 0) if args.sink else sum(counts.values())
+            return await journal.dead_letters(args.sink, args.limit), total
         finally:
             await journal.close()
 
-    letters = asyncio.run(work())
+    letters, total = asyncio.run(work())
     for d in letters:
         when = datetime.fromtimestamp(d.failed_at, tz=UTC).isoformat(timespec="seconds")
         summary = _summary(d.data, decode)
@@ -239,7 +241,11 @@ def _dead_list(args: argparse.Namespace) -> int:
         else:
             print(f"{d.id:>6} {d.sink:<12} {d.state:<6} {when} attempts={d.attempts} "
                   f"{summary.get('kind', '?')} {d.event_id} :: {d.reason}")
-    print(f"{len(letters)} dead letters", file=sys.stderr)
+    if len(letters) < total:
+        print(f"{len(letters)} of {total} dead letters (the oldest; --limit N shows more)",
+              file=sys.stderr)
+    else:
+        print(f"{total} dead letters", file=sys.stderr)
     return 0
 
 
@@ -262,6 +268,11 @@ def _dead_replay(args: argparse.Namespace) -> int:
     count = asyncio.run(work())
     print(f"{count} dead letters queued for replay; the running gateway redelivers them "
           "(or the next one to start)")
+    if args.ids and count < len(set(args.ids)):
+        print(f"gateway: {len(set(args.ids)) - count} of the ids given are not dead letters "
+              "waiting for a replay (unknown, already queued, or of that --sink)",
+              file=sys.stderr)
+        return 2
     return 0
 
 

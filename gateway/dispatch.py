@@ -93,6 +93,7 @@ class SinkWorker:
         # finished when the gateway stopped): they are not delivered again, their replay is.
         self._dead_ahead: set[int] = set()
         self._replayed: list[int] = []  # dead letters delivered, not yet deleted from the store
+        self.replaying = False  # dead letters are being redelivered right now
 
     async def run(self) -> None:
         """Deliver until :meth:`stop` and caught up. A failing journal (locked, unreachable)
@@ -212,10 +213,15 @@ class SinkWorker:
         letters = await self.journal.replays_due(self.sink.name, self.sink.config.batch_size)
         if letters:
             log.info("replaying_dead_letters", sink=self.sink.name, count=len(letters))
-            await self.deliver([_record(StoredEvent(0, d.data, d.received_at)) for d in letters])
-            self._replayed = [d.id for d in letters]
-            await self.journal.finish_replays(self._replayed)
-            self._replayed = []
+            self.replaying = True  # not caught up meanwhile (an erasure waits for this)
+            try:
+                await self.deliver([_record(StoredEvent(0, d.data, d.received_at))
+                                    for d in letters])
+                self._replayed = [d.id for d in letters]
+                await self.journal.finish_replays(self._replayed)
+                self._replayed = []
+            finally:
+                self.replaying = False
         return len(letters)
 
     async def deliver(self, batch: list[Record]) -> None:
@@ -342,7 +348,8 @@ class Dispatcher:
 
     async def caught_up(self) -> bool:
         """Whether every worker has delivered everything published."""
-        return all(w.cursor >= self.tail.last_seq for w in self.workers.values())
+        return all(w.cursor >= self.tail.last_seq and not w.replaying
+                   for w in self.workers.values())
 
     async def stop(self, timeout: float) -> None:
         """Let workers catch up for at most ``timeout`` seconds, then stop them and the sinks."""

@@ -166,3 +166,33 @@ async def test_one_poison_event_does_not_dead_letter_its_batch(gateway):
     assert len(sinks["flaky"].received) == 7
     poisoned = [e["id"] for e in gw.jsonl() if e.get("message_id") == "wamid.TEST.IN.BATCH.0002"]
     assert letters[0].event_id == poisoned[0]
+
+
+def test_dead_letters_list_says_when_it_shows_only_the_oldest_and_replay_names_unknown_ids(
+        tmp_path):
+    from gateway.config import GatewayConfig, ServerConfig
+    from gateway.journal import StoredEvent
+    from gateway.journal.sqlite import SqliteJournal
+
+    async def fill() -> None:
+        journal = SqliteJournal(GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
+        await journal.open()
+        await journal.add_dead_letters("broken", [(StoredEvent(i, b"{}", 1.0), f"e{i}", "r", 1)
+                                                  for i in range(1, 6)])
+        await journal.close()
+
+    asyncio.run(fill())
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[sinks.storage]\n')
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gateway", "dead-letters", *args,
+                               "--config", str(config)], capture_output=True, text=True)
+
+    listed = cli("list", "--limit", "3")
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 3
+    assert "3 of 5 dead letters" in listed.stderr and "--limit" in listed.stderr
+    assert "5 dead letters" in cli("list").stderr
+    replay = cli("replay", "1", "99999")
+    assert replay.returncode == 2 and "1 of the ids given are not dead letters" in replay.stderr
+    assert replay.stdout.startswith("1 dead letters queued")

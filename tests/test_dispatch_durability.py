@@ -328,3 +328,38 @@ async def test_a_request_no_channel_can_read_is_counted_once_across_a_retried_co
 
 async def _no_pending(journal) -> bool:
     return journal.pending == 0
+
+
+class Slow(JsonlSink):
+    """Each write takes a moment (long enough to look at the dispatcher meanwhile)."""
+
+    def _write_all(self, fd: int, blob: bytes) -> None:
+        time.sleep(0.5)
+        super()._write_all(fd, blob)
+
+
+async def test_the_dispatcher_is_not_caught_up_while_it_replays(tmp_path):
+    # An erasure waits for "caught up" before erasing: a replay still being delivered must
+    # count as work in flight, or its events would reach the sink after the erasure.
+    from gateway.journal import StoredEvent
+
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:jsonl", 0)
+    event = message(1, "111")
+    await journal.add_dead_letters("jsonl", [(StoredEvent(0, encode(event), 1.0), event.id,
+                                              "r", 1)])
+    dispatcher = Dispatcher(journal, {"jsonl": Slow(jsonl_config(tmp_path))}, Metrics())
+    await dispatcher.start()
+    assert await dispatcher.caught_up()
+    await journal.request_replay("jsonl")
+    dispatcher.workers["jsonl"].wake.set()
+    await until(lambda: _replaying(dispatcher))
+    assert not await dispatcher.caught_up()
+    await until(lambda: _no_dead_letters(journal))
+    assert await dispatcher.caught_up()
+    await dispatcher.stop(2)
+    await journal.close()
+
+
+async def _replaying(dispatcher) -> bool:
+    return dispatcher.workers["jsonl"].replaying
