@@ -222,19 +222,25 @@ async def test_an_old_journal_gains_the_dead_letter_seq_column(tmp_path):
 UnprocessedLockedFor = locked("unprocessed", 3)
 
 
-async def test_a_failing_journal_does_not_end_the_processor(tmp_path):
+async def running_processor(journal: SqliteJournal):
+    """(processor, its running task, metrics) on ``journal``, WhatsApp enabled, no sinks."""
     from channels.whatsapp import WhatsAppChannel, WhatsAppConfig
     from gateway.processor import Processor
-    from tests.conftest import fixture_bytes
 
-    journal = UnprocessedLockedFor(GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
     await journal.open()
     metrics = Metrics()
     dispatcher = Dispatcher(journal, {}, metrics)
     await dispatcher.start()
     channel = WhatsAppChannel(WhatsAppConfig(app_secret="secret"))
     processor = Processor(journal, {"whatsapp": channel}, dispatcher, metrics)
-    task = asyncio.create_task(processor.run())
+    return processor, asyncio.create_task(processor.run()), metrics
+
+
+async def test_a_failing_journal_does_not_end_the_processor(tmp_path):
+    from tests.conftest import fixture_bytes
+
+    journal = UnprocessedLockedFor(GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
+    processor, task, _ = await running_processor(journal)
     await journal.append("whatsapp", fixture_bytes("whatsapp/text.json"), time.time())
     processor.wake.set()
     await until(lambda: _processed(journal))
@@ -303,18 +309,9 @@ async def test_a_jsonl_write_cancelled_midway_is_not_written_twice(tmp_path):
 
 
 async def test_a_request_no_channel_can_read_is_counted_once_across_a_retried_commit(tmp_path):
-    from channels.whatsapp import WhatsAppChannel, WhatsAppConfig
-    from gateway.processor import Processor
-
     journal = locked("commit_processed", 1)(
         GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
-    await journal.open()
-    metrics = Metrics()
-    dispatcher = Dispatcher(journal, {}, metrics)
-    await dispatcher.start()
-    channel = WhatsAppChannel(WhatsAppConfig(app_secret="secret"))
-    processor = Processor(journal, {"whatsapp": channel}, dispatcher, metrics)
-    task = asyncio.create_task(processor.run())
+    processor, task, metrics = await running_processor(journal)
     await journal.append("whatsapp", b"not a webhook", time.time())
     processor.wake.set()
     await until(lambda: _no_pending(journal))
