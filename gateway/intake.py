@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-import weakref
+from collections.abc import Awaitable
 from typing import NamedTuple
 
 from aiohttp import web
@@ -24,9 +24,6 @@ from gateway.signatures import tokens_equal, verify
 log = gwlog.get("gateway.intake")
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 _ACCEPTED = b'{"status":"accepted"}'
-# Appends awaiting their commit, per journal: ``journal.pending`` counts a request only once it is
-# committed, so concurrent requests would all pass a check of ``pending`` alone.
-_appending: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
 
 
 def error(status: int, code: str, message: str,
@@ -112,11 +109,23 @@ async def accept(app: web.Application, name: str, body: bytes, signature: str | 
     """Verify ``body``, check its envelope, journal it durably; the reply to send.
 
     ``started`` is the request's ``time.perf_counter()`` at arrival (the ack-time histogram).
+    The lean listener runs the same three steps without a coroutine: :func:`admit`, then
+    :func:`journal` and its awaitable, then :func:`journaled`.
     """
+    refused = admit(app, name, body, signature)
+    if refused is not None:
+        return refused
+    await journal(app, name, body)
+    return journaled(app, name, started)
+
+
+def admit(app: web.Application, name: str, body: bytes, signature: str | None) -> Reply | None:
+    """The checks before the journal: the refusal to send, or None when ``body`` is to be
+    journaled (signature, envelope, room in the journal)."""
     channel = app[keys.CHANNELS].get(name)
-    metrics = app[keys.METRICS]
     if channel is None:
         return unknown_channel(name)
+    metrics = app[keys.METRICS]
     config = app[keys.CONFIG]
     if config.server.insecure_skip_signature:
         log.warning("signature_not_checked", channel=name, reason="server.insecure_skip_signature")
@@ -127,18 +136,23 @@ async def accept(app: web.Application, name: str, body: bytes, signature: str | 
         channel.check_envelope(body)
     except BadPayload as exc:
         return refuse(metrics, name, 400, "bad_request", str(exc))
-    journal = app[keys.JOURNAL]
-    appending = _appending.get(journal, 0)
-    if journal.pending + appending >= config.queue.max_pending:
+    store = app[keys.JOURNAL]
+    # Appends in flight count too: concurrent requests all pass this check before any commits.
+    if store.pending + store.appending >= config.queue.max_pending:
         return refuse(metrics, name, 503, "unavailable", "the journal is full; retry later",
                       {"Retry-After": str(config.queue.retry_after_seconds)})
-    _appending[journal] = appending + 1
-    try:
-        await journal.append(name, body, time.time())
-    finally:
-        _appending[journal] -= 1
+    return None
+
+
+def journal(app: web.Application, name: str, body: bytes) -> Awaitable[None]:
+    """Append an admitted body to the journal: done once it is durable."""
+    return app[keys.JOURNAL].append(name, body, time.time())
+
+
+def journaled(app: web.Application, name: str, started: float) -> Reply:
+    """The body is durable: wake the processor, count it, time the ack; the 200."""
     app[keys.PROCESSOR].wake.set()
-    accepted, ack = metrics.intake(name)
+    accepted, ack = app[keys.METRICS].intake(name)
     accepted.inc()
     ack.observe(time.perf_counter() - started)
     return ACCEPTED

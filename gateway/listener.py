@@ -4,8 +4,9 @@ On one core, aiohttp's request cycle (request and response objects, router, midd
 reader, header writer) costs more than all the gateway's own work for a webhook except the
 journal's commit. Webhook deliveries have one narrow shape: ``POST /webhooks/{channel}`` with a
 ``Content-Length`` body over a keep-alive connection. :class:`WebhookConnection` answers exactly
-that shape itself, through :func:`gateway.intake.accept` (the aiohttp route calls it too, so
-statuses, bodies, metrics and logs are the same), and hands the connection to aiohttp, with every
+that shape itself, through the steps of :func:`gateway.intake.accept` (which the aiohttp route
+awaits, so statuses, bodies, metrics and logs are the same) run without a task per request, and
+hands the connection to aiohttp, with every
 byte not yet answered, the moment it sees anything else: another method or path, a query string,
 HTTP/1.0, chunked, compressed or ``Expect: 100-continue`` bodies, an upgrade, no ``Host``, more
 than :data:`MAX_HEADERS` header fields, or any header it does not accept strictly (a repeated
@@ -36,6 +37,7 @@ would hold 3 MB each.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import time
 from email.utils import formatdate
@@ -191,6 +193,14 @@ class Listener:
         return self._accepted
 
 
+def _failed(head: Head, error: BaseException | None) -> intake.Reply:
+    """The 500 of a request whose checks or append raised (``error``; None: cancelled)."""
+    log.error("unhandled_error", path=f"/webhooks/{head.channel}",
+              **({"exc_info": error} if error is not None else {"error": "cancelled"}))
+    return intake.Reply(500, intake.error_body(
+        "internal_error", "internal error; see the gateway's log"))
+
+
 def render(reply: intake.Reply, date: bytes, close: bool) -> bytes:
     """The HTTP/1.1 response bytes of ``reply``."""
     parts = [b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
@@ -317,7 +327,7 @@ class WebhookConnection(asyncio.Protocol):
         self.request_started = None  # what follows is timed once this request is answered
         self.answering = len(body)
         self.listener.buffered += self.answering
-        asyncio.get_running_loop().create_task(self._answer(head, body, time.perf_counter()))
+        self._start(head, body, time.perf_counter())
 
     def _read_head(self) -> Head | None:
         """Parse the head at the start of the buffer once it is complete and keep it (its body
@@ -356,14 +366,32 @@ class WebhookConnection(asyncio.Protocol):
                               {"Retry-After": str(app[keys.CONFIG].queue.retry_after_seconds)})
         return reply._replace(body=intake.error_body("busy", message))
 
-    async def _answer(self, head: Head, body: bytes, started: float) -> None:
+    def _start(self, head: Head, body: bytes, started: float) -> None:
+        """:func:`gateway.intake.accept` without a task per request: the checks now, the answer
+        from a callback once the journal has the body (the aiohttp route awaits the same steps)."""
+        app = self.listener.app
         try:
-            reply = await intake.accept(self.listener.app, head.channel, body, head.signature,
-                                        started)
-        except Exception:  # noqa: BLE001 - never a dropped connection without an answer
-            log.exception("unhandled_error", path=f"/webhooks/{head.channel}")
-            reply = intake.Reply(500, intake.error_body(
-                "internal_error", "internal error; see the gateway's log"))
+            reply = intake.admit(app, head.channel, body, head.signature)
+            if reply is None:
+                waiter = asyncio.ensure_future(intake.journal(app, head.channel, body))
+                waiter.add_done_callback(functools.partial(self._journaled, head, started))
+                return
+        except Exception as exc:  # noqa: BLE001 - never a dropped connection without an answer
+            reply = _failed(head, exc)
+        # Answered on the next turn of the loop, not from here: _answer starts the next pipelined
+        # request, and refusing each one from the last would recurse once per request.
+        asyncio.get_running_loop().call_soon(self._answer, head, reply)
+
+    def _journaled(self, head: Head, started: float, waiter: asyncio.Future) -> None:
+        if waiter.cancelled():
+            reply = _failed(head, None)
+        elif waiter.exception() is not None:
+            reply = _failed(head, waiter.exception())
+        else:
+            reply = intake.journaled(self.listener.app, head.channel, started)
+        self._answer(head, reply)
+
+    def _answer(self, head: Head, reply: intake.Reply) -> None:
         self.busy = False
         self.listener.buffered -= self.answering
         self.answering = 0

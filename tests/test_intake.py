@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import aiohttp
 import pytest
@@ -230,13 +231,9 @@ async def test_concurrent_requests_cannot_overfill_the_journal(gateway):
     gw.app[keys.PROCESSOR].stop()  # returns once the journal is empty; nothing processed after
     await gw.settle()
     journal = gw.app[keys.JOURNAL]
-    append = journal.append
-
-    async def slow_append(*args):
-        await asyncio.sleep(0.2)  # every request arrives while the first appends are in flight
-        await append(*args)
-
-    journal.append = slow_append
+    # The journal's writer is held busy, so every request arrives while the first appends wait
+    # for their commit.
+    busy = asyncio.ensure_future(journal._writer.run(lambda c: time.sleep(0.3)))
     body = fixture_bytes(TEXT)
 
     async def one(i: int) -> tuple[int, str | None]:
@@ -249,6 +246,7 @@ async def test_concurrent_requests_cannot_overfill_the_journal(gateway):
     assert sorted(answers, key=str) == [(200, None)] * 3 + [(503, "17")] * 17
     assert journal.pending == 3
     assert _metric(gw, "whatsapp", "unavailable") == 17
+    await busy
 
 
 @pytest.mark.parametrize("after,status", [

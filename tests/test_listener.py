@@ -307,6 +307,16 @@ async def test_many_pipelined_requests_past_the_read_pause(gateway, monkeypatch)
     assert len(gw.jsonl()) == 60
 
 
+async def test_thousands_of_pipelined_refusals_are_all_answered(gateway):
+    """Refusals are answered without a journal wait; each must not start the next one from
+    inside the last (a pipeline of them would recurse once per request)."""
+    gw = await gateway()
+    count = 3000
+    data = post(b'{"object":"whatsapp_business_account","entry":[]}', secret="not-the-secret")
+    answers = await exchange(gw, data * count, answers=count)
+    assert {a[0] for a in answers} == {401} and len(answers) == count
+
+
 async def test_a_body_in_many_small_pieces_is_answered_and_its_head_parsed_once(
         gateway, monkeypatch):
     calls = []

@@ -297,6 +297,7 @@ class RedisJournal:
         self.stale_ms = stale_ms
         self.consumer = consumer or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.pending = 0  # unprocessed requests, all replicas: XLEN, refreshed on every round trip
+        self.appending = 0  # this replica's appends awaiting Redis's answer
         self.redis = None
         self._claimed: dict[int, str] = {}  # seq → stream id: handed to us, not yet acked
         self._reread = False
@@ -356,11 +357,15 @@ class RedisJournal:
     async def append(self, channel: str, body: bytes, received_at: float) -> None:
         """XADD the raw request (durable once Redis answers, with appendfsync always); one round
         trip that also refreshes ``pending`` (XLEN: every replica's unprocessed requests)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(self.k_requests,
-                      {"channel": channel, "received_at": repr(received_at), "body": body})
-            pipe.xlen(self.k_requests)
-            _, self.pending = await pipe.execute()
+        self.appending += 1
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.k_requests,
+                          {"channel": channel, "received_at": repr(received_at), "body": body})
+                pipe.xlen(self.k_requests)
+                _, self.pending = await pipe.execute()
+        finally:
+            self.appending -= 1
 
     async def _outage(self, what: str, call):
         """``await call()``, waiting out Redis outages (:func:`retry_through_outages`): the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import os
 import sqlite3
@@ -43,6 +44,7 @@ class SqliteJournal:
         self.path = os.path.join(config.server.data_dir, "journal.db")
         self.dedupe_window = config.queue.dedupe_window_seconds
         self.pending = 0
+        self.appending = 0  # appends queued for a group commit, not yet settled
         # Requests committed by this process and not yet processed, in seq order. While it holds
         # exactly the pending requests, ``unprocessed`` answers from it instead of reading the
         # bodies back (after a restart, or past MEMORY_REQUESTS / MEMORY_BYTES, from the file).
@@ -78,12 +80,20 @@ class SqliteJournal:
         except Exception:  # noqa: BLE001 - readiness is a yes/no question
             return False
 
-    async def append(self, channel: str, body: bytes, received_at: float) -> None:
-        """Store a raw request durably; return once committed (group commit, one executemany)."""
+    def append(self, channel: str, body: bytes, received_at: float) -> asyncio.Future[None]:
+        """Store a raw request durably: the future resolves once it is committed (group commit,
+        one executemany). Not a coroutine, so the lean listener needs no task to wait for it."""
         seq = self._next_seq  # one process owns the file: seqs are assigned here, in order
-        self._next_seq += 1
         request = RawRequest(seq, channel, received_at, body)
-        await self._writer.insert(_APPEND, request, lambda: self._committed(request))
+        future = self._writer.submit(_APPEND, request, lambda ok: self._settled(request, ok))
+        self._next_seq += 1
+        self.appending += 1
+        return future
+
+    def _settled(self, request: RawRequest, committed: bool) -> None:
+        self.appending -= 1
+        if committed:
+            self._committed(request)
 
     def _committed(self, request: RawRequest) -> None:
         self.pending += 1

@@ -1,7 +1,7 @@
 """One SQLite connection owned by one thread; jobs from the event loop share its transactions.
 
 Every job that arrives while the previous transaction commits joins the next one, so N concurrent
-appends cost one fsync (group commit). Plain inserts (:meth:`SqliteWriter.insert`) of a group are
+appends cost one fsync (group commit). Plain inserts (:meth:`SqliteWriter.submit`) of a group are
 written with one ``executemany`` per statement; every other job runs under a SAVEPOINT, so one
 failing job cannot spoil the others' writes.
 """
@@ -51,20 +51,23 @@ class SqliteWriter:
         """Whether the writer thread runs."""
         return self._thread is not None and self._thread.is_alive()
 
-    async def insert(self, sql: str, params: tuple,
-                     on_commit: Callable[[], None] | None = None) -> None:
-        """Insert one row in the next group transaction (batched with the group's other inserts
-        of the same ``sql``); return once committed.
+    def submit(self, sql: str, params: tuple,
+               on_settle: Callable[[bool], None] | None = None) -> asyncio.Future[None]:
+        """Queue one row for the next group transaction (batched with the group's other inserts
+        of the same ``sql``); the future resolves once it is committed.
 
-        ``on_commit`` runs on the event loop once the row is committed, even when the awaiting
-        task was cancelled meanwhile (bookkeeping that must not miss a committed row).
+        Not a coroutine: a caller may await the future, or add a callback to it (the lean
+        listener answers a webhook from its callback, without a task per request).
+        ``on_settle(committed)`` runs on the event loop once the row's group is settled, before
+        the future resolves, and even when the future was cancelled meanwhile (bookkeeping that
+        must not miss a committed row).
         """
         if not self.alive:
             raise RuntimeError(f"database {self._path} is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._jobs.put(((sql, params, on_commit), future, loop))
-        await future
+        self._jobs.put(((sql, params, on_settle), future, loop))
+        return future
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` in the next group transaction; return its result once committed."""
@@ -134,8 +137,8 @@ class SqliteWriter:
             outcomes = [(False, exc)] * len(group)
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for (job, future, loop), outcome in zip(group, outcomes, strict=True):
-            on_commit = job[2] if isinstance(job, tuple) and outcome[0] else None
-            by_loop.setdefault(loop, []).append((future, outcome, on_commit))
+            on_settle = job[2] if isinstance(job, tuple) else None
+            by_loop.setdefault(loop, []).append((future, outcome, on_settle))
         for loop, items in by_loop.items():
             if not loop.is_closed():
                 loop.call_soon_threadsafe(_settle, items)
@@ -163,10 +166,10 @@ def _savepoint(conn: sqlite3.Connection,
 
 
 def _settle(items: list[tuple[asyncio.Future, tuple[bool, Any],
-                              Callable[[], None] | None]]) -> None:
-    for future, (ok, value), on_commit in items:
-        if on_commit is not None:
-            on_commit()  # before the caller resumes, and even if it was cancelled
+                              Callable[[bool], None] | None]]) -> None:
+    for future, (ok, value), on_settle in items:
+        if on_settle is not None:
+            on_settle(ok)  # before the caller resumes, and even if it was cancelled
         if future.done():
             continue
         if ok:

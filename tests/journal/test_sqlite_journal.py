@@ -28,7 +28,7 @@ async def drain(journal: SqliteJournal, limit: int = 3) -> list[bytes]:
 async def test_a_committed_append_whose_caller_was_cancelled_is_still_processed(cfg):
     journal = SqliteJournal(cfg)
     await journal.open()
-    task = asyncio.create_task(journal.append("whatsapp", b"orphan", 1.0))
+    task = asyncio.ensure_future(journal.append("whatsapp", b"orphan", 1.0))
     await asyncio.sleep(0)  # the row is queued for the next group commit
     task.cancel()
     for _ in range(100):
