@@ -222,9 +222,10 @@ def _dead_list(args: argparse.Namespace) -> int:
     from gateway.events import decode
 
     async def work() -> tuple[list, int]:
-        journal = await _journal(args)
+        journal, config = await _journal(args)
         try:
             counts = await journal.dead_letter_counts()
+            _known_sink(args.sink, config, counts)
             total = counts.get(args.sink, 0) if args.sink else sum(counts.values())
             return await journal.dead_letters(args.sink, args.limit), total
         finally:
@@ -259,8 +260,9 @@ def _summary(data: bytes, decode) -> dict:
 
 def _dead_replay(args: argparse.Namespace) -> int:
     async def work() -> int:
-        journal = await _journal(args)
+        journal, config = await _journal(args)
         try:
+            _known_sink(args.sink, config, await journal.dead_letter_counts())
             return await journal.request_replay(args.sink, args.ids or None)
         finally:
             await journal.close()
@@ -277,11 +279,30 @@ def _dead_replay(args: argparse.Namespace) -> int:
 
 
 async def _journal(args: argparse.Namespace):
+    """The config and its journal, opened. A SQLite journal must exist: a wrong ``--config`` or
+    ``data_dir`` would otherwise create an empty one and report no dead letters."""
     from gateway.journal import open_journal
 
-    journal = open_journal(_load(args))
+    config = _load(args)
+    if config.queue.backend == "sqlite":
+        path = os.path.join(config.server.data_dir, "journal.db")
+        if not os.path.exists(path):
+            raise ConfigError(f"no journal at {path}: no gateway has run with this data_dir "
+                              "(is --config the gateway's?)", "server.data_dir")
+    journal = open_journal(config)
     await journal.open()
-    return journal
+    return journal, config
+
+
+def _known_sink(sink: str | None, config: gwconfig.GatewayConfig,
+                counts: dict[str, int]) -> None:
+    """``--sink`` names a configured sink or one with dead letters (a sink since removed)."""
+    if not sink or sink in counts:
+        return
+    known = {*config.sinks, "outbox", *(f"normalise:{name}" for name in config.channels)}
+    if sink not in known:
+        raise ConfigError(f"no sink named {sink!r} is configured or has dead letters "
+                          f"(configured: {', '.join(sorted(config.sinks)) or 'none'})", "--sink")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,9 +3,12 @@ password (the gateway started as a subprocess on 127.0.0.1, as an operator runs 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 
+from gateway import config as gwconfig
+from gateway.journal import open_journal
 from gateway.testing import free_port
 from tests.conftest import CHANNELS_TOML
 from tests.test_plugins import env, run_cli
@@ -69,3 +72,32 @@ def test_unreachable_redis_is_one_line_without_the_password(tmp_path):
         line = one_line_failure(result, "cannot use Redis at redis://***@127.0.0.1:",
                                 "queue.redis_url")
         assert "redis-pw-71" not in result.stdout + result.stderr, line
+
+
+def test_dead_letters_of_a_data_dir_without_a_journal_is_an_error_not_an_empty_list(tmp_path):
+    """A wrong --config or data_dir must not create an empty journal and report 0 letters."""
+    data_dir = tmp_path / "never-served"
+    config = serve_config(tmp_path, free_port(), str(data_dir))
+    for args in (("list",), ("replay",)):
+        result = run_cli("dead-letters", *args, "--config", config, cwd=tmp_path)
+        one_line_failure(result, "no journal at", str(data_dir), "server.data_dir")
+    assert not data_dir.exists()
+
+
+def test_dead_letters_of_an_unknown_sink_is_an_error(tmp_path):
+    data_dir = tmp_path / "d"
+    config = serve_config(tmp_path, free_port(), str(data_dir), "[sinks.jsonl]\n")
+
+    async def create() -> None:  # the journal a gateway with this config leaves behind
+        journal = open_journal(gwconfig.load(config))
+        await journal.open()
+        await journal.close()
+
+    asyncio.run(create())
+    for args in (("list", "--sink", "jsonl"), ("list", "--sink", "normalise:whatsapp"),
+                 ("replay", "--sink", "jsonl")):
+        result = run_cli("dead-letters", *args, "--config", config, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    for args in (("list", "--sink", "jsnol"), ("replay", "--sink", "jsnol")):
+        result = run_cli("dead-letters", *args, "--config", config, cwd=tmp_path)
+        one_line_failure(result, "no sink named 'jsnol'", "configured: jsonl")
