@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
-# the benchmarks (bench/bare_server.py is the baseline server ingest.py starts, not a benchmark)
+# the benchmarks (bench/bare_server.py is the baseline server ingest.py starts, not a benchmark;
+# bench/compare.py needs two source trees: see bench/README.md)
 BENCHES := bench/ingest.py bench/floors.py bench/outbound.py bench/firestore.py
 
 .PHONY: install demo test test-fast bench lint clean

@@ -35,7 +35,8 @@ def cpu_ticks(pid: int) -> int:
     return total
 
 
-def one_run(tree: Path, bodies: Path, seconds: float, connections: int) -> tuple[float, float]:
+def one_run(tree: Path, bodies: Path, warm_up: Path, seconds: float,
+            connections: int) -> tuple[float, float]:
     """(requests/s, CPU microseconds per request) of the gateway from ``tree``."""
     data = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     port, metrics_port = ingest.free_port(), ingest.free_port()
@@ -49,7 +50,7 @@ def one_run(tree: Path, bodies: Path, seconds: float, connections: int) -> tuple
     server = ingest.Server([ingest.PYTHON, "-m", "gateway", "serve", "--config", str(config)],
                            port, env={"PYTHONPATH": str(tree)}, cwd=str(tree))
     try:
-        ingest.run_wrk(port, bodies, 2, connections)  # warm-up
+        ingest.run_wrk(port, warm_up, 2, connections)
         before = cpu_ticks(server.proc.pid)
         result = ingest.run_wrk(port, bodies, seconds, connections)
         ticks = cpu_ticks(server.proc.pid) - before
@@ -80,12 +81,14 @@ def main() -> int:
 
 
 def compare(args: argparse.Namespace, trees: list[Path], work: Path) -> int:
-    bodies = work / "bodies.txt"
-    ingest.write_bodies(bodies, int(12_000 * (args.seconds + 3)))
+    bodies, warm_up = work / "bodies.txt", work / "warm-up.txt"
+    count = int(15_000 * args.seconds)
+    ingest.write_bodies(bodies, count)
+    ingest.write_bodies(warm_up, ingest.WARM_UP_BODIES, first=count)  # no id of the runs'
     figures: dict[Path, list[tuple[float, float]]] = {tree: [] for tree in trees}
     for run in range(args.runs):
         for label, tree in zip("AB", trees, strict=True):
-            rps, cpu = one_run(tree, bodies, args.seconds, args.connections)
+            rps, cpu = one_run(tree, bodies, warm_up, args.seconds, args.connections)
             figures[tree].append((rps, cpu))
             print(f"run {run + 1} {label}: {rps:8.0f} req/s {cpu:7.1f} us CPU per request")
     means = {}
