@@ -388,7 +388,10 @@ class WebhookConnection(asyncio.Protocol):
         elif waiter.exception() is not None:
             reply = _failed(head, waiter.exception())
         else:
-            reply = intake.journaled(self.listener.app, head.channel, started)
+            try:
+                reply = intake.journaled(self.listener.app, head.channel, started)
+            except Exception as exc:  # noqa: BLE001 - the connection must still be answered
+                reply = _failed(head, exc)
         self._answer(head, reply)
 
     def _answer(self, head: Head, reply: intake.Reply) -> None:

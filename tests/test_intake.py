@@ -225,6 +225,23 @@ async def test_journal_full_is_503_with_retry_after(gateway):
     assert _metric(gw, "whatsapp", "unavailable") == 2
 
 
+async def test_a_failing_journal_commit_is_a_500_and_the_next_request_is_journaled(gateway):
+    """The commit itself fails (here a trigger refuses the insert): a JSON 500, nothing counted
+    as accepted, the connection still answers, and once the fault is gone requests are 200."""
+    gw = await gateway()
+    journal = gw.app[keys.JOURNAL]
+    await journal._writer.run(lambda c: c.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON requests BEGIN SELECT RAISE(ABORT, 'no'); END"))
+    status, answer = await gw.post("whatsapp", fixture_bytes(TEXT))
+    assert status == 500
+    _assert_error(answer, "internal_error")
+    assert _metric(gw, "whatsapp", "accepted") == 0 and journal.appending == 0
+    await journal._writer.run(lambda c: c.execute("DROP TRIGGER refuse"))
+    assert (await gw.post("whatsapp", fixture_bytes(TEXT)))[0] == 200
+    await gw.settle()
+    assert len(gw.jsonl()) == 1
+
+
 async def test_concurrent_requests_cannot_overfill_the_journal(gateway):
     """``pending`` grows only when a commit lands: appends in flight count against the limit."""
     gw = await gateway(extra="[queue]\nmax_pending = 3\nretry_after_seconds = 17")
