@@ -5,7 +5,8 @@
 
 Both servers run pinned to CPU 0 (``taskset -c 0``), the load generator ``wrk`` to CPU 1, over
 127.0.0.1. Every request is a distinct, correctly signed WhatsApp text webhook (a duplicate would be
-a cheaper path). The gateway runs on its embedded-default shape: the durable SQLite journal
+a cheaper path); each server is warmed up for 2 s first, the gateway on bodies of its own. The
+gateway runs on its embedded-default shape: the durable SQLite journal
 (``synchronous=FULL``, group commit) and the SQLite ``storage`` sink. Printed: requests/s and
 p50/p99 latency of both, their ratio; p99 at half the gateway's peak rate; how long the sinks take
 to catch up after the peak burst; the gateway's peak RSS. Figures only, no pass/fail.
