@@ -4,15 +4,15 @@ On one core, aiohttp's request cycle (request and response objects, router, midd
 reader, header writer) costs more than all the gateway's own work for a webhook except the
 journal's commit. Webhook deliveries have one narrow shape: ``POST /webhooks/{channel}`` with a
 ``Content-Length`` body over a keep-alive connection. :class:`WebhookConnection` answers exactly
-that shape itself, through the steps of :func:`gateway.intake.accept` (which the aiohttp route
-awaits, so statuses, bodies, metrics and logs are the same) run without a task per request, and
-hands the connection to aiohttp, with every
-byte not yet answered, the moment it sees anything else: another method or path, a query string,
-HTTP/1.0, chunked, compressed or ``Expect: 100-continue`` bodies, an upgrade, no ``Host``, more
-than :data:`MAX_HEADERS` header fields, or any header it does not accept strictly (a repeated
-header, a space before the colon, obs-fold, control bytes). From then on that connection is
-aiohttp's, and its parser (llhttp) applies the full rules, so nothing is accepted here that
-aiohttp would refuse. ``server.fast_intake = false`` leaves the whole port to aiohttp.
+that shape itself, with the steps of :func:`gateway.intake.accept` run without a task per request
+(the aiohttp route awaits ``accept``, so statuses, bodies, metrics and logs are the same). It hands
+the connection to aiohttp, with every byte not yet answered, the moment it sees anything else:
+another method or path, a query string, HTTP/1.0, chunked, compressed or ``Expect: 100-continue``
+bodies, an upgrade, no ``Host``, more than :data:`MAX_HEADERS` header fields, or any header it does
+not accept strictly (a repeated header, a space before the colon, obs-fold, control bytes). From
+then on that connection is aiohttp's, and its parser (llhttp) applies the full rules, so nothing is
+accepted here that aiohttp would refuse. ``server.fast_intake = false`` leaves the whole port to
+aiohttp.
 
 Requests on one connection are answered in order, one at a time (pipelined bytes wait, reading
 pauses past :data:`MAX_PIPELINED`). While the transport's write buffer is over its high-water
