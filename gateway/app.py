@@ -108,6 +108,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         dispatcher.observers.append(outbound.observe)
     await dispatcher.start()
     processor = Processor(journal, app[keys.CHANNELS], dispatcher, metrics)
+    if outbound is not None:  # read-your-writes: sends are checked against acknowledged webhooks
+        outbound.inbound_caught_up = processor.caught_up
     app[keys.DISPATCHER] = dispatcher
     app[keys.PROCESSOR] = processor
     tasks = [asyncio.create_task(processor.run(), name="processor"),

@@ -66,6 +66,8 @@ class Processor:
         self.wake = asyncio.Event()
         self.timer = ResponseTimer(metrics)
         self._stopping = False
+        self.processed_seq = 0  # the newest request processed, its events published
+        self._published = asyncio.Condition()  # notified after every batch is published
         self._event_counters: dict[tuple[str, str, str], Any] = {}  # label children, looked up once
 
     async def run(self) -> None:
@@ -109,7 +111,35 @@ class Processor:
         records = self._account(events, owners, seqs, requests)
         self.metrics.queue_depth.labels("journal").set(self.journal.pending)
         self.dispatcher.publish(records)
+        self.processed_seq = requests[-1].seq
+        async with self._published:
+            self._published.notify_all()
         return len(requests)
+
+    async def caught_up(self, timeout: float) -> bool:
+        """Wait until every request the journal had committed when called is processed and its
+        events published (the dispatcher's observers have seen them), for at most ``timeout``
+        seconds; whether that happened. At once when nothing is pending.
+
+        Read-your-writes for the outbound service: a STOP the gateway acknowledged before a send
+        was accepted is known when the send is checked. Only a journal that numbers its commits
+        in this process (SQLite: ``committed_seq``) can say; with any other it returns True."""
+        target = getattr(self.journal, "committed_seq", None)
+        if target is None:
+            return True
+
+        def done() -> bool:
+            return self.journal.pending == 0 or self.processed_seq >= target
+
+        if done():
+            return True
+        self.wake.set()
+        try:
+            async with self._published:
+                await asyncio.wait_for(self._published.wait_for(done), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _normalise(self, requests: list[RawRequest]):
         events: list[tuple[Event, bytes, float]] = []

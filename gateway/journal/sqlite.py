@@ -45,6 +45,7 @@ class SqliteJournal:
         self.dedupe_window = config.queue.dedupe_window_seconds
         self.pending = 0
         self.appending = 0  # appends queued for a group commit, not yet settled
+        self.committed_seq = 0  # the newest committed request (all before it are committed too)
         # Requests committed by this process and not yet processed, in seq order. While it holds
         # exactly the pending requests, ``unprocessed`` answers from it instead of reading the
         # bodies back (after a restart, or past MEMORY_REQUESTS / MEMORY_BYTES, from the file).
@@ -68,6 +69,7 @@ class SqliteJournal:
             " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'requests'), 0))"
             " FROM requests").fetchone())
         self._next_seq = last + 1
+        self.committed_seq = last
 
     async def close(self) -> None:
         """Let queued work finish and close the database."""
@@ -97,6 +99,7 @@ class SqliteJournal:
 
     def _committed(self, request: RawRequest) -> None:
         self.pending += 1
+        self.committed_seq = max(self.committed_seq, request.seq)
         size = len(request.body)
         if len(self._memory) < MEMORY_REQUESTS and self._memory_bytes + size <= MEMORY_BYTES:
             self._memory_bytes += size

@@ -29,6 +29,7 @@ import asyncio
 import random
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,8 @@ if TYPE_CHECKING:
 log = gwlog.get("gateway.outbound")
 READING_TTL = 3600.0  # a usage-header reading decays back to 1.0 over Meta's 1 h window
 CATEGORIES = ("marketing", "utility", "authentication")
+# A send waits at most this long for the webhooks acknowledged before it to be processed.
+SETTLE_SECONDS = 2.0
 OPTED_OUT_CODE = 131050  # "the user stopped marketing messages"
 DEPTH_INTERVAL = 0.2  # s: gateway_queue_depth{queue="outbox"} is recounted at most this often
 
@@ -109,6 +112,10 @@ class OutboundService(PythonAPI):
         self.said: OrderedDict[tuple[str, str, str], tuple[float, bool]] = OrderedDict()
         self.consent = Consent(self.config.opt_out_keywords, self.config.opt_in_keywords)
         self.depth_changed = asyncio.Event()
+        # Set by the app to Processor.caught_up: a send is checked once the webhooks acknowledged
+        # before it are processed (a STOP journaled a millisecond earlier is honoured).
+        self.inbound_caught_up: Callable[[float], Awaitable[bool]] | None = None
+        self._unsettled, self._unsettled_logged = 0, float("-inf")  # sends that waited in vain
 
     def accounts(self) -> list[tuple[str, str, dict[str, Any]]]:
         return [(name, account, limits) for name, ch in self.channels.items()
@@ -161,6 +168,13 @@ class OutboundService(PythonAPI):
         if channel is None:
             raise rq.InvalidRequest("channel", f"no enabled channel is named {req.channel!r}")
         account = self._account(req.channel, req.account_id)
+        if self.inbound_caught_up is not None and not await self.inbound_caught_up(SETTLE_SECONDS):
+            self._unsettled += 1
+            if time.monotonic() - self._unsettled_logged > 60:  # a backlog: once a minute
+                self._unsettled_logged = time.monotonic()
+                log.warning("inbound_not_caught_up", seconds=SETTLE_SECONDS, sends=self._unsettled,
+                            detail="sends checked against the consent and window known so far")
+                self._unsettled = 0
         req = await self._check(req, account)
         row, new = await self.outbox.add(req.channel, account, req.to or "", req.type,
                                          rq.encode(req), req.idempotency_key)

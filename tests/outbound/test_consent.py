@@ -66,3 +66,52 @@ async def test_a_stop_is_honoured_before_the_outbox_sink_stores_it(outbound, mon
     await ob.gw.settle()
     assert (await ob.service.outbox.customer("whatsapp", WA, A)).opted_out
     assert ob.sim.accepted == []
+
+
+def hold_processing(monkeypatch, journal) -> asyncio.Event:
+    """The processor's next commit waits for the returned event: webhooks are acknowledged
+    (journaled) but not yet processed."""
+    release = asyncio.Event()
+    commit = journal.commit_processed
+
+    async def held(*args):
+        await release.wait()
+        return await commit(*args)
+
+    monkeypatch.setattr(journal, "commit_processed", held)
+    return release
+
+
+async def test_a_stop_acknowledged_but_not_yet_processed_is_honoured(outbound, monkeypatch):
+    """The STOP's webhook got its 200 a moment before the send: the send waits for the processor
+    to read it (read-your-writes), then is refused."""
+    ob = await outbound()
+    await ob.inbound("whatsapp", A, text="hello")
+    release = hold_processing(monkeypatch, ob.gw.app[keys.JOURNAL])
+    status, _ = await ob.gw.post("whatsapp", json.dumps(
+        inbound_body("STOP", int(time.time()), "wamid.IN.stop.unprocessed")).encode())
+    assert status == 200
+    send = asyncio.ensure_future(ob.send(MARKETING))
+    await asyncio.sleep(0.3)
+    assert not send.done()  # waiting for the acknowledged STOP to be processed
+    release.set()
+    status, answer = await send
+    assert status == 422 and answer["error"]["code"] == "opted_out"
+    assert ob.sim.accepted == []
+
+
+async def test_a_send_waits_for_the_processor_only_so_long(outbound, monkeypatch):
+    """A processor stuck (a failing journal) holds a send for SETTLE_SECONDS, no longer: then it
+    is checked with what is known, as before."""
+    from gateway.outbound import service
+
+    monkeypatch.setattr(service, "SETTLE_SECONDS", 0.2)
+    ob = await outbound()
+    release = hold_processing(monkeypatch, ob.gw.app[keys.JOURNAL])
+    status, _ = await ob.gw.post("whatsapp", json.dumps(
+        inbound_body("STOP", int(time.time()), "wamid.IN.stop.stuck")).encode())
+    assert status == 200
+    started = time.monotonic()
+    status, _ = await ob.send(MARKETING)
+    assert status == 202 and 0.2 <= time.monotonic() - started < 2.0
+    release.set()
