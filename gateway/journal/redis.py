@@ -354,18 +354,26 @@ class RedisJournal:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def append(self, channel: str, body: bytes, received_at: float) -> None:
+    def append(self, channel: str, body: bytes, received_at: float) -> asyncio.Future[None]:
         """XADD the raw request (durable once Redis answers, with appendfsync always); one round
-        trip that also refreshes ``pending`` (XLEN: every replica's unprocessed requests)."""
+        trip that also refreshes ``pending`` (XLEN: every replica's unprocessed requests).
+
+        Counted in ``appending`` from the call until the task is done, so that the intake's
+        ``max_pending`` check of a request admitted in the same loop turn already sees it."""
         self.appending += 1
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self.k_requests,
-                          {"channel": channel, "received_at": repr(received_at), "body": body})
-                pipe.xlen(self.k_requests)
-                _, self.pending = await pipe.execute()
-        finally:
-            self.appending -= 1
+        task = asyncio.ensure_future(self._append(channel, body, received_at))
+        task.add_done_callback(self._appended)
+        return task
+
+    def _appended(self, _task: asyncio.Future) -> None:
+        self.appending -= 1
+
+    async def _append(self, channel: str, body: bytes, received_at: float) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(self.k_requests,
+                      {"channel": channel, "received_at": repr(received_at), "body": body})
+            pipe.xlen(self.k_requests)
+            _, self.pending = await pipe.execute()
 
     async def _outage(self, what: str, call):
         """``await call()``, waiting out Redis outages (:func:`retry_through_outages`): the

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+
+import pytest
 
 from gateway import Sink, hookimpl, keys
 from gateway.config import SinkConfig, section
 from tests.conftest import fixture_bytes
 from tests.expect import expected_files
+from tests.test_listener import post, read_response
 
 FILES = [name for name in sorted(expected_files()) if name.startswith("whatsapp/")]
 
@@ -139,3 +143,29 @@ async def test_readiness_reports_redis(gateway, redis_url):
     status, body, _ = await gw.get("/readyz")
     assert status == 200 and body["checks"]["journal"] is True
     assert json.dumps(body)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_burst_in_one_loop_turn_cannot_overfill_the_journal(gateway, redis_url, backend):
+    """Webhooks that all arrive before the loop runs again are admitted in one turn: each must
+    see the appends admitted before it (max_pending holds on both journals)."""
+    extra = "[queue]\nmax_pending = 3\n"
+    if backend == "redis":
+        extra += f'backend = "redis"\nredis_url = "{redis_url}"\n'
+    gw = await gateway(extra=extra)
+    gw.app[keys.PROCESSOR].stop()  # returns once the journal is empty; nothing processed after
+    await gw.settle()
+    body = fixture_bytes("whatsapp/text.json")
+    sockets = []
+    for i in range(20):  # connected and sent from here, without yielding to the loop
+        sock = socket.create_connection(("127.0.0.1", gw.server.port))
+        sock.sendall(post(body.replace(b"wamid.", b"wamid.B%03d" % i)))
+        sockets.append(sock)
+    statuses = []
+    for sock in sockets:
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        statuses.append((await read_response(reader))[0])
+        writer.close()
+    assert sorted(statuses) == [200] * 3 + [503] * 17
+    assert gw.app[keys.JOURNAL].appending == 0
