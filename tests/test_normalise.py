@@ -108,6 +108,24 @@ def _instagram_item(**fields) -> bytes:
         {"id": "17840000000000001", "time": 1760003300000, "messaging": [item]}]}).encode()
 
 
+@pytest.mark.parametrize("attachment,want", [
+    ({"payload": {"url": "https://example.com/x"}}, ("unsupported", None)),  # no type at all
+    ({"type": "fallback", "payload": {"url": "https://e.com/x"}}, ("unsupported", "fallback")),
+    ({"type": "reel", "payload": {"reel_video_id": 1800, "title": "t"}}, ("video", "reel")),
+    ({"type": "video", "payload": {"url": "https://example.com/v"}}, ("video", None)),
+])
+def test_instagram_attachment_types(attachment, want):
+    (event,) = instagram(_instagram_item(message={"mid": "aWdfTEST_IN_A", "attachments": [
+        attachment]}))
+    assert (event.type, event.raw_type) == want
+    payload = attachment["payload"]
+    assert event.media.url == payload.get("url")
+    if want[1] == "reel":  # a reel's id and title are kept
+        assert (event.media.id, event.media.caption) == ("1800", "t")
+    else:
+        assert (event.media.id, event.media.caption) == (None, None)
+
+
 @pytest.mark.parametrize("key,value", [
     ("message_edit", {"mid": "aWdfTEST_IN_0001", "text": "edited", "num_edit": 2}),
     ("optin", {"type": "notification_messages", "payload": "P"}),

@@ -7,7 +7,9 @@ Every entry × ``messaging[]`` / ``standby[]`` item yields one event. Mapping ch
   (``is_echo``: ``direction`` outbound);
 - a message with several attachments is ONE event carrying the first attachment as ``media`` (the
   others are not lost from the journal's raw body, but not modelled); ``file`` → ``document``,
-  ``ig_reel`` / ``reel`` → ``video`` (``raw_type`` keeps the original);
+  ``ig_reel`` / ``reel`` → ``video`` (``raw_type`` keeps the original; ``media.id`` is the
+  ``reel_video_id``, ``media.caption`` its ``title``); an attachment type we do not know, or none,
+  is ``unsupported`` (``raw_type`` the type, when there is one);
 - ``reply_to.story`` → ``story_reply`` with the story URL as ``media.url`` and ``story_id``;
   ``is_deleted`` → ``deleted`` (its id differs from the original's), ``is_unsupported`` →
   ``unsupported``;
@@ -158,11 +160,14 @@ def _attachment(attachments: Any) -> dict[str, Any]:
     if not isinstance(attachments, list) or not attachments or not isinstance(attachments[0], dict):
         return {}
     first = attachments[0]
-    raw = _str(first.get("type")) or ""
+    raw = _str(first.get("type"))
     payload = first.get("payload") if isinstance(first.get("payload"), dict) else {}
-    kind = ATTACHMENT_TYPES.get(raw, "unsupported")
-    return {"type": kind, "raw_type": raw if ATTACHMENT_TYPES.get(raw) != raw else None,
-            "media": Media(url=_str(payload.get("url")))}
+    kind = ATTACHMENT_TYPES.get(raw or "", "unsupported")
+    media = Media(url=_str(payload.get("url")))
+    if kind == "video" and raw != "video":  # a reel shared into the DM: its id and title
+        media = Media(id=as_str(payload.get("reel_video_id")), url=media.url,
+                      caption=_str(payload.get("title")))
+    return {"type": kind, "raw_type": raw if kind != raw else None, "media": media}
 
 
 def _reply_to(reply: Any) -> dict[str, Any]:
