@@ -7,6 +7,8 @@ its ids. Mapping choices (shared/fixtures/README.md "Conventions"):
 - inbound: ``account_id`` = ``recipient.id`` = ``metadata.phone_number_id``; ``sender.name`` from
   the ``value.contacts`` item whose ``wa_id`` equals ``from`` (never from a shared contact card);
 - statuses: ``direction`` outbound, sender = the business number, recipient = ``recipient_id``;
+  Meta's ``played`` (a voice message listened to) is ``read`` with ``raw_type`` ``played``
+  (CONTRACT §5 names sent, delivered, read, failed, deleted);
 - reactions: ``kind`` reaction, ``message_id`` = the message reacted to, ``emoji`` "" on removal;
 - ``revoke`` (the user deleted a message) → ``type`` deleted for the original wamid;
 - ``edit`` → a message of the replacement's type (text, captioned media, ...) with its own wamid
@@ -39,6 +41,9 @@ from gateway.events import (
 
 CHANNEL = "whatsapp"
 OBJECTS = frozenset({"whatsapp_business_account"})
+# Meta's statuses that CONTRACT §5 does not name, as the one they imply (raw_type keeps Meta's):
+# a voice message "played" has been read.
+STATUS_AS = {"played": "read"}
 
 
 def parse_envelope(body: bytes) -> None:
@@ -167,7 +172,8 @@ def _status(s: schemas.Status, account: str) -> Event | None:
         direction="outbound", account_id=account,
         conversation_id=conversation_id(CHANNEL, account, customer),
         sender=Party(id=account), recipient=Party(id=customer), timestamp=when,
-        message_id=s.id, status=s.status, error=first_error(s.errors),
+        message_id=s.id, status=STATUS_AS.get(s.status, s.status), error=first_error(s.errors),
+        raw_type=s.status if s.status in STATUS_AS else None,
         callback_data=s.biz_opaque_callback_data,
     )
 
