@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -45,6 +46,7 @@ def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
     channels = plugins.channels(pm, config)
     sinks = plugins.sinks(pm, config)
     require_secrets(config, channels)
+    require_distinct_files(config, sinks)
     app = web.Application(client_max_size=config.server.max_body_bytes,
                           middlewares=[json_errors])
     app[keys.CONFIG] = config
@@ -88,6 +90,33 @@ def require_secrets(config: GatewayConfig, channels: dict) -> None:
         "META_APP_SECRET (or app_secret in the config), or disable the channel",
         f"channels.{name}.app_secret") for name, channel in channels.items()
         if not channel.app_secret]
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+
+
+def require_distinct_files(config: GatewayConfig, sinks: dict) -> None:
+    """Refuse two sinks writing one file (``path``), or a sink writing one of the gateway's own
+    databases: each would corrupt the other's (a jsonl sink's repair truncating a SQLite file).
+
+    Raises:
+        ConfigError: naming each sink ``path`` key that is taken (``ConfigErrors`` when several).
+    """
+    from gateway.config import ConfigErrors
+
+    data_dir = config.server.data_dir
+    owners = {os.path.realpath(os.path.join(data_dir, name)): f"the gateway's {name}"
+              for name in ("journal.db", "outbox.db")}
+    errors = []
+    for name, sink in sinks.items():
+        path = getattr(getattr(sink, "config", None), "path", None)
+        if not isinstance(path, str) or not path:
+            continue
+        real = os.path.realpath(path)
+        if real in owners:
+            errors.append(ConfigError(f"{path} is already used by {owners[real]}: give each "
+                                      "sink a file of its own", f"sinks.{name}.path"))
+        else:
+            owners[real] = f"sinks.{name}.path"
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
 

@@ -195,17 +195,22 @@ def _check_config(args: argparse.Namespace) -> int:
     import json
 
     from gateway import plugins
-    from gateway.app import require_secrets
+    from gateway.app import require_distinct_files, require_secrets
 
     core, config = gwconfig.check_all(args.config)
     errors: list[ConfigError | PluginError] = list(core)
     if config is not None:
         try:
-            found, channels = plugins.checked(plugins.manager(), config)
-            errors += found
-            require_secrets(config, channels)  # every channel that could be built
-        except (ConfigError, PluginError) as exc:
-            errors.extend(getattr(exc, "errors", [exc]))
+            found, channels, sinks = plugins.checked(plugins.manager(), config)
+        except (ConfigError, PluginError) as exc:  # the plugins could not even be loaded
+            found, channels, sinks = list(getattr(exc, "errors", [exc])), {}, {}
+        errors += found
+        for check in (lambda: require_secrets(config, channels),  # what could be built
+                      lambda: require_distinct_files(config, sinks)):
+            try:
+                check()
+            except (ConfigError, PluginError) as exc:
+                errors.extend(getattr(exc, "errors", [exc]))
     if errors:
         for exc in errors:
             print(f"gateway: config error: {gwconfig.mask_url(str(exc))}", file=sys.stderr)

@@ -123,8 +123,9 @@ def check(pm: pluggy.PluginManager, config: GatewayConfig) -> list[ConfigError |
 
 
 def checked(pm: pluggy.PluginManager, config: GatewayConfig
-            ) -> tuple[list[ConfigError | PluginError], dict[str, Channel]]:
-    """:func:`check`, and the channels that could be built (for their secrets to be checked)."""
+            ) -> tuple[list[ConfigError | PluginError], dict[str, Channel], dict[str, Sink]]:
+    """:func:`check`, and the channels and sinks that could be built (for the checks that need
+    them: the channels' secrets, the sinks' files)."""
     errors: list[ConfigError | PluginError] = []
     built: dict[str, dict[str, Any]] = {}
     for hook, kind in ((pm.hook.register_channels, "channels"), (pm.hook.register_sinks, "sinks")):
@@ -144,7 +145,9 @@ def checked(pm: pluggy.PluginManager, config: GatewayConfig
             _check_claimed(config, kind, found)
         except ConfigError as exc:
             errors.append(exc)
-    return errors, {k: v for k, v in built["channels"].items() if v is not None}
+    usable = {kind: {k: v for k, v in found.items() if v is not None}
+              for kind, found in built.items()}
+    return errors, usable["channels"], usable["sinks"]
 
 
 def _collect(pm: pluggy.PluginManager, hook: Any, config: GatewayConfig,

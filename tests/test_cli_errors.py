@@ -101,3 +101,20 @@ def test_dead_letters_of_an_unknown_sink_is_an_error(tmp_path):
     for args in (("list", "--sink", "jsnol"), ("replay", "--sink", "jsnol")):
         result = run_cli("dead-letters", *args, "--config", config, cwd=tmp_path)
         one_line_failure(result, "no sink named 'jsnol'", "configured: jsonl")
+
+
+def test_two_sinks_on_one_file_are_refused_naming_both_keys(tmp_path):
+    """The README's sample once gave the analytics sink the jsonl file: the jsonl sink's repair
+    then truncated a SQLite database. Such configs are refused by check-config and serve."""
+    data_dir = tmp_path / "d"
+    extra = (f'[sinks.jsonl]\n[sinks.analytics]\npath = "{data_dir}/events.jsonl"\n'
+             f'[sinks.storage]\npath = "{data_dir}/journal.db"\n')
+    config = serve_config(tmp_path, free_port(), str(data_dir), extra)
+    checked = run_cli("check-config", "--config", config, cwd=tmp_path)
+    assert checked.returncode == 2, checked.stderr
+    errors = checked.stderr
+    assert "sinks.jsonl.path: " in errors and "used by sinks.analytics.path" in errors
+    assert "sinks.storage.path: " in errors and "the gateway's journal.db" in errors
+    served = run_cli("serve", "--config", config, cwd=tmp_path)
+    assert served.returncode == 2 and "give each sink a file of its own" in served.stderr
+    assert not (data_dir / "events.jsonl").exists()
