@@ -238,7 +238,7 @@ def check_all(path: str | None = None, environ: Mapping[str, str] | None = None
     errors = [ConfigError("unknown key", key) for key in unknown]
     config = _build(_without(data, unknown), os.environ if environ is None else environ, path,
                     errors)
-    return errors, config
+    return _first_per_key(errors), config
 
 
 def _without(data: dict[str, Any], keys: list[str]) -> dict[str, Any]:
@@ -265,16 +265,34 @@ def section(config: GatewayConfig, kind: str, name: str, struct: type[S],
         return None
     prefix = f"{kind}.{name}"
     errors: list[ConfigError] = []
-    table = _resolved_each(dict(getattr(config, kind)[name]), prefix, errors)
     env = environ if environ is not None else os.environ
+    overrides = {}
     for key, names in struct.env.items():
         value = next((env[n] for n in names if env.get(n)), None)
         if value is not None:
-            table[key] = value
+            overrides[key] = value
+    # An overridden key's own value is never read, so a reference there that cannot be
+    # resolved (``{ env = "WHATSAPP_APP_SECRET" }`` with only META_APP_SECRET set) is no error.
+    table = _resolved_each({k: v for k, v in getattr(config, kind)[name].items()
+                            if k not in overrides}, prefix, errors)
+    table.update(overrides)
     result = _checked(table, struct, prefix, errors)
+    errors = _first_per_key(errors)
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     return result
+
+
+def _first_per_key(errors: list[ConfigError]) -> list[ConfigError]:
+    """One error per key: a reference that cannot be resolved drops its key, which must not be
+    reported again as a required key that is missing."""
+    seen: set[str] = set()
+    kept = []
+    for error in errors:
+        if not error.key or error.key not in seen:
+            kept.append(error)
+            seen.add(error.key)
+    return kept
 
 
 class ConfigErrors(ConfigError):
@@ -398,9 +416,11 @@ def _build(data: dict[str, Any], environ: Mapping[str, str], path: str | None,
     """The config from ``data``; each bad core key is added to ``errors`` and left at its
     default, so that the rest (the plugin tables above all) can still be checked."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    overridden = {(sect, key) for (sect, key), var in _CORE_ENV.items() if environ.get(var)}
     for name in ("server", "queue"):
-        if isinstance(data.get(name), dict):
-            data[name] = _resolved_each(data[name], name, errors)
+        if isinstance(data.get(name), dict):  # an overridden key's reference is never resolved
+            data[name] = _resolved_each({k: v for k, v in data[name].items()
+                                         if (name, k) not in overridden}, name, errors)
     for (sect, key), var in _CORE_ENV.items():
         if environ.get(var) and isinstance(data.setdefault(sect, {}), dict):
             data[sect][key] = environ[var]

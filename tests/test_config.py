@@ -86,6 +86,46 @@ def test_missing_secret_reference_names_the_key(tmp_path, monkeypatch):
     assert exc.value.key == "channels.whatsapp.app_secret" and "NOT_SET_ANYWHERE" in str(exc.value)
 
 
+def test_an_environment_override_makes_an_unresolvable_reference_no_error(tmp_path,
+                                                                        monkeypatch):
+    """The README's ``app_secret = { env = "WHATSAPP_APP_SECRET" }  # falls back to
+    META_APP_SECRET``: with only META_APP_SECRET set, the override wins and the reference,
+    never read, is no error. The same for a core key (GATEWAY_API_TOKEN)."""
+    for name in ("WHATSAPP_APP_SECRET", "NOT_SET_ANYWHERE"):
+        monkeypatch.delenv(name, raising=False)
+    path = tmp_path / "g.toml"
+    path.write_text('[server]\napi_token = { env = "NOT_SET_ANYWHERE" }\n'
+                    '[channels.whatsapp]\napp_secret = { env = "WHATSAPP_APP_SECRET" }\n')
+    config = gwconfig.load(str(path), environ={"GATEWAY_API_TOKEN": "token-from-env"})
+    assert config.server.api_token == "token-from-env"
+    from channels.whatsapp import WhatsAppConfig
+
+    table = gwconfig.section(config, "channels", "whatsapp", WhatsAppConfig,
+                             environ={"META_APP_SECRET": "meta-secret"})
+    assert table.app_secret == "meta-secret"
+    with pytest.raises(ConfigError) as exc:  # without any override the reference must resolve
+        gwconfig.load(str(path), environ={})
+    assert exc.value.key == "server.api_token"
+
+
+def test_an_unresolvable_required_key_is_one_error_not_two(tmp_path, monkeypatch):
+    """A reference that fails drops its key; it is not reported a second time as missing."""
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    import msgspec
+
+    class Required(msgspec.Struct, kw_only=True):
+        secret: str
+        env = {}
+
+    path = tmp_path / "g.toml"
+    path.write_text('[sinks.forward]\nsecret = { env = "NOT_SET_ANYWHERE" }\n')
+    config = gwconfig.load(str(path), environ={})
+    with pytest.raises(ConfigError) as exc:
+        gwconfig.section(config, "sinks", "forward", Required, environ={})
+    assert not isinstance(exc.value, gwconfig.ConfigErrors), str(exc.value)
+    assert exc.value.key == "sinks.forward.secret" and "NOT_SET_ANYWHERE" in str(exc.value)
+
+
 def test_serve_refuses_to_start_without_app_secret(tmp_path):
     path = tmp_path / "g.toml"
     path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[channels.whatsapp]\n')
