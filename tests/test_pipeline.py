@@ -192,10 +192,11 @@ async def test_a_storage_database_of_the_earlier_layout_keeps_working(gateway, t
     the primary key) are used as they are: the same rows, counts and status rules."""
     import sqlite3
 
-    from sinks.storage.schema import SCHEMA
+    from tests.test_storage_sink import schema_without_schema_and_emoji
 
-    earlier = SCHEMA.replace("id TEXT NOT NULL UNIQUE,             -- message_id",
-                             "id TEXT PRIMARY KEY,                 -- message_id")
+    earlier = schema_without_schema_and_emoji().replace(
+        "id TEXT NOT NULL UNIQUE,             -- message_id",
+        "id TEXT PRIMARY KEY,                 -- message_id")
     end = "-- JSON: {sender_id: emoji}\n);"
     earlier = earlier.replace(end, end.replace(");", ") WITHOUT ROWID;"))
     assert earlier.count("WITHOUT ROWID") == 3

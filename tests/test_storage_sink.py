@@ -3,6 +3,7 @@ the dispatcher batches them."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 from gateway.events import Message, Party, Reaction, conversation_id, encode
@@ -44,3 +45,56 @@ async def test_a_contact_is_the_same_whether_its_events_came_in_one_batch_or_two
     apart = await contact_after(tmp_path / "two", [[message], [reaction]])
     assert together == apart
     assert together[:2] == ("New Name", FIRST)  # the latest name, the first account seen
+
+
+def schema_without_schema_and_emoji() -> str:
+    """The storage layout before ``messages`` had the ``schema`` and ``emoji`` columns."""
+    from sinks.storage.schema import SCHEMA
+
+    old = re.sub(r",(\s*--[^\n]*)\n\s*schema INTEGER, emoji TEXT[^\n]*", r"\1", SCHEMA)
+    assert "emoji TEXT" not in old and "schema INTEGER" not in old
+    return old
+
+
+def slashed(customer: str = "49/18") -> Message:
+    return Message(schema=1, id=f"ev-{customer}", channel="whatsapp", direction="inbound",
+                   account_id=FIRST, conversation_id=conversation_id("whatsapp", FIRST, customer),
+                   sender=Party(customer, "Slash"), recipient=Party(FIRST), timestamp=T0,
+                   message_id="wamid.D1", type="text", text="hi")
+
+
+async def test_document_ids_never_hold_a_slash_and_messages_keep_every_field(tmp_path):
+    """CONTRACT §8: ids never contain '/' (the contact's too, as Firestore has it); a message
+    row holds the event's schema and emoji as well."""
+    sink = StorageSink(StorageConfig(path=str(tmp_path / "storage.db")))
+    await sink.start()
+    event = slashed()
+    await sink.write([Record(1, event, encode(event), 1.0)])
+    ids = [row[0] for table in ("contacts", "conversations", "messages")
+           for row in await sink.query(f"SELECT id FROM {table}")]
+    assert ids == ["whatsapp:49_18", "whatsapp:100000000000001:49_18", "wamid.D1"]
+    assert await sink.query("SELECT schema, emoji FROM messages") == [(1, None)]
+    assert (await sink.erase_contact("whatsapp", "49/18"))["contacts"] == 1
+    await sink.close()
+
+
+async def test_a_database_of_the_earlier_layout_is_brought_up_to_date(tmp_path):
+    """Made before contact ids were slash-free and messages had schema and emoji."""
+    import sqlite3
+
+    path = tmp_path / "storage.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(schema_without_schema_and_emoji())
+        db.execute("INSERT INTO contacts(id, channel, contact_id) VALUES ('whatsapp:49/18',"
+                   " 'whatsapp', '49/18')")
+    sink = StorageSink(StorageConfig(path=str(path)))
+    await sink.start()
+    event = slashed()
+    await sink.write([Record(1, event, encode(event), 1.0)])
+    assert await sink.query("SELECT id, name FROM contacts") == [("whatsapp:49_18", "Slash")]
+    assert await sink.query("SELECT schema FROM messages") == [(1,)]
+    await sink.close()
+    sink = StorageSink(StorageConfig(path=str(path)))  # and again: nothing is done twice
+    await sink.start()
+    assert await sink.query("PRAGMA user_version") == [(1,)]
+    await sink.close()

@@ -27,9 +27,22 @@ CREATE TABLE IF NOT EXISTS messages (
     type TEXT, text TEXT, payload TEXT, reply_to TEXT,
     media TEXT, location TEXT, error TEXT, extra TEXT,   -- JSON objects
     status TEXT, status_updated_at TEXT,
-    reactions TEXT                        -- JSON: {sender_id: emoji}
+    reactions TEXT,                       -- JSON: {sender_id: emoji}
+    schema INTEGER, emoji TEXT           -- the event's schema version; emoji (reactions only)
 );
 CREATE INDEX IF NOT EXISTS messages_conversation ON messages(conversation_id, timestamp);
 """
+
+
+def migrate(c) -> None:
+    """Bring a database made by an earlier version up to this schema, each step once."""
+    columns = {row[1] for row in c.execute("PRAGMA table_info(messages)")}
+    for column, kind in (("schema", "INTEGER"), ("emoji", "TEXT")):
+        if column not in columns:
+            c.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
+    if c.execute("PRAGMA user_version").fetchone()[0] < 1:  # contact ids had '/' kept
+        c.execute("UPDATE OR IGNORE contacts SET id = replace(id, '/', '_') WHERE instr(id, '/')")
+        c.execute("PRAGMA user_version = 1")
+
 
 STATUS_RANK = {"sent": 1, "delivered": 2, "read": 3, "played": 4, "failed": 5, "deleted": 6}

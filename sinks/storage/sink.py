@@ -18,7 +18,7 @@ from gateway.consent import Consent
 from gateway.events import Event
 from gateway.journal.writer import rows_in
 from gateway.sink import Record, SqliteSink
-from sinks.storage.schema import SCHEMA, STATUS_RANK
+from sinks.storage.schema import SCHEMA, STATUS_RANK, migrate
 
 _EXTRA = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
           "contacts", "handover")
@@ -64,6 +64,10 @@ class StorageSink(SqliteSink):
         self.config: StorageConfig = config
         self.consent = consent
 
+    async def start(self) -> None:
+        await super().start()
+        await self._db.run(migrate)
+
     async def write(self, records: list[Record]) -> None:
         events = [r.event for r in records]
         await self._db.run(lambda c: apply_all(c, events, self.consent))
@@ -90,7 +94,7 @@ def apply_all(c: sqlite3.Connection, events: list[Event], consent: Consent | Non
 _MESSAGE_COLUMNS = (
     "message_id", "event_id", "kind", "channel", "direction", "account_id", "conversation_id",
     "sender_id", "sender_name", "recipient_id", "timestamp", "type", "text", "payload", "reply_to",
-    "media", "location", "error", "extra")
+    "media", "location", "error", "extra", "schema", "emoji")
 _INSERT_MESSAGE = (
     f"INSERT INTO messages(id, {', '.join(_MESSAGE_COLUMNS)}) "
     f"VALUES (?, {', '.join('?' * len(_MESSAGE_COLUMNS))}) ON CONFLICT(id) DO UPDATE SET "
@@ -181,7 +185,7 @@ class _Batch:
         ts = ts or iso(ev)
         inbound = ts if ev.direction == "inbound" else None
         name = ev.sender.name if ev.direction == "inbound" else None
-        key = f"{ev.channel}:{ev.customer_id}"
+        key = doc_id(f"{ev.channel}:{ev.customer_id}")
         opted_out = self.consent.of(ev) if self.consent is not None else None
         consent_at = ts if opted_out is not None else None
         row = self.contacts.get(key)
@@ -213,7 +217,8 @@ def _message_row(ev: Event, key: str, mid: str, ts: str) -> list[Any]:
                  if value is not None and value is not False} or None
     return [key, mid, ev.id, ev.kind, ev.channel, ev.direction, ev.account_id, ev.conversation_id,
             ev.sender.id, ev.sender.name, ev.recipient.id, ts, ev.type, ev.text, ev.payload,
-            ev.reply_to, _json(ev.media), _json(ev.location), _json(ev.error), _json(extra)]
+            ev.reply_to, _json(ev.media), _json(ev.location), _json(ev.error), _json(extra),
+            ev.schema, ev.emoji]
 
 
 def _mark_deleted(c: sqlite3.Connection, key: str) -> None:
@@ -293,5 +298,6 @@ def erase(c: sqlite3.Connection, channel: str, contact_id: str) -> dict[str, int
         messages += c.execute("DELETE FROM messages WHERE conversation_id = ?", (conv,)).rowcount
     conversations = c.execute("DELETE FROM conversations WHERE channel = ? AND contact_id = ?",
                               (channel, contact_id)).rowcount
-    contacts = c.execute("DELETE FROM contacts WHERE id = ?", (f"{channel}:{contact_id}",)).rowcount
+    contacts = c.execute("DELETE FROM contacts WHERE id = ?",
+                         (doc_id(f"{channel}:{contact_id}"),)).rowcount
     return {"contacts": contacts, "conversations": conversations, "messages": messages}
