@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import erasure, intake, keys, plugins
 from gateway import logging as gwlog
+from gateway.budget import ByteBudget
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher
 from gateway.errors import ConfigError
@@ -55,6 +56,7 @@ def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
     app[keys.SINKS] = sinks
     app[keys.METRICS] = metrics or Metrics()
     app[keys.READY] = {"ready": False}
+    app[keys.BUDGET] = ByteBudget(config.server.max_buffered_bytes)
     if any(channel.accounts() for channel in channels.values()):
         service = OutboundService(config, channels, app[keys.METRICS])
         app[keys.OUTBOUND] = service

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway import logging as gwlog
+from gateway.budget import REQUEST_SECONDS, Busy, TooSlow, closing, held_body
 from gateway.errors import BadPayload
 from gateway.signatures import tokens_equal, verify
 
@@ -63,13 +64,19 @@ async def receive(request: web.Request) -> web.Response:
     if early is not None:
         return to_response(early)
     try:
-        body = await request.read()
+        async with held_body(request) as body:
+            return to_response(await accept(app, name, body,
+                                            request.headers.get(SIGNATURE_HEADER), started))
     except web.HTTPRequestEntityTooLarge:
         limit = app[keys.CONFIG].server.max_body_bytes
         return to_response(refuse(app[keys.METRICS], name, 413, "too_large",
                                   f"body exceeds {limit} bytes"))
-    return to_response(await accept(app, name, body, request.headers.get(SIGNATURE_HEADER),
-                                    started))
+    except Busy:
+        return to_response(busy(app, name))
+    except TooSlow:  # counted as a bad request (CONTRACT §6's outcomes), with its own code
+        message = f"the body did not arrive within {REQUEST_SECONDS:g} s"
+        reply = refuse(app[keys.METRICS], name, 408, "bad_request", message)
+        return closing(to_response(reply._replace(body=error_body("request_timeout", message))))
 
 
 class Reply(NamedTuple):
@@ -156,6 +163,15 @@ def journaled(app: web.Application, name: str, started: float) -> Reply:
     accepted.inc()
     ack.observe(time.perf_counter() - started)
     return ACCEPTED
+
+
+def busy(app: web.Application, channel: str) -> Reply:
+    """503 + ``Retry-After``: the port holds ``server.max_buffered_bytes`` of request bodies.
+    Counted and logged as a full journal's (outcome ``unavailable``), with its own code."""
+    message = "the gateway holds too many request bodies; retry later"
+    reply = refuse(app[keys.METRICS], channel, 503, "unavailable", message,
+                   {"Retry-After": str(app[keys.CONFIG].queue.retry_after_seconds)})
+    return reply._replace(body=error_body("busy", message))
 
 
 def error_body(code: str, message: str) -> bytes:

@@ -10,6 +10,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     # The types the AppKey strings below name ("GatewayConfig", "dict[str, Channel]", ...): ruff
     # does not read those strings as annotations, hence the noqa. Not imported at runtime.
+    from gateway.budget import ByteBudget  # noqa: F401
     from gateway.channel import Channel  # noqa: F401
     from gateway.config import GatewayConfig  # noqa: F401
     from gateway.dispatch import Dispatcher  # noqa: F401
@@ -27,6 +28,8 @@ METRICS = web.AppKey("metrics", "Metrics")
 DISPATCHER = web.AppKey("dispatcher", "Dispatcher")
 PROCESSOR = web.AppKey("processor", "Processor")
 READY = web.AppKey("ready", "dict[str, bool]")
+# Request bytes the main port holds at once (gateway.budget): the lean path and aiohttp's bodies.
+BUDGET = web.AppKey("budget", "ByteBudget")
 # The outbound service (issue: outbound messaging): ``await app[OUTBOUND].send(body: dict)`` takes
 # the body of ``POST /v1/messages`` and returns ``{"id": ..., "status": "queued"}``.
 OUTBOUND = web.AppKey("outbound", object)

@@ -24,7 +24,8 @@ it was answered), or its connection is closed: otherwise a byte every few second
 connection and its buffer for ever.
 
 Memory is bounded across connections too. The :class:`Listener` counts the request bytes its
-connections hold (:attr:`Listener.buffered`): what each buffer holds, a body whose head has
+connections hold (:attr:`Listener.buffered`, in the port's :class:`gateway.budget.ByteBudget`,
+which the aiohttp routes that read a body share): what each buffer holds, a body whose head has
 arrived at its declared length (its bytes are on their way), and a body being answered until its
 answer is ready. Each connection keeps that count exact as it buffers, consumes, clears or hands
 off bytes, or goes away. A head whose declared body, with what the other connections hold, would
@@ -47,17 +48,18 @@ from aiohttp import web
 
 from gateway import intake, keys
 from gateway import logging as gwlog
+from gateway.budget import REQUEST_SECONDS
 
 log = gwlog.get("gateway.listener")
 
 PREFIX = b"POST /webhooks/"
 MAX_HEAD = 8190  # bytes of request line and headers (aiohttp's max_line_size / max_field_size)
-MAX_HEADERS = 128  # header fields (aiohttp's max_headers: llhttp refuses the 129th)
+# Header fields: the main port's aiohttp handler is given the same max_headers (so llhttp refuses
+# the next one), and its default field size is MAX_HEAD. aiohttp's default of 128 let one
+# unfinished head hold about 1 MB; at 32, about 260 KB (Meta sends about a dozen fields).
+MAX_HEADERS = 32
 MAX_PIPELINED = 256 * 1024  # bytes received ahead of the request being answered; then pause
 KEEPALIVE_SECONDS = 75.0  # as aiohttp's web.run_app sets its keepalive_timeout
-# A request's head and body, from its first byte: a client that trickles is closed. Meta waits
-# far less than this for its answer (and retries), so no honest delivery takes this long.
-REQUEST_SECONDS = 60.0
 SWEEP_SECONDS = 5.0
 LINGER_SECONDS = 2.0  # after an early 413/404, unread body bytes are discarded this long
 # The request line, then header fields as RFC 9110 has them: token ":" OWS value OWS, the value
@@ -129,8 +131,8 @@ class Listener:
         self.app = runner.app
         self.aiohttp_server = runner.server  # a protocol factory: aiohttp's RequestHandler
         self.fast = fast
-        self.budget = self.app[keys.CONFIG].server.max_buffered_bytes
-        self.buffered = 0  # request bytes the connections hold (see the module docstring)
+        self.bytes = self.app[keys.BUDGET]  # shared with the aiohttp routes' bodies
+        self.budget = self.bytes.limit
         self.connections: set[WebhookConnection] = set()
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
@@ -138,6 +140,16 @@ class Listener:
         self._date_second = -1
         self._date = b""
         self._accepted = b""
+
+    @property
+    def buffered(self) -> int:
+        """Request bytes the port holds (see the module docstring): the lean connections' and
+        the bodies aiohttp's routes are reading or answering (:mod:`gateway.budget`)."""
+        return self.bytes.held
+
+    @buffered.setter
+    def buffered(self, value: int) -> None:
+        self.bytes.held = value
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port``; the port bound (``port`` 0 picks a free one)."""
@@ -350,21 +362,12 @@ class WebhookConnection(asyncio.Protocol):
         early = intake.refuse_early(self.listener.app, head.channel, head.length)
         if early is None and self.listener.buffered - self.charged + head.length \
                 > self.listener.budget:
-            early = self._over_budget(head.channel)
+            early = intake.busy(self.listener.app, head.channel)
         if early is not None:
             self._refuse_early(early, len(buf) - end - 4 < head.length)
             return None
         self.head, self.body_start = head, end + 4
         return head
-
-    def _over_budget(self, channel: str) -> intake.Reply:
-        """503 + ``Retry-After``, counted and logged as a full journal's (outcome
-        ``unavailable``), with its own code: the journal is not what is full."""
-        app = self.listener.app
-        message = "the gateway holds too many request bodies; retry later"
-        reply = intake.refuse(app[keys.METRICS], channel, 503, "unavailable", message,
-                              {"Retry-After": str(app[keys.CONFIG].queue.retry_after_seconds)})
-        return reply._replace(body=intake.error_body("busy", message))
 
     def _start(self, head: Head, body: bytes, started: float) -> None:
         """:func:`gateway.intake.accept` without a task per request: the checks now, the answer

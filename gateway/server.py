@@ -8,15 +8,21 @@ import signal
 
 from aiohttp import web
 
+from gateway import keys
 from gateway import logging as gwlog
 from gateway.app import create_app, metrics_app
 from gateway.config import GatewayConfig
-from gateway.listener import KEEPALIVE_SECONDS, Listener
+from gateway.listener import KEEPALIVE_SECONDS, LINGER_SECONDS, MAX_HEADERS, Listener
 from gateway.metrics import Metrics
 
 log = gwlog.get("gateway.server")
 
 
+# Every aiohttp handler of the gateway (the main port's handed-off connections, the metrics
+# port) as the lean path: its keep-alive (aiohttp's own default is an hour), its header limit,
+# and its linger after an early answer (aiohttp's: 10 s spent discarding an unread body).
+HANDLER_LIMITS = {"keepalive_timeout": KEEPALIVE_SECONDS, "max_headers": MAX_HEADERS,
+                  "lingering_time": LINGER_SECONDS}
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (Python: 700)
 
 
@@ -43,11 +49,9 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # aiohttp's own keep-alive default is an hour; handed-off connections close as lean ones do
-    runners = [web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_timeout,
-                             keepalive_timeout=KEEPALIVE_SECONDS)]
+    runners = [main_runner(app)]
     if config.server.metrics_port != config.server.port:
-        runners.append(web.AppRunner(metrics_app(metrics), access_log=None))
+        runners.append(web.AppRunner(metrics_app(metrics), access_log=None, **HANDLER_LIMITS))
     listener: Listener | None = None
     try:
         for runner in runners:
@@ -72,6 +76,14 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None,
             await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def main_runner(app: web.Application) -> web.AppRunner:
+    """The main port's aiohttp runner (behind :class:`gateway.listener.Listener`), as ``gateway
+    serve`` sets it up."""
+    return web.AppRunner(app, access_log=None,
+                         shutdown_timeout=app[keys.CONFIG].server.shutdown_timeout,
+                         **HANDLER_LIMITS)
 
 
 def run(config: GatewayConfig) -> None:

@@ -15,7 +15,8 @@ from yarl import URL
 from gateway import config as gwconfig
 from gateway import keys, plugins
 from gateway.app import create_app
-from gateway.listener import KEEPALIVE_SECONDS, Listener
+from gateway.listener import Listener
+from gateway.server import main_runner
 from gateway.testing import sign_headers
 
 DATA = Path(__file__).parent / "data"
@@ -47,7 +48,7 @@ class Served:
         self.app = app
         self.fast = fast
         self.port = 0
-        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS)
+        self._runner = main_runner(app)
         self._listener: Listener | None = None
 
     async def start_server(self) -> None:

@@ -71,7 +71,7 @@ def test_parse_head_reads_a_webhook_head():
     assert parse_head(HEAD + b"\r\nConnection: close").close
     assert parse_head(HEAD + b"\r\nconnection: Keep-Alive").close is False
     assert parse_head(HEAD.replace(b"Content-Length: 12", b"Content-Length:12 ")).length == 12
-    assert parse_head(HEAD + fields(124)) is not None  # 128 fields: allowed
+    assert parse_head(HEAD + fields(listener.MAX_HEADERS - 4)) is not None  # MAX_HEADERS: allowed
 
 
 @pytest.mark.parametrize("head", [
@@ -102,7 +102,7 @@ def test_parse_head_reads_a_webhook_head():
     HEAD + b"\r\nX-Evil: a\nb",
     HEAD + b"\r\n: no name",
     HEAD.replace(b"Host: 127.0.0.1\r\n", b""),  # no Host: aiohttp's 400 (RFC 9112 section 3.2)
-    HEAD + fields(125),  # 129 fields: aiohttp's "Too many headers"
+    HEAD + fields(listener.MAX_HEADERS - 3),  # one too many: aiohttp's "Too many headers"
 ])
 def test_parse_head_hands_anything_unusual_to_aiohttp(head):
     assert parse_head(head) is None
@@ -181,8 +181,8 @@ async def test_a_malformed_head_gets_aiohttps_400(gateway):
 
 @pytest.mark.parametrize("data", [
     post(TEXT).replace(b"Host: 127.0.0.1\r\n", b""),
-    post(TEXT, extra=fields(125)[2:] + b"\r\n"),  # 129 fields with the 4 of post
-], ids=["no_host", "129_fields"])
+    post(TEXT, extra=fields(listener.MAX_HEADERS - 3)[2:] + b"\r\n"),  # one too many, with post's 4
+], ids=["no_host", "too_many_fields"])
 async def test_heads_aiohttp_refuses_get_its_400(gateway, data):
     gw = await gateway()
     [(status, headers, _)] = await exchange(gw, data)
@@ -326,7 +326,7 @@ async def test_a_body_in_many_small_pieces_is_answered_and_its_head_parsed_once(
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
     writer.transport.get_extra_info("socket").setsockopt(
         socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    data = post(TEXT, extra=fields(100)[2:] + b"\r\n") + post(IMAGE)
+    data = post(TEXT, extra=fields(listener.MAX_HEADERS - 4)[2:] + b"\r\n") + post(IMAGE)
     body_start = data.index(b"\r\n\r\n") + 4
     writer.write(data[:body_start])
     for start in range(body_start, len(data), 3):
@@ -475,3 +475,62 @@ async def test_a_request_that_trickles_past_its_deadline_is_closed(gateway, monk
     writer2.close()
     await gw.settle()
     assert sorted(e["type"] for e in gw.jsonl()) == ["image", "text"]
+
+
+def chunked(body: bytes, pieces: int = 2) -> list[bytes]:
+    """A webhook POST with a chunked body (handed to aiohttp), as ``pieces`` writes: the head
+    and chunks, the last write ending the body."""
+    head = (b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            b"X-Hub-Signature-256: " + sign(SECRET.encode(), body).encode() + b"\r\n\r\n")
+    cut = len(body) // 2
+    return [head + b"%x\r\n%s\r\n" % (cut, body[:cut]),
+            b"%x\r\n%s\r\n0\r\n\r\n" % (len(body) - cut, body[cut:])]
+
+
+async def test_bodies_aiohttp_reads_count_against_the_same_budget(gateway):
+    """A handed-off webhook (chunked) reserves its body in the port's budget while aiohttp reads
+    it: a second one that would not fit is 503 at once, and there is room again after."""
+    gw = await gateway(extra="max_body_bytes = 2048\nmax_buffered_bytes = 2048\n"
+                             "[queue]\nretry_after_seconds = 17")
+    served = gw.server._listener
+    first, rest = chunked(TEXT)
+    reader1, writer1 = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer1.write(first)  # half its body: aiohttp is reading it, reserved at max_body_bytes
+    await wait_for(lambda: served.buffered == 2048)
+    reader2, writer2 = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer2.write(b"".join(chunked(IMAGE)))
+    status, headers, body = await read_response(reader2)
+    assert status == 503 and headers["retry-after"] == "17"
+    assert json.loads(body)["error"]["code"] == "busy"
+    writer1.write(rest)
+    assert (await read_response(reader1))[0] == 200
+    assert served.buffered == 0
+    writer2.close()
+    reader3, writer3 = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer3.write(b"".join(chunked(IMAGE)))
+    assert (await read_response(reader3))[0] == 200  # room again
+    for writer in (writer1, writer3):
+        writer.close()
+    await gw.settle()
+    assert sorted(e["type"] for e in gw.jsonl()) == ["image", "text"]
+
+
+async def test_a_body_aiohttp_reads_that_trickles_past_the_deadline_is_408(gateway, monkeypatch):
+    """However a handed-off body trickles, it must arrive within REQUEST_SECONDS: then 408 and
+    the connection is closed, and its bytes leave the budget."""
+    from gateway import budget
+
+    monkeypatch.setattr(budget, "REQUEST_SECONDS", 0.5)
+    gw = await gateway()
+    served = gw.server._listener
+    first, _ = chunked(TEXT)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    writer.write(first)
+    status, _, body = await read_response(reader)
+    assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the gateway
+    assert served.buffered == 0
+    assert gw.app[keys.METRICS].registry.get_sample_value(
+        "gateway_webhook_requests_total", {"channel": "whatsapp", "outcome": "bad_request"}) == 1
+    writer.close()

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.auth import check_bearer
+from gateway.budget import REQUEST_SECONDS, Busy, TooSlow, closing, held_body
 from gateway.intake import error
 from gateway.outbound.request import InvalidRequest
 
@@ -28,11 +29,18 @@ async def send(request: web.Request) -> web.Response:
         return error(503, "outbound_disabled",
                      "no channel has an access_token: nothing can be sent")
     try:
-        answer = await service.send(await request.read())
+        async with held_body(request) as body:
+            answer = await service.send(body)
     except InvalidRequest as exc:
         code = getattr(exc, "code", "invalid_request")
         body = {"error": {"code": code, "message": str(exc), "field": exc.field}}
         return web.json_response(body, status=422)
+    except Busy:
+        return error(503, "busy", "the gateway holds too many request bodies; retry later",
+                     {"Retry-After": str(request.app[keys.CONFIG].queue.retry_after_seconds)})
+    except TooSlow:
+        return closing(error(408, "request_timeout",
+                             f"the body did not arrive within {REQUEST_SECONDS:g} s"))
     return web.json_response(answer, status=202)
 
 
