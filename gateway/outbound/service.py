@@ -217,9 +217,12 @@ class OutboundService(PythonAPI):
         if seen is not None and seen[0] > (customer.last_inbound_at or 0):
             customer = customer._replace(last_inbound_at=seen[0], last_inbound_message_id=seen[1])
         if req.type in ("mark_read", "typing") and not req.message_id:
-            if not customer.last_inbound_message_id:
+            if customer.last_inbound_message_id:
+                req = msgspec.structs.replace(req, message_id=customer.last_inbound_message_id)
+            elif req.channel != "instagram" and (req.type == "mark_read" or req.on):
+                # WhatsApp marks (and shows typing on) a message; Instagram's sender actions
+                # name none, and WhatsApp's typing off sends nothing
                 raise rq.InvalidRequest("message_id", "required: no inbound message is known")
-            req = msgspec.structs.replace(req, message_id=customer.last_inbound_message_id)
         said = self.said.get((req.channel, account, req.to or ""))
         if said is not None and said[0] >= (customer.opted_out_at or float("-inf")):
             customer = customer._replace(opted_out=said[1], opted_out_at=said[0])

@@ -156,3 +156,26 @@ async def test_what_instagram_cannot_send_is_refused_before_it_is_accepted(
         await ob.service.send({"channel": "instagram", "to": U1, **request_body})
     assert raised.value.field == field
     assert ob.sim.requests == []
+
+
+@pytest.mark.parametrize("request_body,expected", [
+    ({"type": "typing", "on": False}, {"recipient": {"id": U1}, "sender_action": "typing_off"}),
+    ({"type": "mark_read"}, {"recipient": {"id": U1}, "sender_action": "mark_seen"}),
+])
+async def test_instagram_sender_actions_need_no_inbound_message(outbound, request_body,
+                                                                expected):
+    """Instagram's sender actions name no message: they are sent to a customer whose messages
+    the gateway has not seen (the window still applies to free-form messages, not to these)."""
+    ob = await outbound()
+    status, answer = await ob.send({"channel": "instagram", "to": U1, **request_body})
+    assert status == 202, answer
+    await ob.wait(answer["id"], "sent")
+    (request,) = ob.sim.requests
+    assert request["body"] == expected
+
+
+async def test_whatsapp_mark_read_without_a_known_message_names_message_id(outbound):
+    ob = await outbound()
+    status, answer = await ob.send({"channel": "whatsapp", "to": "15550007777",
+                                    "type": "mark_read"})
+    assert status == 422 and answer["error"]["field"] == "message_id"
