@@ -98,7 +98,8 @@ def require_secrets(config: GatewayConfig, channels: dict) -> None:
 
 def require_distinct_files(config: GatewayConfig, sinks: dict) -> None:
     """Refuse two sinks writing one file (``path``), or a sink writing one of the gateway's own
-    databases: each would corrupt the other's (a jsonl sink's repair truncating a SQLite file).
+    files (databases, the erasure audit log and key): each would corrupt the other's (a jsonl
+    sink's repair truncating a SQLite file).
 
     Raises:
         ConfigError: naming each sink ``path`` key that is taken (``ConfigErrors`` when several).
@@ -107,7 +108,7 @@ def require_distinct_files(config: GatewayConfig, sinks: dict) -> None:
 
     data_dir = config.server.data_dir
     owners = {os.path.realpath(os.path.join(data_dir, name)): f"the gateway's {name}"
-              for name in ("journal.db", "outbox.db")}
+              for name in ("journal.db", "outbox.db", "erasures.jsonl", "erasure-audit.key")}
     errors = []
     for name, sink in sinks.items():
         path = getattr(getattr(sink, "config", None), "path", None)

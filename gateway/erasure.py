@@ -167,9 +167,6 @@ async def erase_contact(app: web.Application, channel: str, contact_id: str) -> 
             out["journal"] = await eraser(channel, contact_id)
         except Exception as exc:  # noqa: BLE001 - reported like a sink's failure
             out["failed"]["journal"] = f"{type(exc).__name__}: {exc}"
-    if "jsonl" in out["not_stored"]:
-        out["warnings"].append("the jsonl sink is an append-only log: purge it as docs/erasure.md "
-                               "describes (scripts/purge-jsonl.py)")
     return out
 
 

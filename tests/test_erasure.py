@@ -149,6 +149,11 @@ async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends)
     storage, firestore = await storage_state(gw), await firestore_state(gw)
     events, dead = await journal_state(gw)
     assert {customer(decode(e)) for e in events} == CONTACTS
+    live = gw.data_dir / "events.jsonl"
+    lines = live.read_bytes().splitlines(keepends=True)
+    rotated = gw.data_dir / "events.jsonl.1.gz"  # as logrotate leaves it: purged too
+    with gzip.open(rotated, "wb") as handle:
+        handle.writelines(lines)
 
     status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
     assert status == 200, body
@@ -157,8 +162,14 @@ async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends)
     if firestore is not None:
         assert body["erased"]["firestore"] == {"contacts": 1, "conversations": 2, "messages": 4}
     assert body["journal"] == {"events": 4, "dead_letters": 5}
-    assert "jsonl" in body["not_stored"] and body["failed"] == {}
+    assert body["erased"]["jsonl"] == {"events": 8}  # 4 lines, in the file and its copy
+    assert "jsonl" not in body["not_stored"] and body["failed"] == {}
+    assert body["warnings"] == []
     assert body["erasure_id"].startswith("era_") and body["settled"] is True
+    kept = [line for line in lines if customer(decode(line.rstrip())) != ("whatsapp", ERASED)]
+    assert live.read_bytes().splitlines(keepends=True) == kept
+    with gzip.open(rotated, "rb") as handle:
+        assert handle.read().splitlines(keepends=True) == kept
 
     after = await storage_state(gw)
     for name, rows in storage.items():
@@ -178,6 +189,10 @@ async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends)
 
     status, again = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")  # idempotent
     assert status == 200 and all(set(c.values()) == {0} for c in again["erased"].values())
+    other = fixture_bytes("whatsapp/image.json").replace(ERASED.encode(), b"15550004444")
+    assert (await gw.post("whatsapp", other))[0] == 200
+    await gw.settle()  # the sink goes on appending, to the rewritten file
+    assert len(live.read_bytes().splitlines()) == len(kept) + 1
 
 
 def hmac_hex(key: bytes, contact_id: str) -> str:

@@ -9,7 +9,9 @@ crash is not appended twice.
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
+import zlib
 from collections import deque
 
 import msgspec
@@ -17,6 +19,7 @@ import msgspec
 from gateway.config import SinkConfig
 from gateway.errors import PermanentError
 from gateway.sink import Record, Sink
+from sinks.jsonl.purge import purge
 
 TAIL_BYTES = 8 * 1024 * 1024
 _Id = msgspec.defstruct("_Id", [("id", str)])
@@ -105,6 +108,34 @@ class JsonlSink(Sink):
             written += os.write(fd, blob[written:])
         if self.config.fsync:
             os.fsync(fd)
+
+    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
+        """GDPR: rewrite the file, and its rotated copies beside it (``events.jsonl.1``,
+        ``events.jsonl-20261201.gz``, ...), without the contact's lines; appends wait meanwhile.
+
+        Raises:
+            OSError, EOFError, zlib.error: a file that could not be rewritten (a ``.gz`` still
+                being written by logrotate, say); the others are purged all the same, and the
+                erasure reports this sink as failed, to be repeated.
+        """
+        async with self._lock:
+            return await asyncio.to_thread(self._erase, channel, contact_id)
+
+    def _erase(self, channel: str, contact_id: str) -> dict[str, int]:
+        path = self.config.path
+        rotated = sorted(p for p in glob.glob(glob.escape(path) + "?*") if os.path.isfile(p))
+        removed, failure = 0, None
+        for name in [path, *rotated]:
+            try:
+                removed += purge(name, channel, contact_id)["removed"]
+            except (OSError, EOFError, zlib.error) as exc:
+                failure = failure or exc
+            if name == path and self._fd is not None:  # the file was replaced: append to the new
+                os.close(self._fd)
+                self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+        if failure is not None:
+            raise failure
+        return {"events": removed}
 
     async def close(self) -> None:
         async with self._lock:  # after a write still under way (shielded from cancellation)
