@@ -34,13 +34,20 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import TypeVar
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from gateway import logging as gwlog
 from gateway.config import GatewayConfig
 from gateway.journal import DeadLetter, NewEvent, RawRequest, StoredEvent, contact_matcher
+from gateway.redis_client import (
+    ACQUIRE_LEASE,
+    RELEASE_LEASE,
+    as_str,
+    connect,
+    redis_ping,
+    retry_through_outages,
+    split_url,
+)
 
 log = gwlog.get("gateway.journal.redis")
 T = TypeVar("T")
@@ -49,7 +56,6 @@ GROUP = "processors"
 STALE_MS = 30_000  # an entry claimed this long ago by a replica that went away is taken over
 IDLE_CONSUMER_MS = 3_600_000  # consumers without pending entries idle this long are forgotten
 ERASE_CHUNK = 1_000
-OUTAGE_BACKOFF_MAX = 5.0  # background loops wait for Redis to come back, retrying this often
 
 # A dead letter, in Lua: shared by the commit (requests no channel could normalise) and
 # add_dead_letters (events a sink gave up on).
@@ -192,96 +198,10 @@ if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]
 return 1
 """
 
-_ACQUIRE_LEASE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-_RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
-def split_url(url: str) -> tuple[str, str | None]:
-    """The Redis URL without a ``prefix=`` query parameter, and that parameter (or None)."""
-    parts = urlsplit(url)
-    prefix = parse_qs(parts.query).get("prefix", [None])[0]
-    query = "&".join(q for q in parts.query.split("&") if q and not q.startswith("prefix="))
-    return urlunsplit(parts._replace(query=query)), prefix
-
-
 def request_seq(stream_id: bytes | str) -> int:
     """A request stream id ``ms-n`` as an increasing int (``ms * 1_000_000 + n``)."""
-    ms, _, n = _str(stream_id).partition("-")
+    ms, _, n = as_str(stream_id).partition("-")
     return int(ms) * 1_000_000 + int(n or 0)
-
-
-def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-async def cancellable(awaitable: Awaitable[T]) -> T:
-    """``await awaitable``, then raise a cancellation of the current task that arrived meanwhile.
-
-    redis-py (seen with 8.1) may complete a command normally although the task awaiting it was
-    cancelled, swallowing the cancellation; a loop around it would then never stop (and whoever
-    cancelled it would wait forever). Only a cancellation requested *during* the call counts, so
-    cleanup code running after an earlier cancellation is not disturbed."""
-    task = asyncio.current_task()
-    before = task.cancelling() if task is not None else 0
-    result = await awaitable
-    if task is not None and task.cancelling() > before:
-        raise asyncio.CancelledError
-    return result
-
-
-def connect(url: str):
-    """The Redis client of the journal and the outbox. A blip is retried by the client (about 1 s
-    at most, so a webhook or a POST /v1/messages is answered quickly: 500, and Meta retries);
-    longer outages are waited out by the background loops (``_outage``)."""
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialWithJitterBackoff
-
-    return aioredis.from_url(
-        url, socket_connect_timeout=3, socket_timeout=15, socket_keepalive=True,
-        health_check_interval=30, retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 3))
-
-
-def unavailable() -> tuple[type[BaseException], ...]:
-    """The errors of a Redis that is unreachable or read-only (during a fail-over)."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import ReadOnlyError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    return RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError
-
-
-async def retry_through_outages(logger, what: str, call: Callable[[], Awaitable[T]]) -> T:
-    """``await call()``; while Redis is unavailable, log, wait (backing off to
-    ``OUTAGE_BACKOFF_MAX``) and try again. A cancellation is never swallowed
-    (:func:`cancellable`)."""
-    delay = 0.1
-    while True:
-        try:
-            return await cancellable(call())
-        except unavailable() as exc:
-            logger.warning("redis_unavailable", operation=what, error=repr(exc), retry_in=delay)
-            await asyncio.sleep(delay)
-            delay = min(OUTAGE_BACKOFF_MAX, delay * 2)
-
-
-async def redis_ping(client) -> bool:
-    """Whether Redis answers (within 2 s): the readiness check of the journal and the outbox."""
-    try:
-        return bool(await asyncio.wait_for(client.ping(), timeout=2.0))
-    except Exception:  # noqa: BLE001 - readiness is a yes/no question
-        return False
 
 
 class RedisJournal:
@@ -320,8 +240,8 @@ class RedisJournal:
         self._replays_due = register(_REPLAYS_DUE)
         self._drop_dead = register(_DROP_DEAD)
         self._set_cursor = register(_SET_CURSOR)
-        self._acquire = register(_ACQUIRE_LEASE)
-        self._release = register(_RELEASE_LEASE)
+        self._acquire = register(ACQUIRE_LEASE)
+        self._release = register(RELEASE_LEASE)
         self.pending = await self.redis.xlen(self.k_requests)
 
     async def close(self) -> None:
@@ -332,7 +252,7 @@ class RedisJournal:
             for name, owner in list(self._leases.items()):
                 await self.release_lease(name, owner)
             info = await self.redis.xinfo_consumers(self.k_requests, GROUP)
-            if any(_str(c["name"]) == self.consumer and not c["pending"] for c in info):
+            if any(as_str(c["name"]) == self.consumer and not c["pending"] for c in info):
                 await self.redis.xgroup_delconsumer(self.k_requests, GROUP, self.consumer)
         except Exception:  # noqa: BLE001, S110 - best effort: leases expire, consumers are pruned
             pass
@@ -411,8 +331,8 @@ class RedisJournal:
                 gone.append(stream_id)
                 continue
             seq = request_seq(stream_id)
-            self._claimed[seq] = _str(stream_id)
-            found.append(RawRequest(seq, _str(fields[b"channel"]), float(fields[b"received_at"]),
+            self._claimed[seq] = as_str(stream_id)
+            found.append(RawRequest(seq, as_str(fields[b"channel"]), float(fields[b"received_at"]),
                                     bytes(fields[b"body"])))
         if gone:
             await self.redis.xack(self.k_requests, GROUP, *gone)
@@ -472,7 +392,7 @@ class RedisJournal:
         """Events with a sequence number above ``seq``, oldest first."""
         entries = await self._outage("events_after", lambda: self.redis.xrange(
             self.k_events, min=f"{seq + 1}-0", max="+", count=limit))
-        return [StoredEvent(int(_str(sid).split("-")[0]), bytes(fields[b"data"]),
+        return [StoredEvent(int(as_str(sid).split("-")[0]), bytes(fields[b"data"]),
                             float(fields[b"received_at"])) for sid, fields in entries]
 
     async def last_event_seq(self) -> int:
@@ -491,7 +411,7 @@ class RedisJournal:
 
     async def forget_cursors(self, keep: set[str]) -> None:
         """Drop the cursors of sinks no longer configured, so they do not pin old events."""
-        names = [_str(n) for n in await self.redis.hkeys(self.k_cursors)]
+        names = [as_str(n) for n in await self.redis.hkeys(self.k_cursors)]
         stale = [n for n in names if n.startswith("sink:") and n[5:] not in keep]
         if stale:
             await self.redis.hdel(self.k_cursors, *stale)
@@ -500,7 +420,7 @@ class RedisJournal:
         """Drop events every sink cursor has passed (``seen`` ids expire by themselves), and
         forget consumers of replicas long gone that hold nothing."""
         cursors = await self.redis.hgetall(self.k_cursors)
-        low = [int(v) for k, v in cursors.items() if _str(k).startswith("sink:")]
+        low = [int(v) for k, v in cursors.items() if as_str(k).startswith("sink:")]
         if low:
             await self.redis.xtrim(self.k_events, minid=f"{min(low) + 1}-0", approximate=False)
         try:
@@ -508,7 +428,7 @@ class RedisJournal:
         except Exception:  # noqa: BLE001 - no group yet: nothing to forget
             return
         for c in consumers:
-            name = _str(c["name"])
+            name = as_str(c["name"])
             if name != self.consumer and not c["pending"] and c["idle"] > IDLE_CONSUMER_MS:
                 await self.redis.xgroup_delconsumer(self.k_requests, GROUP, name)
 
@@ -573,7 +493,7 @@ class RedisJournal:
     async def dead_letter_counts(self) -> dict[str, int]:
         """Dead letters per sink (those waiting for replay included)."""
         counts = await self.redis.hgetall(f"{self.p}:dead:counts")
-        return {_str(k): int(v) for k, v in counts.items() if int(v) > 0}
+        return {as_str(k): int(v) for k, v in counts.items() if int(v) > 0}
 
     async def request_replay(self, sink: str | None = None, ids: list[int] | None = None) -> int:
         """Mark dead letters for redelivery by the running gateways; return how many."""
@@ -609,13 +529,13 @@ class RedisJournal:
         while True:
             entries = await self.redis.xrange(self.k_events, min=start, max="+", count=ERASE_CHUNK)
             doomed = [sid for sid, f in entries
-                      if _str(f[b"channel"]) == channel
-                      and _str(f[b"conversation_id"]).endswith(suffix) and mine(f[b"data"], "")]
+                      if as_str(f[b"channel"]) == channel
+                      and as_str(f[b"conversation_id"]).endswith(suffix) and mine(f[b"data"], "")]
             if doomed:
                 events += await self.redis.xdel(self.k_events, *doomed)
             if len(entries) < ERASE_CHUNK:
                 break
-            start = "(" + _str(entries[-1][0])
+            start = "(" + as_str(entries[-1][0])
         letters = 0
         ids = [int(i) for i in await self.redis.zrange(f"{self.p}:dead:ids", 0, -1)]
         for chunk in range(0, len(ids), ERASE_CHUNK):
@@ -631,6 +551,6 @@ def _pairs(flat: list) -> dict[bytes, bytes]:
 
 
 def _letter(letter_id: int, f: dict[bytes, bytes]) -> DeadLetter:
-    return DeadLetter(letter_id, _str(f[b"sink"]), _str(f[b"event_id"]), bytes(f[b"data"]),
-                      float(f[b"received_at"]), _str(f[b"reason"]), int(f[b"attempts"]),
-                      float(f[b"failed_at"]), _str(f[b"state"]))
+    return DeadLetter(letter_id, as_str(f[b"sink"]), as_str(f[b"event_id"]), bytes(f[b"data"]),
+                      float(f[b"received_at"]), as_str(f[b"reason"]), int(f[b"attempts"]),
+                      float(f[b"failed_at"]), as_str(f[b"state"]))

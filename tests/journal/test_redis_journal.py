@@ -12,7 +12,8 @@ import pytest
 from gateway import config as gwconfig
 from gateway.journal import NewEvent
 from gateway.journal import redis as redis_journal
-from gateway.journal.redis import RedisJournal, request_seq, split_url
+from gateway.journal.redis import RedisJournal, request_seq
+from gateway.redis_client import split_url
 
 
 def cfg(url: str, window: int = 7 * 24 * 3600) -> gwconfig.GatewayConfig:
