@@ -62,6 +62,16 @@ class Row(NamedTuple):
     updated_at: float
     sent_at: float | None
 
+    def stored_error(self) -> dict[str, Any] | None:
+        """The error stored on the record (kept when it is rescheduled), None when none is."""
+        if not self.error:
+            return None
+        try:
+            found = msgspec.json.decode(self.error)
+        except msgspec.DecodeError:
+            return None
+        return found if isinstance(found, dict) else None
+
     def public(self) -> dict[str, Any]:
         """What ``GET /v1/messages/{id}`` shows."""
         state = "queued" if self.state in ("sending", "uncertain") else self.state

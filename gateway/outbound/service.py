@@ -30,7 +30,6 @@ import random
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -43,11 +42,11 @@ from gateway.outbound.errors import (
     AccountPaused,
     MetaError,
     MetaThrottled,
-    TokenExpired,
     rule_for,
 )
 from gateway.outbound.http import SendUncertain
 from gateway.outbound.outbox import Row
+from gateway.outbound.pausing import Pause, Pausing
 from gateway.outbound.python_api import PythonAPI
 from gateway.outbound.ratelimit import AccountLimiter, headroom_from_headers
 from gateway.outbound.redis_outbox import RedisOutbox
@@ -76,20 +75,7 @@ class Refused(rq.InvalidRequest):
         self.code = code
 
 
-@dataclass
-class Pause:
-    """An account that cannot send until something is fixed (token, payment, ...)."""
-
-    reason: str  # token_expired | code_<n>
-    code: int
-    error: dict[str, Any]  # the original error, with the operator's instructions and paused_at
-    since: float  # epoch s: when the account was first paused (kept on held records)
-    probe_at: float  # epoch s: the next probe send
-    check_at: float  # epoch s: the next look for messages held too long
-    probing: bool = False
-
-
-class OutboundService(PythonAPI):
+class OutboundService(PythonAPI, Pausing):
     """Owns the outbox, the limiters and one worker per sending account."""
 
     def __init__(self, config: GatewayConfig, channels: dict[str, Channel],
@@ -291,13 +277,13 @@ class OutboundService(PythonAPI):
         for index, row in enumerate(rows):
             if not lease.held:  # lost the lease mid-batch: the next holder sends the rest
                 for rest in rows[index:]:
-                    await self.outbox.retry_at(rest.id, rest.next_at, _error(rest),
+                    await self.outbox.retry_at(rest.id, rest.next_at, rest.stored_error(),
                                                count_attempt=False)
                 return
             if row.state == "uncertain" and row.attempts >= self.config.max_attempts:
                 # Every send it may make was made (Meta may have one of them): this claim
                 # counted a send that is not made, so the record keeps row.attempts.
-                await self._fail(row, self._unknown(row, _error(row) or {
+                await self._fail(row, self._unknown(row, row.stored_error() or {
                     "code": "uncertain", "message": "interrupted by a restart during the send"},
                     sends=row.attempts), attempts=row.attempts)
                 continue
@@ -307,7 +293,7 @@ class OutboundService(PythonAPI):
                 step = limiter.interval(row.type)
                 if step:  # spread deferred messages of a slow type over their future slots
                     at = slots[row.type] = max(at, slots.get(row.type, 0.0) + step)
-                await self.outbox.retry_at(row.id, at, _error(row), count_attempt=False)
+                await self.outbox.retry_at(row.id, at, row.stored_error(), count_attempt=False)
                 continue
             if 0 < shared <= 0.5:
                 await asyncio.sleep(shared)
@@ -318,7 +304,7 @@ class OutboundService(PythonAPI):
                                                count_attempt=False)
                 return
             if shared > 0.5:  # a parked scope: the account waits, the records keep their order
-                await self.outbox.retry_at(row.id, time.time() + shared, _error(row),
+                await self.outbox.retry_at(row.id, time.time() + shared, row.stored_error(),
                                            count_attempt=False)
                 continue
             limiter.take(row.recipient, kind=row.type)
@@ -505,116 +491,6 @@ class OutboundService(PythonAPI):
         return self.limiters[key].throttle(scope, recipient, initial, factor,
                                            cfg.throttle_backoff_max, floor)
 
-    # -- pausing --------------------------------------------------------------------------------
-
-    async def _pause(self, key: tuple[str, str], row: Row, exc: AccountPaused) -> None:
-        """Hold ``row`` and pause the account (once: later answers only hold their message)."""
-        channel, account = key
-        now, cfg = time.time(), self.config
-        pause = self.paused.get(key)
-        if pause is None:
-            earlier = _error(row) or {}
-            since = now
-            if earlier.get("code") == exc.code and isinstance(earlier.get("paused_at"), float):
-                since = min(now, earlier["paused_at"])  # paused before a restart: keep counting
-            reason = "token_expired" if isinstance(exc, TokenExpired) else f"code_{exc.code}"
-            error = {**exc.describe(), "hint": self._pause_hint(channel, account, exc),
-                     "paused_at": since}
-            probe = cfg.pause_probe_seconds or float("inf")
-            pause = self.paused[key] = Pause(reason, exc.code, error, since, now + probe,
-                                             since + cfg.max_pause_seconds)
-            self.metrics.alerts.labels(channel, account, reason).set(1)
-            self.metrics.alerts.labels(channel, account, str(exc.code)).set(1)
-            log.error("outbound_account_paused", channel=channel, account=account,
-                      code=exc.code, reason=reason, fbtrace_id=exc.fbtrace_id,
-                      hint=error["hint"], meta_message=str(exc))
-        else:
-            log.warning("outbound_pause_probe_failed", channel=channel, account=account,
-                        code=exc.code, fbtrace_id=exc.fbtrace_id)
-        await self.outbox.retry_at(row.id, row.next_at, pause.error, count_attempt=False)
-        self.wakes[key].set()
-
-    def _pause_hint(self, channel: str, account: str, exc: AccountPaused) -> str:
-        cfg = self.config
-        what = exc.hint
-        if isinstance(exc, TokenExpired):  # where this account's token is configured
-            config = getattr(self.channels.get(channel), "config", None)
-            env = getattr(config, "env", {})
-            names = env.get("access_token") if isinstance(env, dict) else None
-            where = f"channels.{channel}.access_token"
-            if getattr(config, "accounts", None):
-                where += f" or this account's entry in [[channels.{channel}.accounts]]"
-            if names:
-                where += f"; env {names[0]}"
-            what = what.replace("this account's access_token",
-                                f"this account's access_token ({where})")
-        probe = (f"one held message is tried every {cfg.pause_probe_seconds:g} s and sending "
-                 "resumes when it goes through, or at the next restart"
-                 if cfg.pause_probe_seconds else "sending resumes at the next restart")
-        return (f"{what}. Sending from {channel} account {account} is paused (Meta error "
-                f"{exc.code}): its messages are held, not failed; {probe}. A message held "
-                f"longer than outbound.max_pause_seconds ({cfg.max_pause_seconds:g} s) fails "
-                "with this error")
-
-    def _resume(self, key: tuple[str, str], proven: bool) -> None:
-        """An answer other than a pause came back: the account works again."""
-        pause = self.paused.get(key)
-        if pause is None or not proven:
-            return
-        del self.paused[key]
-        channel, account = key
-        self.metrics.alerts.labels(channel, account, pause.reason).set(0)
-        self.metrics.alerts.labels(channel, account, str(pause.code)).set(0)
-        log.warning("outbound_account_resumed", channel=channel, account=account,
-                    code=pause.code, paused_seconds=round(time.time() - pause.since, 1))
-        self.wakes[key].set()
-
-    async def _paused_turn(self, key: tuple[str, str], pause: Pause,
-                           gate: asyncio.Semaphore) -> float:
-        """One turn of a paused account's worker: fail what was held too long, maybe send a
-        probe. Returns how long to sleep (a new message or a probe's answer wakes it)."""
-        now = time.time()
-        if now >= pause.check_at:
-            pause.check_at = await self._expire_held(key, pause, now)
-        if now >= pause.probe_at and not pause.probing:
-            pause.probe_at = now + self.config.pause_probe_seconds
-            rows = await self.outbox.claim_due(*key, 1)
-            if rows:
-                pause.probing = True
-                self.limiters[key].take(rows[0].recipient, kind=rows[0].type)
-                await gate.acquire()
-                self._spawn(self._send(key, rows[0], gate, probe=True))
-        self._headroom(key)
-        return max(0.005, min(pause.check_at, pause.probe_at, now + 60.0) - time.time())
-
-    async def _expire_held(self, key: tuple[str, str], pause: Pause, now: float) -> float:
-        """Fail held messages older than ``max_pause_seconds`` (oldest first); return when to
-        look again. A message's hold starts when the pause began or when it was accepted."""
-        limit = self.config.max_pause_seconds
-        expired = 0
-        while True:
-            rows = await self.outbox.claim_due(*key, 200)
-            keep = [r for r in rows if now - max(pause.since, r.created_at) < limit]
-            kept = {r.id for r in keep}
-            for row in rows:
-                if row.id in kept:
-                    await self.outbox.retry_at(row.id, row.next_at, _error(row) or pause.error,
-                                               count_attempt=False)
-                    continue
-                held = now - max(pause.since, row.created_at)
-                await self._fail(row, {**pause.error, "hint": (
-                    f"{pause.error['hint']}. Not sent: held {held / 3600:.1f} h while the "
-                    "account was paused, longer than outbound.max_pause_seconds")},
-                    attempts=row.attempts)  # not sent: the claim's count is given back
-                expired += 1
-            if keep or len(rows) < 200:
-                break
-        if expired:
-            log.error("outbound_pause_expired", channel=key[0], account=key[1],
-                      code=pause.code, failed=expired, max_pause_seconds=limit)
-        soonest = min((max(pause.since, r.created_at) + limit for r in keep), default=now + limit)
-        return min(soonest, now + min(60.0, limit))
-
     # -- retries, failures, usage -----------------------------------------------------------------
 
     async def _retry(self, row: Row, error: dict[str, Any], hint: float | None) -> None:
@@ -710,18 +586,7 @@ def _remember(cache: OrderedDict, key: tuple[str, str, str], value: tuple) -> No
         cache.popitem(last=False)
 
 
-def _error(row: Row) -> dict[str, Any] | None:
-    """The error stored on a record (kept when it is rescheduled)."""
-    if not row.error:
-        return None
-    try:
-        found = msgspec.json.decode(row.error)
-    except msgspec.DecodeError:
-        return None
-    return found if isinstance(found, dict) else None
-
-
 def _throttle_marks(row: Row) -> dict[str, Any]:
     """How often, and since when, Meta throttled this message (kept across retries)."""
-    error = _error(row) or {}
+    error = row.stored_error() or {}
     return {k: error[k] for k in ("throttled", "throttled_since") if k in error}
