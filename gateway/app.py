@@ -97,9 +97,9 @@ def require_secrets(config: GatewayConfig, channels: dict) -> None:
 
 
 def require_distinct_files(config: GatewayConfig, sinks: dict) -> None:
-    """Refuse two sinks writing one file (``path``), or a sink writing one of the gateway's own
-    files (databases, the erasure audit log and key): each would corrupt the other's (a jsonl
-    sink's repair truncating a SQLite file).
+    """Refuse two sinks writing one file (what each sink's ``files()`` names), or a sink writing
+    one of the gateway's own files (databases, the erasure audit log and key): each would corrupt
+    the other's (a jsonl sink's repair truncating a SQLite file).
 
     Raises:
         ConfigError: naming each sink ``path`` key that is taken (``ConfigErrors`` when several).
@@ -107,18 +107,17 @@ def require_distinct_files(config: GatewayConfig, sinks: dict) -> None:
     from gateway.config import ConfigErrors
 
     data_dir = config.server.data_dir
+    own = [f"{db}{suffix}" for db in ("journal.db", "outbox.db") for suffix in ("", "-wal", "-shm")]
     owners = {os.path.realpath(os.path.join(data_dir, name)): f"the gateway's {name}"
-              for name in ("journal.db", "outbox.db", "erasures.jsonl", "erasure-audit.key")}
+              for name in (*own, "erasures.jsonl", "erasure-audit.key")}
     errors = []
     for name, sink in sinks.items():
-        path = getattr(getattr(sink, "config", None), "path", None)
-        if not isinstance(path, str) or not path:
-            continue
-        real = os.path.realpath(path)
-        if real in owners:
-            errors.append(ConfigError(f"{path} is already used by {owners[real]}: give each "
-                                      "sink a file of its own", f"sinks.{name}.path"))
-        else:
+        for path in sink.files():
+            real = os.path.realpath(path)
+            if real in owners:
+                errors.append(ConfigError(f"{path} is already used by {owners[real]}: give each "
+                                          "sink a file of its own", f"sinks.{name}.path"))
+                break
             owners[real] = f"sinks.{name}.path"
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigErrors(errors)

@@ -57,8 +57,9 @@ async def held_body(request: web.Request) -> AsyncIterator[bytes]:
     """The request's body, read within the port's byte budget and deadline; its bytes count
     against the budget until the block ends (the answer is ready).
 
-    The reservation is the declared ``Content-Length`` (``client_max_size`` without one, as for
-    chunked bodies), never more than ``client_max_size``: aiohttp refuses a longer body (413).
+    The reservation is the declared ``Content-Length`` (``max_body_bytes`` for a chunked body,
+    nothing without a body), never more than ``max_body_bytes``: aiohttp refuses a longer body
+    (413).
 
     Raises:
         Busy: no room for the body now (answer 503 + ``Retry-After``).
@@ -68,7 +69,10 @@ async def held_body(request: web.Request) -> AsyncIterator[bytes]:
     budget: ByteBudget = request.app[keys.BUDGET]
     limit = request.app[keys.CONFIG].server.max_body_bytes
     declared = request.content_length
-    reserve = limit if declared is None else min(declared, limit)
+    if not request.body_exists:
+        reserve = 0
+    else:  # a chunked body (no Content-Length) may grow to the limit
+        reserve = limit if declared is None else min(declared, limit)
     if not budget.fits(reserve):
         raise Busy(reserve)
     budget.held += reserve

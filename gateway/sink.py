@@ -71,6 +71,11 @@ class Sink(abc.ABC):
         """Whether the sink's backend is reachable (used by ``/readyz``)."""
         return True
 
+    def files(self) -> list[str]:
+        """The local files this sink writes (none by default). The gateway refuses to start
+        when two sinks, or a sink and the gateway itself, would write the same file."""
+        return []
+
 
 class SqliteSink(Sink):
     """A sink that keeps its tables in one SQLite file (WAL, ``synchronous=NORMAL``: the dispatcher
@@ -92,6 +97,9 @@ class SqliteSink(Sink):
 
     async def ready(self) -> bool:
         return self._db.alive
+
+    def files(self) -> list[str]:
+        return [self.path, f"{self.path}-wal", f"{self.path}-shm"]
 
     async def query(self, sql: str, args: tuple = ()) -> list[tuple]:
         """Run a read-only query (tests, the CLI and the demo use it)."""

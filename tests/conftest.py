@@ -190,7 +190,7 @@ class ThreadedGateway:
             self._stop = asyncio.Event()
             config = gwconfig.load(str(self._config_path), environ={})
             self.app = create_app(config, pm=plugins.manager(extra=self._plugins))
-            runner = web.AppRunner(self.app, access_log=None)
+            runner = main_runner(self.app)
             await runner.setup()
             listener = Listener(runner)
             await listener.start("127.0.0.1", self.port)

@@ -7,6 +7,8 @@ import asyncio
 import socket
 from pathlib import Path
 
+import pytest
+
 from gateway import config as gwconfig
 from gateway.journal import open_journal
 from gateway.testing import free_port
@@ -118,3 +120,29 @@ def test_two_sinks_on_one_file_are_refused_naming_both_keys(tmp_path):
     served = run_cli("serve", "--config", config, cwd=tmp_path)
     assert served.returncode == 2 and "give each sink a file of its own" in served.stderr
     assert not (data_dir / "events.jsonl").exists()
+
+
+def test_a_sink_on_a_sqlite_side_file_is_refused_and_a_path_that_is_no_file_is_not(tmp_path):
+    """What a sink's files() names counts (a SQLite sink's -wal and -shm too); a plugin's config
+    key called ``path`` that is no file (a URL path) does not."""
+    from gateway.app import require_distinct_files
+    from gateway.config import SinkConfig
+    from gateway.errors import ConfigError
+    from gateway.sink import Sink
+    from sinks.jsonl.sink import JsonlConfig, JsonlSink
+
+    class HttpConfig(SinkConfig):
+        path: str = "/events"
+
+    class Http(Sink):
+        name = "http"
+
+        async def write(self, records):
+            pass
+
+    config = gwconfig.load(serve_config(tmp_path, free_port(), str(tmp_path / "d")))
+    wal = JsonlSink(JsonlConfig(path=str(tmp_path / "d" / "journal.db-wal")))
+    with pytest.raises(ConfigError) as exc:
+        require_distinct_files(config, {"jsonl": wal})
+    assert exc.value.key == "sinks.jsonl.path" and "journal.db-wal" in str(exc.value)
+    require_distinct_files(config, {"crm_a": Http(HttpConfig()), "crm_b": Http(HttpConfig())})

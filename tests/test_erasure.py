@@ -154,6 +154,8 @@ async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends)
     rotated = gw.data_dir / "events.jsonl.1.gz"  # as logrotate leaves it: purged too
     with gzip.open(rotated, "wb") as handle:
         handle.writelines(lines)
+    other = gw.data_dir / "events.jsonl.bak"  # not a name logrotate gives: not the sink's
+    other.write_bytes(b"".join(lines))
 
     status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
     assert status == 200, body
@@ -170,6 +172,7 @@ async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends)
     assert live.read_bytes().splitlines(keepends=True) == kept
     with gzip.open(rotated, "rb") as handle:
         assert handle.read().splitlines(keepends=True) == kept
+    assert other.read_bytes() == b"".join(lines)
 
     after = await storage_state(gw)
     for name, rows in storage.items():
@@ -189,8 +192,8 @@ async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends)
 
     status, again = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")  # idempotent
     assert status == 200 and all(set(c.values()) == {0} for c in again["erased"].values())
-    other = fixture_bytes("whatsapp/image.json").replace(ERASED.encode(), b"15550004444")
-    assert (await gw.post("whatsapp", other))[0] == 200
+    later = fixture_bytes("whatsapp/image.json").replace(ERASED.encode(), b"15550004444")
+    assert (await gw.post("whatsapp", later))[0] == 200
     await gw.settle()  # the sink goes on appending, to the rewritten file
     assert len(live.read_bytes().splitlines()) == len(kept) + 1
 

@@ -534,3 +534,16 @@ async def test_a_body_aiohttp_reads_that_trickles_past_the_deadline_is_408(gatew
     assert gw.app[keys.METRICS].registry.get_sample_value(
         "gateway_webhook_requests_total", {"channel": "whatsapp", "outcome": "bad_request"}) == 1
     writer.close()
+
+
+async def test_a_post_without_a_body_reserves_nothing(gateway):
+    """No Content-Length and no Transfer-Encoding: an empty body (aiohttp serves it). It must
+    not reserve max_body_bytes: with the budget all but full it is answered, not 503."""
+    gw = await gateway(extra="max_body_bytes = 2048\nmax_buffered_bytes = 2048\n")
+    gw.app[keys.BUDGET].held = 2047  # what other connections hold
+    data = (b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"X-Hub-Signature-256: sha256=00\r\n\r\n")
+    [(status, _, body)] = await exchange(gw, data)
+    assert status == 401 and json.loads(body)["error"]["code"] == "bad_signature"
+    assert gw.app[keys.BUDGET].held == 2047
+    gw.app[keys.BUDGET].held = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import glob
 import os
+import re
 import zlib
 from collections import deque
 
@@ -22,6 +23,8 @@ from gateway.sink import Record, Sink
 from sinks.jsonl.purge import purge
 
 TAIL_BYTES = 8 * 1024 * 1024
+# What logrotate leaves beside the file: events.jsonl.1, events.jsonl.2.gz, events.jsonl-20261201.gz
+ROTATED = re.compile(r"(\.\d+|-[\w.]+)(\.gz)?|\.gz")
 _Id = msgspec.defstruct("_Id", [("id", str)])
 _id_decoder = msgspec.json.Decoder(_Id)
 
@@ -109,6 +112,9 @@ class JsonlSink(Sink):
         if self.config.fsync:
             os.fsync(fd)
 
+    def files(self) -> list[str]:
+        return [self.config.path]
+
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: rewrite the file, and its rotated copies beside it (``events.jsonl.1``,
         ``events.jsonl-20261201.gz``, ...), without the contact's lines; appends wait meanwhile.
@@ -123,7 +129,8 @@ class JsonlSink(Sink):
 
     def _erase(self, channel: str, contact_id: str) -> dict[str, int]:
         path = self.config.path
-        rotated = sorted(p for p in glob.glob(glob.escape(path) + "?*") if os.path.isfile(p))
+        rotated = sorted(p for p in glob.glob(glob.escape(path) + "?*")
+                         if ROTATED.fullmatch(p[len(path):]) and os.path.isfile(p))
         removed, failure = 0, None
         for name in [path, *rotated]:
             try:
