@@ -67,6 +67,7 @@ class Processor:
         self.timer = ResponseTimer(metrics)
         self._stopping = False
         self.processed_seq = 0  # the newest request processed, its events published
+        self.stopped = False  # run() returned or was cancelled: nothing will be processed
         self._published = asyncio.Condition()  # notified after every batch is published
         self._event_counters: dict[tuple[str, str, str], Any] = {}  # label children, looked up once
 
@@ -75,6 +76,14 @@ class Processor:
 
         A failing journal (locked, unreachable) is logged and retried with backoff; a batch is
         committed whole or not at all, so a retry processes it again from the start."""
+        try:
+            await self._run()
+        finally:
+            self.stopped = True
+            async with self._published:  # a waiter must not wait for a processor that is gone
+                self._published.notify_all()
+
+    async def _run(self) -> None:
         failures = 0
         while True:
             self.wake.clear()
@@ -119,7 +128,8 @@ class Processor:
     async def caught_up(self, timeout: float) -> bool:
         """Wait until every request the journal had committed when called is processed and its
         events published (the dispatcher's observers have seen them), for at most ``timeout``
-        seconds; whether that happened. At once when nothing is pending.
+        seconds; whether that happened. At once when nothing is pending, or when the processor
+        has stopped (a shutdown's drain that ran out of time).
 
         Read-your-writes for the outbound service: a STOP the gateway acknowledged before a send
         was accepted is known when the send is checked. Only a journal that numbers its commits
@@ -128,18 +138,18 @@ class Processor:
         if target is None:
             return True
 
-        def done() -> bool:
+        def caught() -> bool:
             return self.journal.pending == 0 or self.processed_seq >= target
 
-        if done():
-            return True
-        self.wake.set()
-        try:
-            async with self._published:
-                await asyncio.wait_for(self._published.wait_for(done), timeout)
-        except TimeoutError:
-            return False
-        return True
+        if not caught() and not self.stopped:
+            self.wake.set()
+            try:
+                async with self._published:
+                    await asyncio.wait_for(self._published.wait_for(
+                        lambda: caught() or self.stopped), timeout)
+            except TimeoutError:
+                return False
+        return caught()
 
     def _normalise(self, requests: list[RawRequest]):
         events: list[tuple[Event, bytes, float]] = []

@@ -94,7 +94,11 @@ async def test_a_database_of_the_earlier_layout_is_brought_up_to_date(tmp_path):
     assert await sink.query("SELECT id, name FROM contacts") == [("whatsapp:49_18", "Slash")]
     assert await sink.query("SELECT schema FROM messages") == [(1,)]
     await sink.close()
-    sink = StorageSink(StorageConfig(path=str(path)))  # and again: nothing is done twice
+    with sqlite3.connect(path) as db:  # an older version, run again, adds one (and a conflict)
+        db.execute("INSERT INTO contacts(id, channel, contact_id) VALUES ('whatsapp:49/18',"
+                   " 'whatsapp', '49/18'), ('whatsapp:7/7', 'whatsapp', '7/7')")
+    sink = StorageSink(StorageConfig(path=str(path)))
     await sink.start()
-    assert await sink.query("PRAGMA user_version") == [(1,)]
+    assert await sink.query("SELECT id, name FROM contacts ORDER BY id") == [
+        ("whatsapp:49_18", "Slash"), ("whatsapp:7_7", None)]
     await sink.close()

@@ -29,8 +29,28 @@ def belongs(line: bytes, channel: str, contact_id: str) -> bool | None:
     return event.get("channel") == channel and customer == contact_id
 
 
+def mentions(path: str, contact_id: str, chunk: int = 1 << 20) -> tuple[bool, int]:
+    """Whether ``path`` holds ``contact_id`` as a JSON string anywhere, and its line count: a
+    byte scan, so that a file without the contact is never parsed line by line or rewritten."""
+    needles = {json.dumps(contact_id).encode(), json.dumps(contact_id, ensure_ascii=False).encode()}
+    overlap = max(len(n) for n in needles) - 1
+    opener = gzip.open if path.endswith(".gz") else open
+    found, lines, tail = False, 0, b""
+    with opener(path, "rb") as src:
+        while block := src.read(chunk):
+            lines += block.count(b"\n")
+            window = tail + block
+            found = found or any(n in window for n in needles)
+            tail = window[-overlap:] if overlap else b""
+    return found, lines
+
+
 def purge(path: str, channel: str, contact_id: str, dry_run: bool = False) -> dict[str, int]:
-    """Rewrite ``path`` without the contact's lines; counts of kept, removed and unparsed lines."""
+    """Rewrite ``path`` without the contact's lines; counts of kept, removed and unparsed lines
+    (a file that never mentions the contact is left as it is, its lines counted as kept)."""
+    found, lines = mentions(path, contact_id)
+    if not found:
+        return {"kept": lines, "removed": 0, "unparsed": 0}
     opener = gzip.open if path.endswith(".gz") else open
     counts = {"kept": 0, "removed": 0, "unparsed": 0}
     directory = os.path.dirname(os.path.abspath(path))

@@ -24,7 +24,8 @@ from sinks.jsonl.purge import purge
 
 TAIL_BYTES = 8 * 1024 * 1024
 # What logrotate leaves beside the file: events.jsonl.1, events.jsonl.2.gz, events.jsonl-20261201.gz
-ROTATED = re.compile(r"(\.\d+|-[\w.]+)(\.gz)?|\.gz")
+ROTATED = re.compile(r"(\.\d+|-\d[\d-]*)?(\.gz)?")
+UNREADABLE = re.compile(r"(\.\d+|-\d[\d-]*)?\.(xz|bz2|zst|lz4|Z)")  # copies it cannot rewrite
 _Id = msgspec.defstruct("_Id", [("id", str)])
 _id_decoder = msgspec.json.Decoder(_Id)
 
@@ -50,6 +51,7 @@ class JsonlSink(Sink):
         # One write at a time: the dispatcher's conversation lanes call write concurrently, and a
         # failed append truncates the file back to where it began.
         self._lock = asyncio.Lock()
+        self._erasing = asyncio.Lock()  # one erasure at a time: two would undo each other's copy
 
     async def start(self) -> None:
         await asyncio.to_thread(self._open)
@@ -117,35 +119,61 @@ class JsonlSink(Sink):
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: rewrite the file, and its rotated copies beside it (``events.jsonl.1``,
-        ``events.jsonl-20261201.gz``, ...), without the contact's lines; appends wait meanwhile.
+        ``events.jsonl-20261201.gz``, ...), without the contact's lines. Appends wait while the
+        live file is rewritten, not while the copies are; a file that never mentions the contact
+        is only scanned, never rewritten.
 
         Raises:
             OSError, EOFError, zlib.error: a file that could not be rewritten (a ``.gz`` still
                 being written by logrotate, say); the others are purged all the same, and the
                 erasure reports this sink as failed, to be repeated.
+            PermanentError: copies in a compression it cannot rewrite (``.xz``, ``.bz2``,
+                ``.zst``, ...) are beside the file: the rest is purged; those must be by hand.
         """
-        async with self._lock:
-            return await asyncio.to_thread(self._erase, channel, contact_id)
+        # Shielded, as writes are: a cancelled erasure must not release the lock while its
+        # thread still replaces the file and the descriptor appends go to.
+        return await asyncio.shield(self._erase(channel, contact_id))
 
-    def _erase(self, channel: str, contact_id: str) -> dict[str, int]:
+    async def _erase(self, channel: str, contact_id: str) -> dict[str, int]:
         path = self.config.path
-        rotated = sorted(p for p in glob.glob(glob.escape(path) + "?*")
-                         if ROTATED.fullmatch(p[len(path):]) and os.path.isfile(p))
-        removed, failure = 0, None
-        for name in [path, *rotated]:
-            try:
-                removed += purge(name, channel, contact_id)["removed"]
-            except (OSError, EOFError, zlib.error) as exc:
-                failure = failure or exc
-            if name == path and self._fd is not None:  # the file was replaced: append to the new
+        async with self._erasing:
+            async with self._lock:  # the live file: appends wait, then go to the new file
+                live, failure = await asyncio.to_thread(self._purge_live, channel, contact_id)
+            # The rotated copies, which the sink never appends to, with appends going on.
+            names = sorted(glob.glob(glob.escape(path) + "?*"))
+            rotated = [p for p in names if ROTATED.fullmatch(p[len(path):]) and os.path.isfile(p)]
+            copies, other = await asyncio.to_thread(_purge_all, rotated, channel, contact_id)
+        if failure or other:
+            raise failure or other
+        unreadable = [p for p in names if UNREADABLE.fullmatch(p[len(path):])]
+        if unreadable:
+            raise PermanentError(f"cannot purge {', '.join(unreadable)}: only plain and .gz "
+                                 "copies are rewritten; purge these by hand")
+        return {"events": live + copies}
+
+    def _purge_live(self, channel: str, contact_id: str) -> tuple[int, BaseException | None]:
+        try:
+            return _purge_all([self.config.path], channel, contact_id)
+        finally:
+            if self._fd is not None:  # the file may have been replaced: append to the new one
                 os.close(self._fd)
-                self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
-        if failure is not None:
-            raise failure
-        return {"events": removed}
+                self._fd = os.open(self.config.path, os.O_RDWR | os.O_CREAT | os.O_APPEND,
+                                   0o640)
 
     async def close(self) -> None:
         async with self._lock:  # after a write still under way (shielded from cancellation)
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def _purge_all(paths: list[str], channel: str, contact_id: str
+               ) -> tuple[int, BaseException | None]:
+    """Purge each file; lines removed in all, and the first failure (the others are purged)."""
+    removed, failure = 0, None
+    for path in paths:
+        try:
+            removed += purge(path, channel, contact_id)["removed"]
+        except (OSError, EOFError, zlib.error) as exc:
+            failure = failure or exc
+    return removed, failure

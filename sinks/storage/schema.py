@@ -40,9 +40,10 @@ def migrate(c) -> None:
     for column, kind in (("schema", "INTEGER"), ("emoji", "TEXT")):
         if column not in columns:
             c.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
-    if c.execute("PRAGMA user_version").fetchone()[0] < 1:  # contact ids had '/' kept
-        c.execute("UPDATE OR IGNORE contacts SET id = replace(id, '/', '_') WHERE instr(id, '/')")
-        c.execute("PRAGMA user_version = 1")
+    # Contact ids kept '/' before (an older version run again may add such rows): on every start,
+    # as ids never contain '/' on the wire, this finds nothing unless there is something to do.
+    c.execute("UPDATE OR IGNORE contacts SET id = replace(id, '/', '_') WHERE instr(id, '/')")
+    c.execute("DELETE FROM contacts WHERE instr(id, '/')")  # left by a conflict: a stale copy
 
 
 STATUS_RANK = {"sent": 1, "delivered": 2, "read": 3, "played": 4, "failed": 5, "deleted": 6}
