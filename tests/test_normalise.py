@@ -183,3 +183,15 @@ def test_a_coordinate_that_is_no_latitude_is_dropped_not_a_crash(latitude):
     assert located.message_id == "wamid.TEST.IN.LOC.0001"
     assert decode(encode(located)) == located
     assert (sibling.type, sibling.message_id) == ("text", "wamid.TEST.IN.TEXT.0001")
+
+
+@pytest.mark.parametrize("reaction,emoji", [
+    ({"mid": "m8", "action": "react", "reaction": "love", "emoji": "\u2764\ufe0f"},
+     "\u2764\ufe0f"),
+    ({"mid": "m8", "action": "react", "reaction": "love"}, "\u2764\ufe0f"),  # label only
+    ({"mid": "m8", "action": "react", "reaction": "wow"}, "wow"),  # unknown: never "" (removal)
+    ({"mid": "m8", "action": "unreact"}, ""),
+])
+def test_instagram_reaction_emoji(reaction, emoji):
+    (event,) = instagram(_instagram_item(reaction=reaction))
+    assert (event.kind, event.emoji) == ("reaction", emoji)

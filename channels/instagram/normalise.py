@@ -13,6 +13,8 @@ Every entry × ``messaging[]`` / ``standby[]`` item yields one event. Mapping ch
 - ``reply_to.story`` → ``story_reply`` with the story URL as ``media.url`` and ``story_id``;
   ``is_deleted`` → ``deleted`` (its id differs from the original's), ``is_unsupported`` →
   ``unsupported``;
+- a reaction's ``emoji`` is Meta's, else the emoji of its label (``love``), else the label itself
+  (``""`` only on ``unreact``);
 - ``read`` / ``reaction`` / ``postback`` / ``referral`` / ``*_thread_control`` → those kinds
   (``handover`` for thread control); items on ``standby[]`` are marked ``standby``;
 - an item whose event key is none of those (``message_edit``, ``optin``, a key Meta adds later)
@@ -56,6 +58,7 @@ OBJECTS = frozenset({"instagram", "page"})
 ATTACHMENT_TYPES = {"image": "image", "video": "video", "audio": "audio", "file": "document",
                     "share": "share", "story_mention": "story_mention", "ig_reel": "video",
                     "reel": "video"}
+LABELS = {"love": "\u2764\ufe0f"}  # reaction labels (webhooks.md §5) and their emoji
 HANDOVER = ("pass_thread_control", "take_thread_control", "request_thread_control")
 ADDRESSING = frozenset({"sender", "recipient", "timestamp"})
 
@@ -194,7 +197,9 @@ def _reaction(r: dict[str, Any], common: dict, sender: str, stamp: str, key: str
     mid = as_str(r.get("mid"))
     action = _str(r.get("action")) or "react"
     label = _str(r.get("reaction")) or ""
-    emoji = "" if action == "unreact" else (_str(r.get("emoji")) or label)
+    # Without Meta's emoji: the one a known label stands for, else the label itself (never "",
+    # which means a removal)
+    emoji = "" if action == "unreact" else (_str(r.get("emoji")) or LABELS.get(label, label))
     return Reaction(id=event_id(CHANNEL, "reaction", mid or "", sender, action, label, stamp),
                     **common, message_id=mid, emoji=emoji)
 
