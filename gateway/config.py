@@ -283,6 +283,16 @@ def section(config: GatewayConfig, kind: str, name: str, struct: type[S],
     return result
 
 
+def file_sink_section(config: GatewayConfig, name: str, struct: type[S],
+                      filename: str) -> S | None:
+    """``[sinks.NAME]`` as :func:`section` gives it, for a sink that writes one file: its
+    ``path`` defaults to ``<data_dir>/<filename>``."""
+    table = section(config, "sinks", name, struct)
+    if table is not None and not table.path:
+        table.path = os.path.join(config.server.data_dir, filename)
+    return table
+
+
 def _first_per_key(errors: list[ConfigError]) -> list[ConfigError]:
     """One error per key: a reference that cannot be resolved drops its key, which must not be
     reported again as a required key that is missing."""

@@ -132,7 +132,6 @@ class Listener:
         self.aiohttp_server = runner.server  # a protocol factory: aiohttp's RequestHandler
         self.fast = fast
         self.bytes = self.app[keys.BUDGET]  # shared with the aiohttp routes' bodies
-        self.budget = self.bytes.limit
         self.connections: set[WebhookConnection] = set()
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
@@ -360,8 +359,7 @@ class WebhookConnection(asyncio.Protocol):
             self._hand_off()
             return None
         early = intake.refuse_early(self.listener.app, head.channel, head.length)
-        if early is None and self.listener.buffered - self.charged + head.length \
-                > self.listener.budget:
+        if early is None and not self.listener.bytes.fits(head.length - self.charged):
             early = intake.busy(self.listener.app, head.channel)
         if early is not None:
             self._refuse_early(early, len(buf) - end - 4 < head.length)

@@ -3,20 +3,16 @@
 
 from __future__ import annotations
 
-import os
-
 from gateway import Command, Sink, hookimpl
-from gateway.config import GatewayConfig, section
-from sinks.analytics.sink import AnalyticsConfig, AnalyticsSink
+from gateway.config import GatewayConfig, file_sink_section
+from sinks.analytics.sink import DB_FILE, AnalyticsConfig, AnalyticsSink
 
 
 @hookimpl
 def register_sinks(config: GatewayConfig) -> list[Sink]:
-    table = section(config, "sinks", "analytics", AnalyticsConfig)
+    table = file_sink_section(config, "analytics", AnalyticsConfig, DB_FILE)
     if table is None:
         return []
-    if not table.path:
-        table.path = os.path.join(config.server.data_dir, "analytics.db")
     return [AnalyticsSink(table)]
 
 

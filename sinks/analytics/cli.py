@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from gateway.command import Command
 from gateway.errors import ConfigError
+from sinks.analytics.sink import DB_FILE
 
 REPORT = """
 SELECT d.day, d.channel, d.account_id,
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     table = config.sinks.get("analytics")
     if table is None:
         raise ConfigError("[sinks.analytics] is not in the configuration")
-    path = table.get("path") or os.path.join(config.server.data_dir, "analytics.db")
+    path = table.get("path") or os.path.join(config.server.data_dir, DB_FILE)
     rows = report(path, args.days)
     if args.json:
         for row in rows:

@@ -55,6 +55,9 @@ _BUMP_RESPONSES = (
 PRUNE_SECONDS = 3600.0  # how often counted ids older than keep_days are dropped
 
 
+DB_FILE = "analytics.db"  # under data_dir, unless [sinks.analytics] path says otherwise
+
+
 class AnalyticsConfig(SinkConfig):
     """``[sinks.analytics]``: ``path`` (default ``<data_dir>/analytics.db``), ``keep_days``."""
 

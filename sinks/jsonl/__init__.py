@@ -3,18 +3,14 @@
 
 from __future__ import annotations
 
-import os
-
 from gateway import Sink, hookimpl
-from gateway.config import GatewayConfig, section
+from gateway.config import GatewayConfig, file_sink_section
 from sinks.jsonl.sink import JsonlConfig, JsonlSink
 
 
 @hookimpl
 def register_sinks(config: GatewayConfig) -> list[Sink]:
-    table = section(config, "sinks", "jsonl", JsonlConfig)
+    table = file_sink_section(config, "jsonl", JsonlConfig, "events.jsonl")
     if table is None:
         return []
-    if not table.path:
-        table.path = os.path.join(config.server.data_dir, "events.jsonl")
     return [JsonlSink(table)]

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 from gateway import Sink, hookimpl
-from gateway.config import GatewayConfig, section
+from gateway.config import GatewayConfig, file_sink_section
 from gateway.consent import Consent
 from sinks.storage.sink import StorageConfig, StorageSink
 
 
 @hookimpl
 def register_sinks(config: GatewayConfig) -> list[Sink]:
-    table = section(config, "sinks", "storage", StorageConfig)
+    table = file_sink_section(config, "storage", StorageConfig, "storage.db")
     if table is None:
         return []
-    if not table.path:
-        table.path = os.path.join(config.server.data_dir, "storage.db")
     return [StorageSink(table, Consent.from_config(config))]
