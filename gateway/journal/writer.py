@@ -9,6 +9,7 @@ failing job cannot spoil the others' writes.
 from __future__ import annotations
 
 import asyncio
+import copy
 import queue
 import sqlite3
 import threading
@@ -16,6 +17,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from gateway import logging as gwlog
+
+log = gwlog.get("gateway.sqlite")
 T = TypeVar("T")
 Job = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future, asyncio.AbstractEventLoop]
 MAX_GROUP = 2000
@@ -37,6 +41,7 @@ class SqliteWriter:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._busy = False  # the last group held more than one job
+        self._dead = False  # the thread has ended: nothing queued will ever run
 
     def start(self) -> None:
         """Open the database in the writer thread; raise what opening raised."""
@@ -67,6 +72,8 @@ class SqliteWriter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._jobs.put(((sql, params, on_settle), future, loop))
+        if self._dead:  # ended between the check and the put: settle what it left queued
+            self._fail_queued()
         return future
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -76,6 +83,8 @@ class SqliteWriter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put((fn, future, loop))
+        if self._dead:
+            self._fail_queued()
         return await future
 
     def stop(self) -> None:
@@ -85,24 +94,49 @@ class SqliteWriter:
             self._thread.join()
             self._thread = None
 
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        for pragma in self._pragmas:
+            conn.execute(pragma)
+        conn.executescript(self._schema)
+        return conn
+
     def _run(self) -> None:
         try:
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            for pragma in self._pragmas:
-                conn.execute(pragma)
-            conn.executescript(self._schema)
+            self._conn = self._connect()
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._error = exc
+            self._dead = True
             self._ready.set()
             return
         self._ready.set()
         try:
-            while self._loop_once(conn):
+            while self._loop_once():
                 pass
+        except BaseException as exc:  # noqa: BLE001 - the database could not be reopened
+            self._error = exc
+            log.error("sqlite_writer_stopped", path=self._path, error=repr(exc))
         finally:
-            conn.close()
+            self._conn.close()
+            self._dead = True
+            self._fail_queued()  # whatever was queued behind a stop, or behind a fatal error
 
-    def _loop_once(self, conn: sqlite3.Connection) -> bool:
+    def _fail_queued(self) -> None:
+        """Settle every queued job with an error (the thread has ended; none will run)."""
+        items: list[Job] = []
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                items.append(job)
+        if items:
+            why = f": {self._error!r}" if self._error else ""
+            closed = RuntimeError(f"database {self._path} is closed{why}")
+            self._settle_all(items, [(False, copy.copy(closed)) for _ in items])
+
+    def _loop_once(self) -> bool:
         first = self._jobs.get()
         if first is None:
             return False
@@ -120,11 +154,13 @@ class SqliteWriter:
                 break
             group.append(job)
         self._busy = len(group) > 1
-        self._commit_group(conn, group)
+        self._commit_group(group)
         return not stop
 
-    def _commit_group(self, conn: sqlite3.Connection, group: list[Job]) -> None:
+    def _commit_group(self, group: list[Job]) -> None:
+        conn = self._conn
         outcomes: list[tuple[bool, Any]] = []
+        broken = False
         try:
             conn.execute("BEGIN IMMEDIATE")
             _insert_all(conn, [job for job, _, _ in group if isinstance(job, tuple)])
@@ -132,9 +168,28 @@ class SqliteWriter:
                 outcomes.append((True, None) if isinstance(job, tuple) else _savepoint(conn, job))
             conn.execute("COMMIT")
         except BaseException as exc:  # noqa: BLE001 - the commit itself failed: fail every job
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            outcomes = [(False, exc)] * len(group)
+            # one exception object each: every awaiter raises its own (tracebacks do not pile up)
+            outcomes = [(False, copy.copy(exc)) for _ in group]
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except BaseException:  # noqa: BLE001 - the group is settled first, then reopened
+                broken = True
+        self._settle_all(group, outcomes)
+        if broken:
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """After a ROLLBACK that failed, the connection's state is unknown: close it (SQLite drops
+        what the transaction wrote) and open a new one. If that fails too, the thread ends and
+        every queued job is failed (:meth:`_run`)."""
+        try:
+            self._conn.close()
+        except sqlite3.Error:
+            pass
+        self._conn = self._connect()
+
+    def _settle_all(self, group: list[Job], outcomes: list[tuple[bool, Any]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for (job, future, loop), outcome in zip(group, outcomes, strict=True):
             on_settle = job[2] if isinstance(job, tuple) else None
