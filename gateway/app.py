@@ -62,7 +62,7 @@ def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
         app[keys.OUTBOUND] = service
         sinks["outbox"] = OutboxSink(service)
     app.router.add_get("/webhooks/{channel}", intake.handshake)
-    app.router.add_post("/webhooks/{channel}", intake.receive)
+    app.router.add_post("/webhooks/{channel}", intake.receive, expect_handler=intake.expect)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_routes(erasure.routes())

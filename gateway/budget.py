@@ -15,6 +15,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
 from gateway import keys
@@ -52,6 +53,36 @@ def closing(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
+def reservation(request: web.Request) -> int:
+    """What a request's body reserves of the budget: its declared ``Content-Length``
+    (``max_body_bytes`` for a chunked body, nothing without a body), at most ``max_body_bytes``."""
+    limit = request.app[keys.CONFIG].server.max_body_bytes
+    declared = request.content_length
+    if not request.body_exists:
+        return 0
+    return limit if declared is None else min(declared, limit)  # chunked: may grow to the limit
+
+
+def fits(request: web.Request) -> bool:
+    """Whether the request's body would fit in the budget now."""
+    return request.app[keys.BUDGET].fits(reservation(request))
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """What aiohttp's default ``expect_handler`` does, for handlers that refuse first: ``100
+    Continue`` for ``Expect: 100-continue`` on HTTP/1.1, 417 for any other expectation."""
+    expect = request.headers.get("Expect", "")
+    if request.version != aiohttp.HttpVersion11:
+        return None
+    if expect.lower() != "100-continue":
+        return closing(web.json_response(
+            {"error": {"code": "expectation_failed", "message": f"unknown Expect: {expect}"}},
+            status=417))
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer's own size starts after the interim response
+    return None
+
+
 @contextlib.asynccontextmanager
 async def held_body(request: web.Request) -> AsyncIterator[bytes]:
     """The request's body, read within the port's byte budget and deadline; its bytes count
@@ -67,12 +98,7 @@ async def held_body(request: web.Request) -> AsyncIterator[bytes]:
             :func:`closing`).
     """
     budget: ByteBudget = request.app[keys.BUDGET]
-    limit = request.app[keys.CONFIG].server.max_body_bytes
-    declared = request.content_length
-    if not request.body_exists:
-        reserve = 0
-    else:  # a chunked body (no Content-Length) may grow to the limit
-        reserve = limit if declared is None else min(declared, limit)
+    reserve = reservation(request)
     if not budget.fits(reserve):
         raise Busy(reserve)
     budget.held += reserve

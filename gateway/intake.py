@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway import keys
 from gateway import logging as gwlog
-from gateway.budget import REQUEST_SECONDS, Busy, TooSlow, closing, held_body
+from gateway.budget import REQUEST_SECONDS, Busy, TooSlow, closing, expect_continue, fits, held_body
 from gateway.errors import BadPayload
 from gateway.signatures import tokens_equal, verify
 
@@ -77,6 +77,22 @@ async def receive(request: web.Request) -> web.Response:
         message = f"the body did not arrive within {REQUEST_SECONDS:g} s"
         reply = refuse(app[keys.METRICS], name, 408, "bad_request", message)
         return closing(to_response(reply._replace(body=error_body("request_timeout", message))))
+
+
+async def expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` on a webhook POST: a request refused whatever its body (unknown
+    channel, declared size over the limit, no room in the byte budget or the journal) is answered
+    before the client uploads it, and its connection closed; any other gets ``100 Continue``."""
+    app = request.app
+    name = request.match_info["channel"]
+    early = refuse_early(app, name, request.content_length)
+    if early is None and not fits(request):
+        early = busy(app, name)
+    if early is None:
+        early = journal_full(app, name)
+    if early is not None:
+        return closing(to_response(early))
+    return await expect_continue(request)
 
 
 class Reply(NamedTuple):
@@ -143,11 +159,18 @@ def admit(app: web.Application, name: str, body: bytes, signature: str | None) -
         channel.check_envelope(body)
     except BadPayload as exc:
         return refuse(metrics, name, 400, "bad_request", str(exc))
+    return journal_full(app, name)
+
+
+def journal_full(app: web.Application, name: str) -> Reply | None:
+    """503 + ``Retry-After`` when the journal holds ``queue.max_pending`` requests, else None.
+    Appends in flight count too: concurrent requests all pass this check before any commits."""
     store = app[keys.JOURNAL]
-    # Appends in flight count too: concurrent requests all pass this check before any commits.
-    if store.pending + store.appending >= config.queue.max_pending:
-        return refuse(metrics, name, 503, "unavailable", "the journal is full; retry later",
-                      {"Retry-After": str(config.queue.retry_after_seconds)})
+    queue = app[keys.CONFIG].queue
+    if store.pending + store.appending >= queue.max_pending:
+        return refuse(app[keys.METRICS], name, 503, "unavailable",
+                      "the journal is full; retry later",
+                      {"Retry-After": str(queue.retry_after_seconds)})
     return None
 
 

@@ -6,17 +6,44 @@ from aiohttp import web
 
 from gateway import keys
 from gateway.auth import check_bearer
-from gateway.budget import REQUEST_SECONDS, Busy, TooSlow, closing, held_body
+from gateway.budget import REQUEST_SECONDS, Busy, TooSlow, closing, expect_continue, fits, held_body
 from gateway.intake import error
 from gateway.outbound.request import InvalidRequest
 
 
 def routes() -> list[web.RouteDef]:
-    return [web.post("/v1/messages", send), web.get("/v1/messages/{id}", status)]
+    return [web.post("/v1/messages", send, expect_handler=expect),
+            web.get("/v1/messages/{id}", status)]
 
 
 def _service(request: web.Request):
     return request.app.get(keys.OUTBOUND)
+
+
+async def expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: what ``send`` refuses whatever the body (no bearer token,
+    outbound disabled, over the size limit, no room in the byte budget) is answered before the
+    upload, with the connection closed; any other request gets ``100 Continue``."""
+    refused = check_bearer(request)
+    if refused is None and _service(request) is None:
+        refused = _disabled()
+    limit = request.app[keys.CONFIG].server.max_body_bytes
+    if refused is None and (request.content_length or 0) > limit:
+        refused = error(413, "payload_too_large", f"body exceeds {limit} bytes")
+    if refused is None and not fits(request):
+        refused = _busy(request)
+    if refused is not None:
+        return closing(refused)
+    return await expect_continue(request)
+
+
+def _disabled() -> web.Response:
+    return error(503, "outbound_disabled", "no channel has an access_token: nothing can be sent")
+
+
+def _busy(request: web.Request) -> web.Response:
+    return error(503, "busy", "the gateway holds too many request bodies; retry later",
+                 {"Retry-After": str(request.app[keys.CONFIG].queue.retry_after_seconds)})
 
 
 async def send(request: web.Request) -> web.Response:
@@ -26,8 +53,7 @@ async def send(request: web.Request) -> web.Response:
         return refused
     service = _service(request)
     if service is None:
-        return error(503, "outbound_disabled",
-                     "no channel has an access_token: nothing can be sent")
+        return _disabled()
     try:
         async with held_body(request) as body:
             answer = await service.send(body)
@@ -36,8 +62,7 @@ async def send(request: web.Request) -> web.Response:
         body = {"error": {"code": code, "message": str(exc), "field": exc.field}}
         return web.json_response(body, status=422)
     except Busy:
-        return error(503, "busy", "the gateway holds too many request bodies; retry later",
-                     {"Retry-After": str(request.app[keys.CONFIG].queue.retry_after_seconds)})
+        return _busy(request)
     except TooSlow:
         return closing(error(408, "request_timeout",
                              f"the body did not arrive within {REQUEST_SECONDS:g} s"))

@@ -4,12 +4,14 @@ simulator, body by body, and the WhatsApp media helpers (upload, send by id, dow
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
+from gateway import keys
 from gateway.outbound.errors import TokenExpired
 from gateway.outbound.request import InvalidRequest
-from tests.outbound.conftest import IG, WA
+from tests.outbound.conftest import IG, TOKEN, WA
 
 A, U1 = "15550001234", "9000000000000001"
 WA_BASE = {"messaging_product": "whatsapp", "recipient_type": "individual", "to": A}
@@ -114,3 +116,26 @@ async def test_media_calls_raise_metas_errors(outbound):
     with pytest.raises(TokenExpired) as expired:
         await api.upload_whatsapp_media(PNG, "image/png")
     assert expired.value.code == 190 and expired.value.http_status == 401
+
+
+async def test_post_v1_messages_with_expect_100_continue(outbound):
+    """A send that can be accepted gets ``100 Continue`` and then its 202; one over the size
+    limit, or with no room in the byte budget, is refused before the client uploads it."""
+    from tests.test_expect_continue import continued, head, refused_before_upload
+
+    ob = await outbound()
+    gw = ob.gw
+    body = json.dumps({"channel": "whatsapp", "to": "15550001111", "type": "template",
+                       "template": {"name": "order_update", "language": "en_US"}}).encode()
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    status, _, answer = await continued(gw, head("/v1/messages", len(body), auth), body)
+    assert status == 202 and json.loads(answer)["status"] == "queued"
+    limit = gw.app[keys.CONFIG].server.max_body_bytes
+    status, _, answer = await refused_before_upload(gw, head("/v1/messages", limit + 1, auth))
+    assert status == 413 and json.loads(answer)["error"]["code"] == "payload_too_large"
+    gw.app[keys.BUDGET].held = gw.app[keys.BUDGET].limit
+    try:
+        status, _, answer = await refused_before_upload(gw, head("/v1/messages", len(body), auth))
+    finally:
+        gw.app[keys.BUDGET].held = 0
+    assert status == 503 and json.loads(answer)["error"]["code"] == "busy"
