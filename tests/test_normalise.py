@@ -101,6 +101,27 @@ def test_unknown_fields_and_types_pass_through():
     assert (event.type, event.raw_type, event.error) == ("unsupported", "poll", None)
 
 
+@pytest.mark.parametrize("shape", [{"sender": {"id": "9000000000000001"}}, "junk", 7, True,
+                                   {"deep": [[[[]]]]}, None])
+@pytest.mark.parametrize("key", ["messaging", "standby"])
+def test_a_malformed_instagram_list_is_skipped_on_its_own(key, shape):
+    """``messaging`` / ``standby`` that is not a list loses only itself: the list beside it in the
+    entry, and the other entries, keep every event (``instagram/malformed_lists.json`` is the
+    fixture). Before, the entry failed to decode and both of its lists were dropped."""
+    envelope = json.loads(fixture_bytes("instagram/unknown_key.json"))  # messaging[2], standby[1]
+    other = json.loads(fixture_bytes("instagram/standby.json"))["entry"][0]
+    junk = ["not an entry", 5, None, [], {"id": {"not": "an id"}, "messaging": []}]
+    envelope["entry"] += [{**other, "changes": "not a list", "time": "not a time"}, *junk]
+
+    def events(value) -> list:
+        envelope["entry"][0][key] = value
+        return instagram(json.dumps(envelope).encode())
+
+    kept = events([])
+    assert events(shape) == kept
+    assert len(kept) == (1 if key == "messaging" else 2) + 1  # the other list + standby.json
+
+
 def _instagram_item(**fields) -> bytes:
     item = {"sender": {"id": "9000000000000001"}, "recipient": {"id": "17840000000000001"},
             "timestamp": 1760003300000, **fields}
@@ -124,6 +145,35 @@ def test_instagram_attachment_types(attachment, want):
         assert (event.media.id, event.media.caption) == ("1800", "t")
     else:
         assert (event.media.id, event.media.caption) == (None, None)
+
+
+STORY = {"url": "https://lookaside.fbsbx.com/ig_messaging_cdn/?asset_id=5&signature=S",
+         "id": "18000000000000002"}
+
+
+@pytest.mark.parametrize("attachment,raw_type,media", [
+    ({"type": "image", "payload": {"url": "https://e.com/i"}}, "image", {"url": "https://e.com/i"}),
+    ({"type": "audio", "payload": {"url": "https://e.com/a"}}, "audio", {"url": "https://e.com/a"}),
+    ({"type": "file", "payload": {"url": "https://e.com/f"}}, "file", {"url": "https://e.com/f"}),
+    ({"type": "ig_reel", "payload": {"reel_video_id": "1800", "title": "t", "url": "https://e.com/r"}},
+     "ig_reel", {"id": "1800", "url": "https://e.com/r", "caption": "t"}),
+    ({"type": "hologram", "payload": {"url": "https://e.com/h"}}, "hologram",
+     {"url": "https://e.com/h"}),
+    ({"type": "image", "payload": {}}, None, {"url": STORY["url"]}),  # nothing to fetch
+    (None, None, {"url": STORY["url"]}),  # a plain story reply (instagram/story_reply.json)
+])
+def test_an_instagram_story_reply_keeps_its_attachment(attachment, raw_type, media):
+    """A story reply with an attachment: the attachment is ``media`` (its Meta type in
+    ``raw_type``), the story is ``story_id`` (``instagram/story_reply_attachment.json`` is the
+    fixture). Before, the story replaced the attachment, which was lost."""
+    message = {"mid": "aWdfTEST_IN_S", "text": "Love it", "reply_to": {"story": STORY}}
+    if attachment is not None:
+        message["attachments"] = [attachment]
+    (event,) = instagram(_instagram_item(message=message))
+    assert (event.type, event.raw_type, event.story_id) == ("story_reply", raw_type, STORY["id"])
+    assert json.loads(encode(event))["media"] == media
+    assert (event.text, event.reply_to, event.message_id) == ("Love it", None, "aWdfTEST_IN_S")
+    assert decode(encode(event)) == event
 
 
 @pytest.mark.parametrize("key,value", [

@@ -428,6 +428,23 @@ def test_every_well_addressed_instagram_item_is_one_event(envelope):
             assert event.handover["action"] == key.split("_", 1)[0]
 
 
+@FEW
+@given(envelope=ig_envelope(realistic=True), data=st.data())
+def test_a_malformed_instagram_list_loses_only_itself(envelope, data):
+    """A ``messaging`` / ``standby`` that is not a list (any other JSON) yields what an empty one
+    would: its entry's other list and the other entries keep every event."""
+    entries = envelope["entry"]
+    if not entries:
+        entries.append({"id": ACCOUNT})
+    index = data.draw(st.integers(min_value=0, max_value=len(entries) - 1))
+    key = data.draw(st.sampled_from(["messaging", "standby"]))
+    shape = data.draw(json_values.filter(lambda v: not isinstance(v, list)))
+    entries[index] = {**entries[index], key: []}
+    kept = check_events("instagram", _encode_body(envelope))
+    entries[index] = {**entries[index], key: shape}
+    assert check_events("instagram", _encode_body(envelope)) == kept
+
+
 WA_TYPES = sorted([*wa_bodies, "contacts", "unknown"])
 EXPECTED_TYPE = {"revoke": "deleted", "hologram": "unsupported", "unknown": "unsupported",
                  "edit": ("text", "unsupported"), "location": "location"}

@@ -1,6 +1,8 @@
 """Instagram Messaging webhook → canonical events (CONTRACT §5, meta/webhooks.md §5).
 
-Every entry × ``messaging[]`` / ``standby[]`` item yields one event. Mapping choices
+Every entry × ``messaging[]`` / ``standby[]`` item yields one event. A malformed part (an entry
+that is no object, a ``messaging`` / ``standby`` that is no list, an item of the wrong shape) is
+skipped on its own; every valid item beside it still counts. Mapping choices
 (shared/fixtures/README.md "Conventions"):
 
 - ``account_id`` = ``entry[].id``; the customer is ``sender.id``, or ``recipient.id`` on echoes
@@ -10,8 +12,15 @@ Every entry × ``messaging[]`` / ``standby[]`` item yields one event. Mapping ch
   ``ig_reel`` / ``reel`` → ``video`` (``raw_type`` keeps the original; ``media.id`` is the
   ``reel_video_id``, ``media.caption`` its ``title``); an attachment type we do not know, or none,
   is ``unsupported`` (``raw_type`` the type, when there is one);
-- ``reply_to.story`` → ``story_reply`` with the story URL as ``media.url`` and ``story_id``;
-  ``is_deleted`` → ``deleted`` (its id differs from the original's), ``is_unsupported`` →
+- ``reply_to.story`` → ``story_reply`` with ``story_id``, and the story URL as ``media.url``;
+  when the story reply also carries an attachment (a photo sent in answer to the story), that
+  attachment is ``media`` (as on any message, first one, reel id and title included) and its
+  Meta type is ``raw_type``. CONTRACT §5 has one ``media``: it holds what the customer sent,
+  the message's content, while the story (the business's own, which it answers) is referenced by
+  ``story_id`` as a quoted message is by ``reply_to``; the story's CDN URL, which expires, is
+  then not kept. A ``story_reply`` with ``raw_type`` set carries the attachment as ``media``,
+  one without carries the story;
+- ``is_deleted`` → ``deleted`` (its id differs from the original's), ``is_unsupported`` →
   ``unsupported``;
 - a reaction's ``emoji`` is Meta's, else the emoji of its label (``love``), else the label itself
   (``""`` only on ``unreact``);
@@ -84,7 +93,7 @@ def normalise(body: bytes) -> list[Event]:
         if account is None:
             continue
         for standby, items in ((False, entry.messaging), (True, entry.standby)):
-            for raw in items or ():
+            for raw in schemas.items(items):
                 try:
                     item = schemas.item_decoder.decode(raw)
                 except (msgspec.DecodeError, RecursionError):
@@ -146,8 +155,7 @@ def _message(msg: dict[str, Any], common: dict, sender: str, stamp: str, key: st
     if msg.get("is_unsupported") is True:
         fields["type"] = "unsupported"
     else:
-        fields.update(_attachment(msg.get("attachments")))
-        fields.update(_reply_to(msg.get("reply_to")))
+        fields.update(_content(msg.get("attachments"), msg.get("reply_to")))
         fields.setdefault("type", "text")
     quick = msg.get("quick_reply")
     if isinstance(quick, dict):
@@ -159,9 +167,34 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _attachment(attachments: Any) -> dict[str, Any]:
+def _content(attachments: Any, reply: Any) -> dict[str, Any]:
+    """``type``, ``media`` and what the message answers, from its attachment and ``reply_to``.
+
+    A story reply that carries an attachment keeps it: the attachment is what the customer sent,
+    so it is ``media`` (its Meta type in ``raw_type``) and the story is referenced by ``story_id``,
+    as a quoted message is by ``reply_to``. Without an attachment (or with one that names nothing
+    to fetch) the story's URL is ``media``.
+    """
+    attachment = _attachment(attachments)
+    reply = reply if isinstance(reply, dict) else {}
+    story = reply.get("story")
+    if isinstance(story, dict):
+        if attachment is None or attachment[2] == Media():
+            attachment = None, "", Media(url=_str(story.get("url")))
+        raw, _, media = attachment
+        return {"type": "story_reply", "raw_type": raw, "media": media,
+                "story_id": as_str(story.get("id"))}
+    fields: dict[str, Any] = {"reply_to": as_str(reply.get("mid"))}
+    if attachment is not None:
+        raw, kind, media = attachment
+        fields.update(type=kind, raw_type=raw if kind != raw else None, media=media)
+    return fields
+
+
+def _attachment(attachments: Any) -> tuple[str | None, str, Media] | None:
+    """The first attachment as (Meta's type, the canonical type, its media); None without one."""
     if not isinstance(attachments, list) or not attachments or not isinstance(attachments[0], dict):
-        return {}
+        return None
     first = attachments[0]
     raw = _str(first.get("type"))
     payload = first.get("payload") if isinstance(first.get("payload"), dict) else {}
@@ -170,17 +203,7 @@ def _attachment(attachments: Any) -> dict[str, Any]:
     if kind == "video" and raw != "video":  # a reel shared into the DM: its id and title
         media = Media(id=as_str(payload.get("reel_video_id")), url=media.url,
                       caption=_str(payload.get("title")))
-    return {"type": kind, "raw_type": raw if kind != raw else None, "media": media}
-
-
-def _reply_to(reply: Any) -> dict[str, Any]:
-    if not isinstance(reply, dict):
-        return {}
-    story = reply.get("story")
-    if isinstance(story, dict):
-        return {"type": "story_reply", "media": Media(url=_str(story.get("url"))),
-                "story_id": as_str(story.get("id"))}
-    return {"reply_to": as_str(reply.get("mid"))}
+    return raw, kind, media
 
 
 def _postback(pb: dict[str, Any], common: dict, sender: str, stamp: str, key: str) -> Event:
