@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from structlog.testing import capture_logs
 
 from channels.instagram.normalise import normalise as instagram
 from channels.instagram.normalise import parse_envelope as ig_envelope
+from channels.whatsapp.normalise import _tolerant as whatsapp_tolerant
 from channels.whatsapp.normalise import normalise as whatsapp
 from channels.whatsapp.normalise import parse_envelope as wa_envelope
 from gateway.errors import BadPayload
@@ -99,6 +101,128 @@ def test_unknown_fields_and_types_pass_through():
     message.update({"type": "poll", "poll": {"question": "?"}, "brand_new_field": {"x": 1}})
     (event,) = whatsapp(json.dumps(envelope).encode())
     assert (event.type, event.raw_type, event.error) == ("unsupported", "poll", None)
+
+
+def _warnings(event_name: str, body: bytes, normalise=whatsapp) -> tuple[list, list[dict]]:
+    with capture_logs() as logs:
+        events = normalise(body)
+    return events, [entry for entry in logs
+                    if entry["log_level"] == "warning" and entry["event"] == event_name]
+
+
+@pytest.mark.parametrize("normalise", [whatsapp, whatsapp_tolerant], ids=["fast", "tolerant"])
+def test_a_status_without_any_recipient_is_logged_and_its_siblings_kept(normalise):
+    """A status with neither ``recipient_id`` nor ``recipient_user_id`` cannot be addressed to a
+    conversation: no event, but a warning naming it (``whatsapp/status_bsuid_recipient.json``;
+    the BSUID-only statuses beside it are events). Before, BSUID-only statuses were dropped too,
+    and every drop was silent."""
+    events, warned = _warnings("whatsapp_status_without_recipient",
+                               fixture_bytes("whatsapp/status_bsuid_recipient.json"), normalise)
+    assert [(e.message_id, e.recipient.id) for e in events] == [
+        ("wamid.TEST.OUT.BSUID.0001", "US.13491208655302741918"),
+        ("wamid.TEST.OUT.BSUID.0002", "US.13491208655302741918"),
+        ("wamid.TEST.OUT.BSUID.0003", "15550001234")]
+    assert [(w["message_id"], w["status"], w["phone_number_id"], w["channel"])
+            for w in warned] == [("wamid.TEST.OUT.BSUID.0004", "delivered", "100000000000001",
+                                  "whatsapp")]
+
+
+@pytest.mark.parametrize("name,errors", [
+    ("whatsapp/change_errors.json", [{"code": 130429, "title": "Rate limit hit"}]),
+    ("whatsapp/message_with_value_errors.json",
+     [{"code": 131000, "title": "Something went wrong"}]),
+])
+def test_value_level_errors_are_logged(name, errors):
+    """``value.errors[]`` (webhooks.md §4.6) is out of band, with no message id: never silent, a
+    warning with the number and each error's code and title (not Meta's prose). Before, the
+    value's errors were not even decoded."""
+    _, warned = _warnings("whatsapp_value_errors", fixture_bytes(name))
+    assert [(w["phone_number_id"], w["errors"]) for w in warned] == [("100000000000001", errors)]
+    assert "message" not in str(warned[0]["errors"])
+
+
+@pytest.mark.parametrize("errors", [{}, "x", 5, None, [], ["junk", 7], [{"code": "131000"}]])
+def test_value_errors_of_an_odd_shape_cost_nothing(errors):
+    """Whatever ``value.errors`` holds, the value's messages still count; an error without an
+    integer code is no canonical error."""
+    envelope = json.loads(fixture_bytes("whatsapp/message_with_value_errors.json"))
+    envelope["entry"][0]["changes"][0]["value"]["errors"] = errors
+    body = json.dumps(envelope).encode()
+    events, warned = _warnings("whatsapp_value_errors", body)
+    assert [(e.message_id, e.error) for e in events] == [("wamid.TEST.IN.WITHERR.0001", None)]
+    assert whatsapp_tolerant(body) == events
+    assert len(warned) == (1 if isinstance(errors, list) and errors else 0)
+
+
+def test_the_value_error_reaches_every_message_without_its_own():
+    """Reactions and revokes are messages of the value too; statuses keep only their own."""
+    envelope = json.loads(fixture_bytes("whatsapp/batch_mixed.json"))
+    value = envelope["entry"][1]["changes"][0]["value"]  # a text, a reaction, two statuses
+    value["errors"] = [{"code": 131000, "title": "Something went wrong"}]
+    value["messages"].append({"from": "15550009876", "id": "wamid.TEST.IN.REVOKE.9",
+                              "timestamp": "1760003000", "type": "revoke",
+                              "revoke": {"original_message_id": "wamid.TEST.IN.BATCH.0003"}})
+    events = [e for e in whatsapp(json.dumps(envelope).encode())
+              if e.account_id == "100000000000002"]
+    codes = {(e.kind, e.type, e.status): e.error.code if e.error else None for e in events}
+    assert codes == {("message", "text", None): 131000, ("reaction", None, None): 131000,
+                     ("message", "deleted", None): 131000, ("status", None, "sent"): None,
+                     ("status", None, "failed"): 131047}
+
+
+@pytest.mark.parametrize("inner,raw_type", [
+    ({"type": "poll"}, "poll"),
+    ({"type": "poll_creation", "extra": 1}, "poll_creation"),
+    ({"type": ""}, None),
+    ({"type": 5}, None),
+    ({}, None),
+    ("poll", None),  # not an object: no inner type, and the message still counts
+    ([{"type": "poll"}], None),
+    (None, None),
+])
+def test_metas_unsupported_keeps_the_inner_type(inner, raw_type):
+    """``type: unsupported`` names what the customer sent in ``unsupported.type``; ``raw_type``
+    keeps it (``whatsapp/unsupported_inner_type.json``). Before, it was lost."""
+    envelope = json.loads(fixture_bytes("whatsapp/unsupported.json"))
+    message = envelope["entry"][0]["changes"][0]["value"]["messages"][0]
+    message["unsupported"] = inner
+    body = json.dumps(envelope).encode()
+    (event,) = whatsapp(body)
+    assert (event.type, event.raw_type, event.error.code) == ("unsupported", raw_type, 131051)
+    assert whatsapp_tolerant(body) == [event]
+
+
+@pytest.mark.parametrize("display", [15550001000.0, 1.5, [1], {"n": 1}, True, "15550001000"])
+def test_an_unread_field_of_any_type_drops_nothing(display):
+    """``metadata.display_phone_number`` is never read: whatever its type, every message and
+    status of the change counts (``whatsapp/numeric_fields.json``). Before, a float failed the
+    typed decode of the whole change."""
+    envelope = json.loads(fixture_bytes("whatsapp/batch_mixed.json"))
+    want = whatsapp(json.dumps(envelope).encode())
+    for entry in envelope["entry"]:
+        entry["id"] = display
+        for change in entry["changes"]:
+            change["value"]["metadata"]["display_phone_number"] = display
+    body = json.dumps(envelope).encode()
+    assert whatsapp(body) == want and len(want) == 8
+    assert whatsapp_tolerant(body) == want
+
+
+@pytest.mark.parametrize("stamp", [1760000000, 1760000000.0, 1760000000.999, "1760000000",
+                                   "1760000000.5"])
+def test_a_numeric_timestamp_keeps_its_whole_seconds(stamp):
+    """A JSON-number timestamp, integral or with a fraction, is its integer seconds. Before, a
+    float dropped its message (and, in a status, the status)."""
+    envelope = json.loads(fixture_bytes("whatsapp/text.json"))
+    value = envelope["entry"][0]["changes"][0]["value"]
+    value["messages"][0]["timestamp"] = stamp
+    value["statuses"] = [{"id": "wamid.TEST.OUT.0007", "status": "read", "timestamp": stamp,
+                          "recipient_id": "15550001234"}]
+    body = json.dumps(envelope).encode()
+    events = whatsapp(body)
+    assert [(e.kind, e.timestamp.isoformat()) for e in events] == [
+        ("message", "2025-10-09T08:53:20+00:00"), ("status", "2025-10-09T08:53:20+00:00")]
+    assert whatsapp_tolerant(body) == events
 
 
 @pytest.mark.parametrize("shape", [{"sender": {"id": "9000000000000001"}}, "junk", 7, True,

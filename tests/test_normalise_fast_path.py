@@ -44,3 +44,12 @@ def test_one_malformed_item_falls_back_and_keeps_the_rest():
     broken = json.dumps(body).encode()
     assert not takes_fast_path(broken)
     assert wn.normalise(broken) == expected and len(expected) == 2
+
+
+def test_numbers_in_unread_fields_and_timestamps_keep_the_fast_path():
+    """``display_phone_number`` is not declared (never read) and a timestamp may be a JSON float,
+    so ``numeric_fields.json`` decodes in one pass. Before, either one failed the typed decode."""
+    body = (DATA / "numeric_fields.json").read_bytes()
+    assert takes_fast_path(body)
+    assert [e.message_id for e in wn.normalise(body)] == [
+        "wamid.TEST.IN.NUMERIC.0001", "wamid.TEST.IN.NUMERIC.0002", "wamid.TEST.OUT.NUMERIC.0001"]

@@ -2,7 +2,8 @@
 
 Each reader takes the decoded message and returns the canonical fields it sets: ``type``, ``text``,
 ``payload``, ``media``, ``location`` and extra fields. Unknown types become ``unsupported`` with the
-raw type kept in ``raw_type``.
+raw type kept in ``raw_type``; Meta's own ``unsupported`` keeps the type Meta names in
+``unsupported.type`` (e.g. ``poll``).
 """
 
 from __future__ import annotations
@@ -104,7 +105,11 @@ def _contacts(m: Message) -> dict[str, Any]:
 
 
 def _unsupported(m: Message) -> dict[str, Any]:
-    raw = None if m.type in ("unsupported", "unknown") else m.type
+    if m.type in ("unsupported", "unknown"):  # Meta's own: what was sent, when Meta names it
+        inner = m.unsupported.get("type") if isinstance(m.unsupported, dict) else None
+        raw = inner if isinstance(inner, str) and inner else None
+    else:
+        raw = m.type
     return {"type": "unsupported", "raw_type": raw, "error": first_error(m.errors)}
 
 

@@ -6,15 +6,30 @@ its ids. Mapping choices (shared/fixtures/README.md "Conventions"):
 
 - inbound: ``account_id`` = ``recipient.id`` = ``metadata.phone_number_id``; ``sender.name`` from
   the ``value.contacts`` item whose ``wa_id`` equals ``from`` (never from a shared contact card);
-- statuses: ``direction`` outbound, sender = the business number, recipient = ``recipient_id``;
-  Meta's ``played`` (a voice message listened to) is ``read`` with ``raw_type`` ``played``
-  (CONTRACT §5 names sent, delivered, read, failed, deleted);
+  the customer is ``from``, else the BSUID ``from_user_id`` (``system.user_id`` on a
+  ``user_changed_user_id`` system message, which has neither);
+- timestamps: epoch seconds as a string or a JSON number; a number with a fraction keeps its
+  whole seconds;
+- statuses: ``direction`` outbound, sender = the business number, recipient = the customer:
+  ``recipient_id``, else ``recipient_user_id`` (a BSUID, by analogy with ``from_user_id``; the
+  field name is unverified). A status with neither cannot be addressed to a conversation: it
+  yields no event and is logged as a warning (``whatsapp_status_without_recipient``, with its
+  wamid and status). Meta's ``played`` (a voice message listened to) is ``read`` with
+  ``raw_type`` ``played`` (CONTRACT §5 names sent, delivered, read, failed, deleted);
 - reactions: ``kind`` reaction, ``message_id`` = the message reacted to, ``emoji`` "" on removal;
 - ``revoke`` (the user deleted a message) → ``type`` deleted for the original wamid;
 - ``edit`` → a message of the replacement's type (text, captioned media, ...) with its own wamid
   whose ``reply_to`` is the edited message;
-- a referral rides on its message (extra field); value-level ``errors[]`` and other subscription
-  fields (templates, account updates, ``user_preferences``) yield no event.
+- an unknown ``type`` → ``unsupported`` with ``raw_type`` = that type; Meta's own
+  ``unsupported`` (and older ``unknown``) keeps its ``errors[0]`` and has ``raw_type`` =
+  ``unsupported.type`` (e.g. ``poll``) when Meta names it;
+- ``error``: a message's own ``errors[0]``; a message (reaction and revoke included) whose own
+  ``errors[]`` give none (absent, or no item with an integer code) carries the value-level
+  ``errors[0]`` (webhooks.md §4.6, e.g. 131000 next to a message with no body). A value with
+  ``errors[]`` is logged as a warning (``whatsapp_value_errors``: the phone_number_id and each
+  error's code and title); alone it yields no event. Statuses keep only their own errors;
+- a referral rides on its message (extra field); other subscription fields (templates, account
+  updates, ``user_preferences``) yield no event.
 """
 
 from __future__ import annotations
@@ -27,8 +42,10 @@ from channels.envelope import as_str, decode_each
 from channels.envelope import parse_envelope as _parse
 from channels.whatsapp import schemas
 from channels.whatsapp.content import content, first_error
+from gateway import logging as gwlog
 from gateway.events import (
     SCHEMA_VERSION,
+    ErrorInfo,
     Event,
     Message,
     Party,
@@ -44,6 +61,8 @@ OBJECTS = frozenset({"whatsapp_business_account"})
 # Meta's statuses that CONTRACT §5 does not name, as the one they imply (raw_type keeps Meta's):
 # a voice message "played" has been read.
 STATUS_AS = {"played": "read"}
+
+log = gwlog.get("channels.whatsapp")
 
 
 def parse_envelope(body: bytes) -> None:
@@ -95,21 +114,34 @@ def _tolerant(body: bytes) -> list[Event]:
 
 def _value(value: Any, contacts, messages, statuses, events: list[Event]) -> None:
     """Append the events of one ``messages`` change (its lists already decoded)."""
-    if value.metadata is None:
-        return
-    account = as_str(value.metadata.phone_number_id)
+    account = None if value.metadata is None else as_str(value.metadata.phone_number_id)
+    value_error = _value_error(value.errors, account)
     if account is None:
         return
     names = {key: c.profile.name for c in contacts if c.profile is not None
              for key in (as_str(c.wa_id), c.user_id) if key is not None}
     for message in messages:
-        event = _message(message, account, names)
+        event = _message(message, account, names, value_error)
         if event is not None:
             events.append(event)
     for status in statuses:
         event = _status(status, account)
         if event is not None:
             events.append(event)
+
+
+def _value_error(errors: Any, account: str | None) -> ErrorInfo | None:
+    """Log a value's own ``errors[]`` (out of band, no message id) and return the first one.
+
+    Only the code and title of each error are logged: ``message`` and ``error_data`` are Meta's
+    prose, never needed to tell one error from another.
+    """
+    if not isinstance(errors, list) or not errors:
+        return None
+    log.warning("whatsapp_value_errors", channel=CHANNEL, phone_number_id=account,
+                errors=[{"code": e.get("code"), "title": e.get("title")}
+                        for e in errors if isinstance(e, dict)])
+    return first_error(errors)
 
 
 def _timestamp(value: Any):
@@ -126,7 +158,8 @@ def _customer(m: schemas.Message) -> str | None:
     return customer
 
 
-def _message(m: schemas.Message, account: str, names: dict) -> Event | None:
+def _message(m: schemas.Message, account: str, names: dict,
+             value_error: ErrorInfo | None) -> Event | None:
     customer = _customer(m)
     when = _timestamp(m.timestamp)
     if not m.id or customer is None or when is None:
@@ -136,11 +169,14 @@ def _message(m: schemas.Message, account: str, names: dict) -> Event | None:
     if m.type == "reaction" or m.type == "revoke":
         return _reaction_or_revoke(m, dict(
             schema=SCHEMA_VERSION, channel=CHANNEL, direction="inbound", account_id=account,
-            conversation_id=conversation, sender=sender, recipient=recipient, timestamp=when))
+            conversation_id=conversation, sender=sender, recipient=recipient, timestamp=when,
+            error=first_error(m.errors) or value_error))
     try:
         fields = content(m)
     except OverflowError:  # a number no float holds (e.g. a location's latitude 1e400 as an int)
         fields = {"type": "unsupported", "raw_type": m.type, "error": first_error(m.errors)}
+    if fields["error"] is None:
+        fields["error"] = value_error
     if "reply_to" not in fields:
         fields["reply_to"] = as_str((m.context or {}).get("id"))
     # the common fields spelt out, not merged from a dict: this is the path of nearly every event
@@ -164,8 +200,12 @@ def _reaction_or_revoke(m: schemas.Message, common: dict) -> Event:
 
 def _status(s: schemas.Status, account: str) -> Event | None:
     when = _timestamp(s.timestamp)
-    customer = as_str(s.recipient_id)
-    if not s.id or not s.status or when is None or customer is None:
+    if not s.id or not s.status or when is None:
+        return None
+    customer = as_str(s.recipient_id) or as_str(s.recipient_user_id)  # wa_id, else the BSUID
+    if customer is None:
+        log.warning("whatsapp_status_without_recipient", channel=CHANNEL,
+                    phone_number_id=account, message_id=s.id, status=s.status)
         return None
     return Status(
         schema=SCHEMA_VERSION, id=_status_id(s), channel=CHANNEL,

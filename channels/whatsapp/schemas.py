@@ -4,6 +4,12 @@ Tolerant by construction: unknown fields are ignored, enum-like values (``type``
 ``field``) are plain strings, and lists are kept as raw items so that one malformed item is skipped
 without spoiling the rest of the batch. Per-type objects (``text``, ``image``, ``interactive``, …)
 stay dicts: Meta adds keys to them often and we read only a few.
+
+Only fields the normaliser reads are declared: an undeclared field is ignored whatever its type,
+while a declared one of an unexpected type fails the decode of its whole item (a ``Value`` with
+every message and status in it). Fields read only as a fallback or as optional detail
+(``Value.errors``, ``Status.recipient_user_id``, ``Message.unsupported``) are ``Any``, checked
+where they are read, so an odd one never costs the item.
 """
 
 from __future__ import annotations
@@ -16,9 +22,8 @@ Obj = dict[str, Any]
 
 
 class Entry(msgspec.Struct):
-    """``entry[]``: one WhatsApp Business Account."""
+    """``entry[]``: one WhatsApp Business Account (its ``id`` is not read: route on the number)."""
 
-    id: Any = None
     changes: list[msgspec.Raw] | None = None
 
 
@@ -30,10 +35,10 @@ class Change(msgspec.Struct):
 
 
 class Metadata(msgspec.Struct):
-    """``value.metadata``: the business number the update belongs to."""
+    """``value.metadata``: the business number the update belongs to (``display_phone_number``
+    is not read, so not declared: an odd one must not drop the change)."""
 
-    phone_number_id: str | int | None = None
-    display_phone_number: str | int | None = None
+    phone_number_id: Any = None  # read through as_str: a str or an int, anything else is absent
 
 
 class Value(msgspec.Struct):
@@ -43,6 +48,7 @@ class Value(msgspec.Struct):
     contacts: list[msgspec.Raw] | None = None
     messages: list[msgspec.Raw] | None = None
     statuses: list[msgspec.Raw] | None = None
+    errors: Any = None  # value-level errors[] (webhooks.md §4.6): a list of error objects
 
 
 class Profile(msgspec.Struct):
@@ -61,7 +67,7 @@ class Message(msgspec.Struct, rename={"from_": "from"}):
     """``value.messages[]``: common fields, and the per-type objects as dicts."""
 
     id: str | None = None
-    timestamp: str | int | None = None
+    timestamp: str | int | float | None = None  # epoch seconds: "1760000000", 1760000000(.0)
     type: str | None = None
     from_: str | int | None = None
     from_user_id: str | None = None  # BSUID: the sender when ``from`` is absent
@@ -83,6 +89,7 @@ class Message(msgspec.Struct, rename={"from_": "from"}):
     system: Obj | None = None
     revoke: Obj | None = None
     edit: Obj | None = None
+    unsupported: Any = None  # Meta's own unsupported type: {"type": "poll"}
 
 
 class Status(msgspec.Struct):
@@ -90,8 +97,9 @@ class Status(msgspec.Struct):
 
     id: str | None = None
     status: str | None = None
-    timestamp: str | int | None = None
+    timestamp: str | int | float | None = None
     recipient_id: str | int | None = None
+    recipient_user_id: Any = None  # BSUID when recipient_id is absent (field name unverified)
     recipient_participant_id: str | int | None = None  # group messages: whose receipt this is
     biz_opaque_callback_data: str | None = None
     errors: list[Any] | None = None
@@ -104,6 +112,7 @@ class FastValue(msgspec.Struct):
     contacts: list[Contact] | None = None
     messages: list[Message] | None = None
     statuses: list[Status] | None = None
+    errors: Any = None
 
 
 class FastChange(msgspec.Struct):
@@ -112,7 +121,6 @@ class FastChange(msgspec.Struct):
 
 
 class FastEntry(msgspec.Struct):
-    id: Any = None
     changes: list[FastChange] | None = None
 
 
