@@ -3,8 +3,9 @@
 Each worker reads the event log after its own cursor (from memory while it keeps up, from the
 journal after a restart or when it lags), hands batches to its sink, and moves its cursor once a
 batch is done. A failed batch is split into conversation lanes that retry concurrently — one
-conversation's events stay in order, others are not held — with exponential backoff and jitter,
-then dead letters. A slow or failing sink never delays the others: they do not share a task.
+conversation's events stay in order, the batch's other conversations are not held by it — with
+exponential backoff and jitter, then dead letters; the next batch waits for the slowest lane.
+A slow or failing sink never delays the others: they do not share a task.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import random
 import time
 import uuid
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from gateway import logging as gwlog
 from gateway.aio import wait_event
@@ -186,23 +189,50 @@ class SinkWorker:
             raise LeaseLost(self.cursor_name)
 
     async def _next_batch(self) -> int:
+        """Deliver the events after the cursor (one batch); how many positions it moved."""
         size = self.sink.config.batch_size
         batch = self.tail.after(self.cursor, size)
         if batch is None:
-            batch = [_record(e) for e in await self.journal.events_after(self.cursor, size)]
-        if not batch:
+            stored = await self.journal.events_after(self.cursor, size)
+            if not stored:
+                return 0
+            last = stored[-1].seq
+            batch = await self._decoded(stored)
+        elif not batch:
             return 0
+        else:
+            last = batch[-1].seq
         self.idle.clear()
-        last = batch[-1].seq
         if self._dead_ahead:
             batch = [r for r in batch if r.seq not in self._dead_ahead]
             self._dead_ahead = {seq for seq in self._dead_ahead if seq > last}
         if batch:
             await self.deliver(batch)
+        moved = last - self.cursor  # positions passed, delivered or not (dead letters ahead)
         self.cursor = last
         await self.journal.set_cursor(self.cursor_name, self.cursor)
         self.metrics.queue_depth.labels(self.cursor_name).set(self.lag())
-        return len(batch)
+        return max(moved, 1)
+
+    async def _decoded(self, stored: list[StoredEvent]) -> list[Record]:
+        """The journal's events as records. One that does not decode (a channel plugin's own
+        event class, a journal written by a newer version) is dead-lettered with the reason, not
+        retried forever: it would hold every event after it."""
+        records, undecodable = [], []
+        for ev in stored:
+            if ev.seq in self._dead_ahead:
+                continue  # already dead-lettered; never delivered again
+            try:
+                records.append(_record(ev))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                undecodable.append((ev, f"event:{ev.seq}", f"undecodable: {exc}", 0))
+        if undecodable:
+            self._check_lease()
+            log.error("dead_letter", sink=self.sink.name, reason="undecodable",
+                      count=len(undecodable), error=undecodable[0][2])
+            await self.journal.add_dead_letters(self.sink.name, undecodable)
+            self.metrics.sink_deliveries.labels(self.sink.name, "dead").inc(len(undecodable))
+        return records
 
     async def _replays(self) -> int:
         """Redeliver dead letters marked for replay; each leaves the store only once it has been
@@ -211,12 +241,26 @@ class SinkWorker:
             await self.journal.finish_replays(self._replayed)
             self._replayed = []
         letters = await self.journal.replays_due(self.sink.name, self.sink.config.batch_size)
+        # A letter ahead of the cursor whose event is still in the log (dead-lettered while its
+        # batch was still retrying other lanes, then the gateway stopped) waits until the batch
+        # has passed it: only its dead letter keeps the batch from delivering it again.
+        letters = [d for d in letters if not self.cursor < d.seq <= self.tail.last_seq]
         if letters:
             log.info("replaying_dead_letters", sink=self.sink.name, count=len(letters))
             self.replaying = True  # not caught up meanwhile (an erasure waits for this)
             try:
-                await self.deliver([_record(StoredEvent(0, d.data, d.received_at))
-                                    for d in letters])
+                records, undecodable = [], []
+                for d in letters:
+                    try:
+                        records.append(_record(StoredEvent(d.seq, d.data, d.received_at)))
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        undecodable.append((StoredEvent(d.seq, d.data, d.received_at),
+                                            d.event_id, f"undecodable: {exc}", d.attempts))
+                if undecodable:  # a dead letter again, with why: replaying cannot help it
+                    self._check_lease()
+                    await self.journal.add_dead_letters(self.sink.name, undecodable)
+                if records:
+                    await self.deliver(records)
                 self._replayed = [d.id for d in letters]
                 await self.journal.finish_replays(self._replayed)
                 self._replayed = []
@@ -228,7 +272,7 @@ class SinkWorker:
         """Write ``batch``; on failure retry per conversation lane, then dead-letter."""
         self._check_lease()
         try:
-            await self.sink.write(batch)
+            await _write(self.sink, batch)
         except Exception as exc:  # noqa: BLE001 - any sink failure is retried per lane
             log.warning("sink_batch_failed", sink=self.sink.name, size=len(batch), error=repr(exc))
             lanes: dict[str, list[Record]] = {}
@@ -267,7 +311,7 @@ class SinkWorker:
             attempts += 1
             self._check_lease()
             try:
-                await self.sink.write([record])
+                await _write(self.sink, [record])
             except Exception as exc:  # noqa: BLE001 - classified on the next turn
                 error = exc
                 continue
@@ -279,7 +323,9 @@ class SinkWorker:
         cfg = self.sink.config
         delay = min(cfg.backoff_max, cfg.backoff_initial * 2 ** (attempt - 1))
         hint = getattr(error, "retry_after", None) if isinstance(error, RetryableError) else None
-        return max(hint or 0.0, delay * random.uniform(0.5, 1.0))
+        # the sink's hint is honoured up to backoff_max: one conversation's retry holds the
+        # sink's next batch (its cursor is one position), so no hint may stall it for hours
+        return max(min(hint or 0.0, cfg.backoff_max), delay * random.uniform(0.5, 1.0))
 
     async def _dead(self, record: Record, error: BaseException, attempts: int) -> None:
         reason = f"{type(error).__name__}: {error}"
@@ -297,6 +343,21 @@ class SinkWorker:
         for record in records:
             latency.observe(max(0.0, now - record.received_at))
         self.metrics.sink_deliveries.labels(self.sink.name, "ok").inc(len(records))
+
+
+class SinkCancelled(Exception):
+    """The sink's ``write`` raised ``CancelledError`` of its own (it awaited something that was
+    cancelled) while the worker was not being cancelled: a failure like any other."""
+
+
+async def _write(sink: Sink, records: list[Record]) -> None:
+    try:
+        await sink.write(records)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the worker itself is being stopped
+        raise SinkCancelled(f"{sink.name}: write raised CancelledError") from None
 
 
 def _record(stored: StoredEvent) -> Record:

@@ -19,7 +19,7 @@ from gateway.config import GatewayConfig, ServerConfig
 from gateway.dispatch import Dispatcher, SinkWorker, Tail
 from gateway.errors import PermanentError, RetryableError
 from gateway.events import Message, Party, conversation_id, encode
-from gateway.journal import NewEvent
+from gateway.journal import NewEvent, StoredEvent
 from gateway.journal.sqlite import SqliteJournal
 from gateway.metrics import Metrics
 from gateway.sink import Record
@@ -81,7 +81,9 @@ async def test_a_dead_letter_ahead_of_the_cursor_is_delivered_once_by_its_replay
     journal = await open_journal(tmp_path)
     await journal.set_cursor("sink:jsonl", 0)
     await store(journal, [message(1, "111"), message(2, "222")])
-    dispatcher = Dispatcher(journal, {"jsonl": DiskFullFor(jsonl_config(tmp_path))}, Metrics())
+    # backoff_max 30 s: ev-2's 30 s Retry-After is honoured (a hint is capped at backoff_max)
+    sink = DiskFullFor(jsonl_config(tmp_path, backoff_max=30))
+    dispatcher = Dispatcher(journal, {"jsonl": sink}, Metrics())
     await dispatcher.start()
     await until(lambda: journal.dead_letters("jsonl"))
     await dispatcher.stop(0.3)  # ev-2's lane is still waiting out its 30 s Retry-After
@@ -360,3 +362,160 @@ async def test_the_dispatcher_is_not_caught_up_while_it_replays(tmp_path):
 
 async def _replaying(dispatcher) -> bool:
     return dispatcher.workers["jsonl"].replaying
+
+
+class Recording(JsonlSink):
+    """The jsonl sink, which also notes (event id, seq) of every record it took; ``refuse``
+    decides, per record, an exception to raise instead."""
+
+    def __init__(self, config: JsonlConfig, refuse=None) -> None:
+        super().__init__(config)
+        self.refuse = refuse or (lambda record: None)
+        self.got: list[tuple[str, int]] = []
+
+    async def write(self, records: list[Record]) -> None:
+        for record in records:
+            error = self.refuse(record)
+            if error is not None:
+                raise error
+        await super().write(records)
+        self.got += [(r.event.id, r.seq) for r in records]
+
+
+async def test_a_replay_ahead_of_the_cursor_waits_for_its_batch_across_restarts(tmp_path):
+    # ev-1 is dead-lettered while ev-2 (same batch) backs off; the gateway stops. The operator
+    # replays ev-1, and the gateway stops again before ev-2's batch is done. Had the replay
+    # delivered ev-1 and deleted its letter at once, the third run's batch would deliver it again.
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:jsonl", 0)
+    await store(journal, [message(1, "111"), message(2, "222")])
+    slow = jsonl_config(tmp_path, backoff_max=30)
+
+    def ev2_busy(record):
+        return RetryableError("busy", retry_after=30) if record.event.id == "ev-2" else None
+
+    def ev1_bad(record):
+        return PermanentError("bad") if record.event.id == "ev-1" else ev2_busy(record)
+
+    first = Recording(slow, ev1_bad)
+    dispatcher = Dispatcher(journal, {"jsonl": first}, Metrics())
+    await dispatcher.start()
+    await until(lambda: journal.dead_letters("jsonl"))
+    await dispatcher.stop(0.3)
+    assert await journal.request_replay("jsonl") == 1
+
+    second = Recording(slow, ev2_busy)  # ev-1's problem is fixed; ev-2's backend still busy
+    dispatcher = Dispatcher(journal, {"jsonl": second}, Metrics())
+    await dispatcher.start()
+    await asyncio.sleep(0.5)
+    await dispatcher.stop(0.3)
+    assert second.got == []  # the replay waits: ev-1's batch has not passed it
+    assert [d.state for d in await journal.dead_letters("jsonl")] == ["replay"]
+
+    third = Recording(jsonl_config(tmp_path))
+    dispatcher = Dispatcher(journal, {"jsonl": third}, Metrics())
+    await dispatcher.start()
+    await until(lambda: _no_dead_letters(journal))
+    await until(lambda: _cursor_at(journal, 2))
+    await dispatcher.stop(2)
+    await journal.close()
+    assert sorted(third.got) == [("ev-1", 1), ("ev-2", 2)]  # the replay keeps its seq
+    assert sorted(jsonl_ids(tmp_path)) == ["ev-1", "ev-2"]
+
+
+class Call(Message, tag="call"):
+    """An event class gateway.events.decode does not know (a plugin's own, or a newer version's)."""
+
+
+async def test_an_event_that_does_not_decode_is_dead_lettered_and_the_rest_delivered(tmp_path):
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:jsonl", 0)
+    odd = Call(**{f: getattr(message(2, "111"), f) for f in Message.__struct_fields__})
+    await store(journal, [message(1, "111"), odd, message(3, "111")])
+    sink = Recording(jsonl_config(tmp_path))
+    dispatcher = Dispatcher(journal, {"jsonl": sink}, Metrics())
+    await dispatcher.start()  # a restart: the worker reads the events from the journal
+    await until(lambda: _cursor_at(journal, 3))
+    assert sink.got == [("ev-1", 1), ("ev-3", 3)]
+    [letter] = await journal.dead_letters("jsonl")
+    assert (letter.event_id, letter.seq) == ("event:2", 2)
+    assert letter.reason.startswith("undecodable: ")
+    await journal.request_replay("jsonl")  # replaying cannot help it: dead again, with why
+    dispatcher.workers["jsonl"].wake.set()
+    await until(lambda: _dead_again(journal))
+    assert dispatcher.tasks[0].done() is False
+    await dispatcher.stop(2)
+    await journal.close()
+
+
+async def _dead_again(journal) -> bool:
+    letters = await journal.dead_letters("jsonl")
+    return [(d.state, d.reason[:12]) for d in letters] == [("dead", "undecodable:")]
+
+
+class CancelledInside(JsonlSink):
+    """A write that awaits something another task cancelled: CancelledError of its own."""
+
+    async def write(self, records: list[Record]) -> None:
+        if any(r.event.id == "ev-1" for r in records):
+            waiting = asyncio.get_running_loop().create_future()
+            waiting.cancel()
+            await waiting
+        await super().write(records)
+
+
+async def test_a_sink_whose_write_raises_cancelled_error_is_retried_not_ended(tmp_path):
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:jsonl", 0)
+    await store(journal, [message(1, "111"), message(2, "222")])
+    dispatcher = Dispatcher(journal, {"jsonl": CancelledInside(jsonl_config(tmp_path))},
+                            Metrics())
+    await dispatcher.start()
+    await until(lambda: _cursor_at(journal, 2))
+    assert jsonl_ids(tmp_path) == ["ev-2"]
+    [letter] = await journal.dead_letters("jsonl")
+    assert letter.event_id == "ev-1" and "CancelledError" in letter.reason
+    assert not dispatcher.tasks[0].done()
+    await dispatcher.stop(2)  # cancelling the worker itself still stops it
+    assert dispatcher.tasks[0].done()
+    await journal.close()
+
+
+async def test_a_batch_of_positions_already_dead_lettered_does_not_end_the_drain(tmp_path):
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:jsonl", 0)
+    events = [message(i, f"c{i}") for i in (1, 2, 3)]
+    await store(journal, events)
+    await journal.add_dead_letters("jsonl", [(StoredEvent(1, encode(events[0]), 1.0), "ev-1",
+                                              "r", 1)])
+    dispatcher = Dispatcher(journal, {"jsonl": JsonlSink(jsonl_config(tmp_path, batch_size=1))},
+                            Metrics())
+    await dispatcher.start()
+    await dispatcher.stop(5)  # stopped at once: the drain must still deliver ev-2 and ev-3
+    assert jsonl_ids(tmp_path) == ["ev-2", "ev-3"]
+    assert await journal.cursor("sink:jsonl") == 3
+    await journal.close()
+
+
+async def test_a_retry_hint_longer_than_backoff_max_is_capped(tmp_path):
+    # One conversation's retry holds the sink's next batch; a sink's hint of an hour must not.
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:jsonl", 0)
+    await store(journal, [message(1, "111")])
+    tries = []
+
+    def busy_twice(record):
+        tries.append(record.event.id)
+        return RetryableError("busy", retry_after=3600) if len(tries) <= 2 else None
+
+    sink = Recording(jsonl_config(tmp_path, max_attempts=5, backoff_max=0.05), busy_twice)
+    dispatcher = Dispatcher(journal, {"jsonl": sink}, Metrics())
+    await dispatcher.start()
+    await until(lambda: _cursor_at(journal, 1), timeout=5)
+    await store(journal, [message(2, "222")])
+    dispatcher.tail.covered_from = 10**9  # read it from the journal (it was stored behind us)
+    dispatcher.workers["jsonl"].wake.set()
+    await until(lambda: _cursor_at(journal, 2), timeout=5)
+    await dispatcher.stop(2)
+    await journal.close()
+    assert [g[0] for g in sink.got] == ["ev-1", "ev-2"]

@@ -55,6 +55,7 @@ class DeadLetter(NamedTuple):
     attempts: int
     failed_at: float
     state: str
+    seq: int = 0  # the event's position in the log (0: not an event, or not known)
 
 
 def contact_matcher(channel: str, contact_id: str) -> Callable[[bytes, str], bool]:

@@ -64,7 +64,7 @@ local function add_dead(p, sink, event_id, data, received_at, reason, attempts, 
   local id = redis.call('INCR', p .. ':dead:seq')
   redis.call('HSET', p .. ':dead:letter:' .. id, 'sink', sink, 'event_id', event_id,
              'data', data, 'received_at', received_at, 'reason', reason, 'attempts', attempts,
-             'failed_at', failed_at, 'state', 'dead')
+             'failed_at', failed_at, 'state', 'dead', 'seq', seq)
   redis.call('ZADD', p .. ':dead:ids', id, id)
   redis.call('ZADD', p .. ':dead:sink:' .. sink, id, id)
   if tonumber(seq) > 0 then redis.call('ZADD', p .. ':dead:seqs:' .. sink, seq, id) end
@@ -553,4 +553,4 @@ def _pairs(flat: list) -> dict[bytes, bytes]:
 def _letter(letter_id: int, f: dict[bytes, bytes]) -> DeadLetter:
     return DeadLetter(letter_id, as_str(f[b"sink"]), as_str(f[b"event_id"]), bytes(f[b"data"]),
                       float(f[b"received_at"]), as_str(f[b"reason"]), int(f[b"attempts"]),
-                      float(f[b"failed_at"]), as_str(f[b"state"]))
+                      float(f[b"failed_at"]), as_str(f[b"state"]), int(f.get(b"seq", b"0")))

@@ -32,7 +32,7 @@ PROCESSED = "processed"
 _APPEND = "INSERT INTO requests(seq, channel, received_at, body) VALUES (?, ?, ?, ?)"
 MEMORY_REQUESTS = 10_000  # committed requests also kept in memory for the processor (at most)
 MEMORY_BYTES = 32 * 1024 * 1024  # ... and at most this many body bytes (Meta sends up to 3 MB)
-_DEAD_COLUMNS = "id, sink, event_id, data, received_at, reason, attempts, failed_at, state"
+_DEAD_COLUMNS = "id, sink, event_id, data, received_at, reason, attempts, failed_at, state, seq"
 
 
 class SqliteJournal:

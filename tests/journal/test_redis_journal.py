@@ -299,7 +299,7 @@ async def test_a_worker_whose_lease_lapsed_never_resumes_its_stale_batch(redis_u
         name = "rec"
 
         def __init__(self, who: str, refuse_first: bool) -> None:
-            super().__init__(SinkConfig(max_attempts=3, backoff_initial=0.01, backoff_max=0.01))
+            super().__init__(SinkConfig(max_attempts=3, backoff_initial=0.01, backoff_max=2))
             self.who, self.refuse_first = who, refuse_first
 
         async def write(self, records):
