@@ -264,23 +264,49 @@ def _summary(data: bytes, decode) -> dict:
 
 
 def _dead_replay(args: argparse.Namespace) -> int:
+    left: dict[str, int] = {}
+
     async def work() -> int:
         journal, config = await _journal(args)
         try:
-            _known_sink(args.sink, config, await journal.dead_letter_counts())
-            return await journal.request_replay(args.sink, args.ids or None)
+            counts = await journal.dead_letter_counts()
+            _known_sink(args.sink, config, counts)
+            running = _running_sinks(config)
+            if args.sink and args.sink not in running:
+                raise ConfigError(
+                    f"sink {args.sink!r} is not enabled in this config: no gateway running it "
+                    "would redeliver its letters; enable [sinks." + args.sink + "], then replay",
+                    "--sink")
+            targets = [args.sink] if args.sink else sorted(running & set(counts))
+            left.update({sink: n for sink, n in counts.items()
+                         if sink not in running and not sink.startswith("normalise:")})
+            total = 0
+            for sink in targets:
+                total += await journal.request_replay(sink, args.ids or None)
+            return total
         finally:
             await journal.close()
 
     count = asyncio.run(work())
     print(f"{count} dead letters queued for replay; the running gateway redelivers them "
           "(or the next one to start)")
+    if left and not args.sink:
+        named = ", ".join(f"{sink} ({n})" for sink, n in sorted(left.items()))
+        print(f"gateway: left the dead letters of sinks this config does not enable: {named}; "
+              "enable a sink again to replay its letters", file=sys.stderr)
     if args.ids and count < len(set(args.ids)):
         print(f"gateway: {len(set(args.ids)) - count} of the ids given are not dead letters "
-              "waiting for a replay (unknown, already queued, or of that --sink)",
-              file=sys.stderr)
+              "waiting for a replay (unknown, already queued, of a sink this config does not "
+              "enable, or not of that --sink)", file=sys.stderr)
         return 2
     return 0
+
+
+def _running_sinks(config: gwconfig.GatewayConfig) -> set[str]:
+    """The sinks a gateway on ``config`` runs (whose marked letters it redelivers): every
+    ``[sinks.NAME]`` not ``enabled = false``, and the outbound service's ``outbox``."""
+    return {name for name, table in config.sinks.items()
+            if not (isinstance(table, dict) and table.get("enabled") is False)} | {"outbox"}
 
 
 async def _journal(args: argparse.Namespace):

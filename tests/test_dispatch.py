@@ -177,8 +177,9 @@ def test_dead_letters_list_says_when_it_shows_only_the_oldest_and_replay_names_u
     async def fill() -> None:
         journal = SqliteJournal(GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
         await journal.open()
-        await journal.add_dead_letters("broken", [(StoredEvent(i, b"{}", 1.0), f"e{i}", "r", 1)
-                                                  for i in range(1, 6)])
+        await journal.add_dead_letters("storage", [(StoredEvent(i, b"{}", 1.0), f"e{i}", "r", 1)
+                                                   for i in range(1, 6)])
+        await journal.add_dead_letters("removed", [(StoredEvent(9, b"{}", 1.0), "e9", "r", 1)])
         await journal.close()
 
     asyncio.run(fill())
@@ -191,8 +192,15 @@ def test_dead_letters_list_says_when_it_shows_only_the_oldest_and_replay_names_u
 
     listed = cli("list", "--limit", "3")
     assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 3
-    assert "3 of 5 dead letters" in listed.stderr and "--limit" in listed.stderr
-    assert "5 dead letters" in cli("list").stderr
+    assert "3 of 6 dead letters" in listed.stderr and "--limit" in listed.stderr
+    assert "6 dead letters" in cli("list").stderr
     replay = cli("replay", "1", "99999")
     assert replay.returncode == 2 and "1 of the ids given are not dead letters" in replay.stderr
     assert replay.stdout.startswith("1 dead letters queued")
+    # a sink the config does not run: nothing would redeliver its letters, so none is marked
+    replay = cli("replay", "--sink", "removed")
+    assert replay.returncode == 2 and "'removed' is not enabled in this config" in replay.stderr
+    replay = cli("replay")
+    assert replay.returncode == 0 and replay.stdout.startswith("4 dead letters queued")
+    assert "sinks this config does not enable: removed (1)" in replay.stderr
+    assert "removed" in cli("list", "--sink", "removed").stdout  # still listed
