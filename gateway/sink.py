@@ -78,14 +78,18 @@ class Sink(abc.ABC):
 
 
 class SqliteSink(Sink):
-    """A sink that keeps its tables in one SQLite file (WAL, ``synchronous=NORMAL``: the dispatcher
-    redelivers what a crash lost, so the sink's writes must be idempotent), written by one thread.
+    """A sink that keeps its tables in one SQLite file, written by one thread. WAL with
+    ``synchronous=FULL``: ``write`` returns once its batch is on disk, because the dispatcher
+    then moves the sink's cursor for good; with ``NORMAL`` a power loss could roll back batches
+    the cursor has passed, and nothing would redeliver them (a process crash loses nothing either
+    way; the fsync runs in the sink's thread, not on the event loop). The dispatcher redelivers a
+    batch cut short by a crash, so the sink's writes must be idempotent.
     Subclasses run their SQL with ``await self._db.run(fn)``, ``fn`` taking the connection."""
 
     def __init__(self, config: SinkConfig, path: str, schema: str) -> None:
         super().__init__(config)
         self.path = path
-        self._db = SqliteWriter(path, ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL",
+        self._db = SqliteWriter(path, ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
                                        "PRAGMA busy_timeout=10000"], schema)
 
     async def start(self) -> None:

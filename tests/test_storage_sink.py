@@ -102,3 +102,15 @@ async def test_a_database_of_the_earlier_layout_is_brought_up_to_date(tmp_path):
     assert await sink.query("SELECT id, name FROM contacts ORDER BY id") == [
         ("whatsapp:49_18", "Slash"), ("whatsapp:7_7", None)]
     await sink.close()
+
+
+async def test_a_batch_is_on_disk_when_write_returns(tmp_path):
+    """``synchronous=FULL``: the dispatcher moves the sink's cursor for good once ``write``
+    returns, so a power loss must not roll the batch back (NORMAL would, in WAL mode)."""
+    sink = StorageSink(StorageConfig(path=str(tmp_path / "storage.db")))
+    await sink.start()
+    try:
+        assert await sink.query("PRAGMA synchronous") == [(2,)]  # 2 = FULL
+        assert await sink.query("PRAGMA journal_mode") == [("wal",)]
+    finally:
+        await sink.close()
