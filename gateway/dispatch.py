@@ -45,6 +45,7 @@ class Tail:
         self.records: list[Record] = []
         self.covered_from = covered_from  # every record with seq >= this is held here
         self.last_seq = covered_from - 1
+        self.erased: set[int] = set()  # held records of an erased contact: never handed out
 
     def add(self, records: list[Record]) -> None:
         if not records:
@@ -61,6 +62,16 @@ class Tail:
             dropped = self.records[:-TAIL_SIZE]
             self.records = self.records[-TAIL_SIZE:]
             self.covered_from = dropped[-1].seq + 1
+        if self.erased:
+            self.erased = {seq for seq in self.erased if seq >= self.covered_from}
+
+    def forget(self, matches) -> int:
+        """GDPR: the held records whose canonical JSON ``matches(data, "")`` (a contact's, as
+        :func:`gateway.journal.contact_matcher` tells) are never handed to a sink again, as the
+        journal no longer holds them; how many. Their positions still count as passed."""
+        found = {r.seq for r in self.records if matches(r.data, "")}
+        self.erased |= found
+        return len(found)
 
     def after(self, seq: int, limit: int) -> list[Record] | None:
         """Records after ``seq`` (up to ``limit``), or None when the tail no longer holds them."""
@@ -206,6 +217,8 @@ class SinkWorker:
         if self._dead_ahead:
             batch = [r for r in batch if r.seq not in self._dead_ahead]
             self._dead_ahead = {seq for seq in self._dead_ahead if seq > last}
+        if self.tail.erased:
+            batch = [r for r in batch if r.seq not in self.tail.erased]
         if batch:
             await self.deliver(batch)
         moved = last - self.cursor  # positions passed, delivered or not (dead letters ahead)

@@ -37,6 +37,7 @@ from gateway import keys
 from gateway import logging as gwlog
 from gateway.auth import check_bearer
 from gateway.intake import error
+from gateway.journal import contact_matcher
 
 log = gwlog.get("gateway.erasure")
 SETTLE_SECONDS = 5.0
@@ -167,6 +168,10 @@ async def erase_contact(app: web.Application, channel: str, contact_id: str) -> 
             out["journal"] = await eraser(channel, contact_id)
         except Exception as exc:  # noqa: BLE001 - reported like a sink's failure
             out["failed"]["journal"] = f"{type(exc).__name__}: {exc}"
+        else:  # nor may the dispatcher's memory of recent events hand them to a lagging sink
+            dispatcher = app.get(keys.DISPATCHER)
+            if dispatcher is not None:
+                dispatcher.tail.forget(contact_matcher(channel, contact_id))
     return out
 
 

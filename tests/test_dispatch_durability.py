@@ -519,3 +519,35 @@ async def test_a_retry_hint_longer_than_backoff_max_is_capped(tmp_path):
     await dispatcher.stop(2)
     await journal.close()
     assert [g[0] for g in sink.got] == ["ev-1", "ev-2"]
+
+
+async def test_an_erased_contacts_events_in_memory_never_reach_a_lagging_sink(tmp_path):
+    # The erasure waited for the sinks and gave up on a lagging one; it erased the journal. The
+    # dispatcher's in-memory tail must not hand that sink the erased events afterwards.
+    from gateway.journal import contact_matcher
+
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:jsonl", 0)
+    gate = asyncio.Event()
+
+    class Lagging(Recording):
+        async def write(self, records: list[Record]) -> None:
+            await gate.wait()
+            await super().write(records)
+
+    sink = Lagging(jsonl_config(tmp_path, batch_size=1))
+    dispatcher = Dispatcher(journal, {"jsonl": sink}, Metrics())
+    await dispatcher.start()
+    events = [message(1, "15550001111"), message(2, "15550009999"), message(3, "15550001111")]
+    seqs = await store(journal, events)
+    dispatcher.publish([Record(seq, ev, encode(ev), 1.0) for seq, ev in zip(seqs, events)])
+    await asyncio.sleep(0.1)  # ev-1 is being written, slowly
+    assert await journal.erase_contact("whatsapp", "15550009999") == {"events": 1,
+                                                                       "dead_letters": 0}
+    assert dispatcher.tail.forget(contact_matcher("whatsapp", "15550009999")) == 1
+    gate.set()
+    await until(lambda: _cursor_at(journal, 3))
+    assert await dispatcher.caught_up()
+    await dispatcher.stop(1)
+    await journal.close()
+    assert sink.got == [("ev-1", 1), ("ev-3", 3)]

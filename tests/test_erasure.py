@@ -6,6 +6,7 @@ naming the package, when the emulator is not installed).
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import hmac
@@ -301,8 +302,11 @@ class KeepingSink(Sink):
         self.name = name
         self.events: dict[str, object] = {}
         self.fail: Exception | None = None
+        self.gate: asyncio.Event | None = None  # while set and unopened, writes wait (lagging)
 
     async def write(self, records) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
         for record in records:
             self.events[record.event.id] = record.event
 
@@ -482,3 +486,38 @@ def test_purge_jsonl_script_reports_a_truncated_gz_and_purges_the_other_files(tm
     assert main.read_text() == kept
     assert torn.read_bytes() == whole[:len(whole) // 2]
     assert not list(tmp_path.glob(".purge-*"))
+
+
+async def test_a_lagging_sink_never_receives_what_the_erasure_removed(gateway, monkeypatch):
+    """The erasure gives up waiting for a lagging sink (``settled: false``) and erases the
+    journal; the contact's events the gateway still holds in memory for that sink must not reach
+    it afterwards (only the batch it was already writing can: the reason to repeat the request)."""
+    from gateway import erasure
+
+    monkeypatch.setattr(erasure, "SETTLE_SECONDS", 0.3)
+    plugin = ThirdPartyPlugin()
+    gw = await gateway(f'api_token = "{TOKEN}"', extra_plugins=[plugin],
+                       sinks=SINKS_TOML + "[sinks.crm]\nbatch_size = 1\n")
+    crm = plugin.sinks["crm"]
+    crm.gate = asyncio.Event()
+    other = json.loads(fixture_bytes("whatsapp/text.json"))
+    value = other["entry"][0]["changes"][0]["value"]
+    value["contacts"][0]["wa_id"] = value["messages"][0]["from"] = "15550005678"
+    value["messages"][0]["id"] = "wamid.TEST.IN.TEXT.OTHER.0001"
+    assert (await gw.post("whatsapp", json.dumps(other).encode()))[0] == 200
+    assert (await gw.post("whatsapp", fixture_bytes("whatsapp/text.json")))[0] == 200
+    journal = gw.app[keys.JOURNAL]
+    for _ in range(200):  # processed: the crm's worker holds the first, the second waits
+        if journal.pending == 0 and gw.app[keys.DISPATCHER].tail.last_seq >= 2:
+            break
+        await asyncio.sleep(0.02)
+    status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
+    assert status == 200 and body["settled"] is False
+    crm.gate.set()
+    for _ in range(200):
+        if await gw.app[keys.DISPATCHER].caught_up():
+            break
+        await asyncio.sleep(0.02)
+    assert await gw.app[keys.DISPATCHER].caught_up()
+    assert crm.of(("whatsapp", "15550005678")) == 1
+    assert crm.of(("whatsapp", ERASED)) == 0
