@@ -540,7 +540,8 @@ async def test_an_erased_contacts_events_in_memory_never_reach_a_lagging_sink(tm
     await dispatcher.start()
     events = [message(1, "15550001111"), message(2, "15550009999"), message(3, "15550001111")]
     seqs = await store(journal, events)
-    dispatcher.publish([Record(seq, ev, encode(ev), 1.0) for seq, ev in zip(seqs, events)])
+    dispatcher.publish([Record(seq, ev, encode(ev), 1.0)
+                        for seq, ev in zip(seqs, events, strict=True)])
     await asyncio.sleep(0.1)  # ev-1 is being written, slowly
     assert await journal.erase_contact("whatsapp", "15550009999") == {"events": 1,
                                                                        "dead_letters": 0}

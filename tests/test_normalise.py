@@ -95,6 +95,89 @@ def test_one_malformed_item_does_not_spoil_the_batch():
     assert [e.message_id for e in events] == [good["id"]]
 
 
+BOTH_PATHS = pytest.mark.parametrize("normalise", [whatsapp, whatsapp_tolerant],
+                                     ids=["fast", "tolerant"])
+
+
+def _batch_mixed() -> tuple[dict, dict]:
+    """``batch_mixed.json`` (8 events) and its value with all three lists: a contact, a text, a
+    reaction and a status of the second number."""
+    envelope = json.loads(fixture_bytes("whatsapp/batch_mixed.json"))
+    return envelope, envelope["entry"][1]["changes"][0]["value"]
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize("shape", [{}, {"wa_id": "15550009876"}, "junk", 5, 1.5, True,
+                                   {"deep": [[[[]]]]}, None])
+@pytest.mark.parametrize("key,lost", [("contacts", 0), ("messages", 2), ("statuses", 1),
+                                      ("changes", 4)])
+def test_a_malformed_whatsapp_list_loses_only_itself(key, lost, shape, normalise):
+    """A ``contacts`` / ``messages`` / ``statuses`` that is not a list yields what an empty one
+    would: the other lists of the same value, and the other changes and entries, keep every
+    event; so does an entry's ``changes`` (``whatsapp/malformed_lists.json`` is the fixture).
+    Before, the value failed to decode and every message and status in it was lost."""
+    envelope, value = _batch_mixed()
+    holder = envelope["entry"][1] if key == "changes" else value
+
+    def events(part) -> list:
+        holder[key] = part
+        return normalise(json.dumps(envelope).encode())
+
+    kept = events([])
+    assert events(shape) == kept
+    assert len(kept) == 8 - lost
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize("items,index,field,odd,kept", [
+    ("messages", 0, "from_user_id", ["US.13491208655302741918"], True),  # beside a valid "from"
+    ("messages", 0, "from_user_id", 1.5, True),
+    ("messages", 0, "image", "unavailable", True),  # an object of another type than its own
+    ("messages", 0, "location", 5, True),
+    ("messages", 0, "interactive", [], True),
+    ("messages", 0, "reaction", "x", True),
+    ("messages", 0, "text", "x", True),  # its own type's object: a text without a body
+    ("messages", 0, "context", "wamid.TEST.OUT.0006", True),
+    ("messages", 0, "referral", 7, True),
+    ("messages", 0, "errors", {"code": 131051}, True),
+    ("messages", 0, "type", 5, True),  # unsupported without raw_type, as without a type
+    ("messages", 1, "reaction", "x", True),  # a reaction naming nothing: no message_id, no emoji
+    ("messages", 1, "text", "x", True),
+    ("statuses", 0, "biz_opaque_callback_data", {"outbox": "0007"}, True),
+    ("statuses", 0, "biz_opaque_callback_data", 7, True),
+    ("statuses", 0, "recipient_participant_id", ["15550005678"], True),
+    ("statuses", 0, "recipient_participant_id", 1.5, True),
+    ("statuses", 0, "recipient_user_id", {"id": "US.1"}, True),
+    ("statuses", 0, "errors", "none", True),
+    ("contacts", 0, "user_id", {"id": "US.13491208655302741918"}, True),  # wa_id still names
+    ("contacts", 0, "user_id", 1.5, True),
+    # what the event cannot exist without: its item is dropped, as without the field
+    ("messages", 0, "id", 5, False),
+    ("messages", 0, "timestamp", [], False),
+    ("messages", 0, "from", {"id": "15550009876"}, False),  # and no from_user_id: no customer
+    ("messages", 1, "timestamp", "yesterday", False),
+    ("statuses", 0, "id", ["wamid.TEST.OUT.BATCH.0003"], False),
+    ("statuses", 0, "status", 3, False),
+    ("statuses", 0, "timestamp", {}, False),
+    ("statuses", 0, "recipient_id", 1.5, False),  # and no recipient_user_id: no customer
+])
+def test_an_odd_whatsapp_field_is_read_as_absent(items, index, field, odd, kept, normalise):
+    """A field of an odd type yields the events of the same body without that field: one its
+    event does not need loses only itself, the item is kept
+    (``whatsapp/odd_optional_fields.json`` is the fixture); one it needs (a message's id,
+    customer or timestamp) drops that item and nothing beside it. Before, any odd declared field
+    failed the decode of its item, which was dropped (a contact: its sender's name)."""
+    envelope, value = _batch_mixed()
+    item = value[items][index]
+    item.pop(field, None)
+    absent = normalise(json.dumps(envelope).encode())
+    item[field] = odd
+    assert normalise(json.dumps(envelope).encode()) == absent
+    assert len(absent) == (8 if kept else 7)
+    if items == "contacts":
+        assert "Dana Demo" in {e.sender.name for e in absent}
+
+
 def test_unknown_fields_and_types_pass_through():
     envelope = json.loads(fixture_bytes("whatsapp/text.json"))
     message = envelope["entry"][0]["changes"][0]["value"]["messages"][0]

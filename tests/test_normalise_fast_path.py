@@ -53,3 +53,22 @@ def test_numbers_in_unread_fields_and_timestamps_keep_the_fast_path():
     assert takes_fast_path(body)
     assert [e.message_id for e in wn.normalise(body)] == [
         "wamid.TEST.IN.NUMERIC.0001", "wamid.TEST.IN.NUMERIC.0002", "wamid.TEST.OUT.NUMERIC.0001"]
+
+
+def test_odd_optional_fields_keep_the_fast_path_and_a_malformed_list_leaves_it():
+    """Fields no event needs are read as whatever JSON came, so a body with odd ones
+    (``odd_optional_fields.json``) still decodes in one pass, each of its items an event; a list
+    that is not one (``malformed_lists.json``) fails the one-pass decode, and the tolerant path
+    keeps every valid item beside it. Before, an odd optional field failed the one-pass decode
+    too, and then the decode of its item."""
+    odd = (DATA / "odd_optional_fields.json").read_bytes()
+    assert takes_fast_path(odd)
+    assert [e.message_id for e in wn.normalise(odd)] == [
+        "wamid.TEST.IN.ODD.0001", "wamid.TEST.IN.ODD.0002", "wamid.TEST.OUT.ODD.0001",
+        "wamid.TEST.OUT.ODD.0002"]
+    malformed = (DATA / "malformed_lists.json").read_bytes()
+    assert not takes_fast_path(malformed)
+    assert [e.message_id for e in wn.normalise(malformed)] == [
+        "wamid.TEST.IN.MALFORMED.0001", "wamid.TEST.OUT.MALFORMED.0001",
+        "wamid.TEST.OUT.MALFORMED.0002", "wamid.TEST.IN.MALFORMED.0002",
+        "wamid.TEST.IN.MALFORMED.0003"]

@@ -16,7 +16,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from channels.instagram.normalise import normalise as instagram
@@ -350,11 +350,12 @@ def wa_statuses_value(draw) -> tuple[dict, list[dict]]:
     statuses = draw(st.lists(st.fixed_dictionaries(
         {"id": ids.map(lambda s: "wamid." + s), "status": STATUS_VALUES,
          "timestamp": seconds.map(str), "recipient_id": digits},
-        # errors[] stays a list (its items may be anything): schemas.Status drops the whole
-        # status when errors is not a list, which Meta never sends
-        optional={"errors": st.lists(anything(wa_error), max_size=3),
+        # errors, callback data and participant may be any JSON: an odd one is no error, no
+        # callback_data, no participant, and the status is kept
+        optional={"errors": anything(st.lists(anything(wa_error), max_size=3)),
                   "pricing": anything(wa_pricing), "conversation": anything(wa_conversation),
-                  "biz_opaque_callback_data": texts}), min_size=1, max_size=4))
+                  "biz_opaque_callback_data": anything(texts),
+                  "recipient_participant_id": anything(digits)}), min_size=1, max_size=4))
     value = {"messaging_product": "whatsapp",
              "metadata": {"display_phone_number": "15550001000",
                           "phone_number_id": "100000000000001"},
@@ -462,20 +463,33 @@ def _coordinate(value, bound: float) -> bool:
 
 
 @st.composite
-def wa_one_message(draw, kind: str) -> tuple[dict, dict]:
-    """A ``messages`` change with one well-addressed message of type ``kind`` (its content may be
-    anything of the right JSON type)."""
-    customer = draw(digits)
+def wa_addressed_message(draw, customer: str, kind: str) -> dict:
+    """One well-addressed message of type ``kind``: its id, ``from`` and timestamp are valid;
+    its content, context, errors, ``from_user_id`` and an object of another type beside its own
+    may be any JSON."""
     message = {"from": customer, "id": "wamid." + draw(ids), "timestamp": draw(seconds.map(str)),
                "type": kind}
     if kind == "contacts":
-        message["contacts"] = draw(wa_contacts_card)
+        message["contacts"] = draw(anything(wa_contacts_card))
     elif kind in wa_bodies:
-        message[kind] = draw(wa_bodies[kind].filter(lambda v: isinstance(v, dict)))
-    if draw(st.booleans()):
-        message["context"] = draw(obj(optional={"from": digits, "id": ids}))
-    if draw(st.booleans()):
-        message["errors"] = draw(st.lists(anything(wa_error), max_size=2))
+        message[kind] = draw(anything(wa_bodies[kind]))
+    # "unknown" (Meta's older name of unsupported) reads the "unsupported" object as its own
+    others = sorted({*wa_bodies, "contacts"} - {kind, "unsupported" if kind == "unknown" else kind})
+    for key, strategy in (("context", anything(obj(optional={"from": digits, "id": ids}))),
+                          ("errors", anything(st.lists(anything(wa_error), max_size=2))),
+                          ("from_user_id", anything(ids.map(lambda s: "US." + s))),
+                          (draw(st.sampled_from(others)), json_values)):
+        if draw(st.booleans()):
+            message[key] = draw(strategy)
+    return message
+
+
+@st.composite
+def wa_one_message(draw, kind: str) -> tuple[dict, dict]:
+    """A ``messages`` change with one well-addressed message of type ``kind`` (its content may be
+    any JSON)."""
+    customer = draw(digits)
+    message = draw(wa_addressed_message(customer, kind))
     value = {"messaging_product": "whatsapp",
              "metadata": {"display_phone_number": "15550001000",
                           "phone_number_id": "100000000000001"},
@@ -503,12 +517,98 @@ def test_every_whatsapp_message_type_is_one_event(kind, data):
     if kind in ("hologram", "unknown"):
         assert event.raw_type == kind if kind == "hologram" else event.raw_type is None
     if kind == "location":  # coordinates only when both are real latitude / longitude values
-        lat, lon = (message["location"].get(k) for k in ("latitude", "longitude"))
+        location = message["location"] if isinstance(message["location"], dict) else {}
+        lat, lon = (location.get(k) for k in ("latitude", "longitude"))
         valid = _coordinate(lat, 90.0) and _coordinate(lon, 180.0)
         assert event.type == "location"
         assert (event.location is not None) == valid
         if valid:
             assert (event.location.latitude, event.location.longitude) == (float(lat), float(lon))
+
+
+@st.composite
+def wa_addressed_value(draw) -> dict:
+    """A ``messages`` change's value of one number whose lists are lists of well-addressed items
+    (their other fields may be any JSON)."""
+    customers = draw(st.lists(digits, min_size=1, max_size=2, unique=True))
+    contacts = [draw(obj({"wa_id": st.just(c), "profile": obj({"name": texts})},
+                         {"user_id": ids.map(lambda s: "US." + s)})) for c in customers]
+    messages = [draw(wa_addressed_message(draw(st.sampled_from(customers)),
+                                          draw(st.sampled_from(WA_TYPES))))
+                for _ in range(draw(st.integers(0, 3)))]
+    statuses = draw(st.lists(st.fixed_dictionaries(
+        {"id": ids.map(lambda s: "wamid." + s), "status": STATUS_VALUES,
+         "timestamp": seconds.map(str), "recipient_id": st.sampled_from(customers)},
+        optional={"errors": anything(wa_errors), "pricing": anything(wa_pricing),
+                  "biz_opaque_callback_data": anything(texts),
+                  "recipient_participant_id": anything(digits)}), max_size=3))
+    return {"messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550001000",
+                         "phone_number_id": draw(st.sampled_from(["100000000000001",
+                                                                  "100000000000002"]))},
+            "contacts": contacts, "messages": messages, "statuses": statuses}
+
+
+wa_addressed_envelope = st.fixed_dictionaries({
+    "object": st.just("whatsapp_business_account"),
+    "entry": st.lists(st.fixed_dictionaries({
+        "id": digits,
+        "changes": st.lists(st.fixed_dictionaries({"field": st.just("messages"),
+                                                   "value": wa_addressed_value()}),
+                            min_size=1, max_size=2)}), min_size=1, max_size=2),
+})
+not_a_list = json_values.filter(lambda v: not isinstance(v, list))
+
+
+@SETTINGS
+@given(envelope=wa_addressed_envelope, data=st.data())
+def test_a_malformed_whatsapp_list_loses_only_itself(envelope, data):
+    """A ``changes`` / ``contacts`` / ``messages`` / ``statuses`` that is not a list (any other
+    JSON) yields what an empty one would: the other lists of its value, and the other changes
+    and entries, keep every event."""
+    holders = [(entry, "changes") for entry in envelope["entry"]]
+    holders += [(change["value"], key) for entry in envelope["entry"]
+                for change in entry["changes"] for key in ("contacts", "messages", "statuses")]
+    holder, key = data.draw(st.sampled_from(holders))
+    holder[key] = []
+    kept = check_events("whatsapp", _encode_body(envelope))
+    holder[key] = data.draw(not_a_list)
+    assert check_events("whatsapp", _encode_body(envelope)) == kept
+
+
+# The JSON types each read field of an item is read as; a value of any other type is odd.
+IDS = (str, int)
+STAMP = (str, int, float)
+WA_READ_AS = {
+    "messages": {"id": str, "timestamp": STAMP, "from": IDS, "from_user_id": IDS, "type": str,
+                 "context": dict, "referral": dict, "errors": list, "contacts": list,
+                 **{key: dict for key in wa_bodies}},
+    "statuses": {"id": str, "status": str, "timestamp": STAMP, "recipient_id": IDS,
+                 "recipient_user_id": IDS, "recipient_participant_id": IDS,
+                 "biz_opaque_callback_data": str, "errors": list},
+    "contacts": {"wa_id": IDS, "user_id": IDS, "profile": dict},
+}
+
+
+@SETTINGS
+@given(envelope=wa_addressed_envelope, data=st.data())
+def test_an_odd_whatsapp_field_is_read_as_absent(envelope, data):
+    """Any field of a message, status or contact, of a JSON type other than the one it is read
+    as, yields what the same item without it would: a field no event needs loses only itself (an
+    odd callback data: no ``callback_data``; an odd object of another message type: ignored);
+    one an event needs (id, customer, timestamp) drops its item, as without it, and only it."""
+    items = [(key, item) for entry in envelope["entry"] for change in entry["changes"]
+             for key in WA_READ_AS for item in change["value"][key]]
+    assume(items)
+    key, item = data.draw(st.sampled_from(items))
+    field = data.draw(st.sampled_from(sorted(WA_READ_AS[key])))
+    read_as = WA_READ_AS[key][field]
+    odd = data.draw(json_values.filter(
+        lambda v: isinstance(v, bool) or not isinstance(v, read_as)))
+    item.pop(field, None)
+    absent = check_events("whatsapp", _encode_body(envelope))
+    item[field] = odd
+    assert check_events("whatsapp", _encode_body(envelope)) == absent
 
 
 @pytest.mark.parametrize("kind", sorted(IG_KINDS))

@@ -2,8 +2,18 @@
 
 Every entry × change × message / status yields one event; nothing is read at ``[0]`` only. Ids
 come only from Meta's fields: a message's wamid, a status's (wamid, status), so a redelivery keeps
-its ids. Mapping choices (shared/fixtures/README.md "Conventions"):
+its ids. A malformed part loses only itself: an entry, change or item that is no object, or a
+``changes`` / ``contacts`` / ``messages`` / ``statuses`` that is no list, is skipped (the list
+counts as empty) while every valid part beside it still counts. Mapping choices
+(shared/fixtures/README.md "Conventions"):
 
+- an item is dropped only when it lacks what its event cannot exist without: a message's ``id``,
+  customer and ``timestamp``, a status's ``id``, ``status``, ``timestamp`` and recipient. Any other
+  field of an unexpected type is read as absent and loses only itself (an odd
+  ``biz_opaque_callback_data``: no ``callback_data``; an odd ``from_user_id`` beside ``from``, or
+  an odd object of another message type beside the message's own: ignored; an odd
+  ``contacts[].user_id``: the contact still names its ``wa_id``; an odd ``type``: ``unsupported``
+  without ``raw_type``, as a message without one);
 - inbound: ``account_id`` = ``recipient.id`` = ``metadata.phone_number_id``; ``sender.name`` from
   the ``value.contacts`` item whose ``wa_id`` equals ``from`` (never from a shared contact card);
   the customer is ``from``, else the BSUID ``from_user_id`` (``system.user_id`` on a
@@ -94,32 +104,37 @@ def normalise(body: bytes) -> list[Event]:
         for change in entry.changes or ():
             if change.field == "messages" and change.value is not None:
                 value = change.value
-                _value(value, value.contacts or (), value.messages or (), value.statuses or (),
-                       events)
+                _value(value.metadata, value.errors, value.contacts or (), value.messages or (),
+                       value.statuses or (), events)
     return events
 
 
 def _tolerant(body: bytes) -> list[Event]:
+    """Every part decoded on its own: a malformed one (an entry, change or item of the wrong
+    shape, a list that is not one) is skipped, and only it."""
     events: list[Event] = []
     for entry in decode_each(_parse(body, OBJECTS).entry, schemas.entry_decoder):
-        for change in decode_each(entry.changes, schemas.change_decoder):
+        for change in decode_each(schemas.items(entry.changes), schemas.change_decoder):
             if change.field != "messages":
                 continue
-            for value in decode_each([change.value], schemas.value_decoder):
-                _value(value, decode_each(value.contacts, schemas.contact_decoder),
-                       decode_each(value.messages, schemas.message_decoder),
-                       decode_each(value.statuses, schemas.status_decoder), events)
+            value = schemas.decode_or_none(change.value, schemas.value_decoder)
+            if value is None:
+                continue
+            _value(schemas.decode_or_none(value.metadata, schemas.metadata_decoder), value.errors,
+                   decode_each(schemas.items(value.contacts), schemas.contact_decoder),
+                   decode_each(schemas.items(value.messages), schemas.message_decoder),
+                   decode_each(schemas.items(value.statuses), schemas.status_decoder), events)
     return events
 
 
-def _value(value: Any, contacts, messages, statuses, events: list[Event]) -> None:
+def _value(metadata: schemas.Metadata | None, errors: Any, contacts, messages, statuses,
+           events: list[Event]) -> None:
     """Append the events of one ``messages`` change (its lists already decoded)."""
-    account = None if value.metadata is None else as_str(value.metadata.phone_number_id)
-    value_error = _value_error(value.errors, account)
+    account = None if metadata is None else as_str(metadata.phone_number_id)
+    value_error = _value_error(errors, account)
     if account is None:
         return
-    names = {key: c.profile.name for c in contacts if c.profile is not None
-             for key in (as_str(c.wa_id), c.user_id) if key is not None}
+    names = _names(contacts)
     for message in messages:
         event = _message(message, account, names, value_error)
         if event is not None:
@@ -128,6 +143,18 @@ def _value(value: Any, contacts, messages, statuses, events: list[Event]) -> Non
         event = _status(status, account)
         if event is not None:
             events.append(event)
+
+
+def _names(contacts) -> dict[str, str]:
+    """Sender names by wa_id and by BSUID; a contact without a string name names no one."""
+    names = {}
+    for c in contacts:
+        name = None if c.profile is None else c.profile.name
+        if isinstance(name, str):
+            for key in (as_str(c.wa_id), as_str(c.user_id)):
+                if key is not None:
+                    names[key] = name
+    return names
 
 
 def _value_error(errors: Any, account: str | None) -> ErrorInfo | None:
@@ -174,11 +201,12 @@ def _message(m: schemas.Message, account: str, names: dict,
     try:
         fields = content(m)
     except OverflowError:  # a number no float holds (e.g. a location's latitude 1e400 as an int)
-        fields = {"type": "unsupported", "raw_type": m.type, "error": first_error(m.errors)}
+        fields = {"type": "unsupported", "raw_type": m.type if isinstance(m.type, str) else None,
+                  "error": first_error(m.errors)}
     if fields["error"] is None:
         fields["error"] = value_error
     if "reply_to" not in fields:
-        fields["reply_to"] = as_str((m.context or {}).get("id"))
+        fields["reply_to"] = as_str(m.context.get("id")) if isinstance(m.context, dict) else None
     # the common fields spelt out, not merged from a dict: this is the path of nearly every event
     return Message(id=event_id(CHANNEL, "message", m.id), schema=SCHEMA_VERSION, channel=CHANNEL,
                    direction="inbound", account_id=account, conversation_id=conversation,
@@ -188,12 +216,13 @@ def _message(m: schemas.Message, account: str, names: dict,
 
 def _reaction_or_revoke(m: schemas.Message, common: dict) -> Event:
     if m.type == "reaction":
-        reaction = m.reaction or {}
+        reaction = m.reaction if isinstance(m.reaction, dict) else {}
         emoji = reaction.get("emoji")
         return Reaction(id=event_id(CHANNEL, "reaction", m.id), **common,
                         message_id=as_str(reaction.get("message_id")),
                         emoji=emoji if isinstance(emoji, str) else "")
-    original = as_str((m.revoke or {}).get("original_message_id")) or m.id
+    revoke = m.revoke if isinstance(m.revoke, dict) else {}
+    original = as_str(revoke.get("original_message_id")) or m.id
     return Message(id=event_id(CHANNEL, "revoke", m.id), **common, message_id=original,
                    type="deleted")
 
@@ -207,6 +236,7 @@ def _status(s: schemas.Status, account: str) -> Event | None:
         log.warning("whatsapp_status_without_recipient", channel=CHANNEL,
                     phone_number_id=account, message_id=s.id, status=s.status)
         return None
+    callback = s.biz_opaque_callback_data
     return Status(
         schema=SCHEMA_VERSION, id=_status_id(s), channel=CHANNEL,
         direction="outbound", account_id=account,
@@ -214,7 +244,7 @@ def _status(s: schemas.Status, account: str) -> Event | None:
         sender=Party(id=account), recipient=Party(id=customer), timestamp=when,
         message_id=s.id, status=STATUS_AS.get(s.status, s.status), error=first_error(s.errors),
         raw_type=s.status if s.status in STATUS_AS else None,
-        callback_data=s.biz_opaque_callback_data,
+        callback_data=callback if isinstance(callback, str) else None,
     )
 
 

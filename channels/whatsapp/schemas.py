@@ -1,15 +1,23 @@
 """msgspec Structs mirroring the WhatsApp Cloud API webhook (meta/webhooks.md §4).
 
 Tolerant by construction: unknown fields are ignored, enum-like values (``type``, ``status``,
-``field``) are plain strings, and lists are kept as raw items so that one malformed item is skipped
-without spoiling the rest of the batch. Per-type objects (``text``, ``image``, ``interactive``, …)
+``field``) are plain strings, and lists are kept undecoded so that one malformed part is skipped
+without spoiling anything beside it. Per-type objects (``text``, ``image``, ``interactive``, …)
 stay dicts: Meta adds keys to them often and we read only a few.
 
-Only fields the normaliser reads are declared: an undeclared field is ignored whatever its type,
-while a declared one of an unexpected type fails the decode of its whole item (a ``Value`` with
-every message and status in it). Fields read only as a fallback or as optional detail
-(``Value.errors``, ``Status.recipient_user_id``, ``Message.unsupported``) are ``Any``, checked
-where they are read, so an odd one never costs the item.
+Only fields the normaliser reads are declared (an undeclared field is ignored whatever its type),
+and only the fields an event cannot exist without are typed: a message's or status's ``id`` and
+``timestamp``, a status's ``status``. One of those of an unexpected type fails the decode of its
+own item, which is skipped. Every other field (a sender or recipient, a per-type object,
+``errors``, ``context``, ``biz_opaque_callback_data``, ...) is ``Any``, checked where it is read,
+so an odd one is treated as absent and never costs its item. A ``changes`` / ``contacts`` /
+``messages`` / ``statuses`` that is not a list counts as empty (see :func:`items`): typed as a
+list, it would fail its entry or value and lose the valid lists beside it.
+
+Two shapes of the same body: the tolerant one (``Entry`` ... ``Value``, lists undecoded, each item
+decoded on its own) and the fast one (``FastEnvelope``: the whole body in one typed decode). They
+share ``Contact``, ``Message`` and ``Status``, so a body the fast decode accepts yields the same
+events on either path.
 """
 
 from __future__ import annotations
@@ -18,20 +26,18 @@ from typing import Any
 
 import msgspec
 
-Obj = dict[str, Any]
-
 
 class Entry(msgspec.Struct):
     """``entry[]``: one WhatsApp Business Account (its ``id`` is not read: route on the number)."""
 
-    changes: list[msgspec.Raw] | None = None
+    changes: msgspec.Raw = msgspec.Raw()
 
 
 class Change(msgspec.Struct):
     """``entry[].changes[]``: one subscription field's update."""
 
     field: Any = None
-    value: msgspec.Raw = msgspec.Raw(b"null")
+    value: msgspec.Raw = msgspec.Raw()
 
 
 class Metadata(msgspec.Struct):
@@ -42,54 +48,60 @@ class Metadata(msgspec.Struct):
 
 
 class Value(msgspec.Struct):
-    """``changes[].value`` of the ``messages`` field."""
+    """``changes[].value`` of the ``messages`` field, each part undecoded."""
 
-    metadata: Metadata | None = None
-    contacts: list[msgspec.Raw] | None = None
-    messages: list[msgspec.Raw] | None = None
-    statuses: list[msgspec.Raw] | None = None
+    metadata: msgspec.Raw = msgspec.Raw()
+    contacts: msgspec.Raw = msgspec.Raw()
+    messages: msgspec.Raw = msgspec.Raw()
+    statuses: msgspec.Raw = msgspec.Raw()
     errors: Any = None  # value-level errors[] (webhooks.md §4.6): a list of error objects
 
 
 class Profile(msgspec.Struct):
-    name: str | None = None
+    name: Any = None  # a str, else absent
 
 
 class Contact(msgspec.Struct):
-    """``value.contacts[]``: the profile of a sender of ``messages[]``."""
+    """``value.contacts[]``: the profile of a sender of ``messages[]`` (keys read via as_str)."""
 
-    wa_id: str | int | None = None
-    user_id: str | None = None  # BSUID (webhooks.md §4.3): newer payloads, maybe without wa_id
-    profile: Profile | None = None
+    wa_id: Any = None
+    user_id: Any = None  # BSUID (webhooks.md §4.3): newer payloads, maybe without wa_id
+    profile: Profile | None = None  # not an object: the contact names no one, as without one
 
 
-class Message(msgspec.Struct, rename={"from_": "from"}):
-    """``value.messages[]``: common fields, and the per-type objects as dicts."""
+class Content(msgspec.Struct):
+    """What a message holds: its ``type`` and the per-type objects, each of any JSON type (the
+    readers check). An edit's replacement is one of these too, without the message's own ids."""
+
+    type: Any = None  # a str, else absent (an unsupported message without a raw type)
+    errors: Any = None
+    text: Any = None
+    image: Any = None
+    audio: Any = None
+    video: Any = None
+    document: Any = None
+    sticker: Any = None
+    location: Any = None
+    contacts: Any = None
+    interactive: Any = None
+    button: Any = None
+    reaction: Any = None
+    order: Any = None
+    system: Any = None
+    revoke: Any = None
+    edit: Any = None
+    unsupported: Any = None  # Meta's own unsupported type: {"type": "poll"}
+
+
+class Message(Content, rename={"from_": "from"}):
+    """``value.messages[]``: the message's own fields beside its content."""
 
     id: str | None = None
     timestamp: str | int | float | None = None  # epoch seconds: "1760000000", 1760000000(.0)
-    type: str | None = None
-    from_: str | int | None = None
-    from_user_id: str | None = None  # BSUID: the sender when ``from`` is absent
-    context: Obj | None = None
-    referral: Obj | None = None
-    errors: list[Any] | None = None
-    text: Obj | None = None
-    image: Obj | None = None
-    audio: Obj | None = None
-    video: Obj | None = None
-    document: Obj | None = None
-    sticker: Obj | None = None
-    location: Obj | None = None
-    contacts: list[Any] | None = None
-    interactive: Obj | None = None
-    button: Obj | None = None
-    reaction: Obj | None = None
-    order: Obj | None = None
-    system: Obj | None = None
-    revoke: Obj | None = None
-    edit: Obj | None = None
-    unsupported: Any = None  # Meta's own unsupported type: {"type": "poll"}
+    from_: Any = None  # read through as_str, like from_user_id
+    from_user_id: Any = None  # BSUID: the sender when ``from`` is absent
+    context: Any = None
+    referral: Any = None
 
 
 class Status(msgspec.Struct):
@@ -98,11 +110,11 @@ class Status(msgspec.Struct):
     id: str | None = None
     status: str | None = None
     timestamp: str | int | float | None = None
-    recipient_id: str | int | None = None
+    recipient_id: Any = None
     recipient_user_id: Any = None  # BSUID when recipient_id is absent (field name unverified)
-    recipient_participant_id: str | int | None = None  # group messages: whose receipt this is
-    biz_opaque_callback_data: str | None = None
-    errors: list[Any] | None = None
+    recipient_participant_id: Any = None  # group messages: whose receipt this is
+    biz_opaque_callback_data: Any = None  # a str, else absent
+    errors: Any = None
 
 
 class FastValue(msgspec.Struct):
@@ -125,9 +137,10 @@ class FastEntry(msgspec.Struct):
 
 
 class FastEnvelope(msgspec.Struct):
-    """The whole body in one typed decode. Any item of an unexpected shape fails it, and the
-    normaliser then takes the tolerant path (each item on its own), which yields the same events
-    for well-formed bodies."""
+    """The whole body in one typed decode. Any part of an unexpected shape (a list that is not
+    one, an item whose id or timestamp is of the wrong type) fails it, and the normaliser then
+    takes the tolerant path (each part on its own), which yields the same events for bodies this
+    decode accepts."""
 
     object: str
     entry: list[FastEntry]
@@ -136,7 +149,28 @@ class FastEnvelope(msgspec.Struct):
 entry_decoder = msgspec.json.Decoder(Entry)
 change_decoder = msgspec.json.Decoder(Change)
 value_decoder = msgspec.json.Decoder(Value)
+metadata_decoder = msgspec.json.Decoder(Metadata)
 contact_decoder = msgspec.json.Decoder(Contact)
 message_decoder = msgspec.json.Decoder(Message)
 status_decoder = msgspec.json.Decoder(Status)
 fast_decoder = msgspec.json.Decoder(FastEnvelope)
+_items_decoder = msgspec.json.Decoder(list[msgspec.Raw] | None)
+
+
+def decode_or_none(raw: msgspec.Raw, decoder: msgspec.json.Decoder) -> Any:
+    """``raw`` decoded, or None when it is absent or not of the decoder's shape."""
+    if not raw:
+        return None
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def items(raw: msgspec.Raw) -> list[msgspec.Raw]:
+    """The items of a ``changes`` / ``contacts`` / ``messages`` / ``statuses``, each undecoded.
+
+    Absent, ``null`` or not a list (a malformed shape): no items, like an invalid item, while the
+    other lists of the same value, and the other changes and entries, still count.
+    """
+    return decode_or_none(raw, _items_decoder) or []
