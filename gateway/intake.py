@@ -150,7 +150,8 @@ def admit(app: web.Application, name: str, body: bytes, signature: str | None) -
         return unknown_channel(name)
     metrics = app[keys.METRICS]
     config = app[keys.CONFIG]
-    if config.server.insecure_skip_signature:
+    if not channel.app_secret and config.server.insecure_skip_signature:
+        # only a channel without a secret goes unchecked: one that has a secret always verifies
         log.warning("signature_not_checked", channel=name, reason="server.insecure_skip_signature")
     elif not verify(channel.app_secret, body, signature):
         return refuse(metrics, name, 401, "bad_signature",

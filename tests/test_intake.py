@@ -302,6 +302,22 @@ async def test_insecure_mode_accepts_unsigned_requests(gateway):
     assert status == 200
 
 
+async def test_insecure_mode_still_checks_every_channel_that_has_a_secret(gateway):
+    """The flag lets a channel *without* an app secret run unsigned; it never switches off the
+    check of a channel that has one (set only to get past one channel, it would otherwise open
+    them all)."""
+    gw = await gateway(extra="insecure_skip_signature = true",
+                       channels=f'[channels.whatsapp]\napp_secret = "{SECRET}"\n'
+                                "[channels.instagram]\n")
+    status, body = await gw.post("whatsapp", fixture_bytes(TEXT), secret=None)
+    assert status == 401 and body["error"]["code"] == "bad_signature"
+    status, _ = await gw.post("whatsapp", fixture_bytes(TEXT), secret="not-the-secret")
+    assert status == 401
+    assert (await gw.post("whatsapp", fixture_bytes(TEXT)))[0] == 200
+    status, _ = await gw.post("instagram", fixture_bytes("instagram/text.json"), secret=None)
+    assert status == 200
+
+
 async def test_client_can_reuse_connection_after_errors(gateway):
     gw = await gateway()
     for _ in range(3):
