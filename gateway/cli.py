@@ -8,6 +8,8 @@ import asyncio
 import errno
 import os
 import re
+import socket
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -64,6 +66,14 @@ def _failure(exc: Exception, args: argparse.Namespace) -> tuple[str, int] | None
         where = f" at {config.queue.redis_url}" if config else ""
         return (f"cannot use Redis{where}: {exc} (queue.redis_url, env GATEWAY_REDIS_URL)",
                 EXIT_CONFIG)
+    if isinstance(exc, sqlite3.Error):  # a database that cannot be opened, or is not one
+        key = _database_key(_config_or_none(args))
+        return (f"cannot use a SQLite database: {exc}{key or ''}",
+                EXIT_CONFIG if key else 1)
+    if isinstance(exc, socket.gaierror):
+        config = _config_or_none(args)
+        host = f" {config.server.host!r}" if config else ""
+        return f"cannot resolve the host{host}: {exc.strerror} (server.host)", EXIT_CONFIG
     if not isinstance(exc, OSError):
         return None
     status = EXIT_CONFIG if exc.errno in CONFIG_ERRNOS else 1
@@ -76,6 +86,26 @@ def _failure(exc: Exception, args: argparse.Namespace) -> tuple[str, int] | None
         key = _path_key(str(exc.filename), _config_or_none(args))
         return f"cannot create or open {exc.filename}: {exc.strerror}{key}", status
     return f"{type(exc).__name__}: {exc}", status
+
+
+def _database_key(config: gwconfig.GatewayConfig | None) -> str | None:
+    """`` (server.data_dir: PATH)``: the first configured database file that cannot be opened
+    for writing (a directory in its place, a directory that is not writable), when one can be
+    named."""
+    if config is None:
+        return None
+    data_dir = config.server.data_dir
+    files = {os.path.join(data_dir, name): "server.data_dir"
+             for name in ("journal.db", "outbox.db", "storage.db", "analytics.db")}
+    files |= {table["path"]: f"sinks.{name}.path" for name, table in config.sinks.items()
+              if isinstance(table.get("path"), str)}
+    for path, key in files.items():
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or (os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK)):
+            return f" ({key}: {path} cannot be opened as a database file)"
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            return f" ({key}: {folder} is not writable)"
+    return None
 
 
 def _is_redis_error(exc: Exception) -> bool:
@@ -115,6 +145,28 @@ def _plugin_commands() -> tuple[list[Command], PluginError | None]:
         return [], exc
 
 
+def _positive_seconds(text: str) -> float:
+    """A finite number of seconds above 0 (``--duration``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number of seconds above 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """A whole number above 0 (``--limit``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number above 0")
+    return value
+
+
 def _parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="Meta messaging gateway")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -125,7 +177,8 @@ def _parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     p.set_defaults(run=_serve)
     p = sub.add_parser("demo", parents=[cfg],
                        help="run the pipeline locally with simulated customers")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of traffic (default 30)")
+    p.add_argument("--duration", type=_positive_seconds, default=30.0,
+                   help="seconds of traffic (default 30)")
     p.set_defaults(run=_demo)
     p = sub.add_parser("plugins", parents=[cfg], help="list discovered channels and sinks")
     p.set_defaults(run=_plugins)
@@ -136,7 +189,8 @@ def _parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     dsub = dl.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = dsub.add_parser("list", parents=[cfg], help="list dead letters")
     p.add_argument("--sink", help="only this sink")
-    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.add_argument("--limit", type=_positive_int, default=100,
+                   help="at most this many (default 100)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(run=_dead_list)
     p = dsub.add_parser("replay", parents=[cfg], help="queue dead letters for redelivery")
@@ -179,8 +233,11 @@ def _plugins(args: argparse.Namespace) -> int:
     try:
         pm = plugins.manager()
         # each plugin's register_* hooks run too: one that raises or returns junk is named here
-        config = gwconfig.check_all(args.config)[1] or gwconfig.GatewayConfig()
-        broken = [e for e in plugins.check(pm, config) if isinstance(e, PluginError)]
+        core, config = gwconfig.check_all(args.config)
+        broken = [e for e in plugins.check(pm, config or gwconfig.GatewayConfig())
+                  if isinstance(e, PluginError)]
+        if args.config and config is None:  # the plugins were checked on defaults: say why
+            broken = [*core, *broken]
         status = "; ".join(f"error: {e}" for e in broken) or "ok"
     except PluginError as exc:
         status = f"error: {exc}"

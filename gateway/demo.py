@@ -359,13 +359,16 @@ def demo_config(config_path: str | None, tmp: Path, graph_url: str, port: int) -
             "sinks": {"storage": {}, "jsonl": {}, "ai": {"provider": "rules"}},
         }
     else:
+        from gateway.errors import ConfigError
+
         try:
             with open(config_path, "rb") as handle:
                 data = tomllib.load(handle)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            from gateway.errors import ConfigError
-
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read {config_path}: {exc}") from None
+        for key in ("server", "channels", "sinks"):  # the tables the demo adds its essentials to
+            if not isinstance(data.get(key, {}), dict):
+                raise ConfigError(f"must be a table, got {type(data[key]).__name__}", key)
         data.setdefault("sinks", {}).setdefault("ai", {"provider": "rules"})
         for name in ("whatsapp", "instagram"):
             data.setdefault("channels", {}).setdefault(name, {})
