@@ -307,8 +307,8 @@ class OutboundService(PythonAPI, Pausing):
                 await self.outbox.retry_at(row.id, time.time() + shared, row.stored_error(),
                                            count_attempt=False)
                 continue
+            await gate.acquire()  # first: the limiter must record when the send really starts
             limiter.take(row.recipient, kind=row.type)
-            await gate.acquire()
             self._spawn(self._send(key, row, gate))
 
     def _spawn(self, work: Any) -> None:
