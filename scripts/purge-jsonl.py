@@ -10,8 +10,9 @@ sender of an inbound event, the recipient of an outbound one) is the contact. Ea
 rewritten to a temporary file next to it, fsynced and renamed over the original (mode kept), so a
 crash leaves either the old or the new file. ``.gz`` files are read and written compressed.
 
-Stop the gateway (or disable ``[sinks.jsonl]``) first: the running sink keeps the file open and
-would go on appending to the replaced copy. Lines that are not JSON are kept and counted.
+Stop the gateway (or disable ``[sinks.jsonl]``) first: the running sink would follow the rewritten
+file, but the lines it appended while this script was copying would be lost. Lines that are not
+JSON are kept and counted.
 Exit status: 0 on success, 1 when a file could not be processed.
 """
 

@@ -4,6 +4,12 @@ Exactly once across crashes: every batch is written with one ``write`` and fsync
 dispatcher moves its cursor. On start the sink repairs a torn last line (a crash mid-write) and
 remembers the ids of the newest lines, so the batch that the dispatcher hands over again after a
 crash is not appended twice.
+
+Rotation needs no signal: before each batch the sink compares the file it holds with the one at
+its path (``st_dev``, ``st_ino``), and when logrotate has renamed it away (``create``, or
+``nocreate`` with none in its place) it opens the path, creating it, repairs and reads that file
+as at start-up, and goes on remembering the ids it wrote to the old one. ``copytruncate`` keeps
+the same file: appends go on at its new end.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from gateway.config import SinkConfig
 from gateway.errors import PermanentError
 from gateway.sink import Record, Sink
 from sinks.jsonl.purge import purge
+from sinks.jsonl.tail import lines_backwards, whole_lines_end
 
-TAIL_BYTES = 8 * 1024 * 1024
+_FLAGS = os.O_RDWR | os.O_APPEND
 # What logrotate leaves beside the file: events.jsonl.1, events.jsonl.2.gz, events.jsonl-20261201.gz
 ROTATED = re.compile(r"(\.\d+|-\d[\d-]*)?(\.gz)?")
 UNREADABLE = re.compile(r"(\.\d+|-\d[\d-]*)?\.(xz|bz2|zst|lz4|Z)")  # copies it cannot rewrite
@@ -58,25 +65,69 @@ class JsonlSink(Sink):
 
     def _open(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.config.path)), exist_ok=True)
-        self._fd = os.open(self.config.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
-        size = os.fstat(self._fd).st_size
-        start = max(0, size - TAIL_BYTES)
-        tail = os.pread(self._fd, size - start, start)
-        cut = tail.rfind(b"\n") + 1
-        if cut < len(tail):  # a torn last line: the write that a crash interrupted
-            os.ftruncate(self._fd, start + cut)
-            tail = tail[:cut]
-        for line in tail.splitlines()[-self._recent.maxlen:]:
+        self._fd = self._open_path()
+        self._recall(self._newest_ids(self._fd))
+
+    def _open_path(self) -> int:
+        """Open the path for appending, creating it when missing; a file it creates has its
+        directory fsynced too, or a power loss could lose the new entry and the lines in it."""
+        path = self.config.path
+        try:
+            fd = os.open(path, _FLAGS | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
             try:
-                self._remember(_id_decoder.decode(line).id)
+                return os.open(path, _FLAGS)
+            except FileNotFoundError:  # renamed away again meanwhile, or a dangling symlink
+                fd = os.open(path, _FLAGS | os.O_CREAT, 0o640)
+        if self.config.fsync:
+            try:
+                _fsync_directory(os.path.dirname(os.path.abspath(path)))
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
+    def _newest_ids(self, fd: int) -> list[str]:
+        """Cut a torn last line (the write a crash interrupted); the ids of the newest lines,
+        oldest first, as many as the window holds, read backwards however long the lines are."""
+        size = os.fstat(fd).st_size
+        end = whole_lines_end(fd, size)
+        if end < size:
+            os.ftruncate(fd, end)
+        ids: list[str] = []
+        for line in lines_backwards(fd, end):
+            try:
+                ids.append(_id_decoder.decode(line).id)
             except msgspec.DecodeError:
                 continue
+            if len(ids) == self._recent.maxlen:
+                break
+        ids.reverse()
+        return ids
+
+    def _recall(self, older: list[str]) -> None:
+        """Remember ``older`` (ids read from the file) behind the ids already remembered: those
+        this sink wrote last, to a file since rotated away, must still count as written."""
+        merged = list(dict.fromkeys(reversed([*older, *self._recent])))  # once, at its newest
+        merged.reverse()
+        self._recent.clear()
+        self._recent.extend(merged)  # maxlen keeps the newest
+        self._recent_set = set(self._recent)
 
     def _remember(self, event_id: str) -> None:
         if len(self._recent) == self._recent.maxlen:
             self._recent_set.discard(self._recent[0])
         self._recent.append(event_id)
         self._recent_set.add(event_id)
+
+    def _fresh(self, records: list[Record]) -> list[Record]:
+        """Never an id twice: not one written before, nor one twice within the batch."""
+        fresh, ids = [], set()
+        for r in records:
+            if r.event.id not in self._recent_set and r.event.id not in ids:
+                ids.add(r.event.id)
+                fresh.append(r)
+        return fresh
 
     async def write(self, records: list[Record]) -> None:
         # Shielded: a caller cancelled mid-write (the dispatcher cancels a batch's other lanes,
@@ -86,31 +137,70 @@ class JsonlSink(Sink):
 
     async def _write(self, records: list[Record]) -> None:
         async with self._lock:
-            fresh, ids = [], set()
-            for r in records:  # never an id twice: not one written before, nor within the batch
-                if r.event.id not in self._recent_set and r.event.id not in ids:
-                    ids.add(r.event.id)
-                    fresh.append(r)
-            if not fresh:
-                return
-            await asyncio.to_thread(self._append, b"".join(r.data + b"\n" for r in fresh))
-            for record in fresh:
-                self._remember(record.event.id)
+            fresh = self._fresh(records)
+            if fresh:
+                await asyncio.to_thread(self._append, fresh)
 
-    def _append(self, blob: bytes) -> None:
+    def _append(self, fresh: list[Record]) -> None:
         if self._fd is None:
             raise PermanentError("jsonl sink is closed")
-        before = os.fstat(self._fd).st_size
+        held = os.fstat(self._fd)
+        if self._follow(held):  # the new file's newest ids count too
+            fresh = self._fresh(fresh)
+            held = os.fstat(self._fd)
+        if not fresh:
+            return
+        blob = b"".join(r.data + b"\n" for r in fresh)
+        # O_APPEND writes go to the end whatever the offset: set to 0 here, it then says where
+        # the last byte written went (still 0: nothing was written).
+        os.lseek(self._fd, 0, os.SEEK_SET)
         try:
             self._write_all(self._fd, blob)
         except OSError:
-            os.ftruncate(self._fd, before)  # never leave half a batch behind
+            self._roll_back(self._fd, held.st_size, blob)  # never leave half a batch behind
             raise
+        for record in fresh:
+            self._remember(record.event.id)
+
+    def _follow(self, held: os.stat_result) -> bool:
+        """Open the path again when it is no longer the file held (logrotate ``create`` renamed
+        it and made another, ``nocreate`` left none, an erasure replaced it); True if it did."""
+        try:
+            now = os.stat(self.config.path)
+        except FileNotFoundError:
+            pass
+        else:
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return False
+        fd = self._open_path()
+        try:
+            older = self._newest_ids(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = fd
+        self._recall(older)
+        return True
+
+    def _roll_back(self, fd: int, before: int, blob: bytes) -> None:
+        """Cut a failed append's bytes, only while the file still holds them, never beyond its
+        size: a ``copytruncate`` may have emptied it before the write (the bytes then begin at
+        0), or after it (nothing of them is left to cut)."""
+        end = os.lseek(fd, 0, os.SEEK_CUR)  # just past the last byte written, 0 when none
+        stop = min(end, os.fstat(fd).st_size)
+        for start in (before, 0):  # where the bytes went: the old end, or 0 after a truncation
+            kept = stop - start
+            if kept > 0 and end - start <= len(blob) and os.pread(fd, kept, start) == blob[:kept]:
+                os.ftruncate(fd, start)
+                return
 
     def _write_all(self, fd: int, blob: bytes) -> None:
-        written = os.write(fd, blob)
+        view = memoryview(blob)
+        written = os.write(fd, view)
         while written < len(blob):
-            written += os.write(fd, blob[written:])
+            written += os.write(fd, view[written:])
         if self.config.fsync:
             os.fsync(fd)
 
@@ -156,9 +246,7 @@ class JsonlSink(Sink):
             return _purge_all([self.config.path], channel, contact_id)
         finally:
             if self._fd is not None:  # the file may have been replaced: append to the new one
-                os.close(self._fd)
-                self._fd = os.open(self.config.path, os.O_RDWR | os.O_CREAT | os.O_APPEND,
-                                   0o640)
+                self._follow(os.fstat(self._fd))
 
     async def close(self) -> None:
         async with self._lock:  # after a write still under way (shielded from cancellation)
@@ -177,3 +265,11 @@ def _purge_all(paths: list[str], channel: str, contact_id: str
         except (OSError, EOFError, zlib.error) as exc:
             failure = failure or exc
     return removed, failure
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
