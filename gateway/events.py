@@ -30,6 +30,9 @@ MESSAGE_TYPES = (
     "unsupported", "deleted",
 )
 STATUSES = ("sent", "delivered", "read", "played", "failed", "deleted")
+# ``raw_type`` of a message that edits another (``reply_to`` names it): WhatsApp's ``edit``,
+# Instagram's ``message_edit``. Sinks apply it to the original; the AI sink does not answer it.
+EDITS = frozenset({"edit", "message_edit"})
 
 
 class Party(msgspec.Struct, omit_defaults=True, frozen=True):

@@ -19,6 +19,17 @@ def expected_files() -> dict[str, dict]:
     return files
 
 
+EDITS = ("edit", "message_edit")  # raw_type of an edit (sinks.storage.schema.EDITS)
+
+
+def stored_as(event: dict) -> dict:
+    """An expected message event as the storage sinks keep it: an edit that came before its
+    original stands in for it, under the original's id (``reply_to``), replying to nothing."""
+    if event.get("raw_type") in EDITS and event.get("reply_to") and event.get("message_id"):
+        return {**event, "message_id": event["reply_to"], "reply_to": None, "raw_type": None}
+    return event
+
+
 def instant(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
@@ -59,3 +70,25 @@ def pair_up(actual: list[dict], wanted: list[dict]) -> list[tuple[dict, dict]]:
         left.remove(found)
         pairs.append((found, want))
     return pairs
+
+
+def as_stored(wanted: list[dict], events: list[dict]) -> list[dict]:
+    """A fixture's expected message events as the storage sinks keep them, ``events`` being what
+    the fixture gave (they say which are edits): an edit of a message of the same fixture
+    rewrites that one's content and has no row of its own; an edit of one the fixture lacks
+    stands in for it, under its id, replying to nothing."""
+    pairs = pair_up(events, [w for w in wanted if w["kind"] in ("message", "postback")])
+    originals = {actual["message_id"]: i for i, (actual, _) in enumerate(pairs)
+                 if stored_as(actual) is actual and actual.get("message_id")}
+    kept: list[dict | None] = [want for _, want in pairs]
+    for i, (actual, want) in enumerate(pairs):
+        if stored_as(actual) is actual:
+            continue
+        j = originals.get(actual["reply_to"])
+        if j is None:
+            kept[i] = {**want, "message_id": actual["reply_to"], "reply_to": None,
+                       "raw_type": None}
+            continue
+        kept[j] = {**kept[j], **{k: want.get(k) for k in ("type", "text", "payload", "media")}}
+        kept[i] = None
+    return [w for w in kept if w is not None]

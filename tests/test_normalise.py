@@ -384,8 +384,8 @@ def test_an_instagram_story_reply_keeps_its_attachment(attachment, raw_type, med
 
 
 @pytest.mark.parametrize("key,value", [
-    ("message_edit", {"mid": "aWdfTEST_IN_0001", "text": "edited", "num_edit": 2}),
     ("optin", {"type": "notification_messages", "payload": "P"}),
+    ("optin", {"mid": "aWdfTEST_IN_0001"}),
     ("messaging_feedback", {"feedback_screens": [{"screen_id": 0}]}),
     ("policy_enforcement", {"action": "block", "reason": "spam"}),
     ("brand_new_kind", "a string, not an object"),
@@ -406,21 +406,49 @@ def test_unknown_instagram_item_keys_become_unsupported(key, value):
 def test_unknown_instagram_ids_differ_by_key_sender_time_and_mid():
     base = {"mid": "aWdfTEST_IN_0001"}
     ids = {
-        instagram(_instagram_item(message_edit=base))[0].id,
+        instagram(_instagram_item(hologram=base))[0].id,
         instagram(_instagram_item(optin=base))[0].id,
-        instagram(_instagram_item(message_edit={"mid": "aWdfTEST_IN_0002"}))[0].id,
-        instagram(_instagram_item(message_edit=base, timestamp=1760003300001))[0].id,
-        instagram(_instagram_item(message_edit=base, sender={"id": "9000000000000002"}))[0].id,
+        instagram(_instagram_item(hologram={"mid": "aWdfTEST_IN_0002"}))[0].id,
+        instagram(_instagram_item(hologram=base, timestamp=1760003300001))[0].id,
+        instagram(_instagram_item(hologram=base, sender={"id": "9000000000000002"}))[0].id,
         instagram(_instagram_item(message={"mid": "aWdfTEST_IN_0001", "text": "x"}))[0].id,
     }
     assert len(ids) == 6
 
 
+def test_an_instagram_message_edit_is_an_edit_of_its_mid():
+    """Shaped as WhatsApp's ``edit``: text, ``reply_to`` the edited mid, and ``message_id`` that
+    mid too (an edit has no id of its own), so the storage sinks rewrite that message in place
+    (``sinks.storage.schema.edit_target``). The id is Meta's (mid, num_edit): a redelivery keeps
+    it, the next edit of the same message differs."""
+    from sinks.storage.schema import edit_target
+
+    item = {"mid": "aWdfTEST_IN_0001", "text": "edited", "num_edit": 2}
+    (event,) = instagram(_instagram_item(message_edit=item))
+    assert (event.kind, event.type, event.text, event.raw_type) == (
+        "message", "text", "edited", "message_edit")
+    assert (event.message_id, event.reply_to) == ("aWdfTEST_IN_0001", "aWdfTEST_IN_0001")
+    assert edit_target(event) == "aWdfTEST_IN_0001"
+    assert decode(encode(event)) == event
+    later = instagram(_instagram_item(message_edit=item, timestamp=1760003300999))[0]
+    assert later.id == event.id  # (mid, num_edit) alone: the timestamp is not part of it
+    ids = {event.id, instagram(_instagram_item(message_edit={**item, "num_edit": 3}))[0].id,
+           instagram(_instagram_item(message_edit={**item, "mid": "aWdfTEST_IN_0002"}))[0].id,
+           instagram(_instagram_item(message={"mid": "aWdfTEST_IN_0001", "text": "x"}))[0].id}
+    assert len(ids) == 4
+    (blank,) = instagram(_instagram_item(message_edit={"mid": "aWdfTEST_IN_0001"}))
+    assert (blank.type, blank.text, blank.message_id) == ("unsupported", None, "aWdfTEST_IN_0001")
+    (nothing,) = instagram(_instagram_item(message_edit={"text": "no mid"}))  # edits nothing
+    assert (nothing.type, nothing.raw_type, nothing.message_id, nothing.reply_to) == (
+        "unsupported", "message_edit", None, None)
+    assert edit_target(nothing) is None
+
+
 def test_known_key_wins_and_null_known_keys_fall_through_to_the_unknown_one():
-    (event,) = instagram(_instagram_item(read={"mid": "m1"}, message_edit={"mid": "m2"}))
+    (event,) = instagram(_instagram_item(read={"mid": "m1"}, hologram={"mid": "m2"}))
     assert event.kind == "read"
-    (event,) = instagram(_instagram_item(read=None, message_edit={"mid": "m2"}))
-    assert (event.type, event.raw_type) == ("unsupported", "message_edit")
+    (event,) = instagram(_instagram_item(read=None, hologram={"mid": "m2"}))
+    assert (event.type, event.raw_type) == ("unsupported", "hologram")
     assert instagram(_instagram_item(read=None)) == []  # no event object at all: nothing to keep
     assert instagram(_instagram_item()) == []
 

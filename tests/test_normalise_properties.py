@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from channels.envelope import as_str
 from channels.instagram.normalise import normalise as instagram
 from channels.whatsapp.normalise import normalise as whatsapp
 from gateway.errors import BadPayload
@@ -423,8 +424,14 @@ def test_every_well_addressed_instagram_item_is_one_event(envelope):
             item["timestamp"], abs=1)
         if key == "message" and item["message"].get("is_echo") is True:
             assert (event.direction, event.recipient.id) == ("outbound", event.customer_id)
-        if key in ("message_edit", "optin", "hologram"):
+        if key in ("optin", "hologram"):
             assert (event.type, event.raw_type) == ("unsupported", key)
+        if key == "message_edit":  # an edit of the mid it names, or (no mid) of nothing
+            edited = item["message_edit"]
+            mid = as_str(edited.get("mid"))  # Meta's ids: strings, sometimes numbers
+            assert (event.raw_type, event.message_id, event.reply_to) == ("message_edit", mid, mid)
+            text = edited.get("text") if mid and isinstance(edited.get("text"), str) else None
+            assert (event.type, event.text) == ("text" if text is not None else "unsupported", text)
         if event.kind == "handover":
             assert event.handover["action"] == key.split("_", 1)[0]
 

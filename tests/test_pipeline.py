@@ -8,7 +8,7 @@ import pytest
 
 from gateway import keys
 from tests.conftest import fixture_bytes
-from tests.expect import expected_files, pair_up
+from tests.expect import expected_files, pair_up, stored_as
 
 FILES = expected_files()
 
@@ -31,12 +31,15 @@ async def test_fixture_reaches_both_sinks(gateway, name):
         conversations.setdefault(triple, set()).add(event["conversation_id"])
     assert all(len(ids) == 1 for ids in conversations.values())
     assert len({next(iter(ids)) for ids in conversations.values()}) == len(conversations)
+    edited = {stored_as(e)["message_id"] for e in events if stored_as(e) is not e}
     for event in events:
         if event["kind"] in ("message", "postback") and event.get("message_id"):
+            mid = stored_as(event)["message_id"]  # an edit: the row of the message it edits
             rows = await gw.sql("SELECT event_id, conversation_id, type, text FROM messages "
-                                "WHERE message_id = ?", (event["message_id"],))
-            assert rows, f"message {event['message_id']} not stored"
-            if event.get("type") != "deleted":
+                                "WHERE message_id = ?", (mid,))
+            assert rows, f"message {mid} not stored"
+            replaced = mid in edited and stored_as(event) is event  # the edit's content shows
+            if event.get("type") != "deleted" and not replaced:
                 assert rows[0][1:] == (event["conversation_id"], event.get("type"),
                                        event.get("text"))
 
@@ -140,6 +143,31 @@ async def test_unsend_keeps_one_message_without_content(gateway):
     rows = await gw.sql("SELECT type, text FROM messages WHERE message_id = 'aWdfTEST_IN_0001'")
     assert rows == [("deleted", None)]
     assert await gw.sql("SELECT message_count FROM conversations") == [(1,)]
+
+
+@pytest.mark.parametrize("first", ["original", "edit"])
+@pytest.mark.parametrize("channel,edit,unsend,original,edited", [
+    ("whatsapp", "edit", "revoke", "wamid.TEST.IN.TEXT.0001",
+     "Hi, is my order on its way? (edited)"),
+    ("instagram", "message_edit", "deleted", "aWdfTEST_IN_0001",
+     "Do you ship to Lisbon or Porto?"),
+])
+async def test_an_edit_rewrites_its_original_and_is_not_counted(gateway, channel, edit, unsend,
+                                                               original, edited, first):
+    """Through the gateway, in either order: one row (the original's id) with the edited text,
+    one message counted, the edited text as ``last_text``; an unsend then blanks both."""
+    gw = await gateway()
+    for name in ("text", edit) if first == "original" else (edit, "text"):
+        assert (await gw.post(channel, fixture_bytes(f"{channel}/{name}.json")))[0] == 200
+        await gw.settle()
+    assert len(gw.jsonl()) == 2
+    assert await gw.sql("SELECT message_id, type, text FROM messages") == [
+        (original, "text", edited)]
+    assert await gw.sql("SELECT message_count, last_text FROM conversations") == [(1, edited)]
+    await gw.post(channel, fixture_bytes(f"{channel}/{unsend}.json"))
+    await gw.settle()
+    assert await gw.sql("SELECT type, text FROM messages") == [("deleted", None)]
+    assert await gw.sql("SELECT message_count, last_text FROM conversations") == [(1, None)]
 
 
 async def test_echo_of_our_send_is_stored_once(gateway):

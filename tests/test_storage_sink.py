@@ -48,11 +48,15 @@ async def test_a_contact_is_the_same_whether_its_events_came_in_one_batch_or_two
 
 
 def schema_without_schema_and_emoji() -> str:
-    """The storage layout before ``messages`` had the ``schema`` and ``emoji`` columns."""
+    """The storage layout before ``messages`` had the ``schema`` and ``emoji`` columns (and the
+    later ``messages.edited_at`` and ``contacts.name_at``)."""
     from sinks.storage.schema import SCHEMA
 
-    old = re.sub(r",(\s*--[^\n]*)\n\s*schema INTEGER, emoji TEXT[^\n]*", r"\1", SCHEMA)
-    assert "emoji TEXT" not in old and "schema INTEGER" not in old
+    old = re.sub(r",(\s*--[^\n]*)\n\s*schema INTEGER, emoji TEXT[^\n]*(\n\s*edited_at TEXT[^\n]*)?",
+                 r"\1", SCHEMA)
+    old = re.sub(r",\s*name_at TEXT\) WITHOUT ROWID;[^\n]*", ") WITHOUT ROWID;", old)
+    for column in ("emoji TEXT", "schema INTEGER", "edited_at", "name_at"):
+        assert column not in old, column
     return old
 
 
@@ -112,5 +116,75 @@ async def test_a_batch_is_on_disk_when_write_returns(tmp_path):
     try:
         assert await sink.query("PRAGMA synchronous") == [(2,)]  # 2 = FULL
         assert await sink.query("PRAGMA journal_mode") == [("wal",)]
+    finally:
+        await sink.close()
+
+
+def plugin_message(n: int, seconds: int, conversation: str = "telegram:bot/1:user/9",
+                   name: str | None = None) -> Message:
+    """A message of a plugin channel whose conversation id holds '/' (its own scheme)."""
+    return Message(schema=1, id=f"tg-{n}", channel="telegram", direction="inbound",
+                   account_id="bot/1", conversation_id=conversation,
+                   sender=Party("user/9", name), recipient=Party("bot/1"),
+                   timestamp=T0 + timedelta(seconds=seconds), message_id=f"tg/{n}", type="text",
+                   text=f"message {n}")
+
+
+async def test_conversation_ids_are_slash_free_keys_and_erasure_finds_their_messages(tmp_path):
+    """CONTRACT §8 for a plugin's conversation ids: the row's id and every message's
+    ``conversation_id`` are ``doc_id`` of it (Firestore's document id), so erasure, which follows
+    the key, deletes the messages too."""
+    sink = StorageSink(StorageConfig(path=str(tmp_path / "storage.db")))
+    await sink.start()
+    try:
+        events = [plugin_message(1, 1), plugin_message(2, 2)]
+        await sink.write([Record(i, e, encode(e), 1.0) for i, e in enumerate(events, 1)])
+        assert await sink.query("SELECT id, message_count FROM conversations") == [
+            ("telegram:bot_1:user_9", 2)]
+        assert await sink.query("SELECT DISTINCT conversation_id FROM messages") == [
+            ("telegram:bot_1:user_9",)]
+        assert await sink.erase_contact("telegram", "user/9") == {
+            "contacts": 1, "conversations": 1, "messages": 2}
+        assert await sink.query("SELECT count(*) FROM messages") == [(0,)]
+    finally:
+        await sink.close()
+
+
+async def test_an_earlier_database_gains_name_at_edited_at_and_slash_free_conversations(tmp_path):
+    """Made before ``contacts.name_at``, ``messages.edited_at`` and slash-free conversation ids:
+    the columns are added, a slashed conversation is renamed (merged into the slash-free row an
+    upgraded writer already made) and its messages follow it."""
+    import sqlite3
+
+    path = tmp_path / "storage.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(schema_without_schema_and_emoji())
+        db.execute("INSERT INTO contacts(id, channel, contact_id, name, first_seen, last_seen)"
+                   " VALUES ('telegram:user_9', 'telegram', 'user/9', 'Old', 'a', 'b')")
+        db.executemany(
+            "INSERT INTO conversations(id, channel, account_id, contact_id, message_count,"
+            " last_message_at, last_text) VALUES (?, 'telegram', 'bot/1', 'user/9', ?, ?, ?)",
+            [("telegram:bot/1:user/9", 2, "2026-01-01T00:00:02.000000Z", "message 2"),
+             ("telegram:bot_1:user_9", 1, "2026-01-01T00:00:01.000000Z", "message 1")])
+        db.executemany("INSERT INTO messages(id, message_id, channel, conversation_id)"
+                       " VALUES (?, ?, 'telegram', ?)",
+                       [("tg_2", "tg/2", "telegram:bot/1:user/9"),
+                        ("tg_3", "tg/3", "telegram:bot/1:user/9"),
+                        ("tg_1", "tg/1", "telegram:bot_1:user_9")])
+    sink = StorageSink(StorageConfig(path=str(path)))
+    await sink.start()
+    try:
+        assert await sink.query("SELECT id, message_count, last_message_at, last_text"
+                                " FROM conversations") == [
+            ("telegram:bot_1:user_9", 3, "2026-01-01T00:00:02.000000Z", "message 2")]
+        assert await sink.query("SELECT DISTINCT conversation_id FROM messages") == [
+            ("telegram:bot_1:user_9",)]
+        late = plugin_message(0, -60, name="Older Name")  # older than the name it would replace
+        newer = plugin_message(4, 60, name="New Name")
+        for n, event in enumerate((newer, late), 1):
+            await sink.write([Record(n, event, encode(event), 1.0)])
+        assert await sink.query("SELECT name, name_at FROM contacts") == [
+            ("New Name", "2026-01-01T00:01:00.000000Z")]
+        assert await sink.query("SELECT edited_at FROM messages WHERE id = 'tg_4'") == [(None,)]
     finally:
         await sink.close()

@@ -26,15 +26,21 @@ skipped on its own; every valid item beside it still counts. Mapping choices
   (``""`` only on ``unreact``);
 - ``read`` / ``reaction`` / ``postback`` / ``referral`` / ``*_thread_control`` → those kinds
   (``handover`` for thread control); items on ``standby[]`` are marked ``standby``;
-- an item whose event key is none of those (``message_edit``, ``optin``, a key Meta adds later)
-  is a ``message`` of type ``unsupported`` with ``raw_type`` = that key, never dropped; when its
-  object names a ``mid`` (the message it is about: the edited one for ``message_edit``) that is
-  ``reply_to``, as for WhatsApp's ``edit`` (``message_id`` stays unset, so the referenced
-  message is never overwritten in storage).
+- ``message_edit`` (``{mid, text, num_edit}``) → an edit, shaped as WhatsApp's ``edit``: a
+  ``message`` of type ``text`` (``unsupported`` without a text), ``text`` = the edited text,
+  ``raw_type`` ``message_edit``, ``reply_to`` = the edited ``mid``, and ``message_id`` = that
+  ``mid`` too (an edit has no id of its own; the storage sinks rewrite that message's content in
+  place, ``sinks.storage.schema.edit_target``, and never count it again). One without a ``mid``
+  edits nothing known: ``unsupported`` with ``raw_type`` ``message_edit``;
+- an item whose event key is none of those (``optin``, a key Meta adds later) is a ``message``
+  of type ``unsupported`` with ``raw_type`` = that key, never dropped; when its object names a
+  ``mid`` (the message it is about) that is ``reply_to`` (``message_id`` stays unset, so the
+  referenced message is never overwritten in storage).
 
 Ids come only from Meta's fields (webhooks.md §3): a message's ``mid`` (+ the deleted flag), a
-reaction's (mid, sender, action, label, timestamp), a read's (sender, mid), an unknown item's
-(key, sender, timestamp, mid), and so on.
+reaction's (mid, sender, action, label, timestamp), a read's (sender, mid), an edit's (mid,
+num_edit; its timestamp when Meta gives no ``num_edit``), an unknown item's (key, sender,
+timestamp, mid), and so on.
 """
 
 from __future__ import annotations
@@ -206,6 +212,20 @@ def _attachment(attachments: Any) -> tuple[str | None, str, Media] | None:
     return raw, kind, media
 
 
+def _message_edit(edit: dict[str, Any], common: dict, sender: str, stamp: str,
+                  key: str) -> Event:
+    mid = as_str(edit.get("mid"))
+    if mid is None:
+        return Message(id=event_id(CHANNEL, "unsupported", key, sender, stamp, ""), **common,
+                       type="unsupported", raw_type=key)
+    number = edit.get("num_edit")
+    nth = str(number) if isinstance(number, int) and not isinstance(number, bool) else f"@{stamp}"
+    text = _str(edit.get("text"))
+    return Message(id=event_id(CHANNEL, "message_edit", mid, nth), **common, message_id=mid,
+                   type="text" if text is not None else "unsupported", text=text,
+                   raw_type="message_edit", reply_to=mid)
+
+
 def _postback(pb: dict[str, Any], common: dict, sender: str, stamp: str, key: str) -> Event:
     mid = as_str(pb.get("mid"))
     payload = as_str(pb.get("payload"))
@@ -245,6 +265,7 @@ def _handover(h: dict[str, Any], common: dict, sender: str, stamp: str, key: str
 
 BUILDERS = (
     ("message", _message), ("postback", _postback), ("reaction", _reaction), ("read", _read),
-    ("referral", _referral), *((key, _handover) for key in HANDOVER),
+    ("referral", _referral), ("message_edit", _message_edit),
+    *((key, _handover) for key in HANDOVER),
 )
 KNOWN = frozenset(key for key, _ in BUILDERS)

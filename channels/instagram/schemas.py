@@ -45,6 +45,7 @@ class Item(msgspec.Struct):
     pass_thread_control: Obj | None = None
     take_thread_control: Obj | None = None
     request_thread_control: Obj | None = None
+    message_edit: Obj | None = None
 
 
 entry_decoder = msgspec.json.Decoder(Entry)

@@ -4,8 +4,9 @@ For every inbound ``message`` event whose type is in ``reply_types`` the sink as
 for a reply and sends it with ``await app[gateway.keys.OUTBOUND].send({...})`` — the same path as
 ``POST /v1/messages``, so the outbox, the rate limiter and the 24-hour window apply.
 
-It never answers outbound echoes, ``standby`` events (another app owns the thread), statuses,
-reactions or anything else, and never twice to one event: answered event ids are kept in a
+It never answers outbound echoes, ``standby`` events (another app owns the thread), edits (the
+customer corrected a message it has answered: WhatsApp ``edit``, Instagram ``message_edit``),
+statuses, reactions or anything else, and never twice to one event: answered event ids are kept in a
 bounded memory set (the dispatcher hands a batch over again after a crash or a partial failure),
 and each send carries ``idempotency_key = "ai:<event id>"`` so the durable outbox drops a repeat
 across restarts too.
@@ -39,7 +40,7 @@ from gateway import logging as gwlog
 from gateway.aio import wait_event
 from gateway.config import SinkConfig
 from gateway.errors import ConfigError, PermanentError, RateLimited, RetryableError
-from gateway.events import MESSAGE_TYPES
+from gateway.events import EDITS, MESSAGE_TYPES
 from gateway.sink import Record, Sink
 from sinks.ai.rules import DEFAULT_FALLBACK, DEFAULT_GREETING, DEFAULT_RULES, Rule, RulesEngine
 
@@ -283,7 +284,8 @@ class AISink(Sink):
     def wants(self, event: Event) -> bool:
         """Whether ``event`` is a customer's message this sink answers."""
         return (event.kind == "message" and event.direction == "inbound" and not event.standby
-                and event.type in self.config.reply_types and bool((event.text or "").strip())
+                and event.raw_type not in EDITS and event.type in self.config.reply_types
+                and bool((event.text or "").strip())
                 and (not self.config.channels or event.channel in self.config.channels)
                 and not self.memory.answered(event.id))
 

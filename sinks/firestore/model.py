@@ -3,8 +3,12 @@
 The meaning is the SQLite ``storage`` sink's, rule for rule: a message is stored and counted once
 however often it is delivered (a document with an ``event_id`` is stored), a status never moves
 backwards (``STATUS_RANK``), ``first_seen`` is the earliest time ever seen and ``last_seen`` /
-``last_inbound_at`` the latest, an unsent message keeps its row but loses its content, reactions are
-a map by sender id, and every event touching a conversation makes sure its document exists.
+``last_inbound_at`` the latest, a contact's ``name`` is that of the latest named event
+(``name_at``), an unsent message keeps its row but loses its content (and its text leaves
+``last_text`` when it was the latest), an edit rewrites the original's content in place
+(``edit_target``), reactions are a map by sender id, and every event touching a conversation makes
+sure its document exists. A message document's ``conversation_id`` is its conversation's document
+id (``doc_id``), which the erasure's query relies on.
 
 A :class:`Plan` starts from documents as read and applies events in order; :meth:`Plan.changes`
 then says which documents to create and which top-level fields to update. Nothing changes for an
@@ -20,7 +24,7 @@ import msgspec
 
 from gateway.consent import Consent
 from gateway.events import Event
-from sinks.storage.schema import STATUS_RANK
+from sinks.storage.schema import STATUS_RANK, edit_target
 
 MESSAGES, CONVERSATIONS, CONTACTS = "messages", "conversations", "contacts"
 # Canonical fields of CONTRACT §5 written on every message document (null when absent).
@@ -54,8 +58,9 @@ def doc_id(value: str) -> str:
     return value.replace("/", "_")
 
 
-def message_key(ev: Event, mid: str | None = None) -> Key:
-    return Key(MESSAGES, doc_id(mid or ev.message_id or ev.id))
+def message_key(ev: Event) -> Key:
+    """The document of the message ``ev`` is about: an edit's is the edited message's."""
+    return Key(MESSAGES, doc_id(edit_target(ev) or ev.message_id or ev.id))
 
 
 def conversation_key(ev: Event) -> Key:
@@ -80,15 +85,18 @@ def keys_of(ev: Event) -> list[Key]:
 def keys_to_read(ev: Event) -> list[Key]:
     """What must be read before applying ``ev``. A new message's own document is assumed
     absent and created with a precondition: if it exists after all (a redelivery), the commit
-    fails and the sink re-reads everything (``keys_of``) — one read fewer per fresh message."""
+    fails and the sink re-reads everything (``keys_of``) — one read fewer per fresh message.
+    An unsend or an edit is about a message usually stored: its document is read."""
     keys = keys_of(ev)
-    return keys if ev.kind not in ("message", "postback") else [
-        k for k in keys if k.collection != MESSAGES]
+    if ev.kind not in ("message", "postback") or ev.type == "deleted" or edit_target(ev):
+        return keys
+    return [k for k in keys if k.collection != MESSAGES]
 
 
 # A message document's own fields (CONTRACT §8), null until a status or reaction sets them, as
 # the storage sink's columns are: ``where("status", "==", None)`` finds what ``IS NULL`` finds.
-UNSET: dict[str, Any] = {"status": None, "status_updated_at": None, "reactions": None}
+UNSET: dict[str, Any] = {"status": None, "status_updated_at": None, "reactions": None,
+                         "edited_at": None}
 
 
 def message_document(ev: Event) -> dict[str, Any]:
@@ -97,7 +105,8 @@ def message_document(ev: Event) -> dict[str, Any]:
     for name in ("sender", "recipient", "media", "location", "error"):
         if doc[name] is not None:
             doc[name] = msgspec.to_builtins(doc[name])
-    doc.update(kind=ev.kind, event_id=ev.id, message_id=ev.message_id or ev.id)
+    doc.update(kind=ev.kind, event_id=ev.id, message_id=ev.message_id or ev.id,
+               conversation_id=doc_id(ev.conversation_id))
     for name in EXTRA:
         value = getattr(ev, name)
         if value not in (None, False):
@@ -159,13 +168,29 @@ class Plan:
         return out
 
     def _message(self, ev: Event) -> None:
+        target = edit_target(ev)
+        if target is not None:
+            self._edit(ev, target)
+            return
         key = message_key(ev)
         current = self.doc(key)
         if current is not None and current.get("event_id"):
-            if ev.type == "deleted" and current.get("type") != "deleted":
-                _blank(current)
+            if ev.type == "deleted":
+                if current.get("type") != "deleted":
+                    _blank(current)
+                    self._last_text(ev, current.get("timestamp"), None)
+            elif current["event_id"] != ev.id:  # the message itself, after its unsend or edit
+                self._contact(ev)  # still the customer's word: times, name, consent
             return  # stored already: a redelivery, or a second event for the same message
-        self.docs[key] = {**UNSET, **(current or {}), **message_document(ev)}
+        self._new(ev, key, current)
+
+    def _new(self, ev: Event, key: Key, current: dict[str, Any] | None,
+             edited_at: datetime | None = None) -> None:
+        doc = self.docs[key] = {**UNSET, **(current or {}), **message_document(ev)}
+        if doc["error"] is None and current:  # a failed status's error, on its stub, stays
+            doc["error"] = current.get("error")
+        if edited_at is not None:
+            doc["edited_at"] = edited_at
         conv = self._conversation(ev)
         conv["message_count"] = (conv.get("message_count") or 0) + 1
         last = conv.get("last_message_at")
@@ -175,6 +200,30 @@ class Plan:
             conv["last_inbound_at"] = _later(conv.get("last_inbound_at"), ev.timestamp)
         self._contact(ev)
 
+    def _edit(self, ev: Event, target: str) -> None:
+        """An edit replaces the original's content (in place, uncounted); one that comes first
+        stands in for the original, under its id; an older edit than the last applied, or one of
+        an unsent message, changes nothing but the contact's times."""
+        key = message_key(ev)
+        current = self.doc(key)
+        if current is None or not current.get("event_id"):
+            original = msgspec.structs.replace(ev, message_id=target, reply_to=None, raw_type=None)
+            self._new(original, key, current, edited_at=ev.timestamp)
+            return
+        edited = current.get("edited_at")
+        if current.get("type") != "deleted" and (edited is None or ev.timestamp >= edited):
+            media = None if ev.media is None else msgspec.to_builtins(ev.media)
+            current.update(type=ev.type, text=ev.text, payload=ev.payload, media=media,
+                           edited_at=ev.timestamp)
+            self._last_text(ev, current.get("timestamp"), ev.text)
+        self._contact(ev)
+
+    def _last_text(self, ev: Event, at: datetime | None, text: str | None) -> None:
+        """``text`` becomes ``last_text`` if the message of timestamp ``at`` is the latest."""
+        conv = self.doc(conversation_key(ev))
+        if conv is not None and at is not None and conv.get("last_message_at") == at:
+            conv["last_text"] = text
+
     def _stub(self, ev: Event, direction: str) -> dict[str, Any]:
         """The document of a message not seen yet (statuses and reactions can come first)."""
         key = message_key(ev)
@@ -183,7 +232,7 @@ class Plan:
             doc = self.docs[key] = {
                 **UNSET, "message_id": ev.message_id, "channel": ev.channel,
                 "direction": direction, "account_id": ev.account_id,
-                "conversation_id": ev.conversation_id}
+                "conversation_id": doc_id(ev.conversation_id)}
         return doc
 
     def _status(self, ev: Event, status: str | None) -> None:
@@ -229,11 +278,13 @@ class Plan:
         if doc is None:
             doc = self.docs[key] = {
                 "channel": ev.channel, "contact_id": ev.customer_id, "name": None,
-                "account_id": ev.account_id, "first_seen": ev.timestamp,
+                "name_at": None, "account_id": ev.account_id, "first_seen": ev.timestamp,
                 "last_seen": ev.timestamp, "last_inbound_at": None, "opted_out": False,
                 "opted_out_at": None}
         if inbound and ev.sender.name:
-            doc["name"] = ev.sender.name
+            named = doc.get("name_at")
+            if named is None or ev.timestamp >= named:  # the name of the latest event
+                doc["name"], doc["name_at"] = ev.sender.name, ev.timestamp
         if doc.get("account_id") is None:
             doc["account_id"] = ev.account_id
         first = doc.get("first_seen")

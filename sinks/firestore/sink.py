@@ -3,8 +3,9 @@
 How a batch from the dispatcher is written:
 
 1. One read: ``get_all`` (chunks of 500, concurrently) of the conversations and contacts the
-   batch touches and of the messages its statuses, reads and reactions refer to. A new message's
-   own document is not read: it is created with an ``exists = false`` precondition.
+   batch touches and of the messages its statuses, reads, reactions, unsends and edits refer to.
+   A new message's own document is not read: it is created with an ``exists = false``
+   precondition.
 2. Events are grouped into conversation lanes (in order). A lane longer than one commit is cut
    into consecutive chunks; chunk *n* of every lane forms round *n*, and rounds run one after the
    other, so a conversation's events are written in order.

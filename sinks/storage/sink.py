@@ -1,6 +1,8 @@
 """Applies canonical events to the contacts / conversations / messages tables, one batch per
 transaction, idempotently: a message is counted once however often it is delivered, a status never
-moves backwards, ``first_seen`` is the earliest time ever seen.
+moves backwards, ``first_seen`` is the earliest time ever seen, a contact's ``name`` is that of
+their latest named event. An unsent message keeps its row without content; an edit rewrites the
+original's row (``edit_target``). Ids never hold ``/`` (``doc_id``), conversation ids included.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from gateway.consent import Consent
 from gateway.events import Event
 from gateway.journal.writer import rows_in
 from gateway.sink import Record, SqliteSink
-from sinks.storage.schema import SCHEMA, STATUS_RANK, migrate
+from sinks.storage.schema import CONVERSATION_MERGE, SCHEMA, STATUS_RANK, edit_target, migrate
 
 _EXTRA = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
           "contacts", "handover")
@@ -94,26 +96,27 @@ def apply_all(c: sqlite3.Connection, events: list[Event], consent: Consent | Non
 _MESSAGE_COLUMNS = (
     "message_id", "event_id", "kind", "channel", "direction", "account_id", "conversation_id",
     "sender_id", "sender_name", "recipient_id", "timestamp", "type", "text", "payload", "reply_to",
-    "media", "location", "error", "extra", "schema", "emoji")
-_INSERT_MESSAGE = (
+    "media", "location", "error", "extra", "schema", "emoji", "edited_at")
+_AT = {name: 1 + i for i, name in enumerate(_MESSAGE_COLUMNS)}  # a column's place in a row
+_INSERT_MESSAGE = (  # over a stub (a status or reaction came first), which may hold an error
     f"INSERT INTO messages(id, {', '.join(_MESSAGE_COLUMNS)}) "
     f"VALUES (?, {', '.join('?' * len(_MESSAGE_COLUMNS))}) ON CONFLICT(id) DO UPDATE SET "
-    + ", ".join(f"{k} = excluded.{k}" for k in _MESSAGE_COLUMNS))
+    + ", ".join("error = coalesce(excluded.error, error)" if k == "error" else f"{k} = excluded.{k}"
+                for k in _MESSAGE_COLUMNS))
 _UPSERT_CONVERSATION = (
     "INSERT INTO conversations(id, channel, account_id, contact_id, message_count,"
     " last_message_at, last_inbound_at, last_text) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT(id) DO UPDATE SET message_count = message_count + excluded.message_count,"
-    " last_text = CASE WHEN excluded.last_message_at >= coalesce(last_message_at, '')"
-    "   THEN excluded.last_text ELSE last_text END,"
-    " last_message_at = max(coalesce(last_message_at, ''), excluded.last_message_at),"
-    " last_inbound_at = CASE WHEN excluded.last_inbound_at IS NULL THEN last_inbound_at"
-    "   ELSE max(coalesce(last_inbound_at, ''), excluded.last_inbound_at) END")
+    f"ON CONFLICT(id) DO UPDATE SET {CONVERSATION_MERGE}")
 _NEWER_CONSENT = ("excluded.opted_out_at IS NOT NULL"
                   " AND excluded.opted_out_at >= coalesce(opted_out_at, '')")
+_NEWER_NAME = "excluded.name_at >= coalesce(name_at, '')"  # NULL (no name): not newer
 _UPSERT_CONTACT = (
     "INSERT INTO contacts(id, channel, contact_id, name, account_id, first_seen, last_seen,"
-    " last_inbound_at, opted_out, opted_out_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, 0), ?) "
-    "ON CONFLICT(id) DO UPDATE SET name = coalesce(excluded.name, name),"
+    " last_inbound_at, opted_out, opted_out_at, name_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, 0), ?, ?) "
+    "ON CONFLICT(id) DO UPDATE SET"
+    f" name = CASE WHEN {_NEWER_NAME} THEN excluded.name ELSE name END,"
+    f" name_at = CASE WHEN {_NEWER_NAME} THEN excluded.name_at ELSE name_at END,"
     " account_id = coalesce(account_id, excluded.account_id),"
     " first_seen = min(first_seen, excluded.first_seen),"
     " last_seen = max(last_seen, excluded.last_seen),"
@@ -122,59 +125,114 @@ _UPSERT_CONTACT = (
     f" opted_out = CASE WHEN {_NEWER_CONSENT} THEN excluded.opted_out ELSE opted_out END,"
     f" opted_out_at = CASE WHEN {_NEWER_CONSENT} THEN excluded.opted_out_at"
     "   ELSE opted_out_at END")
+_EDIT_MESSAGE = ("UPDATE messages SET type = ?, text = ?, payload = ?, media = ?, edited_at = ?"
+                 " WHERE id = ?")
+_SET_LAST_TEXT = "UPDATE conversations SET last_text = ? WHERE id = ? AND last_message_at = ?"
 
 
 def _later(a: str | None, b: str | None) -> str | None:
     return b if a is None or (b is not None and b > a) else a
 
 
+# What the batch knows of a message row, a plain tuple (the hot path builds one per message):
+# (event_id: None for a stub, type, timestamp, edited_at).
+_EVENT_ID, _TYPE, _TIMESTAMP, _EDITED_AT = range(4)
+
+
 class _Batch:
     """Collects a batch's message rows, conversation counts and contact times, then writes each
-    with one executemany. Rows already stored (a redelivery) are skipped, so counts never grow."""
+    with one executemany. Rows already stored (a redelivery) are skipped, so counts never grow.
+    The rarer changes to stored rows (an unsend, an edit) are written at once, in event order."""
 
     def __init__(self, c: sqlite3.Connection, events: list[Event],
                  consent: Consent | None = None) -> None:
         self.c = c
         self.consent = consent
-        keys = list({doc_id(e.message_id or e.id) for e in events
-                     if e.kind in ("message", "postback")})
-        self.state: dict[str, tuple[str | None, str | None]] = {  # doc id -> (event_id, type)
-            key: (eid, kind) for key, eid, kind in rows_in(
-                c, "SELECT id, event_id, type FROM messages WHERE id IN ({marks})", keys)}
+        keys = list({doc_id(e.raw_type is not None and edit_target(e) or e.message_id or e.id)
+                     for e in events if e.kind in ("message", "postback")})
+        self.state: dict[str, tuple[str | None, ...]] = {
+            key: tuple(known) for key, *known in rows_in(
+                c, "SELECT id, event_id, type, timestamp, edited_at FROM messages"
+                   " WHERE id IN ({marks})", keys)}
         self.rows: dict[str, list[Any]] = {}
         self.conversations: dict[str, list[Any]] = {}
         self.contacts: dict[str, list[Any]] = {}
 
     def message(self, ev: Event) -> None:
+        if ev.raw_type is not None:  # most messages have none: no call
+            target = edit_target(ev)
+            if target is not None:
+                self._edit(ev, target)
+                return
         mid = ev.message_id or ev.id
         key = doc_id(mid)
         known = self.state.get(key)
-        if known is not None and known[0] is not None:
-            if ev.type == "deleted" and known[1] != "deleted":
-                self._delete(key)
+        if known is not None and known[_EVENT_ID] is not None:
+            if ev.type == "deleted":
+                if known[_TYPE] != "deleted":
+                    self._delete(key, ev)
+            elif known[_EVENT_ID] != ev.id:  # the message itself, after its unsend or edit
+                self.contact(ev)  # still the customer's word: times, name, consent
             return  # already stored: a redelivery or a second event for the same message
-        self.state[key] = (ev.id, ev.type)
-        ts = iso(ev)
-        self.rows[key] = _message_row(ev, key, mid, ts)
-        self._count(ev, ts)
+        self._new(ev, key, mid, iso(ev))
+
+    def _new(self, ev: Event, key: str, mid: str, ts: str, edited_at: str | None = None) -> None:
+        conv = doc_id(ev.conversation_id)
+        self.state[key] = (ev.id, ev.type, ts, edited_at)
+        self.rows[key] = _message_row(ev, key, mid, conv, ts, edited_at)
+        self._count(ev, conv, ts)
         self.contact(ev, ts)
 
-    def _delete(self, key: str) -> None:
-        self.state[key] = (self.state[key][0], "deleted")
+    def _delete(self, key: str, ev: Event) -> None:
+        event_id, _, at, edited_at = self.state[key]
+        self.state[key] = (event_id, "deleted", at, edited_at)
         row = self.rows.get(key)
         if row is None:
             _mark_deleted(self.c, key)
-            return
-        for column in ("type", "text", "payload", "media", "location", "extra"):
-            row[1 + _MESSAGE_COLUMNS.index(column)] = "deleted" if column == "type" else None
+        else:
+            for column in ("text", "payload", "media", "location", "extra"):
+                row[_AT[column]] = None
+            row[_AT["type"]] = "deleted"
+        self._last_text(ev, at, None, stored=row is None)
 
-    def _count(self, ev: Event, ts: str) -> None:
+    def _edit(self, ev: Event, target: str) -> None:
+        """An edit replaces the original's content (in place, uncounted); one that comes first
+        stands in for the original, under its id; an older edit than the last applied, or one of
+        an unsent message, changes nothing but the contact's times."""
+        key, ts = doc_id(target), iso(ev)
+        known = self.state.get(key)
+        if known is None or known[_EVENT_ID] is None:
+            self._new(msgspec.structs.replace(ev, message_id=target, reply_to=None,
+                                              raw_type=None), key, target, ts, edited_at=ts)
+            return
+        if known[_TYPE] != "deleted" and (known[_EDITED_AT] is None or ts >= known[_EDITED_AT]):
+            self.state[key] = (known[_EVENT_ID], ev.type, known[_TIMESTAMP], ts)
+            media, row = _json(ev.media), self.rows.get(key)
+            if row is None:
+                self.c.execute(_EDIT_MESSAGE, (ev.type, ev.text, ev.payload, media, ts, key))
+            else:
+                for column, value in (("type", ev.type), ("text", ev.text),
+                                      ("payload", ev.payload), ("media", media), ("edited_at", ts)):
+                    row[_AT[column]] = value
+            self._last_text(ev, known[_TIMESTAMP], ev.text, stored=row is None)
+        self.contact(ev, ts)
+
+    def _last_text(self, ev: Event, at: str | None, text: str | None, stored: bool) -> None:
+        """``text`` becomes the conversation's ``last_text`` if the message of timestamp ``at``
+        is its latest (``at`` equals ``last_message_at``), in the batch and on disk."""
+        conv_id = doc_id(ev.conversation_id)
+        conv = self.conversations.get(conv_id)
+        if conv is not None and conv[5] == at:
+            conv[7] = text
+        if stored and at is not None:
+            self.c.execute(_SET_LAST_TEXT, (text, conv_id, at))
+
+    def _count(self, ev: Event, conv_id: str, ts: str) -> None:
         inbound = ts if ev.direction == "inbound" else None
-        conv = self.conversations.get(ev.conversation_id)
+        conv = self.conversations.get(conv_id)
         if conv is None:
-            self.conversations[ev.conversation_id] = [
-                ev.conversation_id, ev.channel, ev.account_id, ev.customer_id, 1, ts, inbound,
-                ev.text]
+            self.conversations[conv_id] = [
+                conv_id, ev.channel, ev.account_id, ev.customer_id, 1, ts, inbound, ev.text]
             return
         conv[4] += 1
         if ts >= conv[5]:
@@ -185,15 +243,17 @@ class _Batch:
         ts = ts or iso(ev)
         inbound = ts if ev.direction == "inbound" else None
         name = ev.sender.name if ev.direction == "inbound" else None
+        name_at = ts if name else None
         key = doc_id(f"{ev.channel}:{ev.customer_id}")
         opted_out = self.consent.of(ev) if self.consent is not None else None
         consent_at = ts if opted_out is not None else None
         row = self.contacts.get(key)
         if row is None:
             self.contacts[key] = [key, ev.channel, ev.customer_id, name, ev.account_id, ts, ts,
-                                  inbound, opted_out, consent_at]
+                                  inbound, opted_out, consent_at, name_at]
             return
-        row[3] = name or row[3]
+        if name_at is not None and (row[10] is None or name_at >= row[10]):
+            row[3], row[10] = name, name_at  # the name of the latest event by timestamp
         row[5], row[6] = min(row[5], ts), max(row[6], ts)
         row[7] = _later(row[7], inbound)
         if consent_at is not None and (row[9] is None or consent_at >= row[9]):
@@ -208,17 +268,18 @@ class _Batch:
             self.c.executemany(_UPSERT_CONTACT, list(self.contacts.values()))
 
 
-def _message_row(ev: Event, key: str, mid: str, ts: str) -> list[Any]:
+def _message_row(ev: Event, key: str, mid: str, conv: str, ts: str,
+                 edited_at: str | None = None) -> list[Any]:
     """The ``messages`` row: ``key`` then the values of ``_MESSAGE_COLUMNS`` in order."""
     extra = None
     values = _extra_values(ev)
     if values != _NO_EXTRA:
         extra = {name: value for name, value in zip(_EXTRA, values, strict=True)
                  if value is not None and value is not False} or None
-    return [key, mid, ev.id, ev.kind, ev.channel, ev.direction, ev.account_id, ev.conversation_id,
+    return [key, mid, ev.id, ev.kind, ev.channel, ev.direction, ev.account_id, conv,
             ev.sender.id, ev.sender.name, ev.recipient.id, ts, ev.type, ev.text, ev.payload,
             ev.reply_to, _json(ev.media), _json(ev.location), _json(ev.error), _json(extra),
-            ev.schema, ev.emoji]
+            ev.schema, ev.emoji, edited_at]
 
 
 def _mark_deleted(c: sqlite3.Connection, key: str) -> None:
@@ -229,7 +290,7 @@ def _mark_deleted(c: sqlite3.Connection, key: str) -> None:
 def _ensure_conversation(c: sqlite3.Connection, ev: Event) -> None:
     c.execute("INSERT OR IGNORE INTO conversations(id, channel, account_id, contact_id) "
               "VALUES (?, ?, ?, ?)",
-              (ev.conversation_id, ev.channel, ev.account_id, ev.customer_id))
+              (doc_id(ev.conversation_id), ev.channel, ev.account_id, ev.customer_id))
 
 
 def _touch_contact(batch: _Batch, ev: Event) -> None:
@@ -245,7 +306,7 @@ def _stub(c: sqlite3.Connection, ev: Event, mid: str, direction: str) -> str:
     key = doc_id(mid)
     c.execute("INSERT OR IGNORE INTO messages(id, message_id, channel, direction, account_id,"
               " conversation_id) VALUES (?, ?, ?, ?, ?, ?)",
-              (key, mid, ev.channel, direction, ev.account_id, ev.conversation_id))
+              (key, mid, ev.channel, direction, ev.account_id, doc_id(ev.conversation_id)))
     return key
 
 

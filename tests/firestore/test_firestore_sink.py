@@ -25,7 +25,7 @@ from sinks.firestore.model import EXTRA, doc_id
 from sinks.firestore.sink import MAX_OPS, FirestoreConfig, FirestoreSink, _rounds, classify
 from sinks.storage.schema import STATUS_RANK
 from tests.conftest import SINKS_TOML, fixture_bytes
-from tests.expect import expected_files, pair_up
+from tests.expect import as_stored, expected_files, pair_up
 from tests.firestore.conftest import firestore_toml, storage_gateway
 
 FILES = expected_files()
@@ -33,14 +33,14 @@ ROOT = Path(__file__).resolve().parents[2]
 MESSAGE_COLUMNS = ("message_id", "event_id", "kind", "channel", "direction", "account_id",
                    "conversation_id", "sender_id", "sender_name", "recipient_id", "timestamp",
                    "type", "text", "payload", "reply_to", "media", "location", "error", "extra",
-                   "status", "status_updated_at", "reactions")
+                   "status", "status_updated_at", "reactions", "edited_at")
 CONVERSATION_COLUMNS = ("channel", "account_id", "contact_id", "message_count",
                         "last_message_at", "last_inbound_at", "last_text")
-CONTACT_COLUMNS = ("channel", "contact_id", "name", "account_id", "first_seen", "last_seen",
-                   "last_inbound_at", "opted_out")
+CONTACT_COLUMNS = ("channel", "contact_id", "name", "name_at", "account_id", "first_seen",
+                   "last_seen", "last_inbound_at", "opted_out", "opted_out_at")
 JSON_COLUMNS = {"media", "location", "error", "extra", "reactions"}
 TIME_COLUMNS = {"timestamp", "status_updated_at", "last_message_at", "last_inbound_at",
-                "first_seen", "last_seen"}
+                "first_seen", "last_seen", "edited_at", "name_at", "opted_out_at"}
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -119,10 +119,11 @@ def event_view(doc: dict) -> dict:
     return {**doc, "id": doc["event_id"], "message_id": mid, "timestamp": stamp(doc["timestamp"])}
 
 
-def assert_expected(docs: dict, wanted: list[dict]) -> None:
-    """The fixture's expected events, checked against the documents they produce."""
+def assert_expected(docs: dict, wanted: list[dict], events: list[dict]) -> None:
+    """The fixture's expected events, checked against the documents they produce (``events``:
+    the fixture's own, which say which are edits, stored in their original's document)."""
     stored = [event_view(d) for d in docs["messages"].values() if d.get("event_id")]
-    pair_up(stored, [w for w in wanted if w["kind"] in ("message", "postback")])
+    pair_up(stored, as_stored(wanted, events))
     statuses: dict[str, str] = {}
     for want in wanted:
         channel, account, customer = want["conversation"]
@@ -189,7 +190,7 @@ async def test_fixture_documents_field_by_field(gateway, firestore_table, name):
     assert (await gw.post(channel, fixture_bytes(name)))[0] == 200
     await gw.settle()
     docs = await assert_same_as_storage(gw, sink)
-    assert_expected(docs, FILES[name]["events"])
+    assert_expected(docs, FILES[name]["events"], gw.jsonl())
     assert await gw.app[keys.JOURNAL].dead_letters("firestore") == []
 
 
@@ -510,6 +511,85 @@ async def test_first_seen_is_the_earliest_timestamp_in_both_sinks(gateway, reque
         if sink.name in ("storage", "firestore"):
             await sink.write(jsonl_records(gw)[::-1])  # every event again, in any order
     assert await seen() == {(at(-3600), at(600))}
+
+
+# --- unsends, edits, stubs, names, consent: the same as storage -------------------------------
+
+class StorageRows:
+    """A storage sink seen as ``assert_same_as_storage`` reads a gateway's (``sql``)."""
+
+    def __init__(self, sink) -> None:
+        self.sql = sink.query
+
+
+async def test_unsends_edits_stub_errors_names_and_consent_match_storage(
+        firestore_emulator, firestore_project, tmp_path):
+    """The real sink on the emulator (its reads, preconditions and commits) and the storage sink,
+    fed the same batches: every document equals its row, and the rules of
+    ``tests/test_sink_parity.py`` hold — an unsent latest message leaves ``last_text``, an edit
+    rewrites its original (read first, or standing in for it), a failed status's error survives
+    its message, a late older name is not taken, an opt-out counts after its unsend, and a
+    plugin's conversation with '/' is erased with its messages. A redelivery writes nothing."""
+    from gateway.consent import Consent
+    from gateway.events import ErrorInfo
+    from sinks.storage.sink import StorageConfig, StorageSink
+    from tests.test_sink_parity import CONTACT, CONV, CUSTOMER, at, edit, failed, msg, revoke
+
+    consent = Consent(["STOP"], ["START"])
+    fs = FirestoreSink(FirestoreConfig(project_id=firestore_project,
+                                       emulator_host=firestore_emulator), consent)
+    storage = StorageSink(StorageConfig(path=str(tmp_path / "storage.db")), consent)
+    await fs.start()
+    await storage.start()
+    plugin = msg("tg1", "tg/1", 1, "hello", channel="telegram", conv="telegram:bot/1:user/9")
+    batches = [
+        [msg("e1", "m1", 10, "first", name="Alex"), msg("e2", "m2", 20, "second", name="Alex New"),
+         failed("wamid.O1", 30), plugin],
+        [edit("ed2", "wamid.E2", "m2", 50, "second (edited)"),
+         msg("eo1", "wamid.O1", 5, "ours", direction="outbound"),
+         edit("ed9", "wamid.E9", "m9", 60, "ninth (edited)"), msg("e0", "m0", 1, name="Ancient")],
+        [revoke("rv9", "m9", 70), msg("e9", "m9", 40, "ninth")],
+        [revoke("rv7", "m7", 80)],
+        [msg("e7", "m7", 35, "STOP")],
+    ]
+    try:
+        for n, batch in enumerate(batches):
+            await fs.write(records(batch))
+            await storage.write(records(batch))
+            if n == 2:  # m9 (its edit's time, read back from Firestore) was the latest
+                conv = (await documents(fs, "conversations"))[CONV]
+                assert (conv["last_message_at"], conv["last_text"]) == (at(60), None)
+        docs = await assert_same_as_storage(StorageRows(storage), fs)
+        assert docs["conversations"][CONV]["message_count"] == 6  # m1 m2 O1 m9 m0 m7
+        assert docs["conversations"][CONV]["last_text"] is None  # m7, unsent, is the latest
+        messages = docs["messages"]
+        assert (messages["m2"]["text"], messages["m2"]["edited_at"]) == ("second (edited)", at(50))
+        assert messages["m9"]["type"] == "deleted" and messages["m9"]["text"] is None
+        assert not {"wamid.E2", "wamid.E9"} & set(messages)  # edits have no document
+        assert messages["wamid.O1"]["error"] == msgspec_builtins(
+            ErrorInfo(code=131026, title="Message undeliverable"))
+        contact = docs["contacts"][CONTACT]
+        assert (contact["name"], contact["opted_out"]) == ("Alex New", True)
+        assert docs["messages"]["tg_1"]["conversation_id"] == "telegram:bot_1:user_9"
+        commits = fs.commits
+        for batch in batches:  # redelivered: nothing changes, nothing is written
+            await fs.write(records(batch))
+            await storage.write(records(batch))
+        assert fs.commits == commits
+        assert await assert_same_as_storage(StorageRows(storage), fs) == docs
+        erased = {"contacts": 1, "conversations": 1, "messages": 1}
+        assert await fs.erase_contact("telegram", CUSTOMER) == erased
+        assert await storage.erase_contact("telegram", CUSTOMER) == erased
+        await assert_same_as_storage(StorageRows(storage), fs)
+    finally:
+        await fs.close()
+        await storage.close()
+
+
+def msgspec_builtins(value):
+    import msgspec
+
+    return msgspec.to_builtins(value)
 
 
 # --- errors ----------------------------------------------------------------------------------

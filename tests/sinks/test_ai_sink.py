@@ -105,6 +105,9 @@ async def test_no_reply_to_echo_standby_status_reaction_media_or_empty_text():
         message(cls=Status, type=None, text=None),           # a delivery status
         message(type="image", text="a caption"),             # not in reply_types
         message(text="   "),
+        msgspec.structs.replace(message(), raw_type="edit", reply_to="wamid.1"),  # a correction
+        msgspec.structs.replace(message(channel="instagram", customer="9000000000000001"),
+                                raw_type="message_edit", reply_to="aWdfTEST_IN_1"),
     ]
     await sink.write(records(*skipped))
     assert out.sent == []
