@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import gc
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import pluggy
 from aiohttp import web
@@ -18,12 +20,15 @@ from gateway import logging as gwlog
 from gateway.budget import ByteBudget
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, PluginError
 from gateway.journal import open_journal
 from gateway.metrics import Metrics
 from gateway.outbound import OutboundService, OutboxSink
 from gateway.outbound import api as outbound_api
 from gateway.processor import Processor
+
+if TYPE_CHECKING:
+    from gateway.channel import Channel
 
 log = gwlog.get("gateway.app")
 # Re-exported so plugin handlers can write ``request.app[gateway.app.CHANNELS]``.
@@ -41,11 +46,12 @@ def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
     Raises:
         ConfigError: a plugin table is invalid, or an enabled channel has no app secret while
             ``server.insecure_skip_signature`` is off.
-        PluginError: a plugin failed to load.
+        PluginError: a plugin failed to load, or one of its hooks raised or returned something
+            the core cannot use (a component without a name, a reserved sink name or path, ...).
     """
     pm = pm or plugins.manager()
-    channels = plugins.channels(pm, config)
-    sinks = plugins.sinks(pm, config)
+    provided = plugins.components(pm, config)
+    channels, sinks = provided.channels, provided.sinks
     require_secrets(config, channels)
     require_distinct_files(config, sinks)
     app = web.Application(client_max_size=config.server.max_body_bytes,
@@ -54,6 +60,7 @@ def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
     app[keys.PLUGINS] = pm
     app[keys.CHANNELS] = channels
     app[keys.SINKS] = sinks
+    app[keys.OWNERS] = provided.owners
     app[keys.METRICS] = metrics or Metrics()
     app[keys.READY] = {"ready": False}
     app[keys.BUDGET] = ByteBudget(config.server.max_buffered_bytes)
@@ -69,8 +76,7 @@ def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
     app.router.add_routes(outbound_api.routes())
     if config.server.metrics_port == config.server.port:
         app.router.add_get("/metrics", metrics_handler)
-    for routes in pm.hook.register_routes(config=config):
-        app.router.add_routes(routes or [])
+    plugins.add_routes(app.router, pm, config)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_not_ready)
     return app
@@ -124,20 +130,37 @@ def require_distinct_files(config: GatewayConfig, sinks: dict) -> None:
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    config = app[keys.CONFIG]
-    metrics = app[keys.METRICS]
+    # Whatever has started is stopped again in reverse order: after the drain at shutdown, and
+    # also when a later step fails to start (a sink that cannot reach its backend, a plugin's
+    # gateway_started raising), so that a failed start leaves no database or thread open.
+    async with contextlib.AsyncExitStack() as stack:
+        tasks, processor, dispatcher = await _start(app, stack)
+        yield
+        await _drain(app, tasks, processor, dispatcher, app[keys.CONFIG].server.shutdown_timeout)
+    log.info("gateway_stopped")
+
+
+async def _start(app: web.Application, stack: contextlib.AsyncExitStack
+                 ) -> tuple[list[asyncio.Task], Processor, Dispatcher]:
+    config, metrics, owners = app[keys.CONFIG], app[keys.METRICS], app[keys.OWNERS]
     journal = open_journal(config)
     await journal.open()
+    stack.push_async_callback(journal.close)
     app[keys.JOURNAL] = journal
-    for channel in app[keys.CHANNELS].values():
-        await channel.start()
+    for name, channel in app[keys.CHANNELS].items():
+        await _start_channel(name, channel, owners.get(("channel", name), ""))
+        stack.push_async_callback(_close_channel, name, channel)
     outbound = app.get(keys.OUTBOUND)
     if outbound is not None:
         await outbound.start()
-    dispatcher = Dispatcher(journal, app[keys.SINKS], metrics)
+        stack.push_async_callback(outbound.stop)
+    dispatcher = Dispatcher(journal, app[keys.SINKS], metrics,
+                            {name: owner for (what, name), owner in owners.items()
+                             if what == "sink"})
     if outbound is not None:
         dispatcher.observers.append(outbound.observe)
-    await dispatcher.start()
+    await dispatcher.start()  # a sink that fails to start: the ones started before are closed
+    stack.push_async_callback(dispatcher.stop, 0)  # after the drain's stop: does nothing
     processor = Processor(journal, app[keys.CHANNELS], dispatcher, metrics)
     if outbound is not None:  # read-your-writes: sends are checked against acknowledged webhooks
         outbound.inbound_caught_up = processor.caught_up
@@ -145,18 +168,39 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[keys.PROCESSOR] = processor
     tasks = [asyncio.create_task(processor.run(), name="processor"),
              asyncio.create_task(_housekeeping(app), name="housekeeping")]
+    stack.push_async_callback(_cancel, processor, tasks)
     app[keys.READY]["ready"] = True
-    app[keys.PLUGINS].hook.gateway_started(app=app, config=config)
+    stack.callback(app[keys.READY].__setitem__, "ready", False)
+    plugins.notify(app[keys.PLUGINS], "gateway_started", app=app, config=config)
     log.info("gateway_started", channels=sorted(app[keys.CHANNELS]), sinks=sorted(app[keys.SINKS]),
              journal=config.queue.backend, pending=journal.pending)
-    yield
-    await _drain(app, tasks, processor, dispatcher, config.server.shutdown_timeout)
-    if outbound is not None:
-        await outbound.stop()
-    for channel in app[keys.CHANNELS].values():
+    return tasks, processor, dispatcher
+
+
+async def _start_channel(name: str, channel: Channel, plugin: str) -> None:
+    """As :meth:`Dispatcher.start` starts sinks: a failure is a PluginError naming both."""
+    try:
+        await channel.start()
+    except Exception as exc:
+        if isinstance(exc, ConfigError | PluginError) or (
+                isinstance(exc, OSError) and exc.filename) or isinstance(exc, sqlite3.Error):
+            raise  # as it is: the key, the plugin, or the file (a database) and its config key
+        raise PluginError(f"channel {name!r} failed to start: {exc!r}", plugin=plugin) from exc
+
+
+async def _close_channel(name: str, channel: Channel) -> None:
+    try:
         await channel.close()
-    await journal.close()
-    log.info("gateway_stopped")
+    except Exception as exc:  # noqa: BLE001 - one channel's failure must not stop the others
+        log.error("channel_close_failed", channel=name, error=repr(exc))
+
+
+async def _cancel(processor: Processor, tasks: list[asyncio.Task]) -> None:
+    """Stop the processor and housekeeping tasks now (after the drain: they are done already)."""
+    processor.stop()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _drain(app, tasks, processor, dispatcher, timeout: float) -> None:
@@ -199,7 +243,9 @@ async def _housekeeping(app: web.Application) -> None:
 
 async def _not_ready(app: web.Application) -> None:
     app[keys.READY]["ready"] = False
-    app[keys.PLUGINS].hook.gateway_stopping(app=app)
+    # whatever a plugin does here, the drain and the closing of sinks and journal must follow
+    for plugin, error in plugins.notify_each(app[keys.PLUGINS], "gateway_stopping", app=app):
+        log.error("plugin_hook_failed", hook="gateway_stopping", plugin=plugin, error=str(error))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import random
+import sqlite3
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ import msgspec
 
 from gateway import logging as gwlog
 from gateway.aio import wait_event
-from gateway.errors import PermanentError, RetryableError
+from gateway.errors import ConfigError, PermanentError, PluginError, RetryableError
 from gateway.events import decode
 from gateway.journal import StoredEvent
 from gateway.sink import Record
@@ -380,19 +381,29 @@ def _record(stored: StoredEvent) -> Record:
 class Dispatcher:
     """Owns one :class:`SinkWorker` per sink and the shared in-memory tail."""
 
-    def __init__(self, journal: Journal, sinks: dict[str, Sink], metrics: Metrics) -> None:
+    def __init__(self, journal: Journal, sinks: dict[str, Sink], metrics: Metrics,
+                 owners: dict[str, str] | None = None) -> None:
         self.journal = journal
         self.sinks = sinks
         self.metrics = metrics
+        self.owners = owners or {}  # sink name -> the plugin providing it (error messages)
         self.workers: dict[str, SinkWorker] = {}
         self.tasks: list[asyncio.Task] = []
         self.tail = Tail(1)
+        self._started: list[Sink] = []  # what stop() closes: the sinks whose start() returned
+        self._stopped = False
         # Called with every published batch before any sink sees it (cheap, synchronous): lets
         # core services know of new events first, e.g. the outbound service's window check.
         self.observers: list = []
 
     async def start(self) -> None:
-        """Start every sink and its worker. A sink seen for the first time starts at the end."""
+        """Start every sink and its worker. A sink seen for the first time starts at the end.
+
+        Raises:
+            PluginError: a sink's ``start`` raised, naming the sink and its plugin (a file it
+                cannot create or open is raised as the ``OSError``, which names the file); the
+                sinks started before it are closed again.
+        """
         last = await self.journal.last_event_seq()
         shared = getattr(self.journal, "shared", False)
         self.tail = Tail(last + 1, disabled=shared)
@@ -400,7 +411,7 @@ class Dispatcher:
             # A sink no longer configured (or disabled) must not pin the event log forever.
             await self.journal.forget_cursors(set(self.sinks))
         for name, sink in self.sinks.items():
-            await sink.start()
+            await self._start_sink(name, sink)
             cursor_name = f"sink:{name}"
             if await self.journal.cursor(cursor_name) is None:
                 # A sink seen for the first time receives events from now on, not the history.
@@ -408,6 +419,18 @@ class Dispatcher:
             worker = SinkWorker(sink, self.journal, self.tail, self.metrics)
             self.workers[name] = worker
             self.tasks.append(asyncio.create_task(worker.run(), name=f"sink:{name}"))
+
+    async def _start_sink(self, name: str, sink: Sink) -> None:
+        try:
+            await sink.start()
+        except Exception as exc:
+            await self.stop(0)  # the workers already running, the sinks already started
+            if isinstance(exc, ConfigError | PluginError) or (
+                    isinstance(exc, OSError) and exc.filename) or isinstance(exc, sqlite3.Error):
+                raise  # as it is: the key, the plugin, or the file (a database) and its config key
+            raise PluginError(f"sink {name!r} failed to start: {exc!r}",
+                              plugin=self.owners.get(name, "")) from exc
+        self._started.append(sink)
 
     def publish(self, records: list[Record]) -> None:
         """New events from the processor: remember them and wake every worker."""
@@ -426,7 +449,11 @@ class Dispatcher:
                    for w in self.workers.values())
 
     async def stop(self, timeout: float) -> None:
-        """Let workers catch up for at most ``timeout`` seconds, then stop them and the sinks."""
+        """Let workers catch up for at most ``timeout`` seconds, then stop them and close the
+        sinks that started (once: stopping again does nothing)."""
+        if self._stopped:
+            return
+        self._stopped = True
         for worker in self.workers.values():
             worker.stop()
         done, pending = (await asyncio.wait(self.tasks, timeout=timeout) if self.tasks
@@ -434,7 +461,7 @@ class Dispatcher:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        for sink in self.sinks.values():
+        for sink in self._started:
             try:
                 await sink.close()
             except Exception as exc:  # noqa: BLE001 - one sink's failure must not stop the others

@@ -10,6 +10,10 @@ Hooks are called with keyword arguments; an implementation accepts only the argu
         return [MySink(table)] if table else []
 
 A spec may gain arguments later but never renames or drops one.
+
+Every implementation is a plain function (``def``, never ``async def`` or a hook wrapper): the
+gateway calls each one itself, without awaiting, so that a failure names the plugin; an
+``async def`` implementation stops the start (``PluginError``).
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ def register_channels(config: GatewayConfig) -> list[Channel]:
 
     Returns:
         Zero or more :class:`gateway.channel.Channel` instances, each with a unique ``name``
-        (the ``{channel}`` of ``/webhooks/{channel}``).
+        (the ``{channel}`` of ``/webhooks/{channel}``), whose ``__init__`` called
+        ``super().__init__(app_secret=..., verify_token=...)``. Anything else, a name another
+        plugin provides, or an exception stops the start (``PluginError`` naming the plugin).
     """
 
 
@@ -58,7 +64,10 @@ def register_sinks(config: GatewayConfig) -> list[Sink]:
         config: the whole validated configuration.
 
     Returns:
-        Zero or more :class:`gateway.sink.Sink` instances, each with a unique ``name``.
+        Zero or more :class:`gateway.sink.Sink` instances, each with a unique ``name`` (not
+        ``outbox``, nor starting ``normalise:``: the core's) and the ``SinkConfig`` it was built
+        from as ``config`` (``super().__init__(config)``). Anything else, a name another plugin
+        provides, or an exception stops the start (``PluginError`` naming the plugin).
     """
 
 
@@ -68,13 +77,16 @@ def register_routes(config: GatewayConfig) -> list[web.AbstractRouteDef]:
 
     Handlers receive the aiohttp request; ``request.app[gateway.app.CHANNELS]`` and the other
     ``AppKey`` constants give access to the running gateway. Paths under ``/webhooks/`` and
-    ``/v1/`` are reserved for the core.
+    ``/v1/``, and ``/healthz``, ``/readyz`` and ``/metrics``, are reserved for the core: a route
+    that could answer one of them (``/v1/x``, but also ``/{any:.*}``) stops the start.
 
     Args:
         config: the whole validated configuration.
 
     Returns:
-        A list of ``aiohttp.web.get(...)`` / ``web.post(...)`` route definitions.
+        A list of ``aiohttp.web.get(...)`` / ``web.post(...)`` route definitions (or a
+        ``web.RouteTableDef``). Anything else, a reserved path, or an exception stops the start
+        (``PluginError`` naming the plugin).
     """
 
 
@@ -84,7 +96,10 @@ def register_commands() -> list[Command]:
 
     Called whenever the ``gateway`` command starts, before its arguments are parsed, so keep it
     cheap: build the :class:`gateway.Command` objects and import heavy modules inside ``run``.
-    A name that is already a core command or another plugin's stops the CLI, naming both.
+    A name that is already a core command or another plugin's makes the plugins' commands
+    unavailable, naming both (``gateway plugins`` reports it, as it reports this hook raising).
+    A ``run`` that raises prints one line naming the plugin and exits 1 (2 for a
+    ``ConfigError`` or ``PluginError``).
 
     Returns:
         A list of :class:`gateway.Command` (``name``, ``help``, ``run``, optional ``arguments``).
@@ -97,7 +112,10 @@ def gateway_started(app: web.Application, config: GatewayConfig) -> None:
     Return value ignored.
 
     Use it to start background work tied to the app's lifetime; stop it in a
-    ``gateway_stopping`` implementation. Must not block: schedule tasks on the running loop.
+    ``gateway_stopping`` implementation. Must be a plain function (``def``, not ``async def``:
+    it is not awaited, and an ``async def`` is refused) and must not block: schedule tasks on
+    the running loop. Raising stops the start (``PluginError`` naming the plugin), and what had
+    started is closed again.
 
     Args:
         app: the running aiohttp application.
@@ -108,6 +126,11 @@ def gateway_started(app: web.Application, config: GatewayConfig) -> None:
 @hookspec
 def gateway_stopping(app: web.Application) -> None:
     """Notification: the gateway is shutting down (intake already stopped). Return value ignored.
+
+    Must be a plain function (``def``, not ``async def``: it is not awaited, and an ``async def``
+    is refused at start-up). Afterwards the gateway drains the journal and closes the sinks,
+    channels and journal; an implementation that raises is logged, naming the plugin, and the
+    shutdown carries on.
 
     Args:
         app: the running aiohttp application.

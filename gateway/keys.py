@@ -23,6 +23,8 @@ CONFIG = web.AppKey("config", "GatewayConfig")
 PLUGINS = web.AppKey("plugins", pluggy.PluginManager)
 CHANNELS = web.AppKey("channels", "dict[str, Channel]")
 SINKS = web.AppKey("sinks", "dict[str, Sink]")
+# Which plugin provides each channel and sink: ``("channel" | "sink", NAME)`` -> plugin name.
+OWNERS = web.AppKey("owners", "dict[tuple[str, str], str]")
 JOURNAL = web.AppKey("journal", "Journal")
 METRICS = web.AppKey("metrics", "Metrics")
 DISPATCHER = web.AppKey("dispatcher", "Dispatcher")

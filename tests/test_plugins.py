@@ -279,8 +279,11 @@ def test_a_plugin_command_may_not_take_a_core_name(tmp_path, monkeypatch, capsys
     command_distribution(tmp_path, monkeypatch, "plugins")
     with pytest.raises(PluginError, match="'sinks.hello' provides a command 'plugins'"):
         plugins.commands(plugins.manager(), cli.CORE_COMMANDS)
-    assert cli.main(["plugins"]) == 0  # the core command still runs, and is the core's
-    assert "loading: ok" in capsys.readouterr().out
+    # the core command still runs, and is the core's; it names the plugin whose commands are lost
+    assert cli.main(["plugins"]) == cli.EXIT_CONFIG
+    out = capsys.readouterr().out
+    assert "KIND" in out
+    assert "loading: error: plugin 'sinks.hello' provides a command 'plugins'" in out
 
 
 def test_two_plugins_with_one_command_name_fail_naming_both():
@@ -386,3 +389,139 @@ def test_check_config_masks_url_credentials_and_query_in_plugin_tables(tmp_path)
     assert '"url": "https://***@crm.example/in?***"' in result.stdout
     for leak in ("hook-user", "hook-pw-41", "tok-42", "fwd-secret-43"):
         assert leak not in result.stdout + result.stderr, leak
+
+
+# -- components the core cannot use --------------------------------------------------------------
+
+class Nameless(Sink):
+    async def write(self, records) -> None:
+        pass
+
+
+class ConfiglessSink(Sink):
+    name = "configless"
+
+    def __init__(self) -> None:  # no super().__init__(config): the dispatcher reads sink.config
+        pass
+
+    async def write(self, records) -> None:
+        pass
+
+
+class NamelessChannel(BareChannel):
+    name = ""
+
+
+class SecretlessChannel(BareChannel):
+    name = "secretless"
+
+    def __init__(self) -> None:  # no super().__init__(...): the intake reads channel.app_secret
+        pass
+
+
+class SlashedChannel(BareChannel):
+    name = "a/b"
+
+
+@pytest.mark.parametrize(("hook", "make", "says"), [
+    ("register_sinks", lambda: Nameless(SinkConfig()), "returned a 'Nameless' without a name"),
+    ("register_sinks", ConfiglessSink, "sink 'configless' without a SinkConfig `config`"),
+    ("register_channels", lambda: NamelessChannel(app_secret="s", verify_token=None),
+     "returned a 'NamelessChannel' without a name"),
+    ("register_channels", SecretlessChannel,
+     "channel 'secretless' without app_secret: its __init__ must call super().__init__("),
+    ("register_channels", lambda: SlashedChannel(app_secret="s", verify_token=None),
+     "a channel named 'a/b'"),
+    ("register_sinks", lambda: NamedSink("outbox", SinkConfig()), "a sink named 'outbox'"),
+    ("register_sinks", lambda: NamedSink("normalise:whatsapp", SinkConfig()),
+     "a sink named 'normalise:whatsapp'"),
+], ids=["sink-nameless", "sink-configless", "channel-nameless", "channel-secretless",
+        "channel-slashed", "sink-outbox", "sink-normalise"])
+def test_a_component_the_core_cannot_use_is_refused_naming_the_plugin(tmp_path, hook, make, says):
+    from gateway.app import create_app
+
+    plugin = types.SimpleNamespace(__name__="gateway_odd_plugin",
+                                   **{hook: hookimpl(lambda: [make()])})
+    config = gwconfig.load(write_config(tmp_path, CHANNELS_TOML), environ={})
+    pm = plugins.manager(extra=[plugin])
+    with pytest.raises(PluginError) as err:
+        create_app(config, pm=pm)
+    assert err.value.plugin == "gateway_odd_plugin" and says in str(err.value)
+    assert [str(e) for e in plugins.check(pm, config)] == [str(err.value)]
+
+
+def test_a_plugin_outbox_is_refused_where_the_core_would_replace_it(tmp_path):
+    """With an account to send from, the core's outbound queue is the sink ``outbox``."""
+    from gateway.app import create_app
+
+    config = gwconfig.load(write_config(tmp_path, CHANNELS_TOML.replace(
+        "[channels.instagram]", 'access_token = "t"\nphone_number_id = "123"\n'
+        "[channels.instagram]") + "[sinks.outbox]\n"), environ={})
+    with pytest.raises(PluginError, match="'outbox' and names starting 'normalise:' are the "):
+        create_app(config, pm=plugins.manager(extra=[ProvidesSink("outbox")]))
+
+
+# -- two plugins, one name: check-config and gateway plugins say so too --------------------------
+
+@pytest.fixture
+def duplicate_distribution(tmp_path, monkeypatch):
+    """An installed ``gateway-dupjsonl`` whose sink is named ``jsonl``, like the built-in one."""
+    source = ("from gateway import Sink, hookimpl\nfrom gateway.config import SinkConfig\n\n"
+              "class S(Sink):\n    name = 'jsonl'\n\n    async def write(self, records):\n"
+              "        pass\n\n@hookimpl\ndef register_sinks(config):\n"
+              "    return [S(SinkConfig())]\n")
+    (tmp_path / "site").mkdir()
+    root = make_distribution(tmp_path / "site", "gateway-dupjsonl", "gateway.sinks",
+                             {"dupjsonl": "gateway_dupjsonl_sink"},
+                             {"gateway_dupjsonl_sink": source})
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
+def test_check_config_and_gateway_plugins_name_two_plugins_providing_one_sink(
+        duplicate_distribution, tmp_path, capsys):
+    both = ("'sinks.jsonl'", "'sinks.dupjsonl'", "both provide a sink named 'jsonl'")
+    path = write_config(tmp_path, CHANNELS_TOML + "[sinks.jsonl]\n")
+    assert cli.main(["check-config", "--config", path]) == cli.EXIT_CONFIG
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if "both provide" in ln]
+    assert line.startswith("gateway: config error: plugins ") and all(w in line for w in both)
+    assert cli.main(["plugins", "--config", path]) == cli.EXIT_CONFIG
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if "loading:" in ln]
+    assert all(word in line for word in both), line
+
+
+# -- register_commands and the commands' run ------------------------------------------------------
+
+def test_gateway_plugins_names_a_plugin_whose_register_commands_raises(tmp_path, monkeypatch,
+                                                                       capsys):
+    source = ("from gateway import hookimpl\n\n@hookimpl\ndef register_commands():\n"
+              "    raise RuntimeError('commands boom')\n")
+    (tmp_path / "site").mkdir()
+    make_distribution(tmp_path / "site", "gateway-cmdboom", "gateway.sinks",
+                      {"cmdboom": "gateway_cmdboom_sink"}, {"gateway_cmdboom_sink": source})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert cli.main(["plugins"]) == cli.EXIT_CONFIG
+    assert ("loading: error: plugin 'sinks.cmdboom': register_commands failed: "
+            "RuntimeError('commands boom')") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("raises", "status", "line"), [
+    ("RuntimeError('command run boom')", 1,
+     "gateway: plugin 'sinks.boom': command 'boom' failed: RuntimeError('command run boom')"),
+    ("PluginError('no backend configured')", 2,
+     "gateway: plugin 'sinks.boom': no backend configured"),
+    ("ConfigError('must be set', 'sinks.boom.url')", 2, "gateway: sinks.boom.url: must be set"),
+], ids=["error", "plugin-error", "config-error"])
+def test_a_plugin_command_that_raises_is_one_line_naming_the_plugin(tmp_path, monkeypatch, capsys,
+                                                                    raises, status, line):
+    module = f"gateway_boom_{raises.split('(')[0].lower()}"  # one per case: imports are cached
+    source = ("from gateway import Command, ConfigError, PluginError, hookimpl\n\n"
+              f"def run(args):\n    raise {raises}\n\n"
+              "@hookimpl\ndef register_commands():\n    return [Command('boom', 'fails', run)]\n")
+    (tmp_path / "site").mkdir()
+    make_distribution(tmp_path / "site", "gateway-boom", "gateway.sinks", {"boom": module},
+                      {module: source})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert cli.main(["boom"]) == status
+    err = capsys.readouterr().err
+    assert err.splitlines() == [line]
