@@ -17,6 +17,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -31,6 +32,22 @@ SECRET_KEYS = frozenset(
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def validate(self, prefix: str) -> None:
         """Cross-field checks; raise ConfigError naming the key."""
+
+
+def require_positive(struct: Any, prefix: str, *keys: str) -> None:
+    """Raise ConfigError naming the first of ``keys`` that is not greater than 0 (NaN too)."""
+    for key in keys:
+        if not getattr(struct, key) > 0:
+            raise ConfigError("must be greater than 0", f"{prefix}.{key}")
+
+
+def require_not_blank(struct: Any, prefix: str, *keys: str) -> None:
+    """Raise ConfigError naming the first of ``keys`` (secrets) that is only whitespace: such a
+    value is refused like an empty one, never taken for a secret or a token."""
+    for key in keys:
+        value = getattr(struct, key)
+        if isinstance(value, str) and value and not value.strip():
+            raise ConfigError("must not be blank (only whitespace)", f"{prefix}.{key}")
 
 
 class ServerConfig(_Section):
@@ -54,14 +71,15 @@ class ServerConfig(_Section):
 
     def validate(self, prefix: str) -> None:
         for key in ("port", "metrics_port"):
-            if not 0 <= getattr(self, key) <= 65535:
-                raise ConfigError("must be a TCP port (0-65535)", f"{prefix}.{key}")
+            if not 1 <= getattr(self, key) <= 65535:
+                raise ConfigError("must be a TCP port (1-65535)", f"{prefix}.{key}")
         if self.max_body_bytes < 1024:
             raise ConfigError("must be at least 1024", f"{prefix}.max_body_bytes")
         if self.max_buffered_bytes < self.max_body_bytes:
             raise ConfigError("must be at least max_body_bytes", f"{prefix}.max_buffered_bytes")
         if self.shutdown_timeout < 0:
             raise ConfigError("must not be negative", f"{prefix}.shutdown_timeout")
+        require_not_blank(self, prefix, "api_token")
         if self.erasure_audit_key is not None and len(self.erasure_audit_key.strip()) < 16:
             raise ConfigError("must be at least 16 characters (e.g. openssl rand -hex 32)",
                               f"{prefix}.erasure_audit_key")
@@ -78,10 +96,26 @@ class QueueConfig(_Section):
     synchronous: Literal["FULL", "NORMAL"] = "FULL"  # SQLite: FULL fsyncs every group commit
 
     def validate(self, prefix: str) -> None:
-        if self.max_pending < 1:
-            raise ConfigError("must be at least 1", f"{prefix}.max_pending")
-        if self.dedupe_window_seconds < 0:
-            raise ConfigError("must not be negative", f"{prefix}.dedupe_window_seconds")
+        for key in ("max_pending", "retry_after_seconds", "dedupe_window_seconds"):
+            if getattr(self, key) < 1:
+                raise ConfigError("must be at least 1", f"{prefix}.{key}")
+        _require_redis_url(self.redis_url, f"{prefix}.redis_url")
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _require_redis_url(url: str, key: str) -> None:
+    """What redis-py's ``from_url`` would refuse only when the gateway starts (the URL itself is
+    never in the message: it may hold a password)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+    except ValueError as exc:
+        raise ConfigError(f"is not a valid URL ({exc})", key) from None
+    if parts.scheme not in REDIS_SCHEMES:
+        got = f"{parts.scheme}://" if parts.scheme else "no scheme"
+        raise ConfigError(f"must be a redis://, rediss:// or unix:// URL, not {got}", key)
 
 
 class LoggingConfig(_Section):
@@ -123,16 +157,21 @@ class OutboundConfig(_Section):
     def validate(self, prefix: str) -> None:
         if self.max_attempts < 1:
             raise ConfigError("must be at least 1", f"{prefix}.max_attempts")
+        require_positive(self, prefix, "backoff_initial", "backoff_max", "reconcile_seconds",
+                         "window_hours", "human_agent_days")
+        if not self.backoff_max >= self.backoff_initial:
+            raise ConfigError("must be at least backoff_initial", f"{prefix}.backoff_max")
         if self.concurrency < 1:
             raise ConfigError("must be at least 1", f"{prefix}.concurrency")
         if self.retention_days <= 0:
             raise ConfigError("must be greater than 0", f"{prefix}.retention_days")
         if self.throttle_max_attempts < 1:
             raise ConfigError("must be at least 1", f"{prefix}.throttle_max_attempts")
-        for key in ("throttle_backoff_initial", "throttle_backoff_long", "throttle_backoff_max",
-                    "throttle_max_seconds", "max_pause_seconds"):
-            if getattr(self, key) <= 0:
-                raise ConfigError("must be greater than 0", f"{prefix}.{key}")
+        require_positive(self, prefix, "throttle_backoff_initial", "throttle_backoff_long",
+                         "throttle_backoff_max", "throttle_max_seconds", "max_pause_seconds")
+        if not self.throttle_backoff_max >= self.throttle_backoff_initial:
+            raise ConfigError("must be at least throttle_backoff_initial",
+                              f"{prefix}.throttle_backoff_max")
         if self.pause_probe_seconds < 0:
             raise ConfigError("must not be negative", f"{prefix}.pause_probe_seconds")
 
@@ -180,6 +219,9 @@ class SinkConfig(PluginSection):
             raise ConfigError("must be at least 1", f"{prefix}.max_attempts")
         if self.batch_size < 1:
             raise ConfigError("must be at least 1", f"{prefix}.batch_size")
+        require_positive(self, prefix, "backoff_initial", "backoff_max")
+        if not self.backoff_max >= self.backoff_initial:
+            raise ConfigError("must be at least backoff_initial", f"{prefix}.backoff_max")
 
 
 class ChannelConfig(PluginSection):
@@ -190,6 +232,9 @@ class ChannelConfig(PluginSection):
     access_token: str | None = None
     graph_base_url: str = "https://graph.facebook.com"
     graph_version: str = "v24.0"
+
+    def validate(self, prefix: str) -> None:
+        require_not_blank(self, prefix, "app_secret", "verify_token", "access_token")
 
 
 EMBEDDED_DEFAULTS: dict[str, Any] = {
@@ -234,10 +279,11 @@ def check_all(path: str | None = None, environ: Mapping[str, str] | None = None
         data = _read(path)
     except ConfigError as exc:
         return [exc], None
-    unknown = _unknown_keys(data)
+    unknown, not_tables = _unknown_keys(data), _plugin_non_tables(data)
     errors = [ConfigError("unknown key", key) for key in unknown]
-    config = _build(_without(data, unknown), os.environ if environ is None else environ, path,
-                    errors)
+    errors += [ConfigError(f"must be a table, not {kind}", key) for key, kind in not_tables]
+    config = _build(_without(data, unknown + [key for key, _ in not_tables]),
+                    os.environ if environ is None else environ, path, errors)
     return _first_per_key(errors), config
 
 
@@ -254,16 +300,22 @@ def _without(data: dict[str, Any], keys: list[str]) -> dict[str, Any]:
 
 def section(config: GatewayConfig, kind: str, name: str, struct: type[S],
             environ: Mapping[str, str] | None = None) -> S | None:
-    """Convert ``[kind.name]`` into ``struct``; None when the table is absent or disabled.
+    """Convert ``[kind.name]`` into ``struct``; None when the table is absent or disabled (a
+    disabled table's unknown keys are errors all the same, nothing else of it is checked).
 
     Environment variables named in ``struct.env`` override the table's values.
 
     Raises:
         ConfigError: naming ``kind.name.key`` for an unknown key or a wrong type.
     """
-    if not config.enabled(kind, name):
-        return None
     prefix = f"{kind}.{name}"
+    if not config.enabled(kind, name):
+        # Nothing of a disabled table is used (its references stay unresolved, its required keys
+        # may be missing), but a misspelt key is reported all the same.
+        errors = _unknown_in(getattr(config, kind).get(name) or {}, struct, prefix)
+        if errors:
+            raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+        return None
     errors: list[ConfigError] = []
     env = environ if environ is not None else os.environ
     overrides = {}
@@ -281,6 +333,15 @@ def section(config: GatewayConfig, kind: str, name: str, struct: type[S],
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     return result
+
+
+def _unknown_in(table: dict[str, Any], struct: type[Any], prefix: str) -> list[ConfigError]:
+    """The keys of ``table`` that ``struct`` (when it forbids unknown fields) does not have."""
+    struct_config = getattr(struct, "__struct_config__", None)
+    if struct_config is None or not struct_config.forbid_unknown_fields:
+        return []
+    names = {f.encode_name for f in msgspec.structs.fields(struct)}
+    return [ConfigError("unknown key", f"{prefix}.{key}") for key in table if key not in names]
 
 
 def file_sink_section(config: GatewayConfig, name: str, struct: type[S],
@@ -373,17 +434,24 @@ def _is_secret(key: str, value: Any) -> bool:
             or key in ("authorization", "proxy_authorization"))
 
 
-def _secret_value(ref: dict[str, str], key: str) -> str:
-    if "env" in ref:
-        value = os.environ.get(str(ref["env"]))
+def _secret_value(ref: dict[str, Any], key: str) -> str:
+    kind, name = next(iter(ref.items()))
+    if not isinstance(name, str):
+        what = "environment variable name" if kind == "env" else "secret file path"
+        raise ConfigError(f"{{ {kind} = ... }}: the {what} must be a string, not "
+                          f"{type(name).__name__}", key)
+    if kind == "env":
+        value = os.environ.get(name)
         if value is None:
-            raise ConfigError(f"environment variable {ref['env']!r} is not set", key)
+            raise ConfigError(f"environment variable {name!r} is not set", key)
         return value
     try:
-        with open(str(ref["file"]), encoding="utf-8") as handle:
+        with open(name, encoding="utf-8") as handle:
             return handle.read().strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read secret file {ref['file']!r}: {exc.strerror}", key) from None
+        raise ConfigError(f"cannot read secret file {name!r}: {exc.strerror}", key) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"secret file {name!r} is not UTF-8", key) from None
 
 
 def _read(path: str | None) -> dict[str, Any]:
@@ -396,6 +464,8 @@ def _read(path: str | None) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 TOML (byte {exc.start}: {exc.reason})") from None
     return data
 
 
@@ -411,9 +481,14 @@ def _unknown_keys(data: dict[str, Any]) -> list[str]:
         if struct and isinstance(value, dict):
             names = {f.name for f in msgspec.structs.fields(struct)}
             found += [f"{key}.{k}" for k in value if k not in names]
-        if key in ("channels", "sinks") and isinstance(value, dict):
-            found += [f"{key}.{k}" for k, v in value.items() if not isinstance(v, dict)]
     return found
+
+
+def _plugin_non_tables(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """``[channels] whatsapp = 1``: (key, type name) of each plugin entry that is no table."""
+    return [(f"{kind}.{name}", type(value).__name__)
+            for kind in ("channels", "sinks") if isinstance(data.get(kind), dict)
+            for name, value in data[kind].items() if not isinstance(value, dict)]
 
 
 CORE_SECTIONS: dict[str, type[_Section]] = {

@@ -146,3 +146,41 @@ def test_a_sink_on_a_sqlite_side_file_is_refused_and_a_path_that_is_no_file_is_n
         require_distinct_files(config, {"jsonl": wal})
     assert exc.value.key == "sinks.jsonl.path" and "journal.db-wal" in str(exc.value)
     require_distinct_files(config, {"crm_a": Http(HttpConfig()), "crm_b": Http(HttpConfig())})
+
+
+# -- configs that once gave a traceback (or a misleading line) from check-config or serve ----------
+
+BAD_CONFIGS = {  # name: (config text, words its one line must hold); BINARY: a non-UTF-8 file
+    "not_utf8": (None, ["gateway.toml is not UTF-8 TOML"]),
+    "core_secret_file": ('[server]\napi_token = { file = "BINARY" }\n',
+                         ["server.api_token", "secret file", "is not UTF-8"]),
+    "plugin_secret_file": ('[channels.whatsapp]\napp_secret = { file = "BINARY" }\n',
+                           ["channels.whatsapp.app_secret", "secret file", "is not UTF-8"]),
+    "env_not_a_string": ('[channels.whatsapp]\napp_secret = { env = 1 }\n',
+                         ["channels.whatsapp.app_secret", "must be a string"]),
+    "redis_scheme": ('[queue]\nbackend = "redis"\nredis_url = "http://127.0.0.1:1/0"\n',
+                     ["queue.redis_url", "redis://"]),
+    "channel_not_a_table": ("[channels]\nwhatsapp = 1\n", ["channels.whatsapp", "must be a table"]),
+    "disabled_table_unknown_key": ("[sinks.jsonl]\nenabled = false\nbogus = 1\n",
+                                   ["sinks.jsonl.bogus", "unknown key"]),
+    "blank_app_secret": ('[channels.whatsapp]\napp_secret = "   "\n',
+                         ["channels.whatsapp.app_secret", "blank"]),
+}
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_bad_config_is_one_line_naming_the_key_from_check_config_and_serve(tmp_path, command,
+                                                                             case):
+    text, needles = BAD_CONFIGS[case]
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe[server]\n")
+    path = tmp_path / "gateway.toml"
+    if text is None:
+        path.write_bytes(binary.read_bytes())
+    else:
+        path.write_text(f'[server]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+                        f'metrics_port = {free_port()}\ndata_dir = "{tmp_path / "d"}"\n'
+                        + text.replace("[server]\n", "").replace("BINARY", str(binary)))
+    result = run_cli(command, "--config", str(path), cwd=tmp_path, timeout=20)
+    one_line_failure(result, *needles)

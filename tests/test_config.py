@@ -250,3 +250,125 @@ def test_section_names_every_bad_key_of_a_plugin_table():
 def test_redacted_masks_url_credentials_and_query_whatever_the_key():
     shown = gwconfig.redacted({"url": "https://u:pw-1@h.example/x?token=t-2", "n": "plain"})
     assert shown == {"url": "https://***@h.example/x?***", "n": "plain"}
+
+
+# -- bounds: every value that cannot work is refused by check-config, naming the key and the bound
+
+BOUNDS = [  # (table text, key named, part of the message)
+    ("[server]\nport = 0", "server.port", "1-65535"),
+    ("[server]\nmetrics_port = 0", "server.metrics_port", "1-65535"),
+    ('[server]\napi_token = "   "', "server.api_token", "blank"),
+    ("[queue]\nretry_after_seconds = 0", "queue.retry_after_seconds", "at least 1"),
+    ("[queue]\ndedupe_window_seconds = 0", "queue.dedupe_window_seconds", "at least 1"),
+    ('[queue]\nredis_url = "http://127.0.0.1:6379/0"', "queue.redis_url", "redis://, rediss://"),
+    ('[queue]\nredis_url = "127.0.0.1:6379"', "queue.redis_url", "redis://, rediss://"),
+    ('[queue]\nredis_url = "redis://127.0.0.1:port/0"', "queue.redis_url", "not a valid URL"),
+    ("[outbound]\nbackoff_initial = 0", "outbound.backoff_initial", "greater than 0"),
+    ("[outbound]\nbackoff_max = -1.0", "outbound.backoff_max", "greater than 0"),
+    ("[outbound]\nbackoff_initial = 10\nbackoff_max = 5", "outbound.backoff_max",
+     "at least backoff_initial"),
+    ("[outbound]\nthrottle_backoff_initial = 10\nthrottle_backoff_max = 5",
+     "outbound.throttle_backoff_max", "at least throttle_backoff_initial"),
+    ("[outbound]\nreconcile_seconds = 0", "outbound.reconcile_seconds", "greater than 0"),
+    ("[outbound]\nwindow_hours = 0", "outbound.window_hours", "greater than 0"),
+    ("[outbound]\nwindow_hours = nan", "outbound.window_hours", "greater than 0"),
+    ("[outbound]\nhuman_agent_days = -1", "outbound.human_agent_days", "greater than 0"),
+    ("[sinks.jsonl]\nbackoff_initial = 0", "sinks.jsonl.backoff_initial", "greater than 0"),
+    ("[sinks.jsonl]\nbackoff_max = -1", "sinks.jsonl.backoff_max", "greater than 0"),
+    ("[sinks.storage]\nbackoff_initial = 1\nbackoff_max = 0.5", "sinks.storage.backoff_max",
+     "at least backoff_initial"),
+    ("[channels.whatsapp]\nsend_timeout = 0", "channels.whatsapp.send_timeout", "greater than 0"),
+    ("[channels.whatsapp]\npair_interval_seconds = 0", "channels.whatsapp.pair_interval_seconds",
+     "greater than 0"),
+    ("[channels.instagram]\nsend_timeout = -1", "channels.instagram.send_timeout",
+     "greater than 0"),
+    ('[channels.whatsapp]\napp_secret = "   "', "channels.whatsapp.app_secret", "blank"),
+    ('[channels.instagram]\nverify_token = " \\t"', "channels.instagram.verify_token", "blank"),
+    ('[channels.whatsapp]\n[[channels.whatsapp.accounts]]\nphone_number_id = "2"\n'
+     'access_token = "  "', "channels.whatsapp.accounts[0].access_token", "blank"),
+]
+
+
+def checked_config(tmp_path, text: str) -> list[ConfigError]:
+    """What ``gateway check-config`` finds in ``text``: the core's errors and every plugin's."""
+    from gateway import plugins
+
+    path = tmp_path / "g.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n' + text.replace("[server]\n", ""))
+    errors, config = gwconfig.check_all(str(path), environ={})
+    return errors + plugins.check(plugins.manager(), config)
+
+
+@pytest.fixture
+def no_secret_env(monkeypatch):
+    from tests.test_plugins import SECRET_VARS
+
+    for name in SECRET_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(("text", "key", "bound"), BOUNDS, ids=[b[1] for b in BOUNDS])
+def test_a_value_out_of_bounds_is_refused_naming_the_key_and_the_bound(tmp_path, no_secret_env,
+                                                                        text, key, bound):
+    errors = checked_config(tmp_path, text)
+    assert [str(e) for e in errors if getattr(e, "key", "") == key], (key, [str(e) for e in errors])
+    [error] = [e for e in errors if e.key == key]
+    assert bound in error.message, str(error)
+
+
+def test_the_bounds_themselves_are_accepted(tmp_path, no_secret_env):
+    edges = ('[server]\nport = 1\nmetrics_port = 65535\n'
+             '[queue]\nretry_after_seconds = 1\ndedupe_window_seconds = 1\n'
+             'redis_url = "unix:///run/redis.sock"\n'
+             '[outbound]\nbackoff_initial = 5\nbackoff_max = 5\nthrottle_backoff_initial = 2\n'
+             'throttle_backoff_max = 2\nreconcile_seconds = 0.1\nwindow_hours = 0.5\n'
+             'human_agent_days = 0.5\n'
+             '[sinks.jsonl]\nbackoff_initial = 0.5\nbackoff_max = 0.5\n'
+             '[channels.whatsapp]\nsend_timeout = 0.1\npair_interval_seconds = 0.1\n'
+             '[channels.instagram]\nsend_timeout = 0.1\nthread_interval_seconds = 0\n')
+    assert [str(e) for e in checked_config(tmp_path, edges)] == []
+    for url in ("redis://:pw@h:6379/0?prefix=a", "rediss://h/1", "REDIS://h"):
+        assert checked_config(tmp_path, f'[queue]\nredis_url = "{url}"\n') == [], url
+
+
+# -- secret references and tables of the wrong shape ---------------------------------------------
+
+def test_a_secret_reference_that_cannot_be_read_names_the_key(tmp_path, no_secret_env):
+    binary = tmp_path / "binary-secret"
+    binary.write_bytes(b"\xff\xfe")
+    text = (f'[server]\napi_token = {{ file = "{binary}" }}\n'
+            f'[channels.whatsapp]\napp_secret = {{ file = "{binary}" }}\n'
+            '[channels.instagram]\napp_secret = { env = 1 }\n')
+    found = {e.key: e.message for e in checked_config(tmp_path, text)}
+    assert found == {
+        "server.api_token": f"secret file {str(binary)!r} is not UTF-8",
+        "channels.whatsapp.app_secret": f"secret file {str(binary)!r} is not UTF-8",
+        "channels.instagram.app_secret":
+            "{ env = ... }: the environment variable name must be a string, not int"}
+
+
+def test_a_plugin_entry_that_is_not_a_table_says_so(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text("[channels]\nwhatsapp = 1\n[sinks]\njsonl = true\n")
+    errors, config = gwconfig.check_all(str(path), environ={})
+    assert [str(e) for e in errors] == ["channels.whatsapp: must be a table, not int",
+                                        "sinks.jsonl: must be a table, not bool"]
+    assert config.channels == {} and config.sinks == {}
+
+
+def test_unknown_keys_of_a_disabled_table_are_errors_and_nothing_else_is_read(tmp_path,
+                                                                               monkeypatch):
+    """A table turned off is not used, so an unresolvable reference or a bad value there is no
+    error; a misspelt key is (the docs: unknown keys are errors in every plugin's table)."""
+    from sinks.jsonl.sink import JsonlConfig
+
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    config = gwconfig.GatewayConfig(sinks={"jsonl": {
+        "enabled": False, "bogus": 1, "pth": "x", "fsync": {"env": "NOT_SET_ANYWHERE"},
+        "batch_size": 0}})
+    with pytest.raises(gwconfig.ConfigErrors) as exc:
+        gwconfig.section(config, "sinks", "jsonl", JsonlConfig, environ={})
+    assert [e.key for e in exc.value.errors] == ["sinks.jsonl.bogus", "sinks.jsonl.pth"]
+    config = gwconfig.GatewayConfig(sinks={"jsonl": {"enabled": False, "batch_size": 0,
+                                                     "fsync": {"env": "NOT_SET_ANYWHERE"}}})
+    assert gwconfig.section(config, "sinks", "jsonl", JsonlConfig, environ={}) is None

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from channels.instagram import normalise, send
 from gateway import Channel, hookimpl
-from gateway.config import ChannelConfig, GatewayConfig, section
+from gateway.config import ChannelConfig, GatewayConfig, require_positive, section
 from gateway.errors import ConfigError
 from gateway.events import Event
 from gateway.outbound.http import GraphClient, SendResult
@@ -34,9 +34,9 @@ class InstagramConfig(ChannelConfig):
     send_timeout: float = 10.0
 
     def validate(self, prefix: str) -> None:
-        for key in ("messages_per_second", "audio_video_per_second"):
-            if getattr(self, key) <= 0:
-                raise ConfigError("must be greater than 0", f"{prefix}.{key}")
+        super().validate(prefix)
+        require_positive(self, prefix, "messages_per_second", "audio_video_per_second",
+                         "send_timeout")
         if self.thread_interval_seconds < 0:
             raise ConfigError("must not be negative", f"{prefix}.thread_interval_seconds")
         if self.thread_burst < 1:

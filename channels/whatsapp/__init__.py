@@ -8,7 +8,13 @@ import msgspec
 
 from channels.whatsapp import normalise, send
 from gateway import Channel, hookimpl
-from gateway.config import ChannelConfig, GatewayConfig, section
+from gateway.config import (
+    ChannelConfig,
+    GatewayConfig,
+    require_not_blank,
+    require_positive,
+    section,
+)
 from gateway.errors import ConfigError
 from gateway.events import Event
 from gateway.outbound.http import GraphClient, SendResult
@@ -40,12 +46,17 @@ class WhatsAppConfig(ChannelConfig):
     send_timeout: float = 10.0
 
     def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        for i, account in enumerate(self.accounts):
+            require_not_blank(account, f"{prefix}.accounts[{i}]", "access_token")
         for rate in [self.messages_per_second, *(a.messages_per_second for a in self.accounts)]:
             if rate is not None and not 0 < rate <= 1000:
                 raise ConfigError("must be between 0 and 1000 (Meta's maximum)",
                                   f"{prefix}.messages_per_second")
         if not 1 <= self.pair_burst <= 45:
             raise ConfigError("must be between 1 and 45", f"{prefix}.pair_burst")
+        # Meta's pair limit always applies (131056): there is no 0 turning it off, as on Instagram
+        require_positive(self, prefix, "pair_interval_seconds", "send_timeout")
 
 
 class WhatsAppChannel(Channel):
