@@ -40,6 +40,17 @@ def make_distribution(root: Path, dist: str, group: str, entry_points: dict[str,
     return root
 
 
+def install(tmp_path: Path, monkeypatch, dist: str, entry: str, module: str, source: str,
+            group: str = "gateway.sinks", site: str = "site") -> Path:
+    """An installed distribution ``dist`` declaring ``entry = module`` in ``group``, with the
+    module's ``source`` beside it, importable for this test; its site directory."""
+    root = tmp_path / site
+    root.mkdir()
+    make_distribution(root, dist, group, {entry: module}, {module: source})
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
 def env(**extra: str) -> dict[str, str]:
     """The current environment without any gateway secret, plus ``extra``."""
     base = {k: v for k, v in os.environ.items() if k not in SECRET_VARS}
@@ -64,13 +75,8 @@ def write_config(tmp_path: Path, text: str) -> str:
 @pytest.fixture
 def broken_distribution(tmp_path, monkeypatch):
     """An installed ``gateway-broken-plugin`` whose sink module raises on import."""
-    (tmp_path / "site").mkdir()
-    root = make_distribution(
-        tmp_path / "site", "gateway-broken-plugin", "gateway.sinks",
-        {"broken": "gateway_broken_sink"},
-        {"gateway_broken_sink": "raise RuntimeError('broken at import time')\n"})
-    monkeypatch.syspath_prepend(str(root))
-    return root
+    return install(tmp_path, monkeypatch, "gateway-broken-plugin", "broken", "gateway_broken_sink",
+                   "raise RuntimeError('broken at import time')\n")
 
 
 def test_plugin_that_fails_to_import_is_reported_by_name(broken_distribution):
@@ -115,11 +121,7 @@ def test_misspelt_hook_implementation_fails_naming_plugin_and_hook():
 def test_misspelt_hook_in_an_installed_plugin_fails_naming_it(tmp_path, monkeypatch):
     source = ("from gateway import hookimpl\n\n"
               "@hookimpl\ndef register_sink(config):\n    return []\n")
-    (tmp_path / "site").mkdir()
-    root = make_distribution(tmp_path / "site", "gateway-misspelt", "gateway.sinks",
-                             {"misspelt": "gateway_misspelt_sink"},
-                             {"gateway_misspelt_sink": source})
-    monkeypatch.syspath_prepend(str(root))
+    install(tmp_path, monkeypatch, "gateway-misspelt", "misspelt", "gateway_misspelt_sink", source)
     with pytest.raises(PluginError) as err:
         plugins.manager()
     assert "gateway_misspelt_sink" in str(err.value) and "register_sink" in str(err.value)
@@ -256,13 +258,9 @@ def register_commands():
 
 
 def command_distribution(tmp_path: Path, monkeypatch, name: str) -> Path:
-    site = tmp_path / f"site-{name}"
-    site.mkdir()
     module = f"gateway_hello_{name}"  # a module of its own per test (imports are cached)
-    make_distribution(site, "gateway-hello", "gateway.sinks", {"hello": module},
-                      {module: COMMAND_PLUGIN.replace("{name}", name)})
-    monkeypatch.syspath_prepend(str(site))
-    return site
+    return install(tmp_path, monkeypatch, "gateway-hello", "hello", module,
+                   COMMAND_PLUGIN.replace("{name}", name), site=f"site-{name}")
 
 
 def test_a_plugin_command_runs_with_its_arguments(tmp_path, monkeypatch, capsys):
@@ -360,13 +358,10 @@ def test_a_register_hook_returning_a_channel_as_a_sink_is_named():
 @pytest.fixture
 def raising_distribution(tmp_path, monkeypatch):
     """An installed plugin whose ``register_sinks`` raises."""
-    (tmp_path / "site").mkdir()
     source = ("from gateway import hookimpl\n\n@hookimpl\ndef register_sinks(config):\n"
               "    raise RuntimeError('boom in register_sinks')\n")
-    root = make_distribution(tmp_path / "site", "gateway-raising", "gateway.sinks",
-                             {"raising": "gateway_raising_sink"}, {"gateway_raising_sink": source})
-    monkeypatch.syspath_prepend(str(root))
-    return root
+    return install(tmp_path, monkeypatch, "gateway-raising", "raising", "gateway_raising_sink",
+                   source)
 
 
 def test_gateway_plugins_and_check_config_name_a_plugin_whose_hook_raises(raising_distribution,
@@ -470,12 +465,8 @@ def duplicate_distribution(tmp_path, monkeypatch):
               "class S(Sink):\n    name = 'jsonl'\n\n    async def write(self, records):\n"
               "        pass\n\n@hookimpl\ndef register_sinks(config):\n"
               "    return [S(SinkConfig())]\n")
-    (tmp_path / "site").mkdir()
-    root = make_distribution(tmp_path / "site", "gateway-dupjsonl", "gateway.sinks",
-                             {"dupjsonl": "gateway_dupjsonl_sink"},
-                             {"gateway_dupjsonl_sink": source})
-    monkeypatch.syspath_prepend(str(root))
-    return root
+    return install(tmp_path, monkeypatch, "gateway-dupjsonl", "dupjsonl", "gateway_dupjsonl_sink",
+                   source)
 
 
 def test_check_config_and_gateway_plugins_name_two_plugins_providing_one_sink(
@@ -496,10 +487,7 @@ def test_gateway_plugins_names_a_plugin_whose_register_commands_raises(tmp_path,
                                                                        capsys):
     source = ("from gateway import hookimpl\n\n@hookimpl\ndef register_commands():\n"
               "    raise RuntimeError('commands boom')\n")
-    (tmp_path / "site").mkdir()
-    make_distribution(tmp_path / "site", "gateway-cmdboom", "gateway.sinks",
-                      {"cmdboom": "gateway_cmdboom_sink"}, {"gateway_cmdboom_sink": source})
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    install(tmp_path, monkeypatch, "gateway-cmdboom", "cmdboom", "gateway_cmdboom_sink", source)
     assert cli.main(["plugins"]) == cli.EXIT_CONFIG
     assert ("loading: error: plugin 'sinks.cmdboom': register_commands failed: "
             "RuntimeError('commands boom')") in capsys.readouterr().out
@@ -518,10 +506,7 @@ def test_a_plugin_command_that_raises_is_one_line_naming_the_plugin(tmp_path, mo
     source = ("from gateway import Command, ConfigError, PluginError, hookimpl\n\n"
               f"def run(args):\n    raise {raises}\n\n"
               "@hookimpl\ndef register_commands():\n    return [Command('boom', 'fails', run)]\n")
-    (tmp_path / "site").mkdir()
-    make_distribution(tmp_path / "site", "gateway-boom", "gateway.sinks", {"boom": module},
-                      {module: source})
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    install(tmp_path, monkeypatch, "gateway-boom", "boom", module, source)
     assert cli.main(["boom"]) == status
     err = capsys.readouterr().err
     assert err.splitlines() == [line]
