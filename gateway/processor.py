@@ -53,6 +53,17 @@ class ResponseTimer:
             self._metrics.response_time.labels(event.channel).observe(at - asked)
 
 
+def _checked(event: Event) -> Event:
+    """``event`` if it is one the journal can keep (a channel plugin may return anything)."""
+    if not isinstance(event, Event):
+        raise TypeError(f"normalise produced {type(event).__name__}, not a gateway.events.Event")
+    for field in ("id", "channel", "conversation_id"):
+        value = getattr(event, field)
+        if not isinstance(value, str) or not value:
+            raise TypeError(f"normalise produced an event whose {field} is {value!r}")
+    return event
+
+
 class Processor:
     """The loop between the journal and the dispatcher."""
 
@@ -160,13 +171,17 @@ class Processor:
             try:
                 if channel is None:
                     raise BadPayload(f"channel {req.channel!r} is not enabled")
-                produced = channel.normalise(req.body)
+                # all of a request's events, encoded, before any is kept: a plugin's normalise
+                # that fails while it is iterated (a generator), or yields what is no event,
+                # dead-letters its own request instead of failing the batch again and again
+                produced = [(event, encode(_checked(event)))
+                            for event in channel.normalise(req.body)]
             except Exception as exc:  # noqa: BLE001 - kept as a dead letter, never lost
                 log.error("normalise_failed", channel=req.channel, request=req.seq, error=repr(exc))
                 failed.append((req, repr(exc)))  # counted once committed (_account)
                 continue
-            for event in produced:
-                events.append((event, encode(event), req.received_at))
+            for event, data in produced:
+                events.append((event, data, req.received_at))
                 owners.append(index)
         return events, owners, failed
 

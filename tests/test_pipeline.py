@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
-from gateway import keys
+from gateway import Channel, hookimpl, keys
+from gateway.events import Message, Party
 from tests.conftest import fixture_bytes
 from tests.expect import expected_files, pair_up, stored_as
 
@@ -242,3 +244,48 @@ async def test_a_storage_database_of_the_earlier_layout_keeps_working(gateway, t
     assert statuses == [("delivered",)]
     layout = await gw.sql("SELECT sql FROM sqlite_master WHERE name = 'messages'")
     assert "WITHOUT ROWID" in layout[0][0]
+
+
+class OddChannel(Channel):
+    """A plugin channel whose ``normalise`` goes wrong in the ways a plugin's can."""
+
+    name = "odd"
+
+    def __init__(self) -> None:
+        super().__init__(app_secret="odd-secret", verify_token=None)
+
+    def check_envelope(self, body: bytes) -> None:
+        pass
+
+    def normalise(self, body: bytes):
+        shape = json.loads(body)["shape"]
+        if shape == "lazy":  # a generator that fails once iterated
+            yield from ()
+            raise ValueError("bad payload found while iterating")
+        if shape == "junk":
+            yield {"not": "an event"}
+        if shape == "no id":
+            yield Message(schema=1, id=None, channel="odd", direction="inbound", account_id="a",
+                          conversation_id="odd:a:1", sender=Party("1"), recipient=Party("a"),
+                          timestamp=datetime(2026, 1, 1, tzinfo=UTC), type="text", text="hi")
+
+
+class OddPlugin:
+    @hookimpl
+    def register_channels(self, config):
+        return [OddChannel()]
+
+
+@pytest.mark.parametrize("shape", ["lazy", "junk", "no id"])
+async def test_a_plugin_channel_whose_normalise_goes_wrong_dead_letters_only_its_request(
+        gateway, shape):
+    """Whether ``normalise`` raises while it is iterated or yields what the journal cannot keep,
+    that request becomes a dead letter; the requests behind it (of any channel) are processed."""
+    gw = await gateway(extra_plugins=[OddPlugin()])
+    body = json.dumps({"shape": shape}).encode()
+    assert (await gw.post("odd", body, secret="odd-secret"))[0] == 200
+    assert (await gw.post("whatsapp", fixture_bytes("whatsapp/text.json")))[0] == 200
+    await gw.settle()
+    assert [e["type"] for e in gw.jsonl()] == ["text"]
+    [letter] = await gw.app[keys.JOURNAL].dead_letters()
+    assert letter.sink == "normalise:odd" and letter.data == body
