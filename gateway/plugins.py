@@ -176,20 +176,6 @@ def components(pm: pluggy.PluginManager, config: GatewayConfig) -> Components:
     return Components(channels_, sinks_, owners)
 
 
-def channels(pm: pluggy.PluginManager, config: GatewayConfig) -> dict[str, Channel]:
-    """The enabled channels by name. Raises ConfigError for a table no plugin claims."""
-    found = _collect(pm, config, "channel", {})
-    _check_claimed(config, "channels", found)
-    return found
-
-
-def sinks(pm: pluggy.PluginManager, config: GatewayConfig) -> dict[str, Sink]:
-    """The enabled sinks by name. Raises ConfigError for a table no plugin claims."""
-    found = _collect(pm, config, "sink", {})
-    _check_claimed(config, "sinks", found)
-    return found
-
-
 def check(pm: pluggy.PluginManager, config: GatewayConfig) -> list[ConfigError | PluginError]:
     """Every plugin problem: the tables and components (:func:`checked`), and the CLI commands
     (each plugin checked even when another one fails)."""

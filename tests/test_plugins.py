@@ -156,14 +156,14 @@ def test_two_plugins_providing_the_same_sink_fail(tmp_path, name):
     extra = [ProvidesSink(name)] if name == "jsonl" else [ProvidesSink(name), ProvidesSink(name)]
     pm = plugins.manager(extra=extra)
     with pytest.raises(PluginError) as err:
-        plugins.sinks(pm, config)
+        plugins.components(pm, config)
     assert repr(name) in str(err.value)
 
 
 def test_one_plugin_per_sink_name_is_fine(tmp_path):
     config = gwconfig.load(write_config(tmp_path, "[sinks.dup]\n[sinks.other]\n"), environ={})
     pm = plugins.manager(extra=[ProvidesSink("dup"), ProvidesSink("other")])
-    assert sorted(plugins.sinks(pm, config)) == ["dup", "other"]
+    assert sorted(plugins.components(pm, config).sinks) == ["dup", "other"]
 
 
 # -- check-config --------------------------------------------------------------------------------
@@ -331,7 +331,7 @@ def test_a_plugin_whose_register_hook_raises_or_returns_junk_is_named(tmp_path, 
     config = gwconfig.load(write_config(tmp_path, "[sinks.jsonl]\npth = 'x'\n"), environ={})
     pm = plugins.manager(extra=[plugin])
     with pytest.raises(PluginError) as err:
-        plugins.sinks(pm, config)
+        plugins.components(pm, config)
     assert err.value.plugin == "gateway_junk_plugin" and says in str(err.value)
     found = [str(e) for e in plugins.check(pm, config)]  # named next to the config errors
     assert "sinks.jsonl.pth: unknown key" in found
@@ -352,7 +352,7 @@ def test_a_register_hook_returning_a_channel_as_a_sink_is_named():
     plugin = types.SimpleNamespace(__name__="gateway_mixed_plugin", register_sinks=hookimpl(
         lambda config: [BareChannel(app_secret="s", verify_token=None)]))
     with pytest.raises(PluginError, match="'gateway_mixed_plugin'.*not a Sink"):
-        plugins.sinks(plugins.manager(extra=[plugin]), gwconfig.GatewayConfig())
+        plugins.components(plugins.manager(extra=[plugin]), gwconfig.GatewayConfig())
 
 
 @pytest.fixture
