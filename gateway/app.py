@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -20,7 +19,7 @@ from gateway import logging as gwlog
 from gateway.budget import ByteBudget
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher
-from gateway.errors import ConfigError, PluginError
+from gateway.errors import ConfigError, failed_to_start
 from gateway.journal import open_journal
 from gateway.metrics import Metrics
 from gateway.outbound import OutboundService, OutboxSink
@@ -182,10 +181,7 @@ async def _start_channel(name: str, channel: Channel, plugin: str) -> None:
     try:
         await channel.start()
     except Exception as exc:
-        if isinstance(exc, ConfigError | PluginError) or (
-                isinstance(exc, OSError) and exc.filename) or isinstance(exc, sqlite3.Error):
-            raise  # as it is: the key, the plugin, or the file (a database) and its config key
-        raise PluginError(f"channel {name!r} failed to start: {exc!r}", plugin=plugin) from exc
+        raise failed_to_start("channel", name, plugin, exc)  # noqa: B904 - its cause is set
 
 
 async def _close_channel(name: str, channel: Channel) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import random
-import sqlite3
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -22,7 +21,7 @@ import msgspec
 
 from gateway import logging as gwlog
 from gateway.aio import wait_event
-from gateway.errors import ConfigError, PermanentError, PluginError, RetryableError
+from gateway.errors import PermanentError, RetryableError, failed_to_start
 from gateway.events import decode
 from gateway.journal import StoredEvent
 from gateway.sink import Record
@@ -425,11 +424,7 @@ class Dispatcher:
             await sink.start()
         except Exception as exc:
             await self.stop(0)  # the workers already running, the sinks already started
-            if isinstance(exc, ConfigError | PluginError) or (
-                    isinstance(exc, OSError) and exc.filename) or isinstance(exc, sqlite3.Error):
-                raise  # as it is: the key, the plugin, or the file (a database) and its config key
-            raise PluginError(f"sink {name!r} failed to start: {exc!r}",
-                              plugin=self.owners.get(name, "")) from exc
+            raise failed_to_start("sink", name, self.owners.get(name, ""), exc)  # noqa: B904 - its cause is set
         self._started.append(sink)
 
     def publish(self, records: list[Record]) -> None:

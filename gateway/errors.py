@@ -43,6 +43,20 @@ class PluginError(GatewayError):
         self.plugin = plugin
 
 
+def failed_to_start(what: str, name: str, plugin: str, exc: Exception) -> Exception:
+    """What to raise when a channel's or sink's ``start()`` raised ``exc``: a config problem, a
+    plugin's own report, or a file (a database) it cannot open as it is (the CLI names the path
+    and its config key); anything else as a PluginError naming the component and its plugin."""
+    import sqlite3
+
+    if isinstance(exc, ConfigError | PluginError | sqlite3.Error) or (
+            isinstance(exc, OSError) and exc.filename):
+        return exc
+    error = PluginError(f"{what} {name!r} failed to start: {exc!r}", plugin=plugin)
+    error.__cause__ = exc
+    return error
+
+
 class BadPayload(GatewayError):
     """A webhook body that is not JSON, or not the channel's Meta envelope (HTTP 400)."""
 
