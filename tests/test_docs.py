@@ -235,7 +235,7 @@ def unknown_to_plugin(pm: pluggy.PluginManager, kind: str, name: str, key: str) 
     """Why ``[kind.name] key`` is not accepted by any installed plugin, or None if it is."""
     config = GatewayConfig(**{kind: {name: {key: PROBE}}})
     try:
-        (plugins.channels if kind == "channels" else plugins.sinks)(pm, config)
+        plugins.components(pm, config)
     except ConfigError as exc:
         if exc.key == f"{kind}.{name}" or (exc.key == f"{kind}.{name}.{key}"
                                             and exc.message == "unknown key"):
