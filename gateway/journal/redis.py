@@ -61,6 +61,15 @@ ERASE_CHUNK = 1_000
 # add_dead_letters (events a sink gave up on).
 _ADD_DEAD = """
 local function add_dead(p, sink, event_id, data, received_at, reason, attempts, failed_at, seq)
+  if tonumber(seq) > 0 then  -- idempotent: a retried call (its reply lost) adds no second letter
+    for _, known in ipairs(redis.call('ZRANGEBYSCORE', p .. ':dead:seqs:' .. sink, seq, seq)) do
+      local letter = p .. ':dead:letter:' .. known
+      if redis.call('HGET', letter, 'event_id') == event_id
+          and redis.call('HGET', letter, 'state') == 'dead' then
+        return tonumber(known)
+      end
+    end
+  end
   local id = redis.call('INCR', p .. ':dead:seq')
   redis.call('HSET', p .. ':dead:letter:' .. id, 'sink', sink, 'event_id', event_id,
              'data', data, 'received_at', received_at, 'reason', reason, 'attempts', attempts,
@@ -220,7 +229,6 @@ class RedisJournal:
         self.appending = 0  # this replica's appends awaiting Redis's answer
         self.redis = None
         self._claimed: dict[int, str] = {}  # seq → stream id: handed to us, not yet acked
-        self._reread = False
         self._next_autoclaim = 0.0
         self._leases: dict[str, str] = {}  # leases this instance holds: released on close
         self.k_requests = f"{self.p}:requests"
@@ -304,14 +312,7 @@ class RedisJournal:
         """Requests for this replica to process, oldest first: those it was handed and has not
         committed yet, those of replicas idle for ``stale_ms`` (taken over), then new ones.
         Waits while Redis is unreachable."""
-        async def attempt() -> list[RawRequest]:
-            try:
-                return await self._unprocessed(limit)
-            except BaseException:
-                self._reread = True  # entries may have been handed to us with the reply lost
-                raise
-
-        return await self._outage("unprocessed", attempt)
+        return await self._outage("unprocessed", lambda: self._unprocessed(limit))
 
     async def _unprocessed(self, limit: int) -> list[RawRequest]:
         from redis.exceptions import ResponseError
@@ -343,10 +344,12 @@ class RedisJournal:
     async def _read(self, limit: int) -> list:
         stream = self.k_requests
         entries: list = []
-        if self._claimed or self._reread:  # handed to us before, not committed: again
-            mine = await self.redis.xreadgroup(GROUP, self.consumer, {stream: "0"}, count=limit)
-            entries += [e for _, items in mine or [] for e in items]
-            self._reread = False
+        # Handed to us before and not committed: again. Read on every batch, not only after an
+        # error we saw: the client retries a command whose reply was lost by itself, and the
+        # entries of the lost reply are ours then, though nobody here was told (they would wait
+        # for stale_ms, until a takeover). One round trip, answered at once when there are none.
+        mine = await self.redis.xreadgroup(GROUP, self.consumer, {stream: "0"}, count=limit)
+        entries += [e for _, items in mine or [] for e in items]
         now = time.monotonic()
         if len(entries) < limit and now >= self._next_autoclaim:
             self._next_autoclaim = now + min(5.0, self.stale_ms / 2000)

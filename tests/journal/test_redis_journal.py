@@ -338,3 +338,47 @@ async def test_a_worker_whose_lease_lapsed_never_resumes_its_stale_batch(redis_u
     assert writes == ["B:ev-1"]
     await a_journal.close()
     await b_journal.close()
+
+
+async def test_entries_of_a_read_whose_reply_was_lost_are_processed_at_once(redis_url):
+    """The client resends a command whose reply it lost by itself: the entries of the lost
+    XREADGROUP are this replica's then, though the journal never saw them. It must process them
+    on its next read, not after stale_ms (when a take-over would find them)."""
+    journal = RedisJournal(cfg(redis_url), stale_ms=60_000)
+    await journal.open()
+    try:
+        for body in (b"one", b"two"):
+            await journal.append("whatsapp", body, 1.0)
+        lost = await journal.redis.xreadgroup(  # handed to this consumer; the reply never arrives
+            redis_journal.GROUP, journal.consumer, {journal.k_requests: ">"}, count=10)
+        assert len(lost[0][1]) == 2
+        got = await journal.unprocessed(10)
+        assert [r.body for r in got] == [b"one", b"two"]
+        await journal.commit_processed(got[-1].seq, [], [])
+        assert await journal.unprocessed(10) == []
+    finally:
+        await journal.close()
+
+
+async def test_a_dead_letter_stored_twice_by_a_retry_is_kept_once(redis_url):
+    """A retried add_dead_letters whose first run happened (its reply lost) adds no second
+    letter; a replayed letter that fails again is dead-lettered anew, as it must be."""
+    from gateway.journal import StoredEvent
+
+    journal = RedisJournal(cfg(redis_url))
+    await journal.open()
+    try:
+        item = (StoredEvent(5, b'{"id":"e5"}', 1.0), "e5", "Boom", 3)
+        await journal.add_dead_letters("storage", [item])
+        await journal.add_dead_letters("storage", [item])  # the retry
+        assert [(d.event_id, d.seq) for d in await journal.dead_letters()] == [("e5", 5)]
+        assert await journal.dead_letter_counts() == {"storage": 1}
+        assert await journal.request_replay("storage") == 1
+        [marked] = await journal.replays_due("storage", 10)
+        await journal.add_dead_letters("storage", [item])  # the replay failed again
+        await journal.finish_replays([marked.id])
+        letters = await journal.dead_letters()
+        assert [(d.event_id, d.state) for d in letters] == [("e5", "dead")]
+        assert letters[0].id != marked.id
+    finally:
+        await journal.close()
