@@ -41,6 +41,12 @@ def require_positive(struct: Any, prefix: str, *keys: str) -> None:
             raise ConfigError("must be greater than 0", f"{prefix}.{key}")
 
 
+def require_at_least(struct: Any, prefix: str, key: str, lower: str) -> None:
+    """Raise ConfigError naming ``key`` when it is below ``lower`` (an initial <= max pair)."""
+    if not getattr(struct, key) >= getattr(struct, lower):
+        raise ConfigError(f"must be at least {lower}", f"{prefix}.{key}")
+
+
 def require_not_blank(struct: Any, prefix: str, *keys: str) -> None:
     """Raise ConfigError naming the first of ``keys`` (secrets) that is only whitespace: such a
     value is refused like an empty one, never taken for a secret or a token."""
@@ -159,8 +165,7 @@ class OutboundConfig(_Section):
             raise ConfigError("must be at least 1", f"{prefix}.max_attempts")
         require_positive(self, prefix, "backoff_initial", "backoff_max", "reconcile_seconds",
                          "window_hours", "human_agent_days")
-        if not self.backoff_max >= self.backoff_initial:
-            raise ConfigError("must be at least backoff_initial", f"{prefix}.backoff_max")
+        require_at_least(self, prefix, "backoff_max", "backoff_initial")
         if self.concurrency < 1:
             raise ConfigError("must be at least 1", f"{prefix}.concurrency")
         if self.retention_days <= 0:
@@ -169,9 +174,7 @@ class OutboundConfig(_Section):
             raise ConfigError("must be at least 1", f"{prefix}.throttle_max_attempts")
         require_positive(self, prefix, "throttle_backoff_initial", "throttle_backoff_long",
                          "throttle_backoff_max", "throttle_max_seconds", "max_pause_seconds")
-        if not self.throttle_backoff_max >= self.throttle_backoff_initial:
-            raise ConfigError("must be at least throttle_backoff_initial",
-                              f"{prefix}.throttle_backoff_max")
+        require_at_least(self, prefix, "throttle_backoff_max", "throttle_backoff_initial")
         if self.pause_probe_seconds < 0:
             raise ConfigError("must not be negative", f"{prefix}.pause_probe_seconds")
 
@@ -220,8 +223,7 @@ class SinkConfig(PluginSection):
         if self.batch_size < 1:
             raise ConfigError("must be at least 1", f"{prefix}.batch_size")
         require_positive(self, prefix, "backoff_initial", "backoff_max")
-        if not self.backoff_max >= self.backoff_initial:
-            raise ConfigError("must be at least backoff_initial", f"{prefix}.backoff_max")
+        require_at_least(self, prefix, "backoff_max", "backoff_initial")
 
 
 class ChannelConfig(PluginSection):
