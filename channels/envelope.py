@@ -37,6 +37,28 @@ def parse_envelope(body: bytes, objects: frozenset[str]) -> Envelope:
     return envelope
 
 
+_RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw] | None)
+
+
+def decode_or_none(raw: msgspec.Raw, decoder: msgspec.json.Decoder) -> Any:
+    """``raw`` decoded, or None when it is absent or not of the decoder's shape."""
+    if not raw:
+        return None
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def raw_items(raw: msgspec.Raw) -> list[msgspec.Raw]:
+    """The items of a list kept undecoded in a Struct (``msgspec.Raw``), each undecoded.
+
+    Absent, ``null`` or not a list (a malformed shape): no items, like an invalid item, while the
+    lists beside it, and the other entries, still count (typed as a list, it would fail the whole
+    object that holds it)."""
+    return decode_or_none(raw, _RAW_LIST) or []
+
+
 def decode_each(raws: list[msgspec.Raw] | None, decoder: msgspec.json.Decoder) -> list[Any]:
     """Decode every item on its own; an item of the wrong shape is skipped, not fatal."""
     items = []

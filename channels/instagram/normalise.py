@@ -49,7 +49,7 @@ from typing import Any
 
 import msgspec
 
-from channels.envelope import as_str, decode_each
+from channels.envelope import as_str, decode_each, raw_items
 from channels.envelope import parse_envelope as _parse
 from channels.instagram import schemas
 from gateway.events import (
@@ -99,7 +99,7 @@ def normalise(body: bytes) -> list[Event]:
         if account is None:
             continue
         for standby, items in ((False, entry.messaging), (True, entry.standby)):
-            for raw in schemas.items(items):
+            for raw in raw_items(items):
                 try:
                     item = schemas.item_decoder.decode(raw)
                 except (msgspec.DecodeError, RecursionError):

@@ -16,8 +16,8 @@ Obj = dict[str, Any]
 class Entry(msgspec.Struct):
     """``entry[]``: one Instagram professional account's events.
 
-    ``messaging`` and ``standby`` stay undecoded (see :func:`items`): typed as lists, one of the
-    wrong shape (an object, a string) would fail the whole entry and lose the valid list beside
+    ``messaging`` and ``standby`` stay undecoded (``envelope.raw_items``): typed as lists, one of
+    the wrong shape (an object, a string) would fail the whole entry and lose the valid list beside
     it. ``time`` and ``changes`` (comments / mentions, which this channel does not model) are not
     declared, so their shape cannot fail an entry either.
     """
@@ -49,21 +49,6 @@ class Item(msgspec.Struct):
 
 
 entry_decoder = msgspec.json.Decoder(Entry)
-_items_decoder = msgspec.json.Decoder(list[msgspec.Raw] | None)
 item_decoder = msgspec.json.Decoder(Item)
 # An item's top-level keys, values undecoded: finds the event key of a kind Item does not know.
 fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
-
-
-def items(raw: msgspec.Raw) -> list[msgspec.Raw]:
-    """The items of an entry's ``messaging`` / ``standby``, each undecoded.
-
-    Absent, ``null`` or not a list (a malformed shape): no items, like an invalid item, while the
-    entry's other list and the other entries still count.
-    """
-    if not raw:
-        return []
-    try:
-        return _items_decoder.decode(raw) or []
-    except (msgspec.DecodeError, RecursionError):
-        return []

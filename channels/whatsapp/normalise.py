@@ -48,7 +48,7 @@ from typing import Any
 
 import msgspec
 
-from channels.envelope import as_str, decode_each
+from channels.envelope import as_str, decode_each, decode_or_none, raw_items
 from channels.envelope import parse_envelope as _parse
 from channels.whatsapp import schemas
 from channels.whatsapp.content import content, first_error
@@ -114,16 +114,16 @@ def _tolerant(body: bytes) -> list[Event]:
     shape, a list that is not one) is skipped, and only it."""
     events: list[Event] = []
     for entry in decode_each(_parse(body, OBJECTS).entry, schemas.entry_decoder):
-        for change in decode_each(schemas.items(entry.changes), schemas.change_decoder):
+        for change in decode_each(raw_items(entry.changes), schemas.change_decoder):
             if change.field != "messages":
                 continue
-            value = schemas.decode_or_none(change.value, schemas.value_decoder)
+            value = decode_or_none(change.value, schemas.value_decoder)
             if value is None:
                 continue
-            _value(schemas.decode_or_none(value.metadata, schemas.metadata_decoder), value.errors,
-                   decode_each(schemas.items(value.contacts), schemas.contact_decoder),
-                   decode_each(schemas.items(value.messages), schemas.message_decoder),
-                   decode_each(schemas.items(value.statuses), schemas.status_decoder), events)
+            _value(decode_or_none(value.metadata, schemas.metadata_decoder), value.errors,
+                   decode_each(raw_items(value.contacts), schemas.contact_decoder),
+                   decode_each(raw_items(value.messages), schemas.message_decoder),
+                   decode_each(raw_items(value.statuses), schemas.status_decoder), events)
     return events
 
 

@@ -11,7 +11,7 @@ and only the fields an event cannot exist without are typed: a message's or stat
 own item, which is skipped. Every other field (a sender or recipient, a per-type object,
 ``errors``, ``context``, ``biz_opaque_callback_data``, ...) is ``Any``, checked where it is read,
 so an odd one is treated as absent and never costs its item. A ``changes`` / ``contacts`` /
-``messages`` / ``statuses`` that is not a list counts as empty (see :func:`items`): typed as a
+``messages`` / ``statuses`` that is not a list counts as empty (``envelope.raw_items``): typed as a
 list, it would fail its entry or value and lose the valid lists beside it.
 
 Two shapes of the same body: the tolerant one (``Entry`` ... ``Value``, lists undecoded, each item
@@ -154,23 +154,3 @@ contact_decoder = msgspec.json.Decoder(Contact)
 message_decoder = msgspec.json.Decoder(Message)
 status_decoder = msgspec.json.Decoder(Status)
 fast_decoder = msgspec.json.Decoder(FastEnvelope)
-_items_decoder = msgspec.json.Decoder(list[msgspec.Raw] | None)
-
-
-def decode_or_none(raw: msgspec.Raw, decoder: msgspec.json.Decoder) -> Any:
-    """``raw`` decoded, or None when it is absent or not of the decoder's shape."""
-    if not raw:
-        return None
-    try:
-        return decoder.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-
-
-def items(raw: msgspec.Raw) -> list[msgspec.Raw]:
-    """The items of a ``changes`` / ``contacts`` / ``messages`` / ``statuses``, each undecoded.
-
-    Absent, ``null`` or not a list (a malformed shape): no items, like an invalid item, while the
-    other lists of the same value, and the other changes and entries, still count.
-    """
-    return decode_or_none(raw, _items_decoder) or []
