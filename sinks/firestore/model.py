@@ -24,7 +24,7 @@ import msgspec
 
 from gateway.consent import Consent
 from gateway.events import Event
-from sinks.storage.schema import STATUS_RANK, edit_target
+from sinks.storage.schema import STATUS_RANK, doc_id, edit_target
 
 MESSAGES, CONVERSATIONS, CONTACTS = "messages", "conversations", "contacts"
 # Canonical fields of CONTRACT §5 written on every message document (null when absent).
@@ -51,11 +51,6 @@ class Change(NamedTuple):
     key: Key
     create: bool
     fields: dict[str, Any]
-
-
-def doc_id(value: str) -> str:
-    """Document ids never contain ``/`` (CONTRACT §8)."""
-    return value.replace("/", "_")
 
 
 def message_key(ev: Event) -> Key:

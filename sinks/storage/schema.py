@@ -93,6 +93,11 @@ STATUS_RANK = {"sent": 1, "delivered": 2, "read": 3, "played": 4, "failed": 5, "
 
 
 
+def doc_id(value: str) -> str:
+    """Document ids never contain ``/`` (CONTRACT §8): the storage and Firestore sinks' keys."""
+    return value.replace("/", "_")
+
+
 def edit_target(ev: Event) -> str | None:
     """The id of the message ``ev`` edits (its ``reply_to``), or None when ``ev`` is no edit.
 

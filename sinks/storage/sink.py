@@ -20,7 +20,14 @@ from gateway.consent import Consent
 from gateway.events import Event
 from gateway.journal.writer import rows_in
 from gateway.sink import Record, SqliteSink
-from sinks.storage.schema import CONVERSATION_MERGE, SCHEMA, STATUS_RANK, edit_target, migrate
+from sinks.storage.schema import (
+    CONVERSATION_MERGE,
+    SCHEMA,
+    STATUS_RANK,
+    doc_id,
+    edit_target,
+    migrate,
+)
 
 _EXTRA = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
           "contacts", "handover")
@@ -33,11 +40,6 @@ class StorageConfig(SinkConfig):
     """``[sinks.storage]``: ``path`` (default ``<data_dir>/storage.db``)."""
 
     path: str = ""
-
-
-def doc_id(value: str) -> str:
-    """Document ids never contain ``/`` (CONTRACT §8)."""
-    return value.replace("/", "_")
 
 
 def iso(event: Event) -> str:
