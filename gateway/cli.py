@@ -97,8 +97,7 @@ def _database_key(config: gwconfig.GatewayConfig | None) -> str | None:
     data_dir = config.server.data_dir
     files = {os.path.join(data_dir, name): "server.data_dir"
              for name in ("journal.db", "outbox.db", "storage.db", "analytics.db")}
-    files |= {table["path"]: f"sinks.{name}.path" for name, table in config.sinks.items()
-              if isinstance(table.get("path"), str)}
+    files |= {path: key for key, path in _sink_paths(config).items()}
     for path, key in files.items():
         folder = os.path.dirname(os.path.abspath(path))
         if os.path.isdir(path) or (os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK)):
@@ -124,15 +123,19 @@ def _path_key(path: str, config: gwconfig.GatewayConfig | None) -> str:
     """`` (server.data_dir)``: the config key that leads to ``path``, when one does."""
     if config is None:
         return ""
-    keys = {"server.data_dir": config.server.data_dir}
-    keys |= {f"sinks.{name}.path": table["path"] for name, table in config.sinks.items()
-             if isinstance(table.get("path"), str)}
+    keys = {"server.data_dir": config.server.data_dir, **_sink_paths(config)}
     path = os.path.abspath(path)
     for key, value in keys.items():
         value = os.path.abspath(value)
         if path == value or value.startswith(path + os.sep) or path.startswith(value + os.sep):
             return f" ({key})"
     return ""
+
+
+def _sink_paths(config: gwconfig.GatewayConfig) -> dict[str, str]:
+    """``{"sinks.NAME.path": path}`` of every sink table that sets one."""
+    return {f"sinks.{name}.path": table["path"] for name, table in config.sinks.items()
+            if isinstance(table.get("path"), str)}
 
 
 def _plugin_commands() -> tuple[list[Command], PluginError | None]:
