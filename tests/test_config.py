@@ -286,6 +286,16 @@ BOUNDS = [  # (table text, key named, part of the message)
     ('[channels.instagram]\nverify_token = " \\t"', "channels.instagram.verify_token", "blank"),
     ('[channels.whatsapp]\n[[channels.whatsapp.accounts]]\nphone_number_id = "2"\n'
      'access_token = "  "', "channels.whatsapp.accounts[0].access_token", "blank"),
+    ('[channels.whatsapp]\n[[channels.whatsapp.accounts]]\nphone_number_id = " "',
+     "channels.whatsapp.accounts[0].phone_number_id", "must not be empty"),
+    # one number twice would be merged silently (one token and one rate winning)
+    ('[channels.whatsapp]\nphone_number_id = "7"\n[[channels.whatsapp.accounts]]\n'
+     'phone_number_id = "7"', "channels.whatsapp.accounts[0].phone_number_id",
+     "already configured by channels.whatsapp.phone_number_id"),
+    ('[channels.whatsapp]\n[[channels.whatsapp.accounts]]\nphone_number_id = "7"\n'
+     '[[channels.whatsapp.accounts]]\nphone_number_id = "7"',
+     "channels.whatsapp.accounts[1].phone_number_id",
+     "already configured by channels.whatsapp.accounts[0].phone_number_id"),
 ]
 
 

@@ -47,8 +47,17 @@ class WhatsAppConfig(ChannelConfig):
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
+        # one number configured twice would be merged silently, one token and rate winning
+        where = {self.phone_number_id: f"{prefix}.phone_number_id"} if self.phone_number_id else {}
         for i, account in enumerate(self.accounts):
-            require_not_blank(account, f"{prefix}.accounts[{i}]", "access_token")
+            key = f"{prefix}.accounts[{i}]"
+            require_not_blank(account, key, "access_token")
+            if not account.phone_number_id.strip():
+                raise ConfigError("must not be empty", f"{key}.phone_number_id")
+            if account.phone_number_id in where:
+                raise ConfigError(f"{account.phone_number_id!r} is already configured by "
+                                  f"{where[account.phone_number_id]}", f"{key}.phone_number_id")
+            where[account.phone_number_id] = f"{key}.phone_number_id"
         for rate in [self.messages_per_second, *(a.messages_per_second for a in self.accounts)]:
             if rate is not None and not 0 < rate <= 1000:
                 raise ConfigError("must be between 0 and 1000 (Meta's maximum)",
