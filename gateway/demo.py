@@ -24,11 +24,13 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
 import tomllib
 from collections import Counter, deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -97,10 +99,27 @@ def run_demo(config_path: str | None, duration: float) -> int:
         sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     demo = Demo(config_path, max(1.0, duration), sys.stdout)
     try:
-        return asyncio.run(demo.run())
+        return asyncio.run(_until_sigterm(demo.run()))
     except DemoError as exc:
         print(f"gateway demo: {exc}", file=sys.stderr)
         return 1
+    except asyncio.CancelledError:
+        print("gateway demo: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+async def _until_sigterm(work: Coroutine[Any, Any, int]) -> int:
+    """``work``, cancelled by SIGTERM like Ctrl-C cancels it: its ``finally`` clauses stop the
+    simulator and the gateway and remove the demo's temporary directory."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals: not main thread
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await work
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
 
 
 class Demo:

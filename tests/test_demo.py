@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -132,3 +133,28 @@ def test_demo_without_outbound_service_explains(monkeypatch, capsys):
     assert demo.run_demo(None, 1) == 1
     err = capsys.readouterr().err
     assert "no outbound service" in err and "Traceback" not in err
+
+
+def test_sigterm_stops_the_demo_and_removes_its_temporary_directory(tmp_path):
+    """A demo stopped by SIGTERM (a terminal closed, ``timeout``, a CI job cancelled) shuts the
+    gateway down and leaves no temporary data directory behind, as Ctrl-C does."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WHATSAPP_", "INSTAGRAM_", "META_", "GATEWAY_", "OPENAI_"))}
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env["TMPDIR"] = str(scratch)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--duration", "30"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # traffic has begun: the gateway and its data dir are up
+            if re.search(r"(whatsapp|instagram)\s+\S.*>  ", line):
+                break
+        assert [p.name for p in scratch.iterdir()][0].startswith("gateway-demo-")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err
+    assert not list(scratch.iterdir())
