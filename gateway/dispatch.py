@@ -108,6 +108,8 @@ class SinkWorker:
         self._dead_ahead: set[int] = set()
         self._replayed: list[int] = []  # dead letters delivered, not yet deleted from the store
         self.replaying = False  # dead letters are being redelivered right now
+        self.retrying: dict[int, Record] = {}  # events being retried alone, by seq
+        self.erased: set[int] = set()  # ... of those, the ones an erasure removed: given up
 
     async def run(self) -> None:
         """Deliver until :meth:`stop` and caught up. A failing journal (locked, unreachable)
@@ -315,12 +317,23 @@ class SinkWorker:
         """Retry one event alone. After a failed batch, every event gets one attempt of its own
         (a permanent error of the batch may be one bad event's); then backoff until
         ``max_attempts`` or a permanent error."""
+        self.retrying[record.seq] = record  # seen by Dispatcher.forget (an erasure)
+        try:
+            await self._retry(record, error, batched)
+        finally:
+            del self.retrying[record.seq]
+            self.erased.discard(record.seq)
+
+    async def _retry(self, record: Record, error: BaseException, batched: bool) -> None:
         cfg = self.sink.config
         attempts = 0 if batched else 1
         while attempts < cfg.max_attempts and not (attempts and isinstance(error, PermanentError)):
             self.metrics.sink_deliveries.labels(self.sink.name, "retry").inc()
             if attempts:
                 await asyncio.sleep(self._backoff(attempts, error))
+            if record.seq in self.erased:  # GDPR: neither written nor dead-lettered after it
+                log.info("erased_event_not_retried", sink=self.sink.name, attempts=attempts)
+                return
             attempts += 1
             self._check_lease()
             try:
@@ -329,6 +342,9 @@ class SinkWorker:
                 error = exc
                 continue
             self._delivered([record])
+            return
+        if record.seq in self.erased:
+            log.info("erased_event_not_retried", sink=self.sink.name, attempts=attempts)
             return
         await self._dead(record, error, max(attempts, 1))
 
@@ -437,6 +453,14 @@ class Dispatcher:
         self.tail.add(records)
         for worker in self.workers.values():
             worker.wake.set()
+
+    def forget(self, matches) -> None:
+        """GDPR: the events in memory whose canonical JSON ``matches(data, "")`` (a contact's,
+        as :func:`gateway.journal.contact_matcher` tells) are never handed to a sink again, and
+        those being retried are given up (no further attempt, no dead letter)."""
+        self.tail.forget(matches)
+        for worker in self.workers.values():
+            worker.erased |= {seq for seq, r in worker.retrying.items() if matches(r.data, "")}
 
     async def caught_up(self) -> bool:
         """Whether every worker has delivered everything published."""

@@ -41,6 +41,7 @@ from gateway.journal import contact_matcher
 
 log = gwlog.get("gateway.erasure")
 SETTLE_SECONDS = 5.0
+BATCH_WAIT_SECONDS = 30.0  # for the processor's batch in progress, before erasing the journal
 AUDIT_FILE = "erasures.jsonl"
 KEY_FILE = "erasure-audit.key"  # generated once when server.erasure_audit_key is not set
 KEY_ID_MESSAGE = b"erasure-audit-key-id"  # HMAC'd to tell keys apart without revealing them
@@ -144,12 +145,29 @@ async def erase(request: web.Request) -> web.Response:
 
 
 async def erase_contact(app: web.Application, channel: str, contact_id: str) -> dict[str, Any]:
-    """Erase from every sink (concurrently) and the journal; counts per sink."""
+    """Erase from the journal, then from every sink (concurrently); counts per sink.
+
+    The journal goes first, between two of the processor's batches: from then on no sink is
+    handed the contact's events again (not from the journal, nor from memory, nor by a retry),
+    and the requests still waiting to be processed yield none of the contact's events. A sink
+    erased first could be refilled by its worker while the others erase."""
+    out: dict[str, Any] = {"erasure_id": f"era_{uuid.uuid4().hex}", "erased": {},
+                           "not_stored": [], "failed": {}, "journal": None, "warnings": []}
+    processor = app.get(keys.PROCESSOR)
+    lock = processor.batch_lock if processor is not None else asyncio.Lock()
+    try:
+        await asyncio.wait_for(lock.acquire(), BATCH_WAIT_SECONDS)
+    except TimeoutError:  # a batch stuck on its journal (an outage): the journal is not erased
+        out["failed"]["journal"] = (f"TimeoutError: the processor's batch did not finish within "
+                                    f"{BATCH_WAIT_SECONDS:g} s")
+    else:
+        try:
+            await _erase_journal(app, channel, contact_id, out)
+        finally:
+            lock.release()
     sinks = app[keys.SINKS]
     results = await asyncio.gather(*(s.erase_contact(channel, contact_id) for s in sinks.values()),
                                    return_exceptions=True)
-    out: dict[str, Any] = {"erasure_id": f"era_{uuid.uuid4().hex}", "erased": {},
-                           "not_stored": [], "failed": {}, "journal": None, "warnings": []}
     for name, found in zip(sinks, results, strict=True):
         if isinstance(found, BaseException):
             log.error("erasure_failed", sink=name, error=type(found).__name__)
@@ -158,21 +176,26 @@ async def erase_contact(app: web.Application, channel: str, contact_id: str) -> 
             out["not_stored"].append(name)
         else:
             out["erased"][name] = found
+    return out
+
+
+async def _erase_journal(app: web.Application, channel: str, contact_id: str,
+                         out: dict[str, Any]) -> None:
     journal = app.get(keys.JOURNAL)
     eraser = getattr(journal, "erase_contact", None)
     if eraser is None:
         out["warnings"].append(f"the {type(journal).__name__} cannot erase events: they leave it "
                                "with its retention")
-    else:
-        try:
-            out["journal"] = await eraser(channel, contact_id)
-        except Exception as exc:  # noqa: BLE001 - reported like a sink's failure
-            out["failed"]["journal"] = f"{type(exc).__name__}: {exc}"
-        else:  # nor may the dispatcher's memory of recent events hand them to a lagging sink
-            dispatcher = app.get(keys.DISPATCHER)
-            if dispatcher is not None:
-                dispatcher.tail.forget(contact_matcher(channel, contact_id))
-    return out
+        return
+    try:
+        out["journal"] = await eraser(channel, contact_id)
+    except Exception as exc:  # noqa: BLE001 - reported like a sink's failure
+        out["failed"]["journal"] = f"{type(exc).__name__}: {exc}"
+        return
+    # nor may the dispatcher's memory of recent events hand them to a lagging sink
+    dispatcher = app.get(keys.DISPATCHER)
+    if dispatcher is not None:
+        dispatcher.forget(contact_matcher(channel, contact_id))
 
 
 async def _settle(app: web.Application, timeout: float) -> bool:

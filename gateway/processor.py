@@ -14,7 +14,7 @@ from gateway import logging as gwlog
 from gateway.aio import wait_event
 from gateway.errors import BadPayload
 from gateway.events import Event, encode
-from gateway.journal import NewEvent, RawRequest
+from gateway.journal import NewEvent, RawRequest, contact_matcher
 from gateway.sink import Record
 
 if TYPE_CHECKING:
@@ -53,6 +53,13 @@ class ResponseTimer:
             self._metrics.response_time.labels(event.channel).observe(at - asked)
 
 
+def _mentions_erased(req: RawRequest, erasures: dict[tuple[str, str], int]) -> bool:
+    """Whether a request journaled before an erasure holds the erased contact's id (as the
+    erasure tells a raw-request dead letter of the contact)."""
+    return any(contact_matcher(channel, contact)(req.body, f"normalise:{req.channel}")
+               for (channel, contact), upto in erasures.items() if upto >= req.seq)
+
+
 def _checked(event: Event) -> Event:
     """``event`` if it is one the journal can keep (a channel plugin may return anything)."""
     if not isinstance(event, Event):
@@ -81,6 +88,9 @@ class Processor:
         self.stopped = False  # run() returned or was cancelled: nothing will be processed
         self._published = asyncio.Condition()  # notified after every batch is published
         self._event_counters: dict[tuple[str, str, str], Any] = {}  # label children, looked up once
+        # Held for each batch, from reading its requests to publishing its events: an erasure
+        # takes it to erase the journal between two batches, never in the middle of one.
+        self.batch_lock = asyncio.Lock()
 
     async def run(self) -> None:
         """Process until :meth:`stop`; then finish what is journaled (bounded by the caller).
@@ -118,11 +128,16 @@ class Processor:
 
     async def process_batch(self) -> int:
         """Normalise one batch of requests and commit it; return how many requests it held."""
+        async with self.batch_lock:
+            return await self._process_batch()
+
+    async def _process_batch(self) -> int:
         requests = await self.journal.unprocessed(self.batch_size)
         self.metrics.queue_depth.labels("journal").set(self.journal.pending)
         if not requests:
             return 0
-        events, owners, failed = self._normalise(requests)
+        erasures = getattr(self.journal, "erasures", None)
+        events, owners, failed = self._normalise(requests, await erasures() if erasures else {})
         new = [NewEvent(ev.id, ev.channel, ev.conversation_id, data, received)
                for ev, data, received in events]
         seqs = await self.journal.commit_processed(requests[-1].seq, new, failed)
@@ -162,7 +177,10 @@ class Processor:
                 return False
         return caught()
 
-    def _normalise(self, requests: list[RawRequest]):
+    def _normalise(self, requests: list[RawRequest], erasures: dict[tuple[str, str], int]):
+        """Each request's events (encoded), the request each came from, and the requests that
+        could not be normalised. ``erasures`` (GDPR): the contact's events of a request journaled
+        before its erasure are dropped, and so is such a request that fails and mentions it."""
         events: list[tuple[Event, bytes, float]] = []
         owners: list[int] = []
         failed: list[tuple[RawRequest, str]] = []
@@ -178,8 +196,18 @@ class Processor:
                             for event in channel.normalise(req.body)]
             except Exception as exc:  # noqa: BLE001 - kept as a dead letter, never lost
                 log.error("normalise_failed", channel=req.channel, request=req.seq, error=repr(exc))
+                if erasures and _mentions_erased(req, erasures):
+                    log.info("erased_request_dropped", channel=req.channel, request=req.seq)
+                    continue  # as the erasure deletes such a dead letter, never store it
                 failed.append((req, repr(exc)))  # counted once committed (_account)
                 continue
+            if erasures:
+                kept = [(e, d) for e, d in produced
+                        if erasures.get((e.channel, e.customer_id), 0) < req.seq]
+                if len(kept) < len(produced):
+                    log.info("erased_events_dropped", channel=req.channel, request=req.seq,
+                             events=len(produced) - len(kept))
+                    produced = kept
             for event, data in produced:
                 events.append((event, data, req.received_at))
                 owners.append(index)

@@ -31,6 +31,7 @@ Redis crash may lose up to one second of acknowledged webhooks. See ``docs/redis
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
@@ -233,6 +234,7 @@ class RedisJournal:
         self._leases: dict[str, str] = {}  # leases this instance holds: released on close
         self.k_requests = f"{self.p}:requests"
         self.k_events = f"{self.p}:events"
+        self.k_erasures = f"{self.p}:erasures"  # [channel, contact id] -> last request seq
         self.k_cursors = f"{self.p}:cursors"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -516,8 +518,32 @@ class RedisJournal:
 
     # -- GDPR ----------------------------------------------------------------------------------
 
+    async def erasures(self) -> dict[tuple[str, str], int]:
+        """Erased contacts whose events the processor must drop: (channel, contact_id) -> the
+        newest request seq in the stream at the erasure. One round trip per batch (two while
+        an erasure waits); a record goes once no request up to its seq is left in the stream."""
+        found = await self._outage("erasures", lambda: self.redis.hgetall(self.k_erasures))
+        if not found:
+            return {}
+        first = await self._outage("erasures", lambda: self.redis.xrange(
+            self.k_requests, min="-", max="+", count=1))
+        oldest = request_seq(first[0][0]) if first else None
+        live, passed = {}, []
+        for field, upto in found.items():
+            if oldest is None or int(upto) < oldest:
+                passed.append(field)
+            else:
+                live[tuple(json.loads(field))] = int(upto)
+        if passed:
+            await self.redis.hdel(self.k_erasures, *passed)
+        return live
+
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: delete one contact's events and dead letters; return how many of each.
+
+        Requests in the stream (not yet processed by any replica) are not rewritten: the erasure
+        is recorded instead, up to the newest request in the stream, and every replica's
+        processor drops the contact's events of those requests (:meth:`erasures`).
 
         Same rules as :meth:`gateway.journal.sqlite.SqliteJournal.erase_contact`: an event belongs
         to the contact when its channel matches and its customer is ``contact_id``; a raw request
@@ -526,6 +552,12 @@ class RedisJournal:
         """
         mine = contact_matcher(channel, contact_id)
         suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
+        newest = await self.redis.xrevrange(self.k_requests, max="+", min="-", count=1)
+        if newest:
+            field = json.dumps([channel, contact_id])
+            upto = max(request_seq(newest[0][0]), int(await self.redis.hget(
+                self.k_erasures, field) or 0))
+            await self.redis.hset(self.k_erasures, field, upto)
 
         events = 0
         start = "-"

@@ -27,6 +27,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     data BLOB NOT NULL, received_at REAL NOT NULL, reason TEXT NOT NULL, attempts INTEGER NOT NULL,
     failed_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'dead', seq INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters(sink, state);
+CREATE TABLE IF NOT EXISTS erasures (
+    channel TEXT NOT NULL, contact_id TEXT NOT NULL, upto INTEGER NOT NULL,
+    PRIMARY KEY (channel, contact_id)) WITHOUT ROWID;
 """
 PROCESSED = "processed"
 _APPEND = "INSERT INTO requests(seq, channel, received_at, body) VALUES (?, ?, ?, ?)"
@@ -52,6 +55,9 @@ class SqliteJournal:
         self._memory: list[RawRequest] = []
         self._memory_bytes = 0
         self._next_seq = 1
+        # Erased contacts whose requests up to a seq were journaled before their erasure and
+        # not yet processed: (channel, contact_id) -> that seq. Kept until processed past it.
+        self._erasures: dict[tuple[str, str], int] = {}
         self._writer = SqliteWriter(
             self.path,
             ["PRAGMA journal_mode=WAL", f"PRAGMA synchronous={config.queue.synchronous}",
@@ -70,6 +76,8 @@ class SqliteJournal:
             " FROM requests").fetchone())
         self._next_seq = last + 1
         self.committed_seq = last
+        self._erasures = {(ch, cid): upto for ch, cid, upto in await self._writer.run(
+            lambda c: c.execute("SELECT channel, contact_id, upto FROM erasures").fetchall())}
 
     async def close(self) -> None:
         """Let queued work finish and close the database."""
@@ -135,9 +143,15 @@ class SqliteJournal:
                       reason, now) for req, reason in failed])
             removed = c.execute("DELETE FROM requests WHERE seq <= ?", (upto,)).rowcount
             _set_cursor(c, PROCESSED, upto)
+            if passed:
+                c.execute("DELETE FROM erasures WHERE upto <= ?", (upto,))
             return seqs, removed
 
+        passed = [key for key, last in self._erasures.items() if last <= upto]
         seqs, removed = await self._writer.run(work)
+        for key in passed:
+            if self._erasures.get(key, upto + 1) <= upto:  # not erased again meanwhile
+                del self._erasures[key]
         self.pending = max(0, self.pending - removed)
         if self._memory and self._memory[0].seq <= upto:
             done = bisect.bisect_right(self._memory, upto, key=lambda r: r.seq)
@@ -243,8 +257,18 @@ class SqliteJournal:
         await self._writer.run(lambda c: c.execute(
             f"DELETE FROM cursors WHERE name LIKE 'sink:%' AND name NOT IN ({marks})", names))
 
+    async def erasures(self) -> dict[tuple[str, str], int]:
+        """Erased contacts whose events the processor must drop: (channel, contact_id) -> the
+        newest request seq journaled before the erasure (see :meth:`erase_contact`)."""
+        return self._erasures
+
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: delete one contact's events and dead letters; return how many of each.
+
+        Requests journaled before the erasure and not yet processed (a lagging processor; appends
+        still in their group commit) are not rewritten: the erasure is recorded instead, and the
+        processor drops the contact's events of every request up to the newest one appended so
+        far (:meth:`erasures`). The record goes once the processor has passed that request.
 
         An event belongs to the contact when its channel matches and its customer (the sender of
         inbound events, the recipient of outbound ones) is ``contact_id``. A dead letter that is
@@ -264,9 +288,19 @@ class SqliteJournal:
             dead = [(i,) for i, sink, data in c.execute("SELECT id, sink, data FROM dead_letters")
                     if mine(data, sink)]
             c.executemany("DELETE FROM dead_letters WHERE id = ?", dead)
+            if holding:
+                c.execute("INSERT INTO erasures(channel, contact_id, upto) VALUES (?, ?, ?) "
+                          "ON CONFLICT DO UPDATE SET upto = max(upto, excluded.upto)",
+                          (channel, contact_id, newest))
             return {"events": len(events), "dead_letters": len(dead)}
 
-        return await self._writer.run(work)
+        newest = self._next_seq - 1  # every request appended so far, committed or not yet
+        holding = bool(self.pending or self.appending)  # some may hold the contact's events
+        result = await self._writer.run(work)
+        if holding:
+            key = (channel, contact_id)
+            self._erasures[key] = max(self._erasures.get(key, 0), newest)
+        return result
 
 
 def _store_new(c: sqlite3.Connection, events: list[NewEvent], now: float) -> list[int | None]:

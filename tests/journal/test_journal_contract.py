@@ -242,6 +242,29 @@ async def _commit_one(journal, event_id: str, received_at: float = 1.0) -> int |
     return seq
 
 
+async def test_an_erasure_is_remembered_until_its_requests_are_processed(journal):
+    """An erasure while requests wait to be processed: ``erasures()`` names the contact with the
+    newest request journaled before it, until the processor has passed that request (the
+    processor drops the contact's events of those requests). Nothing pending: no record."""
+    assert await journal.erasures() == {}
+    await journal.erase_contact("whatsapp", "15550001234")  # nothing pending
+    assert await journal.erasures() == {}
+    for n in range(2):
+        await journal.append("whatsapp", f"body{n}".encode(), 10.0 + n)
+    first, second = await journal.unprocessed(10)
+    await journal.erase_contact("whatsapp", "15550001234")
+    await journal.erase_contact("instagram", "15550001234")
+    await journal.append("whatsapp", b"after", 12.0)  # journaled after the erasure
+    assert await journal.erasures() == {("whatsapp", "15550001234"): second.seq,
+                                        ("instagram", "15550001234"): second.seq}
+    await journal.commit_processed(first.seq, [], [])
+    assert await journal.erasures() == {("whatsapp", "15550001234"): second.seq,
+                                        ("instagram", "15550001234"): second.seq}
+    await journal.unprocessed(10)
+    await journal.commit_processed(second.seq, [], [])
+    assert await journal.erasures() == {}
+
+
 async def test_dedupe_survives_close_and_reopen(journal, request, tmp_path):
     first = await _commit_one(journal, "before-restart")
     assert first
