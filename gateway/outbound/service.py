@@ -197,6 +197,13 @@ class OutboundService(PythonAPI, Pausing):
                 if opted_out is not None and (said is None or at >= said[0]):
                     _remember(self.said, key, (at, opted_out))
 
+    def forget_contact(self, channel: str, contact_id: str) -> None:
+        """GDPR: drop what :meth:`observe` remembers of a contact (its latest message, its word
+        on consent), as the outbox erases its stored copy of both."""
+        for cache in (self.recent, self.said):
+            for key in [k for k in cache if k[0] == channel and k[2] == contact_id]:
+                del cache[key]
+
     async def _check(self, req: rq.OutboundRequest, account: str) -> rq.OutboundRequest:
         customer = await self.outbox.customer(req.channel, account, req.to or "")
         seen = self.recent.get((req.channel, account, req.to or ""))

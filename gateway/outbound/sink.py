@@ -51,4 +51,5 @@ class OutboxSink(Sink):
                                     status="read", error=None)
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
+        self.service.forget_contact(channel, contact_id)
         return await self.service.outbox.erase_contact(channel, contact_id)
