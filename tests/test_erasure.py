@@ -31,6 +31,7 @@ from gateway.journal import StoredEvent
 from gateway.testing.graph import GraphSimulator
 from tests.conftest import CHANNELS_TOML, SINKS_TOML, fixture_bytes
 from tests.firestore.conftest import firestore_emulator, firestore_toml  # noqa: F401
+from tests.sinks.test_ai_sink import channels_toml, meta  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "erasure-test-token"
@@ -70,13 +71,14 @@ async def start(gateway, sinks: str, token: str | None = TOKEN):
     return await gateway(extra, sinks=sinks)
 
 
-async def post_all(gw) -> None:
+async def post_all(gw, settle: bool = True) -> None:
     for channel, body in (("whatsapp", fixture_bytes("whatsapp/text.json")),
                           ("whatsapp", fixture_bytes("whatsapp/batch_mixed.json")),
                           ("whatsapp", second_account_text()),
                           ("instagram", fixture_bytes("instagram/text.json"))):
         assert (await gw.post(channel, body))[0] == 200
-    await gw.settle()
+    if settle:
+        await gw.settle()
 
 
 def customer(event) -> tuple[str, str]:
@@ -521,3 +523,203 @@ async def test_a_lagging_sink_never_receives_what_the_erasure_removed(gateway, m
     assert await gw.app[keys.DISPATCHER].caught_up()
     assert crm.of(("whatsapp", "15550005678")) == 1
     assert crm.of(("whatsapp", ERASED)) == 0
+
+
+def hold_processor(gw) -> asyncio.Event:
+    """Stop the processor from taking batches until the returned event is set (a processor
+    lagging behind the erasure's wait)."""
+    processor = gw.app[keys.PROCESSOR]
+    gate = asyncio.Event()
+    original = processor.process_batch
+
+    async def held() -> int:
+        await gate.wait()
+        return await original()
+
+    processor.process_batch = held
+    return gate
+
+
+async def test_requests_journaled_before_the_erasure_never_bring_the_contact_back(
+        gateway, monkeypatch):
+    """Requests still waiting to be processed when the erasure runs (the processor lagging
+    beyond the erasure's wait) yield none of the erased contact's events afterwards, while the
+    other contacts' events of the same requests are stored; the contact writing after the
+    erasure is stored afresh. The erasure's record is kept only until those are processed."""
+    from gateway import erasure
+
+    monkeypatch.setattr(erasure, "SETTLE_SECONDS", 0.2)
+    gw = await start(gateway, SINKS_TOML)
+    gate = hold_processor(gw)
+    gw.app[keys.PROCESSOR].wake.set()
+    await asyncio.sleep(0.05)  # a batch the processor had begun is done
+    await post_all(gw, settle=False)
+    journal = gw.app[keys.JOURNAL]
+    assert journal.pending > 0
+    status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
+    assert status == 200 and body["settled"] is False and body["failed"] == {}
+    assert await journal.erasures() == {("whatsapp", ERASED): journal.committed_seq}
+    after = new_text("wamid.TEST.IN.AFTER.0002", 1_760_100_000)  # written after the erasure
+    assert (await gw.post("whatsapp", after))[0] == 200
+    gate.set()
+    await gw.settle()
+    assert await gw.sql("SELECT id FROM messages WHERE conversation_id LIKE ?",
+                        (f"%:{ERASED}",)) == [("wamid.TEST.IN.AFTER.0002",)]
+    assert [(e["channel"], e["sender"]["id"]) for e in gw.jsonl()
+            if ERASED in json.dumps(e)] == [("whatsapp", ERASED)]  # the new message alone
+    assert {customer(decode(line)) for line in
+            (msgspec.json.encode(e) for e in gw.jsonl())} == CONTACTS  # the others: all kept
+    assert await journal.erasures() == {}
+    rows = await journal._writer.run(lambda c: c.execute("SELECT * FROM erasures").fetchall())
+    assert rows == []
+
+
+async def test_an_erasure_waiting_for_its_requests_survives_a_restart(tmp_path):
+    """The record of an erasure whose requests are not yet processed is durable: a restart
+    before they are processed still drops the contact's events."""
+    from gateway.journal.sqlite import SqliteJournal
+
+    path = tmp_path / "g.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n')
+    config = gwconfig.load(str(path), environ={})
+    journal = SqliteJournal(config)
+    await journal.open()
+    for body in (b"one", b"two"):
+        await journal.append("whatsapp", body, time.time())
+    await journal.erase_contact("whatsapp", ERASED)
+    await journal.close()
+    journal = SqliteJournal(config)
+    await journal.open()
+    assert await journal.erasures() == {("whatsapp", ERASED): 2}
+    await journal.append("whatsapp", b"three", time.time())
+    await journal.commit_processed(1, [], [])
+    assert await journal.erasures() == {("whatsapp", ERASED): 2}  # request 2 is still to come
+    await journal.commit_processed(3, [], [])
+    assert await journal.erasures() == {}
+    await journal.close()
+    journal = SqliteJournal(config)
+    await journal.open()
+    assert await journal.erasures() == {}
+    await journal.erase_contact("whatsapp", ERASED)  # nothing pending: nothing to remember
+    assert await journal.erasures() == {}
+    await journal.close()
+
+
+async def test_a_request_that_fails_to_normalise_keeps_no_dead_letter_of_an_erased_contact(
+        gateway, monkeypatch):
+    """A raw request journaled before the erasure that no channel can normalise would be kept
+    as a dead letter, body and all; when it mentions the erased contact it is not (as the
+    erasure deletes such a letter)."""
+    from gateway import erasure
+    from tests.test_pipeline import OddPlugin
+
+    monkeypatch.setattr(erasure, "SETTLE_SECONDS", 0.2)
+    gw = await gateway(f'api_token = "{TOKEN}"', extra_plugins=[OddPlugin()])
+    gate = hold_processor(gw)
+    gw.app[keys.PROCESSOR].wake.set()
+    await asyncio.sleep(0.05)
+    mine = json.dumps({"shape": "lazy", "from": ERASED}).encode()
+    other = json.dumps({"shape": "lazy", "from": "15550005678"}).encode()
+    for body in (mine, other):
+        assert (await gw.post("odd", body, secret="odd-secret"))[0] == 200
+    assert (await delete(gw, f"/v1/contacts/odd/{ERASED}"))[0] == 200
+    gate.set()
+    await gw.settle()
+    assert [d.data for d in await gw.app[keys.JOURNAL].dead_letters()] == [other]
+
+
+async def test_an_event_being_retried_is_given_up_by_the_erasure(gateway, monkeypatch):
+    """An event of the contact that a sink is retrying when the erasure runs (beyond the
+    erasure's wait) is not written by a later attempt, nor dead-lettered."""
+    from gateway import erasure
+
+    monkeypatch.setattr(erasure, "SETTLE_SECONDS", 0.2)
+    plugin = ThirdPartyPlugin()
+    gw = await gateway(f'api_token = "{TOKEN}"', extra_plugins=[plugin],
+                       sinks=SINKS_TOML + "[sinks.crm]\nbatch_size = 1\nmax_attempts = 100\n"
+                       "backoff_initial = 0.1\nbackoff_max = 0.1\n")
+    crm = plugin.sinks["crm"]
+    failing = True
+    attempts = []
+    original = crm.write
+
+    async def write(records) -> None:
+        attempts.append(len(records))
+        if failing:
+            raise ConnectionError("the CRM is down")
+        await original(records)
+
+    crm.write = write
+    assert (await gw.post("whatsapp", fixture_bytes("whatsapp/text.json")))[0] == 200
+    for _ in range(200):
+        if len(attempts) >= 2:  # the batch failed, and the event's first retry too
+            break
+        await asyncio.sleep(0.01)
+    assert (await delete(gw, f"/v1/contacts/whatsapp/{ERASED}"))[0] == 200
+    failing = False  # the CRM is back: the next attempt would write the contact's event
+    await gw.settle()
+    other = json.loads(fixture_bytes("whatsapp/text.json"))
+    value = other["entry"][0]["changes"][0]["value"]
+    value["contacts"][0]["wa_id"] = value["messages"][0]["from"] = "15550005678"
+    value["messages"][0]["id"] = "wamid.TEST.IN.TEXT.OTHER.0002"
+    assert (await gw.post("whatsapp", json.dumps(other).encode()))[0] == 200
+    await gw.settle()
+    assert crm.of(("whatsapp", ERASED)) == 0 and crm.of(("whatsapp", "15550005678")) == 1
+    assert await gw.app[keys.JOURNAL].dead_letters() == []
+    worker = gw.app[keys.DISPATCHER].workers["crm"]
+    assert not worker.retrying and not worker.erased
+
+
+async def test_a_lagging_sink_is_not_refilled_while_a_slow_sink_erases(gateway, monkeypatch):
+    """The journal and the dispatcher's memory are erased before the sinks: a lagging sink's
+    worker cannot go on handing the contact's events to it while another sink (Firestore with
+    many documents, a big jsonl file) is still erasing. At most the batch it was writing lands."""
+    from gateway import erasure
+
+    monkeypatch.setattr(erasure, "SETTLE_SECONDS", 0.2)
+    plugin = ThirdPartyPlugin()
+    gw = await gateway(f'api_token = "{TOKEN}"', extra_plugins=[plugin],
+                       sinks=SINKS_TOML + "[sinks.crm]\nbatch_size = 1\n[sinks.archive]\n")
+    crm, archive = plugin.sinks["crm"], plugin.sinks["archive"]
+    crm_write, archive_erase = crm.write, archive.erase_contact
+
+    async def slow_write(records) -> None:
+        await asyncio.sleep(0.05)
+        await crm_write(records)
+
+    async def slow_erase(channel: str, contact_id: str) -> dict[str, int]:
+        await asyncio.sleep(1.0)
+        return await archive_erase(channel, contact_id)
+
+    crm.write, archive.erase_contact = slow_write, slow_erase
+    for i in range(40):
+        body = new_text(f"wamid.TEST.IN.LAG.{i:04d}", 1_760_000_000 + i)
+        assert (await gw.post("whatsapp", body))[0] == 200
+    status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
+    assert status == 200 and body["settled"] is False
+    assert crm.of(("whatsapp", ERASED)) <= 1
+    await gw.settle()
+    assert crm.of(("whatsapp", ERASED)) <= 1 and archive.of(("whatsapp", ERASED)) == 0
+
+
+async def test_the_outbound_service_forgets_the_contact(gateway, meta):  # noqa: F811
+    """After the erasure the outbound service knows nothing of the contact's last message (nor
+    its word on consent): a free-form message to it is refused as to a number never heard of,
+    until it writes again."""
+    gw = await gateway(f'api_token = "{TOKEN}"', sinks="[sinks.storage]\n",
+                       channels=channels_toml(meta.graph.url))
+
+    async def send(to: str) -> int:
+        msg = {"channel": "whatsapp", "to": to, "type": "text", "text": "hello"}
+        async with gw.session.post(f"{gw.url}/v1/messages", json=msg, headers=AUTH) as resp:
+            return resp.status
+
+    async with meta(gw) as sim:
+        await sim.customer_says("whatsapp", ERASED, "Hello there")
+        await gw.settle()
+        assert await send(ERASED) == 202  # within the customer-service window
+        assert (await delete(gw, f"/v1/contacts/whatsapp/{ERASED}"))[0] == 200
+        assert await send(ERASED) == 422 == await send("15550009999")
+        await sim.customer_says("whatsapp", ERASED, "Me again")
+        await gw.settle()
+        assert await send(ERASED) == 202
