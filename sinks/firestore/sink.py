@@ -276,6 +276,14 @@ class FirestoreSink(Sink):
 
         Uses the queries ``conversations where channel == X and contact_id == Y`` and
         ``messages where conversation_id == Z`` (see ``sinks/firestore/indexes.json``).
+
+        A message is found only through its conversation's document, so the deletes go in this
+        order, in commits of ``MAX_OPS`` sent one after the other: every message, then the
+        conversations, then the contact. When a commit fails (the erasure is then reported
+        incomplete), what it and the later ones would have deleted is still reachable — no
+        conversation is gone while one of its messages is left — and a repeated erasure
+        finishes the job. (A conversation may share a commit with the last messages: a commit
+        is applied whole or not at all.)
         """
         from google.cloud.firestore_v1.base_query import FieldFilter
 
@@ -283,21 +291,18 @@ class FirestoreSink(Sink):
             convs = (self.collection(CONVERSATIONS)
                      .where(filter=FieldFilter("channel", "==", channel))
                      .where(filter=FieldFilter("contact_id", "==", contact_id)))
-            doomed: list[Any] = []
-            counts = {"contacts": 0, "conversations": 0, "messages": 0}
+            conversations: list[Any] = []
+            messages: list[Any] = []
             opts = {"retry": self.retry, "timeout": self.config.timeout}
             async for conv in convs.stream(**opts):
-                counts["conversations"] += 1
-                doomed.append(conv.reference)
+                conversations.append(conv.reference)
                 query = self.collection(MESSAGES).where(
                     filter=FieldFilter("conversation_id", "==", conv.id))
                 async for message in query.select([]).stream(**opts):
-                    counts["messages"] += 1
-                    doomed.append(message.reference)
+                    messages.append(message.reference)
             contact = self.collection(CONTACTS).document(doc_id(f"{channel}:{contact_id}"))
-            if (await contact.get(**opts)).exists:
-                counts["contacts"] = 1
-                doomed.append(contact)
+            contacts = [contact] if (await contact.get(**opts)).exists else []
+            doomed = [*messages, *conversations, *contacts]  # the order matters: see above
             for start in range(0, len(doomed), MAX_OPS):
                 batch = self.client.batch()
                 for ref in doomed[start:start + MAX_OPS]:
@@ -305,7 +310,8 @@ class FirestoreSink(Sink):
                 await batch.commit(**opts)
         except Exception as exc:  # noqa: BLE001 - the erasure endpoint reports the class
             raise classify(exc) from exc
-        return counts
+        return {"contacts": len(contacts), "conversations": len(conversations),
+                "messages": len(messages)}
 
 
 def _rounds(events: list[Event]) -> Iterator[list[Event]]:

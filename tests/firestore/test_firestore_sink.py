@@ -8,6 +8,7 @@ carry the fixtures' expected canonical fields.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -386,6 +387,134 @@ async def test_erase_contact_deletes_more_than_one_batch(firestore_emulator, fir
         assert len(docs["messages"]) == 3
         assert await sink.erase_contact("whatsapp", "15555000001") == {
             "contacts": 0, "conversations": 0, "messages": 0}
+    finally:
+        await sink.close()
+
+
+ERASED_CUSTOMER, KEPT_CUSTOMER = "15555100001", "15555100002"
+
+
+async def erasure_setup(sink: FirestoreSink) -> tuple[dict, dict]:
+    """A contact with more than two commits of documents (1100 messages on one number, 5 on
+    another, a status stub), and others: another customer, and the same id on Instagram.
+    Returns everything as stored (with update times) and the other contacts' part of it."""
+    mine = [message(n, ERASED_CUSTOMER, n) for n in range(1100)]
+    mine += [message(n, ERASED_CUSTOMER, 2000 + n, account="100000000000002") for n in range(5)]
+    mine.append(Status(  # a status of an outbound message not seen: a stub document
+        schema=1, id="st-1", channel="whatsapp", direction="outbound", status="delivered",
+        account_id="100000000000001", sender=Party(id="100000000000001"),
+        recipient=Party(id=ERASED_CUSTOMER), message_id="wamid.OUT.erased.1", timestamp=T0,
+        conversation_id=conversation_id("whatsapp", "100000000000001", ERASED_CUSTOMER)))
+    others = [message(n, KEPT_CUSTOMER, n) for n in range(3)]
+    others.append(Message(  # the same id on another channel is someone else
+        schema=1, id="ig-1", channel="instagram", direction="inbound", account_id="17841400001",
+        conversation_id=conversation_id("instagram", "17841400001", ERASED_CUSTOMER),
+        sender=Party(id=ERASED_CUSTOMER), recipient=Party(id="17841400001"), timestamp=T0,
+        message_id="mid.ig.1", type="text", text="hello"))
+    await sink.write(records(mine + others))
+    before = await everything(sink, with_time=True)
+    assert len(before["messages"]) == 1106 + 4
+    return before, kept_part(before)
+
+
+def kept_part(docs: dict) -> dict:
+    """The documents that are not the erased contact's (WhatsApp ``ERASED_CUSTOMER``)."""
+    convs = {k for k, (d, _) in docs["conversations"].items()
+             if d["channel"] == "whatsapp" and d["contact_id"] == ERASED_CUSTOMER}
+    return {"contacts": {k: v for k, v in docs["contacts"].items()
+                         if k != f"whatsapp:{ERASED_CUSTOMER}"},
+            "conversations": {k: v for k, v in docs["conversations"].items() if k not in convs},
+            "messages": {k: v for k, v in docs["messages"].items()
+                         if v[0]["conversation_id"] not in convs}}
+
+
+def fail_commit(monkeypatch, sink: FirestoreSink, numbers: set[int]) -> None:
+    """Make these commits (counting from 1, from now on) fail as a network failure would,
+    before anything of them is applied; the others go to the emulator as they are."""
+    real = sink.client.batch
+    sent = itertools.count(1)
+
+    def batch():
+        created = real()
+        commit = created.commit
+
+        async def failing(*args, **kwargs):
+            if next(sent) in numbers:
+                raise ConnectionError("injected: the connection dropped before this commit")
+            return await commit(*args, **kwargs)
+
+        created.commit = failing
+        return created
+
+    monkeypatch.setattr(sink.client, "batch", batch)
+
+
+async def orphans(sink: FirestoreSink) -> list[str]:
+    """Messages whose conversation's document is gone: an erasure, which finds messages only
+    through it, would never find them again."""
+    docs = await everything(sink)
+    return [k for k, d in docs["messages"].items()
+            if d["conversation_id"] not in docs["conversations"]]
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3])
+async def test_erase_contact_failed_part_way_is_finished_by_a_repeat(
+        firestore_emulator, firestore_project, monkeypatch, failing):
+    """The erasure's commit number ``failing`` (of three) fails: the erasure raises (the
+    endpoint answers 500 erasure_incomplete, "repeat the request"), and the repeat erases
+    every message, conversation and contact of that contact left, and nothing else."""
+    sink = FirestoreSink(FirestoreConfig(project_id=firestore_project,
+                                         emulator_host=firestore_emulator))
+    await sink.start()
+    try:
+        before, kept = await erasure_setup(sink)
+        fail_commit(monkeypatch, sink, {failing})
+        with pytest.raises(RetryableError, match="ConnectionError"):
+            await sink.erase_contact("whatsapp", ERASED_CUSTOMER)
+        monkeypatch.undo()
+        left = await everything(sink, with_time=True)
+        deleted = sum(len(before[c]) - len(left[c]) for c in before)
+        assert deleted == MAX_OPS * (failing - 1)  # the commits before the failed one went through
+        unreachable = await orphans(sink)
+
+        counts = await sink.erase_contact("whatsapp", ERASED_CUSTOMER)
+        after = await everything(sink, with_time=True)
+        assert {c: len(d) for c, d in after.items()} == {c: len(d) for c, d in kept.items()}
+        assert after == kept  # the contact's documents are all gone; the others untouched
+        assert unreachable == []  # nothing was ever out of the repeat's reach
+        assert sum(counts.values()) == 1109 - deleted  # 1106 messages, 2 conversations, 1 contact
+        assert await sink.erase_contact("whatsapp", ERASED_CUSTOMER) == {
+            "contacts": 0, "conversations": 0, "messages": 0}
+    finally:
+        await sink.close()
+
+
+async def test_erase_contact_failing_again_and_again_still_finishes(
+        firestore_emulator, firestore_project, monkeypatch):
+    """Every attempt's second commit fails: each repeat still finds what is left, deletes a
+    commit more, and the last one (fewer than two commits left) completes."""
+    sink = FirestoreSink(FirestoreConfig(project_id=firestore_project,
+                                         emulator_host=firestore_emulator))
+    await sink.start()
+    try:
+        _, kept = await erasure_setup(sink)
+        outcomes, unreachable = [], []
+        for _ in range(5):
+            fail_commit(monkeypatch, sink, {2})
+            try:
+                outcomes.append(await sink.erase_contact("whatsapp", ERASED_CUSTOMER))
+            except RetryableError:
+                outcomes.append("failed")
+            monkeypatch.undo()
+            unreachable += await orphans(sink)
+            if outcomes[-1] != "failed":
+                break
+        after = await everything(sink, with_time=True)
+        assert {c: len(d) for c, d in after.items()} == {c: len(d) for c, d in kept.items()}
+        assert after == kept
+        assert unreachable == []
+        assert outcomes == ["failed", "failed",
+                            {"contacts": 1, "conversations": 2, "messages": 106}]
     finally:
         await sink.close()
 
