@@ -157,7 +157,7 @@ async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends)
     rotated = gw.data_dir / "events.jsonl.1.gz"  # as logrotate leaves it: purged too
     with gzip.open(rotated, "wb") as handle:
         handle.writelines(lines)
-    other = gw.data_dir / "events.jsonl.bak"  # not a name logrotate gives: not the sink's
+    other = gw.data_dir / "events.jsonl.bak"  # a copy made by hand: purged too
     other.write_bytes(b"".join(lines))
 
     status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
@@ -167,7 +167,7 @@ async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends)
     if firestore is not None:
         assert body["erased"]["firestore"] == {"contacts": 1, "conversations": 2, "messages": 4}
     assert body["journal"] == {"events": 4, "dead_letters": 5}
-    assert body["erased"]["jsonl"] == {"events": 8}  # 4 lines, in the file and its copy
+    assert body["erased"]["jsonl"] == {"events": 12}  # 4 lines, in the file and its 2 copies
     assert "jsonl" not in body["not_stored"] and body["failed"] == {}
     assert body["warnings"] == []
     assert body["erasure_id"].startswith("era_") and body["settled"] is True
@@ -175,7 +175,7 @@ async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends)
     assert live.read_bytes().splitlines(keepends=True) == kept
     with gzip.open(rotated, "rb") as handle:
         assert handle.read().splitlines(keepends=True) == kept
-    assert other.read_bytes() == b"".join(lines)
+    assert other.read_bytes() == b"".join(kept)
 
     after = await storage_state(gw)
     for name, rows in storage.items():

@@ -15,9 +15,7 @@ the same file: appends go on at its new end.
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
-import re
 import zlib
 from collections import deque
 
@@ -30,9 +28,13 @@ from sinks.jsonl.purge import purge
 from sinks.jsonl.tail import lines_backwards, whole_lines_end
 
 _FLAGS = os.O_RDWR | os.O_APPEND
-# What logrotate leaves beside the file: events.jsonl.1, events.jsonl.2.gz, events.jsonl-20261201.gz
-ROTATED = re.compile(r"(\.\d+|-\d[\d-]*)?(\.gz)?")
-UNREADABLE = re.compile(r"(\.\d+|-\d[\d-]*)?\.(xz|bz2|zst|lz4|Z)")  # copies it cannot rewrite
+# Compressions a copy may be in, by their first bytes and by suffix: only gzip (named .gz, as
+# logrotate names it) is read and rewritten; a copy in any other is reported, never skipped.
+MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"),
+         (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"), (b"\x1f\x9d", "compress"),
+         (b"\x1f\xa0", "compress"), (b"LZIP", "lzip"), (b"\x89LZO", "lzop"),
+         (b"PK\x03\x04", "zip"), (b"7z\xbc\xaf\x27\x1c", "7z"))
+COMPRESSED = {".xz", ".lzma", ".bz2", ".zst", ".lz4", ".Z", ".lz", ".lzo", ".br", ".zip", ".7z"}
 _Id = msgspec.defstruct("_Id", [("id", str)])
 _id_decoder = msgspec.json.Decoder(_Id)
 
@@ -208,38 +210,39 @@ class JsonlSink(Sink):
         return [self.config.path]
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
-        """GDPR: rewrite the file, and its rotated copies beside it (``events.jsonl.1``,
-        ``events.jsonl-20261201.gz``, ...), without the contact's lines. Appends wait while the
-        live file is rewritten, not while the copies are; a file that never mentions the contact
-        is only scanned, never rewritten.
+        """GDPR: rewrite the file, and every copy beside it whose name starts with the file's
+        (``events.jsonl.1``, ``events.jsonl-20261201.gz``, ``events.jsonl.2026-12-01``,
+        ``events.jsonl.old``, ...: see :func:`rotated_copies`), without the contact's lines.
+        Appends wait while the live file is rewritten, not while the copies are; a file that
+        never mentions the contact is only scanned, never rewritten.
 
         Raises:
             OSError, EOFError, zlib.error: a file that could not be rewritten (a ``.gz`` still
                 being written by logrotate, say); the others are purged all the same, and the
                 erasure reports this sink as failed, to be repeated.
             PermanentError: copies in a compression it cannot rewrite (``.xz``, ``.bz2``,
-                ``.zst``, ...) are beside the file: the rest is purged; those must be by hand.
+                ``.zst``, ..., or gzip not named ``.gz``) are beside the file: the rest is
+                purged; those must be by hand.
         """
         # Shielded, as writes are: a cancelled erasure must not release the lock while its
         # thread still replaces the file and the descriptor appends go to.
         return await asyncio.shield(self._erase(channel, contact_id))
 
     async def _erase(self, channel: str, contact_id: str) -> dict[str, int]:
-        path = self.config.path
         async with self._erasing:
             async with self._lock:  # the live file: appends wait, then go to the new file
                 live, failure = await asyncio.to_thread(self._purge_live, channel, contact_id)
             # The rotated copies, which the sink never appends to, with appends going on.
-            names = sorted(glob.glob(glob.escape(path) + "?*"))
-            rotated = [p for p in names if ROTATED.fullmatch(p[len(path):]) and os.path.isfile(p)]
-            copies, other = await asyncio.to_thread(_purge_all, rotated, channel, contact_id)
-        if failure or other:
-            raise failure or other
-        unreadable = [p for p in names if UNREADABLE.fullmatch(p[len(path):])]
+            copies, unreadable = await asyncio.to_thread(rotated_copies, self.config.path)
+            removed, other = await asyncio.to_thread(_purge_all, copies, channel, contact_id)
+        failure = failure or other
         if unreadable:
+            also = f" (and {type(failure).__name__}: {failure})" if failure else ""
             raise PermanentError(f"cannot purge {', '.join(unreadable)}: only plain and .gz "
-                                 "copies are rewritten; purge these by hand")
-        return {"events": live + copies}
+                                 f"copies are rewritten; purge these by hand{also}") from failure
+        if failure:
+            raise failure
+        return {"events": live + removed}
 
     def _purge_live(self, channel: str, contact_id: str) -> tuple[int, BaseException | None]:
         try:
@@ -253,6 +256,58 @@ class JsonlSink(Sink):
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def rotated_copies(path: str) -> tuple[list[str], list[str]]:
+    """The copies beside ``path`` (every file whose name is the file's and then more, after a
+    character that is not a letter or digit: ``events.jsonl.1``, ``events.jsonl-20261201.gz``,
+    ``events.jsonl.2026-12-01``, ``events.jsonl.old``, ``events.jsonl~``; not ``events.jsonl2``,
+    a file of another name) split into those it can purge and those in a compression it cannot
+    read (by suffix, or by content: a gzip copy not named .gz, an .xz one named .old), sorted.
+    A symbolic link counts as the file it points to (purged there, the link kept); a link to
+    the live file, or a second link to one copy, is not another copy."""
+    directory, base = os.path.split(os.path.abspath(path))
+    try:
+        live = os.stat(path)
+        seen = {(live.st_dev, live.st_ino)}
+    except FileNotFoundError:
+        seen = set()
+    copies, unreadable = [], []
+    with os.scandir(directory) as entries:
+        names = sorted(e.name for e in entries if e.name.startswith(base))
+    for name in names:
+        rest = name[len(base):]
+        if not rest or rest[0].isalnum():
+            continue
+        link = os.path.join(os.path.dirname(path), name)
+        try:
+            info = os.stat(link)  # through a symbolic link
+        except OSError:  # gone meanwhile, or a dangling link: nothing to purge
+            continue
+        if not os.path.isfile(link) or (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        target = os.path.realpath(link) if os.path.islink(link) else link
+        if target.endswith(".gz"):  # read as gzip: purging one that is not says so
+            copies.append(target)
+            continue
+        kind = _compression(target)
+        if kind is None and os.path.splitext(target)[1] not in COMPRESSED:
+            copies.append(target)  # plain
+        else:
+            unreadable.append(link if kind is None else f"{link} ({kind})")
+    return copies, unreadable
+
+
+def _compression(path: str) -> str | None:
+    """The compression ``path`` is in, by its first bytes (None: none known; a file it cannot
+    read: None too, and purging it says what is wrong)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        return None
+    return next((kind for magic, kind in MAGIC if head.startswith(magic)), None)
 
 
 def _purge_all(paths: list[str], channel: str, contact_id: str
