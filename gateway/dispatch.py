@@ -109,6 +109,9 @@ class SinkWorker:
         self._replayed: list[int] = []  # dead letters delivered, not yet deleted from the store
         self.replaying = False  # dead letters are being redelivered right now
         self.retrying: dict[int, Record] = {}  # events being retried alone, by seq
+        # Records being replayed (by id()) -> their dead letter: one that fails again replaces
+        # its letter in the same transaction, so a crash leaves exactly one letter of it.
+        self._letter_of: dict[int, int] = {}
         self.erased: set[int] = set()  # ... of those, the ones an erasure removed: given up
 
     async def run(self) -> None:
@@ -264,16 +267,21 @@ class SinkWorker:
             log.info("replaying_dead_letters", sink=self.sink.name, count=len(letters))
             self.replaying = True  # not caught up meanwhile (an erasure waits for this)
             try:
-                records, undecodable = [], []
+                records, undecodable, stale = [], [], []
                 for d in letters:
                     try:
-                        records.append(_record(StoredEvent(d.seq, d.data, d.received_at)))
+                        record = _record(StoredEvent(d.seq, d.data, d.received_at))
                     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                         undecodable.append((StoredEvent(d.seq, d.data, d.received_at),
                                             d.event_id, f"undecodable: {exc}", d.attempts))
+                        stale.append(d.id)
+                        continue
+                    records.append(record)
+                    self._letter_of[id(record)] = d.id
                 if undecodable:  # a dead letter again, with why: replaying cannot help it
                     self._check_lease()
-                    await self.journal.add_dead_letters(self.sink.name, undecodable)
+                    await self.journal.add_dead_letters(self.sink.name, undecodable,
+                                                        replacing=stale)
                 if records:
                     await self.deliver(records)
                 self._replayed = [d.id for d in letters]
@@ -281,6 +289,7 @@ class SinkWorker:
                 self._replayed = []
             finally:
                 self.replaying = False
+                self._letter_of.clear()
         return len(letters)
 
     async def deliver(self, batch: list[Record]) -> None:
@@ -361,9 +370,10 @@ class SinkWorker:
         self._check_lease()  # a replica that lost the lease leaves the verdict to the next one
         log.error("dead_letter", sink=self.sink.name, event_id=record.event.id,
                   conversation_id=record.event.conversation_id, attempts=attempts, reason=reason)
+        replaced = self._letter_of.pop(id(record), None)  # a replay that failed again
         await self.journal.add_dead_letters(self.sink.name, [(
             StoredEvent(record.seq, record.data, record.received_at), record.event.id, reason,
-            attempts)])
+            attempts)], replacing=[replaced] if replaced is not None else [])
         self.metrics.sink_deliveries.labels(self.sink.name, "dead").inc()
 
     def _delivered(self, records: list[Record]) -> None:

@@ -117,11 +117,11 @@ def locked(method: str, times: int) -> type[SqliteJournal]:
     """The SQLite journal, whose first ``times`` calls of ``method`` fail as a database locked
     past its busy timeout does (``failures`` counts down what is left)."""
 
-    async def fail_first(self, *args):
+    async def fail_first(self, *args, **kwargs):
         if self.failures:
             self.failures -= 1
             raise sqlite3.OperationalError("database is locked")
-        return await getattr(SqliteJournal, method)(self, *args)
+        return await getattr(SqliteJournal, method)(self, *args, **kwargs)
 
     return type(f"Locked_{method}", (SqliteJournal,), {"failures": times, method: fail_first})
 
@@ -552,3 +552,38 @@ async def test_an_erased_contacts_events_in_memory_never_reach_a_lagging_sink(tm
     await dispatcher.stop(1)
     await journal.close()
     assert sink.got == [("ev-1", 1), ("ev-3", 3)]
+
+
+async def test_a_replay_that_fails_again_leaves_one_dead_letter_across_a_stop(tmp_path):
+    # ev-1's replay fails again for good while ev-2's (another conversation, same replay batch)
+    # still backs off when the gateway stops: the replay never finished. ev-1 must have one dead
+    # letter, not its replayed one and the new one (a later replay of both wrote it twice).
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:jsonl", 2)
+    events = [message(1, "111"), message(2, "222")]
+    await journal.add_dead_letters("jsonl", [(StoredEvent(i, encode(e), 1.0), e.id, "r", 1)
+                                             for i, e in enumerate(events, 1)])
+    assert await journal.request_replay("jsonl") == 2
+    sink = BadAndBusy(jsonl_config(tmp_path, max_attempts=4, backoff_initial=30, backoff_max=30))
+    dispatcher = Dispatcher(journal, {"jsonl": sink}, Metrics())
+    await dispatcher.start()
+
+    async def ev1_dead_again() -> bool:
+        return any(d.event_id == "ev-1" and d.state == "dead"
+                   for d in await journal.dead_letters("jsonl"))
+
+    await until(ev1_dead_again)
+    await dispatcher.stop(0.3)  # ev-2's lane is still waiting out its 30 s backoff
+    letters = await journal.dead_letters("jsonl")
+    assert sorted((d.event_id, d.state) for d in letters) == [("ev-1", "dead"), ("ev-2", "replay")]
+    await journal.close()
+
+    journal = await open_journal(tmp_path)
+    dispatcher = Dispatcher(journal, {"jsonl": JsonlSink(jsonl_config(tmp_path))}, Metrics())
+    await dispatcher.start()
+    await journal.request_replay("jsonl")
+    dispatcher.workers["jsonl"].wake.set()
+    await until(lambda: _no_dead_letters(journal))
+    await dispatcher.stop(2)
+    await journal.close()
+    assert sorted(jsonl_ids(tmp_path)) == ["ev-1", "ev-2"]

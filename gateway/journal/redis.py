@@ -35,6 +35,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from typing import TypeVar
 
 from gateway import logging as gwlog
@@ -140,10 +141,12 @@ end
 return {seqs, redis.call('XLEN', requests)}
 """
 
-# ARGV: prefix, now, then (sink, event_id, data, received_at, reason, attempts, seq) per letter.
+# ARGV: prefix, now, n, n letter ids it replaces (dropped), then (sink, event_id, data,
+# received_at, reason, attempts, seq) per letter.
 _ADD_DEAD_LETTERS = _ADD_DEAD + """
-local p, now = ARGV[1], ARGV[2]
-for i = 3, #ARGV, 7 do
+local p, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+for i = 4, 3 + n do drop_dead(p, ARGV[i]) end
+for i = 4 + n, #ARGV, 7 do
   add_dead(p, ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], now, ARGV[i+6])
 end
 return 1
@@ -164,8 +167,7 @@ local count = 0
 for _, id in ipairs(ids) do
   local key = p .. ':dead:letter:' .. id
   local f = redis.call('HMGET', key, 'sink', 'state')
-  if f[1] and f[2] == 'dead' and string.sub(f[1], 1, 10) ~= 'normalise:'
-     and (sink == '' or f[1] == sink) then
+  if f[1] and f[2] == 'dead' and (sink == '' or f[1] == sink) then
     redis.call('HSET', key, 'state', 'replay')
     redis.call('ZADD', p .. ':dead:replay:' .. f[1], id, id)
     count = count + 1
@@ -464,12 +466,13 @@ class RedisJournal:
 
     # -- dead letters ------------------------------------------------------------------------
 
-    async def add_dead_letters(self, sink: str,
-                               items: list[tuple[StoredEvent, str, str, int]]) -> None:
-        """Store (event, event id, reason, attempts) tuples a sink gave up on (atomically)."""
+    async def add_dead_letters(self, sink: str, items: list[tuple[StoredEvent, str, str, int]],
+                               replacing: Sequence[int] = ()) -> None:
+        """Store (event, event id, reason, attempts) tuples a sink gave up on, and delete the
+        letters ``replacing`` names (replayed, failed again), atomically."""
         if not items:
             return
-        args: list = [self.p, repr(time.time())]
+        args: list = [self.p, repr(time.time()), len(replacing), *replacing]
         for ev, event_id, reason, attempts in items:
             args += [sink, event_id, ev.data, repr(ev.received_at), reason[:2000], attempts,
                      ev.seq]

@@ -7,6 +7,7 @@ import bisect
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 
 from gateway.config import GatewayConfig
 from gateway.journal import DeadLetter, NewEvent, RawRequest, StoredEvent, contact_matcher
@@ -182,15 +183,21 @@ class SqliteJournal:
         """Move a named position forward."""
         await self._writer.run(lambda c: _set_cursor(c, name, seq))
 
-    async def add_dead_letters(self, sink: str,
-                               items: list[tuple[StoredEvent, str, str, int]]) -> None:
-        """Store (event, event id, reason, attempts) tuples a sink gave up on."""
+    async def add_dead_letters(self, sink: str, items: list[tuple[StoredEvent, str, str, int]],
+                               replacing: Sequence[int] = ()) -> None:
+        """Store (event, event id, reason, attempts) tuples a sink gave up on, and delete the
+        letters ``replacing`` names (replayed, failed again), in one transaction."""
         now = time.time()
-        await self._writer.run(lambda c: c.executemany(
-            "INSERT INTO dead_letters(sink, event_id, data, received_at, reason, attempts,"
-            " failed_at, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(sink, eid, ev.data, ev.received_at, reason[:2000], attempts, now, ev.seq)
-             for ev, eid, reason, attempts in items]))
+
+        def work(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "INSERT INTO dead_letters(sink, event_id, data, received_at, reason, attempts,"
+                " failed_at, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(sink, eid, ev.data, ev.received_at, reason[:2000], attempts, now, ev.seq)
+                 for ev, eid, reason, attempts in items])
+            c.executemany("DELETE FROM dead_letters WHERE id = ?", [(i,) for i in replacing])
+
+        await self._writer.run(work)
 
     async def dead_lettered_after(self, sink: str, seq: int) -> set[int]:
         """The event seqs above ``seq`` that ``sink`` has dead letters for (dead-lettered while
@@ -215,7 +222,7 @@ class SqliteJournal:
 
     async def request_replay(self, sink: str | None = None, ids: list[int] | None = None) -> int:
         """Mark dead letters for redelivery by the running gateway; return how many."""
-        clauses, args = ["state = 'dead'", "sink NOT LIKE 'normalise:%'"], []
+        clauses, args = ["state = 'dead'"], []
         if sink:
             clauses.append("sink = ?")
             args.append(sink)

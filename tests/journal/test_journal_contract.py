@@ -154,6 +154,21 @@ async def test_dead_letters_and_replay(journal):
     assert await journal.dead_letter_counts() == {"s2": 1}
 
 
+async def test_a_replayed_letter_that_fails_again_is_replaced_in_one_step(journal):
+    stored = StoredEvent(4, b'{"id":"a"}', 2.0)
+    await journal.add_dead_letters("s1", [(stored, "a", "first", 1)])
+    await journal.add_dead_letters("s1", [(StoredEvent(5, b'{"id":"b"}', 2.0), "b", "r", 1)])
+    assert await journal.request_replay("s1") == 2
+    first, other = await journal.replays_due("s1", 10)
+    await journal.add_dead_letters("s1", [(stored, "a", "again", 2)], replacing=[first.id])
+    letters = await journal.dead_letters("s1")
+    assert [(d.event_id, d.reason, d.attempts, d.state) for d in letters] == [
+        ("b", "r", 1, "replay"), ("a", "again", 2, "dead")]
+    assert await journal.dead_letter_counts() == {"s1": 2}
+    assert [d.id for d in await journal.replays_due("s1", 10)] == [other.id]
+    assert await journal.dead_lettered_after("s1", 0) == {4, 5}
+
+
 async def test_dead_lettered_after_names_the_seqs_a_sink_gave_up_on_beyond_a_cursor(journal):
     await journal.add_dead_letters("s1", [(StoredEvent(4, b'{"id":"a"}', 2.0), "a", "r", 1),
                                           (StoredEvent(7, b'{"id":"b"}', 2.0), "b", "r", 1)])
@@ -178,8 +193,10 @@ async def test_normalise_failures_are_kept_with_the_raw_body(journal):
         "normalise:whatsapp", f"request:{request.seq}", b"raw-bytes", "ValueError('bug')", 1)
     assert letter.received_at == 1.0 and letter.state == "dead"
     assert journal.pending == 0
-    assert await journal.request_replay() == 0  # raw requests are not events: never replayed
     assert await journal.dead_letter_counts() == {"normalise:whatsapp": 1}
+    # marked for replay like any letter (the processor journals the raw request again)
+    assert await journal.request_replay("normalise:whatsapp") == 1
+    assert [d.data for d in await journal.replays_due("normalise:whatsapp", 10)] == [b"raw-bytes"]
 
 
 async def test_prune_drops_what_every_sink_has_passed(journal):
