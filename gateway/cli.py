@@ -333,13 +333,14 @@ def _dead_replay(args: argparse.Namespace) -> int:
             _known_sink(args.sink, config, counts)
             running = _running_sinks(config)
             if args.sink and args.sink not in running:
+                what, table = (("channel", "channels." + args.sink.split(":", 1)[1])
+                               if args.sink.startswith("normalise:") else
+                               ("sink", "sinks." + args.sink))
                 raise ConfigError(
-                    f"sink {args.sink!r} is not enabled in this config: no gateway running it "
-                    "would redeliver its letters; enable [sinks." + args.sink + "], then replay",
-                    "--sink")
+                    f"{what} of {args.sink!r} is not enabled in this config: no gateway running "
+                    f"it would redeliver its letters; enable [{table}], then replay", "--sink")
             targets = [args.sink] if args.sink else sorted(running & set(counts))
-            left.update({sink: n for sink, n in counts.items()
-                         if sink not in running and not sink.startswith("normalise:")})
+            left.update({sink: n for sink, n in counts.items() if sink not in running})
             total = 0
             for sink in targets:
                 total += await journal.request_replay(sink, args.ids or None)
@@ -364,9 +365,14 @@ def _dead_replay(args: argparse.Namespace) -> int:
 
 def _running_sinks(config: gwconfig.GatewayConfig) -> set[str]:
     """The sinks a gateway on ``config`` runs (whose marked letters it redelivers): every
-    ``[sinks.NAME]`` not ``enabled = false``, and the outbound service's ``outbox``."""
-    return {name for name, table in config.sinks.items()
-            if not (isinstance(table, dict) and table.get("enabled") is False)} | {"outbox"}
+    ``[sinks.NAME]`` not ``enabled = false``, the outbound service's ``outbox``, and
+    ``normalise:NAME`` for every channel it runs (its processor journals those requests again)."""
+    def enabled(tables: dict) -> set[str]:
+        return {name for name, table in tables.items()
+                if not (isinstance(table, dict) and table.get("enabled") is False)}
+
+    return (enabled(config.sinks) | {"outbox"}
+            | {f"normalise:{name}" for name in enabled(config.channels)})
 
 
 async def _journal(args: argparse.Namespace):

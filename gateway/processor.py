@@ -7,6 +7,8 @@ dropped and the processed position moves together, so a crash replays a batch wh
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 
 log = gwlog.get("gateway.processor")
 RETRY_MAX = 5.0  # a processor whose journal fails retries at least this often
+REPLAY_CHECK_SECONDS = 1.0  # how often replays of raw requests (normalise:*) are looked for
+REPLAY_LEASE_MS = 10_000  # a shared journal: one replica at a time replays them
 
 
 class ResponseTimer:
@@ -91,6 +95,7 @@ class Processor:
         # Held for each batch, from reading its requests to publishing its events: an erasure
         # takes it to erase the journal between two batches, never in the middle of one.
         self.batch_lock = asyncio.Lock()
+        self._owner = uuid.uuid4().hex  # this processor, as the holder of a replay lease
 
     async def run(self) -> None:
         """Process until :meth:`stop`; then finish what is journaled (bounded by the caller).
@@ -106,9 +111,13 @@ class Processor:
 
     async def _run(self) -> None:
         failures = 0
+        next_replay_check = 0.0
         while True:
             self.wake.clear()
             try:
+                if time.monotonic() >= next_replay_check and not self._stopping:
+                    next_replay_check = time.monotonic() + REPLAY_CHECK_SECONDS
+                    await self.replay_requests()
                 done = await self.process_batch()
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - retried; intake keeps journaling meanwhile
@@ -120,6 +129,27 @@ class Processor:
                 if self._stopping:
                     return
                 await wait_event(self.wake, 1.0)
+
+    async def replay_requests(self) -> int:
+        """Journal again the raw requests of ``normalise:<channel>`` dead letters marked for
+        replay (``gateway dead-letters replay``), for every channel this gateway runs: once the
+        channel is enabled again or its bug fixed, they are processed like new requests. Each
+        letter is deleted once its request is journaled (a crash in between journals it twice:
+        its events are de-duplicated by id). Returns how many were journaled."""
+        lease = getattr(self.journal, "acquire_lease", None)
+        if lease is not None and not await lease("replay:normalise", self._owner, REPLAY_LEASE_MS):
+            return 0
+        total = 0
+        for name in self.channels:
+            letters = await self.journal.replays_due(f"normalise:{name}", self.batch_size)
+            if not letters:
+                continue
+            for letter in letters:
+                await self.journal.append(name, bytes(letter.data), letter.received_at)
+            await self.journal.finish_replays([d.id for d in letters])
+            log.info("requests_replayed", channel=name, count=len(letters))
+            total += len(letters)
+        return total
 
     def stop(self) -> None:
         """Ask the loop to return once the journal is empty."""

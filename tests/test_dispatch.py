@@ -10,7 +10,7 @@ import sys
 
 from gateway import PermanentError, RetryableError, Sink, hookimpl, keys
 from gateway.config import SinkConfig, section
-from tests.conftest import SINKS_TOML, fixture_bytes
+from tests.conftest import CHANNELS_TOML, SINKS_TOML, fixture_bytes
 
 
 class RecordingSink(Sink):
@@ -204,3 +204,52 @@ def test_dead_letters_list_says_when_it_shows_only_the_oldest_and_replay_names_u
     assert replay.returncode == 0 and replay.stdout.startswith("4 dead letters queued")
     assert "sinks this config does not enable: removed (1)" in replay.stderr
     assert "removed" in cli("list", "--sink", "removed").stdout  # still listed
+
+
+async def test_requests_of_a_channel_not_running_are_replayed_once_it_runs(gateway, tmp_path):
+    """Requests acknowledged for a channel that the next start does not run become
+    ``normalise:<channel>`` dead letters with their raw bodies; once the channel runs again,
+    ``dead-letters replay`` has them journaled again and processed into every sink."""
+    from gateway import config as gwconfig
+    from gateway.journal.sqlite import SqliteJournal
+
+    data_dir = tmp_path / "data"
+    body = fixture_bytes("instagram/text.json")
+    path = tmp_path / "journal.toml"
+    path.write_text(f'[server]\ndata_dir = "{data_dir}"\n')
+    journal = SqliteJournal(gwconfig.load(str(path), environ={}))
+    await journal.open()
+    await journal.append("instagram", body, 1_760_000_000.0)  # acknowledged before a restart
+    await journal.close()
+    whatsapp_only = CHANNELS_TOML.split("[channels.instagram]")[0]
+    gw = await gateway(channels=whatsapp_only)
+    await gw.settle()
+    [letter] = await gw.app[keys.JOURNAL].dead_letters()
+    assert letter.sink == "normalise:instagram" and "not enabled" in letter.reason
+    config = str(tmp_path / "gateway.toml")
+    refused = await _cli_fails("dead-letters", "replay", "--config", config,
+                               "--sink", "normalise:instagram")
+    assert "channels.instagram" in refused
+    await gw.server.close()
+
+    gw = await gateway()  # instagram runs again
+    out = await _cli("dead-letters", "replay", "--config", config)
+    assert out.startswith("1 dead letters queued")
+    for _ in range(200):
+        if gw.jsonl():
+            break
+        await asyncio.sleep(0.05)
+    await gw.settle()
+    [event] = gw.jsonl()
+    assert event["channel"] == "instagram" and event["kind"] == "message"
+    assert await gw.app[keys.JOURNAL].dead_letters() == []
+    again = await _cli("dead-letters", "replay", "--config", config)  # nothing left to replay
+    assert again.startswith("0 dead letters queued")
+
+
+async def _cli_fails(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 2, err.decode()
+    return err.decode()
