@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable
 from typing import NamedTuple
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway import keys
 from gateway import logging as gwlog
@@ -60,7 +60,8 @@ async def receive(request: web.Request) -> web.Response:
     started = time.perf_counter()
     app = request.app
     name = request.match_info["channel"]
-    early = refuse_early(app, name, request.content_length)
+    early = refuse_early(app, name, request.content_length,
+                         request.headers.get(hdrs.CONTENT_ENCODING))
     if early is not None:
         return to_response(early)
     try:
@@ -85,7 +86,8 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
     before the client uploads it, and its connection closed; any other gets ``100 Continue``."""
     app = request.app
     name = request.match_info["channel"]
-    early = refuse_early(app, name, request.content_length)
+    early = refuse_early(app, name, request.content_length,
+                         request.headers.get(hdrs.CONTENT_ENCODING))
     if early is None and not fits(request):
         early = busy(app, name)
     if early is None:
@@ -117,10 +119,18 @@ def unknown_channel(name: str) -> Reply:
     return Reply(404, error_body("unknown_channel", f"no enabled channel is named {name!r}"))
 
 
-def refuse_early(app: web.Application, name: str, content_length: int | None) -> Reply | None:
-    """The answer due before the body is read (unknown channel, declared size over the limit)."""
+def refuse_early(app: web.Application, name: str, content_length: int | None,
+                 content_encoding: str | None = None) -> Reply | None:
+    """The answer due before the body is read (unknown channel, declared size over the limit,
+    a compressed body)."""
     if name not in app[keys.CHANNELS]:
         return unknown_channel(name)
+    if content_encoding is not None and content_encoding.strip().lower() not in ("", "identity"):
+        # Meta never compresses webhooks. Inflating one would let a few KB on the wire (the
+        # size the byte budget and max_body_bytes see) become megabytes in memory.
+        return refuse(app[keys.METRICS], name, 415, "bad_request",
+                      f"Content-Encoding {content_encoding.strip()[:40]!r} is not accepted: send "
+                      "the JSON body as it is", code="unsupported_content_encoding")
     limit = app[keys.CONFIG].server.max_body_bytes
     if content_length is not None and content_length > limit:
         return refuse(app[keys.METRICS], name, 413, "too_large", f"body exceeds {limit} bytes")
@@ -204,9 +214,11 @@ def error_body(code: str, message: str) -> bytes:
 
 
 def refuse(metrics, channel: str, status: int, outcome: str, message: str,
-           headers: dict[str, str] | None = None) -> Reply:
-    """Count and log a refused webhook; its reply."""
+           headers: dict[str, str] | None = None, code: str | None = None) -> Reply:
+    """Count and log a refused webhook; its reply (``code``: the error's, when not the
+    outcome's own)."""
     metrics.webhook_requests.labels(channel, outcome).inc()
     log.info("webhook_refused", channel=channel, status=status, outcome=outcome)
-    code = {"too_large": "payload_too_large", "unavailable": "journal_full"}.get(outcome, outcome)
+    code = code or {"too_large": "payload_too_large",
+                    "unavailable": "journal_full"}.get(outcome, outcome)
     return Reply(status, error_body(code, message), headers)

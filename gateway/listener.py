@@ -67,7 +67,7 @@ LINGER_SECONDS = 2.0  # after an early 413/404, unread body bytes are discarded 
 # space before the colon).
 _HEAD = re.compile(rb"POST /webhooks/([A-Za-z0-9_.\-]{1,100}) HTTP/1\.1"
                    rb"((?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*)")
-_HAND_OFF_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"})
+_HAND_OFF_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _SIGNATURE = intake.SIGNATURE_HEADER.lower().encode()
 _SERVER = b"multichannel-gateway"
 
@@ -75,13 +75,15 @@ _SERVER = b"multichannel-gateway"
 class Head:
     """What the lean path needs from a request's head."""
 
-    __slots__ = ("channel", "length", "signature", "close")
+    __slots__ = ("channel", "length", "signature", "close", "encoding")
 
-    def __init__(self, channel: str, length: int, signature: str | None, close: bool) -> None:
+    def __init__(self, channel: str, length: int, signature: str | None, close: bool,
+                 encoding: str | None = None) -> None:
         self.channel = channel
         self.length = length
         self.signature = signature
         self.close = close
+        self.encoding = encoding  # Content-Encoding: refused (gateway.intake.refuse_early)
 
 
 def parse_head(head: bytes) -> Head | None:
@@ -115,7 +117,10 @@ def parse_head(head: bytes) -> Head | None:
     signature = fields.get(_SIGNATURE)
     if signature is not None:  # decoded as aiohttp decodes header values
         signature = signature.strip(b" \t").decode("utf-8", "surrogateescape")
-    return Head(channel.decode(), int(length), signature, close)
+    encoding = fields.get(b"content-encoding")
+    return Head(channel.decode(), int(length), signature, close,
+                None if encoding is None
+                else encoding.strip(b" \t").decode("utf-8", "surrogateescape"))
 
 
 class Listener:
@@ -181,6 +186,12 @@ class Listener:
     def _sweep(self) -> None:
         now = time.monotonic()
         for conn in list(self.connections):
+            if conn.transport is not None and conn.transport.is_closing():
+                # closed on an earlier sweep (or after an answer) and still here: its answers
+                # wait for a client that does not read (a zero window keeps the socket open for
+                # good). Drop them, so its buffers and its share of the byte budget are released.
+                conn.abort()
+                continue
             if conn.busy:
                 continue
             started = conn.request_started
@@ -302,6 +313,12 @@ class WebhookConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Close the connection at once, dropping what is buffered (``connection_lost`` follows,
+        releasing what it holds)."""
+        if self.transport is not None:
+            self.transport.abort()
+
     def _pace(self) -> None:
         """Pause reading while more than :data:`MAX_PIPELINED` bytes wait behind a request being
         answered or a full write buffer; read again once they are taken."""
@@ -358,7 +375,7 @@ class WebhookConnection(asyncio.Protocol):
         if head is None:
             self._hand_off()
             return None
-        early = intake.refuse_early(self.listener.app, head.channel, head.length)
+        early = intake.refuse_early(self.listener.app, head.channel, head.length, head.encoding)
         if early is None and not self.listener.bytes.fits(head.length - self.charged):
             early = intake.busy(self.listener.app, head.channel)
         if early is not None:

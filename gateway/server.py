@@ -21,8 +21,11 @@ log = gwlog.get("gateway.server")
 # Every aiohttp handler of the gateway (the main port's handed-off connections, the metrics
 # port) as the lean path: its keep-alive (aiohttp's own default is an hour), its header limit,
 # and its linger after an early answer (aiohttp's: 10 s spent discarding an unread body).
+# auto_decompress off: aiohttp would inflate a Content-Encoding body while parsing it, so a few KB
+# on the wire (what max_body_bytes and the byte budget see) could become megabytes in memory, and
+# one that does not inflate would fail in the parser. Webhooks refuse encoded bodies (415).
 HANDLER_LIMITS = {"keepalive_timeout": KEEPALIVE_SECONDS, "max_headers": MAX_HEADERS,
-                  "lingering_time": LINGER_SECONDS}
+                  "lingering_time": LINGER_SECONDS, "auto_decompress": False}
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young-generation collections (Python: 700)
 
 

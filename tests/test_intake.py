@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 
@@ -330,3 +331,25 @@ async def test_client_can_reuse_connection_after_errors(gateway):
 def intake_path(request) -> str:
     """Every test here runs on the main port's lean path and on the aiohttp route."""
     return request.param
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "GZIP ", "x-unknown"])
+async def test_a_compressed_body_is_refused_before_it_is_read(gateway, encoding):
+    """Meta never compresses webhooks. A compressed body is refused (415, JSON) before it is
+    read: inflated, a few KB that the byte budget and max_body_bytes see as a few KB would be
+    megabytes in memory; one that does not inflate was a 500. Unsigned as signed, and before
+    the upload under ``Expect: 100-continue``. ``identity`` is no compression."""
+    gw = await gateway()
+    bomb = gzip.compress(b" " * 3_000_000)  # about 3 KB on the wire
+    for body, headers in ((bomb, {}), (b"not gzip at all", {}), (bomb, {"Expect": "100-continue"}),
+                          (bomb, sign_headers(SECRET, bomb))):
+        status, answer = await gw.post("whatsapp", body, secret=None,
+                                       headers={"Content-Encoding": encoding, **headers})
+        assert status == 415, (encoding, headers, answer)
+        _assert_error(answer, "unsupported_content_encoding")
+        assert "Content-Encoding" in answer["error"]["message"]
+    assert _metric(gw, "whatsapp", "bad_request") == 4
+    assert gw.app[keys.JOURNAL].pending == 0
+    body = fixture_bytes("whatsapp/text.json")
+    status, _ = await gw.post("whatsapp", body, headers={"Content-Encoding": "identity"})
+    assert status == 200
