@@ -148,7 +148,10 @@ async def accept(app: web.Application, name: str, body: bytes, signature: str | 
     refused = admit(app, name, body, signature)
     if refused is not None:
         return refused
-    await journal(app, name, body)
+    try:
+        await journal(app, name, body)
+    except Exception as exc:  # noqa: BLE001 - not durable: Meta is to deliver it again
+        return journal_failed(app, name, exc)
     return journaled(app, name, started)
 
 
@@ -197,6 +200,27 @@ def journaled(app: web.Application, name: str, started: float) -> Reply:
     accepted.inc()
     ack.observe(time.perf_counter() - started)
     return ACCEPTED
+
+
+_append_failures = {"logged_at": float("-inf"), "since": 0}
+APPEND_FAILURE_LOG_SECONDS = 10.0  # a failing journal is logged at most this often
+
+
+def journal_failed(app: web.Application, channel: str, exc: BaseException) -> Reply:
+    """503 + ``Retry-After``: the journal could not store the body (disk full, I/O error, Redis
+    down). Nothing was acknowledged, so Meta delivers it again. Counted as ``unavailable``; logged
+    at most every :data:`APPEND_FAILURE_LOG_SECONDS` with how many failed since the last line
+    (a full disk fails every request)."""
+    now = time.monotonic()
+    _append_failures["since"] += 1
+    if now - _append_failures["logged_at"] >= APPEND_FAILURE_LOG_SECONDS:
+        log.error("journal_append_failed", channel=channel, error=repr(exc)[:500],
+                  failed=_append_failures["since"])
+        _append_failures.update(logged_at=now, since=0)
+    message = "the journal could not store the request; retry later"
+    reply = refuse(app[keys.METRICS], channel, 503, "unavailable", message,
+                   {"Retry-After": str(app[keys.CONFIG].queue.retry_after_seconds)})
+    return reply._replace(body=error_body("journal_unavailable", message))
 
 
 def busy(app: web.Application, channel: str) -> Reply:

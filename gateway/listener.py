@@ -403,8 +403,8 @@ class WebhookConnection(asyncio.Protocol):
     def _journaled(self, head: Head, started: float, waiter: asyncio.Future) -> None:
         if waiter.cancelled():
             reply = _failed(head, None)
-        elif waiter.exception() is not None:
-            reply = _failed(head, waiter.exception())
+        elif waiter.exception() is not None:  # not durable: 503, Meta delivers it again
+            reply = intake.journal_failed(self.listener.app, head.channel, waiter.exception())
         else:
             try:
                 reply = intake.journaled(self.listener.app, head.channel, started)

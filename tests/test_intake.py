@@ -353,3 +353,26 @@ async def test_a_compressed_body_is_refused_before_it_is_read(gateway, encoding)
     body = fixture_bytes("whatsapp/text.json")
     status, _ = await gw.post("whatsapp", body, headers={"Content-Encoding": "identity"})
     assert status == 200
+
+
+async def test_a_journal_that_cannot_store_the_body_answers_503_and_recovers(gateway):
+    """The journal's disk is full (SQLite's own limit here): nothing was stored, so the answer
+    is 503 with Retry-After (Meta delivers it again), not a 500 with a traceback per request;
+    once there is room the same delivery is accepted."""
+    gw = await gateway()
+    writer = gw.app[keys.JOURNAL]._writer
+    pages = await writer.run(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    await writer.run(lambda c: c.execute(f"PRAGMA max_page_count = {pages}"))
+    envelope = json.loads(fixture_bytes("whatsapp/text.json"))
+    envelope["entry"][0]["changes"][0]["value"]["messages"][0]["text"]["body"] = "x" * 50_000
+    body = json.dumps(envelope).encode()  # needs new pages: the database may not grow
+    for _ in range(3):
+        status, answer = await gw.post("whatsapp", body)
+        assert status == 503, answer
+        _assert_error(answer, "journal_unavailable")
+    assert _metric(gw, "whatsapp", "unavailable") == 3
+    assert gw.app[keys.JOURNAL].pending == 0
+    await writer.run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+    assert (await gw.post("whatsapp", body))[0] == 200
+    await gw.settle()
+    assert [len(e["text"]) for e in gw.jsonl()] == [50_000]
