@@ -67,6 +67,7 @@ LINGER_SECONDS = 2.0  # after an early 413/404, unread body bytes are discarded 
 # space before the colon).
 _HEAD = re.compile(rb"POST /webhooks/([A-Za-z0-9_.\-]{1,100}) HTTP/1\.1"
                    rb"((?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*)")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 _HAND_OFF_FIELDS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
 _SIGNATURE = intake.SIGNATURE_HEADER.lower().encode()
 _SERVER = b"multichannel-gateway"
@@ -368,7 +369,9 @@ class WebhookConnection(asyncio.Protocol):
             return None
         end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
         if end < 0:
-            if len(buf) > MAX_HEAD:
+            # a head over the limit, or lines ending in a bare LF (whose CRLF CRLF never comes):
+            # aiohttp's parser answers both at once (the lean path would wait for the deadline)
+            if len(buf) > MAX_HEAD or _BARE_LF.search(buf, 0, MAX_HEAD):
                 self._hand_off()
             return None
         head = parse_head(bytes(buf[:end]))

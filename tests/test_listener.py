@@ -580,3 +580,20 @@ async def test_a_client_that_never_reads_its_answers_is_dropped_with_what_it_hol
         assert status == 200
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /webhooks/whatsapp HTTP/1.1\nHost: 127.0.0.1\nContent-Length: 2\n\n{}",
+    b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\n{}",
+])
+async def test_a_head_with_bare_line_feeds_is_answered_at_once(gateway, head):
+    """Lines ending in a bare LF never make the CRLF CRLF the lean path waits for: aiohttp's
+    parser answers such a head at once, instead of a silent close at the request deadline."""
+    gw = await gateway()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    try:
+        writer.write(head)
+        status, _, _ = await asyncio.wait_for(read_response(reader), 5)
+        assert status == 400
+    finally:
+        writer.close()
