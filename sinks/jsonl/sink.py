@@ -28,6 +28,10 @@ from sinks.jsonl.purge import purge
 from sinks.jsonl.tail import lines_backwards, whole_lines_end
 
 _FLAGS = os.O_RDWR | os.O_APPEND
+MIN_RECENT_IDS = 10_000  # ids of the newest lines remembered, at least (about 1 MB)
+# At start the newest lines are read back until the window is full, or until it holds four
+# batches and this much was read (a file of big lines must not take minutes to start).
+START_READ_BYTES = 8 * 1024 * 1024
 # Compressions a copy may be in, by their first bytes and by suffix: only gzip (named .gz, as
 # logrotate names it) is read and rewritten; a copy in any other is reported, never skipped.
 MAGIC = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"),
@@ -55,7 +59,10 @@ class JsonlSink(Sink):
         super().__init__(config)
         self.config: JsonlConfig = config
         self._fd: int | None = None
-        self._recent: deque[str] = deque(maxlen=4 * config.batch_size)
+        # The ids of the newest lines: a batch delivered again after a crash (its cursor had
+        # not moved) is not written twice. Big enough for the in-flight batch of an earlier run
+        # with a larger batch_size too.
+        self._recent: deque[str] = deque(maxlen=max(4 * config.batch_size, MIN_RECENT_IDS))
         self._recent_set: set[str] = set()
         # One write at a time: the dispatcher's conversation lanes call write concurrently, and a
         # failed append truncates the file back to where it began.
@@ -68,7 +75,26 @@ class JsonlSink(Sink):
     def _open(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.config.path)), exist_ok=True)
         self._fd = self._open_path()
-        self._recall(self._newest_ids(self._fd))
+        ids = self._newest_ids(self._fd)
+        if len(ids) < self._recent.maxlen:  # a new file: rotated while the gateway was down?
+            ids = self._rotated_ids(self._recent.maxlen - len(ids)) + ids
+        self._recall(ids)
+
+    def _rotated_ids(self, wanted: int) -> list[str]:
+        """The ids of the newest lines of the newest uncompressed copy beside the file (what
+        logrotate renamed it to, e.g. ``events.jsonl.1``), at most ``wanted``, oldest first."""
+        copies = [c for c in rotated_copies(self.config.path)[0] if not c.endswith(".gz")]
+        if not copies:
+            return []
+        newest = max(copies, key=lambda c: os.stat(c).st_mtime_ns)
+        try:
+            fd = os.open(newest, os.O_RDONLY)
+        except OSError:
+            return []
+        try:
+            return self._ids_backwards(fd, whole_lines_end(fd, os.fstat(fd).st_size), wanted)
+        finally:
+            os.close(fd)
 
     def _open_path(self) -> int:
         """Open the path for appending, creating it when missing; a file it creates has its
@@ -96,13 +122,20 @@ class JsonlSink(Sink):
         end = whole_lines_end(fd, size)
         if end < size:
             os.ftruncate(fd, end)
+        return self._ids_backwards(fd, end, self._recent.maxlen)
+
+    def _ids_backwards(self, fd: int, end: int, wanted: int) -> list[str]:
+        """The ids of the lines before ``end``, newest first read, at most ``wanted`` (and past
+        four batches' worth, no more than START_READ_BYTES); oldest first."""
         ids: list[str] = []
+        read, enough = 0, 4 * self.config.batch_size
         for line in lines_backwards(fd, end):
+            read += len(line) + 1
             try:
                 ids.append(_id_decoder.decode(line).id)
             except msgspec.DecodeError:
                 continue
-            if len(ids) == self._recent.maxlen:
+            if len(ids) >= wanted or (len(ids) >= enough and read >= START_READ_BYTES):
                 break
         ids.reverse()
         return ids

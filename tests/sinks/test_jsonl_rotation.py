@@ -17,6 +17,7 @@ import pytest
 
 from gateway.events import Message, Party, conversation_id, encode
 from gateway.sink import Record
+from sinks.jsonl import sink as jsonl_sink
 from sinks.jsonl.sink import JsonlConfig, JsonlSink
 from sinks.jsonl.tail import BLOCK
 
@@ -192,12 +193,42 @@ async def test_start_reads_only_the_newest_lines(tmp_path, monkeypatch):
         return real(fd, length, offset)
 
     monkeypatch.setattr(os, "pread", counting)
-    sink = await started(path, batch_size=5)  # a window of 20 ids: a few kilobytes
+    monkeypatch.setattr(jsonl_sink, "START_READ_BYTES", BLOCK)
+    sink = await started(path, batch_size=5)  # four batches are 20 ids: a few kilobytes
     monkeypatch.setattr(os, "pread", real)
     await sink.write(batch("new", "newer"))
     await sink.close()
     assert sum(read) <= 2 * BLOCK + 1
     assert ids(path)[-2:] == ["new", "newer"]
+
+
+async def test_a_restart_with_a_smaller_batch_size_writes_no_line_twice(tmp_path):
+    """The batch in flight at a crash came with the earlier run's batch_size: a restart with a
+    smaller one still knows its ids (the window holds at least MIN_RECENT_IDS)."""
+    path = tmp_path / "events.jsonl"
+    in_flight = batch(*(f"e{n}" for n in range(180)))
+    sink = await started(path, batch_size=200)
+    await sink.write(in_flight)
+    await sink.close()  # a crash before the cursor moved: all 180 are delivered again
+    sink = await started(path, batch_size=20)
+    for start in range(0, 180, 20):
+        await sink.write(in_flight[start:start + 20])
+    await sink.close()
+    assert ids(path) == [f"e{n}" for n in range(180)]
+
+
+async def test_a_rotation_while_the_gateway_is_down_writes_no_line_twice(tmp_path):
+    """logrotate renamed the file while the gateway was down, after a crash: the batch
+    delivered again is known from the rotated copy's newest lines."""
+    path = tmp_path / "events.jsonl"
+    sink = await started(path, batch_size=50)
+    await sink.write(batch("a1", "a2", "a3"))
+    await sink.close()
+    rotated = rotate(path)
+    sink = await started(path, batch_size=50)
+    await sink.write(batch("a2", "a3", "b1"))  # the crash's batch again, and a new event
+    await sink.close()
+    assert ids(rotated) == ["a1", "a2", "a3"] and ids(path) == ["b1"]
 
 
 async def test_a_file_it_creates_has_its_directory_fsynced(tmp_path, monkeypatch):
