@@ -45,6 +45,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from gateway import intake, keys
 from gateway import logging as gwlog
@@ -159,7 +160,7 @@ class Listener:
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port``; the port bound (``port`` 0 picks a free one)."""
         loop = asyncio.get_running_loop()
-        factory = (lambda: WebhookConnection(self)) if self.fast else self.aiohttp_server
+        factory = (lambda: WebhookConnection(self)) if self.fast else self.aiohttp_handler
         self._server = await loop.create_server(factory, host, port, reuse_address=True,
                                                 backlog=128)
         if self.fast:
@@ -201,6 +202,16 @@ class Listener:
                 conn.close()
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_SECONDS, self._sweep)
 
+    def aiohttp_handler(self) -> asyncio.Protocol:
+        """aiohttp's protocol for one connection, answering what its parser refuses (a
+        malformed head, a bad chunk) with the gateway's JSON error body instead of aiohttp's
+        text, which echoes the offending bytes."""
+        server = self.aiohttp_server
+        try:  # as web.Server.__call__ builds its RequestHandler
+            return _JsonErrors(server, loop=server._loop, **server._kwargs)
+        except (AttributeError, TypeError):  # another aiohttp: its own handler, text errors
+            return server()
+
     def date(self) -> bytes:
         """The ``Date`` header's value, computed once a second."""
         now = int(time.time())
@@ -222,6 +233,33 @@ def _failed(head: Head, error: BaseException | None) -> intake.Reply:
               **({"exc_info": error} if error is not None else {"error": "cancelled"}))
     return intake.Reply(500, intake.error_body(
         "internal_error", "internal error; see the gateway's log"))
+
+
+class _JsonErrors(RequestHandler):
+    """aiohttp's protocol, whose ``handle_error`` answers JSON (:func:`_json_error`)."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        return _json_error(self, request, status, exc, message)
+
+
+def _json_error(handler: RequestHandler, request: web.BaseRequest, status: int = 500,
+                exc: BaseException | None = None, message: str | None = None) -> web.Response:
+    """aiohttp's ``RequestHandler.handle_error`` (its logging, its checks), answered as JSON:
+    ``{"error": {"code": ..., "message": <the status' phrase>}}``, the connection closed."""
+    RequestHandler.handle_error(handler, request, status, exc, message)
+    code = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large",
+            500: "internal_error"}.get(status, "bad_request")
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+    text = ("internal error; see the gateway's log" if status == 500
+            else f"{phrase}: the request is not well-formed HTTP/1.1")
+    response = web.Response(status=status, body=intake.error_body(code, text),
+                            content_type="application/json", charset="utf-8")
+    response.force_close()
+    return response
 
 
 def render(reply: intake.Reply, date: bytes, close: bool) -> bytes:
@@ -461,7 +499,7 @@ class WebhookConnection(asyncio.Protocol):
         self._recharge()  # the bytes are aiohttp's now
         self.transport = None
         self.listener.connections.discard(self)
-        handler = self.listener.aiohttp_server()
+        handler = self.listener.aiohttp_handler()
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self.paused:

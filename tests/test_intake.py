@@ -362,3 +362,26 @@ async def test_a_journal_that_cannot_store_the_body_answers_503_and_recovers(gat
     assert (await gw.post("whatsapp", body))[0] == 200
     await gw.settle()
     assert [len(e["text"]) for e in gw.jsonl()] == [50_000]
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n"
+    b"\r\n{}",
+    b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: x\r\n folded\r\nContent-Length: 2\r\n\r\n{}",
+    b"BR\x01W /webhooks/whatsapp HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n\r\nsecret",
+])
+async def test_malformed_http_gets_a_json_400_that_echoes_nothing(gateway, raw):
+    """What aiohttp's parser refuses is answered with the gateway's JSON error body, not
+    aiohttp's text (which echoed the offending bytes back), and the connection is closed."""
+    gw = await gateway()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    try:
+        writer.write(raw)
+        head, _, body = (await asyncio.wait_for(reader.read(), 5)).partition(b"\r\n\r\n")
+    finally:
+        writer.close()
+    assert head.startswith((b"HTTP/1.1 400", b"HTTP/1.0 400")) and b"application/json" in head, head
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    assert b"secret" not in body and b"folded" not in body
