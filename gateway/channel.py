@@ -51,6 +51,12 @@ class Channel(abc.ABC):
         Empty: receive only."""
         return {}
 
+    def recipient(self, to: str) -> str:
+        """The canonical form of a ``to`` an API client wrote: the id inbound events carry for
+        that customer (the window, consent and erasure of outbound messages are keyed by it).
+        The default keeps it as written."""
+        return to
+
     async def send(self, account_id: str, request: OutboundRequest,
                    callback_data: str | None) -> SendResult:
         """Send one message through the provider's API.

@@ -723,3 +723,28 @@ async def test_the_outbound_service_forgets_the_contact(gateway, meta):  # noqa:
         await sim.customer_says("whatsapp", ERASED, "Me again")
         await gw.settle()
         assert await send(ERASED) == 202
+
+
+async def test_a_number_written_with_punctuation_is_the_customer_it_names(gateway, meta):  # noqa: F811
+    """``"to": "+1 555-000-1234"`` is the customer whose wa_id is 15550001234: inside their
+    window, and erased with them (the outbox kept the number as written before)."""
+    gw = await gateway(f'api_token = "{TOKEN}"', sinks="[sinks.storage]\n",
+                       channels=channels_toml(meta.graph.url))
+    written = "+1 555-000-1234"
+    assert ERASED == "15550001234"
+
+    async def send(to: str) -> tuple[int, dict]:
+        msg = {"channel": "whatsapp", "to": to, "type": "text", "text": "hello"}
+        async with gw.session.post(f"{gw.url}/v1/messages", json=msg, headers=AUTH) as resp:
+            return resp.status, await resp.json()
+
+    async with meta(gw) as sim:
+        await sim.customer_says("whatsapp", ERASED, "Hello there")
+        await gw.settle()
+        status, answer = await send(written)
+        assert status == 202, answer
+        outbox = gw.app[keys.OUTBOUND].outbox
+        assert (await outbox.get(answer["id"])).recipient == ERASED
+        status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
+        assert status == 200 and body["erased"]["outbox"]["outbox"] == 1
+        assert await outbox.get(answer["id"]) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import msgspec
@@ -19,6 +20,8 @@ from gateway.errors import ConfigError
 from gateway.events import Event
 from gateway.outbound.http import GraphClient, SendResult
 from gateway.outbound.request import OutboundRequest
+
+_PHONE_PUNCTUATION = re.compile(r"^\+|[\s().\-]")  # what people write around a number's digits
 
 
 class Account(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -80,6 +83,12 @@ class WhatsAppChannel(Channel):
 
     def check_envelope(self, body: bytes) -> None:
         normalise.parse_envelope(body)
+
+    def recipient(self, to: str) -> str:
+        """A phone number as the wa_id inbound events carry: ``+1 (555) 000-1234`` -> digits.
+        Anything else (a BSUID, a group id) is kept as written."""
+        digits = _PHONE_PUNCTUATION.sub("", to.strip())
+        return digits if digits.isdigit() and digits.isascii() else to
 
     def normalise(self, body: bytes) -> list[Event]:
         return normalise.normalise(body)

@@ -153,6 +153,8 @@ class OutboundService(PythonAPI, Pausing):
         channel = self.channels.get(req.channel)
         if channel is None:
             raise rq.InvalidRequest("channel", f"no enabled channel is named {req.channel!r}")
+        if req.to:  # as inbound events name the customer: "+1 555..." is wa_id "1555..."
+            req = msgspec.structs.replace(req, to=channel.recipient(req.to))
         account = self._account(req.channel, req.account_id)
         if self.inbound_caught_up is not None and not await self.inbound_caught_up(SETTLE_SECONDS):
             self._unsettled += 1

@@ -179,3 +179,15 @@ async def test_whatsapp_mark_read_without_a_known_message_names_message_id(outbo
     status, answer = await ob.send({"channel": "whatsapp", "to": "15550007777",
                                     "type": "mark_read"})
     assert status == 422 and answer["error"]["field"] == "message_id"
+
+
+@pytest.mark.parametrize(("written", "canonical"), [
+    ("15550001234", "15550001234"), ("+15550001234", "15550001234"),
+    ("+1 (555) 000-1234", "15550001234"), ("1.555.000.1234", "15550001234"),
+    ("CO.1234567890", "CO.1234567890"),  # a BSUID: kept as written
+    ("+", "+"), ("١٥٥٥", "١٥٥٥"),  # no digits left / not ASCII digits: as written
+])
+def test_whatsapp_recipients_are_the_wa_id_inbound_events_carry(written, canonical):
+    from channels.whatsapp import WhatsAppChannel, WhatsAppConfig
+
+    assert WhatsAppChannel(WhatsAppConfig(app_secret="s")).recipient(written) == canonical
