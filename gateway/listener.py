@@ -140,6 +140,7 @@ class Listener:
         self.fast = fast
         self.bytes = self.app[keys.BUDGET]  # shared with the aiohttp routes' bodies
         self.connections: set[WebhookConnection] = set()
+        self.starved: set[WebhookConnection] = set()  # paused while the budget is over its limit
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -185,7 +186,14 @@ class Listener:
         for conn in list(self.connections):
             conn.close()
 
+    def unstarve(self) -> None:
+        """Let the connections paused for the byte budget read again if it has room now."""
+        if self.starved and self.bytes.fits(0):
+            for conn in list(self.starved):
+                conn._pace()
+
     def _sweep(self) -> None:
+        self.unstarve()  # room made by the aiohttp routes, which do not call it
         now = time.monotonic()
         for conn in list(self.connections):
             if conn.transport is not None and conn.transport.is_closing():
@@ -306,6 +314,8 @@ class WebhookConnection(asyncio.Protocol):
         self.head = None
         self.request_started = None
         self._recharge()  # a body being answered is let go of when its answer is done
+        self.listener.starved.discard(self)
+        self.listener.unstarve()
 
     def data_received(self, data: bytes) -> None:
         now = self.last_seen = time.monotonic()
@@ -360,11 +370,22 @@ class WebhookConnection(asyncio.Protocol):
 
     def _pace(self) -> None:
         """Pause reading while more than :data:`MAX_PIPELINED` bytes wait behind a request being
-        answered or a full write buffer; read again once they are taken."""
+        answered or a full write buffer, or while the port is over its byte budget and this
+        connection holds bytes beyond its current request (the budget is checked when a head
+        arrives; bytes pipelined behind it would otherwise take the port past it). Read again
+        once they are taken, or the budget has room (:meth:`Listener.unstarve`)."""
         transport = self.transport
         if transport is None or transport.is_closing():
+            self.listener.starved.discard(self)
             return
-        hold = (self.busy or self.write_paused) and len(self.buffer) > MAX_PIPELINED
+        head = self.head
+        beyond = len(self.buffer) - (self.body_start + head.length if head is not None else 0)
+        starved = beyond > 0 and not self.listener.bytes.fits(0)
+        if starved:
+            self.listener.starved.add(self)
+        else:
+            self.listener.starved.discard(self)
+        hold = starved or ((self.busy or self.write_paused) and len(self.buffer) > MAX_PIPELINED)
         if hold and not self.paused:
             transport.pause_reading()
             self.paused = True
@@ -457,6 +478,7 @@ class WebhookConnection(asyncio.Protocol):
         self.busy = False
         self.listener.buffered -= self.answering
         self.answering = 0
+        self.listener.unstarve()
         transport = self.transport
         if transport is None or transport.is_closing():
             return  # the client left; the request was still journaled (or refused) as answered
