@@ -1,4 +1,5 @@
-"""Consent from inbound messages: an opt-out keyword (``STOP``) or an opt-in keyword (``START``).
+"""Consent from inbound messages: an opt-out keyword (``STOP``) or an opt-in keyword (``START``),
+and from WhatsApp's marketing preference (``user_preferences``: stop / resume).
 
 One rule, shared by the outbox (which refuses marketing templates to opted-out contacts) and the
 storage sinks (``contacts.opted_out``, CONTRACT §8), so every store agrees. Keywords come from
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
     from gateway.events import Event
 
 
+MARKETING = "marketing_messages"  # the category of Meta's user_preferences
+
+
 class Consent:
     """Decides what an inbound message says about consent."""
 
@@ -28,8 +32,18 @@ class Consent:
         return cls(config.outbound.opt_out_keywords, config.outbound.opt_in_keywords)
 
     def of(self, event: Event) -> bool | None:
-        """True: the customer opted out; False: opted (back) in; None: says nothing about it."""
-        if event.direction != "inbound" or event.kind not in ("message", "postback"):
+        """True: the customer opted out; False: opted (back) in; None: says nothing about it.
+
+        Besides the keywords, WhatsApp's ``user_preferences`` (a ``preference`` event of
+        ``marketing_messages``) stops or resumes marketing messages: the very thing an opt-out
+        here withholds (marketing templates; utility and authentication ones still go)."""
+        if event.direction != "inbound":
+            return None
+        if event.kind == "preference":
+            if event.type != MARKETING:
+                return None
+            return {"stop": True, "resume": False}.get((event.payload or "").strip().casefold())
+        if event.kind not in ("message", "postback"):
             return None
         word = (event.text or "").strip().casefold()
         if word in self.opt_out:

@@ -4,7 +4,8 @@ Every channel turns Meta's payloads into these msgspec Structs; every sink recei
 JSON encoding (``encode``) is the public wire form: the ``jsonl`` sink writes it byte for byte.
 
 Events form a tagged union on ``kind``: ``Message``, ``Status``, ``Reaction``, ``Postback``,
-``Read``, ``Handover`` and ``Referral`` share every field of ``Event`` and differ only in their tag,
+``Read``, ``Handover``, ``Referral`` and ``Preference`` (an extra kind: WhatsApp's marketing
+opt-out) share every field of ``Event`` and differ only in their tag,
 so code can match on the class (``isinstance(ev, Status)``) or on ``ev.kind``.
 
 Fields the contract does not name but Meta's payloads carry (``referral``, ``order``, ``system``,
@@ -23,7 +24,8 @@ import msgspec
 
 SCHEMA_VERSION = 1
 
-KINDS = ("message", "status", "reaction", "postback", "read", "handover", "referral")
+KINDS = ("message", "status", "reaction", "postback", "read", "handover", "referral",
+         "preference")
 MESSAGE_TYPES = (
     "text", "image", "audio", "video", "document", "sticker", "location", "contacts",
     "interactive", "button", "order", "share", "story_mention", "story_reply", "system",
@@ -153,9 +155,20 @@ class Referral(Event, tag="referral"):
     kind: ClassVar[str] = "referral"
 
 
-AnyEvent = Union[Message, Status, Reaction, Postback, Read, Handover, Referral]  # noqa: UP007
+class Preference(Event, tag="preference"):
+    """The customer stopped or resumed a category of messages outside a conversation (WhatsApp
+    ``user_preferences``): ``type`` names the category (``marketing_messages``), ``payload`` says
+    ``stop`` or ``resume``, ``text`` is Meta's detail. Sinks that keep consent read it through
+    :class:`gateway.consent.Consent`."""
+
+    kind: ClassVar[str] = "preference"
+
+
+AnyEvent = Union[Message, Status, Reaction, Postback, Read, Handover, Referral,  # noqa: UP007
+                 Preference]
 EVENT_CLASSES: dict[str, type[Event]] = {
-    cls.kind: cls for cls in (Message, Status, Reaction, Postback, Read, Handover, Referral)
+    cls.kind: cls for cls in (Message, Status, Reaction, Postback, Read, Handover, Referral,
+                              Preference)
 }
 
 _encoder = msgspec.json.Encoder()

@@ -38,8 +38,13 @@ counts as empty) while every valid part beside it still counts. Mapping choices
   ``errors[0]`` (webhooks.md §4.6, e.g. 131000 next to a message with no body). A value with
   ``errors[]`` is logged as a warning (``whatsapp_value_errors``: the phone_number_id and each
   error's code and title); alone it yields no event. Statuses keep only their own errors;
-- a referral rides on its message (extra field); other subscription fields (templates, account
-  updates, ``user_preferences``) yield no event.
+- a referral rides on its message (extra field);
+- ``user_preferences`` (webhooks.md §4.8: a customer stopped or resumed marketing messages) →
+  kind ``preference`` (an extra kind), one per item: ``type`` = ``category``, ``payload`` =
+  ``value`` (``stop`` / ``resume``), ``text`` = ``detail``, inbound from the customer (``wa_id``,
+  else ``user_id``) to the number, its id from (customer, category, value, timestamp); an item
+  without a customer, a string category and value, or a timestamp yields nothing;
+- other subscription fields (templates, account updates, calls) yield no event.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from gateway.events import (
     Event,
     Message,
     Party,
+    Preference,
     Reaction,
     Status,
     conversation_id,
@@ -102,10 +108,15 @@ def normalise(body: bytes) -> list[Event]:
     events: list[Event] = []
     for entry in envelope.entry:
         for change in entry.changes or ():
-            if change.field == "messages" and change.value is not None:
-                value = change.value
+            value = change.value
+            if value is None:
+                continue
+            if change.field == "messages":
                 _value(value.metadata, value.errors, value.contacts or (), value.messages or (),
                        value.statuses or (), events)
+            elif change.field == "user_preferences":
+                _preferences(value.metadata, value.contacts or (), value.user_preferences or (),
+                             events)
     return events
 
 
@@ -115,16 +126,43 @@ def _tolerant(body: bytes) -> list[Event]:
     events: list[Event] = []
     for entry in decode_each(_parse(body, OBJECTS).entry, schemas.entry_decoder):
         for change in decode_each(raw_items(entry.changes), schemas.change_decoder):
-            if change.field != "messages":
+            if change.field not in ("messages", "user_preferences"):
                 continue
             value = decode_or_none(change.value, schemas.value_decoder)
             if value is None:
                 continue
-            _value(decode_or_none(value.metadata, schemas.metadata_decoder), value.errors,
-                   decode_each(raw_items(value.contacts), schemas.contact_decoder),
+            metadata = decode_or_none(value.metadata, schemas.metadata_decoder)
+            contacts = decode_each(raw_items(value.contacts), schemas.contact_decoder)
+            if change.field == "user_preferences":
+                _preferences(metadata, contacts, decode_each(
+                    raw_items(value.user_preferences), schemas.preference_decoder), events)
+                continue
+            _value(metadata, value.errors, contacts,
                    decode_each(raw_items(value.messages), schemas.message_decoder),
                    decode_each(raw_items(value.statuses), schemas.status_decoder), events)
     return events
+
+
+def _preferences(metadata: schemas.Metadata | None, contacts, preferences,
+                 events: list[Event]) -> None:
+    """Append the events of one ``user_preferences`` change (webhooks.md §4.8)."""
+    account = None if metadata is None else as_str(metadata.phone_number_id)
+    if account is None:
+        return
+    names = _names(contacts)
+    for p in preferences:
+        customer = as_str(p.wa_id) or as_str(p.user_id)
+        when = _timestamp(p.timestamp)
+        if (customer is None or when is None or not isinstance(p.category, str)
+                or not isinstance(p.value, str)):
+            continue
+        events.append(Preference(
+            id=event_id(CHANNEL, "preference", customer, p.category, p.value, str(p.timestamp)),
+            schema=SCHEMA_VERSION, channel=CHANNEL, direction="inbound", account_id=account,
+            conversation_id=conversation_id(CHANNEL, account, customer),
+            sender=Party(id=customer, name=names.get(customer)), recipient=Party(id=account),
+            timestamp=when, type=p.category, payload=p.value,
+            text=p.detail if isinstance(p.detail, str) else None))
 
 
 def _value(metadata: schemas.Metadata | None, errors: Any, contacts, messages, statuses,

@@ -55,6 +55,7 @@ class Value(msgspec.Struct):
     messages: msgspec.Raw = msgspec.Raw()
     statuses: msgspec.Raw = msgspec.Raw()
     errors: Any = None  # value-level errors[] (webhooks.md §4.6): a list of error objects
+    user_preferences: msgspec.Raw = msgspec.Raw()  # of the ``user_preferences`` field (§4.8)
 
 
 class Profile(msgspec.Struct):
@@ -117,6 +118,18 @@ class Status(msgspec.Struct):
     errors: Any = None
 
 
+class Preference(msgspec.Struct):
+    """``value.user_preferences[]`` (webhooks.md §4.8): a customer stopped or resumed a category
+    of messages (``marketing_messages``), its ``timestamp`` an integer."""
+
+    timestamp: str | int | float | None = None
+    wa_id: Any = None
+    user_id: Any = None  # BSUID, by analogy with from_user_id (unverified)
+    category: Any = None
+    value: Any = None  # "stop" | "resume"
+    detail: Any = None
+
+
 class FastValue(msgspec.Struct):
     """``Value`` with its lists decoded in the same pass (the fast path)."""
 
@@ -125,6 +138,7 @@ class FastValue(msgspec.Struct):
     messages: list[Message] | None = None
     statuses: list[Status] | None = None
     errors: Any = None
+    user_preferences: list[Preference] | None = None
 
 
 class FastChange(msgspec.Struct):
@@ -153,4 +167,5 @@ metadata_decoder = msgspec.json.Decoder(Metadata)
 contact_decoder = msgspec.json.Decoder(Contact)
 message_decoder = msgspec.json.Decoder(Message)
 status_decoder = msgspec.json.Decoder(Status)
+preference_decoder = msgspec.json.Decoder(Preference)
 fast_decoder = msgspec.json.Decoder(FastEnvelope)

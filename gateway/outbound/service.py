@@ -190,10 +190,11 @@ class OutboundService(PythonAPI, Pausing):
         STOP is honoured from then on (the outbox sink stores both later)."""
         for record in records:
             ev = record.event
-            if ev.direction == "inbound" and ev.kind in ("message", "postback"):
+            if ev.direction == "inbound" and ev.kind in ("message", "postback", "preference"):
                 key = (ev.channel, ev.account_id, ev.customer_id)
                 at = ev.timestamp.timestamp()
-                _remember(self.recent, key, (at, ev.message_id))
+                if ev.kind != "preference":  # a preference says consent, opens no window
+                    _remember(self.recent, key, (at, ev.message_id))
                 opted_out = self.consent.of(ev)
                 said = self.said.get(key)
                 if opted_out is not None and (said is None or at >= said[0]):

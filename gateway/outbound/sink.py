@@ -1,6 +1,7 @@
 """The ``outbox`` sink: what the outbound service learns from the event stream.
 
-Inbound messages open the customer-service window and may carry an opt-out keyword; statuses,
+Inbound messages open the customer-service window and may carry an opt-out keyword (a WhatsApp
+marketing preference carries consent alone); statuses,
 Instagram reads and echoes move outbox records forward, so ``GET /v1/messages/{id}`` tells the
 truth; a failed status goes to the service, which applies Meta's error table to it as to a
 synchronous answer (retry, record an opt-out, fail). Registered by the core whenever a channel
@@ -36,6 +37,11 @@ class OutboxSink(Sink):
                 await outbox.inbound(ev.channel, ev.account_id, ev.customer_id,
                                      ev.timestamp.timestamp(), ev.message_id,
                                      self.consent.of(ev))
+            elif ev.kind == "preference":  # consent only: no message, so no window
+                opted_out = self.consent.of(ev)
+                if opted_out is not None:
+                    await outbox.set_opted_out(ev.channel, ev.account_id, ev.customer_id,
+                                               opted_out, ev.timestamp.timestamp())
             elif ev.kind == "status" and ev.status:
                 record_id = (ev.callback_data if (ev.callback_data or "").startswith("msg_")
                              else None)

@@ -134,3 +134,38 @@ async def test_a_send_does_not_wait_for_a_processor_that_has_stopped(outbound):
     started = time.monotonic()
     assert await processor.caught_up(5.0) is False
     assert time.monotonic() - started < 0.5
+
+
+def preference_body(value: str, ts: int) -> dict:
+    body = json.loads(fixture_bytes("whatsapp/user_preferences_stop.json"))
+    change = body["entry"][0]["changes"][0]["value"]
+    change["metadata"]["phone_number_id"] = WA
+    change["user_preferences"][0].update(wa_id=A, value=value, timestamp=ts)
+    return body
+
+
+async def test_whatsapps_marketing_preference_is_an_opt_out_until_resumed(outbound):
+    """Meta's ``user_preferences`` (limits.md §9): a customer who stopped marketing messages in
+    WhatsApp gets no marketing template, without ever having written; a utility one still goes;
+    resuming, or a later START, lets marketing go again. The preference opens no window. Every
+    store agrees: the outbox and the storage sink's ``contacts.opted_out``."""
+    ob = await outbound()
+    now = int(time.time())
+    await ob.webhook("whatsapp", preference_body("stop", now - 100))
+    status, answer = await ob.send(MARKETING)
+    assert status == 422 and answer["error"]["code"] == "opted_out"
+    utility = {**MARKETING, "template": {**MARKETING["template"], "category": "utility"}}
+    assert (await ob.send(utility))[0] == 202
+    free_form = {"channel": "whatsapp", "to": A, "type": "text", "text": "hi"}
+    status, answer = await ob.send(free_form)
+    assert status == 422 and answer["error"]["code"] == "outside_window"
+    rows = await ob.gw.sql("SELECT opted_out FROM contacts WHERE contact_id = ?", (A,))
+    assert rows == [(1,)]
+    await ob.webhook("whatsapp", preference_body("stop", now - 200))  # older: changes nothing
+    await ob.webhook("whatsapp", preference_body("resume", now - 50))
+    assert (await ob.send(MARKETING))[0] == 202
+    assert await ob.gw.sql("SELECT opted_out FROM contacts WHERE contact_id = ?", (A,)) == [(0,)]
+    await ob.webhook("whatsapp", preference_body("stop", now - 10))
+    assert (await ob.send(MARKETING))[0] == 422
+    await ob.webhook("whatsapp", inbound_body("START", now - 5, "wamid.IN.start.after"))
+    assert (await ob.send(MARKETING))[0] == 202
