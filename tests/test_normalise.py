@@ -14,7 +14,7 @@ from channels.whatsapp.normalise import _tolerant as whatsapp_tolerant
 from channels.whatsapp.normalise import normalise as whatsapp
 from channels.whatsapp.normalise import parse_envelope as wa_envelope
 from gateway.errors import BadPayload
-from gateway.events import decode, encode
+from gateway.events import conversation_id, decode, encode
 from tests.conftest import fixture_bytes
 from tests.expect import expected_files, pair_up
 
@@ -480,3 +480,39 @@ def test_a_coordinate_that_is_no_latitude_is_dropped_not_a_crash(latitude):
 def test_instagram_reaction_emoji(reaction, emoji):
     (event,) = instagram(_instagram_item(reaction=reaction))
     assert (event.kind, event.emoji) == ("reaction", emoji)
+
+
+@pytest.mark.parametrize("entry_id", ["absent", None])
+def test_an_instagram_entry_without_an_id_keeps_its_events(entry_id):
+    """The business id is on every item too (``recipient.id``, ``sender.id`` of an echo): an
+    entry whose ``id`` is missing or null loses none of its events."""
+    body = json.loads(_instagram_item(message={"mid": "aWdfTEST_IN_NOID", "text": "hi"}))
+    entry = body["entry"][0]
+    entry["messaging"].append({"sender": {"id": "17840000000000001"},
+                               "recipient": {"id": "9000000000000001"},
+                               "timestamp": 1760003300001,
+                               "message": {"mid": "aWdfTEST_OUT_NOID", "text": "hello",
+                                           "is_echo": True}})
+    if entry_id == "absent":
+        del entry["id"]
+    else:
+        entry["id"] = None
+    inbound, echo = instagram(json.dumps(body).encode())
+    for event in (inbound, echo):
+        assert event.account_id == "17840000000000001"
+        assert event.conversation_id == conversation_id(
+            "instagram", "17840000000000001", "9000000000000001")
+    assert (inbound.direction, echo.direction) == ("inbound", "outbound")
+
+
+def test_an_unsupported_instagram_message_keeps_what_it_answers():
+    """A message Meta cannot render (``is_unsupported``: a GIF, a sticker) still answers a
+    message or a story."""
+    (quoted,) = instagram(_instagram_item(message={
+        "mid": "aWdfTEST_IN_U1", "is_unsupported": True, "reply_to": {"mid": "aWdfTEST_OUT_0001"}}))
+    assert (quoted.type, quoted.reply_to, quoted.story_id) == (
+        "unsupported", "aWdfTEST_OUT_0001", None)
+    (story,) = instagram(_instagram_item(message={
+        "mid": "aWdfTEST_IN_U2", "is_unsupported": True, "reply_to": {"story": STORY}}))
+    assert (story.type, story.reply_to, story.story_id) == ("unsupported", None, STORY["id"])
+    assert decode(encode(story)) == story

@@ -5,8 +5,11 @@ that is no object, a ``messaging`` / ``standby`` that is no list, an item of the
 skipped on its own; every valid item beside it still counts. Mapping choices
 (shared/fixtures/README.md "Conventions"):
 
-- ``account_id`` = ``entry[].id``; the customer is ``sender.id``, or ``recipient.id`` on echoes
-  (``is_echo``: ``direction`` outbound);
+- ``account_id`` = ``entry[].id`` (meta/webhooks.md §5.3; CONTRACT §5 names ``recipient.id`` of
+  inbound: the same id in every payload Meta documents); an entry without an ``id`` takes each
+  item's business id, ``recipient.id`` (``sender.id`` of an echo), instead of losing its events;
+  the customer is ``sender.id``, or ``recipient.id`` on echoes (``is_echo``: ``direction``
+  outbound);
 - a message with several attachments is ONE event carrying the first attachment as ``media`` (the
   others are not lost from the journal's raw body, but not modelled); ``file`` → ``document``,
   ``ig_reel`` / ``reel`` → ``video`` (``raw_type`` keeps the original; ``media.id`` is the
@@ -21,7 +24,8 @@ skipped on its own; every valid item beside it still counts. Mapping choices
   then not kept. A ``story_reply`` with ``raw_type`` set carries the attachment as ``media``,
   one without carries the story;
 - ``is_deleted`` → ``deleted`` (its id differs from the original's), ``is_unsupported`` →
-  ``unsupported``;
+  ``unsupported``, keeping what it answers (``reply_to``, or the ``story_id`` of a story it
+  answers);
 - a reaction's ``emoji`` is Meta's, else the emoji of its label (``love``), else the label itself
   (``""`` only on ``unreact``);
 - ``read`` / ``reaction`` / ``postback`` / ``referral`` / ``*_thread_control`` → those kinds
@@ -95,9 +99,7 @@ def normalise(body: bytes) -> list[Event]:
     """
     events: list[Event] = []
     for entry in decode_each(_parse(body, OBJECTS).entry, schemas.entry_decoder):
-        account = as_str(entry.id)
-        if account is None:
-            continue
+        account = as_str(entry.id)  # None: each item's business id (recipient; echo: sender)
         for standby, items in ((False, entry.messaging), (True, entry.standby)):
             for raw in raw_items(items):
                 try:
@@ -110,7 +112,8 @@ def normalise(body: bytes) -> list[Event]:
     return events
 
 
-def _item(item: schemas.Item, raw: msgspec.Raw, account: str, standby: bool) -> Event | None:
+def _item(item: schemas.Item, raw: msgspec.Raw, account: str | None,
+          standby: bool) -> Event | None:
     sender = as_str(item.sender.id) if item.sender else None
     recipient = as_str(item.recipient.id) if item.recipient else None
     try:
@@ -121,6 +124,7 @@ def _item(item: schemas.Item, raw: msgspec.Raw, account: str, standby: bool) -> 
         return None
     echo = isinstance(item.message, dict) and item.message.get("is_echo") is True
     customer = recipient if echo else sender
+    account = account or (sender if echo else recipient)
     common = dict(
         schema=SCHEMA_VERSION, channel=CHANNEL, direction="outbound" if echo else "inbound",
         account_id=account, conversation_id=conversation_id(CHANNEL, account, customer),
@@ -158,8 +162,10 @@ def _message(msg: dict[str, Any], common: dict, sender: str, stamp: str, key: st
         return Message(id=event_id(CHANNEL, "message", mid, "deleted"), **common, message_id=mid,
                        type="deleted")
     fields: dict[str, Any] = {"text": _str(msg.get("text"))}
-    if msg.get("is_unsupported") is True:
-        fields["type"] = "unsupported"
+    if msg.get("is_unsupported") is True:  # what it answers still counts (a GIF to a story)
+        answered = _content(None, msg.get("reply_to"))
+        fields.update(type="unsupported", reply_to=answered.get("reply_to"),
+                      story_id=answered.get("story_id"))
     else:
         fields.update(_content(msg.get("attachments"), msg.get("reply_to")))
         fields.setdefault("type", "text")
