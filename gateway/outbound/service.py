@@ -207,6 +207,18 @@ class OutboundService(PythonAPI, Pausing):
             for key in [k for k in cache if k[0] == channel and k[2] == contact_id]:
                 del cache[key]
 
+    async def opted_out(self, channel: str, account: str, contact: str) -> bool:
+        """Whether the contact's latest word on consent (stored, or processed and not yet
+        stored) is an opt-out. For senders of their own (the AI sink) that must stay silent."""
+        customer = await self.outbox.customer(channel, account, contact)
+        return self._latest_word(channel, account, contact, customer).opted_out
+
+    def _latest_word(self, channel: str, account: str, contact: str, customer: Any) -> Any:
+        said = self.said.get((channel, account, contact))
+        if said is not None and said[0] >= (customer.opted_out_at or float("-inf")):
+            customer = customer._replace(opted_out=said[1], opted_out_at=said[0])
+        return customer
+
     async def _check(self, req: rq.OutboundRequest, account: str) -> rq.OutboundRequest:
         customer = await self.outbox.customer(req.channel, account, req.to or "")
         seen = self.recent.get((req.channel, account, req.to or ""))
@@ -219,9 +231,7 @@ class OutboundService(PythonAPI, Pausing):
                 # WhatsApp marks (and shows typing on) a message; Instagram's sender actions
                 # name none, and WhatsApp's typing off sends nothing
                 raise rq.InvalidRequest("message_id", "required: no inbound message is known")
-        said = self.said.get((req.channel, account, req.to or ""))
-        if said is not None and said[0] >= (customer.opted_out_at or float("-inf")):
-            customer = customer._replace(opted_out=said[1], opted_out_at=said[0])
+        customer = self._latest_word(req.channel, account, req.to or "", customer)
         if req.type == "template":
             if customer.opted_out:
                 _check_consent(req.template)

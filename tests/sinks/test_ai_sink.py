@@ -586,3 +586,23 @@ async def test_erase_contact_matches_channel_and_contact_exactly():
     assert await sink.erase_contact("whatsapp", ERASED) == {
         "conversations": 0, "messages": 0, "answered_events": 0}
     await sink.close()
+
+
+async def test_no_reply_to_a_consent_keyword_nor_to_a_contact_who_opted_out(gateway, meta):
+    """STOP is not answered, nor is anything the contact writes while opted out; START is not
+    answered either (a command, not a question), and the next question is."""
+    gw = await gateway(sinks=SINKS_AI_RULES, channels=channels_toml(meta.graph.url))
+    await _require_outbound(gw)
+    accepted = Accepted(meta.graph)
+    customer = "15550001234"
+    async with meta(gw) as sim:
+        for text in ("STOP", "Is my order on its way?", "START"):
+            assert (await sim.customer_says("whatsapp", customer, text)).ok
+            await gw.settle()
+        assert await accepted.wait(customer, timeout=1.0) == []
+        await sim.customer_says("whatsapp", customer, "Is my order on its way?")
+        [reply] = await accepted.wait(customer)
+        assert "order" in reply.body["text"]["body"].lower()
+        await gw.settle()
+    assert await gw.app[keys.JOURNAL].dead_letters() == []
+    accepted.close()
