@@ -207,13 +207,8 @@ class OutboundService(PythonAPI, Pausing):
             for key in [k for k in cache if k[0] == channel and k[2] == contact_id]:
                 del cache[key]
 
-    async def opted_out(self, channel: str, account: str, contact: str) -> bool:
-        """Whether the contact's latest word on consent (stored, or processed and not yet
-        stored) is an opt-out. For senders of their own (the AI sink) that must stay silent."""
-        customer = await self.outbox.customer(channel, account, contact)
-        return self._latest_word(channel, account, contact, customer).opted_out
-
     def _latest_word(self, channel: str, account: str, contact: str, customer: Any) -> Any:
+        """``customer`` as stored, with a word on consent processed but not yet stored."""
         said = self.said.get((channel, account, contact))
         if said is not None and said[0] >= (customer.opted_out_at or float("-inf")):
             customer = customer._replace(opted_out=said[1], opted_out_at=said[0])

@@ -6,9 +6,8 @@ for a reply and sends it with ``await app[gateway.keys.OUTBOUND].send({...})`` â
 
 It never answers outbound echoes, ``standby`` events (another app owns the thread), edits (the
 customer corrected a message it has answered: WhatsApp ``edit``, Instagram ``message_edit``),
-statuses, reactions or anything else; nor a consent keyword (STOP, START), nor a contact whose
-latest word on consent is an opt-out (the outbound service knows it); and never twice to one
-event: answered event ids are kept in a
+statuses, reactions or anything else, nor a consent keyword (STOP, START: a command, not a
+question), and never twice to one event: answered event ids are kept in a
 bounded memory set (the dispatcher hands a batch over again after a crash or a partial failure),
 and each send carries ``idempotency_key = "ai:<event id>"`` so the durable outbox drops a repeat
 across restarts too.
@@ -329,7 +328,7 @@ class AISink(Sink):
                      age_seconds=round(age))
             self.memory.mark_answered(event.id, owner)
             return
-        if await self._silenced(event, outbound):
+        if self._silenced(event, outbound):
             log.info("ai_not_answered_consent", event_id=event.id,
                      conversation_id=event.conversation_id)
             self.memory.mark_answered(event.id, owner)
@@ -358,16 +357,13 @@ class AISink(Sink):
             self._forget.discard(event.id)
 
     @staticmethod
-    async def _silenced(event: Event, outbound: Any) -> bool:
-        """A consent keyword (STOP / START: a command, not a question), or a contact whose latest
-        word on consent is an opt-out, as the outbound service knows them (an outbound without
-        them, e.g. a test double, silences nothing)."""
+    def _silenced(event: Event, outbound: Any) -> bool:
+        """A consent keyword (STOP / START: a command to the business, not a question), by the
+        outbound service's rule (an outbound without one, e.g. a test double, silences nothing).
+        A question from an opted-out contact is still answered: a reply to their own message,
+        which the opt-out (marketing) does not cover."""
         consent = getattr(outbound, "consent", None)
-        if consent is not None and consent.of(event) is not None:
-            return True
-        opted_out = getattr(outbound, "opted_out", None)
-        return bool(opted_out is not None
-                    and await opted_out(event.channel, event.account_id, event.customer_id))
+        return consent is not None and consent.of(event) is not None
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: forget the contact's conversation history (their texts and our replies, which
