@@ -202,8 +202,14 @@ class OpenAIProvider:
         if self.config.max_tokens is not None:
             extra["max_tokens"] = self.config.max_tokens
         try:
-            completion = await self.client.chat.completions.create(
-                model=self.config.model, messages=self.messages(event, history), **extra)
+            # the whole request within ``timeout``: the SDK's timeout bounds each read, so a
+            # server that trickles its answer would hold the sink's worker for good
+            async with asyncio.timeout(self.config.timeout):
+                completion = await self.client.chat.completions.create(
+                    model=self.config.model, messages=self.messages(event, history), **extra)
+        except TimeoutError as exc:
+            raise RetryableError(f"OpenAI did not answer within {self.config.timeout:g} s "
+                                 "(sinks.ai.timeout)") from exc
         except Exception as exc:  # noqa: BLE001 - classified for the dispatcher
             raise classify_openai_error(exc) from exc
         choice = completion.choices[0] if completion.choices else None

@@ -609,3 +609,44 @@ async def test_no_reply_to_a_consent_keyword(gateway, meta):
         assert len(accepted.to(customer)) == 1
     assert await gw.app[keys.JOURNAL].dead_letters() == []
     accepted.close()
+
+
+async def test_the_timeout_bounds_the_whole_request_to_the_provider():
+    """A provider (or a proxy) that trickles its answer a byte at a time: ``timeout`` ends the
+    request as a whole (retryable), not each read of it; the sink's worker is free again."""
+    import json
+
+    from aiohttp import web
+
+    body = json.dumps({"id": "chatcmpl-x", "object": "chat.completion", "created": 1,
+                       "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                       "message": {"role": "assistant", "content": "hi"}}]}).encode()
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/json",
+                                               "Content-Length": str(len(body))})
+        await response.prepare(request)
+        for i in range(len(body)):
+            await response.write(body[i:i + 1])
+            await asyncio.sleep(0.05)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", trickle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    sink, out = await started_sink(provider="openai", api_key="sk-test", timeout=0.5,
+                                   base_url=f"http://127.0.0.1:{port}/v1")
+    started = time.monotonic()
+    try:
+        with pytest.raises(RetryableError, match="within 0.5 s"):
+            await sink.write(records(message("hello")))
+        assert time.monotonic() - started < 3  # the answer would take about 10 s
+        assert out.sent == []
+    finally:
+        await sink.close()
+        await runner.cleanup()
