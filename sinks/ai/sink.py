@@ -87,6 +87,7 @@ class AIConfig(SinkConfig):
     history: int = 10  # messages (customer + assistant) remembered per conversation
     # bounded memory and concurrency
     max_conversations: int = 10_000
+    max_history_chars: int = 5_000_000  # characters of history kept in all (about 10-20 MB)
     remember_events: int = 100_000
     concurrency: int = 8
 
@@ -96,7 +97,8 @@ class AIConfig(SinkConfig):
         if unknown:
             raise ConfigError(f"unknown message types {unknown}; choose from {list(MESSAGE_TYPES)}",
                               f"{prefix}.reply_types")
-        for key in ("history", "max_conversations", "remember_events", "concurrency"):
+        for key in ("history", "max_conversations", "max_history_chars", "remember_events",
+                    "concurrency"):
             if getattr(self, key) < (0 if key == "history" else 1):
                 raise ConfigError("must be positive", f"{prefix}.{key}")
         for key in ("timeout", "max_age_seconds"):
@@ -113,18 +115,22 @@ class AIConfig(SinkConfig):
 
 
 Owner = tuple[str, str]  # (channel, customer id): whose data an entry is, for erasure
+TURN_CHARS = 4096  # of a remembered text (a reply is at most this already: WhatsApp's limit)
 
 
 class Memory:
     """Bounded per-conversation history (LRU over conversations) and answered event ids, each
     entry tagged with its customer so that :meth:`erase` can forget one contact (GDPR)."""
 
-    def __init__(self, history: int, conversations: int, events: int) -> None:
+    def __init__(self, history: int, conversations: int, events: int,
+                 chars: int = 5_000_000) -> None:
         self._history = history
         self._conversations: OrderedDict[str, tuple[Owner, deque[dict[str, str]]]] = OrderedDict()
         self._max_conversations = conversations
         self._answered: OrderedDict[str, Owner] = OrderedDict()
         self._max_events = events
+        self._max_chars = chars  # all the texts together: long messages must not add up
+        self._chars = 0
 
     def history(self, conversation_id: str) -> list[dict[str, str]]:
         entry = self._conversations.get(conversation_id)
@@ -137,11 +143,20 @@ class Memory:
                  owner: Owner = ("", "")) -> None:
         entry = self._conversations.pop(conversation_id, None)
         turns = entry[1] if entry is not None else deque(maxlen=self._history)
-        turns.append({"role": "user", "content": user})
-        turns.append({"role": "assistant", "content": assistant})
+        for role, content in (("user", user[:TURN_CHARS]), ("assistant", assistant[:TURN_CHARS])):
+            if self._history and len(turns) == self._history:
+                self._chars -= len(turns[0]["content"])
+            if self._history:
+                self._chars += len(content)
+            turns.append({"role": role, "content": content})
         self._conversations[conversation_id] = (owner, turns)
-        while len(self._conversations) > self._max_conversations:
-            self._conversations.popitem(last=False)
+        while len(self._conversations) > self._max_conversations or (
+                self._chars > self._max_chars and len(self._conversations) > 1):
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, (_, turns) = self._conversations.popitem(last=False)
+        self._chars -= sum(len(t["content"]) for t in turns)
 
     def answered(self, event_id: str) -> bool:
         return event_id in self._answered
@@ -158,7 +173,11 @@ class Memory:
         provider) again. Returns how many conversations, remembered messages and event ids went."""
         owner = (channel, contact_id)
         conversations = [c for c, (who, _) in self._conversations.items() if who == owner]
-        messages = sum(len(self._conversations.pop(c)[1]) for c in conversations)
+        messages = 0
+        for conversation in conversations:
+            turns = self._conversations.pop(conversation)[1]
+            messages += len(turns)
+            self._chars -= sum(len(t["content"]) for t in turns)
         events = [e for e, who in self._answered.items() if who == owner]
         for event_id in events:
             self._answered[event_id] = ("", "")
@@ -268,7 +287,10 @@ class AISink(Sink):
         super().__init__(config)
         self.config: AIConfig = config
         self.app: web.Application | None = None
-        self.memory = Memory(config.history, config.max_conversations, config.remember_events)
+        # the rules provider reads no history: remember which conversations it knows, no texts
+        self.memory = Memory(config.history if config.provider == "openai" else 0,
+                             config.max_conversations, config.remember_events,
+                             config.max_history_chars)
         self.provider: RulesProvider | OpenAIProvider | None = None
         self._attached = asyncio.Event()
         self._limit = asyncio.Semaphore(config.concurrency)

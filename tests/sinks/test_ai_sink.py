@@ -577,8 +577,10 @@ async def test_erase_contact_matches_channel_and_contact_exactly():
     events = [message("hi", customer=ERASED), message("hi", customer=ERASED, channel="instagram"),
               message("hi", customer=KEPT)]
     await sink.write(records(*events))
+    # the rules provider reads no history, so it remembers no texts: only the conversation
+    assert sink.memory.history(events[0].conversation_id) == []
     assert await sink.erase_contact("whatsapp", ERASED) == {
-        "conversations": 1, "messages": 2, "answered_events": 1}
+        "conversations": 1, "messages": 0, "answered_events": 1}
     assert [sink.memory.known(e.conversation_id) for e in events] == [False, True, True]
     assert [sink.memory.answered(e.id) for e in events] == [True, True, True]  # ids stay
     await sink.write(records(events[0]))  # redelivered after the erasure: not answered again
@@ -650,3 +652,24 @@ async def test_the_timeout_bounds_the_whole_request_to_the_provider():
     finally:
         await sink.close()
         await runner.cleanup()
+
+
+def test_the_history_is_bounded_in_characters_too():
+    """Long messages over many conversations: the texts kept stay within
+    ``max_history_chars`` (the least recently used conversations go first), each text within
+    4096 characters, and the count follows erasures."""
+    from sinks.ai.sink import TURN_CHARS, Memory
+
+    memory = Memory(history=10, conversations=10_000, events=10, chars=50_000)
+    for n in range(200):
+        memory.add_turn(f"c{n}", "Ж" * 10_000, "r" * 500, ("whatsapp", str(n)))
+    kept = [c for c in (f"c{n}" for n in range(200)) if memory.known(c)]
+    assert kept == [f"c{n}" for n in range(200 - len(kept), 200)]  # the newest
+    texts = [t["content"] for c in kept for t in memory.history(c)]
+    assert sum(map(len, texts)) <= 50_000 and max(map(len, texts)) == TURN_CHARS
+    assert memory._chars == sum(map(len, texts))
+    memory.erase("whatsapp", "199")
+    assert memory._chars == sum(len(t["content"]) for c in kept[:-1] for t in memory.history(c))
+    for _ in range(20):  # a long conversation: its oldest turns leave the count as they go
+        memory.add_turn("c198", "q" * 100, "a" * 100, ("whatsapp", "198"))
+    assert memory._chars == sum(len(t["content"]) for c in kept[:-1] for t in memory.history(c))
