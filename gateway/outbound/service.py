@@ -92,6 +92,9 @@ class OutboundService(PythonAPI, Pausing):
         self.tasks: list[asyncio.Task] = []
         self.inflight: set[asyncio.Task] = set()
         self.accepted_at: dict[str, float] = {}  # outbox id -> accept time (bench, metrics)
+        # Error codes that set gateway_alerts for an account (not its pauses, pausing.py's):
+        # cleared by the account's next successful send.
+        self._alerted: dict[tuple[str, str], set[str]] = {}
         # Inbound messages seen by the processor but maybe not yet by the outbox sink: the
         # latest message (window) and the latest word on consent (time, opted out).
         self.recent: OrderedDict[tuple[str, str, str], tuple[float, str | None]] = OrderedDict()
@@ -348,6 +351,8 @@ class OutboundService(PythonAPI, Pausing):
             await self._retry(row, {"code": "internal", "message": repr(exc)}, None)
         else:
             self._resume(key, True)
+            for code in self._alerted.pop(key, ()):  # the account sends again: acted upon
+                self.metrics.alerts.labels(channel_name, account, code).set(0)
             await self.outbox.sent(row.id, result.message_id)
             self.depth_changed.set()
             self.limiters[key].sent_ok(row.recipient)
@@ -371,6 +376,7 @@ class OutboundService(PythonAPI, Pausing):
         error = exc.describe()
         if exc.alert:
             self.metrics.alerts.labels(channel, account, str(exc.code)).set(1)
+            self._alerted.setdefault(key, set()).add(str(exc.code))
             log.error("outbound_alert", channel=channel, account=account, code=exc.code,
                       fbtrace_id=exc.fbtrace_id, hint=exc.hint)
         if isinstance(exc, MetaThrottled):

@@ -398,6 +398,19 @@ def test_chart_app_version_is_the_package_version():
     assert chart["appVersion"] == project["version"]
 
 
+def test_alert_rules_fire_when_they_should_and_only_then():
+    """``promtool test rules`` on rules/alerts_test.yaml: a single 503 pages no one, sustained
+    ones do; an expired token pages; a growing outbox warns."""
+    import shutil
+
+    promtool = shutil.which("promtool")
+    if not promtool:
+        pytest.skip("promtool is not installed (make install installs Debian's prometheus)")
+    run = subprocess.run([promtool, "test", "rules", "alerts_test.yaml"], capture_output=True,
+                         text=True, timeout=60, cwd=CHART / "rules")
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_alert_rules_pass_promtool_and_use_real_metrics():
     import shutil
 

@@ -148,3 +148,23 @@ def test_retry_after_comes_from_metas_headers():
     permanent = json.dumps(meta_error(100, "x")).encode()  # a hint on a non-throttle is ignored
     assert from_response(400, permanent, headers=buc).retry_after is None
     assert from_response(503, b"", headers={"Retry-After": "7"}).retry_after == 7
+
+
+async def test_an_alert_of_a_failed_send_clears_once_the_account_sends_again(outbound):
+    """``gateway_alerts`` is 1 while an operator must act: after an alerting error (131030, a
+    recipient missing from a test number's allow list) it is 1, and once a send from the
+    account succeeds again (the operator fixed it) it is 0, so an alert on it resolves."""
+    from gateway.testing.graph import meta_error
+
+    ob = await outbound()
+    await ob.inbound("whatsapp", "15550001234")
+    ob.sim.fail_next(WA, meta_error(131030, "(#131030) Recipient not in allowed list"),
+                     status=400)
+    text = {"channel": "whatsapp", "to": "15550001234", "type": "text", "text": "x"}
+    _, first = await ob.send(text)
+    await ob.wait(first["id"], "failed", timeout=5)
+    labels = {"channel": "whatsapp", "account": WA, "reason": "131030"}
+    assert ob.metric("gateway_alerts", **labels) == 1
+    _, ok = await ob.send({**text, "text": "y"})
+    await ob.wait(ok["id"], "sent", timeout=5)
+    assert ob.metric("gateway_alerts", **labels) == 0
