@@ -340,6 +340,8 @@ class SinkWorker:
             self.metrics.sink_deliveries.labels(self.sink.name, "retry").inc()
             if attempts:
                 await asyncio.sleep(self._backoff(attempts, error))
+            elif _hint(error):  # the batch was told to wait (a 429's Retry-After): so is each
+                await asyncio.sleep(min(_hint(error), cfg.backoff_max))
             if record.seq in self.erased:  # GDPR: neither written nor dead-lettered after it
                 log.info("erased_event_not_retried", sink=self.sink.name, attempts=attempts)
                 return
@@ -360,10 +362,9 @@ class SinkWorker:
     def _backoff(self, attempt: int, error: BaseException) -> float:
         cfg = self.sink.config
         delay = min(cfg.backoff_max, cfg.backoff_initial * 2 ** (attempt - 1))
-        hint = getattr(error, "retry_after", None) if isinstance(error, RetryableError) else None
         # the sink's hint is honoured up to backoff_max: one conversation's retry holds the
         # sink's next batch (its cursor is one position), so no hint may stall it for hours
-        return max(min(hint or 0.0, cfg.backoff_max), delay * random.uniform(0.5, 1.0))
+        return max(min(_hint(error), cfg.backoff_max), delay * random.uniform(0.5, 1.0))
 
     async def _dead(self, record: Record, error: BaseException, attempts: int) -> None:
         reason = f"{type(error).__name__}: {error}"
@@ -382,6 +383,13 @@ class SinkWorker:
         for record in records:
             latency.observe(max(0.0, now - record.received_at))
         self.metrics.sink_deliveries.labels(self.sink.name, "ok").inc(len(records))
+
+
+def _hint(error: BaseException) -> float:
+    """A retryable error's ``retry_after`` (seconds; 0 without one)."""
+    if not isinstance(error, RetryableError):
+        return 0.0
+    return getattr(error, "retry_after", None) or 0.0
 
 
 class SinkCancelled(Exception):

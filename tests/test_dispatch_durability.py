@@ -587,3 +587,27 @@ async def test_a_replay_that_fails_again_leaves_one_dead_letter_across_a_stop(tm
     await dispatcher.stop(2)
     await journal.close()
     assert sorted(jsonl_ids(tmp_path)) == ["ev-1", "ev-2"]
+
+
+async def test_a_batch_told_to_wait_retries_its_events_after_the_hint(tmp_path):
+    # A rate-limited batch (a 429 with Retry-After) is retried event by event: not at once,
+    # a second burst at the provider, but after the hint (at most backoff_max).
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:jsonl", 0)
+    await store(journal, [message(1, "111"), message(2, "222"), message(3, "333")])
+    tries: list[tuple[str, float]] = []
+
+    def limited_once(record):  # the batch's write (it stops at its first record) is refused
+        tries.append((record.event.id, time.monotonic()))
+        return RetryableError("429", retry_after=0.5) if len(tries) == 1 else None
+
+    sink = Recording(jsonl_config(tmp_path, max_attempts=5, backoff_initial=0.01,
+                                  backoff_max=2.0), limited_once)
+    dispatcher = Dispatcher(journal, {"jsonl": sink}, Metrics())
+    await dispatcher.start()
+    await until(lambda: _cursor_at(journal, 3), timeout=10)
+    await dispatcher.stop(2)
+    await journal.close()
+    (_, refused_at), *retried = tries
+    assert sorted(e for e, _ in retried) == ["ev-1", "ev-2", "ev-3"]  # one attempt each, then
+    assert min(at for _, at in retried) - refused_at >= 0.45  # ... after the hint, not at once
