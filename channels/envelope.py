@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -22,7 +23,12 @@ _envelope = msgspec.json.Decoder(Envelope)
 
 
 def parse_envelope(body: bytes, objects: frozenset[str]) -> Envelope:
-    """Decode the envelope; raise BadPayload unless ``object`` is one of ``objects``."""
+    """Decode the envelope; raise BadPayload unless ``object`` is one of ``objects``.
+
+    A string holding a lone UTF-16 surrogate escape (``"\\ud83d"``: half an emoji, as a text cut
+    at a length limit leaves it) is valid JSON to most parsers but not to msgspec: such a body is
+    read with each lone surrogate as U+FFFD (:func:`mend_surrogates`), so that one broken
+    character does not cost the whole webhook (the raw body is journaled as it came)."""
     try:
         envelope = _envelope.decode(body)
     except RecursionError:  # msgspec's depth is Python's recursion limit
@@ -30,7 +36,10 @@ def parse_envelope(body: bytes, objects: frozenset[str]) -> Envelope:
     except msgspec.DecodeError as exc:
         if isinstance(exc, msgspec.ValidationError):
             raise BadPayload(f"not a Meta webhook envelope: {exc}") from None
-        raise BadPayload(f"body is not JSON: {exc}") from None
+        mended = mend_surrogates(body)
+        if mended == body:
+            raise BadPayload(f"body is not JSON: {exc}") from None
+        return parse_envelope(mended, objects)
     if envelope.object not in objects:
         expected = " or ".join(sorted(objects))
         raise BadPayload(f"envelope object is {envelope.object!r}, expected {expected}")
@@ -38,6 +47,37 @@ def parse_envelope(body: bytes, objects: frozenset[str]) -> Envelope:
 
 
 _RAW_LIST = msgspec.json.Decoder(list[msgspec.Raw] | None)
+_ESCAPE = re.compile(rb'"|\\u([0-9a-fA-F]{4})|\\.', re.DOTALL)
+
+
+def mend_surrogates(body: bytes) -> bytes:
+    """``body`` with every ``\\uXXXX`` escape of a lone UTF-16 surrogate (a high one not followed
+    by a low one, or a low one alone) inside a JSON string replaced by ``\\ufffd``. Escaped
+    backslashes are honoured; anything else is kept byte for byte."""
+    lone: list[re.Match] = []  # the escapes to replace, in order
+    high, in_string = None, False
+    for match in _ESCAPE.finditer(body):
+        unit = int(match.group(1), 16) if in_string and match.group(1) is not None else None
+        if high is not None and not (unit is not None and 0xDC00 <= unit <= 0xDFFF
+                                     and high.end() == match.start()):
+            lone.append(high)  # a high surrogate not followed at once by a low one
+        paired = high is not None and unit is not None and 0xDC00 <= unit <= 0xDFFF
+        high = None
+        if match.group(0) == b'"':
+            in_string = not in_string
+        elif unit is not None and 0xD800 <= unit <= 0xDBFF:
+            high = match
+        elif unit is not None and 0xDC00 <= unit <= 0xDFFF and not paired:
+            lone.append(match)
+    if high is not None:
+        lone.append(high)
+    if not lone:
+        return body
+    out, start = [], 0
+    for match in lone:
+        out += [body[start:match.start()], b"\\ufffd"]
+        start = match.end()
+    return b"".join(out) + body[start:]
 
 
 def decode_or_none(raw: msgspec.Raw, decoder: msgspec.json.Decoder) -> Any:

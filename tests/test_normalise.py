@@ -516,3 +516,26 @@ def test_an_unsupported_instagram_message_keeps_what_it_answers():
         "mid": "aWdfTEST_IN_U2", "is_unsupported": True, "reply_to": {"story": STORY}}))
     assert (story.type, story.reply_to, story.story_id) == ("unsupported", None, STORY["id"])
     assert decode(encode(story)) == story
+
+
+@pytest.mark.parametrize("escape", [rb"\ud83d", rb"\ude00", rb"\ud83d\ud83d"])
+def test_half_an_emoji_costs_one_character_not_the_webhook(escape):
+    """A text cut in the middle of a surrogate pair (``\\ud83d`` alone) is valid JSON to most
+    parsers: the body is accepted, every event in it kept, the broken character read as U+FFFD;
+    an escaped backslash before ``u`` is text, kept as it is."""
+    from channels.envelope import mend_surrogates
+
+    body = json.loads(fixture_bytes("whatsapp/three_messages.json"))
+    messages = body["entry"][0]["changes"][0]["value"]["messages"]
+    messages[0]["text"]["body"] = "CUT_HERE"
+    raw = json.dumps(body).encode().replace(b"CUT_HERE", b"Thanks " + escape)
+    wa_envelope(raw)  # the intake's check accepts it (the raw body is journaled as it came)
+    events = whatsapp(raw)
+    assert len(events) == len(messages)
+    assert events[0].text.startswith("Thanks \ufffd") and "\ufffd" not in events[1].text
+    ig = _instagram_item(message={"mid": "aWdfTEST_IN_CUT", "text": "CUT_HERE"}).replace(
+        b"CUT_HERE", b"Ok " + escape)
+    ig_envelope(ig)
+    (event,) = instagram(ig)
+    assert event.text.startswith("Ok \ufffd")
+    assert mend_surrogates(rb'{"t": "\\ud83d \ud83d\ude00"}') == rb'{"t": "\\ud83d \ud83d\ude00"}'
