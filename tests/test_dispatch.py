@@ -109,12 +109,13 @@ async def test_always_failing_sink_dead_letters_then_replay_delivers(gateway, tm
     assert await gw.app[keys.JOURNAL].dead_letters("broken") == []
 
 
-async def _cli(*args: str) -> str:
+async def _cli(*args: str, code: int = 0) -> str:
+    """``gateway ARGS`` exiting with ``code``: its stdout (its stderr when ``code`` is not 0)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    assert proc.returncode == code, err.decode()
+    return (out if code == 0 else err).decode()
 
 
 async def test_failing_sink_does_not_delay_the_others(gateway):
@@ -227,8 +228,8 @@ async def test_requests_of_a_channel_not_running_are_replayed_once_it_runs(gatew
     [letter] = await gw.app[keys.JOURNAL].dead_letters()
     assert letter.sink == "normalise:instagram" and "not enabled" in letter.reason
     config = str(tmp_path / "gateway.toml")
-    refused = await _cli_fails("dead-letters", "replay", "--config", config,
-                               "--sink", "normalise:instagram")
+    refused = await _cli("dead-letters", "replay", "--config", config,
+                         "--sink", "normalise:instagram", code=2)
     assert "channels.instagram" in refused
     await gw.server.close()
 
@@ -245,11 +246,3 @@ async def test_requests_of_a_channel_not_running_are_replayed_once_it_runs(gatew
     assert await gw.app[keys.JOURNAL].dead_letters() == []
     again = await _cli("dead-letters", "replay", "--config", config)  # nothing left to replay
     assert again.startswith("0 dead letters queued")
-
-
-async def _cli_fails(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, err = await proc.communicate()
-    assert proc.returncode == 2, err.decode()
-    return err.decode()
