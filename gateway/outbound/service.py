@@ -64,6 +64,7 @@ CATEGORIES = ("marketing", "utility", "authentication")
 # A send waits at most this long for the webhooks acknowledged before it to be processed.
 SETTLE_SECONDS = 2.0
 OPTED_OUT_CODE = 131050  # "the user stopped marketing messages"
+ALERT_HOLD_SECONDS = 3600.0  # a throttling code's gateway_alerts outlives the send it slowed
 DEPTH_INTERVAL = 0.2  # s: gateway_queue_depth{queue="outbox"} is recounted at most this often
 
 
@@ -92,9 +93,9 @@ class OutboundService(PythonAPI, Pausing):
         self.tasks: list[asyncio.Task] = []
         self.inflight: set[asyncio.Task] = set()
         self.accepted_at: dict[str, float] = {}  # outbox id -> accept time (bench, metrics)
-        # Error codes that set gateway_alerts for an account (not its pauses, pausing.py's):
-        # cleared by the account's next successful send.
-        self._alerted: dict[tuple[str, str], set[str]] = {}
+        # Error codes that set gateway_alerts for an account (not its pauses, pausing.py's) ->
+        # from when (monotonic) the account's next successful send clears them.
+        self._alerted: dict[tuple[str, str], dict[str, float]] = {}
         # Inbound messages seen by the processor but maybe not yet by the outbox sink: the
         # latest message (window) and the latest word on consent (time, opted out).
         self.recent: OrderedDict[tuple[str, str, str], tuple[float, str | None]] = OrderedDict()
@@ -351,8 +352,12 @@ class OutboundService(PythonAPI, Pausing):
             await self._retry(row, {"code": "internal", "message": repr(exc)}, None)
         else:
             self._resume(key, True)
-            for code in self._alerted.pop(key, ()):  # the account sends again: acted upon
-                self.metrics.alerts.labels(channel_name, account, code).set(0)
+            alerted = self._alerted.get(key)
+            if alerted:  # the account sends again: an alert whose hold has passed is over
+                now = time.monotonic()
+                for code in [c for c, until in alerted.items() if until <= now]:
+                    self.metrics.alerts.labels(channel_name, account, code).set(0)
+                    del alerted[code]
             await self.outbox.sent(row.id, result.message_id)
             self.depth_changed.set()
             self.limiters[key].sent_ok(row.recipient)
@@ -376,7 +381,11 @@ class OutboundService(PythonAPI, Pausing):
         error = exc.describe()
         if exc.alert:
             self.metrics.alerts.labels(channel, account, str(exc.code)).set(1)
-            self._alerted.setdefault(key, set()).add(str(exc.code))
+            # a throttling code (131048, low quality) is not undone by the retry that gets
+            # through: it stays up for an hour after the last one; a failing code until a send
+            # works again (the operator fixed permissions, the allow list, the template)
+            hold = ALERT_HOLD_SECONDS if isinstance(exc, MetaThrottled) else 0.0
+            self._alerted.setdefault(key, {})[str(exc.code)] = time.monotonic() + hold
             log.error("outbound_alert", channel=channel, account=account, code=exc.code,
                       fbtrace_id=exc.fbtrace_id, hint=exc.hint)
         if isinstance(exc, MetaThrottled):
