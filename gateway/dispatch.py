@@ -108,11 +108,11 @@ class SinkWorker:
         self._dead_ahead: set[int] = set()
         self._replayed: list[int] = []  # dead letters delivered, not yet deleted from the store
         self.replaying = False  # dead letters are being redelivered right now
-        self.retrying: dict[int, Record] = {}  # events being retried alone, by seq
+        self.in_hand: list[Record] = []  # the batch being delivered (retries included)
         # Records being replayed (by id()) -> their dead letter: one that fails again replaces
         # its letter in the same transaction, so a crash leaves exactly one letter of it.
         self._letter_of: dict[int, int] = {}
-        self.erased: set[int] = set()  # ... of those, the ones an erasure removed: given up
+        self.erased: set[int] = set()  # id() of those an erasure removed: never written now
 
     async def run(self) -> None:
         """Deliver until :meth:`stop` and caught up. A failing journal (locked, unreachable)
@@ -294,6 +294,14 @@ class SinkWorker:
 
     async def deliver(self, batch: list[Record]) -> None:
         """Write ``batch``; on failure retry per conversation lane, then dead-letter."""
+        self.in_hand = batch  # seen by Dispatcher.forget (an erasure)
+        try:
+            await self._deliver(batch)
+        finally:
+            self.in_hand = []
+            self.erased.clear()
+
+    async def _deliver(self, batch: list[Record]) -> None:
         self._check_lease()
         try:
             await _write(self.sink, batch)
@@ -319,30 +327,23 @@ class SinkWorker:
         self._delivered(batch)
 
     async def _lane(self, lane: list[Record], first: BaseException, batched: bool) -> None:
+        if batched and _hint(first):  # the batch was told to wait (a 429's Retry-After): so
+            await asyncio.sleep(min(_hint(first), self.sink.config.backoff_max))  # is the lane
         for record in lane:
             await self._one(record, first, batched)
 
     async def _one(self, record: Record, error: BaseException, batched: bool) -> None:
         """Retry one event alone. After a failed batch, every event gets one attempt of its own
         (a permanent error of the batch may be one bad event's); then backoff until
-        ``max_attempts`` or a permanent error."""
-        self.retrying[record.seq] = record  # seen by Dispatcher.forget (an erasure)
-        try:
-            await self._retry(record, error, batched)
-        finally:
-            del self.retrying[record.seq]
-            self.erased.discard(record.seq)
-
-    async def _retry(self, record: Record, error: BaseException, batched: bool) -> None:
+        ``max_attempts`` or a permanent error. An event an erasure removed meanwhile is given up
+        (neither written nor dead-lettered)."""
         cfg = self.sink.config
         attempts = 0 if batched else 1
         while attempts < cfg.max_attempts and not (attempts and isinstance(error, PermanentError)):
             self.metrics.sink_deliveries.labels(self.sink.name, "retry").inc()
             if attempts:
                 await asyncio.sleep(self._backoff(attempts, error))
-            elif _hint(error):  # the batch was told to wait (a 429's Retry-After): so is each
-                await asyncio.sleep(min(_hint(error), cfg.backoff_max))
-            if record.seq in self.erased:  # GDPR: neither written nor dead-lettered after it
+            if id(record) in self.erased:  # GDPR: neither written nor dead-lettered after it
                 log.info("erased_event_not_retried", sink=self.sink.name, attempts=attempts)
                 return
             attempts += 1
@@ -354,7 +355,7 @@ class SinkWorker:
                 continue
             self._delivered([record])
             return
-        if record.seq in self.erased:
+        if id(record) in self.erased:
             log.info("erased_event_not_retried", sink=self.sink.name, attempts=attempts)
             return
         await self._dead(record, error, max(attempts, 1))
@@ -475,10 +476,11 @@ class Dispatcher:
     def forget(self, matches) -> None:
         """GDPR: the events in memory whose canonical JSON ``matches(data, "")`` (a contact's,
         as :func:`gateway.journal.contact_matcher` tells) are never handed to a sink again, and
-        those being retried are given up (no further attempt, no dead letter)."""
+        those of a batch being delivered or retried are given up (no further attempt, no dead
+        letter; the one being written at this moment lands)."""
         self.tail.forget(matches)
         for worker in self.workers.values():
-            worker.erased |= {seq for seq, r in worker.retrying.items() if matches(r.data, "")}
+            worker.erased |= {id(r) for r in worker.in_hand if matches(r.data, "")}
 
     async def caught_up(self) -> bool:
         """Whether every worker has delivered everything published."""

@@ -139,6 +139,10 @@ class Processor:
         lease = getattr(self.journal, "acquire_lease", None)
         if lease is not None and not await lease("replay:normalise", self._owner, REPLAY_LEASE_MS):
             return 0
+        async with self.batch_lock:  # an erasure between reading a letter and journaling its
+            return await self._replay_requests()  # body would miss the body held here
+
+    async def _replay_requests(self) -> int:
         total = 0
         for name in self.channels:
             letters = await self.journal.replays_due(f"normalise:{name}", self.batch_size)

@@ -594,7 +594,8 @@ async def test_a_batch_told_to_wait_retries_its_events_after_the_hint(tmp_path):
     # a second burst at the provider, but after the hint (at most backoff_max).
     journal = await open_journal(tmp_path)
     await journal.set_cursor("sink:jsonl", 0)
-    await store(journal, [message(1, "111"), message(2, "222"), message(3, "333")])
+    await store(journal, [message(1, "111"), message(2, "222"), message(3, "111"),
+                          message(4, "111")])  # one conversation of three events, and another
     tries: list[tuple[str, float]] = []
 
     def limited_once(record):  # the batch's write (it stops at its first record) is refused
@@ -605,9 +606,37 @@ async def test_a_batch_told_to_wait_retries_its_events_after_the_hint(tmp_path):
                                   backoff_max=2.0), limited_once)
     dispatcher = Dispatcher(journal, {"jsonl": sink}, Metrics())
     await dispatcher.start()
-    await until(lambda: _cursor_at(journal, 3), timeout=10)
+    await until(lambda: _cursor_at(journal, 4), timeout=10)
     await dispatcher.stop(2)
     await journal.close()
     (_, refused_at), *retried = tries
-    assert sorted(e for e, _ in retried) == ["ev-1", "ev-2", "ev-3"]  # one attempt each, then
-    assert min(at for _, at in retried) - refused_at >= 0.45  # ... after the hint, not at once
+    assert sorted(e for e, _ in retried) == ["ev-1", "ev-2", "ev-3", "ev-4"]  # one attempt each
+    waited = [at - refused_at for _, at in retried]
+    assert min(waited) >= 0.45  # after the hint, not at once
+    assert max(waited) < 0.9  # once per conversation, not once per event (3 x 0.5 s)
+
+
+async def test_a_failing_replay_of_letters_without_a_position_retries_each_once(tmp_path):
+    # Dead letters of an older version carry no position (seq 0). Two of them, of two
+    # conversations, replayed in one batch that fails: each event is retried on its own, once
+    # (a position is not a key to tell them apart by).
+    journal = await open_journal(tmp_path)
+    await journal.set_cursor("sink:jsonl", 0)
+    events = [message(1, "111"), message(2, "222")]
+    await journal.add_dead_letters("jsonl", [(StoredEvent(0, encode(e), 1.0), e.id, "r", 1)
+                                             for e in events])
+    assert await journal.request_replay("jsonl") == 2
+    calls = []
+
+    def refuse_once(record):
+        calls.append(record.event.id)
+        return RetryableError("busy") if len(calls) == 1 else None
+
+    sink = Recording(jsonl_config(tmp_path, max_attempts=3), refuse_once)
+    dispatcher = Dispatcher(journal, {"jsonl": sink}, Metrics())
+    await dispatcher.start()
+    await until(lambda: _no_dead_letters(journal))
+    await dispatcher.stop(2)
+    await journal.close()
+    assert sorted(e for e, _ in sink.got) == ["ev-1", "ev-2"]  # each written once
+    assert sorted(jsonl_ids(tmp_path)) == ["ev-1", "ev-2"]

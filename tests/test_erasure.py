@@ -17,16 +17,17 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from gateway import Sink, hookimpl, keys
+from gateway import Channel, Sink, hookimpl, keys
 from gateway import config as gwconfig
 from gateway.config import SinkConfig, section
 from gateway.errors import ConfigError
-from gateway.events import decode
+from gateway.events import Message, Party, decode
 from gateway.journal import StoredEvent
 from gateway.testing.graph import GraphSimulator
 from tests.conftest import CHANNELS_TOML, SINKS_TOML, fixture_bytes
@@ -628,16 +629,19 @@ async def test_a_request_that_fails_to_normalise_keeps_no_dead_letter_of_an_eras
     assert [d.data for d in await gw.app[keys.JOURNAL].dead_letters()] == [other]
 
 
-async def test_an_event_being_retried_is_given_up_by_the_erasure(gateway, monkeypatch):
-    """An event of the contact that a sink is retrying when the erasure runs (beyond the
-    erasure's wait) is not written by a later attempt, nor dead-lettered."""
+@pytest.mark.parametrize("batch_size", [1, 10])
+async def test_events_being_retried_are_given_up_by_the_erasure(gateway, monkeypatch, batch_size):
+    """The contact's events a sink is retrying when the erasure runs (beyond the erasure's
+    wait) are not written by a later attempt, nor dead-lettered: the one being retried, and
+    (a batch of 10) the one waiting behind it in the same conversation. The other customer's
+    event of the same webhook is written once the sink is back."""
     from gateway import erasure
 
     monkeypatch.setattr(erasure, "SETTLE_SECONDS", 0.2)
     plugin = ThirdPartyPlugin()
     gw = await gateway(f'api_token = "{TOKEN}"', extra_plugins=[plugin],
-                       sinks=SINKS_TOML + "[sinks.crm]\nbatch_size = 1\nmax_attempts = 100\n"
-                       "backoff_initial = 0.1\nbackoff_max = 0.1\n")
+                       sinks=SINKS_TOML + f"[sinks.crm]\nbatch_size = {batch_size}\n"
+                       "max_attempts = 100\nbackoff_initial = 0.1\nbackoff_max = 0.1\n")
     crm = plugin.sinks["crm"]
     failing = True
     attempts = []
@@ -650,24 +654,19 @@ async def test_an_event_being_retried_is_given_up_by_the_erasure(gateway, monkey
         await original(records)
 
     crm.write = write
-    assert (await gw.post("whatsapp", fixture_bytes("whatsapp/text.json")))[0] == 200
-    for _ in range(200):
-        if len(attempts) >= 2:  # the batch failed, and the event's first retry too
+    # two messages of the erased contact and one of another customer, in one webhook
+    assert (await gw.post("whatsapp", fixture_bytes("whatsapp/three_messages.json")))[0] == 200
+    for _ in range(300):
+        if len(attempts) >= 3:  # the batch failed, and retries of its events too
             break
         await asyncio.sleep(0.01)
     assert (await delete(gw, f"/v1/contacts/whatsapp/{ERASED}"))[0] == 200
-    failing = False  # the CRM is back: the next attempt would write the contact's event
-    await gw.settle()
-    other = json.loads(fixture_bytes("whatsapp/text.json"))
-    value = other["entry"][0]["changes"][0]["value"]
-    value["contacts"][0]["wa_id"] = value["messages"][0]["from"] = "15550005678"
-    value["messages"][0]["id"] = "wamid.TEST.IN.TEXT.OTHER.0002"
-    assert (await gw.post("whatsapp", json.dumps(other).encode()))[0] == 200
+    failing = False  # the CRM is back: the next attempts would write the contact's events
     await gw.settle()
     assert crm.of(("whatsapp", ERASED)) == 0 and crm.of(("whatsapp", "15550005678")) == 1
     assert await gw.app[keys.JOURNAL].dead_letters() == []
     worker = gw.app[keys.DISPATCHER].workers["crm"]
-    assert not worker.retrying and not worker.erased
+    assert not worker.in_hand and not worker.erased
 
 
 async def test_a_lagging_sink_is_not_refilled_while_a_slow_sink_erases(gateway, monkeypatch):
@@ -748,3 +747,72 @@ async def test_a_number_written_with_punctuation_is_the_customer_it_names(gatewa
         status, body = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
         assert status == 200 and body["erased"]["outbox"]["outbox"] == 1
         assert await outbox.get(answer["id"]) is None
+
+
+class FlakyChannel(Channel):
+    """A plugin channel whose ``normalise`` has a bug until ``fixed`` is set."""
+
+    name = "flaky"
+    fixed = False
+
+    def __init__(self) -> None:
+        super().__init__(app_secret="flaky-secret", verify_token=None)
+
+    def check_envelope(self, body: bytes) -> None:
+        pass
+
+    def normalise(self, body: bytes):
+        if not FlakyChannel.fixed:
+            raise ValueError("a bug in the channel")
+        data = json.loads(body)
+        return [Message(schema=1, id=f"flaky-{data['mid']}", channel="flaky", direction="inbound",
+                        account_id="acc", conversation_id=f"flaky:acc:{data['from']}",
+                        sender=Party(data["from"]), recipient=Party("acc"),
+                        timestamp=datetime(2026, 1, 1, tzinfo=UTC), type="text", text="hi")]
+
+
+class FlakyPlugin:
+    @hookimpl
+    def register_channels(self, config):
+        return [FlakyChannel()]
+
+
+async def test_an_erasure_during_a_replay_of_raw_requests_still_holds(gateway, monkeypatch):
+    """A raw request dead-lettered by a channel's bug is replayed once the bug is fixed; an
+    erasure of its contact arriving while the processor holds the letter's body (between
+    reading the letter and journaling it again) still keeps the contact's events out."""
+    monkeypatch.setattr(FlakyChannel, "fixed", False)
+    gw = await gateway(f'api_token = "{TOKEN}"', extra_plugins=[FlakyPlugin()])
+    body = json.dumps({"from": ERASED, "mid": "1"}).encode()
+    assert (await gw.post("flaky", body, secret="flaky-secret"))[0] == 200
+    await gw.settle()
+    journal = gw.app[keys.JOURNAL]
+    [letter] = await journal.dead_letters()
+    assert letter.sink == "normalise:flaky"
+    monkeypatch.setattr(FlakyChannel, "fixed", True)
+    original, erasing = journal.replays_due, []
+
+    async def replays_due(sink: str, limit: int):
+        letters = await original(sink, limit)
+        if letters and not erasing:  # the DELETE arrives now, from another task
+            erasing.append(asyncio.ensure_future(delete(gw, f"/v1/contacts/flaky/{ERASED}")))
+            await asyncio.sleep(0.2)
+        return letters
+
+    monkeypatch.setattr(journal, "replays_due", replays_due)
+    assert await journal.request_replay("normalise:flaky") == 1
+    for _ in range(300):
+        if erasing and erasing[0].done():
+            break
+        await asyncio.sleep(0.02)
+    status, _ = await erasing[0]
+    assert status == 200
+    for _ in range(300):  # the replay journaled the body again (request 2), before or after
+        if journal.committed_seq >= 2:
+            break
+        await asyncio.sleep(0.02)
+    assert journal.committed_seq >= 2
+    await gw.settle()
+    assert [e for e in gw.jsonl() if e["sender"]["id"] == ERASED] == []
+    assert await gw.sql("SELECT count(*) FROM messages WHERE sender_id = ?", (ERASED,)) == [(0,)]
+    assert await journal.dead_letters() == []
