@@ -25,6 +25,14 @@ from gateway import keys
 REQUEST_SECONDS = 60.0
 
 
+def compressed(content_encoding: str | None) -> str | None:
+    """The ``Content-Encoding`` of a body the main port refuses (415), or None. Nothing on it
+    accepts compressed bodies (``auto_decompress`` is off): inflated, a few KB on the wire, all
+    that ``max_body_bytes`` and the budget see, could become megabytes in memory."""
+    value = (content_encoding or "").strip()
+    return None if value.lower() in ("", "identity") else value[:40]
+
+
 class ByteBudget:
     """Request bytes held in memory (``held``) against ``limit``."""
 

@@ -18,7 +18,16 @@ from aiohttp import hdrs, web
 
 from gateway import keys
 from gateway import logging as gwlog
-from gateway.budget import REQUEST_SECONDS, Busy, TooSlow, closing, expect_continue, fits, held_body
+from gateway.budget import (
+    REQUEST_SECONDS,
+    Busy,
+    TooSlow,
+    closing,
+    compressed,
+    expect_continue,
+    fits,
+    held_body,
+)
 from gateway.errors import BadPayload
 from gateway.signatures import tokens_equal, verify
 
@@ -125,12 +134,11 @@ def refuse_early(app: web.Application, name: str, content_length: int | None,
     a compressed body)."""
     if name not in app[keys.CHANNELS]:
         return unknown_channel(name)
-    if content_encoding is not None and content_encoding.strip().lower() not in ("", "identity"):
-        # Meta never compresses webhooks. Inflating one would let a few KB on the wire (the
-        # size the byte budget and max_body_bytes see) become megabytes in memory.
+    encoding = compressed(content_encoding)
+    if encoding is not None:  # Meta never compresses webhooks
         return refuse(app[keys.METRICS], name, 415, "bad_request",
-                      f"Content-Encoding {content_encoding.strip()[:40]!r} is not accepted: send "
-                      "the JSON body as it is", code="unsupported_content_encoding")
+                      f"Content-Encoding {encoding!r} is not accepted: send the JSON body as it "
+                      "is", code="unsupported_content_encoding")
     limit = app[keys.CONFIG].server.max_body_bytes
     if content_length is not None and content_length > limit:
         return refuse(app[keys.METRICS], name, 413, "too_large", f"body exceeds {limit} bytes")

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway import keys
 from gateway.auth import check_bearer
-from gateway.budget import REQUEST_SECONDS, Busy, TooSlow, closing, expect_continue, fits, held_body
+from gateway.budget import (
+    REQUEST_SECONDS,
+    Busy,
+    TooSlow,
+    closing,
+    compressed,
+    expect_continue,
+    fits,
+    held_body,
+)
 from gateway.intake import error
 from gateway.outbound.request import InvalidRequest
 
@@ -27,6 +36,8 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
     refused = check_bearer(request)
     if refused is None and _service(request) is None:
         refused = _disabled()
+    if refused is None:
+        refused = _encoded(request)
     limit = request.app[keys.CONFIG].server.max_body_bytes
     if refused is None and (request.content_length or 0) > limit:
         refused = error(413, "payload_too_large", f"body exceeds {limit} bytes")
@@ -35,6 +46,15 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
     if refused is not None:
         return closing(refused)
     return await expect_continue(request)
+
+
+def _encoded(request: web.Request) -> web.Response | None:
+    """415 for a compressed body (the main port inflates none: gateway.budget.compressed)."""
+    encoding = compressed(request.headers.get(hdrs.CONTENT_ENCODING))
+    if encoding is None:
+        return None
+    return error(415, "unsupported_content_encoding",
+                 f"Content-Encoding {encoding!r} is not accepted: send the JSON body as it is")
 
 
 def _disabled() -> web.Response:
@@ -54,6 +74,9 @@ async def send(request: web.Request) -> web.Response:
     service = _service(request)
     if service is None:
         return _disabled()
+    encoded = _encoded(request)
+    if encoded is not None:
+        return encoded
     try:
         async with held_body(request) as body:
             answer = await service.send(body)

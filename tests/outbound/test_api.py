@@ -139,3 +139,25 @@ async def test_post_v1_messages_with_expect_100_continue(outbound):
     finally:
         gw.app[keys.BUDGET].held = 0
     assert status == 503 and json.loads(answer)["error"]["code"] == "busy"
+
+
+async def test_a_compressed_send_is_refused_naming_content_encoding(outbound):
+    """The main port inflates no body (a few KB of gzip could be megabytes in memory): a
+    compressed ``POST /v1/messages`` gets 415 naming the header, not a puzzling 422 about
+    malformed JSON; ``identity`` is no compression."""
+    import gzip
+
+    ob = await outbound()
+    await ob.inbound("whatsapp", "15550001111")
+    body = json.dumps({"channel": "whatsapp", "to": "15550001111", "type": "text",
+                       "text": "hello"}).encode()
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    async with ob.gw.session.post(f"{ob.gw.url}/v1/messages", data=gzip.compress(body),
+                                  headers={**headers, "Content-Encoding": "gzip"}) as resp:
+        assert resp.status == 415
+        answer = await resp.json()
+    assert answer["error"]["code"] == "unsupported_content_encoding"
+    assert "Content-Encoding" in answer["error"]["message"]
+    async with ob.gw.session.post(f"{ob.gw.url}/v1/messages", data=body,
+                                  headers={**headers, "Content-Encoding": "identity"}) as resp:
+        assert resp.status == 202
