@@ -64,7 +64,7 @@ CATEGORIES = ("marketing", "utility", "authentication")
 # A send waits at most this long for the webhooks acknowledged before it to be processed.
 SETTLE_SECONDS = 2.0
 OPTED_OUT_CODE = 131050  # "the user stopped marketing messages"
-ALERT_HOLD_SECONDS = 3600.0  # a throttling code's gateway_alerts outlives the send it slowed
+ALERT_HOLD_SECONDS = 3600.0  # an error code's gateway_alerts lasts this long after the last one
 DEPTH_INTERVAL = 0.2  # s: gateway_queue_depth{queue="outbox"} is recounted at most this often
 
 
@@ -381,11 +381,11 @@ class OutboundService(PythonAPI, Pausing):
         error = exc.describe()
         if exc.alert:
             self.metrics.alerts.labels(channel, account, str(exc.code)).set(1)
-            # a throttling code (131048, low quality) is not undone by the retry that gets
-            # through: it stays up for an hour after the last one; a failing code until a send
-            # works again (the operator fixed permissions, the allow list, the template)
-            hold = ALERT_HOLD_SECONDS if isinstance(exc, MetaThrottled) else 0.0
-            self._alerted.setdefault(key, {})[str(exc.code)] = time.monotonic() + hold
+            # up for an hour after the last one: a success of another message proves nothing
+            # of a code about one recipient (131030) or one template (132015), nor does the
+            # retry that gets through undo a throttling one (131048, low quality)
+            self._alerted.setdefault(key, {})[str(exc.code)] = (time.monotonic()
+                                                                + ALERT_HOLD_SECONDS)
             log.error("outbound_alert", channel=channel, account=account, code=exc.code,
                       fbtrace_id=exc.fbtrace_id, hint=exc.hint)
         if isinstance(exc, MetaThrottled):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -150,12 +151,16 @@ def test_retry_after_comes_from_metas_headers():
     assert from_response(503, b"", headers={"Retry-After": "7"}).retry_after == 7
 
 
-async def test_an_alert_of_a_failed_send_clears_once_the_account_sends_again(outbound):
+async def test_an_alert_of_a_failed_send_clears_an_hour_after_the_last_one(outbound,
+                                                                            monkeypatch):
     """``gateway_alerts`` is 1 while an operator must act: after an alerting error (131030, a
-    recipient missing from a test number's allow list) it is 1, and once a send from the
-    account succeeds again (the operator fixed it) it is 0, so an alert on it resolves."""
+    recipient missing from a test number's allow list) it is 1, a success of another message
+    right after proves nothing, and once ``ALERT_HOLD_SECONDS`` (an hour; here shortened) have
+    passed without the code, the next successful send clears it, so an alert on it resolves."""
+    from gateway.outbound import service
     from gateway.testing.graph import meta_error
 
+    monkeypatch.setattr(service, "ALERT_HOLD_SECONDS", 1.0)
     ob = await outbound()
     await ob.inbound("whatsapp", "15550001234")
     ob.sim.fail_next(WA, meta_error(131030, "(#131030) Recipient not in allowed list"),
@@ -166,5 +171,9 @@ async def test_an_alert_of_a_failed_send_clears_once_the_account_sends_again(out
     labels = {"channel": "whatsapp", "account": WA, "reason": "131030"}
     assert ob.metric("gateway_alerts", **labels) == 1
     _, ok = await ob.send({**text, "text": "y"})
+    await ob.wait(ok["id"], "sent", timeout=5)
+    assert ob.metric("gateway_alerts", **labels) == 1  # too soon: maybe another recipient
+    await asyncio.sleep(1.1)
+    _, ok = await ob.send({**text, "text": "z"})
     await ob.wait(ok["id"], "sent", timeout=5)
     assert ob.metric("gateway_alerts", **labels) == 0
