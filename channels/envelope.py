@@ -36,7 +36,7 @@ def parse_envelope(body: bytes, objects: frozenset[str]) -> Envelope:
     except msgspec.DecodeError as exc:
         if isinstance(exc, msgspec.ValidationError):
             raise BadPayload(f"not a Meta webhook envelope: {exc}") from None
-        mended = mend_surrogates(body)
+        mended = mend_surrogates(body) if b"\\u" in body else body  # escapes at all?
         if mended == body:
             raise BadPayload(f"body is not JSON: {exc}") from None
         return parse_envelope(mended, objects)

@@ -260,10 +260,13 @@ def _json_error(handler: RequestHandler, request: web.BaseRequest, status: int =
     ``{"error": {"code": ..., "message": <the status' phrase>}}``, the connection closed."""
     RequestHandler.handle_error(handler, request, status, exc, message)
     code = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large",
-            500: "internal_error"}.get(status, "bad_request")
-    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
-    text = ("internal error; see the gateway's log" if status == 500
-            else f"{phrase}: the request is not well-formed HTTP/1.1")
+            500: "internal_error", 504: "timeout"}.get(status, "error")
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    text = {400: f"{phrase}: the request is not well-formed HTTP/1.1",
+            500: "internal error; see the gateway's log"}.get(status, phrase)
     response = web.Response(status=status, body=intake.error_body(code, text),
                             content_type="application/json", charset="utf-8")
     response.force_close()
