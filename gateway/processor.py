@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import logging as gwlog
 from gateway.aio import wait_event
+from gateway.consent import MARKETING
 from gateway.errors import BadPayload
-from gateway.events import Event, encode
+from gateway.events import MESSAGE_TYPES, Event, encode
 from gateway.journal import NewEvent, RawRequest, contact_matcher
 from gateway.sink import Record
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 
 log = gwlog.get("gateway.processor")
 RETRY_MAX = 5.0  # a processor whose journal fails retries at least this often
+# gateway_events_total's ``type`` label: CONTRACT §5's message types, the preference category;
+# any other (a plugin channel's own word) counts as "other", so the label stays bounded
+LABEL_TYPES = frozenset({"", *MESSAGE_TYPES, MARKETING})
 REPLAY_CHECK_SECONDS = 1.0  # how often replays of raw requests (normalise:*) are looked for
 REPLAY_LEASE_MS = 10_000  # a shared journal: one replica at a time replays them
 
@@ -260,7 +264,10 @@ class Processor:
                 duplicates[event.channel] = duplicates.get(event.channel, 0) + 1
                 continue
             fresh_per_request[owner] += 1
-            labels = (event.channel, event.kind, event.type or "")
+            kind_type = event.type or ""
+            if kind_type not in LABEL_TYPES:  # a plugin channel's own: bounded all the same
+                kind_type = "other"
+            labels = (event.channel, event.kind, kind_type)
             counts[labels] = counts.get(labels, 0) + 1
             observe(event)
             records.append(Record(seq, event, data, received))

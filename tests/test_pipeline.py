@@ -217,6 +217,20 @@ async def test_events_metric_counts_kinds(gateway):
     assert registry.get_sample_value("gateway_sink_latency_seconds_count", {"sink": "storage"}) == 5
 
 
+async def test_the_events_metric_keeps_a_plugin_channels_own_types_bounded(gateway):
+    """A plugin channel's messages of types of its own count as ``type="other"``: a channel
+    naming types freely (a widget id, a free text) cannot grow the metric without bound."""
+    gw = await gateway(extra_plugins=[OddPlugin()])
+    for shape in ("type text", "type widget-1", "type widget-2"):
+        body = json.dumps({"shape": shape}).encode()
+        assert (await gw.post("odd", body, secret="odd-secret"))[0] == 200
+    await gw.settle()
+    samples = {s.labels["type"]: s.value for m in gw.app[keys.METRICS].registry.collect()
+               if m.name == "gateway_events" for s in m.samples
+               if s.name == "gateway_events_total" and s.labels["channel"] == "odd"}
+    assert samples == {"text": 1.0, "other": 2.0}
+
+
 async def test_a_storage_database_of_the_earlier_layout_keeps_working(gateway, tmp_path):
     """Storage databases made before ``messages`` became a rowid table (WITHOUT ROWID, ``id``
     the primary key) are used as they are: the same rows, counts and status rules."""
@@ -264,6 +278,11 @@ class OddChannel(Channel):
             raise ValueError("bad payload found while iterating")
         if shape == "junk":
             yield {"not": "an event"}
+        if shape.startswith("type "):  # a message of a type of this channel's own
+            yield Message(schema=1, id=f"odd-{shape}", channel="odd", direction="inbound",
+                          account_id="a", conversation_id="odd:a:1", sender=Party("1"),
+                          recipient=Party("a"), timestamp=datetime(2026, 1, 1, tzinfo=UTC),
+                          type=shape[5:], text="hi")
         if shape == "no id":
             yield Message(schema=1, id=None, channel="odd", direction="inbound", account_id="a",
                           conversation_id="odd:a:1", sender=Party("1"), recipient=Party("a"),
