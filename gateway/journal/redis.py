@@ -538,8 +538,44 @@ class RedisJournal:
             else:
                 live[tuple(json.loads(field))] = int(upto)
         if passed:
-            await self.redis.hdel(self.k_erasures, *passed)
+            await self._drop_passed(passed, found)
         return live
+
+    async def _drop_passed(self, passed: list, found: dict) -> None:
+        """Delete the records ``passed`` unless one was changed since ``found`` was read (a
+        replica erasing the same contact again meanwhile): then they stay for the next batch."""
+        from redis.exceptions import WatchError
+
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(self.k_erasures)
+                now = await pipe.hmget(self.k_erasures, passed)
+                if list(now) != [found[f] for f in passed]:
+                    return
+                pipe.multi()
+                pipe.hdel(self.k_erasures, *passed)
+                await pipe.execute()
+            except WatchError:
+                return
+
+    async def _record_erasure(self, field: str, upto: int) -> None:
+        """Set the record to ``upto`` unless it holds a newer one: a compare-and-set (another
+        replica may erase the same contact at once), retried when the hash changed meanwhile."""
+        from redis.exceptions import WatchError
+
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(self.k_erasures)
+                    known = int(await pipe.hget(self.k_erasures, field) or 0)
+                    if known >= upto:
+                        return
+                    pipe.multi()
+                    pipe.hset(self.k_erasures, field, upto)
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: delete one contact's events and dead letters; return how many of each.
@@ -557,10 +593,8 @@ class RedisJournal:
         suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
         newest = await self.redis.xrevrange(self.k_requests, max="+", min="-", count=1)
         if newest:
-            field = json.dumps([channel, contact_id])
-            upto = max(request_seq(newest[0][0]), int(await self.redis.hget(
-                self.k_erasures, field) or 0))
-            await self.redis.hset(self.k_erasures, field, upto)
+            await self._record_erasure(json.dumps([channel, contact_id]),
+                                       request_seq(newest[0][0]))
 
         events = 0
         start = "-"

@@ -382,3 +382,22 @@ async def test_a_dead_letter_stored_twice_by_a_retry_is_kept_once(redis_url):
         assert letters[0].id != marked.id
     finally:
         await journal.close()
+
+
+async def test_erasure_records_are_compare_and_set_across_replicas(replicas):
+    """Two replicas erasing one contact: a record never moves back to an older request, and a
+    record another replica renewed after it was read is not deleted as passed."""
+    a, b = replicas
+    for n in range(3):
+        await a.append("whatsapp", f"body{n}".encode(), 1.0)
+    first, *_ = await a.unprocessed(10)
+    field = '["whatsapp", "15550001234"]'
+    await a._record_erasure(field, first.seq + 5)
+    await b._record_erasure(field, first.seq)  # older: kept as it was
+    assert await a.erasures() == {("whatsapp", "15550001234"): first.seq + 5}
+    found = await a.redis.hgetall(a.k_erasures)
+    await b._record_erasure(field, first.seq + 9)  # renewed after a read it
+    await a._drop_passed([field.encode()], found)  # ... so a's view of it is stale: kept
+    assert await a.erasures() == {("whatsapp", "15550001234"): first.seq + 9}
+    await a._drop_passed([field.encode()], await a.redis.hgetall(a.k_erasures))
+    assert await a.erasures() == {}
