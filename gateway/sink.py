@@ -7,6 +7,7 @@ import asyncio
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
+from gateway import logging as gwlog
 from gateway.journal.writer import SqliteWriter
 
 if TYPE_CHECKING:
@@ -77,6 +78,10 @@ class Sink(abc.ABC):
         return []
 
 
+log = gwlog.get("gateway.sink")
+CLOSE_SECONDS = 2.0  # a SQLite sink's close at shutdown waits at most this long
+
+
 class SqliteSink(Sink):
     """A sink that keeps its tables in one SQLite file, written by one thread. WAL with
     ``synchronous=FULL``: ``write`` returns once its batch is on disk, because the dispatcher
@@ -97,7 +102,16 @@ class SqliteSink(Sink):
         await asyncio.to_thread(self._db.start)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._db.stop)
+        """Let queued work finish and close the database, waiting at most CLOSE_SECONDS: a
+        database locked by another process would hold the shutdown for its busy timeout (10 s).
+        What was being written then is not acknowledged, so it is delivered again after the
+        restart (the writes are idempotent)."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._db.stop), CLOSE_SECONDS)
+        except TimeoutError:
+            log.warning("sink_close_timed_out", sink=self.name, seconds=CLOSE_SECONDS,
+                        detail="its database is busy (locked by another process?); what it was "
+                               "writing is delivered again after the restart")
 
     async def ready(self) -> bool:
         return self._db.alive

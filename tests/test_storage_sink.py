@@ -188,3 +188,32 @@ async def test_an_earlier_database_gains_name_at_edited_at_and_slash_free_conver
         assert await sink.query("SELECT edited_at FROM messages WHERE id = 'tg_4'") == [(None,)]
     finally:
         await sink.close()
+
+
+async def test_close_does_not_wait_out_a_database_locked_by_another_process(tmp_path):
+    """Another process holds the database (a backup, a migration, an operator's sqlite3): a
+    shutdown closing the sink waits at most CLOSE_SECONDS, not the 10 s busy timeout of the
+    write stuck behind the lock; the write it left is not acknowledged (it is redelivered)."""
+    import asyncio
+    import sqlite3
+    import time
+
+    from gateway import sink as gwsink
+
+    path = tmp_path / "storage.db"
+    sink = StorageSink(StorageConfig(path=str(path)))
+    await sink.start()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        write = asyncio.ensure_future(sink.write(
+            [Record(i, e, encode(e), 1.0) for i, e in enumerate(events(), 1)]))
+        await asyncio.sleep(0.2)
+        assert not write.done()  # waiting for the lock
+        started = time.monotonic()
+        await sink.close()
+        assert time.monotonic() - started < gwsink.CLOSE_SECONDS + 1.0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    write.cancel()
