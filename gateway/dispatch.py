@@ -106,6 +106,9 @@ class SinkWorker:
         # Seqs after the cursor that already have a dead letter (the batch holding them was not
         # finished when the gateway stopped): they are not delivered again, their replay is.
         self._dead_ahead: set[int] = set()
+        # Seqs after the cursor already delivered by a batch that then failed as a whole (a
+        # journal error in another lane): its retry skips them (written and counted once).
+        self._done_ahead: set[int] = set()
         self._replayed: list[int] = []  # dead letters delivered, not yet deleted from the store
         self.replaying = False  # dead letters are being redelivered right now
         self.in_hand: list[Record] = []  # the batch being delivered (retries included)
@@ -224,10 +227,13 @@ class SinkWorker:
             self._dead_ahead = {seq for seq in self._dead_ahead if seq > last}
         if self.tail.erased:
             batch = [r for r in batch if r.seq not in self.tail.erased]
+        if self._done_ahead:
+            batch = [r for r in batch if r.seq not in self._done_ahead]
         if batch:
             await self.deliver(batch)
         moved = last - self.cursor  # positions passed, delivered or not (dead letters ahead)
         self.cursor = last
+        self._done_ahead = {seq for seq in self._done_ahead if seq > last}
         await self.journal.set_cursor(self.cursor_name, self.cursor)
         self.metrics.queue_depth.labels(self.cursor_name).set(self.lag())
         return max(moved, 1)
@@ -379,6 +385,7 @@ class SinkWorker:
         self.metrics.sink_deliveries.labels(self.sink.name, "dead").inc()
 
     def _delivered(self, records: list[Record]) -> None:
+        self._done_ahead.update(r.seq for r in records if r.seq > self.cursor)
         now = time.time()
         latency = self.metrics.sink_latency.labels(self.sink.name)
         for record in records:

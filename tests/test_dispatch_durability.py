@@ -640,3 +640,33 @@ async def test_a_failing_replay_of_letters_without_a_position_retries_each_once(
     await journal.close()
     assert sorted(e for e, _ in sink.got) == ["ev-1", "ev-2"]  # each written once
     assert sorted(jsonl_ids(tmp_path)) == ["ev-1", "ev-2"]
+
+
+async def test_a_batch_retried_after_a_journal_error_writes_each_event_once(tmp_path):
+    # ev-1 (its conversation alone) is written when the batch is retried lane by lane; ev-2 is
+    # refused for good, and storing its dead letter fails once (the journal locked). The batch
+    # is delivered again: ev-1 must not be written, nor counted "ok", a second time.
+    journal = DeadLettersLockedOnce(GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
+    await journal.open()
+    await journal.set_cursor("sink:jsonl", 0)
+    await store(journal, [message(1, "111"), message(2, "222")])
+
+    class SlowToRefuse(Recording):
+        async def write(self, records: list[Record]) -> None:
+            if any(r.event.id == "ev-2" for r in records):
+                await asyncio.sleep(0.2)  # ev-1's lane is done by then
+                raise PermanentError("malformed for this sink")
+            await super().write(records)
+
+    sink = SlowToRefuse(jsonl_config(tmp_path))
+    metrics = Metrics()
+    dispatcher = Dispatcher(journal, {"jsonl": sink}, metrics)
+    await dispatcher.start()
+    await until(lambda: _cursor_at(journal, 2))
+    await dispatcher.stop(2)
+    assert [d.event_id for d in await journal.dead_letters("jsonl")] == ["ev-2"]
+    await journal.close()
+    assert [e for e, _ in sink.got] == ["ev-1"] and jsonl_ids(tmp_path) == ["ev-1"]
+    ok = metrics.registry.get_sample_value("gateway_sink_deliveries_total",
+                                           {"sink": "jsonl", "outcome": "ok"})
+    assert ok == 1
