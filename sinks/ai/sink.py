@@ -115,6 +115,7 @@ class AIConfig(SinkConfig):
 
 
 Owner = tuple[str, str]  # (channel, customer id): whose data an entry is, for erasure
+MAX_DRAFTS = 1000  # replies kept for the retry of a send that failed
 TURN_CHARS = 4096  # of a remembered text (a reply is at most this already: WhatsApp's limit)
 
 
@@ -296,6 +297,9 @@ class AISink(Sink):
         self._limit = asyncio.Semaphore(config.concurrency)
         self._inflight: dict[str, Owner] = {}  # event id -> customer, while being answered
         self._forget: set[str] = set()  # in-flight events whose contact was erased meanwhile
+        # Replies the provider gave whose send failed (event id -> (reply, owner)): a retry sends
+        # the same text, without asking (and paying) the provider again. Bounded; erased too.
+        self._drafts: OrderedDict[str, tuple[str, Owner]] = OrderedDict()
 
     def attach(self, app: web.Application) -> None:
         """Remember the running app; replies go out through ``app[keys.OUTBOUND]``."""
@@ -363,14 +367,22 @@ class AISink(Sink):
             return
         self._inflight[event.id] = owner
         try:
-            history = self.memory.history(event.conversation_id)
-            first = not self.memory.known(event.conversation_id)
-            reply = fit(event.channel, await self.provider.reply(event, history, first))
+            draft = self._drafts.get(event.id)
+            if draft is not None:
+                reply = draft[0]
+            else:
+                history = self.memory.history(event.conversation_id)
+                first = not self.memory.known(event.conversation_id)
+                reply = fit(event.channel, await self.provider.reply(event, history, first))
             if not reply:
                 log.warning("ai_empty_reply", event_id=event.id,
                             conversation_id=event.conversation_id)
             else:
+                self._drafts[event.id] = (reply, owner)
+                while len(self._drafts) > MAX_DRAFTS:
+                    self._drafts.popitem(last=False)
                 await self._send(outbound, self.body(event, reply))
+                self._drafts.pop(event.id, None)
             if event.id in self._forget:  # the contact was erased while we were answering
                 log.info("ai_erased_meanwhile", event_id=event.id)
                 self.memory.mark_answered(event.id)  # answered, owned by nobody: never again
@@ -401,6 +413,8 @@ class AISink(Sink):
         for event_id, owner in self._inflight.items():
             if owner == (channel, contact_id):
                 self._forget.add(event_id)
+        for event_id in [e for e, (_, who) in self._drafts.items() if who == (channel, contact_id)]:
+            del self._drafts[event_id]
         return self.memory.erase(channel, contact_id)
 
     def body(self, event: Event, reply: str) -> dict[str, Any]:

@@ -673,3 +673,32 @@ def test_the_history_is_bounded_in_characters_too():
     for _ in range(20):  # a long conversation: its oldest turns leave the count as they go
         memory.add_turn("c198", "q" * 100, "a" * 100, ("whatsapp", "198"))
     assert memory._chars == sum(len(t["content"]) for c in kept[:-1] for t in memory.history(c))
+
+
+async def test_a_reply_whose_send_failed_is_sent_again_as_it_was():
+    """The provider answered, the send failed (retryable): the retry sends the same text, without
+    asking (and paying) the provider again; the history holds what the customer got. An erasure
+    drops such a kept reply too."""
+    answers = itertools.count(1)
+    reply = lambda body: f"answer #{next(answers)}"  # noqa: E731 - a new text per request
+    async with OpenAIServer(api_key="sk-test", reply=reply) as srv:
+        out = RecordingOutbound(fail=RetryableError("the outbox is busy"))
+        sink, _ = await started_sink(out, provider="openai", api_key="sk-test",
+                                     base_url=srv.base_url)
+        event = message("hello")
+        with pytest.raises(RetryableError):
+            await sink.write(records(event))
+        out.fail = None
+        await sink.write(records(event))
+        assert len(srv.requests) == 1
+        assert [b["text"] for b in out.sent] == ["answer #1"]
+        assert sink.memory.history(event.conversation_id)[-1]["content"] == "answer #1"
+        other = message("hi again", customer="15550009999")
+        out.fail = RetryableError("busy")
+        with pytest.raises(RetryableError):
+            await sink.write(records(other))
+        await sink.erase_contact("whatsapp", "15550009999")
+        out.fail = None
+        await sink.write(records(other))  # its kept reply was erased: asked afresh
+        assert len(srv.requests) == 3 and out.sent[-1]["text"] == "answer #3"
+        await sink.close()
