@@ -349,8 +349,7 @@ class SinkWorker:
             self.metrics.sink_deliveries.labels(self.sink.name, "retry").inc()
             if attempts:
                 await asyncio.sleep(self._backoff(attempts, error))
-            if id(record) in self.erased:  # GDPR: neither written nor dead-lettered after it
-                log.info("erased_event_not_retried", sink=self.sink.name, attempts=attempts)
+            if self._erased(record, attempts):
                 return
             attempts += 1
             self._check_lease()
@@ -361,10 +360,17 @@ class SinkWorker:
                 continue
             self._delivered([record])
             return
-        if id(record) in self.erased:
-            log.info("erased_event_not_retried", sink=self.sink.name, attempts=attempts)
+        if self._erased(record, attempts):
             return
         await self._dead(record, error, max(attempts, 1))
+
+    def _erased(self, record: Record, attempts: int) -> bool:
+        """Whether an erasure removed ``record`` meanwhile (GDPR: then it is neither written
+        nor dead-lettered after it)."""
+        if id(record) not in self.erased:
+            return False
+        log.info("erased_event_not_retried", sink=self.sink.name, attempts=attempts)
+        return True
 
     def _backoff(self, attempt: int, error: BaseException) -> float:
         cfg = self.sink.config

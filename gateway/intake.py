@@ -85,8 +85,8 @@ async def receive(request: web.Request) -> web.Response:
         return to_response(busy(app, name))
     except TooSlow:  # counted as a bad request (CONTRACT §6's outcomes), with its own code
         message = f"the body did not arrive within {REQUEST_SECONDS:g} s"
-        reply = refuse(app[keys.METRICS], name, 408, "bad_request", message)
-        return closing(to_response(reply._replace(body=error_body("request_timeout", message))))
+        return closing(to_response(refuse(app[keys.METRICS], name, 408, "bad_request", message,
+                                          code="request_timeout")))
 
 
 async def expect(request: web.Request) -> web.StreamResponse | None:
@@ -225,19 +225,18 @@ def journal_failed(app: web.Application, channel: str, exc: BaseException) -> Re
         log.error("journal_append_failed", channel=channel, error=repr(exc)[:500],
                   failed=_append_failures["since"])
         _append_failures.update(logged_at=now, since=0)
-    message = "the journal could not store the request; retry later"
-    reply = refuse(app[keys.METRICS], channel, 503, "unavailable", message,
-                   {"Retry-After": str(app[keys.CONFIG].queue.retry_after_seconds)})
-    return reply._replace(body=error_body("journal_unavailable", message))
+    return refuse(app[keys.METRICS], channel, 503, "unavailable",
+                  "the journal could not store the request; retry later",
+                  {"Retry-After": str(app[keys.CONFIG].queue.retry_after_seconds)},
+                  code="journal_unavailable")
 
 
 def busy(app: web.Application, channel: str) -> Reply:
     """503 + ``Retry-After``: the port holds ``server.max_buffered_bytes`` of request bodies.
     Counted and logged as a full journal's (outcome ``unavailable``), with its own code."""
-    message = "the gateway holds too many request bodies; retry later"
-    reply = refuse(app[keys.METRICS], channel, 503, "unavailable", message,
-                   {"Retry-After": str(app[keys.CONFIG].queue.retry_after_seconds)})
-    return reply._replace(body=error_body("busy", message))
+    return refuse(app[keys.METRICS], channel, 503, "unavailable",
+                  "the gateway holds too many request bodies; retry later",
+                  {"Retry-After": str(app[keys.CONFIG].queue.retry_after_seconds)}, code="busy")
 
 
 def error_body(code: str, message: str) -> bytes:

@@ -244,33 +244,28 @@ def _failed(head: Head, error: BaseException | None) -> intake.Reply:
 
 
 class _JsonErrors(RequestHandler):
-    """aiohttp's protocol, whose ``handle_error`` answers JSON (:func:`_json_error`)."""
+    """aiohttp's protocol, whose errors are answered as JSON."""
 
     __slots__ = ()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        return _json_error(self, request, status, exc, message)
-
-
-def _json_error(handler: RequestHandler, request: web.BaseRequest, status: int = 500,
-                exc: BaseException | None = None, message: str | None = None) -> web.Response:
-    """aiohttp's ``RequestHandler.handle_error`` (its logging, its checks), answered as JSON:
-    ``{"error": {"code": ..., "message": <the status' phrase>}}``, the connection closed."""
-    RequestHandler.handle_error(handler, request, status, exc, message)
-    code = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large",
-            500: "internal_error", 504: "timeout"}.get(status, "error")
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    text = {400: f"{phrase}: the request is not well-formed HTTP/1.1",
-            500: "internal error; see the gateway's log"}.get(status, phrase)
-    response = web.Response(status=status, body=intake.error_body(code, text),
-                            content_type="application/json", charset="utf-8")
-    response.force_close()
-    return response
+        """aiohttp's own (its logging, its checks), answered with the gateway's error body:
+        ``{"error": {"code": ..., "message": <the status' phrase>}}``, the connection closed."""
+        super().handle_error(request, status, exc, message)
+        code = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large",
+                500: "internal_error", 504: "timeout"}.get(status, "error")
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        text = {400: f"{phrase}: the request is not well-formed HTTP/1.1",
+                500: "internal error; see the gateway's log"}.get(status, phrase)
+        response = web.Response(status=status, body=intake.error_body(code, text),
+                                content_type="application/json", charset="utf-8")
+        response.force_close()
+        return response
 
 
 def render(reply: intake.Reply, date: bytes, close: bool) -> bytes:

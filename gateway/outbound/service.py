@@ -211,13 +211,6 @@ class OutboundService(PythonAPI, Pausing):
             for key in [k for k in cache if k[0] == channel and k[2] == contact_id]:
                 del cache[key]
 
-    def _latest_word(self, channel: str, account: str, contact: str, customer: Any) -> Any:
-        """``customer`` as stored, with a word on consent processed but not yet stored."""
-        said = self.said.get((channel, account, contact))
-        if said is not None and said[0] >= (customer.opted_out_at or float("-inf")):
-            customer = customer._replace(opted_out=said[1], opted_out_at=said[0])
-        return customer
-
     async def _check(self, req: rq.OutboundRequest, account: str) -> rq.OutboundRequest:
         customer = await self.outbox.customer(req.channel, account, req.to or "")
         seen = self.recent.get((req.channel, account, req.to or ""))
@@ -230,7 +223,9 @@ class OutboundService(PythonAPI, Pausing):
                 # WhatsApp marks (and shows typing on) a message; Instagram's sender actions
                 # name none, and WhatsApp's typing off sends nothing
                 raise rq.InvalidRequest("message_id", "required: no inbound message is known")
-        customer = self._latest_word(req.channel, account, req.to or "", customer)
+        said = self.said.get((req.channel, account, req.to or ""))
+        if said is not None and said[0] >= (customer.opted_out_at or float("-inf")):
+            customer = customer._replace(opted_out=said[1], opted_out_at=said[0])
         if req.type == "template":
             if customer.opted_out:
                 _check_consent(req.template)
