@@ -119,6 +119,14 @@ class SqliteSink(Sink):
     def files(self) -> list[str]:
         return [self.path, f"{self.path}-wal", f"{self.path}-shm"]
 
+    async def erase_with(self, fn) -> dict[str, int]:
+        """Run an erasure's ``fn(conn)`` in one transaction, then empty the WAL, which still holds
+        the deleted rows' pages as they were (``secure_delete`` overwrites them in the database
+        file itself). Subclasses' ``erase_contact`` use it."""
+        result = await self._db.run(fn)
+        await self._db.truncate_wal()
+        return result
+
     async def query(self, sql: str, args: tuple = ()) -> list[tuple]:
         """Run a read-only query (tests, the CLI and the demo use it)."""
         return await self._db.run(lambda c: c.execute(sql, args).fetchall())

@@ -202,6 +202,32 @@ async def test_erasure_removes_exactly_one_contact_everywhere(gateway, backends)
     assert len(live.read_bytes().splitlines()) == len(kept) + 1
 
 
+async def test_the_erased_text_is_in_no_file_left_behind(gateway):
+    """Deleted rows are overwritten (``secure_delete``) and the WAL files, which keep the pages
+    as they were before the deletion, are emptied: the text is in no database file."""
+    gw = await start(gateway, SINKS_TOML + "[sinks.analytics]\n")
+    marker = "please forget 7f3a9c my address is 12 Elm Street"
+    body = new_text("wamid.TEST.IN.TEXT.FORGET.0001", 1760000100).replace(
+        b"I am back", marker.encode())
+    assert (await gw.post("whatsapp", body))[0] == 200
+    await post_all(gw)
+    files = [gw.data_dir / f"{db}{suffix}" for db in ("journal.db", "storage.db", "analytics.db")
+             for suffix in ("", "-wal")]
+    assert any(marker.encode() in f.read_bytes() for f in files if f.exists())
+
+    status, result = await delete(gw, f"/v1/contacts/whatsapp/{ERASED}")
+    assert status == 200 and result["erased"]["storage"]["messages"] == 5, result
+    for f in files:
+        if f.exists():
+            data = f.read_bytes()
+            assert marker.encode() not in data, f.name
+            assert f"whatsapp:100000000000001:{ERASED}".encode() not in data, f.name
+    assert (await storage_state(gw))["messages"]  # the other customers' rows are all there
+    other = fixture_bytes("whatsapp/image.json").replace(ERASED.encode(), b"15550004444")
+    assert (await gw.post("whatsapp", other))[0] == 200  # every database is still written
+    await gw.settle()
+
+
 def hmac_hex(key: bytes, contact_id: str) -> str:
     return hmac.new(key, contact_id.encode(), hashlib.sha256).hexdigest()
 

@@ -304,6 +304,7 @@ class SqliteJournal:
         newest = self._next_seq - 1  # every request appended so far, committed or not yet
         holding = bool(self.pending or self.appending)  # some may hold the contact's events
         result = await self._writer.run(work)
+        await self._writer.truncate_wal()  # it still holds the deleted rows' pages as they were
         if holding:
             key = (channel, contact_id)
             self._erasures[key] = max(self._erasures.get(key, 0), newest)

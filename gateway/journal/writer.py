@@ -4,6 +4,11 @@ Every job that arrives while the previous transaction commits joins the next one
 appends cost one fsync (group commit). Plain inserts (:meth:`SqliteWriter.submit`) of a group are
 written with one ``executemany`` per statement; every other job runs under a SAVEPOINT, so one
 failing job cannot spoil the others' writes.
+
+Every database opened here holds customers' data, so ``secure_delete`` is on whatever the SQLite
+build's default: a deleted row's bytes are overwritten, not left in free space. After an erasure,
+:meth:`SqliteWriter.truncate_wal` also empties the WAL file, which still holds the pages as they
+were before the deletion.
 """
 
 from __future__ import annotations
@@ -27,6 +32,16 @@ MAX_GROUP = 2000
 # next group, so that more rows share one commit and one fsync; an idle writer commits at once.
 # Measured with bench/ingest.py's load: about 4 appends per commit without it, +10% throughput.
 COMMIT_DELAY = 0.001
+TRUNCATE_BUSY_MS = 250  # a WAL truncation waits at most this long for another process's readers
+
+
+class _Outside:
+    """A job run after its group's commit, outside any transaction (a WAL checkpoint)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
 
 
 class SqliteWriter:
@@ -87,6 +102,24 @@ class SqliteWriter:
             self._fail_queued()
         return await future
 
+    async def truncate_wal(self) -> bool:
+        """Copy the WAL into the database and truncate it to nothing; whether that was done (not
+        when another process was reading the database for longer than ``TRUNCATE_BUSY_MS``).
+        An erasure calls it: the WAL keeps the deleted rows' pages as they were."""
+        if not self.alive:
+            raise RuntimeError(f"database {self._path} is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._jobs.put((_Outside(_truncate), future, loop))
+        if self._dead:
+            self._fail_queued()
+        done = await future
+        if not done:
+            log.warning("wal_not_truncated", path=self._path,
+                        detail="another process is reading the database; the WAL still holds "
+                               "the deleted rows' old pages until SQLite reuses them")
+        return done
+
     def stop(self) -> None:
         """Finish queued jobs, close the connection and join the thread."""
         if self._thread is not None:
@@ -96,6 +129,7 @@ class SqliteWriter:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA secure_delete=ON")
         for pragma in self._pragmas:
             conn.execute(pragma)
         conn.executescript(self._schema)
@@ -158,6 +192,15 @@ class SqliteWriter:
         return not stop
 
     def _commit_group(self, group: list[Job]) -> None:
+        outside = [job for job in group if isinstance(job[0], _Outside)]
+        if outside:
+            group = [job for job in group if not isinstance(job[0], _Outside)]
+        if group:
+            self._commit_jobs(group)
+        if outside:
+            self._settle_all(outside, [_run_outside(self._conn, job.fn) for job, _, _ in outside])
+
+    def _commit_jobs(self, group: list[Job]) -> None:
         conn = self._conn
         outcomes: list[tuple[bool, Any]] = []
         broken = False
@@ -218,6 +261,26 @@ def _savepoint(conn: sqlite3.Connection,
         return False, exc
     conn.execute("RELEASE job")
     return True, result
+
+
+def _run_outside(conn: sqlite3.Connection,
+                 fn: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
+    try:
+        return True, fn(conn)
+    except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        return False, exc
+
+
+def _truncate(conn: sqlite3.Connection) -> bool:
+    """``wal_checkpoint(TRUNCATE)`` with a short busy timeout (readers of another process make it
+    wait: the writer thread must not stall the journal for the configured 10 s)."""
+    timeout = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    conn.execute(f"PRAGMA busy_timeout={min(timeout, TRUNCATE_BUSY_MS)}")
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={timeout}")
+    return busy == 0
 
 
 def _settle(items: list[tuple[asyncio.Future, tuple[bool, Any],

@@ -313,4 +313,6 @@ class Outbox:
                               (channel, contact_id)).rowcount
             return {"outbox": sends, "customers": known}
 
-        return await self._db.run(work)
+        result = await self._db.run(work)
+        await self._db.truncate_wal()  # it still holds the deleted rows' pages as they were
+        return result

@@ -84,7 +84,7 @@ class AnalyticsSink(SqliteSink):
         """GDPR: the day tables' conversation ids name the customer; their rows go. The daily
         counts are anonymous and stay, and so do the opaque counted event ids."""
         suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
-        return await self._db.run(lambda c: erase(c, channel, suffix))
+        return await self.erase_with(lambda c: erase(c, channel, suffix))
 
     async def write(self, records: list[Record]) -> None:
         now = time.time()

@@ -77,7 +77,7 @@ class StorageSink(SqliteSink):
         await self._db.run(lambda c: apply_all(c, events, self.consent))
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
-        return await self._db.run(lambda c: erase(c, channel, contact_id))
+        return await self.erase_with(lambda c: erase(c, channel, contact_id))
 
 
 

@@ -92,3 +92,32 @@ async def test_jobs_queued_when_the_thread_ends_are_failed_not_left_waiting(tmp_
     with pytest.raises(RuntimeError, match="closed"):
         w.submit(INSERT, (99,))
     w.stop()
+
+
+async def test_truncate_wal_empties_it_and_gives_up_at_once_on_another_process_reader(tmp_path):
+    path = tmp_path / "w.db"
+    w = SqliteWriter(str(path), ["PRAGMA journal_mode=WAL", "PRAGMA busy_timeout=10000"], SCHEMA)
+    w.start()
+    try:
+        assert await w.run(lambda c: c.execute("PRAGMA secure_delete").fetchone()[0]) == 1
+        await asyncio.gather(*(w.submit(INSERT, (v,)) for v in range(100)))
+        wal = tmp_path / "w.db-wal"
+        assert wal.stat().st_size > 0
+        reader = sqlite3.connect(path)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM t").fetchone()  # holds a snapshot of the WAL
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await w.truncate_wal() is False  # within its short timeout, not the 10 s
+        assert loop.time() - started < 2
+        # a truncation queued with other jobs runs outside their transaction, after it
+        queued = [w.submit(INSERT, (v,)) for v in (100, 101)]
+        reader.rollback()
+        assert await w.truncate_wal() is True
+        await asyncio.gather(*queued)
+        assert wal.stat().st_size == 0
+        assert await w.run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()[0]) == 10000
+        assert len(await values(w)) == 102
+        reader.close()
+    finally:
+        w.stop()
