@@ -539,3 +539,20 @@ def test_half_an_emoji_costs_one_character_not_the_webhook(escape):
     (event,) = instagram(ig)
     assert event.text.startswith("Ok \ufffd")
     assert mend_surrogates(rb'{"t": "\\ud83d \ud83d\ude00"}') == rb'{"t": "\\ud83d \ud83d\ude00"}'
+
+
+AD = {"ref": "ad_campaign_7", "ad_id": "120000000000002", "source": "ADS", "type": "OPEN_THREAD"}
+
+
+@pytest.mark.parametrize("where", ["beside", "inside"])
+def test_a_referral_that_comes_with_an_instagram_message_rides_on_it(where):
+    message = {"mid": "m.ad.1", "text": "Is the sale still on?"}
+    fields = {"message": {**message, "referral": AD}} if where == "inside" else {
+        "message": message, "referral": AD}
+    [event] = instagram(_instagram_item(**fields))
+    assert (event.kind, event.message_id, event.text) == ("message", "m.ad.1", message["text"])
+    assert event.referral == AD
+    [alone] = instagram(_instagram_item(referral=AD))  # without a message: its own event
+    assert (alone.kind, alone.payload, alone.referral) == ("referral", "ad_campaign_7", AD)
+    [plain] = instagram(_instagram_item(message=message))
+    assert plain.referral is None and plain.id == event.id  # the same message, the same id

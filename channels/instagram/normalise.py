@@ -30,6 +30,9 @@ skipped on its own; every valid item beside it still counts. Mapping choices
   (``""`` only on ``unreact``);
 - ``read`` / ``reaction`` / ``postback`` / ``referral`` / ``*_thread_control`` → those kinds
   (``handover`` for thread control); items on ``standby[]`` are marked ``standby``;
+- a referral that arrives with a message (the customer wrote from an ad, or after an ig.me link:
+  ``referral`` beside ``message`` in the item, or inside the message) rides on that message as its
+  ``referral`` (extra field, as on WhatsApp), like one inside a ``postback``;
 - ``message_edit`` (``{mid, text, num_edit}``) → an edit, shaped as WhatsApp's ``edit``: a
   ``message`` of type ``text`` (``unsupported`` without a text), ``text`` = the edited text,
   ``raw_type`` ``message_edit``, ``reply_to`` = the edited ``mid``, and ``message_id`` = that
@@ -134,7 +137,10 @@ def _item(item: schemas.Item, raw: msgspec.Raw, account: str | None,
     for key, build in BUILDERS:
         value = getattr(item, key)
         if isinstance(value, dict):
-            return build(value, common, sender, stamp, key)
+            event = build(value, common, sender, stamp, key)
+            if key == "message" and isinstance(item.referral, dict) and isinstance(event, Message):
+                event = msgspec.structs.replace(event, referral=event.referral or item.referral)
+            return event
     return _unknown(raw, common, sender, stamp)
 
 
@@ -172,6 +178,8 @@ def _message(msg: dict[str, Any], common: dict, sender: str, stamp: str, key: st
     quick = msg.get("quick_reply")
     if isinstance(quick, dict):
         fields["payload"] = as_str(quick.get("payload"))
+    if isinstance(msg.get("referral"), dict):
+        fields["referral"] = msg["referral"]
     return Message(id=event_id(CHANNEL, "message", mid), **common, message_id=mid, **fields)
 
 
