@@ -38,10 +38,15 @@ EDITS = frozenset({"edit", "message_edit"})
 
 
 class Party(msgspec.Struct, omit_defaults=True, frozen=True):
-    """Who sent or received an event: a wa_id, an IGSID or a business account id."""
+    """Who sent or received an event: a wa_id, an IGSID or a business account id.
+
+    ``user_id`` (an extra field) is a WhatsApp customer's business-scoped user id (BSUID,
+    ``US.1349...``) when Meta sends one: beside the wa_id, which stays the ``id`` while Meta sends
+    it, so that a later payload naming the BSUID alone can be matched to the same customer."""
 
     id: str
     name: str | None = None
+    user_id: str | None = None
 
 
 class Media(msgspec.Struct, omit_defaults=True, frozen=True):

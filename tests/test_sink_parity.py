@@ -49,9 +49,9 @@ def stamp(value: datetime | None) -> str | None:
 
 def msg(eid: str, mid: str, seconds: float, text: str | None = "hi", **fields: Any) -> Message:
     outbound = fields.pop("direction", "inbound") == "outbound"
-    name = fields.pop("name", None)
-    sender, recipient = (Party(ACCOUNT), Party(CUSTOMER)) if outbound else (
-        Party(CUSTOMER, name), Party(ACCOUNT))
+    name, user_id = fields.pop("name", None), fields.pop("user_id", None)
+    sender, recipient = (Party(ACCOUNT), Party(CUSTOMER, user_id=user_id)) if outbound else (
+        Party(CUSTOMER, name, user_id), Party(ACCOUNT))
     return Message(schema=1, id=eid, channel=fields.pop("channel", "whatsapp"),
                    direction="outbound" if outbound else "inbound", account_id=ACCOUNT,
                    conversation_id=fields.pop("conv", CONV), sender=sender, recipient=recipient,
@@ -100,9 +100,9 @@ async def storage_view(batches: list[list[Event]], tmp_path) -> View:
                     in await sink.query("SELECT id, type, text, error FROM messages")}
         conversations = {key: (count, text) for key, count, text in await sink.query(
             "SELECT id, message_count, last_text FROM conversations")}
-        contacts = {key: (name, bool(out), out_at, first) for key, name, out, out_at, first in
-                    await sink.query("SELECT id, name, opted_out, opted_out_at, first_seen"
-                                     " FROM contacts")}
+        contacts = {key: (name, bool(out), out_at, first, user) for key, name, out, out_at, first,
+                    user in await sink.query("SELECT id, name, opted_out, opted_out_at,"
+                                             " first_seen, user_id FROM contacts")}
         linked = {c for (c,) in await sink.query("SELECT conversation_id FROM messages")}
         return View(messages, conversations, contacts, linked)
     finally:
@@ -136,8 +136,8 @@ def firestore_view(batches: list[list[Event]]) -> View:
         {k: (d.get("type"), d.get("text"), (d.get("error") or {}).get("code"))
          for k, d in docs["messages"].items()},
         {k: (d["message_count"], d["last_text"]) for k, d in docs["conversations"].items()},
-        {k: (d["name"], d["opted_out"], stamp(d["opted_out_at"]), stamp(d["first_seen"]))
-         for k, d in docs["contacts"].items()},
+        {k: (d["name"], d["opted_out"], stamp(d["opted_out_at"]), stamp(d["first_seen"]),
+             d["user_id"]) for k, d in docs["contacts"].items()},
         {d["conversation_id"] for d in docs["messages"].values()})
 
 
@@ -267,7 +267,7 @@ async def test_an_opt_out_counts_when_its_unsend_arrives_first(view_of):
     stop = msg("s1", "m1", 20, "STOP")
     for batches in ([[revoke("rv1", "m1", 25)], [stop]], [[revoke("rv1", "m1", 25), stop]]):
         view = await view_of(batches)
-        _, opted_out, opted_out_at, first_seen = view.contacts[CONTACT]
+        _, opted_out, opted_out_at, first_seen, _ = view.contacts[CONTACT]
         assert (opted_out, opted_out_at, first_seen) == (True, stamp(at(20)), stamp(at(20)))
         assert view.messages == {"m1": ("deleted", None, None)}
         assert view.conversations[CONV][0] == 1
@@ -285,3 +285,17 @@ async def test_an_opt_out_counts_when_its_unsend_arrives_first(view_of):
 async def test_a_contact_name_follows_timestamps_not_arrival(view_of, batches):
     view = await view_of(batches)
     assert view.contacts[CONTACT][0] == "New"
+
+
+# --- 7. a contact's BSUID is that of their latest event naming one ------------------------------
+
+@pytest.mark.parametrize("batches", [
+    [[msg("e1", "m1", 20, user_id="US.2"), msg("e2", "m2", 10, user_id="US.1")],
+     [msg("e3", "m3", 5, user_id="US.0")]],
+    [[msg("e3", "m3", 5, user_id="US.0"), msg("e1", "m1", 20, user_id="US.2")]],
+    [[msg("e1", "m1", 20, user_id="US.2")], [msg("e4", "m4", 30)]],  # none later: it stays
+    [[msg("e5", "m5", 1)], [msg("o1", "o1", 20, direction="outbound", user_id="US.2")]],
+], ids=["late-older-batch", "one-batch", "none-later", "from-a-reply"])
+async def test_a_contacts_bsuid_follows_timestamps_not_arrival(view_of, batches):
+    view = await view_of(batches)
+    assert view.contacts[CONTACT][4] == "US.2"

@@ -49,13 +49,14 @@ async def test_a_contact_is_the_same_whether_its_events_came_in_one_batch_or_two
 
 def schema_without_schema_and_emoji() -> str:
     """The storage layout before ``messages`` had the ``schema`` and ``emoji`` columns (and the
-    later ``messages.edited_at`` and ``contacts.name_at``)."""
+    later ``messages.edited_at``, ``contacts.name_at`` and ``contacts.user_id``)."""
     from sinks.storage.schema import SCHEMA
 
     old = re.sub(r",(\s*--[^\n]*)\n\s*schema INTEGER, emoji TEXT[^\n]*(\n\s*edited_at TEXT[^\n]*)?",
                  r"\1", SCHEMA)
-    old = re.sub(r",\s*name_at TEXT\) WITHOUT ROWID;[^\n]*", ") WITHOUT ROWID;", old)
-    for column in ("emoji TEXT", "schema INTEGER", "edited_at", "name_at"):
+    old = re.sub(r",\s*name_at TEXT,[^\n]*\n\s*user_id TEXT\) WITHOUT ROWID;[^\n]*",
+                 ") WITHOUT ROWID;", old)
+    for column in ("emoji TEXT", "schema INTEGER", "edited_at", "name_at", "user_id"):
         assert column not in old, column
     return old
 
@@ -217,3 +218,31 @@ async def test_close_does_not_wait_out_a_database_locked_by_another_process(tmp_
         holder.execute("ROLLBACK")
         holder.close()
     write.cancel()
+
+
+async def test_a_contacts_bsuid_is_kept_beside_the_wa_id_and_finds_the_contact(tmp_path):
+    """webhooks.md §4.3: the wa_id stays the key, the BSUID is stored beside it (the latest one
+    by timestamp), so that a later payload naming the BSUID alone can be matched."""
+    def text(n: int, user_id: str | None, seconds: int) -> Message:
+        return Message(schema=1, id=f"ev-bsuid-{n}", channel="whatsapp", direction="inbound",
+                       account_id=FIRST, conversation_id=conversation_id("whatsapp", FIRST,
+                                                                         CUSTOMER),
+                       sender=Party(CUSTOMER, "Kerry", user_id), recipient=Party(FIRST),
+                       timestamp=T0 + timedelta(seconds=seconds), message_id=f"wamid.U{n}",
+                       type="text", text="hi")
+
+    sink = StorageSink(StorageConfig(path=str(tmp_path / "storage.db")))
+    await sink.start()
+    batches = [[text(1, None, 0)], [text(2, "US.1111", 10), text(3, None, 20)],
+               [text(4, "US.0000", 5)],  # an older event's BSUID changes nothing
+               [text(5, None, 30)]]
+    for batch in batches:
+        await sink.write([Record(i, e, encode(e), 1.0) for i, e in enumerate(batch, 1)])
+    found = "SELECT contact_id FROM contacts WHERE channel = 'whatsapp' AND user_id = ?"
+    assert await sink.query(found, ("US.1111",)) == [(CUSTOMER,)]
+    await sink.write([Record(1, e, encode(e), 1.0) for e in [text(6, "US.2222", 40)]])
+    assert await sink.query(found, ("US.2222",)) == [(CUSTOMER,)]  # user_changed_user_id
+    assert await sink.query(found, ("US.1111",)) == []
+    plan = await sink.query("EXPLAIN QUERY PLAN " + found, ("US.2222",))
+    assert "contacts_user_id" in str(plan)
+    await sink.close()

@@ -17,7 +17,10 @@ counts as empty) while every valid part beside it still counts. Mapping choices
 - inbound: ``account_id`` = ``recipient.id`` = ``metadata.phone_number_id``; ``sender.name`` from
   the ``value.contacts`` item whose ``wa_id`` equals ``from`` (never from a shared contact card);
   the customer is ``from``, else the BSUID ``from_user_id`` (``system.user_id`` on a
-  ``user_changed_user_id`` system message, which has neither);
+  ``user_changed_user_id`` system message, which has neither). The customer's BSUID, when Meta
+  sends one (``from_user_id``, else the ``user_id`` of the customer's ``contacts`` item), is kept
+  beside the wa_id as ``sender.user_id`` (webhooks.md §4.3), and so is a status's
+  ``recipient_user_id`` as ``recipient.user_id``;
 - timestamps: epoch seconds as a string or a JSON number; a number with a fraction keeps its
   whole seconds;
 - statuses: ``direction`` outbound, sender = the business number, recipient = the customer:
@@ -149,7 +152,7 @@ def _preferences(metadata: schemas.Metadata | None, contacts, preferences,
     account = None if metadata is None else as_str(metadata.phone_number_id)
     if account is None:
         return
-    names = _names(contacts)
+    people = _people(contacts)
     for p in preferences:
         customer = as_str(p.wa_id) or as_str(p.user_id)
         when = _timestamp(p.timestamp)
@@ -160,7 +163,7 @@ def _preferences(metadata: schemas.Metadata | None, contacts, preferences,
             id=event_id(CHANNEL, "preference", customer, p.category, p.value, str(p.timestamp)),
             schema=SCHEMA_VERSION, channel=CHANNEL, direction="inbound", account_id=account,
             conversation_id=conversation_id(CHANNEL, account, customer),
-            sender=Party(id=customer, name=names.get(customer)), recipient=Party(id=account),
+            sender=_party(customer, as_str(p.user_id), people), recipient=Party(id=account),
             timestamp=when, type=p.category, payload=p.value,
             text=p.detail if isinstance(p.detail, str) else None))
 
@@ -172,9 +175,9 @@ def _value(metadata: schemas.Metadata | None, errors: Any, contacts, messages, s
     value_error = _value_error(errors, account)
     if account is None:
         return
-    names = _names(contacts)
+    people = _people(contacts)
     for message in messages:
-        event = _message(message, account, names, value_error)
+        event = _message(message, account, people, value_error)
         if event is not None:
             events.append(event)
     for status in statuses:
@@ -183,16 +186,29 @@ def _value(metadata: schemas.Metadata | None, errors: Any, contacts, messages, s
             events.append(event)
 
 
-def _names(contacts) -> dict[str, str]:
-    """Sender names by wa_id and by BSUID; a contact without a string name names no one."""
-    names = {}
+def _people(contacts) -> dict[str, tuple[str | None, str | None]]:
+    """(name, BSUID) of each contact, by wa_id and by BSUID; a name or BSUID that is no string
+    is none."""
+    people = {}
     for c in contacts:
         name = None if c.profile is None else c.profile.name
-        if isinstance(name, str):
-            for key in (as_str(c.wa_id), as_str(c.user_id)):
-                if key is not None:
-                    names[key] = name
-    return names
+        name = name if isinstance(name, str) else None
+        user_id = as_str(c.user_id)
+        if name is None and user_id is None:
+            continue
+        for key in (as_str(c.wa_id), user_id):
+            if key is not None:
+                people[key] = (name, user_id)
+    return people
+
+
+def _party(customer: str, user_id: str | None, people: dict) -> Party:
+    """The customer as a party: their contact's name, and their BSUID (``user_id``: the item's
+    own, else the contact's)."""
+    known = people.get(customer)
+    if known is None:
+        return Party(id=customer, user_id=user_id)
+    return Party(id=customer, name=known[0], user_id=user_id or known[1])
 
 
 def _value_error(errors: Any, account: str | None) -> ErrorInfo | None:
@@ -223,14 +239,14 @@ def _customer(m: schemas.Message) -> str | None:
     return customer
 
 
-def _message(m: schemas.Message, account: str, names: dict,
+def _message(m: schemas.Message, account: str, people: dict,
              value_error: ErrorInfo | None) -> Event | None:
     customer = _customer(m)
     when = _timestamp(m.timestamp)
     if not m.id or customer is None or when is None:
         return None
     conversation = conversation_id(CHANNEL, account, customer)
-    sender, recipient = Party(id=customer, name=names.get(customer)), Party(id=account)
+    sender, recipient = _party(customer, as_str(m.from_user_id), people), Party(id=account)
     if m.type == "reaction" or m.type == "revoke":
         return _reaction_or_revoke(m, dict(
             schema=SCHEMA_VERSION, channel=CHANNEL, direction="inbound", account_id=account,
@@ -279,7 +295,9 @@ def _status(s: schemas.Status, account: str) -> Event | None:
         schema=SCHEMA_VERSION, id=_status_id(s), channel=CHANNEL,
         direction="outbound", account_id=account,
         conversation_id=conversation_id(CHANNEL, account, customer),
-        sender=Party(id=account), recipient=Party(id=customer), timestamp=when,
+        sender=Party(id=account), recipient=Party(id=customer,
+                                                  user_id=as_str(s.recipient_user_id)),
+        timestamp=when,
         message_id=s.id, status=STATUS_AS.get(s.status, s.status), error=first_error(s.errors),
         raw_type=s.status if s.status in STATUS_AS else None,
         callback_data=callback if isinstance(callback, str) else None,

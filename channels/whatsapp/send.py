@@ -1,13 +1,25 @@
-"""WhatsApp Cloud API request bodies for every outbound type (meta/outbound.md §2)."""
+"""WhatsApp Cloud API request bodies for every outbound type (meta/outbound.md §2).
+
+A customer is addressed by phone number (the wa_id) in ``to``, or by business-scoped user id
+(BSUID: ``US.1349...``, or a parent BSUID ``US.ENT.1181...``) in ``recipient``: the customers
+who hide their number behind a username are known by their BSUID alone.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from gateway.outbound.errors import MetaPermanent
 from gateway.outbound.request import MEDIA, OutboundRequest
 
 CAPTIONED = ("image", "video", "document")
+BSUID = re.compile(r"[A-Z]{2}\.[A-Za-z0-9]+(\.[A-Za-z0-9]+)*")  # country code, '.', the id
+
+
+def address(to: str) -> dict[str, str]:
+    """The field naming the customer: ``recipient`` for a BSUID, else ``to``."""
+    return {"recipient": to} if BSUID.fullmatch(to) else {"to": to}
 
 
 def build(req: OutboundRequest, callback_data: str | None) -> dict[str, Any] | None:
@@ -21,7 +33,7 @@ def build(req: OutboundRequest, callback_data: str | None) -> dict[str, Any] | N
         return {"messaging_product": "whatsapp", "status": "read", "message_id": req.message_id,
                 "typing_indicator": {"type": "text"}}
     body: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual",
-                            "to": req.to, "type": req.type}
+                            **address(req.to), "type": req.type}
     body[req.type] = _content(req)
     if req.reply_to:
         body["context"] = {"message_id": req.reply_to}

@@ -142,6 +142,9 @@ RULES: dict[int, Rule] = {
     131053: Rule(MetaPermanent, None, False, "media upload error: check the link or format"),
     131056: Rule(SLOW, "pair", False, "pair rate limit: too many messages to this user", "pair"),
     131057: Rule(MetaRetryable, None, False, "account in maintenance mode (throughput upgrade)"),
+    131062: Rule(MetaPermanent, None, False, "this message cannot be sent to a business-scoped "
+                 "user id (one-tap, zero-tap and copy-code authentication templates need the "
+                 "customer's phone number)"),
     131064: Rule(SLOW, "pair", False, "messaging limit (tier) reached: business-initiated "
                  "messages wait until the rolling 24 h frees up", "long"),
     132000: Rule(MetaPermanent, None, True, TEMPLATE_HINT),

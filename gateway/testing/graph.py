@@ -38,6 +38,7 @@ import inspect
 import itertools
 import json
 import math
+import re
 import secrets
 import time
 from collections import defaultdict, deque
@@ -56,6 +57,8 @@ from gateway.testing.graph_checks import (
 WA_TYPES = ("text", "template", "image", "audio", "video", "document", "sticker", "interactive",
             "reaction", "location", "contacts")
 IG_ACTIONS = ("typing_on", "typing_off", "mark_seen", "react", "unreact")
+# A business-scoped user id as Meta writes it: "US.13491208655302741918", "US.ENT.1181579921"
+BSUID = re.compile(r"[A-Z]{2}\.[A-Za-z0-9]+(\.[A-Za-z0-9]+)*")
 
 
 @dataclass
@@ -278,7 +281,12 @@ class GraphSimulator:
                 raise BadParam("typing_indicator", "typing_indicator.type must be text")
             return 200, {"success": True}
         to, kind = body.get("to"), body.get("type")
-        if not isinstance(to, str) or not to.isdigit():
+        by_bsuid = to is None and "recipient" in body  # Meta: "to" wins when both are given
+        if by_bsuid:
+            to = body["recipient"]
+            if not isinstance(to, str) or not BSUID.fullmatch(to):
+                raise BadParam("recipient", "recipient must be a business-scoped user id")
+        elif not isinstance(to, str) or not to.isdigit():
             raise BadParam("to", "to must be the recipient's phone number digits")
         if kind not in WA_TYPES:
             raise BadParam("type", f"type must be one of {', '.join(WA_TYPES)}")
@@ -290,7 +298,8 @@ class GraphSimulator:
             return 400, limited
         message_id = self._new_id("wamid.SIM.")
         answer: dict[str, Any] = {"messaging_product": "whatsapp",
-                                  "contacts": [{"input": to, "wa_id": to}],
+                                  "contacts": [{"input": to,
+                                                "user_id" if by_bsuid else "wa_id": to}],
                                   "messages": [{"id": message_id}]}
         if kind == "template":
             answer["messages"][0]["message_status"] = "accepted"

@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS contacts (
     channel TEXT NOT NULL, contact_id TEXT NOT NULL, name TEXT, account_id TEXT,
     first_seen TEXT, last_seen TEXT, last_inbound_at TEXT,
     opted_out INTEGER NOT NULL DEFAULT 0, opted_out_at TEXT,
-    name_at TEXT) WITHOUT ROWID;         -- the timestamp of the event that gave the name
+    name_at TEXT,                        -- the timestamp of the event that gave the name
+    user_id TEXT) WITHOUT ROWID;         -- WhatsApp BSUID beside the wa_id (latest), or NULL
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,                 -- conversation_id with '/' replaced by '_'
     channel TEXT NOT NULL, account_id TEXT NOT NULL, contact_id TEXT NOT NULL,
@@ -61,11 +62,14 @@ def migrate(c) -> None:
     """Bring a database made by an earlier version up to this schema, each step once."""
     for table, added in (("messages", (("schema", "INTEGER"), ("emoji", "TEXT"),
                                        ("edited_at", "TEXT"))),
-                         ("contacts", (("name_at", "TEXT"),))):
+                         ("contacts", (("name_at", "TEXT"), ("user_id", "TEXT")))):
         columns = {row[1] for row in c.execute(f"PRAGMA table_info({table})")}
         for column, kind in added:
             if column not in columns:
                 c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    # after the column: a contact found by the BSUID a payload names alone (webhooks.md §4.3)
+    c.execute("CREATE INDEX IF NOT EXISTS contacts_user_id ON contacts(channel, user_id)"
+              " WHERE user_id IS NOT NULL")
     # Contact ids kept '/' before (an older version run again may add such rows): on every start,
     # as ids never contain '/' on the wire, this finds nothing unless there is something to do.
     c.execute("UPDATE OR IGNORE contacts SET id = replace(id, '/', '_') WHERE instr(id, '/')")

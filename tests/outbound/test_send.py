@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 
 from gateway.outbound.request import InvalidRequest
+from tests.conftest import fixture_bytes
 from tests.outbound.conftest import IG, WA
 
 A, U1 = "15550001234", "9000000000000001"
@@ -73,6 +77,32 @@ async def test_whatsapp_bodies(outbound, request_body, expected):
     assert body == {"messaging_product": "whatsapp", "recipient_type": "individual", "to": A,
                     **expected, "biz_opaque_callback_data": answer["id"]}
     assert record["provider_message_id"] == ob.sim.accepted[0].message_id
+
+
+async def test_a_customer_known_only_by_bsuid_is_answered_through_recipient(outbound):
+    """A customer who hides their number behind a username writes in with ``from_user_id`` alone;
+    the reply names them in ``recipient`` (``to`` is for phone numbers), and Meta's error for a
+    message that cannot go to a BSUID fails it with its hint."""
+    bsuid = "US.13491208655302741918"
+    ob = await outbound()
+    body = json.loads(fixture_bytes("whatsapp/bsuid_only.json"))
+    body["entry"][0]["changes"][0]["value"]["messages"][0]["timestamp"] = str(int(time.time()))
+    status, _ = await ob.gw.post("whatsapp", json.dumps(body).encode())
+    assert status == 200
+    await ob.gw.settle()
+    status, answer = await ob.send({"channel": "whatsapp", "to": bsuid, "type": "text",
+                                    "text": "Yes, it left this morning"})
+    assert status == 202, answer
+    await ob.wait(answer["id"], "sent")
+    (sent,) = ob.sim.bodies(WA)
+    assert sent["recipient"] == bsuid and "to" not in sent
+    assert ob.sim.accepted[0].to == bsuid
+    ob.sim.fail_next(WA, 131062)
+    status, answer = await ob.send({"channel": "whatsapp", "to": bsuid, "type": "text",
+                                    "text": "And a second one"})
+    record = await ob.wait(answer["id"], "failed")
+    assert record["error"]["code"] == 131062
+    assert "business-scoped user id" in record["error"]["hint"]
 
 
 async def test_whatsapp_mark_read_and_typing_use_the_latest_inbound_message(outbound):
