@@ -196,6 +196,9 @@ async def _erase_journal(app: web.Application, channel: str, contact_id: str,
     dispatcher = app.get(keys.DISPATCHER)
     if dispatcher is not None:
         dispatcher.forget(contact_matcher(channel, contact_id))
+    processor = app.get(keys.PROCESSOR)  # nor its memory of the contact's aliases
+    if processor is not None:
+        processor.identities.forget(channel, contact_id)
 
 
 async def _settle(app: web.Application, timeout: float) -> bool:

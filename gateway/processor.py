@@ -17,6 +17,7 @@ from gateway.aio import wait_event
 from gateway.consent import MARKETING
 from gateway.errors import BadPayload
 from gateway.events import MESSAGE_TYPES, Event, encode
+from gateway.identities import Identities
 from gateway.journal import NewEvent, RawRequest, contact_matcher
 from gateway.sink import Record
 
@@ -91,6 +92,7 @@ class Processor:
         self.batch_size = batch_size
         self.wake = asyncio.Event()
         self.timer = ResponseTimer(metrics)
+        self.identities = Identities(journal)  # customers known by an alias alone (a BSUID)
         self._stopping = False
         self.processed_seq = 0  # the newest request processed, its events published
         self.stopped = False  # run() returned or was cancelled: nothing will be processed
@@ -176,6 +178,7 @@ class Processor:
             return 0
         erasures = getattr(self.journal, "erasures", None)
         events, owners, failed = self._normalise(requests, await erasures() if erasures else {})
+        events = await self.identities.apply(events)
         new = [NewEvent(ev.id, ev.channel, ev.conversation_id, data, received)
                for ev, data, received in events]
         seqs = await self.journal.commit_processed(requests[-1].seq, new, failed)

@@ -237,6 +237,7 @@ class RedisJournal:
         self.k_requests = f"{self.p}:requests"
         self.k_events = f"{self.p}:events"
         self.k_erasures = f"{self.p}:erasures"  # [channel, contact id] -> last request seq
+        self.k_aliases = f"{self.p}:aliases"  # [channel, alias] -> customer id (identities.py)
         self.k_cursors = f"{self.p}:cursors"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -577,6 +578,25 @@ class RedisJournal:
                 except WatchError:
                     continue
 
+    async def learn_aliases(self, pairs: dict[tuple[str, str], str]) -> None:
+        """Store (channel, alias) -> customer id pairs (:mod:`gateway.identities`)."""
+        mapping = {json.dumps(list(key)): contact for key, contact in pairs.items()}
+        await self._outage("learn_aliases", lambda: self.redis.hset(self.k_aliases,
+                                                                    mapping=mapping))
+
+    async def aliases(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The customer ids of the (channel, alias) keys that are known."""
+        fields = [json.dumps(list(key)) for key in keys]
+        values = await self._outage("aliases", lambda: self.redis.hmget(self.k_aliases, fields))
+        return {key: as_str(v) for key, v in zip(keys, values, strict=True) if v is not None}
+
+    async def _erase_aliases(self, channel: str, contact_id: str) -> None:
+        doomed = [field async for field, contact in self.redis.hscan_iter(self.k_aliases)
+                  if json.loads(field)[0] == channel
+                  and contact_id in (json.loads(field)[1], as_str(contact))]
+        if doomed:
+            await self.redis.hdel(self.k_aliases, *doomed)
+
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: delete one contact's events and dead letters; return how many of each.
 
@@ -587,7 +607,8 @@ class RedisJournal:
         Same rules as :meth:`gateway.journal.sqlite.SqliteJournal.erase_contact`: an event belongs
         to the contact when its channel matches and its customer is ``contact_id``; a raw request
         dead letter when it came from ``channel`` and its body holds ``contact_id`` as a JSON
-        string. The ``seen`` ids stay (opaque hashes, expiring with the de-duplication window).
+        string. The aliases naming the contact either way go too. The ``seen`` ids stay (opaque
+        hashes, expiring with the de-duplication window).
         """
         mine = contact_matcher(channel, contact_id)
         suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
@@ -615,6 +636,7 @@ class RedisJournal:
             doomed_letters = [d.id for d in found if mine(d.data, d.sink)]
             if doomed_letters:
                 letters += int(await self._drop_dead(args=[self.p, *doomed_letters]))
+        await self._erase_aliases(channel, contact_id)
         return {"events": events, "dead_letters": letters}
 
 

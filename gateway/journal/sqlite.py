@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     data BLOB NOT NULL, received_at REAL NOT NULL, reason TEXT NOT NULL, attempts INTEGER NOT NULL,
     failed_at REAL NOT NULL, state TEXT NOT NULL DEFAULT 'dead', seq INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters(sink, state);
+CREATE TABLE IF NOT EXISTS aliases (
+    channel TEXT NOT NULL, alias TEXT NOT NULL, contact_id TEXT NOT NULL,
+    PRIMARY KEY (channel, alias)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS aliases_contact ON aliases(channel, contact_id);
 CREATE TABLE IF NOT EXISTS erasures (
     channel TEXT NOT NULL, contact_id TEXT NOT NULL, upto INTEGER NOT NULL,
     PRIMARY KEY (channel, contact_id)) WITHOUT ROWID;
@@ -264,6 +268,26 @@ class SqliteJournal:
         await self._writer.run(lambda c: c.execute(
             f"DELETE FROM cursors WHERE name LIKE 'sink:%' AND name NOT IN ({marks})", names))
 
+    async def learn_aliases(self, pairs: dict[tuple[str, str], str]) -> None:
+        """Store (channel, alias) -> customer id pairs (:mod:`gateway.identities`)."""
+        rows = [(channel, alias, contact) for (channel, alias), contact in pairs.items()]
+        await self._writer.run(lambda c: c.executemany(
+            "INSERT INTO aliases(channel, alias, contact_id) VALUES (?, ?, ?) ON CONFLICT"
+            " DO UPDATE SET contact_id = excluded.contact_id", rows))
+
+    async def aliases(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The customer ids of the (channel, alias) keys that are known."""
+        def work(c: sqlite3.Connection) -> dict[tuple[str, str], str]:
+            found = {}
+            for key in keys:
+                row = c.execute("SELECT contact_id FROM aliases WHERE channel = ? AND alias = ?",
+                                key).fetchone()
+                if row is not None:
+                    found[key] = row[0]
+            return found
+
+        return await self._writer.run(work)
+
     async def erasures(self) -> dict[tuple[str, str], int]:
         """Erased contacts whose events the processor must drop: (channel, contact_id) -> the
         newest request seq journaled before the erasure (see :meth:`erase_contact`)."""
@@ -280,8 +304,9 @@ class SqliteJournal:
         An event belongs to the contact when its channel matches and its customer (the sender of
         inbound events, the recipient of outbound ones) is ``contact_id``. A dead letter that is
         not an event (a raw request the channel could not normalise) is deleted when it came
-        from ``channel`` and its body holds ``contact_id`` as a JSON string. The de-duplication
-        ids (``seen``) stay: they are opaque hashes, and keep a redelivered old payload a duplicate.
+        from ``channel`` and its body holds ``contact_id`` as a JSON string. The aliases naming
+        the contact either way go too (:mod:`gateway.identities`). The de-duplication ids
+        (``seen``) stay: they are opaque hashes, and keep a redelivered old payload a duplicate.
         """
         mine = contact_matcher(channel, contact_id)
         suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
@@ -295,6 +320,8 @@ class SqliteJournal:
             dead = [(i,) for i, sink, data in c.execute("SELECT id, sink, data FROM dead_letters")
                     if mine(data, sink)]
             c.executemany("DELETE FROM dead_letters WHERE id = ?", dead)
+            c.execute("DELETE FROM aliases WHERE channel = ? AND (alias = ? OR contact_id = ?)",
+                      (channel, contact_id, contact_id))
             if holding:
                 c.execute("INSERT INTO erasures(channel, contact_id, upto) VALUES (?, ?, ?) "
                           "ON CONFLICT DO UPDATE SET upto = max(upto, excluded.upto)",

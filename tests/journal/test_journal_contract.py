@@ -339,3 +339,25 @@ async def test_default_dedupe_window_is_seven_days(journal):
         ttl = await journal.redis.ttl(f"{journal.p}:seen:kept-a-week")
         assert week - 60 <= ttl <= week
         assert await _commit_one(journal, "kept-a-week") is None
+
+
+async def test_aliases_are_learned_updated_kept_across_a_restart_and_erased(journal, request,
+                                                                           tmp_path):
+    bsuid, other = ("whatsapp", "US.1349"), ("whatsapp", "US.7777")
+    assert await journal.aliases([bsuid]) == {}
+    await journal.learn_aliases({bsuid: "15550001234", other: "15550009999",
+                                 ("instagram", "US.1349"): "9000"})
+    await journal.learn_aliases({bsuid: "15550004321"})  # seen beside another number since
+    assert await journal.aliases([bsuid, other, ("whatsapp", "US.none")]) == {
+        bsuid: "15550004321", other: "15550009999"}
+    await journal.close()
+    reopened = _journal_like(journal, request, tmp_path)
+    await reopened.open()
+    try:
+        assert await reopened.aliases([bsuid]) == {bsuid: "15550004321"}
+        await reopened.erase_contact("whatsapp", "15550004321")  # by the customer's id
+        await reopened.erase_contact("whatsapp", "US.7777")  # by the alias
+        assert await reopened.aliases([bsuid, other, ("instagram", "US.1349")]) == {
+            ("instagram", "US.1349"): "9000"}  # another channel's pair is another customer
+    finally:
+        await reopened.close()
