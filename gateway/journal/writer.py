@@ -195,8 +195,12 @@ class SqliteWriter:
         outside = [job for job in group if isinstance(job[0], _Outside)]
         if outside:
             group = [job for job in group if not isinstance(job[0], _Outside)]
-        if group:
-            self._commit_jobs(group)
+        try:
+            if group:
+                self._commit_jobs(group)
+        except BaseException as exc:  # the connection could not be reopened: the thread ends
+            self._settle_all(outside, [(False, copy.copy(exc)) for _ in outside])
+            raise
         if outside:
             self._settle_all(outside, [_run_outside(self._conn, job.fn) for job, _, _ in outside])
 

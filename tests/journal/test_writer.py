@@ -94,6 +94,27 @@ async def test_jobs_queued_when_the_thread_ends_are_failed_not_left_waiting(tmp_
     w.stop()
 
 
+async def test_a_truncation_in_the_group_that_ends_the_thread_is_failed_not_left_waiting(
+        tmp_path):
+    (tmp_path / "gone").mkdir()
+    w = SqliteWriter(str(tmp_path / "gone" / "w.db"), ["PRAGMA journal_mode=WAL"], SCHEMA)
+    w.start()
+    gate = threading.Event()
+    held = asyncio.ensure_future(w.run(lambda c: gate.wait(5)))
+    await asyncio.sleep(0.05)  # the writer is inside the holding job: the rest form one group
+    shutil.rmtree(tmp_path / "gone")  # ... whose ROLLBACK fails, and which cannot reopen
+    failing = asyncio.ensure_future(w.run(deny("COMMIT", "ROLLBACK")))
+    await asyncio.sleep(0)
+    truncation = asyncio.ensure_future(w.truncate_wal())
+    await asyncio.sleep(0)
+    gate.set()
+    await held
+    results = await asyncio.wait_for(asyncio.gather(failing, truncation,
+                                                    return_exceptions=True), 5)
+    assert all(isinstance(r, Exception) for r in results), results
+    w.stop()
+
+
 async def test_truncate_wal_empties_it_and_gives_up_at_once_on_another_process_reader(tmp_path):
     path = tmp_path / "w.db"
     w = SqliteWriter(str(path), ["PRAGMA journal_mode=WAL", "PRAGMA busy_timeout=10000"], SCHEMA)
