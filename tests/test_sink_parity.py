@@ -295,7 +295,12 @@ async def test_a_contact_name_follows_timestamps_not_arrival(view_of, batches):
     [[msg("e3", "m3", 5, user_id="US.0"), msg("e1", "m1", 20, user_id="US.2")]],
     [[msg("e1", "m1", 20, user_id="US.2")], [msg("e4", "m4", 30)]],  # none later: it stays
     [[msg("e5", "m5", 1)], [msg("o1", "o1", 20, direction="outbound", user_id="US.2")]],
-], ids=["late-older-batch", "one-batch", "none-later", "from-a-reply"])
+    [[msg("e1", "m1", 20, user_id="US.2")], [msg("e6", "m6", 30), msg("e7", "m7", 10,
+                                                                        user_id="US.1")]],
+    [[msg("e1", "m1", 20, user_id="US.2"), msg("e6", "m6", 30), msg("e7", "m7", 10,
+                                                                     user_id="US.1")]],
+], ids=["late-older-batch", "one-batch", "none-later", "from-a-reply", "old-beside-newer",
+        "old-beside-newer-one-batch"])
 async def test_a_contacts_bsuid_follows_timestamps_not_arrival(view_of, batches):
     view = await view_of(batches)
     assert view.contacts[CONTACT][4] == "US.2"

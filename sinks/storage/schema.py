@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS contacts (
     first_seen TEXT, last_seen TEXT, last_inbound_at TEXT,
     opted_out INTEGER NOT NULL DEFAULT 0, opted_out_at TEXT,
     name_at TEXT,                        -- the timestamp of the event that gave the name
-    user_id TEXT) WITHOUT ROWID;         -- WhatsApp BSUID beside the wa_id (latest), or NULL
+    user_id TEXT,                        -- WhatsApp BSUID beside the wa_id, or NULL
+    user_id_at TEXT) WITHOUT ROWID;      -- the timestamp of the event that gave the BSUID
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,                 -- conversation_id with '/' replaced by '_'
     channel TEXT NOT NULL, account_id TEXT NOT NULL, contact_id TEXT NOT NULL,
@@ -62,7 +63,8 @@ def migrate(c) -> None:
     """Bring a database made by an earlier version up to this schema, each step once."""
     for table, added in (("messages", (("schema", "INTEGER"), ("emoji", "TEXT"),
                                        ("edited_at", "TEXT"))),
-                         ("contacts", (("name_at", "TEXT"), ("user_id", "TEXT")))):
+                         ("contacts", (("name_at", "TEXT"), ("user_id", "TEXT"),
+                                       ("user_id_at", "TEXT")))):
         columns = {row[1] for row in c.execute(f"PRAGMA table_info({table})")}
         for column, kind in added:
             if column not in columns:
