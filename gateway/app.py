@@ -163,6 +163,7 @@ async def _start(app: web.Application, stack: contextlib.AsyncExitStack
     processor = Processor(journal, app[keys.CHANNELS], dispatcher, metrics)
     if outbound is not None:  # read-your-writes: sends are checked against acknowledged webhooks
         outbound.inbound_caught_up = processor.caught_up
+        outbound.resolve_customer = processor.identities.resolve  # one customer, one window
     app[keys.DISPATCHER] = dispatcher
     app[keys.PROCESSOR] = processor
     tasks = [asyncio.create_task(processor.run(), name="processor"),

@@ -150,11 +150,16 @@ async def erase_contact(app: web.Application, channel: str, contact_id: str) -> 
     The journal goes first, between two of the processor's batches: from then on no sink is
     handed the contact's events again (not from the journal, nor from memory, nor by a retry),
     and the requests still waiting to be processed yield none of the contact's events. A sink
-    erased first could be refilled by its worker while the others erase."""
+    erased first could be refilled by its worker while the others erase.
+
+    The person's other ids are erased with ``contact_id`` (``linked_ids``: a WhatsApp customer's
+    BSUID and wa_id, :mod:`gateway.identities`); the counts are their sums."""
     out: dict[str, Any] = {"erasure_id": f"era_{uuid.uuid4().hex}", "erased": {},
-                           "not_stored": [], "failed": {}, "journal": None, "warnings": []}
+                           "not_stored": [], "failed": {}, "journal": None, "warnings": [],
+                           "linked_ids": []}
     processor = app.get(keys.PROCESSOR)
     lock = processor.batch_lock if processor is not None else asyncio.Lock()
+    ids = [contact_id]
     try:
         await asyncio.wait_for(lock.acquire(), BATCH_WAIT_SECONDS)
     except TimeoutError:  # a batch stuck on its journal (an outage): the journal is not erased
@@ -162,21 +167,35 @@ async def erase_contact(app: web.Application, channel: str, contact_id: str) -> 
                                     f"{BATCH_WAIT_SECONDS:g} s")
     else:
         try:
-            await _erase_journal(app, channel, contact_id, out)
+            if processor is not None:
+                out["linked_ids"] = await processor.identities.linked(channel, contact_id)
+                ids += out["linked_ids"]
+            for one in ids:
+                await _erase_journal(app, channel, one, out)
+        except Exception as exc:  # noqa: BLE001 - reported like a sink's failure
+            out["failed"].setdefault("journal", f"{type(exc).__name__}: {exc}")
         finally:
             lock.release()
     sinks = app[keys.SINKS]
-    results = await asyncio.gather(*(s.erase_contact(channel, contact_id) for s in sinks.values()),
-                                   return_exceptions=True)
-    for name, found in zip(sinks, results, strict=True):
-        if isinstance(found, BaseException):
-            log.error("erasure_failed", sink=name, error=type(found).__name__)
-            out["failed"][name] = f"{type(found).__name__}: {found}"
-        elif found is None:
-            out["not_stored"].append(name)
-        else:
-            out["erased"][name] = found
+    for one in ids:
+        results = await asyncio.gather(*(s.erase_contact(channel, one) for s in sinks.values()),
+                                       return_exceptions=True)
+        for name, found in zip(sinks, results, strict=True):
+            if isinstance(found, BaseException):
+                log.error("erasure_failed", sink=name, error=type(found).__name__)
+                out["failed"].setdefault(name, f"{type(found).__name__}: {found}")
+            elif found is None:
+                if name not in out["not_stored"]:
+                    out["not_stored"].append(name)
+            else:
+                out["erased"][name] = _summed(out["erased"].get(name), found)
     return out
+
+
+def _summed(counts: dict[str, int] | None, more: dict[str, int]) -> dict[str, int]:
+    if counts is None:
+        return dict(more)
+    return {k: counts.get(k, 0) + more.get(k, 0) for k in {*counts, *more}}
 
 
 async def _erase_journal(app: web.Application, channel: str, contact_id: str,
@@ -188,9 +207,9 @@ async def _erase_journal(app: web.Application, channel: str, contact_id: str,
                                "with its retention")
         return
     try:
-        out["journal"] = await eraser(channel, contact_id)
+        out["journal"] = _summed(out["journal"], await eraser(channel, contact_id))
     except Exception as exc:  # noqa: BLE001 - reported like a sink's failure
-        out["failed"]["journal"] = f"{type(exc).__name__}: {exc}"
+        out["failed"].setdefault("journal", f"{type(exc).__name__}: {exc}")
         return
     # nor may the dispatcher's memory of recent events hand them to a lagging sink
     dispatcher = app.get(keys.DISPATCHER)
@@ -226,6 +245,7 @@ def _audit(data_dir: str, configured_key: str | None, channel: str, contact_id: 
         "at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "channel": channel,
         "contact_hmac": contact_hmac(key, contact_id),
+        "linked_hmacs": [contact_hmac(key, one) for one in result.get("linked_ids", [])],
         "key_id": key_id(key),
         "erased": result["erased"],
         "journal": result["journal"],

@@ -13,12 +13,18 @@ its customer id, and its conversation id when the channel built it the standard 
 one AI history when their number stops showing, and a reply is addressed by the number. An alias
 seen beside another customer later points at that one from then on.
 
-Event ids do not change (they come from Meta's message ids), so de-duplication is unaffected. An
-erasure forgets the pairs of the contact, by either id.
+Event ids do not change (they come from Meta's message ids), so de-duplication is unaffected.
+The outbound service sends to an alias's customer (:meth:`Identities.resolve`), so its window and
+consent are the customer's. An erasure of any id of the person erases every id linked to it
+(:meth:`Identities.linked`) and forgets the pairs.
+
+Resolution always asks the journal (a pair erased by another replica is gone at once); memory
+only spares writing a pair seen again, for :data:`KNOWN_SECONDS`.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
     from gateway.journal import Journal
 
 KNOWN_PAIRS = 50_000  # pairs remembered in memory, so that a pair seen again costs no write
+KNOWN_SECONDS = 300.0  # ... for this long (another replica's erasure may have removed it)
 
 Key = tuple[str, str]  # (channel, alias)
 
@@ -44,7 +51,8 @@ class Identities:
 
     def __init__(self, journal: Journal, size: int = KNOWN_PAIRS) -> None:
         self.journal = journal
-        self._known: OrderedDict[Key, str] = OrderedDict()  # (channel, alias) -> customer id
+        # (channel, alias) -> (customer id, when written): pairs this process wrote lately
+        self._known: OrderedDict[Key, tuple[str, float]] = OrderedDict()
         self._size = size
 
     async def apply(self, events: list[tuple[Event, bytes, float]]
@@ -65,22 +73,22 @@ class Identities:
                 wanted.add(key)
         if not taught and not wanted:
             return events
-        learning = {k: v for k, v in taught.items() if self._known.get(k) != v}
+        learning = {k: v for k, v in taught.items() if not self._wrote(k, v)}
         if learning:
             await self.journal.learn_aliases(learning)
-        asked = [k for k in wanted if k not in taught and k not in self._known]
-        found = await self.journal.aliases(asked) if asked else {}
-        for key, contact in (*learning.items(), *found.items()):
-            self._remember(key, contact)
+            now = time.monotonic()
+            for key, contact in learning.items():
+                self._remember(key, contact, now)
         if not wanted:
             return events
+        asked = [k for k in wanted if k not in taught]
+        found = await self.journal.aliases(asked) if asked else {}
         out = []
         for item in events:
             event = item[0]
             party = customer(event)
             key = (event.channel, party.user_id or "")
-            target = ((taught.get(key) or found.get(key) or self._known.get(key))
-                      if key in wanted else None)
+            target = (taught.get(key) or found.get(key)) if key in wanted else None
             if target is None or target == party.id:
                 out.append(item)
                 continue
@@ -88,14 +96,37 @@ class Identities:
             out.append((resolved, encode(resolved), item[2]))
         return out
 
+    async def resolve(self, channel: str, customer_id: str) -> str:
+        """The customer ``customer_id`` names: the one it was last seen beside when it is an
+        alias, else itself (the outbound service addresses and checks that one)."""
+        key = (channel, customer_id)
+        return (await self.journal.aliases([key])).get(key, customer_id)
+
+    async def linked(self, channel: str, contact_id: str) -> list[str]:
+        """The person's other ids, for an erasure: the customer ``contact_id`` is an alias of,
+        and every alias seen beside either."""
+        ids = {contact_id, await self.resolve(channel, contact_id)}
+        for one in list(ids):
+            ids.update(await self.journal.aliases_of(channel, one))
+        ids.discard(contact_id)
+        return sorted(ids)
+
     def forget(self, channel: str, contact_id: str) -> None:
         """Erasure: drop the remembered pairs naming ``contact_id`` either way."""
-        for key in [k for k, v in self._known.items()
+        for key in [k for k, (v, _) in self._known.items()
                     if k[0] == channel and contact_id in (k[1], v)]:
             del self._known[key]
 
-    def _remember(self, key: Key, contact: str) -> None:
-        self._known[key] = contact
+    def _wrote(self, key: Key, contact: str) -> bool:
+        """Whether this process wrote this very pair within KNOWN_SECONDS (then kept fresh)."""
+        known = self._known.get(key)
+        if known is None or known[0] != contact or time.monotonic() - known[1] > KNOWN_SECONDS:
+            return False
+        self._known.move_to_end(key)
+        return True
+
+    def _remember(self, key: Key, contact: str, now: float) -> None:
+        self._known[key] = (contact, now)
         self._known.move_to_end(key)
         if len(self._known) > self._size:
             self._known.popitem(last=False)

@@ -5,9 +5,10 @@
 
 ``DELETE /v1/contacts/{channel}/{contact_id}`` appends one line per erasure to
 ``<data_dir>/erasures.jsonl``. The line does not hold the contact id, only
-``contact_hmac = HMAC-SHA256(key, contact id)`` (hex), so the file says nothing about a person to
-whoever lacks the key. This script computes the HMAC of each id it is given and prints the
-matching lines.
+``contact_hmac = HMAC-SHA256(key, contact id)`` (hex), and ``linked_hmacs`` for the person's other
+ids erased with it (a WhatsApp customer's BSUID and wa_id), so the file says nothing about a
+person to whoever lacks the key. This script computes the HMAC of each id it is given and prints
+the matching lines (an id erased as a linked id says so).
 
 The key is the gateway's: ``--key-file FILE`` (e.g. a mounted secret), else the environment
 variable ``GATEWAY_ERASURE_AUDIT_KEY`` (what ``server.erasure_audit_key`` is set to), else the key
@@ -67,6 +68,16 @@ def read_lines(path: str) -> list[dict]:
     return lines
 
 
+def _matches(line: dict, digest: str) -> bool | None:
+    """False: the line's own contact; True: one of its linked ids; None: neither."""
+    if hmac.compare_digest(str(line.get("contact_hmac", "")), digest):
+        return False
+    linked = line.get("linked_hmacs") or []
+    if any(hmac.compare_digest(str(h), digest) for h in linked):
+        return True
+    return None
+
+
 def describe(line: dict) -> str:
     failed = ", ".join(sorted(line.get("failed") or {})) or "none"
     erased = ", ".join(sorted(line.get("erased") or {})) or "none"
@@ -101,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         digest = contact_hmac(key, contact)
         if args.print_hmac:
             print(f"{contact}: contact_hmac {digest}")
-        found = [line for line in lines if hmac.compare_digest(
-            str(line.get("contact_hmac", "")), digest)
-            and args.channel in (None, line.get("channel"))]
-        for line in found:
-            print(f"{contact}: {describe(line)}")
+        found = [(line, linked) for line in lines
+                 if args.channel in (None, line.get("channel"))
+                 for linked in (_matches(line, digest),) if linked is not None]
+        for line, linked in found:
+            print(f"{contact}: {describe(line)}" + (" (a linked id)" if linked else ""))
         if not found:
             missing += 1
             note = f"; {others} made with another key" if others else ""

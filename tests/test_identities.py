@@ -69,20 +69,47 @@ async def test_a_customer_named_by_bsuid_alone_stays_the_contact_it_was_seen_as(
     await post(gw, bsuid_only("wamid.TEST.IN.BSUID.RESTART"))
     assert await where(gw, "wamid.TEST.IN.BSUID.RESTART") == (WA_ID, ACCOUNT, CONVERSATION)
 
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    async with gw.session.delete(f"{gw.url}/v1/contacts/whatsapp/{WA_ID}",
-                                 headers=headers) as resp:
-        assert resp.status == 200, await resp.text()
+    status, body = await erase(gw, WA_ID)
+    assert status == 200 and body["linked_ids"] == [BSUID], body
+    # 5 messages (the one stored under the BSUID before the pair included), 2 statuses' stubs
+    assert body["erased"]["storage"]["messages"] == 7
+    assert await gw.sql("SELECT count(*) FROM contacts") == [(0,)]
+    assert await gw.sql("SELECT count(*) FROM messages") == [(0,)]
+    from tests.test_erasure import erasure_check
+
+    checked = erasure_check(WA_ID, BSUID, "--data-dir", str(gw.data_dir))
+    assert checked.returncode == 0, checked.stdout
+    assert f"{BSUID}: erased at" in checked.stdout and "(a linked id)" in checked.stdout
+    assert BSUID not in (gw.data_dir / "erasures.jsonl").read_text()  # only its HMAC
     await post(gw, bsuid_only("wamid.TEST.IN.BSUID.ERASED"))  # the pair went with the contact
     assert await where(gw, "wamid.TEST.IN.BSUID.ERASED") == (
         BSUID, ACCOUNT, f"whatsapp:{ACCOUNT}:{BSUID}")
 
 
-async def test_a_batch_teaches_the_pair_to_its_own_bsuid_only_events(gateway):
-    """The pair and a BSUID-only message in one webhook (the BSUID-only one first)."""
+async def erase(gw, contact_id: str) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with gw.session.delete(f"{gw.url}/v1/contacts/whatsapp/{contact_id}",
+                                 headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_an_erasure_by_either_id_erases_the_person_and_what_waits_to_be_processed(
+        gateway, monkeypatch):
+    """By BSUID: the wa_id contact it was seen beside goes too (and the BSUID beside it); a
+    BSUID-only request journaled before the erasure and not yet processed yields nothing."""
+    from gateway import erasure
+    from tests.test_erasure import hold_processor
+
+    monkeypatch.setattr(erasure, "SETTLE_SECONDS", 0.2)
     gw = await start(gateway)
-    beside = json.loads(fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
-    alone = json.loads(bsuid_only("wamid.TEST.IN.BSUID.SAME"))
-    beside["entry"][0]["changes"].insert(0, alone["entry"][0]["changes"][0])
-    await post(gw, json.dumps(beside).encode())
-    assert await where(gw, "wamid.TEST.IN.BSUID.SAME") == (WA_ID, ACCOUNT, CONVERSATION)
+    await post(gw, fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    gate = hold_processor(gw)
+    assert (await gw.post("whatsapp", bsuid_only("wamid.TEST.IN.BSUID.WAITING")))[0] == 200
+    status, body = await erase(gw, BSUID)
+    assert status == 200 and body["linked_ids"] == [WA_ID], body
+    assert body["erased"]["storage"] == {"contacts": 1, "conversations": 1, "messages": 3}
+    gate.set()
+    await gw.settle()
+    assert await gw.sql("SELECT id, user_id FROM contacts") == []
+    assert await gw.sql("SELECT id FROM messages WHERE id LIKE 'wamid.TEST.IN.%'") == []
+    assert BSUID not in (gw.data_dir / "events.jsonl").read_text()

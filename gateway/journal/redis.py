@@ -578,11 +578,35 @@ class RedisJournal:
                 except WatchError:
                     continue
 
+    def _k_aliases_of(self, channel: str, contact_id: str) -> str:
+        """The set of the alias fields once seen beside a customer (kept when an alias moves to
+        another customer: :meth:`aliases_of` checks each against the hash)."""
+        return f"{self.k_aliases}:of:{json.dumps([channel, contact_id])}"
+
     async def learn_aliases(self, pairs: dict[tuple[str, str], str]) -> None:
         """Store (channel, alias) -> customer id pairs (:mod:`gateway.identities`)."""
-        mapping = {json.dumps(list(key)): contact for key, contact in pairs.items()}
-        await self._outage("learn_aliases", lambda: self.redis.hset(self.k_aliases,
-                                                                    mapping=mapping))
+        async def work() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            for (channel, alias), contact in pairs.items():
+                field = json.dumps([channel, alias])
+                pipe.hset(self.k_aliases, field, contact)
+                pipe.sadd(self._k_aliases_of(channel, contact), field)
+            await pipe.execute()
+
+        await self._outage("learn_aliases", work)
+
+    async def aliases_of(self, channel: str, contact_id: str) -> list[str]:
+        """The aliases seen beside ``contact_id`` and still pointing at it."""
+        return [alias for alias, _ in await self._outage(
+            "aliases_of", lambda: self._aliases_of(channel, contact_id))]
+
+    async def _aliases_of(self, channel: str, contact_id: str) -> list[tuple[str, str]]:
+        fields = sorted(await self.redis.smembers(self._k_aliases_of(channel, contact_id)))
+        if not fields:
+            return []
+        owners = await self.redis.hmget(self.k_aliases, fields)
+        return [(json.loads(f)[1], as_str(f)) for f, owner in zip(fields, owners, strict=True)
+                if owner is not None and as_str(owner) == contact_id]
 
     async def aliases(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
         """The customer ids of the (channel, alias) keys that are known."""
@@ -591,11 +615,13 @@ class RedisJournal:
         return {key: as_str(v) for key, v in zip(keys, values, strict=True) if v is not None}
 
     async def _erase_aliases(self, channel: str, contact_id: str) -> None:
-        doomed = [field async for field, contact in self.redis.hscan_iter(self.k_aliases)
-                  if json.loads(field)[0] == channel
-                  and contact_id in (json.loads(field)[1], as_str(contact))]
-        if doomed:
-            await self.redis.hdel(self.k_aliases, *doomed)
+        """The pairs naming ``contact_id`` either way: as an alias, and those seen beside it
+        (found through its set, not by reading every pair)."""
+        doomed = [field for _, field in await self._aliases_of(channel, contact_id)]
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.k_aliases, json.dumps([channel, contact_id]), *doomed)
+        pipe.delete(self._k_aliases_of(channel, contact_id))
+        await pipe.execute()
 
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: delete one contact's events and dead letters; return how many of each.

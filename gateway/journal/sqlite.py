@@ -288,6 +288,12 @@ class SqliteJournal:
 
         return await self._writer.run(work)
 
+    async def aliases_of(self, channel: str, contact_id: str) -> list[str]:
+        """The aliases seen beside ``contact_id`` (an erasure erases them with it)."""
+        return [row[0] for row in await self._writer.run(lambda c: c.execute(
+            "SELECT alias FROM aliases WHERE channel = ? AND contact_id = ?",
+            (channel, contact_id)).fetchall())]
+
     async def erasures(self) -> dict[tuple[str, str], int]:
         """Erased contacts whose events the processor must drop: (channel, contact_id) -> the
         newest request seq journaled before the erasure (see :meth:`erase_contact`)."""

@@ -105,6 +105,9 @@ class OutboundService(PythonAPI, Pausing):
         # Set by the app to Processor.caught_up: a send is checked once the webhooks acknowledged
         # before it are processed (a STOP journaled a millisecond earlier is honoured).
         self.inbound_caught_up: Callable[[float], Awaitable[bool]] | None = None
+        # Set by the app to Identities.resolve: a customer known by an alias (a BSUID seen beside
+        # a wa_id) is addressed, and checked, as the customer (gateway/identities.py).
+        self.resolve_customer: Callable[[str, str], Awaitable[str]] | None = None
         self._unsettled, self._unsettled_logged = 0, float("-inf")  # sends that waited in vain
 
     def accounts(self) -> list[tuple[str, str, dict[str, Any]]]:
@@ -158,7 +161,10 @@ class OutboundService(PythonAPI, Pausing):
         if channel is None:
             raise rq.InvalidRequest("channel", f"no enabled channel is named {req.channel!r}")
         if req.to:  # as inbound events name the customer: "+1 555..." is wa_id "1555..."
-            req = msgspec.structs.replace(req, to=channel.recipient(req.to))
+            to = channel.recipient(req.to)
+            if self.resolve_customer is not None:
+                to = await self.resolve_customer(req.channel, to)
+            req = msgspec.structs.replace(req, to=to)
         account = self._account(req.channel, req.account_id)
         if self.inbound_caught_up is not None and not await self.inbound_caught_up(SETTLE_SECONDS):
             self._unsettled += 1

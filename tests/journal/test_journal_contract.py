@@ -350,6 +350,9 @@ async def test_aliases_are_learned_updated_kept_across_a_restart_and_erased(jour
     await journal.learn_aliases({bsuid: "15550004321"})  # seen beside another number since
     assert await journal.aliases([bsuid, other, ("whatsapp", "US.none")]) == {
         bsuid: "15550004321", other: "15550009999"}
+    assert await journal.aliases_of("whatsapp", "15550004321") == ["US.1349"]
+    assert await journal.aliases_of("whatsapp", "15550001234") == []  # the alias moved on
+    assert await journal.aliases_of("instagram", "15550004321") == []
     await journal.close()
     reopened = _journal_like(journal, request, tmp_path)
     await reopened.open()

@@ -105,6 +105,33 @@ async def test_a_customer_known_only_by_bsuid_is_answered_through_recipient(outb
     assert "business-scoped user id" in record["error"]["hint"]
 
 
+async def test_a_send_to_a_bsuid_seen_beside_a_wa_id_is_the_customers_own(outbound):
+    """The window and the consent are the customer's whichever id the API client writes: a
+    BSUID seen beside a wa_id is sent to, and checked as, that wa_id."""
+    bsuid, wa_id, now = "US.13491208655302741918", "16315551234", str(int(time.time()))
+    ob = await outbound()
+    beside = json.loads(fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    for message in beside["entry"][0]["changes"][0]["value"]["messages"]:
+        message["timestamp"] = now
+    stop = json.loads(fixture_bytes("whatsapp/bsuid_only.json"))  # STOP, by BSUID alone
+    stop["entry"][0]["changes"][0]["value"]["messages"][0].update(
+        id="wamid.TEST.IN.BSUID.STOP", timestamp=now, text={"body": "STOP"})
+    for body in (beside, stop):
+        assert (await ob.gw.post("whatsapp", json.dumps(body).encode()))[0] == 200
+    await ob.gw.settle()
+    for to in (bsuid, wa_id):
+        status, answer = await ob.send({"channel": "whatsapp", "to": to, "type": "template",
+                                        "template": {"name": "promo", "language": "en_US",
+                                                     "category": "marketing"}})
+        assert status == 422 and answer["error"]["code"] == "opted_out", (to, answer)
+    status, answer = await ob.send({"channel": "whatsapp", "to": bsuid, "type": "text",
+                                    "text": "Noted: no more offers"})  # the window is open
+    assert status == 202, answer
+    assert (await ob.wait(answer["id"], "sent"))["to"] == wa_id
+    (sent,) = ob.sim.bodies(WA)
+    assert sent["to"] == wa_id and "recipient" not in sent
+
+
 async def test_whatsapp_mark_read_and_typing_use_the_latest_inbound_message(outbound):
     ob = await outbound()
     await ob.inbound("whatsapp", A, mid="wamid.IN.LATEST")
