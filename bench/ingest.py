@@ -220,22 +220,26 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
     # The bare server runs right before and right after the gateway's burst, and the ratio is
     # taken against the mean of the two: this machine's speed drifts within minutes.
+    # Each server runs alone: the gateway starts after the first bare run and stops (caught up)
+    # before the second; the bare server, idle meanwhile, waits in epoll.
     bare = Server([PYTHON, str(HERE / "bare_server.py"), str(port := free_port())], port)
     data = work / "peak"
     data.mkdir()
-    gw, metrics_port = start_gateway(data)
     peak_rss = [0.0]
     try:
         run_wrk(port, bodies, 2, args.connections)  # warm-up
         before = run_wrk(port, bodies, args.duration, args.connections)
-        # Warmed up like the bare server, on bodies of their own: the peak run's are all new.
-        run_wrk(gw.port, warm_up, 2, args.connections)
-        peak = run_wrk(gw.port, bodies, args.duration, args.connections,
-                       sample=lambda: peak_rss.__setitem__(0, max(peak_rss[0], gw.rss_mb())))
-        lag, accepted, have = catch_up(data / "storage.db", metrics_port)
+        gw, metrics_port = start_gateway(data)
+        try:
+            # Warmed up like the bare server, on bodies of their own: the peak run's are new.
+            run_wrk(gw.port, warm_up, 2, args.connections)
+            peak = run_wrk(gw.port, bodies, args.duration, args.connections,
+                           sample=lambda: peak_rss.__setitem__(0, max(peak_rss[0], gw.rss_mb())))
+            lag, accepted, have = catch_up(data / "storage.db", metrics_port)
+        finally:
+            gw.stop()
         after = run_wrk(port, bodies, args.duration, args.connections)
     finally:
-        gw.stop()
         bare.stop()
     base = {key: (before[key] + after[key]) / 2 for key in ("rps", "p50_ms", "p99_ms")}
     base.update(non_2xx=before["non_2xx"] + after["non_2xx"], runs=(before, after))
