@@ -57,6 +57,13 @@ class Channel(abc.ABC):
         The default keeps it as written."""
         return to
 
+    def may_be_alias(self, to: str) -> bool:
+        """Whether ``to`` (as :meth:`recipient` made it) can be an alias this channel sets as a
+        party's ``user_id`` (WhatsApp: a BSUID, never a wa_id): the outbound service then asks
+        the journal which customer it names (:mod:`gateway.identities`). The default says yes
+        (one look-up per send); a channel that sets no ``user_id`` says no."""
+        return True
+
     async def send(self, account_id: str, request: OutboundRequest,
                    callback_data: str | None) -> SendResult:
         """Send one message through the provider's API.

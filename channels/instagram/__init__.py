@@ -56,6 +56,10 @@ class InstagramChannel(Channel):
     def check_envelope(self, body: bytes) -> None:
         normalise.parse_envelope(body)
 
+    def may_be_alias(self, to: str) -> bool:
+        """Instagram names a customer one way (the IGSID): no alias, no look-up."""
+        return False
+
     def normalise(self, body: bytes) -> list[Event]:
         return normalise.normalise(body)
 

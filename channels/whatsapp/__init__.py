@@ -90,6 +90,10 @@ class WhatsAppChannel(Channel):
         digits = _PHONE_PUNCTUATION.sub("", to.strip())
         return digits if digits.isdigit() and digits.isascii() else to
 
+    def may_be_alias(self, to: str) -> bool:
+        """A BSUID can be; a wa_id (digits) never is: no look-up for most sends."""
+        return send.BSUID.fullmatch(to) is not None
+
     def normalise(self, body: bytes) -> list[Event]:
         return normalise.normalise(body)
 

@@ -162,7 +162,7 @@ class OutboundService(PythonAPI, Pausing):
             raise rq.InvalidRequest("channel", f"no enabled channel is named {req.channel!r}")
         if req.to:  # as inbound events name the customer: "+1 555..." is wa_id "1555..."
             to = channel.recipient(req.to)
-            if self.resolve_customer is not None:
+            if self.resolve_customer is not None and channel.may_be_alias(to):
                 to = await self.resolve_customer(req.channel, to)
             req = msgspec.structs.replace(req, to=to)
         account = self._account(req.channel, req.account_id)

@@ -105,6 +105,17 @@ async def test_a_customer_known_only_by_bsuid_is_answered_through_recipient(outb
     assert "business-scoped user id" in record["error"]["hint"]
 
 
+def test_only_a_bsuid_is_looked_up_as_an_alias():
+    from channels.instagram import InstagramChannel
+    from channels.whatsapp import WhatsAppChannel, WhatsAppConfig
+
+    whatsapp = WhatsAppChannel(WhatsAppConfig(app_secret="s"))
+    assert whatsapp.may_be_alias("US.13491208655302741918")
+    assert whatsapp.may_be_alias("US.ENT.11815799212886844830")
+    assert not whatsapp.may_be_alias("15550001234")
+    assert not InstagramChannel.may_be_alias(None, "9000000000000001")
+
+
 async def test_a_send_to_a_bsuid_seen_beside_a_wa_id_is_the_customers_own(outbound):
     """The window and the consent are the customer's whichever id the API client writes: a
     BSUID seen beside a wa_id is sent to, and checked as, that wa_id."""
