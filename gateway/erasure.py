@@ -189,6 +189,12 @@ async def erase_contact(app: web.Application, channel: str, contact_id: str) -> 
                     out["not_stored"].append(name)
             else:
                 out["erased"][name] = _summed(out["erased"].get(name), found)
+    if processor is not None and not out["failed"]:  # a repeat after a failure finds them again
+        for one in ids:
+            try:
+                await processor.identities.forget(channel, one)
+            except Exception as exc:  # noqa: BLE001 - reported; the repeat forgets them
+                out["failed"].setdefault("journal", f"{type(exc).__name__}: {exc}")
     return out
 
 
@@ -215,9 +221,6 @@ async def _erase_journal(app: web.Application, channel: str, contact_id: str,
     dispatcher = app.get(keys.DISPATCHER)
     if dispatcher is not None:
         dispatcher.forget(contact_matcher(channel, contact_id))
-    processor = app.get(keys.PROCESSOR)  # nor its memory of the contact's aliases
-    if processor is not None:
-        processor.identities.forget(channel, contact_id)
 
 
 async def _settle(app: web.Application, timeout: float) -> bool:

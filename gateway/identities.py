@@ -103,16 +103,22 @@ class Identities:
         return (await self.journal.aliases([key])).get(key, customer_id)
 
     async def linked(self, channel: str, contact_id: str) -> list[str]:
-        """The person's other ids, for an erasure: the customer ``contact_id`` is an alias of,
-        and every alias seen beside either."""
-        ids = {contact_id, await self.resolve(channel, contact_id)}
-        for one in list(ids):
-            ids.update(await self.journal.aliases_of(channel, one))
-        ids.discard(contact_id)
-        return sorted(ids)
+        """The person's other ids, for an erasure, one pair away and no further: the customer an
+        alias was last seen beside, or the aliases last seen beside a customer. Not the other
+        aliases of an alias's customer: a recycled phone number pairs one wa_id with two people's
+        BSUIDs, and erasing one person must not erase the other's."""
+        owner = await self.resolve(channel, contact_id)
+        if owner != contact_id:
+            return [owner]
+        return sorted(set(await self.journal.aliases_of(channel, contact_id)) - {contact_id})
 
-    def forget(self, channel: str, contact_id: str) -> None:
-        """Erasure: drop the remembered pairs naming ``contact_id`` either way."""
+    async def forget(self, channel: str, contact_id: str) -> None:
+        """Erasure, once every sink has erased: drop the pairs naming ``contact_id`` either way,
+        in the journal and in memory (until then a repeated erasure still finds them)."""
+        await self.journal.forget_aliases(channel, contact_id)
+        self._forget_known(channel, contact_id)
+
+    def _forget_known(self, channel: str, contact_id: str) -> None:
         for key in [k for k, (v, _) in self._known.items()
                     if k[0] == channel and contact_id in (k[1], v)]:
             del self._known[key]

@@ -113,3 +113,51 @@ async def test_an_erasure_by_either_id_erases_the_person_and_what_waits_to_be_pr
     assert await gw.sql("SELECT id, user_id FROM contacts") == []
     assert await gw.sql("SELECT id FROM messages WHERE id LIKE 'wamid.TEST.IN.%'") == []
     assert BSUID not in (gw.data_dir / "events.jsonl").read_text()
+
+
+async def test_a_repeat_after_a_failed_sink_still_erases_the_linked_ids(gateway):
+    """The pairs are forgotten only once every sink has erased: the repeat the failed answer
+    asks for finds the BSUID again."""
+    from tests.conftest import SINKS_TOML
+    from tests.test_erasure import ThirdPartyPlugin
+
+    plugin = ThirdPartyPlugin()
+    gw = await gateway(f'api_token = "{TOKEN}"', extra_plugins=[plugin],
+                       sinks=SINKS_TOML + "[sinks.crm]\n")
+    crm = plugin.sinks["crm"]
+    await post(gw, bsuid_only("wamid.TEST.IN.BSUID.ALONE"))  # a contact of its own, then the pair
+    await post(gw, fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    assert crm.of(("whatsapp", BSUID)) == 1
+    crm.fail = RuntimeError("the crm is down")
+    status, body = await erase(gw, WA_ID)
+    assert status == 500 and body["linked_ids"] == [BSUID] and "crm" in body["failed"]
+    crm.fail = None
+    status, body = await erase(gw, WA_ID)
+    assert status == 200 and body["linked_ids"] == [BSUID], body
+    assert crm.of(("whatsapp", BSUID)) == 0 and crm.of(("whatsapp", WA_ID)) == 0
+
+
+def pair(message_id: str, wa_id: str, bsuid: str) -> bytes:
+    body = json.loads(fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    value = body["entry"][0]["changes"][0]["value"]
+    value["contacts"][0].update(wa_id=wa_id, user_id=bsuid)
+    value["messages"] = [{"from": wa_id, "from_user_id": bsuid, "id": message_id,
+                          "timestamp": "1760000000", "type": "text", "text": {"body": "hi"}}]
+    del body["entry"][0]["changes"][1:]
+    return json.dumps(body).encode()
+
+
+async def test_an_erasure_reaches_one_pair_away_not_a_recycled_numbers_other_owner(gateway):
+    """A number once paired with one person's BSUID, later with another's (a recycled number):
+    erasing the first BSUID erases it and the number, never the second person's own contact."""
+    gw = await start(gateway)
+    first, second = "US.1111", "US.2222"
+    alone = json.loads(bsuid_only("wamid.TEST.IN.P2.ALONE"))  # the second person, by BSUID alone
+    alone["entry"][0]["changes"][0]["value"]["contacts"][0]["user_id"] = second
+    alone["entry"][0]["changes"][0]["value"]["messages"][0]["from_user_id"] = second
+    await post(gw, json.dumps(alone).encode())
+    await post(gw, pair("wamid.TEST.IN.P1", WA_ID, first))
+    await post(gw, pair("wamid.TEST.IN.P2", WA_ID, second))
+    status, body = await erase(gw, first)
+    assert status == 200 and body["linked_ids"] == [WA_ID], body
+    assert await gw.sql("SELECT contact_id FROM contacts") == [(second,)]

@@ -614,9 +614,9 @@ class RedisJournal:
         values = await self._outage("aliases", lambda: self.redis.hmget(self.k_aliases, fields))
         return {key: as_str(v) for key, v in zip(keys, values, strict=True) if v is not None}
 
-    async def _erase_aliases(self, channel: str, contact_id: str) -> None:
-        """The pairs naming ``contact_id`` either way: as an alias, and those seen beside it
-        (found through its set, not by reading every pair)."""
+    async def forget_aliases(self, channel: str, contact_id: str) -> None:
+        """Erasure: drop the pairs naming ``contact_id`` either way: as an alias, and those seen
+        beside it (found through its set, not by reading every pair)."""
         doomed = [field for _, field in await self._aliases_of(channel, contact_id)]
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(self.k_aliases, json.dumps([channel, contact_id]), *doomed)
@@ -633,7 +633,7 @@ class RedisJournal:
         Same rules as :meth:`gateway.journal.sqlite.SqliteJournal.erase_contact`: an event belongs
         to the contact when its channel matches and its customer is ``contact_id``; a raw request
         dead letter when it came from ``channel`` and its body holds ``contact_id`` as a JSON
-        string. The aliases naming the contact either way go too. The ``seen`` ids stay (opaque
+        string (its aliases go with :meth:`forget_aliases`). The ``seen`` ids stay (opaque
         hashes, expiring with the de-duplication window).
         """
         mine = contact_matcher(channel, contact_id)
@@ -662,7 +662,6 @@ class RedisJournal:
             doomed_letters = [d.id for d in found if mine(d.data, d.sink)]
             if doomed_letters:
                 letters += int(await self._drop_dead(args=[self.p, *doomed_letters]))
-        await self._erase_aliases(channel, contact_id)
         return {"events": events, "dead_letters": letters}
 
 

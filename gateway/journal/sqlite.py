@@ -288,6 +288,12 @@ class SqliteJournal:
 
         return await self._writer.run(work)
 
+    async def forget_aliases(self, channel: str, contact_id: str) -> None:
+        """Erasure: drop the pairs naming ``contact_id`` either way (:mod:`gateway.identities`)."""
+        await self._writer.run(lambda c: c.execute(
+            "DELETE FROM aliases WHERE channel = ? AND (alias = ? OR contact_id = ?)",
+            (channel, contact_id, contact_id)))
+
     async def aliases_of(self, channel: str, contact_id: str) -> list[str]:
         """The aliases seen beside ``contact_id`` (an erasure erases them with it)."""
         return [row[0] for row in await self._writer.run(lambda c: c.execute(
@@ -310,8 +316,8 @@ class SqliteJournal:
         An event belongs to the contact when its channel matches and its customer (the sender of
         inbound events, the recipient of outbound ones) is ``contact_id``. A dead letter that is
         not an event (a raw request the channel could not normalise) is deleted when it came
-        from ``channel`` and its body holds ``contact_id`` as a JSON string. The aliases naming
-        the contact either way go too (:mod:`gateway.identities`). The de-duplication ids
+        from ``channel`` and its body holds ``contact_id`` as a JSON string (its aliases go with
+        :meth:`forget_aliases`, once every sink has erased). The de-duplication ids
         (``seen``) stay: they are opaque hashes, and keep a redelivered old payload a duplicate.
         """
         mine = contact_matcher(channel, contact_id)
@@ -326,8 +332,6 @@ class SqliteJournal:
             dead = [(i,) for i, sink, data in c.execute("SELECT id, sink, data FROM dead_letters")
                     if mine(data, sink)]
             c.executemany("DELETE FROM dead_letters WHERE id = ?", dead)
-            c.execute("DELETE FROM aliases WHERE channel = ? AND (alias = ? OR contact_id = ?)",
-                      (channel, contact_id, contact_id))
             if holding:
                 c.execute("INSERT INTO erasures(channel, contact_id, upto) VALUES (?, ?, ?) "
                           "ON CONFLICT DO UPDATE SET upto = max(upto, excluded.upto)",

@@ -358,8 +358,10 @@ async def test_aliases_are_learned_updated_kept_across_a_restart_and_erased(jour
     await reopened.open()
     try:
         assert await reopened.aliases([bsuid]) == {bsuid: "15550004321"}
-        await reopened.erase_contact("whatsapp", "15550004321")  # by the customer's id
-        await reopened.erase_contact("whatsapp", "US.7777")  # by the alias
+        await reopened.erase_contact("whatsapp", "15550004321")
+        assert await reopened.aliases([bsuid]) == {bsuid: "15550004321"}  # until forgotten
+        await reopened.forget_aliases("whatsapp", "15550004321")  # by the customer's id
+        await reopened.forget_aliases("whatsapp", "US.7777")  # by the alias
         assert await reopened.aliases([bsuid, other, ("instagram", "US.1349")]) == {
             ("instagram", "US.1349"): "9000"}  # another channel's pair is another customer
     finally:
