@@ -170,8 +170,9 @@ async def erase_contact(app: web.Application, channel: str, contact_id: str) -> 
             if processor is not None:
                 out["linked_ids"] = await processor.identities.linked(channel, contact_id)
                 ids += out["linked_ids"]
-            for one in ids:
-                await _erase_journal(app, channel, one, out)
+            await _erase_journal(app, channel, ids, out)
+            if processor is not None:  # no event is filed under these ids by an alias from now
+                await processor.identities.retire(channel, ids)
         except Exception as exc:  # noqa: BLE001 - reported like a sink's failure
             out["failed"].setdefault("journal", f"{type(exc).__name__}: {exc}")
         finally:
@@ -189,12 +190,11 @@ async def erase_contact(app: web.Application, channel: str, contact_id: str) -> 
                     out["not_stored"].append(name)
             else:
                 out["erased"][name] = _summed(out["erased"].get(name), found)
-    if processor is not None and not out["failed"]:  # a repeat after a failure finds them again
-        for one in ids:
-            try:
-                await processor.identities.forget(channel, one)
-            except Exception as exc:  # noqa: BLE001 - reported; the repeat forgets them
-                out["failed"].setdefault("journal", f"{type(exc).__name__}: {exc}")
+    if processor is not None and not out["failed"]:  # else a repeat still finds the linked ids
+        try:
+            await processor.identities.forget(channel, ids)
+        except Exception as exc:  # noqa: BLE001 - reported; the repeat forgets them
+            out["failed"].setdefault("journal", f"{type(exc).__name__}: {exc}")
     return out
 
 
@@ -204,7 +204,7 @@ def _summed(counts: dict[str, int] | None, more: dict[str, int]) -> dict[str, in
     return {k: counts.get(k, 0) + more.get(k, 0) for k in {*counts, *more}}
 
 
-async def _erase_journal(app: web.Application, channel: str, contact_id: str,
+async def _erase_journal(app: web.Application, channel: str, contact_ids: list[str],
                          out: dict[str, Any]) -> None:
     journal = app.get(keys.JOURNAL)
     eraser = getattr(journal, "erase_contact", None)
@@ -212,15 +212,15 @@ async def _erase_journal(app: web.Application, channel: str, contact_id: str,
         out["warnings"].append(f"the {type(journal).__name__} cannot erase events: they leave it "
                                "with its retention")
         return
-    try:
-        out["journal"] = _summed(out["journal"], await eraser(channel, contact_id))
+    try:  # one pass over the journal for all the person's ids
+        out["journal"] = await eraser(channel, *contact_ids)
     except Exception as exc:  # noqa: BLE001 - reported like a sink's failure
         out["failed"].setdefault("journal", f"{type(exc).__name__}: {exc}")
         return
     # nor may the dispatcher's memory of recent events hand them to a lagging sink
     dispatcher = app.get(keys.DISPATCHER)
     if dispatcher is not None:
-        dispatcher.forget(contact_matcher(channel, contact_id))
+        dispatcher.forget(contact_matcher(channel, *contact_ids))
 
 
 async def _settle(app: web.Application, timeout: float) -> bool:

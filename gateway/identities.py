@@ -14,9 +14,10 @@ one AI history when their number stops showing, and a reply is addressed by the 
 seen beside another customer later points at that one from then on.
 
 Event ids do not change (they come from Meta's message ids), so de-duplication is unaffected.
-The outbound service sends to an alias's customer (:meth:`Identities.resolve`), so its window and
-consent are the customer's. An erasure of any id of the person erases every id linked to it
-(:meth:`Identities.linked`) and forgets the pairs.
+A send addressed to an alias goes to that alias (Meta routes a BSUID to its owner, even on a
+recycled number), but is checked against the window and consent of the alias's customer as well
+(:meth:`Identities.resolve`). An erasure of any id of the person erases every id linked to it
+(:meth:`Identities.linked`) and retires the pairs at once (:meth:`Identities.retire`).
 
 Resolution always asks the journal (a pair erased by another replica is gone at once); memory
 only spares writing a pair seen again, for :data:`KNOWN_SECONDS`.
@@ -24,6 +25,7 @@ only spares writing a pair seen again, for :data:`KNOWN_SECONDS`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -37,6 +39,11 @@ if TYPE_CHECKING:
 
 KNOWN_PAIRS = 50_000  # pairs remembered in memory, so that a pair seen again costs no write
 KNOWN_SECONDS = 300.0  # ... for this long (another replica's erasure may have removed it)
+LOOKUP_SECONDS = 5.0  # a send's or an erasure's look-up gives up after this long
+
+
+class JournalUnavailable(Exception):
+    """The journal did not answer a look-up (a send answers 503, an erasure reports it)."""
 
 Key = tuple[str, str]  # (channel, alias)
 
@@ -98,25 +105,45 @@ class Identities:
 
     async def resolve(self, channel: str, customer_id: str) -> str:
         """The customer ``customer_id`` names: the one it was last seen beside when it is an
-        alias, else itself (the outbound service addresses and checks that one)."""
+        alias, else itself (the outbound service checks that one's window and consent).
+
+        Raises:
+            JournalUnavailable: the journal did not answer (a Redis outage is not waited out).
+        """
         key = (channel, customer_id)
-        return (await self.journal.aliases([key])).get(key, customer_id)
+        try:
+            found = await asyncio.wait_for(self.journal.aliases([key], wait=False),
+                                           LOOKUP_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - whatever the backend raises
+            raise JournalUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return found.get(key, customer_id)
 
     async def linked(self, channel: str, contact_id: str) -> list[str]:
         """The person's other ids, for an erasure, one pair away and no further: the customer an
-        alias was last seen beside, or the aliases last seen beside a customer. Not the other
-        aliases of an alias's customer: a recycled phone number pairs one wa_id with two people's
-        BSUIDs, and erasing one person must not erase the other's."""
+        alias was last seen beside, or the aliases last seen beside a customer; and the ids an
+        unfinished erasure retired with it (:meth:`retire`). Not the other aliases of an alias's
+        customer: a recycled phone number pairs one wa_id with two people's BSUIDs, and erasing
+        one person must not erase the other's. A journal failure raises."""
         owner = await self.resolve(channel, contact_id)
+        found = set(await self.journal.retired_with(channel, contact_id))
         if owner != contact_id:
-            return [owner]
-        return sorted(set(await self.journal.aliases_of(channel, contact_id)) - {contact_id})
+            found.add(owner)
+        else:
+            found.update(await self.journal.aliases_of(channel, contact_id))
+        return sorted(found - {contact_id})
 
-    async def forget(self, channel: str, contact_id: str) -> None:
-        """Erasure, once every sink has erased: drop the pairs naming ``contact_id`` either way,
-        in the journal and in memory (until then a repeated erasure still finds them)."""
-        await self.journal.forget_aliases(channel, contact_id)
-        self._forget_known(channel, contact_id)
+    async def retire(self, channel: str, contact_ids: list[str]) -> None:
+        """Erasure, between two batches (under the processor's lock): drop every pair naming one
+        of the person's ids, in the journal and in memory, so no event is resolved to them from
+        now on. The journal keeps the ids together until :meth:`forget`, so that the repeat a
+        failed erasure asks for still erases all of them."""
+        await self.journal.retire_aliases(channel, contact_ids)
+        for one in contact_ids:
+            self._forget_known(channel, one)
+
+    async def forget(self, channel: str, contact_ids: list[str]) -> None:
+        """Erasure, once every sink has erased: drop what :meth:`retire` kept."""
+        await self.journal.forget_retired(channel, contact_ids)
 
     def _forget_known(self, channel: str, contact_id: str) -> None:
         for key in [k for k, (v, _) in self._known.items()

@@ -57,7 +57,7 @@ async def cancellable(awaitable: Awaitable[T]) -> T:
 
 def connect(url: str):
     """The Redis client of the journal and the outbox. A blip is retried by the client (about 1 s
-    at most, so a webhook or a POST /v1/messages is answered quickly: 500, and Meta retries);
+    at most, so a webhook or a POST /v1/messages is answered quickly: 503, and Meta retries);
     longer outages are waited out by the background loops (``_outage``)."""
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry

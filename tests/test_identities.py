@@ -116,8 +116,9 @@ async def test_an_erasure_by_either_id_erases_the_person_and_what_waits_to_be_pr
 
 
 async def test_a_repeat_after_a_failed_sink_still_erases_the_linked_ids(gateway):
-    """The pairs are forgotten only once every sink has erased: the repeat the failed answer
-    asks for finds the BSUID again."""
+    """The pairs are retired at once (a message by BSUID alone after the failed erasure is not
+    filed under the erased number), and the ids stay together until every sink has erased: the
+    repeat the failed answer asks for finds the BSUID again, across a restart."""
     from tests.conftest import SINKS_TOML
     from tests.test_erasure import ThirdPartyPlugin
 
@@ -131,10 +132,22 @@ async def test_a_repeat_after_a_failed_sink_still_erases_the_linked_ids(gateway)
     crm.fail = RuntimeError("the crm is down")
     status, body = await erase(gw, WA_ID)
     assert status == 500 and body["linked_ids"] == [BSUID] and "crm" in body["failed"]
-    crm.fail = None
+    await post(gw, bsuid_only("wamid.TEST.IN.BSUID.SINCE"))
+    assert await where(gw, "wamid.TEST.IN.BSUID.SINCE") == (
+        BSUID, ACCOUNT, f"whatsapp:{ACCOUNT}:{BSUID}")
+    kept = crm.events
+    await gw.server.close()
+    gw = await gateway(f'api_token = "{TOKEN}"', extra_plugins=[plugin],
+                       sinks=SINKS_TOML + "[sinks.crm]\n")
+    crm = plugin.sinks["crm"]  # the restarted gateway's, with what the crm still holds
+    crm.events = kept
+    assert crm.of(("whatsapp", BSUID)) == 2 and crm.of(("whatsapp", WA_ID)) == 3
     status, body = await erase(gw, WA_ID)
     assert status == 200 and body["linked_ids"] == [BSUID], body
     assert crm.of(("whatsapp", BSUID)) == 0 and crm.of(("whatsapp", WA_ID)) == 0
+    assert await gw.sql("SELECT count(*) FROM messages") == [(0,)]
+    status, body = await erase(gw, WA_ID)  # finished: the ids are no longer kept together
+    assert status == 200 and body["linked_ids"] == [], body
 
 
 def pair(message_id: str, wa_id: str, bsuid: str) -> bytes:
@@ -161,3 +174,38 @@ async def test_an_erasure_reaches_one_pair_away_not_a_recycled_numbers_other_own
     status, body = await erase(gw, first)
     assert status == 200 and body["linked_ids"] == [WA_ID], body
     assert await gw.sql("SELECT contact_id FROM contacts") == [(second,)]
+
+
+async def test_a_message_by_bsuid_alone_during_an_erasure_is_not_filed_under_the_number(gateway):
+    """The pairs go with the journal's erasure, before the sinks erase: a message naming the
+    BSUID alone that arrives while a slow sink erases is its own contact's, not the number's."""
+    import asyncio
+
+    from tests.conftest import SINKS_TOML
+    from tests.test_erasure import ThirdPartyPlugin
+
+    plugin = ThirdPartyPlugin()
+    gw = await gateway(f'api_token = "{TOKEN}"', extra_plugins=[plugin],
+                       sinks=SINKS_TOML + "[sinks.archive]\n")
+    archive = plugin.sinks["archive"]
+    await post(gw, fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    gate, erase_contact, erasing = asyncio.Event(), archive.erase_contact, []
+
+    async def slow(channel, contact_id):  # e.g. Firestore deleting in batches of 500
+        erasing.append(contact_id)
+        await gate.wait()
+        return await erase_contact(channel, contact_id)
+
+    archive.erase_contact = slow
+    task = asyncio.create_task(erase(gw, WA_ID))
+    for _ in range(100):
+        if erasing:
+            break
+        await asyncio.sleep(0.02)
+    assert erasing == [WA_ID]
+    await post(gw, bsuid_only("wamid.TEST.IN.BSUID.DURING"))
+    assert await where(gw, "wamid.TEST.IN.BSUID.DURING") == (
+        BSUID, ACCOUNT, f"whatsapp:{ACCOUNT}:{BSUID}")
+    gate.set()
+    status, body = await task
+    assert status == 200 and body["linked_ids"] == [BSUID], body

@@ -58,21 +58,23 @@ class DeadLetter(NamedTuple):
     seq: int = 0  # the event's position in the log (0: not an event, or not known)
 
 
-def contact_matcher(channel: str, contact_id: str) -> Callable[[bytes, str], bool]:
+def contact_matcher(channel: str, *contact_ids: str) -> Callable[[bytes, str], bool]:
     """For erasure: whether stored ``data`` (of dead-letter ``sink``, or "" for an event) belongs
-    to the contact. An event does when its channel matches and its customer (the sender of inbound
-    events, the recipient of outbound ones) is ``contact_id``; a raw request that no channel could
-    normalise when it came from ``channel`` and its body holds ``contact_id`` as a JSON string."""
+    to one of the contacts. An event does when its channel matches and its customer (the sender of
+    inbound events, the recipient of outbound ones) is one of ``contact_ids``; a raw request that
+    no channel could normalise when it came from ``channel`` and its body holds one of them as a
+    JSON string."""
     from gateway.events import decode
 
-    needle = json.dumps(contact_id).encode()
+    wanted = set(contact_ids)
+    needles = [json.dumps(one).encode() for one in contact_ids]
 
     def mine(data: bytes, sink: str) -> bool:
         try:
             event = decode(data)
         except Exception:  # noqa: BLE001 - a raw request, not an event
-            return sink == f"normalise:{channel}" and needle in bytes(data)
-        return event.channel == channel and event.customer_id == contact_id
+            return sink == f"normalise:{channel}" and any(n in bytes(data) for n in needles)
+        return event.channel == channel and event.customer_id in wanted
 
     return mine
 
@@ -105,9 +107,12 @@ class Journal(Protocol):
     async def finish_replays(self, ids: list[int]) -> None: ...
     async def prune(self, now: float) -> None: ...
     async def learn_aliases(self, pairs: dict[tuple[str, str], str]) -> None: ...
-    async def aliases(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]: ...
+    async def aliases(self, keys: list[tuple[str, str]], *,
+                      wait: bool = True) -> dict[tuple[str, str], str]: ...
     async def aliases_of(self, channel: str, contact_id: str) -> list[str]: ...
-    async def forget_aliases(self, channel: str, contact_id: str) -> None: ...
+    async def retire_aliases(self, channel: str, contact_ids: list[str]) -> None: ...
+    async def retired_with(self, channel: str, contact_id: str) -> list[str]: ...
+    async def forget_retired(self, channel: str, contact_ids: list[str]) -> None: ...
     async def forget_cursors(self, keep: set[str]) -> None: ...
 
 

@@ -238,6 +238,7 @@ class RedisJournal:
         self.k_events = f"{self.p}:events"
         self.k_erasures = f"{self.p}:erasures"  # [channel, contact id] -> last request seq
         self.k_aliases = f"{self.p}:aliases"  # [channel, alias] -> customer id (identities.py)
+        self.k_retired = f"{self.p}:aliases:retired"  # [channel, id] -> ids erased with it
         self.k_cursors = f"{self.p}:cursors"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -596,9 +597,9 @@ class RedisJournal:
         await self._outage("learn_aliases", work)
 
     async def aliases_of(self, channel: str, contact_id: str) -> list[str]:
-        """The aliases seen beside ``contact_id`` and still pointing at it."""
-        return [alias for alias, _ in await self._outage(
-            "aliases_of", lambda: self._aliases_of(channel, contact_id))]
+        """The aliases seen beside ``contact_id`` and still pointing at it (for an erasure: an
+        outage raises, as :meth:`erase_contact`'s do)."""
+        return [alias for alias, _ in await self._aliases_of(channel, contact_id)]
 
     async def _aliases_of(self, channel: str, contact_id: str) -> list[tuple[str, str]]:
         fields = sorted(await self.redis.smembers(self._k_aliases_of(channel, contact_id)))
@@ -608,40 +609,63 @@ class RedisJournal:
         return [(json.loads(f)[1], as_str(f)) for f, owner in zip(fields, owners, strict=True)
                 if owner is not None and as_str(owner) == contact_id]
 
-    async def aliases(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
-        """The customer ids of the (channel, alias) keys that are known."""
+    async def aliases(self, keys: list[tuple[str, str]], *,
+                      wait: bool = True) -> dict[tuple[str, str], str]:
+        """The customer ids of the (channel, alias) keys that are known. ``wait``: wait out a
+        Redis outage (the processor); else an outage raises (a send, which answers 503)."""
         fields = [json.dumps(list(key)) for key in keys]
-        values = await self._outage("aliases", lambda: self.redis.hmget(self.k_aliases, fields))
+
+        def read():
+            return self.redis.hmget(self.k_aliases, fields)
+
+        values = await (self._outage("aliases", read) if wait else read())
         return {key: as_str(v) for key, v in zip(keys, values, strict=True) if v is not None}
 
-    async def forget_aliases(self, channel: str, contact_id: str) -> None:
-        """Erasure: drop the pairs naming ``contact_id`` either way: as an alias, and those seen
-        beside it (found through its set, not by reading every pair)."""
-        doomed = [field for _, field in await self._aliases_of(channel, contact_id)]
+    async def retire_aliases(self, channel: str, contact_ids: list[str]) -> None:
+        """Erasure: drop the pairs naming any of ``contact_ids`` either way (found through each
+        one's set, not by reading every pair), and record the ids as one person until
+        :meth:`forget_retired`. An outage raises."""
+        doomed = [json.dumps([channel, one]) for one in contact_ids]
+        for one in contact_ids:
+            doomed += [field for _, field in await self._aliases_of(channel, one)]
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(self.k_aliases, json.dumps([channel, contact_id]), *doomed)
-        pipe.delete(self._k_aliases_of(channel, contact_id))
+        pipe.hdel(self.k_aliases, *doomed)
+        for one in contact_ids:
+            pipe.delete(self._k_aliases_of(channel, one))
+            pipe.hset(self.k_retired, json.dumps([channel, one]),
+                      json.dumps(sorted(set(contact_ids) - {one})))
         await pipe.execute()
 
-    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
-        """GDPR: delete one contact's events and dead letters; return how many of each.
+    async def retired_with(self, channel: str, contact_id: str) -> list[str]:
+        """The ids retired with ``contact_id`` by an erasure not yet finished."""
+        found = await self.redis.hget(self.k_retired, json.dumps([channel, contact_id]))
+        return json.loads(found) if found else []
+
+    async def forget_retired(self, channel: str, contact_ids: list[str]) -> None:
+        """Erasure, once every sink has erased: drop the record :meth:`retire_aliases` kept."""
+        await self.redis.hdel(self.k_retired, *(json.dumps([channel, one]) for one in contact_ids))
+
+    async def erase_contact(self, channel: str, *contact_ids: str) -> dict[str, int]:
+        """GDPR: delete the contacts' events and dead letters (one person's ids, in one pass);
+        return how many of each.
 
         Requests in the stream (not yet processed by any replica) are not rewritten: the erasure
         is recorded instead, up to the newest request in the stream, and every replica's
-        processor drops the contact's events of those requests (:meth:`erasures`).
+        processor drops the contacts' events of those requests (:meth:`erasures`).
 
         Same rules as :meth:`gateway.journal.sqlite.SqliteJournal.erase_contact`: an event belongs
-        to the contact when its channel matches and its customer is ``contact_id``; a raw request
-        dead letter when it came from ``channel`` and its body holds ``contact_id`` as a JSON
-        string (its aliases go with :meth:`forget_aliases`). The ``seen`` ids stay (opaque
+        to a contact when its channel matches and its customer is one of ``contact_ids``; a raw
+        request dead letter when it came from ``channel`` and its body holds one of them as a
+        JSON string (their aliases go with :meth:`retire_aliases`). The ``seen`` ids stay (opaque
         hashes, expiring with the de-duplication window).
         """
-        mine = contact_matcher(channel, contact_id)
-        suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
+        mine = contact_matcher(channel, *contact_ids)
+        # conversation ids end with the customer
+        suffixes = tuple({":" + one.replace("/", "_") for one in contact_ids})
         newest = await self.redis.xrevrange(self.k_requests, max="+", min="-", count=1)
         if newest:
-            await self._record_erasure(json.dumps([channel, contact_id]),
-                                       request_seq(newest[0][0]))
+            for one in contact_ids:
+                await self._record_erasure(json.dumps([channel, one]), request_seq(newest[0][0]))
 
         events = 0
         start = "-"
@@ -649,7 +673,8 @@ class RedisJournal:
             entries = await self.redis.xrange(self.k_events, min=start, max="+", count=ERASE_CHUNK)
             doomed = [sid for sid, f in entries
                       if as_str(f[b"channel"]) == channel
-                      and as_str(f[b"conversation_id"]).endswith(suffix) and mine(f[b"data"], "")]
+                      and as_str(f[b"conversation_id"]).endswith(suffixes)
+                      and mine(f[b"data"], "")]
             if doomed:
                 events += await self.redis.xdel(self.k_events, *doomed)
             if len(entries) < ERASE_CHUNK:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import os
 import sqlite3
 import time
@@ -32,6 +33,9 @@ CREATE TABLE IF NOT EXISTS aliases (
     channel TEXT NOT NULL, alias TEXT NOT NULL, contact_id TEXT NOT NULL,
     PRIMARY KEY (channel, alias)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS aliases_contact ON aliases(channel, contact_id);
+CREATE TABLE IF NOT EXISTS retired_aliases (
+    channel TEXT NOT NULL, contact_id TEXT NOT NULL, linked TEXT NOT NULL,
+    PRIMARY KEY (channel, contact_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS erasures (
     channel TEXT NOT NULL, contact_id TEXT NOT NULL, upto INTEGER NOT NULL,
     PRIMARY KEY (channel, contact_id)) WITHOUT ROWID;
@@ -275,8 +279,10 @@ class SqliteJournal:
             "INSERT INTO aliases(channel, alias, contact_id) VALUES (?, ?, ?) ON CONFLICT"
             " DO UPDATE SET contact_id = excluded.contact_id", rows))
 
-    async def aliases(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
-        """The customer ids of the (channel, alias) keys that are known."""
+    async def aliases(self, keys: list[tuple[str, str]], *,
+                      wait: bool = True) -> dict[tuple[str, str], str]:
+        """The customer ids of the (channel, alias) keys that are known (``wait`` is the Redis
+        journal's: this one never waits out an outage)."""
         def work(c: sqlite3.Connection) -> dict[tuple[str, str], str]:
             found = {}
             for key in keys:
@@ -288,11 +294,34 @@ class SqliteJournal:
 
         return await self._writer.run(work)
 
-    async def forget_aliases(self, channel: str, contact_id: str) -> None:
-        """Erasure: drop the pairs naming ``contact_id`` either way (:mod:`gateway.identities`)."""
-        await self._writer.run(lambda c: c.execute(
-            "DELETE FROM aliases WHERE channel = ? AND (alias = ? OR contact_id = ?)",
-            (channel, contact_id, contact_id)))
+    async def retire_aliases(self, channel: str, contact_ids: list[str]) -> None:
+        """Erasure, between two batches: drop the pairs naming any of ``contact_ids`` either way,
+        and record the ids as one person until :meth:`forget_retired` (so a repeat of a failed
+        erasure still finds each id's others, :meth:`retired_with`)."""
+        rows = [(channel, one, json.dumps(sorted(set(contact_ids) - {one})))
+                for one in contact_ids]
+
+        def work(c: sqlite3.Connection) -> None:
+            for one in contact_ids:
+                c.execute("DELETE FROM aliases WHERE channel = ? AND (alias = ? OR contact_id = ?)",
+                          (channel, one, one))
+            c.executemany("INSERT INTO retired_aliases(channel, contact_id, linked) VALUES "
+                          "(?, ?, ?) ON CONFLICT DO UPDATE SET linked = excluded.linked", rows)
+
+        await self._writer.run(work)
+
+    async def retired_with(self, channel: str, contact_id: str) -> list[str]:
+        """The ids retired with ``contact_id`` by an erasure not yet finished."""
+        row = await self._writer.run(lambda c: c.execute(
+            "SELECT linked FROM retired_aliases WHERE channel = ? AND contact_id = ?",
+            (channel, contact_id)).fetchone())
+        return json.loads(row[0]) if row else []
+
+    async def forget_retired(self, channel: str, contact_ids: list[str]) -> None:
+        """Erasure, once every sink has erased: drop the record :meth:`retire_aliases` kept."""
+        await self._writer.run(lambda c: c.executemany(
+            "DELETE FROM retired_aliases WHERE channel = ? AND contact_id = ?",
+            [(channel, one) for one in contact_ids]))
 
     async def aliases_of(self, channel: str, contact_id: str) -> list[str]:
         """The aliases seen beside ``contact_id`` (an erasure erases them with it)."""
@@ -305,46 +334,50 @@ class SqliteJournal:
         newest request seq journaled before the erasure (see :meth:`erase_contact`)."""
         return self._erasures
 
-    async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
-        """GDPR: delete one contact's events and dead letters; return how many of each.
+    async def erase_contact(self, channel: str, *contact_ids: str) -> dict[str, int]:
+        """GDPR: delete the contacts' events and dead letters (one person's ids, in one pass);
+        return how many of each.
 
         Requests journaled before the erasure and not yet processed (a lagging processor; appends
         still in their group commit) are not rewritten: the erasure is recorded instead, and the
-        processor drops the contact's events of every request up to the newest one appended so
+        processor drops the contacts' events of every request up to the newest one appended so
         far (:meth:`erasures`). The record goes once the processor has passed that request.
 
-        An event belongs to the contact when its channel matches and its customer (the sender of
-        inbound events, the recipient of outbound ones) is ``contact_id``. A dead letter that is
-        not an event (a raw request the channel could not normalise) is deleted when it came
-        from ``channel`` and its body holds ``contact_id`` as a JSON string (its aliases go with
-        :meth:`forget_aliases`, once every sink has erased). The de-duplication ids
-        (``seen``) stay: they are opaque hashes, and keep a redelivered old payload a duplicate.
+        An event belongs to a contact when its channel matches and its customer (the sender of
+        inbound events, the recipient of outbound ones) is one of ``contact_ids``. A dead letter
+        that is not an event (a raw request the channel could not normalise) is deleted when it
+        came from ``channel`` and its body holds one of them as a JSON string (their aliases go
+        with :meth:`retire_aliases`). The de-duplication ids (``seen``) stay: they are opaque
+        hashes, and keep a redelivered old payload a duplicate.
         """
-        mine = contact_matcher(channel, contact_id)
-        suffix = ":" + contact_id.replace("/", "_")  # conversation ids end with the customer
+        mine = contact_matcher(channel, *contact_ids)
+        # conversation ids end with the customer
+        suffixes = sorted({":" + one.replace("/", "_") for one in contact_ids})
+        where = " OR ".join("substr(conversation_id, ?) = ?" for _ in suffixes)
+        args = [channel, *(x for suffix in suffixes for x in (-len(suffix), suffix))]
 
         def work(c: sqlite3.Connection) -> dict[str, int]:
-            rows = c.execute(
-                "SELECT seq, data FROM events WHERE channel = ? AND substr(conversation_id, ?) = ?",
-                (channel, -len(suffix), suffix)).fetchall()
+            rows = c.execute(f"SELECT seq, data FROM events WHERE channel = ? AND ({where})",
+                             args).fetchall()
             events = [(seq,) for seq, data in rows if mine(data, "")]
             c.executemany("DELETE FROM events WHERE seq = ?", events)
             dead = [(i,) for i, sink, data in c.execute("SELECT id, sink, data FROM dead_letters")
                     if mine(data, sink)]
             c.executemany("DELETE FROM dead_letters WHERE id = ?", dead)
             if holding:
-                c.execute("INSERT INTO erasures(channel, contact_id, upto) VALUES (?, ?, ?) "
-                          "ON CONFLICT DO UPDATE SET upto = max(upto, excluded.upto)",
-                          (channel, contact_id, newest))
+                c.executemany("INSERT INTO erasures(channel, contact_id, upto) VALUES (?, ?, ?) "
+                              "ON CONFLICT DO UPDATE SET upto = max(upto, excluded.upto)",
+                              [(channel, one, newest) for one in contact_ids])
             return {"events": len(events), "dead_letters": len(dead)}
 
         newest = self._next_seq - 1  # every request appended so far, committed or not yet
-        holding = bool(self.pending or self.appending)  # some may hold the contact's events
+        holding = bool(self.pending or self.appending)  # some may hold the contacts' events
         result = await self._writer.run(work)
         await self._writer.truncate_wal()  # it still holds the deleted rows' pages as they were
         if holding:
-            key = (channel, contact_id)
-            self._erasures[key] = max(self._erasures.get(key, 0), newest)
+            for one in contact_ids:
+                key = (channel, one)
+                self._erasures[key] = max(self._erasures.get(key, 0), newest)
         return result
 
 

@@ -18,6 +18,7 @@ from gateway.budget import (
 )
 from gateway.intake import error
 from gateway.outbound.request import InvalidRequest
+from gateway.outbound.service import Unavailable
 
 
 def routes() -> list[web.RouteDef]:
@@ -86,6 +87,9 @@ async def send(request: web.Request) -> web.Response:
         return web.json_response(body, status=422)
     except Busy:
         return _busy(request)
+    except Unavailable as exc:
+        return error(503, exc.code, str(exc), {
+            "Retry-After": str(request.app[keys.CONFIG].queue.retry_after_seconds)})
     except TooSlow:
         return closing(error(408, "request_timeout",
                              f"the body did not arrive within {REQUEST_SECONDS:g} s"))

@@ -37,6 +37,7 @@ import msgspec
 from gateway import logging as gwlog
 from gateway.aio import wait_event
 from gateway.consent import Consent
+from gateway.identities import JournalUnavailable
 from gateway.outbound import request as rq
 from gateway.outbound.errors import (
     AccountPaused,
@@ -51,6 +52,7 @@ from gateway.outbound.python_api import PythonAPI
 from gateway.outbound.ratelimit import AccountLimiter, headroom_from_headers
 from gateway.outbound.redis_outbox import RedisOutbox
 from gateway.outbound.store import account_lease, open_outbox
+from gateway.redis_client import unavailable
 
 if TYPE_CHECKING:
     from gateway.channel import Channel
@@ -73,6 +75,15 @@ class Refused(rq.InvalidRequest):
 
     def __init__(self, code: str, field: str, message: str) -> None:
         super().__init__(field, message)
+        self.code = code
+
+
+class Unavailable(Exception):
+    """A send could not be checked or stored now (the journal or the outbox did not answer):
+    the API answers 503 with ``code``."""
+
+    def __init__(self, message: str, code: str = "outbox_unavailable") -> None:
+        super().__init__(message)
         self.code = code
 
 
@@ -154,17 +165,24 @@ class OutboundService(PythonAPI, Pausing):
         """Accept one message (the ``POST /v1/messages`` body). Stored before returning.
 
         Raises:
-            InvalidRequest: naming the field; Refused: window closed or contact opted out.
+            InvalidRequest: naming the field; Refused: window closed or contact opted out;
+            Unavailable: the journal did not say whose id an alias ``to`` is, or the outbox
+            could not store the message (a Redis outage).
         """
         req = rq.parse(body)
         channel = self.channels.get(req.channel)
         if channel is None:
             raise rq.InvalidRequest("channel", f"no enabled channel is named {req.channel!r}")
+        also = None  # the customer an alias ``to`` was last seen beside
         if req.to:  # as inbound events name the customer: "+1 555..." is wa_id "1555..."
-            to = channel.recipient(req.to)
-            if self.resolve_customer is not None and channel.may_be_alias(to):
-                to = await self.resolve_customer(req.channel, to)
-            req = msgspec.structs.replace(req, to=to)
+            req = msgspec.structs.replace(req, to=channel.recipient(req.to))
+            if self.resolve_customer is not None and channel.may_be_alias(req.to):
+                try:
+                    owner = await self.resolve_customer(req.channel, req.to)
+                except JournalUnavailable as exc:
+                    raise Unavailable(f"the journal did not say whose id {req.to!r} is "
+                                      f"({exc}); retry later", "journal_unavailable") from exc
+                also = owner if owner != req.to else None
         account = self._account(req.channel, req.account_id)
         if self.inbound_caught_up is not None and not await self.inbound_caught_up(SETTLE_SECONDS):
             self._unsettled += 1
@@ -173,9 +191,13 @@ class OutboundService(PythonAPI, Pausing):
                 log.warning("inbound_not_caught_up", seconds=SETTLE_SECONDS, sends=self._unsettled,
                             detail="sends checked against the consent and window known so far")
                 self._unsettled = 0
-        req = await self._check(req, account)
-        row, new = await self.outbox.add(req.channel, account, req.to or "", req.type,
-                                         rq.encode(req), req.idempotency_key)
+        try:
+            req = await self._check(req, account, also)
+            row, new = await self.outbox.add(req.channel, account, req.to or "", req.type,
+                                             rq.encode(req), req.idempotency_key)
+        except unavailable() as exc:  # a Redis outbox that is down or read-only: not stored
+            raise Unavailable(f"the outbox could not store the message ({type(exc).__name__}); "
+                              "retry later") from exc
         if new:
             self.accepted_at[row.id] = time.monotonic()
             self.depth_changed.set()
@@ -217,11 +239,20 @@ class OutboundService(PythonAPI, Pausing):
             for key in [k for k in cache if k[0] == channel and k[2] == contact_id]:
                 del cache[key]
 
-    async def _check(self, req: rq.OutboundRequest, account: str) -> rq.OutboundRequest:
-        customer = await self.outbox.customer(req.channel, account, req.to or "")
-        seen = self.recent.get((req.channel, account, req.to or ""))
-        if seen is not None and seen[0] > (customer.last_inbound_at or 0):
-            customer = customer._replace(last_inbound_at=seen[0], last_inbound_message_id=seen[1])
+    async def _check(self, req: rq.OutboundRequest, account: str,
+                     also: str | None = None) -> rq.OutboundRequest:
+        """Window and consent, as the outbox and :meth:`observe` know them: of ``req.to``, and
+        of ``also`` (the customer an alias ``to`` was last seen beside) when given. The latest
+        message and the latest word on consent of either count: one person, two ids."""
+        customer = await self._customer(req.channel, account, req.to or "")
+        if also is not None:
+            other = await self._customer(req.channel, account, also)
+            if (other.last_inbound_at or 0) > (customer.last_inbound_at or 0):
+                customer = customer._replace(last_inbound_at=other.last_inbound_at,
+                                             last_inbound_message_id=other.last_inbound_message_id)
+            if (other.opted_out_at or float("-inf")) > (customer.opted_out_at or float("-inf")):
+                customer = customer._replace(opted_out=other.opted_out,
+                                             opted_out_at=other.opted_out_at)
         if req.type in ("mark_read", "typing") and not req.message_id:
             if customer.last_inbound_message_id:
                 req = msgspec.structs.replace(req, message_id=customer.last_inbound_message_id)
@@ -229,9 +260,6 @@ class OutboundService(PythonAPI, Pausing):
                 # WhatsApp marks (and shows typing on) a message; Instagram's sender actions
                 # name none, and WhatsApp's typing off sends nothing
                 raise rq.InvalidRequest("message_id", "required: no inbound message is known")
-        said = self.said.get((req.channel, account, req.to or ""))
-        if said is not None and said[0] >= (customer.opted_out_at or float("-inf")):
-            customer = customer._replace(opted_out=said[1], opted_out_at=said[0])
         if req.type == "template":
             if customer.opted_out:
                 _check_consent(req.template)
@@ -251,6 +279,17 @@ class OutboundService(PythonAPI, Pausing):
                           + (" or use tag HUMAN_AGENT (7 days)" if req.channel == "instagram"
                              else ""))
         return req
+
+    async def _customer(self, channel: str, account: str, contact_id: str):
+        """The outbox's window and consent of one contact, with what :meth:`observe` saw since."""
+        customer = await self.outbox.customer(channel, account, contact_id)
+        seen = self.recent.get((channel, account, contact_id))
+        if seen is not None and seen[0] > (customer.last_inbound_at or 0):
+            customer = customer._replace(last_inbound_at=seen[0], last_inbound_message_id=seen[1])
+        said = self.said.get((channel, account, contact_id))
+        if said is not None and said[0] >= (customer.opted_out_at or float("-inf")):
+            customer = customer._replace(opted_out=said[1], opted_out_at=said[0])
+        return customer
 
     async def status(self, record_id: str) -> dict[str, Any] | None:
         row = await self.outbox.get(record_id)

@@ -235,6 +235,18 @@ async def test_erase_contact(journal):
     assert await journal.erase_contact("whatsapp", "111") == {"events": 0, "dead_letters": 0}
 
 
+async def test_erase_contact_takes_one_persons_ids_in_one_pass(journal):
+    await journal.append("whatsapp", b'{"from_user_id": "US.9"} unparsable', 1.0)
+    (request,) = await journal.unprocessed(10)
+    events = [message("m1", "111"), message("m2", "US.9"), message("m3", "222"),
+              message("m4", "US.9", channel="instagram")]
+    seqs = await journal.commit_processed(request.seq, events, [(request, "bad")])
+    assert await journal.erase_contact("whatsapp", "111", "US.9") == {
+        "events": 2, "dead_letters": 1}  # the raw request holding one of them goes too
+    assert [s.seq for s in await journal.events_after(0, 10)] == [seqs[2], seqs[3]]
+    assert await journal.dead_letters() == []
+
+
 def _journal_like(journal, request, data_dir, window: int | None = None, prefix: str = ""):
     """A new, unopened journal of ``journal``'s backend: the same store when ``data_dir`` is the
     fixture's ``tmp_path`` and ``prefix`` is empty (a restart), else a store of its own."""
@@ -360,9 +372,25 @@ async def test_aliases_are_learned_updated_kept_across_a_restart_and_erased(jour
         assert await reopened.aliases([bsuid]) == {bsuid: "15550004321"}
         await reopened.erase_contact("whatsapp", "15550004321")
         assert await reopened.aliases([bsuid]) == {bsuid: "15550004321"}  # until forgotten
-        await reopened.forget_aliases("whatsapp", "15550004321")  # by the customer's id
-        await reopened.forget_aliases("whatsapp", "US.7777")  # by the alias
+        await reopened.retire_aliases("whatsapp", ["15550004321", "US.1349"])  # by both ids
+        await reopened.retire_aliases("whatsapp", ["US.7777"])  # by the alias alone
         assert await reopened.aliases([bsuid, other, ("instagram", "US.1349")]) == {
             ("instagram", "US.1349"): "9000"}  # another channel's pair is another customer
+        assert await reopened.aliases_of("whatsapp", "15550009999") == []
+        # the retired ids stay together, across a restart, until the erasure is finished
+        assert await reopened.retired_with("whatsapp", "US.1349") == ["15550004321"]
+        await reopened.learn_aliases({bsuid: "15550004321"})  # the person writes again
+        assert await reopened.aliases([bsuid]) == {bsuid: "15550004321"}
     finally:
         await reopened.close()
+    again = _journal_like(journal, request, tmp_path)
+    await again.open()
+    try:
+        assert await again.retired_with("whatsapp", "15550004321") == ["US.1349"]
+        assert await again.retired_with("whatsapp", "US.7777") == []
+        await again.forget_retired("whatsapp", ["15550004321", "US.1349"])
+        assert await again.retired_with("whatsapp", "15550004321") == []
+        assert await again.retired_with("whatsapp", "US.1349") == []
+        assert await again.aliases([bsuid]) == {bsuid: "15550004321"}  # learned since: kept
+    finally:
+        await again.close()

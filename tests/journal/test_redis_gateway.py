@@ -169,3 +169,50 @@ async def test_a_burst_in_one_loop_turn_cannot_overfill_the_journal(gateway, red
         writer.close()
     assert sorted(statuses) == [200] * 3 + [503] * 17
     assert gw.app[keys.JOURNAL].appending == 0
+
+
+async def test_a_redis_outage_fails_sends_and_erasures_at_once_never_hangs(
+        gateway, own_redis, monkeypatch):
+    """With Redis down, a send answers 503 with Retry-After (whose id a BSUID is, the journal
+    cannot tell; the outbox cannot store a send to a number), and an erasure answers with the
+    journal failed: none of them waits for Redis to come back."""
+    import time
+
+    from gateway import erasure
+    from gateway.testing.graph import GraphSimulator
+    from tests.outbound.conftest import TOKEN, channels_toml
+
+    monkeypatch.setattr(erasure, "BATCH_WAIT_SECONDS", 2.0)
+    monkeypatch.setattr(erasure, "SETTLE_SECONDS", 0.2)
+    url, start = own_redis
+    redis = start()
+    bsuid, wa_id = "US.13491208655302741918", "16315551234"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with GraphSimulator() as sim:
+        gw = await gateway(extra=f'api_token = "{TOKEN}"\n[queue]\nbackend = "redis"\n'
+                                 f'redis_url = "{url}"\nretry_after_seconds = 7',
+                           channels=channels_toml(sim.url))
+        assert (await gw.post("whatsapp", fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+                )[0] == 200
+        await gw.settle()
+        redis.terminate()
+        redis.wait(10)
+        for to, code in ((bsuid, "journal_unavailable"), (wa_id, "outbox_unavailable")):
+            began = time.monotonic()
+            async with gw.session.post(f"{gw.url}/v1/messages", headers=auth, json={
+                    "channel": "whatsapp", "to": to, "type": "text", "text": "hi"}) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "7", to
+                assert (await resp.json())["error"]["code"] == code
+            assert time.monotonic() - began < 10, to
+        began = time.monotonic()
+        async with gw.session.delete(f"{gw.url}/v1/contacts/whatsapp/{wa_id}",
+                                     headers=auth) as resp:
+            body = await resp.json()
+        assert resp.status == 500 and "journal" in body["failed"], body
+        assert time.monotonic() - began < 20
+        start()  # back: the repeat the failed erasure asks for erases the person
+        await gw.settle()
+        async with gw.session.delete(f"{gw.url}/v1/contacts/whatsapp/{wa_id}",
+                                     headers=auth) as resp:
+            body = await resp.json()
+        assert resp.status == 200 and body["linked_ids"] == [bsuid], body

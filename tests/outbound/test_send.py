@@ -117,8 +117,9 @@ def test_only_a_bsuid_is_looked_up_as_an_alias():
 
 
 async def test_a_send_to_a_bsuid_seen_beside_a_wa_id_is_the_customers_own(outbound):
-    """The window and the consent are the customer's whichever id the API client writes: a
-    BSUID seen beside a wa_id is sent to, and checked as, that wa_id."""
+    """The window and the consent are the customer's whichever id the API client writes: a send
+    to a BSUID seen beside a wa_id is checked as that wa_id too, and still addressed to the BSUID
+    (Meta routes it to its owner, even once the number has gone to someone else)."""
     bsuid, wa_id, now = "US.13491208655302741918", "16315551234", str(int(time.time()))
     ob = await outbound()
     beside = json.loads(fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
@@ -138,9 +139,32 @@ async def test_a_send_to_a_bsuid_seen_beside_a_wa_id_is_the_customers_own(outbou
     status, answer = await ob.send({"channel": "whatsapp", "to": bsuid, "type": "text",
                                     "text": "Noted: no more offers"})  # the window is open
     assert status == 202, answer
-    assert (await ob.wait(answer["id"], "sent"))["to"] == wa_id
+    assert (await ob.wait(answer["id"], "sent"))["to"] == bsuid
     (sent,) = ob.sim.bodies(WA)
-    assert sent["to"] == wa_id and "recipient" not in sent
+    assert sent["recipient"] == bsuid and "to" not in sent
+
+
+async def test_a_send_to_a_bsuid_is_checked_against_both_ids_latest_word(outbound):
+    """A STOP sent beside the number, then a START by BSUID alone before the pair was known:
+    the latest word of either id counts (and the window the latest message of either opened)."""
+    bsuid, wa_id, now = "US.13491208655302741918", "16315551234", int(time.time())
+    ob = await outbound()
+    alone = json.loads(fixture_bytes("whatsapp/bsuid_only.json"))
+    alone["entry"][0]["changes"][0]["value"]["messages"][0].update(
+        id="wamid.TEST.IN.BSUID.START", timestamp=str(now - 10), text={"body": "START"})
+    beside = json.loads(fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    del beside["entry"][0]["changes"][1:]
+    beside["entry"][0]["changes"][0]["value"]["messages"][0].update(
+        timestamp=str(now - 100), type="text", text={"body": "STOP"})
+    for body in (alone, beside):  # the START is journaled first: filed under the BSUID
+        assert (await ob.gw.post("whatsapp", json.dumps(body).encode()))[0] == 200
+        await ob.gw.settle()
+    template = {"channel": "whatsapp", "type": "template", "template": {
+        "name": "promo", "language": "en_US", "category": "marketing"}}
+    status, answer = await ob.send({**template, "to": wa_id})  # the number alone: its STOP
+    assert status == 422 and answer["error"]["code"] == "opted_out", answer
+    status, answer = await ob.send({**template, "to": bsuid})  # the later START counts
+    assert status == 202, answer
 
 
 async def test_whatsapp_mark_read_and_typing_use_the_latest_inbound_message(outbound):
