@@ -6,7 +6,7 @@ import abc
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from gateway.events import Event
+    from gateway.events import Event, Notice
     from gateway.outbound.http import SendResult
     from gateway.outbound.request import OutboundRequest
 
@@ -44,6 +44,14 @@ class Channel(abc.ABC):
         Raises:
             gateway.errors.BadPayload: the body is not this channel's envelope.
         """
+
+    def notices(self) -> list[Notice]:
+        """The out-of-band account errors the :meth:`normalise` calls met since the last call,
+        each handed out once (WhatsApp: the value-level ``errors[]``, which yield no event). The
+        processor calls it after normalising each batch; it counts them
+        (``gateway_meta_errors_total``), and the outbound service slows the account down on a
+        throttling code. The default has none."""
+        return []
 
     def accounts(self) -> dict[str, dict[str, Any]]:
         """Accounts this channel can send from: id -> limits (``rate`` per second, optional

@@ -77,6 +77,17 @@ class ErrorInfo(msgspec.Struct, omit_defaults=True, frozen=True):
     message: str | None = None
 
 
+class Notice(msgspec.Struct, frozen=True):
+    """An out-of-band error Meta reports for an account, with no message to carry it (WhatsApp's
+    value-level ``errors[]``, webhooks.md §4.6). Not an event: no sink stores it. The processor
+    counts it (``gateway_meta_errors_total``) and hands it to the outbound service, whose limiter
+    slows the account down on a throttling code (:meth:`gateway.channel.Channel.notices`)."""
+
+    channel: str
+    account_id: str
+    error: ErrorInfo
+
+
 class Event(msgspec.Struct, tag_field="kind", omit_defaults=True, kw_only=True, frozen=True):
     """Fields shared by every canonical event (CONTRACT §5). Use a subclass, never this one."""
 

@@ -52,6 +52,9 @@ class Metrics:
             "gateway_alerts", "1 while an operator must act (expired token, paused account, …).",
             ["channel", "account", "reason"], registry=r)
         self._intake: dict[str, tuple] = {}
+        self.meta_errors = Counter(
+            "gateway_meta_errors_total", "Meta's out-of-band account errors (WhatsApp's "
+            "value-level errors[]), by code.", ["channel", "account", "code"], registry=r)
         self.normalise_failures = Counter(
             "gateway_normalise_failures_total", "Journaled requests a channel could not normalise.",
             ["channel"], registry=r)

@@ -10,13 +10,14 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway import logging as gwlog
 from gateway.aio import wait_event
 from gateway.consent import MARKETING
 from gateway.errors import BadPayload
-from gateway.events import MESSAGE_TYPES, Event, encode
+from gateway.events import MESSAGE_TYPES, Event, Notice, encode
 from gateway.identities import Identities
 from gateway.journal import NewEvent, RawRequest, contact_matcher
 from gateway.sink import Record
@@ -102,6 +103,9 @@ class Processor:
         # takes it to erase the journal between two batches, never in the middle of one.
         self.batch_lock = asyncio.Lock()
         self._owner = uuid.uuid4().hex  # this processor, as the holder of a replay lease
+        # called with each batch's notices (out-of-band account errors, Channel.notices): the
+        # outbound service's limiters slow down on a throttling code
+        self.notice_observers: list[Callable[[list[Notice]], None]] = []
 
     async def run(self) -> None:
         """Process until :meth:`stop`; then finish what is journaled (bounded by the caller).
@@ -178,6 +182,7 @@ class Processor:
             return 0
         erasures = getattr(self.journal, "erasures", None)
         events, owners, failed = self._normalise(requests, await erasures() if erasures else {})
+        self._notices()
         events = await self.identities.apply(events)
         new = [NewEvent(ev.id, ev.channel, ev.conversation_id, data, received)
                for ev, data, received in events]
@@ -253,6 +258,24 @@ class Processor:
                 events.append((event, data, req.received_at))
                 owners.append(index)
         return events, owners, failed
+
+    def _notices(self) -> None:
+        """Count the channels' notices of this batch and hand them to the observers. They are
+        not events, so nothing de-duplicates them: a redelivered body counts again (and slows
+        sending down again, which never breaks a limit)."""
+        for channel in self.channels.values():
+            taken = getattr(channel, "notices", None)  # a channel written before the hook
+            notices = taken() if taken is not None else None
+            if not notices:
+                continue
+            for notice in notices:
+                self.metrics.meta_errors.labels(notice.channel, notice.account_id,
+                                                str(notice.error.code)).inc()
+            for observer in self.notice_observers:
+                try:
+                    observer(notices)
+                except Exception as exc:  # noqa: BLE001 - an observer never fails the batch
+                    log.error("notice_observer_failed", error=repr(exc))
 
     def _account(self, events, owners, seqs, requests) -> list[Record]:
         records = []

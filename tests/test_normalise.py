@@ -224,6 +224,28 @@ def test_value_level_errors_are_logged(name, errors):
     assert "message" not in str(warned[0]["errors"])
 
 
+def test_value_level_errors_are_the_channels_notices_once_each():
+    """Each value-level error with an integer code is a Notice of its number (counted, and fed
+    to the limiter by the processor), handed out once; none is an event."""
+    from channels.whatsapp import WhatsAppChannel, WhatsAppConfig
+    from gateway.events import ErrorInfo, Notice
+
+    channel = WhatsAppChannel(WhatsAppConfig(app_secret="secret"))
+    envelope = json.loads(fixture_bytes("whatsapp/change_errors.json"))
+    value = envelope["entry"][0]["changes"][0]["value"]
+    value["errors"] += [{"code": "80007"}, "junk", {"code": 131056, "title": "Pair"}]
+    assert channel.normalise(json.dumps(envelope).encode()) == []
+    assert whatsapp_tolerant(json.dumps(envelope).encode()) == []
+    assert channel.notices() == [
+        Notice("whatsapp", "100000000000001",
+               ErrorInfo(130429, "Rate limit hit", "Rate limit hit")),
+        Notice("whatsapp", "100000000000001", ErrorInfo(131056, "Pair"))]
+    assert channel.notices() == []
+    del value["metadata"]  # no number to charge it to: logged only
+    channel.normalise(json.dumps(envelope).encode())
+    assert channel.notices() == []
+
+
 @pytest.mark.parametrize("errors", [{}, "x", 5, None, [], ["junk", 7], [{"code": "131000"}]])
 def test_value_errors_of_an_odd_shape_cost_nothing(errors):
     """Whatever ``value.errors`` holds, the value's messages still count; an error without an

@@ -17,7 +17,7 @@ from gateway.config import (
     section,
 )
 from gateway.errors import ConfigError
-from gateway.events import Event
+from gateway.events import Event, Notice
 from gateway.outbound.http import GraphClient, SendResult
 from gateway.outbound.request import OutboundRequest
 
@@ -80,6 +80,7 @@ class WhatsAppChannel(Channel):
         super().__init__(app_secret=config.app_secret, verify_token=config.verify_token)
         self.config = config
         self.clients: dict[str, GraphClient] = {}
+        self._notices: list[Notice] = []  # value-level errors met since notices() was called
 
     def check_envelope(self, body: bytes) -> None:
         normalise.parse_envelope(body)
@@ -95,7 +96,12 @@ class WhatsAppChannel(Channel):
         return send.BSUID.fullmatch(to) is not None
 
     def normalise(self, body: bytes) -> list[Event]:
-        return normalise.normalise(body)
+        return normalise.normalise(body, self._notices)
+
+    def notices(self) -> list[Notice]:
+        """The value-level ``errors[]`` normalised since the last call (webhooks.md §4.6)."""
+        taken, self._notices = self._notices, []
+        return taken
 
     def _tokens(self) -> dict[str, tuple[str | None, float]]:
         c = self.config

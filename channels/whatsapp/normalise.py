@@ -40,7 +40,9 @@ counts as empty) while every valid part beside it still counts. Mapping choices
   ``errors[]`` give none (absent, or no item with an integer code) carries the value-level
   ``errors[0]`` (webhooks.md §4.6, e.g. 131000 next to a message with no body). A value with
   ``errors[]`` is logged as a warning (``whatsapp_value_errors``: the phone_number_id and each
-  error's code and title); alone it yields no event. Statuses keep only their own errors;
+  error's code and title); alone it yields no event. Each one with an integer code is also a
+  :class:`gateway.events.Notice` of its phone_number_id (:meth:`Channel.notices`): counted, and
+  a throttling code slows the account's sending down. Statuses keep only their own errors;
 - a referral rides on its message (extra field);
 - ``user_preferences`` (webhooks.md §4.8: a customer stopped or resumed marketing messages) →
   kind ``preference`` (an extra kind), one per item: ``type`` = ``category``, ``payload`` =
@@ -66,6 +68,7 @@ from gateway.events import (
     ErrorInfo,
     Event,
     Message,
+    Notice,
     Party,
     Preference,
     Reaction,
@@ -93,8 +96,9 @@ def parse_envelope(body: bytes) -> None:
     _parse(body, OBJECTS)
 
 
-def normalise(body: bytes) -> list[Event]:
-    """Every canonical event in one webhook body.
+def normalise(body: bytes, notices: list[Notice] | None = None) -> list[Event]:
+    """Every canonical event in one webhook body; each value-level error is appended to
+    ``notices`` (when given) as a :class:`gateway.events.Notice`.
 
     One typed decode of the whole body on the fast path; a body with any item of an unexpected
     shape is decoded again item by item (the tolerant path), skipping only what is malformed.
@@ -105,7 +109,7 @@ def normalise(body: bytes) -> list[Event]:
     try:
         envelope = schemas.fast_decoder.decode(body)
     except (msgspec.DecodeError, RecursionError):
-        return _tolerant(body)
+        return _tolerant(body, notices)
     if envelope.object not in OBJECTS:
         _parse(body, OBJECTS)  # raises the envelope error
     events: list[Event] = []
@@ -116,14 +120,14 @@ def normalise(body: bytes) -> list[Event]:
                 continue
             if change.field == "messages":
                 _value(value.metadata, value.errors, value.contacts or (), value.messages or (),
-                       value.statuses or (), events)
+                       value.statuses or (), events, notices)
             elif change.field == "user_preferences":
                 _preferences(value.metadata, value.contacts or (), value.user_preferences or (),
                              events)
     return events
 
 
-def _tolerant(body: bytes) -> list[Event]:
+def _tolerant(body: bytes, notices: list[Notice] | None = None) -> list[Event]:
     """Every part decoded on its own: a malformed one (an entry, change or item of the wrong
     shape, a list that is not one) is skipped, and only it."""
     events: list[Event] = []
@@ -142,7 +146,8 @@ def _tolerant(body: bytes) -> list[Event]:
                 continue
             _value(metadata, value.errors, contacts,
                    decode_each(raw_items(value.messages), schemas.message_decoder),
-                   decode_each(raw_items(value.statuses), schemas.status_decoder), events)
+                   decode_each(raw_items(value.statuses), schemas.status_decoder), events,
+                   notices)
     return events
 
 
@@ -169,10 +174,11 @@ def _preferences(metadata: schemas.Metadata | None, contacts, preferences,
 
 
 def _value(metadata: schemas.Metadata | None, errors: Any, contacts, messages, statuses,
-           events: list[Event]) -> None:
-    """Append the events of one ``messages`` change (its lists already decoded)."""
+           events: list[Event], notices: list[Notice] | None = None) -> None:
+    """Append the events of one ``messages`` change (its lists already decoded), and its
+    value-level errors to ``notices``."""
     account = None if metadata is None else as_str(metadata.phone_number_id)
-    value_error = _value_error(errors, account)
+    value_error = _value_error(errors, account, notices)
     if account is None:
         return
     people = _people(contacts)
@@ -211,8 +217,10 @@ def _party(customer: str, user_id: str | None, people: dict) -> Party:
     return Party(id=customer, name=known[0], user_id=user_id or known[1])
 
 
-def _value_error(errors: Any, account: str | None) -> ErrorInfo | None:
-    """Log a value's own ``errors[]`` (out of band, no message id) and return the first one.
+def _value_error(errors: Any, account: str | None,
+                 notices: list[Notice] | None = None) -> ErrorInfo | None:
+    """Log a value's own ``errors[]`` (out of band, no message id), append each one with an
+    integer code to ``notices`` (for the account, when the value names it), and return the first.
 
     Only the code and title of each error are logged: ``message`` and ``error_data`` are Meta's
     prose, never needed to tell one error from another.
@@ -222,6 +230,11 @@ def _value_error(errors: Any, account: str | None) -> ErrorInfo | None:
     log.warning("whatsapp_value_errors", channel=CHANNEL, phone_number_id=account,
                 errors=[{"code": e.get("code"), "title": e.get("title")}
                         for e in errors if isinstance(e, dict)])
+    if notices is not None and account is not None:
+        for item in errors:
+            error = first_error([item])
+            if error is not None:
+                notices.append(Notice(CHANNEL, account, error))
     return first_error(errors)
 
 

@@ -16,6 +16,8 @@ What Meta answers decides the rest (``gateway.outbound.errors``):
   timeouts after the request was written included: those fail as "outcome unknown");
 - a failed status webhook follows the same table: a retryable or throttling code sends the
   message again (within ``max_attempts``), 131050 records the opt-out;
+- an out-of-band throttling code (WhatsApp's value-level ``errors[]``, :meth:`notices`) parks its
+  scope too;
 - permanent errors fail the record with an operator hint;
 - an expired token (190), a billing problem (131042) and the other account-level errors pause the
   account: its messages are held (no retry spent, nothing lost), one is sent as a probe every
@@ -57,7 +59,7 @@ from gateway.redis_client import unavailable
 if TYPE_CHECKING:
     from gateway.channel import Channel
     from gateway.config import GatewayConfig
-    from gateway.events import Event
+    from gateway.events import Event, Notice
     from gateway.metrics import Metrics
 
 log = gwlog.get("gateway.outbound")
@@ -524,6 +526,24 @@ class OutboundService(PythonAPI, Pausing):
         return row
 
     # -- throttling -------------------------------------------------------------------------------
+
+    def notices(self, notices: list[Notice]) -> None:
+        """Processor observer: Meta's out-of-band account errors (WhatsApp's value-level
+        ``errors[]``, e.g. 130429 "Rate limit hit"). A throttling code of the number, business
+        account or app parks that scope of the account for its next backoff step, as the same
+        code in a send's answer does; a pair code names no recipient, so it parks nothing. Other
+        codes are only counted (``gateway_meta_errors_total``) and logged by the channel."""
+        for notice in notices:
+            key = (notice.channel, notice.account_id)
+            rule = rule_for(notice.error.code, None, 0)
+            if (not issubclass(rule.kind, MetaThrottled) or rule.scope == "pair"
+                    or key not in self.limiters):
+                continue
+            wait = self._throttle(key, rule.scope or "number", None, rule.backoff, 0.0)
+            self._headroom(key)
+            log.warning("outbound_throttled_out_of_band", channel=key[0], account=key[1],
+                        code=notice.error.code, scope=rule.scope or "number",
+                        wait=round(wait, 3))
 
     async def _throttled(self, key: tuple[str, str], row: Row, exc: MetaThrottled,
                          error: dict[str, Any]) -> None:

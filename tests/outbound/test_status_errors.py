@@ -126,3 +126,28 @@ async def test_a_late_sent_status_of_the_failed_send_does_not_cancel_the_resend(
     await ob.webhook("whatsapp", delivered)  # a late delivered of the first send
     record = await ob.status(answer["id"])
     assert (record["status"], record["provider_message_id"]) == ("sent", second)
+
+
+async def test_an_out_of_band_throttling_code_parks_the_number_and_is_counted(outbound):
+    """A value-level 130429 (webhooks.md §4.6: no message id, no event) parks the number for
+    its backoff step, as a send's 130429 does, and is counted by code; the parked number waits
+    before its next send. A code of the pair names no recipient: counted, parks nothing."""
+    ob = await outbound(outbound="throttle_backoff_initial = 0.6")
+    await ob.inbound("whatsapp", A)
+    limiter = ob.service.limiters[("whatsapp", WA)]
+    body = json.loads(fixture_bytes("whatsapp/change_errors.json"))
+    body["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = WA
+    pair = json.loads(json.dumps(body))
+    pair["entry"][0]["changes"][0]["value"]["errors"][0].update(code=131056, title="Pair")
+    await ob.webhook("whatsapp", pair)
+    assert limiter.parked("number") == 0
+    await ob.webhook("whatsapp", body)
+    assert 0.4 < limiter.parked("number") <= 0.6 * 1.5  # its first step, jittered upwards
+    for code in ("130429", "131056"):
+        assert ob.metric("gateway_meta_errors_total", channel="whatsapp", account=WA,
+                         code=code) == 1
+    parked_at = time.monotonic()
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text", "text": "x"})
+    assert status == 202, answer
+    await ob.wait(answer["id"], "sent")
+    assert time.monotonic() - parked_at >= 0.4  # it waited for the park
