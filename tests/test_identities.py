@@ -209,3 +209,32 @@ async def test_a_message_by_bsuid_alone_during_an_erasure_is_not_filed_under_the
     gate.set()
     status, body = await task
     assert status == 200 and body["linked_ids"] == [BSUID], body
+
+
+async def test_an_erasure_meanwhile_of_a_new_bsuid_keeps_what_the_failed_ones_repeat_needs(
+        gateway):
+    """A failed erasure of the number, then the person's new BSUID seen beside it and erased:
+    the repeat of the first still reaches the first BSUID (the record of the ids kept together
+    only grows, and the second erasure takes out of it only what it erased)."""
+    from tests.conftest import SINKS_TOML
+    from tests.test_erasure import ThirdPartyPlugin
+
+    plugin = ThirdPartyPlugin()
+    gw = await gateway(f'api_token = "{TOKEN}"', extra_plugins=[plugin],
+                       sinks=SINKS_TOML + "[sinks.crm]\n")
+    crm = plugin.sinks["crm"]
+    await post(gw, bsuid_only("wamid.TEST.IN.BSUID.ALONE"))  # filed under the BSUID
+    await post(gw, fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    crm.fail = RuntimeError("the crm is down")
+    status, body = await erase(gw, WA_ID)
+    assert status == 500 and body["linked_ids"] == [BSUID]
+    crm.fail = None
+    new = "US.99999"  # the person's new BSUID, seen beside the number
+    await post(gw, pair("wamid.TEST.IN.NEW", WA_ID, new))
+    status, body = await erase(gw, new)
+    assert status == 200 and body["linked_ids"] == [WA_ID], body
+    status, body = await erase(gw, WA_ID)  # the repeat the first answer asked for
+    assert status == 200 and body["linked_ids"] == [BSUID], body
+    assert crm.of(("whatsapp", BSUID)) == 0 and crm.events == {}
+    status, body = await erase(gw, WA_ID)
+    assert status == 200 and body["linked_ids"] == [], body  # nothing kept once all finished

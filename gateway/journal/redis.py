@@ -256,6 +256,8 @@ class RedisJournal:
         self._set_cursor = register(_SET_CURSOR)
         self._acquire = register(ACQUIRE_LEASE)
         self._release = register(RELEASE_LEASE)
+        self._retire = register(_RETIRE_ALIASES)
+        self._forget_retired = register(_FORGET_RETIRED)
         self.pending = await self.redis.xlen(self.k_requests)
 
     async def close(self) -> None:
@@ -623,18 +625,13 @@ class RedisJournal:
 
     async def retire_aliases(self, channel: str, contact_ids: list[str]) -> None:
         """Erasure: drop the pairs naming any of ``contact_ids`` either way (found through each
-        one's set, not by reading every pair), and record the ids as one person until
-        :meth:`forget_retired`. An outage raises."""
-        doomed = [json.dumps([channel, one]) for one in contact_ids]
+        one's set, not by reading every pair), and add to each id's record the others, until
+        :meth:`forget_retired`; in one script, so another replica's :meth:`learn_aliases` lands
+        wholly before or after it. An outage raises."""
+        args = [self.k_aliases, self.k_retired, len(contact_ids)]
         for one in contact_ids:
-            doomed += [field for _, field in await self._aliases_of(channel, one)]
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(self.k_aliases, *doomed)
-        for one in contact_ids:
-            pipe.delete(self._k_aliases_of(channel, one))
-            pipe.hset(self.k_retired, json.dumps([channel, one]),
-                      json.dumps(sorted(set(contact_ids) - {one})))
-        await pipe.execute()
+            args += [one, json.dumps([channel, one]), self._k_aliases_of(channel, one)]
+        await self._retire(args=args)
 
     async def retired_with(self, channel: str, contact_id: str) -> list[str]:
         """The ids retired with ``contact_id`` by an erasure not yet finished."""
@@ -642,8 +639,11 @@ class RedisJournal:
         return json.loads(found) if found else []
 
     async def forget_retired(self, channel: str, contact_ids: list[str]) -> None:
-        """Erasure, once every sink has erased: drop the record :meth:`retire_aliases` kept."""
-        await self.redis.hdel(self.k_retired, *(json.dumps([channel, one]) for one in contact_ids))
+        """Erasure, once every sink has erased ``contact_ids``: take them out of those ids'
+        records; a record left empty goes (as the SQLite journal's)."""
+        await self._forget_retired(args=[self.k_retired, len(contact_ids),
+                                         *(json.dumps([channel, one]) for one in contact_ids),
+                                         *contact_ids])
 
     async def erase_contact(self, channel: str, *contact_ids: str) -> dict[str, int]:
         """GDPR: delete the contacts' events and dead letters (one person's ids, in one pass);
@@ -688,6 +688,56 @@ class RedisJournal:
             if doomed_letters:
                 letters += int(await self._drop_dead(args=[self.p, *doomed_letters]))
         return {"events": events, "dead_letters": letters}
+
+
+# ARGV: aliases hash, retired hash, n, then per id: id, its field, its aliases:of set.
+_RETIRE_ALIASES = """
+local aliases, retired, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ids = {}
+for i = 0, n - 1 do ids[ARGV[4 + 3 * i]] = true end
+for i = 0, n - 1 do
+  local id, field, set = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
+  redis.call('HDEL', aliases, field)
+  for _, f in ipairs(redis.call('SMEMBERS', set)) do
+    if redis.call('HGET', aliases, f) == id then redis.call('HDEL', aliases, f) end
+  end
+  redis.call('DEL', set)
+  local linked = {}
+  local old = redis.call('HGET', retired, field)
+  if old then for _, x in ipairs(cjson.decode(old)) do linked[x] = true end end
+  for other in pairs(ids) do if other ~= id then linked[other] = true end end
+  local list = {}
+  for x in pairs(linked) do table.insert(list, x) end
+  if #list > 0 then
+    table.sort(list)
+    redis.call('HSET', retired, field, cjson.encode(list))
+  end
+end
+return 1
+"""
+
+# ARGV: retired hash, n, the ids' fields (n), the ids (n).
+_FORGET_RETIRED = """
+local retired, n = ARGV[1], tonumber(ARGV[2])
+local erased = {}
+for i = 1, n do erased[ARGV[2 + n + i]] = true end
+for i = 1, n do
+  local field = ARGV[2 + i]
+  local old = redis.call('HGET', retired, field)
+  if old then
+    local left = {}
+    for _, x in ipairs(cjson.decode(old)) do
+      if not erased[x] then table.insert(left, x) end
+    end
+    if #left > 0 then
+      redis.call('HSET', retired, field, cjson.encode(left))
+    else
+      redis.call('HDEL', retired, field)
+    end
+  end
+end
+return 1
+"""
 
 
 def _pairs(flat: list) -> dict[bytes, bytes]:

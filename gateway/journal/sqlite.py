@@ -296,32 +296,42 @@ class SqliteJournal:
 
     async def retire_aliases(self, channel: str, contact_ids: list[str]) -> None:
         """Erasure, between two batches: drop the pairs naming any of ``contact_ids`` either way,
-        and record the ids as one person until :meth:`forget_retired` (so a repeat of a failed
-        erasure still finds each id's others, :meth:`retired_with`)."""
-        rows = [(channel, one, json.dumps(sorted(set(contact_ids) - {one})))
-                for one in contact_ids]
-
+        and add to each id's record the others, until :meth:`forget_retired` (so a repeat of a
+        failed erasure still finds each id's others, :meth:`retired_with`). A record only grows
+        here: an unfinished erasure's ids stay in it whatever other erasures do meanwhile."""
         def work(c: sqlite3.Connection) -> None:
             for one in contact_ids:
                 c.execute("DELETE FROM aliases WHERE channel = ? AND (alias = ? OR contact_id = ?)",
                           (channel, one, one))
-            c.executemany("INSERT INTO retired_aliases(channel, contact_id, linked) VALUES "
-                          "(?, ?, ?) ON CONFLICT DO UPDATE SET linked = excluded.linked", rows)
+                linked = set(contact_ids) - {one} | set(_retired(c, channel, one))
+                if linked:
+                    c.execute("INSERT INTO retired_aliases(channel, contact_id, linked) VALUES "
+                              "(?, ?, ?) ON CONFLICT DO UPDATE SET linked = excluded.linked",
+                              (channel, one, json.dumps(sorted(linked))))
 
         await self._writer.run(work)
 
     async def retired_with(self, channel: str, contact_id: str) -> list[str]:
         """The ids retired with ``contact_id`` by an erasure not yet finished."""
-        row = await self._writer.run(lambda c: c.execute(
-            "SELECT linked FROM retired_aliases WHERE channel = ? AND contact_id = ?",
-            (channel, contact_id)).fetchone())
-        return json.loads(row[0]) if row else []
+        return await self._writer.run(lambda c: _retired(c, channel, contact_id))
 
     async def forget_retired(self, channel: str, contact_ids: list[str]) -> None:
-        """Erasure, once every sink has erased: drop the record :meth:`retire_aliases` kept."""
-        await self._writer.run(lambda c: c.executemany(
-            "DELETE FROM retired_aliases WHERE channel = ? AND contact_id = ?",
-            [(channel, one) for one in contact_ids]))
+        """Erasure, once every sink has erased ``contact_ids``: take them out of those ids'
+        records; a record left empty goes (one that names an id erased by no finished erasure
+        stays, for that id's repeat)."""
+        erased = set(contact_ids)
+
+        def work(c: sqlite3.Connection) -> None:
+            for one in contact_ids:
+                left = set(_retired(c, channel, one)) - erased
+                if left:
+                    c.execute("UPDATE retired_aliases SET linked = ? WHERE channel = ? AND "
+                              "contact_id = ?", (json.dumps(sorted(left)), channel, one))
+                else:
+                    c.execute("DELETE FROM retired_aliases WHERE channel = ? AND contact_id = ?",
+                              (channel, one))
+
+        await self._writer.run(work)
 
     async def aliases_of(self, channel: str, contact_id: str) -> list[str]:
         """The aliases seen beside ``contact_id`` (an erasure erases them with it)."""
@@ -379,6 +389,12 @@ class SqliteJournal:
                 key = (channel, one)
                 self._erasures[key] = max(self._erasures.get(key, 0), newest)
         return result
+
+
+def _retired(c: sqlite3.Connection, channel: str, contact_id: str) -> list[str]:
+    row = c.execute("SELECT linked FROM retired_aliases WHERE channel = ? AND contact_id = ?",
+                    (channel, contact_id)).fetchone()
+    return json.loads(row[0]) if row else []
 
 
 def _store_new(c: sqlite3.Connection, events: list[NewEvent], now: float) -> list[int | None]:

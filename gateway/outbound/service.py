@@ -175,16 +175,8 @@ class OutboundService(PythonAPI, Pausing):
         channel = self.channels.get(req.channel)
         if channel is None:
             raise rq.InvalidRequest("channel", f"no enabled channel is named {req.channel!r}")
-        also = None  # the customer an alias ``to`` was last seen beside
         if req.to:  # as inbound events name the customer: "+1 555..." is wa_id "1555..."
             req = msgspec.structs.replace(req, to=channel.recipient(req.to))
-            if self.resolve_customer is not None and channel.may_be_alias(req.to):
-                try:
-                    owner = await self.resolve_customer(req.channel, req.to)
-                except JournalUnavailable as exc:
-                    raise Unavailable(f"the journal did not say whose id {req.to!r} is "
-                                      f"({exc}); retry later", "journal_unavailable") from exc
-                also = owner if owner != req.to else None
         account = self._account(req.channel, req.account_id)
         if self.inbound_caught_up is not None and not await self.inbound_caught_up(SETTLE_SECONDS):
             self._unsettled += 1
@@ -193,6 +185,14 @@ class OutboundService(PythonAPI, Pausing):
                 log.warning("inbound_not_caught_up", seconds=SETTLE_SECONDS, sends=self._unsettled,
                             detail="sends checked against the consent and window known so far")
                 self._unsettled = 0
+        also = None  # the customer an alias ``to`` was last seen beside: after the catch-up,
+        if req.to and self.resolve_customer is not None and channel.may_be_alias(req.to):
+            try:  # so a pair in a webhook acknowledged before this send is known
+                owner = await self.resolve_customer(req.channel, req.to)
+            except JournalUnavailable as exc:
+                raise Unavailable(f"the journal did not say whose id {req.to!r} is ({exc}); "
+                                  "retry later", "journal_unavailable") from exc
+            also = owner if owner != req.to else None
         try:
             req = await self._check(req, account, also)
             row, new = await self.outbox.add(req.channel, account, req.to or "", req.type,
@@ -252,7 +252,10 @@ class OutboundService(PythonAPI, Pausing):
             if (other.last_inbound_at or 0) > (customer.last_inbound_at or 0):
                 customer = customer._replace(last_inbound_at=other.last_inbound_at,
                                              last_inbound_message_id=other.last_inbound_message_id)
-            if (other.opted_out_at or float("-inf")) > (customer.opted_out_at or float("-inf")):
+            # the later word wins; at the same time (or neither dated: a record migrated from
+            # before opted_out_at was kept), the opt-out
+            if ((other.opted_out_at or float("-inf")), bool(other.opted_out)) > (
+                    (customer.opted_out_at or float("-inf")), bool(customer.opted_out)):
                 customer = customer._replace(opted_out=other.opted_out,
                                              opted_out_at=other.opted_out_at)
         if req.type in ("mark_read", "typing") and not req.message_id:

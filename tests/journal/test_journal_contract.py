@@ -247,6 +247,30 @@ async def test_erase_contact_takes_one_persons_ids_in_one_pass(journal):
     assert await journal.dead_letters() == []
 
 
+async def test_retired_records_merge_and_an_erasure_takes_out_only_what_it_erased(journal):
+    """Two erasures of overlapping ids (the second may run while the first waits for a repeat):
+    each id's record only grows, and a finished erasure takes out of its ids' records only the
+    ids it erased; a record goes once empty."""
+    w, b1, b2 = "15550001234", "US.1111", "US.2222"
+    await journal.retire_aliases("whatsapp", [w, b1])  # an erasure of w that failed
+    await journal.retire_aliases("whatsapp", [b2, w])  # then one of a new BSUID, beside w
+    assert await journal.retired_with("whatsapp", w) == [b1, b2]
+    assert await journal.retired_with("whatsapp", b2) == [w]
+    await journal.forget_retired("whatsapp", [b2, w])  # the second one finished
+    assert await journal.retired_with("whatsapp", b2) == []
+    assert await journal.retired_with("whatsapp", w) == [b1]  # for the first one's repeat
+    assert await journal.retired_with("whatsapp", b1) == [w]
+    await journal.retire_aliases("whatsapp", [w])  # alone: nothing to add, nothing lost
+    assert await journal.retired_with("whatsapp", w) == [b1]
+    await journal.forget_retired("whatsapp", [w, b1])  # the repeat finished
+    for one in (w, b1, b2):
+        assert await journal.retired_with("whatsapp", one) == []
+    await journal.retire_aliases("whatsapp", ["a/b", 'q"x'])  # ids JSON and Lua must keep
+    assert await journal.retired_with("whatsapp", "a/b") == ['q"x']
+    await journal.forget_retired("whatsapp", ["a/b", 'q"x'])
+    assert await journal.retired_with("whatsapp", 'q"x') == []
+
+
 def _journal_like(journal, request, data_dir, window: int | None = None, prefix: str = ""):
     """A new, unopened journal of ``journal``'s backend: the same store when ``data_dir`` is the
     fixture's ``tmp_path`` and ``prefix`` is empty (a restart), else a store of its own."""

@@ -401,3 +401,20 @@ async def test_erasure_records_are_compare_and_set_across_replicas(replicas):
     assert await a.erasures() == {("whatsapp", "15550001234"): first.seq + 9}
     await a._drop_passed([field.encode()], await a.redis.hgetall(a.k_erasures))
     assert await a.erasures() == {}
+
+
+async def test_an_erasure_and_another_replicas_new_pairs_never_leave_a_pair_unfindable(
+        replicas):
+    """Retiring a customer's pairs while another replica learns new pairs of that customer: each
+    new pair is either retired with the others or still findable through the customer's set (a
+    later erasure of the number must erase it). 200 rounds, each racing one learn with one
+    retire on two connections."""
+    mine, other = replicas
+    w = "15550001234"
+    for i in range(200):
+        alias = f"US.{i:04d}"
+        await asyncio.gather(other.learn_aliases({("whatsapp", alias): w}),
+                             mine.retire_aliases("whatsapp", [w]))
+        if await mine.aliases([("whatsapp", alias)]):
+            assert await mine.aliases_of("whatsapp", w) == [alias], i
+            await mine.retire_aliases("whatsapp", [w])

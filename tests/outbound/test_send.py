@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -144,27 +145,99 @@ async def test_a_send_to_a_bsuid_seen_beside_a_wa_id_is_the_customers_own(outbou
     assert sent["recipient"] == bsuid and "to" not in sent
 
 
-async def test_a_send_to_a_bsuid_is_checked_against_both_ids_latest_word(outbound):
-    """A STOP sent beside the number, then a START by BSUID alone before the pair was known:
-    the latest word of either id counts (and the window the latest message of either opened)."""
-    bsuid, wa_id, now = "US.13491208655302741918", "16315551234", int(time.time())
+def _bsuid_alone(message_id: str, at: int, text: str) -> bytes:
+    body = json.loads(fixture_bytes("whatsapp/bsuid_only.json"))
+    body["entry"][0]["changes"][0]["value"]["messages"][0].update(
+        id=message_id, timestamp=str(at), text={"body": text})
+    return json.dumps(body).encode()
+
+
+def _beside(at: int, text: str) -> bytes:
+    """One text from the wa_id, with the BSUID beside it (the pair is learned from it)."""
+    body = json.loads(fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    del body["entry"][0]["changes"][1:]
+    value = body["entry"][0]["changes"][0]["value"]
+    value["messages"] = value["messages"][:1]
+    value["messages"][0].update(timestamp=str(at), type="text", text={"body": text})
+    return json.dumps(body).encode()
+
+
+PROMO = {"channel": "whatsapp", "type": "template", "template": {
+    "name": "promo", "language": "en_US", "category": "marketing"}}
+BSUID, WA_ID = "US.13491208655302741918", "16315551234"
+
+
+@pytest.mark.parametrize("start_first", [True, False])
+async def test_a_send_to_a_bsuid_is_checked_against_both_ids_latest_word(outbound, start_first):
+    """A START by BSUID alone (before the pair was known: filed under the BSUID) and a STOP
+    beside the number: for a send to the BSUID the later of the two counts, whichever id said
+    it; the number alone knows only its STOP. The window the number's message opened lets a
+    free-form reply to the BSUID through."""
+    now = int(time.time())
     ob = await outbound()
-    alone = json.loads(fixture_bytes("whatsapp/bsuid_only.json"))
-    alone["entry"][0]["changes"][0]["value"]["messages"][0].update(
-        id="wamid.TEST.IN.BSUID.START", timestamp=str(now - 10), text={"body": "START"})
-    beside = json.loads(fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
-    del beside["entry"][0]["changes"][1:]
-    beside["entry"][0]["changes"][0]["value"]["messages"][0].update(
-        timestamp=str(now - 100), type="text", text={"body": "STOP"})
-    for body in (alone, beside):  # the START is journaled first: filed under the BSUID
-        assert (await ob.gw.post("whatsapp", json.dumps(body).encode()))[0] == 200
+    start_at, stop_at = (now - 100, now - 10) if start_first else (now - 10, now - 100)
+    for body in (_bsuid_alone("wamid.TEST.IN.BSUID.START", start_at, "START"),
+                 _beside(stop_at, "STOP")):  # the START is journaled first: under the BSUID
+        assert (await ob.gw.post("whatsapp", body))[0] == 200
         await ob.gw.settle()
-    template = {"channel": "whatsapp", "type": "template", "template": {
-        "name": "promo", "language": "en_US", "category": "marketing"}}
-    status, answer = await ob.send({**template, "to": wa_id})  # the number alone: its STOP
+    status, answer = await ob.send({**PROMO, "to": WA_ID})
     assert status == 422 and answer["error"]["code"] == "opted_out", answer
-    status, answer = await ob.send({**template, "to": bsuid})  # the later START counts
+    status, answer = await ob.send({**PROMO, "to": BSUID})
+    if start_first:  # the number's STOP is the later word
+        assert status == 422 and answer["error"]["code"] == "opted_out", answer
+    else:
+        assert status == 202, answer
+
+
+async def test_a_free_form_send_to_a_bsuid_uses_the_window_its_number_opened(outbound):
+    ob = await outbound()
+    assert (await ob.gw.post("whatsapp", _beside(int(time.time()) - 60, "hello")))[0] == 200
+    await ob.gw.settle()  # the BSUID itself never wrote alone: only the number's window is open
+    status, answer = await ob.send({"channel": "whatsapp", "to": BSUID, "type": "text",
+                                    "text": "Hi!"})
     assert status == 202, answer
+    await ob.wait(answer["id"], "sent")
+    (sent,) = ob.sim.bodies(WA)
+    assert sent["recipient"] == BSUID and sent["text"]["body"] == "Hi!"
+
+
+async def test_a_stop_acknowledged_just_before_a_send_to_the_bsuid_is_honoured(outbound):
+    """The pair in a webhook acknowledged before the send is known when the send is checked:
+    the look-up waits for the processor's catch-up, like the window and consent do."""
+    from gateway import keys
+
+    now = int(time.time())
+    ob = await outbound()
+    assert (await ob.gw.post("whatsapp", _bsuid_alone("wamid.TEST.IN.BSUID.HI", now - 50,
+                                                      "hi")))[0] == 200
+    await ob.gw.settle()
+    identities = ob.gw.app[keys.PROCESSOR].identities
+    apply = identities.apply
+
+    async def behind(events):  # a processor a little behind (well within SETTLE_SECONDS)
+        await asyncio.sleep(0.3)
+        return await apply(events)
+
+    identities.apply = behind
+    assert (await ob.gw.post("whatsapp", _beside(now - 5, "STOP")))[0] == 200  # acknowledged
+    status, answer = await ob.send({**PROMO, "to": BSUID})
+    assert status == 422 and answer["error"]["code"] == "opted_out", answer
+
+
+async def test_an_opt_out_kept_without_its_time_still_counts_for_a_send_to_the_bsuid(outbound):
+    """A consent record of an earlier version (opted out, no time) on the number: a send to its
+    BSUID, which has no word of its own, is refused as a send to the number is."""
+    import sqlite3
+
+    ob = await outbound()
+    assert (await ob.gw.post("whatsapp", _beside(int(time.time()) - 100, "hello")))[0] == 200
+    await ob.gw.settle()
+    with sqlite3.connect(ob.gw.data_dir / "outbox.db") as db:
+        db.execute("UPDATE customers SET opted_out = 1, opted_out_at = NULL WHERE contact_id = ?",
+                   (WA_ID,))
+    for to in (WA_ID, BSUID):
+        status, answer = await ob.send({**PROMO, "to": to})
+        assert status == 422 and answer["error"]["code"] == "opted_out", (to, answer)
 
 
 async def test_whatsapp_mark_read_and_typing_use_the_latest_inbound_message(outbound):
