@@ -72,6 +72,13 @@ class Channel(abc.ABC):
         (one look-up per send); a channel that sets no ``user_id`` says no."""
         return True
 
+    def previous_alias(self, event: Event) -> str | None:
+        """For a ``system`` message (``event.type == "system"``) that says its customer's alias
+        changed (WhatsApp's ``user_changed_user_id``, whose customer is the new BSUID): the
+        alias it replaces. The processor then pairs the new alias with the customer the old
+        one was paired with (:mod:`gateway.identities`). The default: None (no such message)."""
+        return None
+
     async def send(self, account_id: str, request: OutboundRequest,
                    callback_data: str | None) -> SendResult:
         """Send one message through the provider's API.

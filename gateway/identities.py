@@ -11,7 +11,9 @@ customer is known by an alias alone is then rewritten to the customer that alias
 its customer id, and its conversation id when the channel built it the standard way
 (:func:`gateway.events.conversation_id`). So the person keeps one contact, one conversation and
 one AI history when their number stops showing, and a reply is addressed by the number. An alias
-seen beside another customer later points at that one from then on.
+seen beside another customer later points at that one from then on. A message that says the
+alias changed (:meth:`gateway.channel.Channel.previous_alias`: WhatsApp's ``user_changed_user_id``)
+pairs the new alias with the customer the old one was paired with.
 
 Event ids do not change (they come from Meta's message ids), so de-duplication is unaffected.
 A send addressed to an alias goes to that alias (Meta routes a BSUID to its owner, even on a
@@ -35,6 +37,9 @@ import msgspec
 from gateway.events import Event, Party, conversation_id, encode
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from gateway.channel import Channel
     from gateway.journal import Journal
 
 KNOWN_PAIRS = 50_000  # pairs remembered in memory, so that a pair seen again costs no write
@@ -56,8 +61,10 @@ def customer(event: Event) -> Party:
 class Identities:
     """The processor's alias resolution, over the journal's durable pairs."""
 
-    def __init__(self, journal: Journal, size: int = KNOWN_PAIRS) -> None:
+    def __init__(self, journal: Journal, size: int = KNOWN_PAIRS,
+                 channels: Mapping[str, Channel] | None = None) -> None:
         self.journal = journal
+        self.channels = channels or {}  # for Channel.previous_alias
         # (channel, alias) -> (customer id, when written): pairs this process wrote lately
         self._known: OrderedDict[Key, tuple[str, float]] = OrderedDict()
         self._size = size
@@ -66,11 +73,22 @@ class Identities:
                     ) -> list[tuple[Event, bytes, float]]:
         """Learn the batch's pairs and resolve its alias-only customers (``(event, encoded,
         received_at)`` tuples, as the processor holds them); the batch, rewritten events
-        encoded anew. Without any ``user_id`` in the batch, the batch as it is, at once."""
+        encoded anew. Without any ``user_id`` in the batch, the batch as it is, at once.
+
+        A ``system`` message saying the customer's alias changed (the channel's
+        :meth:`~gateway.channel.Channel.previous_alias`; WhatsApp's ``user_changed_user_id``,
+        whose customer is the new BSUID) pairs the new alias with the customer the old one was
+        paired with, and is that customer's; an old alias with no pair changes nothing."""
         taught: dict[Key, str] = {}
         wanted: set[Key] = set()
+        changed: dict[Key, Key] = {}  # (channel, new alias) -> (channel, the alias it replaces)
         for event, _, _ in events:
             party = customer(event)
+            if event.type == "system" and self.channels:
+                channel = self.channels.get(event.channel)
+                old = channel.previous_alias(event) if channel is not None else None
+                if old and old != party.id:
+                    changed[(event.channel, party.id)] = (event.channel, old)
             if party.user_id is None:
                 continue
             key = (event.channel, party.user_id)
@@ -78,24 +96,34 @@ class Identities:
                 taught[key] = party.id  # the latest in the batch wins
             else:
                 wanted.add(key)
-        if not taught and not wanted:
+        if not taught and not wanted and not changed:
             return events
+        asked = {k for k in wanted if k not in taught}
+        asked.update(old for old in changed.values() if old not in taught)
+        found = await self.journal.aliases(list(asked)) if asked else {}
+        moved: dict[Key, str] = {}  # new aliases of changed ones -> their customer
+        for new, old in changed.items():
+            owner = taught.get(old) or found.get(old)
+            if owner is not None and owner != new[1]:
+                moved[new] = taught[new] = owner
         learning = {k: v for k, v in taught.items() if not self._wrote(k, v)}
         if learning:
             await self.journal.learn_aliases(learning)
             now = time.monotonic()
             for key, contact in learning.items():
                 self._remember(key, contact, now)
-        if not wanted:
+        if not wanted and not moved:
             return events
-        asked = [k for k in wanted if k not in taught]
-        found = await self.journal.aliases(asked) if asked else {}
         out = []
         for item in events:
             event = item[0]
             party = customer(event)
             key = (event.channel, party.user_id or "")
             target = (taught.get(key) or found.get(key)) if key in wanted else None
+            if target is None and moved:
+                target = moved.get((event.channel, party.id))
+                if target is not None:  # the new alias rides on its customer's party
+                    party = msgspec.structs.replace(party, user_id=party.id)
             if target is None or target == party.id:
                 out.append(item)
                 continue

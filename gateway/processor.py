@@ -93,7 +93,8 @@ class Processor:
         self.batch_size = batch_size
         self.wake = asyncio.Event()
         self.timer = ResponseTimer(metrics)
-        self.identities = Identities(journal)  # customers known by an alias alone (a BSUID)
+        # customers known by an alias alone (a BSUID)
+        self.identities = Identities(journal, channels=channels)
         self._stopping = False
         self.processed_seq = 0  # the newest request processed, its events published
         self.stopped = False  # run() returned or was cancelled: nothing will be processed

@@ -238,3 +238,51 @@ async def test_an_erasure_meanwhile_of_a_new_bsuid_keeps_what_the_failed_ones_re
     assert crm.of(("whatsapp", BSUID)) == 0 and crm.events == {}
     status, body = await erase(gw, WA_ID)
     assert status == 200 and body["linked_ids"] == [], body  # nothing kept once all finished
+
+
+def bsuid_changed(old: str, new: str, message_id: str = "wamid.TEST.IN.SYSTEM.CHANGED") -> bytes:
+    """WhatsApp's user_changed_user_id system message (no "from"): ``old`` became ``new``."""
+    body = json.loads(fixture_bytes("whatsapp/system_user_changed_user_id.json"))
+    message = body["entry"][0]["changes"][0]["value"]["messages"][0]
+    message["id"] = message_id
+    message["system"].update(previous_user_id=old, user_id=new,
+                             body=f"User changed from {old} to {new}")
+    return json.dumps(body).encode()
+
+
+async def test_a_changed_bsuid_stays_the_customer_the_old_one_was_seen_beside(gateway):
+    """user_changed_user_id: the system message and every later message by the new BSUID alone
+    are the number's; an erasure of the number takes both BSUIDs. A change of a BSUID never
+    paired with a number changes nothing (a person of their own, under the new BSUID)."""
+    new = "US.2222"
+    gw = await start(gateway)
+    await post(gw, fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    await post(gw, bsuid_changed(BSUID, new))
+    assert await where(gw, "wamid.TEST.IN.SYSTEM.CHANGED") == (WA_ID, ACCOUNT, CONVERSATION)
+    (event,) = [e for e in gw.jsonl() if e.get("message_id") == "wamid.TEST.IN.SYSTEM.CHANGED"]
+    assert event["sender"] == {"id": WA_ID, "user_id": new}
+    alone = json.loads(bsuid_only("wamid.TEST.IN.NEW.ALONE"))
+    value = alone["entry"][0]["changes"][0]["value"]
+    value["contacts"][0]["user_id"] = value["messages"][0]["from_user_id"] = new
+    await post(gw, json.dumps(alone).encode())
+    assert await where(gw, "wamid.TEST.IN.NEW.ALONE") == (WA_ID, ACCOUNT, CONVERSATION)
+
+    await post(gw, bsuid_changed("US.7777", "US.8888", "wamid.TEST.IN.SYSTEM.UNPAIRED"))
+    assert await where(gw, "wamid.TEST.IN.SYSTEM.UNPAIRED") == (
+        "US.8888", ACCOUNT, f"whatsapp:{ACCOUNT}:US.8888")
+
+    status, body = await erase(gw, WA_ID)
+    assert status == 200 and body["linked_ids"] == [BSUID, new], body
+    assert await gw.sql("SELECT contact_id FROM contacts") == [("US.8888",)]
+
+
+async def test_a_bsuid_changed_in_the_batch_that_pairs_it_follows_its_number(gateway):
+    from tests.test_erasure import hold_processor
+
+    gw = await start(gateway)
+    gate = hold_processor(gw)
+    for body in (fixture_bytes("whatsapp/bsuid_beside_wa_id.json"), bsuid_changed(BSUID, "US.3")):
+        assert (await gw.post("whatsapp", body))[0] == 200
+    gate.set()  # both requests in one batch: the pair is learned there, then followed
+    await gw.settle()
+    assert await where(gw, "wamid.TEST.IN.SYSTEM.CHANGED") == (WA_ID, ACCOUNT, CONVERSATION)

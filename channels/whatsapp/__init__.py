@@ -95,6 +95,14 @@ class WhatsAppChannel(Channel):
         """A BSUID can be; a wa_id (digits) never is: no look-up for most sends."""
         return send.BSUID.fullmatch(to) is not None
 
+    def previous_alias(self, event: Event) -> str | None:
+        """The BSUID a ``user_changed_user_id`` system message says its customer had."""
+        system = event.system or {}
+        if system.get("type") != "user_changed_user_id":
+            return None
+        old = system.get("previous_user_id")
+        return old if isinstance(old, str) and old else None
+
     def normalise(self, body: bytes) -> list[Event]:
         return normalise.normalise(body, self._notices)
 
