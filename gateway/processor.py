@@ -10,7 +10,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway import logging as gwlog
@@ -35,6 +35,7 @@ RETRY_MAX = 5.0  # a processor whose journal fails retries at least this often
 LABEL_TYPES = frozenset({"", *MESSAGE_TYPES, MARKETING})
 REPLAY_CHECK_SECONDS = 1.0  # how often replays of raw requests (normalise:*) are looked for
 REPLAY_LEASE_MS = 10_000  # a shared journal: one replica at a time replays them
+NOTICE_SERIES = 200  # distinct (account, code) label pairs of gateway_meta_errors_total
 
 
 class ResponseTimer:
@@ -106,7 +107,8 @@ class Processor:
         self._owner = uuid.uuid4().hex  # this processor, as the holder of a replay lease
         # called with each batch's notices (out-of-band account errors, Channel.notices): the
         # outbound service's limiters slow down on a throttling code
-        self.notice_observers: list[Callable[[list[Notice]], None]] = []
+        self.notice_observers: list[Callable[[list[Notice]], Awaitable[None]]] = []
+        self._notice_series: set[tuple[str, str]] = set()  # (account, code) labels in use
 
     async def run(self) -> None:
         """Process until :meth:`stop`; then finish what is journaled (bounded by the caller).
@@ -183,7 +185,7 @@ class Processor:
             return 0
         erasures = getattr(self.journal, "erasures", None)
         events, owners, failed = self._normalise(requests, await erasures() if erasures else {})
-        self._notices()
+        notices = self._take_notices()  # a batch that fails drops them: its retry takes them anew
         events = await self.identities.apply(events)
         new = [NewEvent(ev.id, ev.channel, ev.conversation_id, data, received)
                for ev, data, received in events]
@@ -196,6 +198,8 @@ class Processor:
         self.processed_seq = requests[-1].seq
         async with self._published:
             self._published.notify_all()
+        if notices:
+            await self._hand_notices(notices)
         return len(requests)
 
     async def caught_up(self, timeout: float) -> bool:
@@ -260,23 +264,37 @@ class Processor:
                 owners.append(index)
         return events, owners, failed
 
-    def _notices(self) -> None:
-        """Count the channels' notices of this batch and hand them to the observers. They are
-        not events, so nothing de-duplicates them: a redelivered body counts again (and slows
-        sending down again, which never breaks a limit)."""
+    def _take_notices(self) -> list[Notice]:
+        """The notices the channels met normalising this batch (Channel.notices)."""
+        found: list[Notice] = []
         for channel in self.channels.values():
             taken = getattr(channel, "notices", None)  # a channel written before the hook
-            notices = taken() if taken is not None else None
-            if not notices:
-                continue
-            for notice in notices:
-                self.metrics.meta_errors.labels(notice.channel, notice.account_id,
-                                                str(notice.error.code)).inc()
-            for observer in self.notice_observers:
-                try:
-                    observer(notices)
-                except Exception as exc:  # noqa: BLE001 - an observer never fails the batch
-                    log.error("notice_observer_failed", error=repr(exc))
+            if taken is not None:
+                found.extend(taken())
+        return found
+
+    async def _hand_notices(self, notices: list[Notice]) -> None:
+        """Once the batch is committed: count its notices and hand them to the observers. They
+        are not events, so nothing de-duplicates them: a redelivered body counts again (and
+        slows sending down again, which never breaks a limit); a batch committed once counts
+        once, however often it was normalised."""
+        for notice in notices:
+            self.metrics.meta_errors.labels(*self._notice_labels(notice)).inc()
+        for observer in self.notice_observers:
+            try:
+                await observer(notices)
+            except Exception as exc:  # noqa: BLE001 - an observer never fails the batch
+                log.error("notice_observer_failed", error=repr(exc))
+
+    def _notice_labels(self, notice: Notice) -> tuple[str, str, str]:
+        """(channel, account, code): the first :data:`NOTICE_SERIES` (account, code) pairs as
+        they are, later new ones as ("other", "other"), so the series stay bounded."""
+        pair = (notice.account_id, str(notice.error.code))
+        if pair not in self._notice_series:
+            if len(self._notice_series) >= NOTICE_SERIES:
+                return notice.channel, "other", "other"
+            self._notice_series.add(pair)
+        return notice.channel, *pair
 
     def _account(self, events, owners, seqs, requests) -> list[Record]:
         records = []

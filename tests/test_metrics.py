@@ -276,3 +276,33 @@ async def test_the_dead_letter_gauge_returns_to_0_when_a_sinks_last_letter_goes(
             break
         await asyncio.sleep(0.05)
     assert registry.get_sample_value("gateway_dead_letters", label) == 0
+
+
+async def test_meta_error_series_stay_bounded(gateway):
+    """gateway_meta_errors_total: the first NOTICE_SERIES (account, code) pairs keep their
+    labels, later new ones are counted as account and code "other"."""
+    import json
+
+    from gateway import keys
+    from gateway.processor import NOTICE_SERIES
+    from tests.conftest import fixture_bytes
+
+    gw = await gateway()
+    body = json.loads(fixture_bytes("whatsapp/change_errors.json"))
+    value = body["entry"][0]["changes"][0]["value"]
+    value["errors"] = [{"code": 500000 + i, "title": "x"} for i in range(NOTICE_SERIES + 5)]
+    assert (await gw.post("whatsapp", json.dumps(body).encode()))[0] == 200
+    await gw.settle()
+    registry = gw.app[keys.METRICS].registry
+    account = value["metadata"]["phone_number_id"]
+
+    def count(account: str, code: str) -> float | None:
+        return registry.get_sample_value("gateway_meta_errors_total", {
+            "channel": "whatsapp", "account": account, "code": code})
+
+    assert count(account, "500000") == 1 and count(account, str(500000 + NOTICE_SERIES - 1)) == 1
+    assert count(account, str(500000 + NOTICE_SERIES)) is None
+    assert count("other", "other") == 5
+    series = [s for m in registry.collect() if m.name == "gateway_meta_errors"
+              for s in m.samples if s.name.endswith("_total")]
+    assert len(series) == NOTICE_SERIES + 1

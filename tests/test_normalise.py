@@ -241,6 +241,10 @@ def test_value_level_errors_are_the_channels_notices_once_each():
                ErrorInfo(130429, "Rate limit hit", "Rate limit hit")),
         Notice("whatsapp", "100000000000001", ErrorInfo(131056, "Pair"))]
     assert channel.notices() == []
+    envelope["entry"][0]["changes"].append(["not", "a", "change"])  # the tolerant path
+    assert channel.normalise(json.dumps(envelope).encode()) == []
+    assert [(n.account_id, n.error.code) for n in channel.notices()] == [
+        ("100000000000001", 130429), ("100000000000001", 131056)]
     del value["metadata"]  # no number to charge it to: logged only
     channel.normalise(json.dumps(envelope).encode())
     assert channel.notices() == []

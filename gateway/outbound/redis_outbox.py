@@ -33,7 +33,8 @@ Keys, under the journal's prefix ``p`` (default ``gw``; ``?prefix=NAME`` on the 
 - ``{p}:out:customer:{channel}:{contact}`` — hash, per account ``at:{account}`` (latest inbound
   message time), ``mid:{account}`` (its message id), ``opt:{account}`` (``1`` opted out).
 - ``{p}:out:wake`` — pub/sub channel: ``{channel}\\n{account}`` when a record is added, so the
-  replica sending for that account starts at once (see :meth:`RedisOutbox.watch`).
+  replica sending for that account starts at once (see :meth:`RedisOutbox.watch`); and
+  ``{channel}\\n{account}\\n{code}`` for an out-of-band throttling code (:meth:`announce`).
 - ``{p}:lease:outbound:{channel}:{account}`` — :class:`AccountLease` (``SET NX PX``, renewed).
 
 Retention: a record is *settled* once it will not be sent again (``sent``, ``delivered``,
@@ -225,13 +226,24 @@ class RedisOutbox:
                 log.warning("outbox_uncertain_after_replica_loss", count=found,
                             reconcile_seconds=self.reconcile_seconds)
 
-    def watch(self, wake: Callable[[str, str], None]) -> None:
+    def watch(self, wake: Callable[[str, str], None],
+              throttled: Callable[[str, str, int], None] | None = None) -> None:
         """Call ``wake(channel, account)`` whenever any replica adds a record (Redis pub/sub on
-        ``{p}:out:wake``), so the replica holding that account's lease sends it at once. Call
-        after :meth:`open`; stops at :meth:`close`. Resubscribes after an outage."""
-        self._tasks.append(asyncio.create_task(self._listen(wake), name="outbox:wake"))
+        ``{p}:out:wake``), so the replica holding that account's lease sends it at once; and
+        ``throttled(channel, account, code)`` for each out-of-band throttling code a replica
+        :meth:`announce` names. Call after :meth:`open`; stops at :meth:`close`. Resubscribes
+        after an outage."""
+        self._tasks.append(asyncio.create_task(self._listen(wake, throttled),
+                                               name="outbox:wake"))
 
-    async def _listen(self, wake: Callable[[str, str], None]) -> None:
+    async def announce(self, channel: str, account_id: str, code: int) -> None:
+        """Tell every replica that Meta reported throttling ``code`` for the account out of
+        band (``{channel}\n{account}\n{code}`` on ``{p}:out:wake``): the one sending for it
+        parks it. Fire and forget, as a wake is."""
+        await self.redis.publish(self.k_wake, f"{channel}\n{account_id}\n{code}")
+
+    async def _listen(self, wake: Callable[[str, str], None],
+                      throttled: Callable[[str, str, int], None] | None = None) -> None:
         delay = 0.1
         while not self._closing:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
@@ -242,8 +254,12 @@ class RedisOutbox:
                     message = await cancellable(pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=1.0))
                     if message and message.get("type") == "message":
-                        channel, _, account = as_str(message["data"]).partition("\n")
-                        wake(channel, account)
+                        channel, _, rest = as_str(message["data"]).partition("\n")
+                        account, _, code = rest.partition("\n")
+                        if not code:
+                            wake(channel, account)
+                        elif throttled is not None and code.isdigit():
+                            throttled(channel, account, int(code))
             except unavailable() as exc:
                 log.warning("redis_unavailable", operation="outbox_watch", error=repr(exc),
                             retry_in=delay)

@@ -144,7 +144,7 @@ class OutboundService(PythonAPI, Pausing):
                                                   name=f"outbound:{channel}:{account}"))
         self.tasks.append(asyncio.create_task(self._depth(), name="outbound:depth"))
         if isinstance(self.outbox, RedisOutbox):  # a send accepted by another replica
-            self.outbox.watch(self._woken)
+            self.outbox.watch(self._woken, self._out_of_band)
 
     async def stop(self, timeout: float = 5.0) -> None:
         for task in self.tasks:
@@ -530,23 +530,37 @@ class OutboundService(PythonAPI, Pausing):
 
     # -- throttling -------------------------------------------------------------------------------
 
-    def notices(self, notices: list[Notice]) -> None:
+    async def notices(self, notices: list[Notice]) -> None:
         """Processor observer: Meta's out-of-band account errors (WhatsApp's value-level
         ``errors[]``, e.g. 130429 "Rate limit hit"). A throttling code of the number, business
         account or app parks that scope of the account for its next backoff step, as the same
         code in a send's answer does; a pair code names no recipient, so it parks nothing. Other
-        codes are only counted (``gateway_meta_errors_total``) and logged by the channel."""
+        codes are only counted (``gateway_meta_errors_total``) and logged by the channel.
+
+        The replica that sends for the account parks it: with the Redis outbox the code goes
+        to every replica (``{p}:out:wake``), and only the holder of the account's lease acts."""
         for notice in notices:
             key = (notice.channel, notice.account_id)
-            rule = rule_for(notice.error.code, None, 0)
-            if (not issubclass(rule.kind, MetaThrottled) or rule.scope == "pair"
-                    or key not in self.limiters):
+            if key not in self.limiters or _out_of_band_scope(notice.error.code) is None:
                 continue
-            wait = self._throttle(key, rule.scope or "number", None, rule.backoff, 0.0)
-            self._headroom(key)
-            log.warning("outbound_throttled_out_of_band", channel=key[0], account=key[1],
-                        code=notice.error.code, scope=rule.scope or "number",
-                        wait=round(wait, 3))
+            if isinstance(self.outbox, RedisOutbox):
+                await self.outbox.announce(notice.channel, notice.account_id, notice.error.code)
+            else:
+                self._out_of_band(notice.channel, notice.account_id, notice.error.code)
+
+    def _out_of_band(self, channel: str, account: str, code: int) -> None:
+        """Park the account's scope that the out-of-band throttling ``code`` names, on the
+        replica that holds the account's lease (any other does not send for it)."""
+        key = (channel, account)
+        scope = _out_of_band_scope(code)
+        lease = self.leases.get(key)
+        if scope is None or key not in self.limiters or lease is None or not lease.held:
+            return
+        rule = rule_for(code, None, 0)
+        wait = self._throttle(key, scope, None, rule.backoff, 0.0)
+        self._headroom(key)
+        log.warning("outbound_throttled_out_of_band", channel=channel, account=account,
+                    code=code, scope=scope, wait=round(wait, 3))
 
     async def _throttled(self, key: tuple[str, str], row: Row, exc: MetaThrottled,
                          error: dict[str, Any]) -> None:
@@ -677,6 +691,15 @@ def _remember(cache: OrderedDict, key: tuple[str, str, str], value: tuple) -> No
     cache.move_to_end(key)
     if len(cache) > 100_000:
         cache.popitem(last=False)
+
+
+def _out_of_band_scope(code: int) -> str | None:
+    """The limiter scope an out-of-band throttling ``code`` parks, or None (not a throttling
+    code, or one of a recipient's pair, which an out-of-band error does not name)."""
+    rule = rule_for(code, None, 0)
+    if not issubclass(rule.kind, MetaThrottled) or rule.scope == "pair":
+        return None
+    return rule.scope or "number"
 
 
 def _throttle_marks(row: Row) -> dict[str, Any]:

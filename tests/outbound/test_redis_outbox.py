@@ -377,3 +377,46 @@ async def test_two_gateway_replicas_share_one_outbox(gateway, redis_url, monkeyp
         texts = sorted(m.body["text"]["body"] for m in sim.accepted)
         assert texts == sorted(f"reply {i}" for i in range(20))
         assert sorted(m.body["biz_opaque_callback_data"] for m in sim.accepted) == sorted(ids)
+
+
+async def test_an_out_of_band_throttling_code_parks_the_replica_that_sends(gateway, redis_url):
+    """Two replicas, one account: whichever replica processes a value-level 130429, the one
+    holding the account's lease parks the number (announced through Redis); the other neither
+    parks nor reports a lower headroom for an account it does not send for."""
+    import json
+
+    from gateway import keys
+    from gateway.testing.graph import GraphSimulator
+    from tests.conftest import fixture_bytes
+    from tests.outbound.conftest import TOKEN, WA, channels_toml
+
+    async with GraphSimulator() as sim:
+        extra = f'api_token = "{TOKEN}"\n[queue]\nbackend = "redis"\nredis_url = "{redis_url}"'
+        gws = [await gateway(extra=extra, channels=channels_toml(
+            sim.url, outbound="throttle_backoff_initial = 30\nthrottle_backoff_max = 60"))
+            for _ in range(2)]
+        key = ("whatsapp", WA)
+        services = [g.app[keys.OUTBOUND] for g in gws]
+
+        async def one_holds() -> bool:
+            return sum(s.leases[key].held for s in services) == 1
+
+        assert await eventually(one_holds, 10.0)
+        sender, idle = sorted(services, key=lambda s: not s.leases[key].held)
+        body = json.loads(fixture_bytes("whatsapp/change_errors.json"))
+        body["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = WA
+        for i in range(8):  # each processed by either replica
+            body["entry"][0]["changes"][0]["value"]["errors"][0]["title"] = f"Rate limit {i}"
+            assert (await gws[i % 2].post("whatsapp", json.dumps(body).encode()))[0] == 200
+        for g in gws:
+            await g.settle()
+
+        async def all_parked() -> bool:
+            return sender.limiters[key].backoff.steps.get("number") == 8
+
+        assert await eventually(all_parked, 10.0), dict(sender.limiters[key].backoff.steps)
+        assert sender.limiters[key].parked("number") > 0
+        assert idle.limiters[key].parked("number") == 0 and not idle.limiters[key].backoff.steps
+        metrics = [g.app[keys.METRICS].registry for g in gws]
+        assert sum(m.get_sample_value("gateway_meta_errors_total", {
+            "channel": "whatsapp", "account": WA, "code": "130429"}) or 0 for m in metrics) == 8

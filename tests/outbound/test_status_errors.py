@@ -151,3 +151,27 @@ async def test_an_out_of_band_throttling_code_parks_the_number_and_is_counted(ou
     assert status == 202, answer
     await ob.wait(answer["id"], "sent")
     assert time.monotonic() - parked_at >= 0.4  # it waited for the park
+
+
+async def test_a_batch_normalised_again_after_a_failed_commit_counts_its_notices_once(outbound):
+    """The batch's notices are handed on once it is committed: a commit that fails twice (the
+    journal locked) and a third try count and park the 130429 once, not three times."""
+    from gateway import keys
+
+    ob = await outbound(outbound="throttle_backoff_initial = 1.0")
+    journal = ob.gw.app[keys.PROCESSOR].journal
+    commit, fails = journal.commit_processed, [RuntimeError("database is locked")] * 2
+
+    async def flaky(*args, **kwargs):
+        if fails:
+            raise fails.pop()
+        return await commit(*args, **kwargs)
+
+    journal.commit_processed = flaky
+    body = json.loads(fixture_bytes("whatsapp/change_errors.json"))
+    body["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = WA
+    await ob.webhook("whatsapp", body)
+    assert not fails
+    assert ob.metric("gateway_meta_errors_total", channel="whatsapp", account=WA,
+                     code="130429") == 1
+    assert dict(ob.service.limiters[("whatsapp", WA)].backoff.steps) == {"number": 1}
