@@ -70,6 +70,7 @@ SETTLE_SECONDS = 2.0
 OPTED_OUT_CODE = 131050  # "the user stopped marketing messages"
 ALERT_HOLD_SECONDS = 3600.0  # an error code's gateway_alerts lasts this long after the last one
 DEPTH_INTERVAL = 0.2  # s: gateway_queue_depth{queue="outbox"} is recounted at most this often
+ANNOUNCE_SECONDS = 2.0  # an out-of-band throttling code is announced to the replicas within this
 
 
 class Refused(rq.InvalidRequest):
@@ -544,9 +545,15 @@ class OutboundService(PythonAPI, Pausing):
             if key not in self.limiters or _out_of_band_scope(notice.error.code) is None:
                 continue
             if isinstance(self.outbox, RedisOutbox):
-                await self.outbox.announce(notice.channel, notice.account_id, notice.error.code)
-            else:
-                self._out_of_band(notice.channel, notice.account_id, notice.error.code)
+                try:  # the processor waits for this: never for long
+                    await asyncio.wait_for(self.outbox.announce(
+                        notice.channel, notice.account_id, notice.error.code), ANNOUNCE_SECONDS)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - Redis down: park here if we send
+                    log.warning("outbound_throttle_not_announced", channel=notice.channel,
+                                account=notice.account_id, code=notice.error.code,
+                                error=repr(exc))
+            self._out_of_band(notice.channel, notice.account_id, notice.error.code)
 
     def _out_of_band(self, channel: str, account: str, code: int) -> None:
         """Park the account's scope that the out-of-band throttling ``code`` names, on the

@@ -420,3 +420,46 @@ async def test_an_out_of_band_throttling_code_parks_the_replica_that_sends(gatew
         metrics = [g.app[keys.METRICS].registry for g in gws]
         assert sum(m.get_sample_value("gateway_meta_errors_total", {
             "channel": "whatsapp", "account": WA, "code": "130429"}) or 0 for m in metrics) == 8
+
+
+async def test_an_announcement_that_hangs_never_holds_the_processor(gateway, redis_url,
+                                                                    monkeypatch):
+    """Redis stops answering the publish of an out-of-band throttling code: the processor goes
+    on after ANNOUNCE_SECONDS, and the replica parks the number itself when it sends for it."""
+    import json
+
+    from gateway import keys
+    from gateway.outbound import service as service_module
+    from gateway.testing.graph import GraphSimulator
+    from tests.conftest import fixture_bytes
+    from tests.outbound.conftest import TOKEN, WA, channels_toml
+
+    monkeypatch.setattr(service_module, "ANNOUNCE_SECONDS", 0.2)
+    async with GraphSimulator() as sim:
+        extra = f'api_token = "{TOKEN}"\n[queue]\nbackend = "redis"\nredis_url = "{redis_url}"'
+        gw = await gateway(extra=extra, channels=channels_toml(sim.url))
+        service, key = gw.app[keys.OUTBOUND], ("whatsapp", WA)
+
+        async def held() -> bool:
+            return service.leases[key].held
+
+        assert await eventually(held, 10.0)
+
+        async def hangs(*args):
+            await asyncio.sleep(3600)
+
+        monkeypatch.setattr(service.outbox, "announce", hangs)
+        body = json.loads(fixture_bytes("whatsapp/change_errors.json"))
+        body["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = WA
+        assert (await gw.post("whatsapp", json.dumps(body).encode()))[0] == 200
+        await gw.settle()
+
+        async def parked() -> bool:
+            return service.limiters[key].parked("number") > 0
+
+        assert await eventually(parked, 3.0)
+        began = time.monotonic()  # the processor goes on: the next webhook is processed
+        text = fixture_bytes("whatsapp/text.json")
+        assert (await gw.post("whatsapp", text))[0] == 200
+        await gw.settle()
+        assert time.monotonic() - began < 3
