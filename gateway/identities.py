@@ -11,9 +11,9 @@ customer is known by an alias alone is then rewritten to the customer that alias
 its customer id, and its conversation id when the channel built it the standard way
 (:func:`gateway.events.conversation_id`). So the person keeps one contact, one conversation and
 one AI history when their number stops showing, and a reply is addressed by the number. An alias
-seen beside another customer later points at that one from then on. A message that says the
-alias changed (:meth:`gateway.channel.Channel.previous_alias`: WhatsApp's ``user_changed_user_id``)
-pairs the new alias with the customer the old one was paired with.
+seen beside another customer later points at that one from then on (for the events after it).
+A message that says the alias changed (:meth:`gateway.channel.Channel.previous_alias`: WhatsApp's
+``user_changed_user_id``) pairs the new alias with the customer the old one was paired with.
 
 Event ids do not change (they come from Meta's message ids), so de-duplication is unaffected.
 A send addressed to an alias goes to that alias (Meta routes a BSUID to its owner, even on a
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from gateway import logging as gwlog
 from gateway.events import Event, Party, conversation_id, encode
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from gateway.channel import Channel
     from gateway.journal import Journal
 
+log = gwlog.get("gateway.identities")
 KNOWN_PAIRS = 50_000  # pairs remembered in memory, so that a pair seen again costs no write
 KNOWN_SECONDS = 300.0  # ... for this long (another replica's erasure may have removed it)
 LOOKUP_SECONDS = 5.0  # a send's or an erasure's look-up gives up after this long
@@ -75,61 +77,78 @@ class Identities:
         received_at)`` tuples, as the processor holds them); the batch, rewritten events
         encoded anew. Without any ``user_id`` in the batch, the batch as it is, at once.
 
+        Events are taken in their order, each with the pairs known at its place (the journal's,
+        then the batch's so far), so a batch comes out as its events would one by one: a pair
+        later in the batch does not reach back. Only a party named by the alias alone
+        (``id == user_id``) is rewritten; a party with an id of its own keeps it.
+
         A ``system`` message saying the customer's alias changed (the channel's
         :meth:`~gateway.channel.Channel.previous_alias`; WhatsApp's ``user_changed_user_id``,
         whose customer is the new BSUID) pairs the new alias with the customer the old one was
         paired with, and is that customer's; an old alias with no pair changes nothing."""
-        taught: dict[Key, str] = {}
-        wanted: set[Key] = set()
-        changed: dict[Key, Key] = {}  # (channel, new alias) -> (channel, the alias it replaces)
+        asked: set[Key] = set()
+        olds: list[str | None] = []  # per event: the alias a change message says it replaces
+        pairs = False
+        changes = bool(self.channels)
         for event, _, _ in events:
             party = customer(event)
-            if event.type == "system" and self.channels:
-                channel = self.channels.get(event.channel)
-                old = channel.previous_alias(event) if channel is not None else None
-                if old and old != party.id:
-                    changed[(event.channel, party.id)] = (event.channel, old)
+            old = self._previous(event) if changes and event.type == "system" else None
+            olds.append(old if old != party.id else None)
+            if old and old != party.id:
+                asked.add((event.channel, old))
             if party.user_id is None:
                 continue
-            key = (event.channel, party.user_id)
-            if party.id != party.user_id:
-                taught[key] = party.id  # the latest in the batch wins
+            if party.id == party.user_id:
+                asked.add((event.channel, party.user_id))
             else:
-                wanted.add(key)
-        if not taught and not wanted and not changed:
+                pairs = True
+        if not asked and not pairs:
             return events
-        asked = {k for k in wanted if k not in taught}
-        asked.update(old for old in changed.values() if old not in taught)
         found = await self.journal.aliases(list(asked)) if asked else {}
-        moved: dict[Key, str] = {}  # new aliases of changed ones -> their customer
-        for new, old in changed.items():
-            owner = taught.get(old) or found.get(old)
-            if owner is not None and owner != new[1]:
-                moved[new] = taught[new] = owner
-        learning = {k: v for k, v in taught.items() if not self._wrote(k, v)}
-        if learning:
-            await self.journal.learn_aliases(learning)
-            now = time.monotonic()
-            for key, contact in learning.items():
-                self._remember(key, contact, now)
-        if not wanted and not moved:
-            return events
+        current: dict[Key, str] = {}  # the batch's pairs so far: (channel, alias) -> customer
         out = []
-        for item in events:
+        for item, old in zip(events, olds, strict=True):
             event = item[0]
             party = customer(event)
-            key = (event.channel, party.user_id or "")
-            target = (taught.get(key) or found.get(key)) if key in wanted else None
-            if target is None and moved:
-                target = moved.get((event.channel, party.id))
-                if target is not None:  # the new alias rides on its customer's party
-                    party = msgspec.structs.replace(party, user_id=party.id)
+            target = None
+            if party.user_id is not None:
+                key = (event.channel, party.user_id)
+                if party.id != party.user_id:
+                    current[key] = party.id
+                else:
+                    target = current.get(key, found.get(key))
+            if old is not None:
+                was = (event.channel, old)
+                owner = current.get(was, found.get(was))
+                if owner is not None and owner != party.id:
+                    current[(event.channel, party.id)] = target = owner
+                    party = msgspec.structs.replace(party, user_id=party.id)  # the new alias
             if target is None or target == party.id:
                 out.append(item)
                 continue
             resolved = _resolved(event, party, target)
             out.append((resolved, encode(resolved), item[2]))
+        learning = {k: v for k, v in current.items() if not self._wrote(k, v)}
+        if learning:
+            await self.journal.learn_aliases(learning)
+            now = time.monotonic()
+            for key, contact in learning.items():
+                self._remember(key, contact, now)
         return out
+
+    def _previous(self, event: Event) -> str | None:
+        """The channel's :meth:`~gateway.channel.Channel.previous_alias` of a system message; a
+        hook that raises or answers no str is logged and taken as None (never a stuck batch)."""
+        channel = self.channels.get(event.channel)
+        if channel is None:
+            return None
+        try:
+            old = channel.previous_alias(event)
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop processing
+            log.error("previous_alias_failed", channel=event.channel, event_id=event.id,
+                      error=repr(exc))
+            return None
+        return old if isinstance(old, str) and old else None
 
     async def resolve(self, channel: str, customer_id: str) -> str:
         """The customer ``customer_id`` names: the one it was last seen beside when it is an

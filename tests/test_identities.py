@@ -286,3 +286,49 @@ async def test_a_bsuid_changed_in_the_batch_that_pairs_it_follows_its_number(gat
     gate.set()  # both requests in one batch: the pair is learned there, then followed
     await gw.settle()
     assert await where(gw, "wamid.TEST.IN.SYSTEM.CHANGED") == (WA_ID, ACCOUNT, CONVERSATION)
+
+
+async def test_a_batch_resolves_as_its_events_would_one_by_one(gateway):
+    """A change of BSUID, then the new BSUID beside another number, then the new BSUID alone,
+    all in one batch: the message from the other number stays that number's, and the last one
+    follows the latest pair, as they would in three batches (a party with a number of its own
+    is never rewritten)."""
+    from tests.test_erasure import hold_processor
+
+    other, new = "16315559999", "US.NEW"
+    gw = await start(gateway)
+    await post(gw, pair("wamid.TEST.IN.OLD", WA_ID, BSUID))
+    gate = hold_processor(gw)
+    alone = json.loads(bsuid_only("wamid.TEST.IN.NEW.ALONE"))
+    value = alone["entry"][0]["changes"][0]["value"]
+    value["contacts"][0]["user_id"] = value["messages"][0]["from_user_id"] = new
+    for body in (bsuid_changed(BSUID, new), pair("wamid.TEST.IN.OTHER", other, new),
+                 json.dumps(alone).encode()):
+        assert (await gw.post("whatsapp", body))[0] == 200
+    gate.set()
+    await gw.settle()
+    assert await where(gw, "wamid.TEST.IN.SYSTEM.CHANGED") == (WA_ID, ACCOUNT, CONVERSATION)
+    assert await where(gw, "wamid.TEST.IN.OTHER") == (
+        other, ACCOUNT, f"whatsapp:{ACCOUNT}:{other}")
+    assert await where(gw, "wamid.TEST.IN.NEW.ALONE") == (
+        other, ACCOUNT, f"whatsapp:{ACCOUNT}:{other}")
+
+
+async def test_a_previous_alias_hook_that_raises_is_logged_and_never_stops_processing(
+        gateway, monkeypatch):
+    from structlog.testing import capture_logs
+
+    from channels.whatsapp import WhatsAppChannel
+
+    def broken(self, event):
+        raise KeyError("a plugin's bug")
+
+    monkeypatch.setattr(WhatsAppChannel, "previous_alias", broken)
+    gw = await start(gateway)
+    with capture_logs() as logs:
+        await post(gw, bsuid_changed(BSUID, "US.NEW"))
+        await post(gw, fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    assert await where(gw, "wamid.TEST.IN.SYSTEM.CHANGED") == (
+        "US.NEW", ACCOUNT, f"whatsapp:{ACCOUNT}:US.NEW")  # as without the hook
+    assert await gw.sql("SELECT count(*) FROM messages") == [(4,)]  # 3 messages, 1 status
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["previous_alias_failed"]

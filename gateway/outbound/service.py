@@ -71,6 +71,10 @@ OPTED_OUT_CODE = 131050  # "the user stopped marketing messages"
 ALERT_HOLD_SECONDS = 3600.0  # an error code's gateway_alerts lasts this long after the last one
 DEPTH_INTERVAL = 0.2  # s: gateway_queue_depth{queue="outbox"} is recounted at most this often
 ANNOUNCE_SECONDS = 2.0  # an out-of-band throttling code is announced to the replicas within this
+# ... and a replica not sending for the account keeps it this long (the last few), so that it
+# parks the account if it takes the lease over meanwhile (the holder may have gone)
+PENDING_PARK_SECONDS = 60.0
+PENDING_PARKS = 8
 
 
 class Refused(rq.InvalidRequest):
@@ -104,6 +108,8 @@ class OutboundService(PythonAPI, Pausing):
         self.wakes: dict[tuple[str, str], asyncio.Event] = {}
         self.paused: dict[tuple[str, str], Pause] = {}
         self.readings: dict[tuple[str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
+        # out-of-band throttling codes announced while this replica did not send for the account
+        self._pending_parks: dict[tuple[str, str], list[tuple[int, float]]] = {}
         self.tasks: list[asyncio.Task] = []
         self.inflight: set[asyncio.Task] = set()
         self.accepted_at: dict[str, float] = {}  # outbox id -> accept time (bench, metrics)
@@ -312,6 +318,10 @@ class OutboundService(PythonAPI, Pausing):
             if not lease.held:  # another replica sends for this account (or Redis is away)
                 await lease.wait(1.0)
                 continue
+            if key in self._pending_parks:  # announced while no lease was ours: ours now
+                for code, at in self._pending_parks.pop(key):
+                    if time.monotonic() - at < PENDING_PARK_SECONDS:
+                        self._out_of_band(channel, account, code)
             try:
                 timeout = await self._turn(key, gate)
             except Exception:  # noqa: BLE001 - a bug must not stop the account's sending for good
@@ -560,8 +570,13 @@ class OutboundService(PythonAPI, Pausing):
         replica that holds the account's lease (any other does not send for it)."""
         key = (channel, account)
         scope = _out_of_band_scope(code)
+        if scope is None or key not in self.limiters:
+            return
         lease = self.leases.get(key)
-        if scope is None or key not in self.limiters or lease is None or not lease.held:
+        if lease is None or not lease.held:  # kept a while: this replica may take it over
+            pending = self._pending_parks.setdefault(key, [])
+            pending.append((code, time.monotonic()))
+            del pending[:-PENDING_PARKS]
             return
         rule = rule_for(code, None, 0)
         wait = self._throttle(key, scope, None, rule.backoff, 0.0)

@@ -463,3 +463,37 @@ async def test_an_announcement_that_hangs_never_holds_the_processor(gateway, red
         assert (await gw.post("whatsapp", text))[0] == 200
         await gw.settle()
         assert time.monotonic() - began < 3
+
+
+async def test_a_throttling_code_announced_between_lease_holders_parks_the_next_one(
+        gateway, redis_url):
+    """The account's lease is free when a value-level 130429 is announced (its holder went):
+    the replica that takes the lease over within PENDING_PARK_SECONDS parks the number."""
+    import json
+
+    from gateway import keys
+    from gateway.testing.graph import GraphSimulator
+    from tests.conftest import fixture_bytes
+    from tests.outbound.conftest import TOKEN, WA, channels_toml
+
+    async with GraphSimulator() as sim:
+        extra = f'api_token = "{TOKEN}"\n[queue]\nbackend = "redis"\nredis_url = "{redis_url}"'
+        gw = await gateway(extra=extra, channels=channels_toml(sim.url))
+        service, key = gw.app[keys.OUTBOUND], ("whatsapp", WA)
+        lease = service.leases[key]
+
+        async def held() -> bool:
+            return lease.held
+
+        assert await eventually(held, 10.0)
+        assert await lease.release()  # no replica holds it now; the renewal takes it again
+        body = json.loads(fixture_bytes("whatsapp/change_errors.json"))
+        body["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = WA
+        assert (await gw.post("whatsapp", json.dumps(body).encode()))[0] == 200
+        await gw.settle()
+        assert service.limiters[key].parked("number") == 0 or lease.held
+
+        async def parked() -> bool:
+            return lease.held and service.limiters[key].parked("number") > 0
+
+        assert await eventually(parked, 15.0)
