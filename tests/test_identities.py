@@ -13,10 +13,16 @@ TOKEN = "identities-test-token"
 CONVERSATION = f"whatsapp:{ACCOUNT}:{WA_ID}"
 
 
-def bsuid_only(message_id: str) -> bytes:
-    """A message naming its sender by BSUID alone (``from_user_id``, no ``from``)."""
+def bsuid_only(message_id: str, at: int | None = None, text: str | None = None) -> bytes:
+    """A message naming its sender by BSUID alone (``from_user_id``, no ``from``); ``at`` and
+    ``text`` replace the fixture's timestamp and text."""
     body = json.loads(fixture_bytes("whatsapp/bsuid_only.json"))
-    body["entry"][0]["changes"][0]["value"]["messages"][0]["id"] = message_id
+    message = body["entry"][0]["changes"][0]["value"]["messages"][0]
+    message["id"] = message_id
+    if at is not None:
+        message["timestamp"] = str(at)
+    if text is not None:
+        message["text"] = {"body": text}
     return json.dumps(body).encode()
 
 
@@ -150,12 +156,14 @@ async def test_a_repeat_after_a_failed_sink_still_erases_the_linked_ids(gateway)
     assert status == 200 and body["linked_ids"] == [], body
 
 
-def pair(message_id: str, wa_id: str, bsuid: str) -> bytes:
+def pair(message_id: str, wa_id: str, bsuid: str, at: int = 1760000000,
+         text: str = "hi") -> bytes:
+    """One text from ``wa_id`` with ``bsuid`` beside it (the pair is learned from it)."""
     body = json.loads(fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
     value = body["entry"][0]["changes"][0]["value"]
     value["contacts"][0].update(wa_id=wa_id, user_id=bsuid)
     value["messages"] = [{"from": wa_id, "from_user_id": bsuid, "id": message_id,
-                          "timestamp": "1760000000", "type": "text", "text": {"body": "hi"}}]
+                          "timestamp": str(at), "type": "text", "text": {"body": text}}]
     del body["entry"][0]["changes"][1:]
     return json.dumps(body).encode()
 

@@ -11,6 +11,7 @@ import pytest
 from gateway.outbound.request import InvalidRequest
 from tests.conftest import fixture_bytes
 from tests.outbound.conftest import IG, WA
+from tests.test_identities import bsuid_only, pair
 
 A, U1 = "15550001234", "9000000000000001"
 WA_CASES = [
@@ -145,21 +146,8 @@ async def test_a_send_to_a_bsuid_seen_beside_a_wa_id_is_the_customers_own(outbou
     assert sent["recipient"] == bsuid and "to" not in sent
 
 
-def _bsuid_alone(message_id: str, at: int, text: str) -> bytes:
-    body = json.loads(fixture_bytes("whatsapp/bsuid_only.json"))
-    body["entry"][0]["changes"][0]["value"]["messages"][0].update(
-        id=message_id, timestamp=str(at), text={"body": text})
-    return json.dumps(body).encode()
-
-
 def _beside(at: int, text: str) -> bytes:
-    """One text from the wa_id, with the BSUID beside it (the pair is learned from it)."""
-    body = json.loads(fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
-    del body["entry"][0]["changes"][1:]
-    value = body["entry"][0]["changes"][0]["value"]
-    value["messages"] = value["messages"][:1]
-    value["messages"][0].update(timestamp=str(at), type="text", text={"body": text})
-    return json.dumps(body).encode()
+    return pair("wamid.TEST.IN.BSUID.BESIDE.0001", WA_ID, BSUID, at, text)
 
 
 PROMO = {"channel": "whatsapp", "type": "template", "template": {
@@ -176,7 +164,7 @@ async def test_a_send_to_a_bsuid_is_checked_against_both_ids_latest_word(outboun
     now = int(time.time())
     ob = await outbound()
     start_at, stop_at = (now - 100, now - 10) if start_first else (now - 10, now - 100)
-    for body in (_bsuid_alone("wamid.TEST.IN.BSUID.START", start_at, "START"),
+    for body in (bsuid_only("wamid.TEST.IN.BSUID.START", start_at, "START"),
                  _beside(stop_at, "STOP")):  # the START is journaled first: under the BSUID
         assert (await ob.gw.post("whatsapp", body))[0] == 200
         await ob.gw.settle()
@@ -208,7 +196,7 @@ async def test_a_stop_acknowledged_just_before_a_send_to_the_bsuid_is_honoured(o
 
     now = int(time.time())
     ob = await outbound()
-    assert (await ob.gw.post("whatsapp", _bsuid_alone("wamid.TEST.IN.BSUID.HI", now - 50,
+    assert (await ob.gw.post("whatsapp", bsuid_only("wamid.TEST.IN.BSUID.HI", now - 50,
                                                       "hi")))[0] == 200
     await ob.gw.settle()
     identities = ob.gw.app[keys.PROCESSOR].identities
