@@ -87,27 +87,31 @@ class Identities:
         whose customer is the new BSUID) pairs the new alias with the customer the old one was
         paired with, and is that customer's; an old alias with no pair changes nothing."""
         asked: set[Key] = set()
-        olds: list[str | None] = []  # per event: the alias a change message says it replaces
-        pairs = False
+        taught: dict[Key, str] = {}  # the batch's latest pairs (what it teaches the journal)
+        olds: dict[int, str] = {}  # index -> the alias a change message says it replaces
         changes = bool(self.channels)
-        for event, _, _ in events:
+        for index, (event, _, _) in enumerate(events):
             party = customer(event)
-            old = self._previous(event) if changes and event.type == "system" else None
-            olds.append(old if old != party.id else None)
-            if old and old != party.id:
-                asked.add((event.channel, old))
+            if changes and event.type == "system":
+                old = self._previous(event, party)
+                if old is not None:
+                    olds[index] = old
+                    asked.add((event.channel, old))
             if party.user_id is None:
                 continue
+            key = (event.channel, party.user_id)
             if party.id == party.user_id:
-                asked.add((event.channel, party.user_id))
+                asked.add(key)
             else:
-                pairs = True
-        if not asked and not pairs:
+                taught[key] = party.id
+        if not asked:  # nothing to resolve: only pairs to learn (or nothing at all)
+            if taught:
+                await self._learn(taught)
             return events
-        found = await self.journal.aliases(list(asked)) if asked else {}
+        found = await self.journal.aliases(list(asked))
         current: dict[Key, str] = {}  # the batch's pairs so far: (channel, alias) -> customer
         out = []
-        for item, old in zip(events, olds, strict=True):
+        for index, item in enumerate(events):
             event = item[0]
             party = customer(event)
             target = None
@@ -117,6 +121,7 @@ class Identities:
                     current[key] = party.id
                 else:
                     target = current.get(key, found.get(key))
+            old = olds.get(index) if olds else None
             if old is not None:
                 was = (event.channel, old)
                 owner = current.get(was, found.get(was))
@@ -128,27 +133,36 @@ class Identities:
                 continue
             resolved = _resolved(event, party, target)
             out.append((resolved, encode(resolved), item[2]))
-        learning = {k: v for k, v in current.items() if not self._wrote(k, v)}
+        if current:
+            await self._learn(current)
+        return out
+
+    async def _learn(self, pairs: dict[Key, str]) -> None:
+        """Write the pairs this process did not write lately."""
+        learning = {k: v for k, v in pairs.items() if not self._wrote(k, v)}
         if learning:
             await self.journal.learn_aliases(learning)
             now = time.monotonic()
             for key, contact in learning.items():
                 self._remember(key, contact, now)
-        return out
 
-    def _previous(self, event: Event) -> str | None:
-        """The channel's :meth:`~gateway.channel.Channel.previous_alias` of a system message; a
-        hook that raises or answers no str is logged and taken as None (never a stuck batch)."""
+    def _previous(self, event: Event, party: Party) -> str | None:
+        """The channel's :meth:`~gateway.channel.Channel.previous_alias` of a system message
+        whose customer is named by an alias (:meth:`~gateway.channel.Channel.may_be_alias`; a
+        customer with an id of its own, a number, is never rewritten). A hook that raises or
+        answers no str is logged and taken as None (never a stuck batch)."""
         channel = self.channels.get(event.channel)
-        if channel is None:
+        if channel is None or party.user_id not in (None, party.id):
             return None
         try:
+            if not channel.may_be_alias(party.id):
+                return None
             old = channel.previous_alias(event)
         except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop processing
             log.error("previous_alias_failed", channel=event.channel, event_id=event.id,
                       error=repr(exc))
             return None
-        return old if isinstance(old, str) and old else None
+        return old if isinstance(old, str) and old and old != party.id else None
 
     async def resolve(self, channel: str, customer_id: str) -> str:
         """The customer ``customer_id`` names: the one it was last seen beside when it is an

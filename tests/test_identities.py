@@ -340,3 +340,19 @@ async def test_a_previous_alias_hook_that_raises_is_logged_and_never_stops_proce
         "US.NEW", ACCOUNT, f"whatsapp:{ACCOUNT}:US.NEW")  # as without the hook
     assert await gw.sql("SELECT count(*) FROM messages") == [(4,)]  # 3 messages, 1 status
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["previous_alias_failed"]
+
+
+async def test_a_change_message_from_a_number_stays_that_numbers(gateway):
+    """A user_changed_user_id message that names its sender by a number (``from``): that number
+    is the customer; it is never filed under the old BSUID's customer nor made its alias."""
+    other = "16315559999"
+    gw = await start(gateway)
+    await post(gw, fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    body = json.loads(bsuid_changed(BSUID, "US.NEW"))
+    body["entry"][0]["changes"][0]["value"]["messages"][0]["from"] = other
+    await post(gw, json.dumps(body).encode())
+    assert await where(gw, "wamid.TEST.IN.SYSTEM.CHANGED") == (
+        other, ACCOUNT, f"whatsapp:{ACCOUNT}:{other}")
+    status, body = await erase(gw, WA_ID)
+    assert status == 200 and body["linked_ids"] == [BSUID], body  # not the other number
+    assert await gw.sql("SELECT contact_id FROM contacts") == [(other,)]

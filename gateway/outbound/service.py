@@ -70,11 +70,7 @@ SETTLE_SECONDS = 2.0
 OPTED_OUT_CODE = 131050  # "the user stopped marketing messages"
 ALERT_HOLD_SECONDS = 3600.0  # an error code's gateway_alerts lasts this long after the last one
 DEPTH_INTERVAL = 0.2  # s: gateway_queue_depth{queue="outbox"} is recounted at most this often
-ANNOUNCE_SECONDS = 2.0  # an out-of-band throttling code is announced to the replicas within this
-# ... and a replica not sending for the account keeps it this long (the last few), so that it
-# parks the account if it takes the lease over meanwhile (the holder may have gone)
-PENDING_PARK_SECONDS = 60.0
-PENDING_PARKS = 8
+ANNOUNCE_SECONDS = 2.0  # a batch's out-of-band throttling codes reach the replicas within this
 
 
 class Refused(rq.InvalidRequest):
@@ -108,8 +104,9 @@ class OutboundService(PythonAPI, Pausing):
         self.wakes: dict[tuple[str, str], asyncio.Event] = {}
         self.paused: dict[tuple[str, str], Pause] = {}
         self.readings: dict[tuple[str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
-        # out-of-band throttling codes announced while this replica did not send for the account
-        self._pending_parks: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        # out-of-band throttling codes announced while this replica did not send for the account:
+        # account -> scope -> (the latest code, when)
+        self._pending_parks: dict[tuple[str, str], dict[str, tuple[int, float]]] = {}
         self.tasks: list[asyncio.Task] = []
         self.inflight: set[asyncio.Task] = set()
         self.accepted_at: dict[str, float] = {}  # outbox id -> accept time (bench, metrics)
@@ -318,10 +315,8 @@ class OutboundService(PythonAPI, Pausing):
             if not lease.held:  # another replica sends for this account (or Redis is away)
                 await lease.wait(1.0)
                 continue
-            if key in self._pending_parks:  # announced while no lease was ours: ours now
-                for code, at in self._pending_parks.pop(key):
-                    if time.monotonic() - at < PENDING_PARK_SECONDS:
-                        self._out_of_band(channel, account, code)
+            if key in self._pending_parks:  # announced while the lease was not ours: ours now
+                self._replay_parks(key, self._pending_parks.pop(key))
             try:
                 timeout = await self._turn(key, gate)
             except Exception:  # noqa: BLE001 - a bug must not stop the account's sending for good
@@ -548,41 +543,58 @@ class OutboundService(PythonAPI, Pausing):
         code in a send's answer does; a pair code names no recipient, so it parks nothing. Other
         codes are only counted (``gateway_meta_errors_total``) and logged by the channel.
 
-        The replica that sends for the account parks it: with the Redis outbox the code goes
-        to every replica (``{p}:out:wake``), and only the holder of the account's lease acts."""
-        for notice in notices:
-            key = (notice.channel, notice.account_id)
-            if key not in self.limiters or _out_of_band_scope(notice.error.code) is None:
-                continue
-            if isinstance(self.outbox, RedisOutbox):
-                try:  # the processor waits for this: never for long
-                    await asyncio.wait_for(self.outbox.announce(
-                        notice.channel, notice.account_id, notice.error.code), ANNOUNCE_SECONDS)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - Redis down: park here if we send
-                    log.warning("outbound_throttle_not_announced", channel=notice.channel,
-                                account=notice.account_id, code=notice.error.code,
-                                error=repr(exc))
+        The replica that sends for the account parks it: with the Redis outbox the codes go to
+        every replica (``{p}:out:wake``), within :data:`ANNOUNCE_SECONDS` for the whole batch
+        (else this replica parks what it sends for itself), and only the lease holder acts."""
+        throttling = [n for n in notices if (n.channel, n.account_id) in self.limiters
+                      and _out_of_band_scope(n.error.code) is not None]
+        if not throttling:
+            return
+        if isinstance(self.outbox, RedisOutbox):
+            try:  # the processor waits for this: never for long
+                await asyncio.wait_for(asyncio.gather(*(
+                    self.outbox.announce(n.channel, n.account_id, n.error.code)
+                    for n in throttling)), ANNOUNCE_SECONDS)
+                return
+            except Exception as exc:  # noqa: BLE001 - Redis away: park here what we send for
+                log.warning("outbound_throttle_not_announced", codes=len(throttling),
+                            error=repr(exc))
+        for notice in throttling:
             self._out_of_band(notice.channel, notice.account_id, notice.error.code)
 
     def _out_of_band(self, channel: str, account: str, code: int) -> None:
         """Park the account's scope that the out-of-band throttling ``code`` names, on the
-        replica that holds the account's lease (any other does not send for it)."""
+        replica that holds the account's lease. Another replica keeps the latest code of each
+        scope, and parks the rest of its first step if it takes the lease over
+        (:meth:`_replay_parks`: the holder may have gone before serving it)."""
         key = (channel, account)
         scope = _out_of_band_scope(code)
         if scope is None or key not in self.limiters:
             return
         lease = self.leases.get(key)
-        if lease is None or not lease.held:  # kept a while: this replica may take it over
-            pending = self._pending_parks.setdefault(key, [])
-            pending.append((code, time.monotonic()))
-            del pending[:-PENDING_PARKS]
+        if lease is None or not lease.held:
+            self._pending_parks.setdefault(key, {})[scope] = (code, time.monotonic())
             return
         rule = rule_for(code, None, 0)
         wait = self._throttle(key, scope, None, rule.backoff, 0.0)
         self._headroom(key)
         log.warning("outbound_throttled_out_of_band", channel=channel, account=account,
                     code=code, scope=scope, wait=round(wait, 3))
+
+    def _replay_parks(self, key: tuple[str, str], pending: dict[str, tuple[int, float]]) -> None:
+        """A lease just taken over: park each scope for what is left of the first backoff step
+        of the latest code announced meanwhile (the step, not a further one: the replica that
+        held the lease may have served it; none once it is over)."""
+        cfg = self.config
+        for scope, (code, at) in pending.items():
+            first = (cfg.throttle_backoff_long if rule_for(code, None, 0).backoff == "long"
+                     else cfg.throttle_backoff_initial)
+            left = first - (time.monotonic() - at)
+            if left > 0:
+                self.limiters[key].park(scope, left)
+                self._headroom(key)
+                log.info("outbound_throttled_out_of_band", channel=key[0], account=key[1],
+                         code=code, scope=scope, wait=round(left, 3), taken_over=True)
 
     async def _throttled(self, key: tuple[str, str], row: Row, exc: MetaThrottled,
                          error: dict[str, Any]) -> None:
