@@ -105,8 +105,8 @@ class OutboundService(PythonAPI, Pausing):
         self.paused: dict[tuple[str, str], Pause] = {}
         self.readings: dict[tuple[str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
         # out-of-band throttling codes announced while this replica did not send for the account:
-        # account -> scope -> (the latest code, when)
-        self._pending_parks: dict[tuple[str, str], dict[str, tuple[int, float]]] = {}
+        # account -> scope -> when the first backoff step of the codes would end (monotonic)
+        self._pending_parks: dict[tuple[str, str], dict[str, float]] = {}
         self.tasks: list[asyncio.Task] = []
         self.inflight: set[asyncio.Task] = set()
         self.accepted_at: dict[str, float] = {}  # outbox id -> accept time (bench, metrics)
@@ -544,57 +544,68 @@ class OutboundService(PythonAPI, Pausing):
         codes are only counted (``gateway_meta_errors_total``) and logged by the channel.
 
         The replica that sends for the account parks it: with the Redis outbox the codes go to
-        every replica (``{p}:out:wake``), within :data:`ANNOUNCE_SECONDS` for the whole batch
-        (else this replica parks what it sends for itself), and only the lease holder acts."""
+        every replica (``{p}:out:wake``), within :data:`ANNOUNCE_SECONDS` for the whole batch,
+        and only the lease holder acts. A code Redis did not take in that time is handled here
+        as an announcement received (:meth:`_out_of_band`)."""
         throttling = [n for n in notices if (n.channel, n.account_id) in self.limiters
                       and _out_of_band_scope(n.error.code) is not None]
         if not throttling:
             return
         if isinstance(self.outbox, RedisOutbox):
-            try:  # the processor waits for this: never for long
-                await asyncio.wait_for(asyncio.gather(*(
-                    self.outbox.announce(n.channel, n.account_id, n.error.code)
-                    for n in throttling)), ANNOUNCE_SECONDS)
+            sent = {asyncio.ensure_future(self.outbox.announce(
+                n.channel, n.account_id, n.error.code)): n for n in throttling}
+            done, late = await asyncio.wait(sent, timeout=ANNOUNCE_SECONDS)
+            for task in late:  # the processor waits for this: never for long
+                task.cancel()
+            throttling = [n for task, n in sent.items() if task in late
+                          or task.cancelled() or task.exception() is not None]
+            if not throttling:
                 return
-            except Exception as exc:  # noqa: BLE001 - Redis away: park here what we send for
-                log.warning("outbound_throttle_not_announced", codes=len(throttling),
-                            error=repr(exc))
+            log.warning("outbound_throttle_not_announced", codes=len(throttling),
+                        error=next((repr(t.exception()) for t in done
+                                    if not t.cancelled() and t.exception()), "timeout"))
         for notice in throttling:
             self._out_of_band(notice.channel, notice.account_id, notice.error.code)
 
     def _out_of_band(self, channel: str, account: str, code: int) -> None:
         """Park the account's scope that the out-of-band throttling ``code`` names, on the
-        replica that holds the account's lease. Another replica keeps the latest code of each
-        scope, and parks the rest of its first step if it takes the lease over
-        (:meth:`_replay_parks`: the holder may have gone before serving it)."""
+        replica that holds the account's lease. Another replica notes when the code's first
+        backoff step would end (the latest end of each scope), and parks the rest of it if it
+        takes the lease over (:meth:`_replay_parks`: the holder may have gone before serving
+        it)."""
         key = (channel, account)
         scope = _out_of_band_scope(code)
         if scope is None or key not in self.limiters:
             return
+        rule = rule_for(code, None, 0)
         lease = self.leases.get(key)
         if lease is None or not lease.held:
-            self._pending_parks.setdefault(key, {})[scope] = (code, time.monotonic())
+            pending = self._pending_parks.setdefault(key, {})
+            until = time.monotonic() + self._first_step(rule.backoff)
+            pending[scope] = max(pending.get(scope, 0.0), until)
             return
-        rule = rule_for(code, None, 0)
         wait = self._throttle(key, scope, None, rule.backoff, 0.0)
         self._headroom(key)
         log.warning("outbound_throttled_out_of_band", channel=channel, account=account,
                     code=code, scope=scope, wait=round(wait, 3))
 
-    def _replay_parks(self, key: tuple[str, str], pending: dict[str, tuple[int, float]]) -> None:
-        """A lease just taken over: park each scope for what is left of the first backoff step
-        of the latest code announced meanwhile (the step, not a further one: the replica that
-        held the lease may have served it; none once it is over)."""
+    def _first_step(self, backoff: str | None) -> float:
+        """The first backoff step of a throttling code (as :meth:`_throttle` caps it)."""
         cfg = self.config
-        for scope, (code, at) in pending.items():
-            first = (cfg.throttle_backoff_long if rule_for(code, None, 0).backoff == "long"
-                     else cfg.throttle_backoff_initial)
-            left = first - (time.monotonic() - at)
-            if left > 0:
-                self.limiters[key].park(scope, left)
+        first = cfg.throttle_backoff_long if backoff == "long" else cfg.throttle_backoff_initial
+        return min(first, cfg.throttle_backoff_max)
+
+    def _replay_parks(self, key: tuple[str, str], pending: dict[str, float]) -> None:
+        """A lease just taken over: park each scope for what is left of the first backoff step
+        of the codes announced meanwhile (the step, not a further one: the replica that held
+        the lease may have served it; nothing once it is over)."""
+        now = time.monotonic()
+        for scope, until in pending.items():
+            if until > now:
+                self.limiters[key].park(scope, until - now)
                 self._headroom(key)
                 log.info("outbound_throttled_out_of_band", channel=key[0], account=key[1],
-                         code=code, scope=scope, wait=round(left, 3), taken_over=True)
+                         scope=scope, wait=round(until - now, 3), taken_over=True)
 
     async def _throttled(self, key: tuple[str, str], row: Row, exc: MetaThrottled,
                          error: dict[str, Any]) -> None:

@@ -503,3 +503,79 @@ async def test_a_throttling_code_announced_between_lease_holders_parks_the_next_
         assert await eventually(parked, 15.0)
         assert 20 < limiter.parked("number") <= 30  # the rest of one first step
         assert "number" not in limiter.backoff.steps  # not a step further per code
+
+
+async def test_a_replica_keeps_the_longest_pending_step_and_parks_only_what_is_left(
+        gateway, redis_url):
+    """Without the lease: a long code (131048, a minute, capped by throttle_backoff_max) then a
+    short one (130429) leave the long step pending; on takeover a scope is parked for what is
+    left of it, and not at all once it is over."""
+    from gateway import keys
+    from gateway.testing.graph import GraphSimulator
+    from tests.outbound.conftest import TOKEN, WA, channels_toml
+
+    async with GraphSimulator() as sim:
+        extra = f'api_token = "{TOKEN}"\n[queue]\nbackend = "redis"\nredis_url = "{redis_url}"'
+        gw = await gateway(extra=extra, channels=channels_toml(sim.url, outbound=(
+            "throttle_backoff_initial = 1\nthrottle_backoff_long = 60\n"
+            "throttle_backoff_max = 30")))
+        service, key = gw.app[keys.OUTBOUND], ("whatsapp", WA)
+        lease, limiter = service.leases[key], service.limiters[key]
+
+        async def held() -> bool:
+            return lease.held
+
+        assert await eventually(held, 10.0)
+        await lease.release()
+        assert not lease.held
+        service._out_of_band("whatsapp", WA, 131048)
+        service._out_of_band("whatsapp", WA, 130429)
+        (until,) = service._pending_parks[key].values()
+        assert 29 < until - time.monotonic() <= 30  # the long step, as _throttle caps it
+        service._pending_parks.pop(key)
+        service._replay_parks(key, {"number": time.monotonic() + 5, "waba": time.monotonic() - 1})
+        assert 4 < limiter.parked("number") <= 5 and limiter.parked("waba") == 0
+
+
+async def test_only_the_announcements_that_failed_are_parked_here(gateway, redis_url,
+                                                                 monkeypatch):
+    """One of a batch's two throttling codes cannot be announced: this replica (the holder)
+    parks that one itself and the other once it comes back through Redis, one step each."""
+    import json
+
+    from gateway import keys
+    from gateway.testing.graph import GraphSimulator
+    from tests.conftest import fixture_bytes
+    from tests.outbound.conftest import TOKEN, WA, channels_toml
+
+    async with GraphSimulator() as sim:
+        extra = f'api_token = "{TOKEN}"\n[queue]\nbackend = "redis"\nredis_url = "{redis_url}"'
+        gw = await gateway(extra=extra, channels=channels_toml(sim.url))
+        service, key = gw.app[keys.OUTBOUND], ("whatsapp", WA)
+        limiter = service.limiters[key]
+
+        async def held() -> bool:
+            return service.leases[key].held
+
+        assert await eventually(held, 10.0)
+        announce = service.outbox.announce
+
+        async def flaky(channel, account, code):
+            if code == 131048:
+                raise ConnectionError("Redis went away")
+            await announce(channel, account, code)
+
+        monkeypatch.setattr(service.outbox, "announce", flaky)
+        body = json.loads(fixture_bytes("whatsapp/change_errors.json"))
+        value = body["entry"][0]["changes"][0]["value"]
+        value["metadata"]["phone_number_id"] = WA
+        value["errors"].append({"code": 131048, "title": "Spam rate limit hit"})
+        assert (await gw.post("whatsapp", json.dumps(body).encode()))[0] == 200
+        await gw.settle()
+
+        async def both() -> bool:
+            return limiter.backoff.steps.get("number") == 2
+
+        assert await eventually(both, 5.0), dict(limiter.backoff.steps)
+        await asyncio.sleep(0.3)  # a third park would show now
+        assert limiter.backoff.steps.get("number") == 2
