@@ -450,14 +450,21 @@ async def test_an_announcement_that_hangs_never_holds_the_processor(gateway, red
 
         monkeypatch.setattr(service.outbox, "announce", hangs)
         body = json.loads(fixture_bytes("whatsapp/change_errors.json"))
-        body["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = WA
+        value = body["entry"][0]["changes"][0]["value"]
+        value["metadata"]["phone_number_id"] = WA
+        value["errors"] *= 10  # ten announcements, one deadline for all of them
+        processor = gw.app[keys.PROCESSOR]
+        began = time.monotonic()
         assert (await gw.post("whatsapp", json.dumps(body).encode()))[0] == 200
         await gw.settle()
+        async with processor.batch_lock:  # the batch, its notices included, is over
+            assert time.monotonic() - began < 1.5  # not ten times 0.2 s
 
         async def parked() -> bool:
             return service.limiters[key].parked("number") > 0
 
         assert await eventually(parked, 3.0)
+        assert service.limiters[key].backoff.steps.get("number") == 10
         began = time.monotonic()  # the processor goes on: the next webhook is processed
         text = fixture_bytes("whatsapp/text.json")
         assert (await gw.post("whatsapp", text))[0] == 200
