@@ -601,14 +601,11 @@ class RedisJournal:
     async def aliases_of(self, channel: str, contact_id: str) -> list[str]:
         """The aliases seen beside ``contact_id`` and still pointing at it (for an erasure: an
         outage raises, as :meth:`erase_contact`'s do)."""
-        return [alias for alias, _ in await self._aliases_of(channel, contact_id)]
-
-    async def _aliases_of(self, channel: str, contact_id: str) -> list[tuple[str, str]]:
         fields = sorted(await self.redis.smembers(self._k_aliases_of(channel, contact_id)))
         if not fields:
             return []
         owners = await self.redis.hmget(self.k_aliases, fields)
-        return [(json.loads(f)[1], as_str(f)) for f, owner in zip(fields, owners, strict=True)
+        return [json.loads(f)[1] for f, owner in zip(fields, owners, strict=True)
                 if owner is not None and as_str(owner) == contact_id]
 
     async def aliases(self, keys: list[tuple[str, str]], *,
