@@ -591,9 +591,12 @@ class OutboundService(PythonAPI, Pausing):
 
     def _first_step(self, backoff: str | None) -> float:
         """The first backoff step of a throttling code (as :meth:`_throttle` caps it)."""
+        return min(self._initial_step(backoff), self.config.throttle_backoff_max)
+
+    def _initial_step(self, backoff: str | None) -> float:
+        """A backoff policy's first step (``long``: Meta asks for at least a minute)."""
         cfg = self.config
-        first = cfg.throttle_backoff_long if backoff == "long" else cfg.throttle_backoff_initial
-        return min(first, cfg.throttle_backoff_max)
+        return cfg.throttle_backoff_long if backoff == "long" else cfg.throttle_backoff_initial
 
     def _replay_parks(self, key: tuple[str, str], pending: dict[str, float]) -> None:
         """A lease just taken over: park each scope for what is left of the first backoff step
@@ -637,11 +640,9 @@ class OutboundService(PythonAPI, Pausing):
 
     def _throttle(self, key: tuple[str, str], scope: str, recipient: str | None,
                   backoff: str | None, floor: float) -> float:
-        cfg = self.config
-        initial = cfg.throttle_backoff_long if backoff == "long" else cfg.throttle_backoff_initial
         factor = 4.0 if backoff == "pair" else 2.0  # Meta: 4^X s for the pair limit
-        return self.limiters[key].throttle(scope, recipient, initial, factor,
-                                           cfg.throttle_backoff_max, floor)
+        return self.limiters[key].throttle(scope, recipient, self._initial_step(backoff), factor,
+                                           self.config.throttle_backoff_max, floor)
 
     # -- retries, failures, usage -----------------------------------------------------------------
 
