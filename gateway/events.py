@@ -9,8 +9,8 @@ opt-out) share every field of ``Event`` and differ only in their tag,
 so code can match on the class (``isinstance(ev, Status)``) or on ``ev.kind``.
 
 Fields the contract does not name but Meta's payloads carry (``referral``, ``order``, ``system``,
-``contacts``, ``handover``, ``story_id``, ``raw_type``, ``standby``, ``callback_data``) are extra
-fields, omitted when empty.
+``contacts``, ``handover``, ``story_id``, ``raw_type``, ``standby``, ``callback_data``,
+``pricing``) are extra fields, omitted when empty.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ class Event(msgspec.Struct, tag_field="kind", omit_defaults=True, kw_only=True, 
     system: dict[str, Any] | None = None
     contacts: list[Any] | None = None
     handover: dict[str, Any] | None = None
+    pricing: dict[str, Any] | None = None
 
     kind: ClassVar[str]
 

@@ -49,14 +49,16 @@ async def test_a_contact_is_the_same_whether_its_events_came_in_one_batch_or_two
 
 def schema_without_schema_and_emoji() -> str:
     """The storage layout before ``messages`` had the ``schema`` and ``emoji`` columns (and the
-    later ``messages.edited_at``, ``contacts.name_at`` and ``contacts.user_id``)."""
+    later ``messages.edited_at`` and ``messages.pricing``, ``contacts.name_at`` and
+    ``contacts.user_id``)."""
     from sinks.storage.schema import SCHEMA
 
-    old = re.sub(r",(\s*--[^\n]*)\n\s*schema INTEGER, emoji TEXT[^\n]*(\n\s*edited_at TEXT[^\n]*)?",
+    old = re.sub(r",(\s*--[^\n]*)\n\s*schema INTEGER, emoji TEXT[^\n]*(\n\s*edited_at TEXT[^\n]*)?"
+                 r"(\n\s*pricing TEXT[^\n]*)?",
                  r"\1", SCHEMA)
     old = re.sub(r",\s*name_at TEXT,[^\n]*\n\s*user_id TEXT,[^\n]*\n\s*user_id_at TEXT\)"
                  r" WITHOUT ROWID;[^\n]*", ") WITHOUT ROWID;", old)
-    for column in ("emoji TEXT", "schema INTEGER", "edited_at", "name_at", "user_id"):
+    for column in ("emoji TEXT", "schema INTEGER", "edited_at", "pricing", "name_at", "user_id"):
         assert column not in old, column
     return old
 
@@ -245,4 +247,30 @@ async def test_a_contacts_bsuid_is_kept_beside_the_wa_id_and_finds_the_contact(t
     assert await sink.query(found, ("US.1111",)) == []
     plan = await sink.query("EXPLAIN QUERY PLAN " + found, ("US.2222",))
     assert "contacts_user_id" in str(plan)
+    await sink.close()
+
+
+async def test_an_outbound_message_keeps_the_first_price_meta_gives_it(tmp_path):
+    """webhooks.md §4.5: ``pricing`` rides on ``sent`` and again on one of delivered / read."""
+    from gateway.events import Status
+
+    def status(state: str, seconds: int, pricing: dict | None) -> Status:
+        return Status(schema=1, id=f"st-{state}", channel="whatsapp", direction="outbound",
+                      account_id=FIRST, conversation_id=conversation_id("whatsapp", FIRST,
+                                                                        CUSTOMER),
+                      sender=Party(FIRST), recipient=Party(CUSTOMER),
+                      timestamp=T0 + timedelta(seconds=seconds), message_id="wamid.OUT.P",
+                      status=state, pricing=pricing)
+
+    utility = {"billable": True, "pricing_model": "PMP", "type": "regular",
+               "category": "utility"}
+    sink = StorageSink(StorageConfig(path=str(tmp_path / "storage.db")))
+    await sink.start()
+    for batch in ([status("delivered", 2, None)],  # before the priced one: no price yet
+                  [status("sent", 1, utility)],
+                  [status("read", 3, {**utility, "category": "marketing"})]):
+        await sink.write([Record(i, e, encode(e), 1.0) for i, e in enumerate(batch, 1)])
+    rows = await sink.query("SELECT status, pricing FROM messages WHERE id = 'wamid.OUT.P'")
+    assert rows == [("read", '{"billable":true,"pricing_model":"PMP","type":"regular",'
+                             '"category":"utility"}')]
     await sink.close()

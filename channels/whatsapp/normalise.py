@@ -314,7 +314,35 @@ def _status(s: schemas.Status, account: str) -> Event | None:
         message_id=s.id, status=STATUS_AS.get(s.status, s.status), error=first_error(s.errors),
         raw_type=s.status if s.status in STATUS_AS else None,
         callback_data=callback if isinstance(callback, str) else None,
+        pricing=_pricing(s.pricing, s.conversation),
     )
+
+
+PRICING_TEXT = ("pricing_model", "type", "category")
+
+
+def _pricing(pricing: Any, conversation: Any) -> dict[str, Any] | None:
+    """A status's ``pricing`` and pricing ``conversation`` (webhooks.md §4.5) as one flat
+    object: ``billable``, ``pricing_model``, ``type``, ``category`` and, when Meta sends the
+    conversation, ``conversation_id``, ``origin`` and ``expires_at`` (RFC 3339). A field of an
+    unexpected type is left out; None when nothing is left."""
+    out: dict[str, Any] = {}
+    if isinstance(pricing, dict):
+        if isinstance(pricing.get("billable"), bool):
+            out["billable"] = pricing["billable"]
+        for key in PRICING_TEXT:
+            if isinstance(pricing.get(key), str):
+                out[key] = pricing[key]
+    if isinstance(conversation, dict):
+        if (cid := as_str(conversation.get("id"))) is not None:
+            out["conversation_id"] = cid
+        origin = conversation.get("origin")
+        if isinstance(origin, dict) and isinstance(origin.get("type"), str):
+            out["origin"] = origin["type"]
+        expires = _timestamp(conversation.get("expiration_timestamp"))
+        if expires is not None:
+            out["expires_at"] = expires.isoformat().replace("+00:00", "Z")
+    return out or None
 
 
 def _status_id(s: schemas.Status) -> str:

@@ -116,6 +116,8 @@ class Status(msgspec.Struct):
     recipient_participant_id: Any = None  # group messages: whose receipt this is
     biz_opaque_callback_data: Any = None  # a str, else absent
     errors: Any = None
+    pricing: Any = None  # {billable, pricing_model, type, category}: what Meta charges
+    conversation: Any = None  # {id, expiration_timestamp, origin{type}}: before v24.0, or CBP
 
 
 class Preference(msgspec.Struct):

@@ -26,14 +26,17 @@ SELECT d.day, d.channel, d.account_id,
        sum(CASE WHEN d.kind = 'status' THEN d.events ELSE 0 END),
        (SELECT count(*) FROM active a WHERE a.day = d.day AND a.channel = d.channel
           AND a.account_id = d.account_id),
-       coalesce(r.replies, 0), r.seconds, coalesce(r.under_5m, 0)
+       coalesce(r.replies, 0), r.seconds, coalesce(r.under_5m, 0), {billable}
 FROM daily d LEFT JOIN responses r
   ON r.day = d.day AND r.channel = d.channel AND r.account_id = d.account_id
 WHERE d.day >= ?
 GROUP BY d.day, d.channel, d.account_id ORDER BY d.day, d.channel, d.account_id
 """
+BILLABLE = """(SELECT coalesce(sum(b.messages), 0) FROM billing b WHERE b.day = d.day
+          AND b.channel = d.channel AND b.account_id = d.account_id AND b.billable)"""
 COLUMNS = ("day", "channel", "account_id", "messages_in", "messages_out", "statuses",
-           "active_conversations", "replies", "mean_first_reply_seconds", "replied_within_5m")
+           "active_conversations", "replies", "mean_first_reply_seconds", "replied_within_5m",
+           "billable")
 
 
 def report(path: str, days: int, today: datetime | None = None) -> list[dict]:
@@ -43,7 +46,10 @@ def report(path: str, days: int, today: datetime | None = None) -> list[dict]:
     since = ((today or datetime.now(UTC)) - timedelta(days=days - 1)).strftime("%Y-%m-%d")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        rows = conn.execute(REPORT, (since,)).fetchall()
+        billing = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'billing'").fetchone()
+        # a database the sink has not opened since billing was added counts none yet
+        rows = conn.execute(REPORT.format(billable=BILLABLE if billing else "0"),
+                            (since,)).fetchall()
     except sqlite3.DatabaseError as exc:  # another file, or not SQLite at all
         raise ConfigError(f"{path} is not an analytics database ({exc})") from None
     finally:

@@ -6,6 +6,9 @@
   how long that took (sum, and counts under 1 min / 5 min / 1 h), by the same rule as
   ``gateway_response_time_seconds``: an inbound message starts the wait, the next outbound
   message or ``sent`` status of that conversation ends it.
+- ``billing``: per day, channel and account, the messages Meta priced (WhatsApp statuses'
+  ``pricing``), by category, pricing type and model, billable or not; each message once
+  (``priced`` keeps its id, pruned with ``counted``).
 
 Counting is exactly once: every counted event id is kept (``counted``, pruned after
 ``keep_days``), so the batch handed over again after a crash, a replayed dead letter, or the
@@ -44,9 +47,19 @@ CREATE TABLE IF NOT EXISTS replied (
     conversation_id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counted (id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS counted_at ON counted(at);
+CREATE TABLE IF NOT EXISTS billing (
+    day TEXT NOT NULL, channel TEXT NOT NULL, account_id TEXT NOT NULL,
+    category TEXT NOT NULL, pricing_type TEXT NOT NULL, pricing_model TEXT NOT NULL,
+    billable INTEGER NOT NULL, messages INTEGER NOT NULL,
+    PRIMARY KEY (day, channel, account_id, category, pricing_type, pricing_model, billable)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS priced (message_id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS priced_at ON priced(at);
 """
 _BUMP_DAILY = ("INSERT INTO daily VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
                "SET events = events + excluded.events")
+_BUMP_BILLING = ("INSERT INTO billing VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
+                 "SET messages = messages + excluded.messages")
 _BUMP_RESPONSES = (
     "INSERT INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
     "replies = replies + excluded.replies, seconds = seconds + excluded.seconds, "
@@ -114,10 +127,25 @@ def count(c: sqlite3.Connection, events: list[Event], now: float,
         daily[key] = daily.get(key, 0) + 1
         active.add((*where, event.conversation_id))
         _response(c, event, where)
+        if event.pricing is not None and event.kind == "status" and event.message_id:
+            _price(c, event, where, now)
     c.executemany(_BUMP_DAILY, [(*key, n) for key, n in daily.items()])
     c.executemany("INSERT OR IGNORE INTO active VALUES (?, ?, ?, ?)", list(active))
     if prune_before is not None:
         c.execute("DELETE FROM counted WHERE at < ?", (prune_before,))
+        c.execute("DELETE FROM priced WHERE at < ?", (prune_before,))
+
+
+def _price(c: sqlite3.Connection, event: Event, where: tuple, now: float) -> None:
+    """Count a priced message once: Meta prices it on ``sent`` and again on ``delivered`` or
+    ``read``, on the day of the first status that says (``priced`` keeps its id)."""
+    if c.execute("INSERT OR IGNORE INTO priced VALUES (?, ?)",
+                 (event.message_id, now)).rowcount == 0:
+        return
+    pricing = event.pricing or {}
+    text = [pricing.get(key) for key in ("category", "type", "pricing_model")]
+    c.execute(_BUMP_BILLING, (*where, *(v if isinstance(v, str) else "" for v in text),
+                              int(pricing.get("billable") is True), 1))
 
 
 def _response(c: sqlite3.Connection, event: Event, where: tuple) -> None:

@@ -91,7 +91,7 @@ def keys_to_read(ev: Event) -> list[Key]:
 # A message document's own fields (CONTRACT §8), null until a status or reaction sets them, as
 # the storage sink's columns are: ``where("status", "==", None)`` finds what ``IS NULL`` finds.
 UNSET: dict[str, Any] = {"status": None, "status_updated_at": None, "reactions": None,
-                         "edited_at": None}
+                         "edited_at": None, "pricing": None}
 
 
 def message_document(ev: Event) -> dict[str, Any]:
@@ -238,6 +238,8 @@ class Plan:
             doc["status"], doc["status_updated_at"] = status, ev.timestamp
             if ev.error is not None:
                 doc["error"] = msgspec.to_builtins(ev.error)
+        if ev.pricing is not None and doc.get("pricing") is None:  # the first one stays
+            doc["pricing"] = dict(ev.pricing)
         self._conversation(ev)
 
     def _reaction(self, ev: Event) -> None:

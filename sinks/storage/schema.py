@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS messages (
     status TEXT, status_updated_at TEXT,
     reactions TEXT,                       -- JSON: {sender_id: emoji}
     schema INTEGER, emoji TEXT,          -- the event's schema version; emoji (reactions only)
-    edited_at TEXT                       -- the timestamp of the latest edit applied
+    edited_at TEXT,                      -- the timestamp of the latest edit applied
+    pricing TEXT                         -- JSON: what Meta charges (the first status to say)
 );
 CREATE INDEX IF NOT EXISTS messages_conversation ON messages(conversation_id, timestamp);
 """
@@ -62,7 +63,7 @@ CONVERSATION_MERGE = (
 def migrate(c) -> None:
     """Bring a database made by an earlier version up to this schema, each step once."""
     for table, added in (("messages", (("schema", "INTEGER"), ("emoji", "TEXT"),
-                                       ("edited_at", "TEXT"))),
+                                       ("edited_at", "TEXT"), ("pricing", "TEXT"))),
                          ("contacts", (("name_at", "TEXT"), ("user_id", "TEXT"),
                                        ("user_id_at", "TEXT")))):
         columns = {row[1] for row in c.execute(f"PRAGMA table_info({table})")}

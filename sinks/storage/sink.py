@@ -329,6 +329,9 @@ def _apply_status(batch: _Batch, ev: Event, status: str | None = None) -> None:
         f"UPDATE messages SET status = ?, status_updated_at = ?, error = coalesce(?, error) "
         f"WHERE id = ? AND (CASE status {_RANK_SQL} ELSE 0 END) < (CASE ? {_RANK_SQL} ELSE 0 END)",
         (status, iso(ev), _json(ev.error), key, status))
+    if ev.pricing is not None:  # on sent and again on delivered or read: the first one stays
+        c.execute("UPDATE messages SET pricing = ? WHERE id = ? AND pricing IS NULL",
+                  (_json(ev.pricing), key))
     _ensure_conversation(c, ev)
 
 

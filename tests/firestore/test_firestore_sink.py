@@ -34,12 +34,12 @@ ROOT = Path(__file__).resolve().parents[2]
 MESSAGE_COLUMNS = ("message_id", "event_id", "kind", "channel", "direction", "account_id",
                    "conversation_id", "sender_id", "sender_name", "recipient_id", "timestamp",
                    "type", "text", "payload", "reply_to", "media", "location", "error", "extra",
-                   "status", "status_updated_at", "reactions", "edited_at")
+                   "status", "status_updated_at", "reactions", "edited_at", "pricing")
 CONVERSATION_COLUMNS = ("channel", "account_id", "contact_id", "message_count",
                         "last_message_at", "last_inbound_at", "last_text")
 CONTACT_COLUMNS = ("channel", "contact_id", "name", "name_at", "account_id", "first_seen",
                    "last_seen", "last_inbound_at", "opted_out", "opted_out_at")
-JSON_COLUMNS = {"media", "location", "error", "extra", "reactions"}
+JSON_COLUMNS = {"media", "location", "error", "extra", "reactions", "pricing"}
 TIME_COLUMNS = {"timestamp", "status_updated_at", "last_message_at", "last_inbound_at",
                 "first_seen", "last_seen", "edited_at", "name_at", "opted_out_at"}
 

@@ -4,6 +4,7 @@ through a running gateway and on its own (a real SQLite file), and its ``gateway
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -30,11 +31,17 @@ def inbound(i: int, customer: str, at: datetime) -> Message:
                    message_id=f"wamid.in.{i}", type="text", text="hello")
 
 
-def sent(i: int, customer: str, at: datetime) -> Status:
-    return Status(schema=1, id=f"st-{i}", channel="whatsapp", direction="outbound",
+def sent(i: int, customer: str, at: datetime, status: str = "sent",
+         pricing: dict | None = None) -> Status:
+    return Status(schema=1, id=f"st-{i}-{status}", channel="whatsapp", direction="outbound",
                   account_id=ACCOUNT, conversation_id=conversation(customer),
                   sender=Party(ACCOUNT), recipient=Party(customer), timestamp=at,
-                  message_id=f"wamid.out.{i}", status="sent")
+                  message_id=f"wamid.out.{i}", status=status, pricing=pricing)
+
+
+UTILITY = {"billable": True, "pricing_model": "PMP", "type": "regular", "category": "utility"}
+SERVICE = {"billable": False, "pricing_model": "PMP", "type": "free_customer_service",
+           "category": "service"}
 
 
 def records(*events) -> list[Record]:
@@ -165,3 +172,35 @@ async def test_erasure_removes_the_customers_conversation_rows_only(tmp_path):
     assert sorted({c for (c,) in left}) == [conversation("2111"), conversation("222")]
     assert await sink.query("SELECT sum(events) FROM daily") == [(5,)]  # anonymous counts stay
     await sink.close()
+
+
+async def test_priced_messages_count_once_per_message_on_the_day_of_the_first_price(tmp_path):
+    sink = await started(tmp_path)
+    late = T0 + timedelta(hours=15)  # 2026-03-02 00:00
+    await sink.write(records(
+        sent(1, "111", T0, pricing=UTILITY),
+        sent(1, "111", late, "delivered", pricing=UTILITY),  # priced again: the same message
+        sent(2, "111", T0, pricing=UTILITY),
+        sent(3, "222", T0, pricing=SERVICE),
+        sent(4, "222", T0)))  # no pricing: not in the table
+    await sink.write(records(sent(2, "111", T0, "read", pricing=UTILITY)))  # a later batch
+    await sink.write(records(sent(1, "111", T0, pricing=UTILITY)))  # a redelivery
+    assert await sink.query("SELECT * FROM billing ORDER BY category") == [
+        ("2026-03-01", "whatsapp", ACCOUNT, "service", "free_customer_service", "PMP", 0, 1),
+        ("2026-03-01", "whatsapp", ACCOUNT, "utility", "regular", "PMP", 1, 2)]
+    await sink.close()
+    rows = report(str(tmp_path / "analytics.db"), 7, today=late)
+    assert [(r["day"], r["statuses"], r["billable"]) for r in rows] == [
+        ("2026-03-01", 5, 2), ("2026-03-02", 1, 0)]
+
+
+async def test_the_report_reads_a_database_from_before_billing(tmp_path):
+    sink = await started(tmp_path)
+    await sink.write(records(inbound(1, "111", T0)))
+    await sink.close()
+    db = sqlite3.connect(tmp_path / "analytics.db")
+    db.execute("DROP TABLE billing")
+    db.commit()
+    db.close()
+    rows = report(str(tmp_path / "analytics.db"), 7, today=T0)
+    assert [(r["messages_in"], r["billable"]) for r in rows] == [(1, 0)]
