@@ -23,6 +23,7 @@ from gateway.events import (
     Event,
     Message,
     Party,
+    Reaction,
     Status,
     conversation_id,
     encode,
@@ -69,6 +70,13 @@ def edit(eid: str, own: str, original: str, seconds: float, text: str, **fields:
     return msg(eid, own, seconds, text, raw_type="edit", reply_to=original, **fields)
 
 
+def react(seconds: float, emoji: str, mid: str = "wamid.O1") -> Reaction:
+    """The customer's reaction to our message ``mid`` ("" removes it)."""
+    return Reaction(schema=1, id=f"re-{seconds}-{emoji}", channel="whatsapp", direction="inbound",
+                    account_id=ACCOUNT, conversation_id=CONV, sender=Party(CUSTOMER),
+                    recipient=Party(ACCOUNT), timestamp=at(seconds), message_id=mid, emoji=emoji)
+
+
 def failed(mid: str, seconds: float, channel: str = "whatsapp", conv: str = CONV) -> Status:
     return Status(schema=1, id=f"st-{mid}", channel=channel, direction="outbound",
                   account_id=ACCOUNT, conversation_id=conv, sender=Party(ACCOUNT),
@@ -83,9 +91,10 @@ class View:
     (message_count, last_text), per contact (name, opted_out, opted_out_at, first_seen)."""
 
     def __init__(self, messages: dict, conversations: dict, contacts: dict,
-                 message_conversations: set[str]) -> None:
+                 message_conversations: set[str], reactions: dict[str, dict]) -> None:
         self.messages, self.conversations, self.contacts = messages, conversations, contacts
         self.message_conversations = message_conversations  # messages' conversation_id values
+        self.reactions = reactions  # per message: {sender id: emoji}
 
 
 async def storage_view(batches: list[list[Event]], tmp_path) -> View:
@@ -104,7 +113,9 @@ async def storage_view(batches: list[list[Event]], tmp_path) -> View:
                     user in await sink.query("SELECT id, name, opted_out, opted_out_at,"
                                              " first_seen, user_id FROM contacts")}
         linked = {c for (c,) in await sink.query("SELECT conversation_id FROM messages")}
-        return View(messages, conversations, contacts, linked)
+        reactions = {key: json.loads(r or "{}") for key, r in await sink.query(
+            "SELECT id, reactions FROM messages")}
+        return View(messages, conversations, contacts, linked, reactions)
     finally:
         await sink.close()
 
@@ -138,7 +149,8 @@ def firestore_view(batches: list[list[Event]]) -> View:
         {k: (d["message_count"], d["last_text"]) for k, d in docs["conversations"].items()},
         {k: (d["name"], d["opted_out"], stamp(d["opted_out_at"]), stamp(d["first_seen"]),
              d["user_id"]) for k, d in docs["contacts"].items()},
-        {d["conversation_id"] for d in docs["messages"].values()})
+        {d["conversation_id"] for d in docs["messages"].values()},
+        {k: d.get("reactions") or {} for k, d in docs["messages"].items()})
 
 
 @pytest.fixture(params=["storage", "firestore-model"])
@@ -304,3 +316,18 @@ async def test_a_contact_name_follows_timestamps_not_arrival(view_of, batches):
 async def test_a_contacts_bsuid_follows_timestamps_not_arrival(view_of, batches):
     view = await view_of(batches)
     assert view.contacts[CONTACT][4] == "US.2"
+
+
+# --- a sender's reaction follows timestamps, not arrival ----------------------------------------
+
+@pytest.mark.parametrize("batches,left", [
+    ([[react(10, "👍")], [react(20, "")]], {}),  # in order
+    ([[react(20, "")], [react(10, "👍")]], {}),  # the removal first (webhooks.md §3: no order)
+    ([[react(20, ""), react(10, "👍")]], {}),  # ... in one batch
+    ([[react(20, "❤")], [react(10, "👍")]], {CUSTOMER: "❤"}),  # an older reaction arrives late
+    ([[react(10, "👍")], [react(20, "")], [react(30, "🎉")], [react(10, "👍")]],
+     {CUSTOMER: "🎉"}),  # a newer one after the removal, then a redelivery of the first
+], ids=["in-order", "removal-first", "removal-first-one-batch", "older-late", "newer-again"])
+async def test_a_reaction_follows_timestamps_not_arrival(view_of, batches, left):
+    view = await view_of(batches)
+    assert view.reactions["wamid.O1"] == left

@@ -54,11 +54,12 @@ def schema_without_schema_and_emoji() -> str:
     from sinks.storage.schema import SCHEMA
 
     old = re.sub(r",(\s*--[^\n]*)\n\s*schema INTEGER, emoji TEXT[^\n]*(\n\s*edited_at TEXT[^\n]*)?"
-                 r"(\n\s*pricing TEXT[^\n]*)?",
+                 r"(\n\s*pricing TEXT[^\n]*)?(\n\s*reactions_at TEXT[^\n]*)?",
                  r"\1", SCHEMA)
     old = re.sub(r",\s*name_at TEXT,[^\n]*\n\s*user_id TEXT,[^\n]*\n\s*user_id_at TEXT\)"
                  r" WITHOUT ROWID;[^\n]*", ") WITHOUT ROWID;", old)
-    for column in ("emoji TEXT", "schema INTEGER", "edited_at", "pricing", "name_at", "user_id"):
+    for column in ("emoji TEXT", "schema INTEGER", "edited_at", "pricing", "reactions_at",
+                   "name_at", "user_id"):
         assert column not in old, column
     return old
 

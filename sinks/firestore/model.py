@@ -246,12 +246,16 @@ class Plan:
         if not ev.message_id:
             return
         doc = self._stub(ev, "outbound" if ev.direction == "inbound" else "inbound")
-        reactions = dict(doc.get("reactions") or {})
-        if ev.emoji:
-            reactions[ev.sender.id] = ev.emoji
-        else:
-            reactions.pop(ev.sender.id, None)
-        doc["reactions"] = reactions
+        times = dict(doc.get("reactions_at") or {})  # each sender's latest reaction: an older
+        latest = times.get(ev.sender.id)  # one arriving later changes nothing (no order kept)
+        if latest is None or ev.timestamp >= latest:
+            reactions = dict(doc.get("reactions") or {})
+            if ev.emoji:
+                reactions[ev.sender.id] = ev.emoji
+            else:
+                reactions.pop(ev.sender.id, None)
+            times[ev.sender.id] = ev.timestamp
+            doc["reactions"], doc["reactions_at"] = reactions, times
         self._touch(ev)
 
     def _touch(self, ev: Event) -> None:

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS messages (
     reactions TEXT,                       -- JSON: {sender_id: emoji}
     schema INTEGER, emoji TEXT,          -- the event's schema version; emoji (reactions only)
     edited_at TEXT,                      -- the timestamp of the latest edit applied
-    pricing TEXT                         -- JSON: what Meta charges (the first status to say)
+    pricing TEXT,                        -- JSON: what Meta charges (the first status to say)
+    reactions_at TEXT                    -- JSON: {sender_id: time of their latest reaction}
 );
 CREATE INDEX IF NOT EXISTS messages_conversation ON messages(conversation_id, timestamp);
 """
@@ -63,7 +64,8 @@ CONVERSATION_MERGE = (
 def migrate(c) -> None:
     """Bring a database made by an earlier version up to this schema, each step once."""
     for table, added in (("messages", (("schema", "INTEGER"), ("emoji", "TEXT"),
-                                       ("edited_at", "TEXT"), ("pricing", "TEXT"))),
+                                       ("edited_at", "TEXT"), ("pricing", "TEXT"),
+                                       ("reactions_at", "TEXT"))),
                          ("contacts", (("name_at", "TEXT"), ("user_id", "TEXT"),
                                        ("user_id_at", "TEXT")))):
         columns = {row[1] for row in c.execute(f"PRAGMA table_info({table})")}

@@ -346,12 +346,17 @@ def _apply_reaction(batch: _Batch, ev: Event) -> None:
         return
     key = _stub(c, ev, ev.message_id, "outbound" if ev.direction == "inbound" else "inbound")
     path = '$."' + ev.sender.id.replace('"', "") + '"'
+    at = iso(ev)
+    # Meta does not keep order (webhooks.md §3): a sender's older reaction or removal, arriving
+    # after a newer one, changes nothing (reactions_at keeps the time of each sender's latest)
+    newer = ("reactions_at = json_set(coalesce(reactions_at, '{}'), ?, ?) WHERE id = ?"
+             " AND ? >= coalesce(json_extract(reactions_at, ?), '')")
     if ev.emoji:
-        c.execute("UPDATE messages SET reactions = json_set(coalesce(reactions, '{}'), ?, ?) "
-                  "WHERE id = ?", (path, ev.emoji, key))
+        c.execute("UPDATE messages SET reactions = json_set(coalesce(reactions, '{}'), ?, ?), "
+                  + newer, (path, ev.emoji, path, at, key, at, path))
     else:
-        c.execute("UPDATE messages SET reactions = json_remove(coalesce(reactions, '{}'), ?) "
-                  "WHERE id = ?", (path, key))
+        c.execute("UPDATE messages SET reactions = json_remove(coalesce(reactions, '{}'), ?), "
+                  + newer, (path, path, at, key, at, path))
     _touch_contact(batch, ev)
 
 
