@@ -268,7 +268,12 @@ class SinkWorker:
         # A letter ahead of the cursor whose event is still in the log (dead-lettered while its
         # batch was still retrying other lanes, then the gateway stopped) waits until the batch
         # has passed it: only its dead letter keeps the batch from delivering it again.
-        letters = [d for d in letters if not self.cursor < d.seq <= self.tail.last_seq]
+        # Shared journal: other replicas add events this one never sees, so the log's own head
+        # says how far it goes (the tail holds only what this replica published).
+        if any(d.seq > self.cursor for d in letters):
+            head = (await self.journal.last_event_seq() if self.tail.disabled
+                    else self.tail.last_seq)
+            letters = [d for d in letters if not self.cursor < d.seq <= head]
         if letters:
             log.info("replaying_dead_letters", sink=self.sink.name, count=len(letters))
             self.replaying = True  # not caught up meanwhile (an erasure waits for this)
@@ -392,6 +397,9 @@ class SinkWorker:
 
     def _delivered(self, records: list[Record]) -> None:
         self._done_ahead.update(r.seq for r in records if r.seq > self.cursor)
+        if self._letter_of:  # replayed letters, done as soon as written: if another lane fails
+            self._replayed.extend(letter for r in records  # the replay, they are not redelivered
+                                  if (letter := self._letter_of.get(id(r))) is not None)
         now = time.time()
         latency = self.metrics.sink_latency.labels(self.sink.name)
         for record in records:

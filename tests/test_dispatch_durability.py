@@ -642,6 +642,16 @@ async def test_a_failing_replay_of_letters_without_a_position_retries_each_once(
     assert sorted(jsonl_ids(tmp_path)) == ["ev-1", "ev-2"]
 
 
+class SlowToRefuse(Recording):
+    """Refuses ev-2 for good, after ev-1's lane (another conversation) has been written."""
+
+    async def write(self, records: list[Record]) -> None:
+        if any(r.event.id == "ev-2" for r in records):
+            await asyncio.sleep(0.2)  # ev-1's lane is done by then
+            raise PermanentError("malformed for this sink")
+        await super().write(records)
+
+
 async def test_a_batch_retried_after_a_journal_error_writes_each_event_once(tmp_path):
     # ev-1 (its conversation alone) is written when the batch is retried lane by lane; ev-2 is
     # refused for good, and storing its dead letter fails once (the journal locked). The batch
@@ -650,14 +660,6 @@ async def test_a_batch_retried_after_a_journal_error_writes_each_event_once(tmp_
     await journal.open()
     await journal.set_cursor("sink:jsonl", 0)
     await store(journal, [message(1, "111"), message(2, "222")])
-
-    class SlowToRefuse(Recording):
-        async def write(self, records: list[Record]) -> None:
-            if any(r.event.id == "ev-2" for r in records):
-                await asyncio.sleep(0.2)  # ev-1's lane is done by then
-                raise PermanentError("malformed for this sink")
-            await super().write(records)
-
     sink = SlowToRefuse(jsonl_config(tmp_path))
     metrics = Metrics()
     dispatcher = Dispatcher(journal, {"jsonl": sink}, metrics)
@@ -665,6 +667,36 @@ async def test_a_batch_retried_after_a_journal_error_writes_each_event_once(tmp_
     await until(lambda: _cursor_at(journal, 2))
     await dispatcher.stop(2)
     assert [d.event_id for d in await journal.dead_letters("jsonl")] == ["ev-2"]
+    await journal.close()
+    assert [e for e, _ in sink.got] == ["ev-1"] and jsonl_ids(tmp_path) == ["ev-1"]
+    ok = metrics.registry.get_sample_value("gateway_sink_deliveries_total",
+                                           {"sink": "jsonl", "outcome": "ok"})
+    assert ok == 1
+
+
+async def test_a_replay_retried_after_a_journal_error_writes_each_letter_once(tmp_path):
+    # The same as a batch, for a replay: ev-1's letter is written by its lane, ev-2's is refused
+    # again and storing its new letter fails once. The replay is retried: ev-1's letter was
+    # done when it was written, so it is neither written nor counted "ok" again.
+    journal = DeadLettersLockedOnce(GatewayConfig(server=ServerConfig(data_dir=str(tmp_path))))
+    await journal.open()
+    await journal.set_cursor("sink:jsonl", 2)
+    events = [message(1, "111"), message(2, "222")]
+    await SqliteJournal.add_dead_letters(journal, "jsonl", [
+        (StoredEvent(i, encode(e), 1.0), e.id, "refused", 1) for i, e in enumerate(events, 1)])
+    journal.failures = 1  # the next add_dead_letters (ev-2's new letter) fails once
+    assert await journal.request_replay("jsonl") == 2
+    sink = SlowToRefuse(jsonl_config(tmp_path))
+    metrics = Metrics()
+    dispatcher = Dispatcher(journal, {"jsonl": sink}, metrics)
+    await dispatcher.start()
+
+    async def settled() -> bool:
+        letters = await journal.dead_letters("jsonl")
+        return [(d.event_id, d.state) for d in letters] == [("ev-2", "dead")]
+
+    await until(settled)
+    await dispatcher.stop(2)
     await journal.close()
     assert [e for e, _ in sink.got] == ["ev-1"] and jsonl_ids(tmp_path) == ["ev-1"]
     ok = metrics.registry.get_sample_value("gateway_sink_deliveries_total",
