@@ -41,7 +41,7 @@ def matches(actual: dict, want: dict) -> list[str]:
         if key in SKIP:
             continue
         got = actual.get(key)
-        if key == "timestamp":
+        if key == "timestamp" and value is not None:
             if got is None or instant(got) != instant(value):
                 problems.append(f"timestamp {got!r} != {value!r}")
         elif value is None:
@@ -75,19 +75,23 @@ def pair_up(actual: list[dict], wanted: list[dict]) -> list[tuple[dict, dict]]:
 def as_stored(wanted: list[dict], events: list[dict]) -> list[dict]:
     """A fixture's expected message events as the storage sinks keep them, ``events`` being what
     the fixture gave (they say which are edits): an edit of a message of the same fixture
-    rewrites that one's content and has no row of its own; an edit of one the fixture lacks
-    stands in for it, under its id, replying to nothing."""
+    rewrites that one's content and has no row of its own; an edit or unsend of one the fixture
+    lacks stands in for it, under its id, replying to nothing, with no timestamp until the
+    original comes."""
     pairs = pair_up(events, [w for w in wanted if w["kind"] in ("message", "postback")])
     originals = {actual["message_id"]: i for i, (actual, _) in enumerate(pairs)
                  if stored_as(actual) is actual and actual.get("message_id")}
+    sent = {actual.get("message_id") for actual, _ in pairs if actual.get("type") != "deleted"}
     kept: list[dict | None] = [want for _, want in pairs]
     for i, (actual, want) in enumerate(pairs):
         if stored_as(actual) is actual:
+            if actual.get("type") == "deleted" and actual.get("message_id") not in sent:
+                kept[i] = {**want, "timestamp": None}  # a stand-in for its original
             continue
         j = originals.get(actual["reply_to"])
         if j is None:
             kept[i] = {**want, "message_id": actual["reply_to"], "reply_to": None,
-                       "raw_type": None}
+                       "raw_type": None, "timestamp": None}
             continue
         kept[j] = {**kept[j], **{k: want.get(k) for k in ("type", "text", "payload", "media")}}
         kept[i] = None

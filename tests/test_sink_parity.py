@@ -91,10 +91,12 @@ class View:
     (message_count, last_text), per contact (name, opted_out, opted_out_at, first_seen)."""
 
     def __init__(self, messages: dict, conversations: dict, contacts: dict,
-                 message_conversations: set[str], reactions: dict[str, dict]) -> None:
+                 message_conversations: set[str], reactions: dict[str, dict],
+                 times: dict[str, str | None], last_at: dict[str, str | None]) -> None:
         self.messages, self.conversations, self.contacts = messages, conversations, contacts
         self.message_conversations = message_conversations  # messages' conversation_id values
         self.reactions = reactions  # per message: {sender id: emoji}
+        self.times, self.last_at = times, last_at  # messages' timestamp, last_message_at
 
 
 async def storage_view(batches: list[list[Event]], tmp_path) -> View:
@@ -115,7 +117,9 @@ async def storage_view(batches: list[list[Event]], tmp_path) -> View:
         linked = {c for (c,) in await sink.query("SELECT conversation_id FROM messages")}
         reactions = {key: json.loads(r or "{}") for key, r in await sink.query(
             "SELECT id, reactions FROM messages")}
-        return View(messages, conversations, contacts, linked, reactions)
+        times = dict(await sink.query("SELECT id, timestamp FROM messages"))
+        last_at = dict(await sink.query("SELECT id, last_message_at FROM conversations"))
+        return View(messages, conversations, contacts, linked, reactions, times, last_at)
     finally:
         await sink.close()
 
@@ -150,7 +154,9 @@ def firestore_view(batches: list[list[Event]]) -> View:
         {k: (d["name"], d["opted_out"], stamp(d["opted_out_at"]), stamp(d["first_seen"]),
              d["user_id"]) for k, d in docs["contacts"].items()},
         {d["conversation_id"] for d in docs["messages"].values()},
-        {k: d.get("reactions") or {} for k, d in docs["messages"].items()})
+        {k: d.get("reactions") or {} for k, d in docs["messages"].items()},
+        {k: stamp(d.get("timestamp")) for k, d in docs["messages"].items()},
+        {k: stamp(d.get("last_message_at")) for k, d in docs["conversations"].items()})
 
 
 @pytest.fixture(params=["storage", "firestore-model"])
@@ -331,3 +337,34 @@ async def test_a_contacts_bsuid_follows_timestamps_not_arrival(view_of, batches)
 async def test_a_reaction_follows_timestamps_not_arrival(view_of, batches, left):
     view = await view_of(batches)
     assert view.reactions["wamid.O1"] == left
+
+
+# --- an unsend or edit that comes before its original -------------------------------------------
+
+X, A = msg("ex", "mx", 10, "oops wrong address"), msg("ea", "ma", 20, "my address is 1 Main St")
+UNSEND_X, EDIT_X = revoke("rvx", "mx", 30), edit("edx", "wamid.EX", "mx", 30, "oops, 2 Main St")
+
+
+@pytest.mark.parametrize("change,text", [(UNSEND_X, None), (EDIT_X, "oops, 2 Main St")],
+                         ids=["unsend", "edit"])
+@pytest.mark.parametrize("order", [
+    lambda c: [[X], [A], [c]], lambda c: [[A], [c], [X]], lambda c: [[A, c, X]],
+    lambda c: [[c], [A, X]]], ids=["in-order", "original-last", "one-batch", "change-first"])
+async def test_a_change_before_its_original_ends_as_in_order(view_of, change, text, order):
+    """webhooks.md §3: Meta keeps no order. The unsend's or edit's time is not the message's:
+    the row takes the original's time when it comes, and the conversation's latest message and
+    text are the ones in-order delivery gives."""
+    view = await view_of(order(change))
+    assert view.messages["mx"][1] == text
+    assert view.times["mx"] == stamp(at(10))
+    assert view.conversations[CONV] == (2, "my address is 1 Main St")
+    assert view.last_at[CONV] == stamp(at(20))
+
+
+async def test_a_change_whose_original_never_comes_moves_no_conversation_time(view_of):
+    # e.g. an edit of a message sent before the gateway was installed
+    view = await view_of([[A], [EDIT_X]])
+    assert view.messages["mx"] == ("text", "oops, 2 Main St", None)
+    assert view.times["mx"] is None  # no time of its own until the original comes
+    assert view.conversations[CONV] == (2, "my address is 1 Main St")
+    assert view.last_at[CONV] == stamp(at(20))

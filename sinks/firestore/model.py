@@ -175,25 +175,43 @@ class Plan:
                     _blank(current)
                     self._last_text(ev, current.get("timestamp"), None)
             elif current["event_id"] != ev.id:  # the message itself, after its unsend or edit
-                self._contact(ev)  # still the customer's word: times, name, consent
+                self._original(ev, current)
             return  # stored already: a redelivery, or a second event for the same message
-        self._new(ev, key, current)
+        self._new(ev, key, current, stand_in=ev.type == "deleted")
 
     def _new(self, ev: Event, key: Key, current: dict[str, Any] | None,
-             edited_at: datetime | None = None) -> None:
+             edited_at: datetime | None = None, stand_in: bool = False) -> None:
+        """A message's document; ``stand_in``: made by its unsend or edit, which came first:
+        no ``timestamp`` and no conversation time until its original comes (the storage
+        sink's rule)."""
         doc = self.docs[key] = {**UNSET, **(current or {}), **message_document(ev)}
         if doc["error"] is None and current:  # a failed status's error, on its stub, stays
             doc["error"] = current.get("error")
         if edited_at is not None:
             doc["edited_at"] = edited_at
+        if stand_in:
+            doc["timestamp"] = None
         conv = self._conversation(ev)
         conv["message_count"] = (conv.get("message_count") or 0) + 1
+        if not stand_in:
+            self._merge_times(ev, conv, ev.text)
+        self._contact(ev)
+
+    def _original(self, ev: Event, doc: dict[str, Any]) -> None:
+        """The original of a message whose unsend or edit came first: it takes the original's
+        ``event_id``, ``timestamp`` and ``reply_to`` and keeps its content; the conversation
+        takes the original's time with that content's text."""
+        doc.update(event_id=ev.id, timestamp=ev.timestamp, reply_to=ev.reply_to)
+        self._merge_times(ev, self._conversation(ev), doc.get("text"))
+        self._contact(ev)  # still the customer's word: times, name, consent
+
+    @staticmethod
+    def _merge_times(ev: Event, conv: dict[str, Any], text: str | None) -> None:
         last = conv.get("last_message_at")
         if last is None or ev.timestamp >= last:
-            conv["last_message_at"], conv["last_text"] = ev.timestamp, ev.text
+            conv["last_message_at"], conv["last_text"] = ev.timestamp, text
         if ev.direction == "inbound":
             conv["last_inbound_at"] = _later(conv.get("last_inbound_at"), ev.timestamp)
-        self._contact(ev)
 
     def _edit(self, ev: Event, target: str) -> None:
         """An edit replaces the original's content (in place, uncounted); one that comes first
@@ -203,7 +221,7 @@ class Plan:
         current = self.doc(key)
         if current is None or not current.get("event_id"):
             original = msgspec.structs.replace(ev, message_id=target, reply_to=None, raw_type=None)
-            self._new(original, key, current, edited_at=ev.timestamp)
+            self._new(original, key, current, edited_at=ev.timestamp, stand_in=True)
             return
         edited = current.get("edited_at")
         if current.get("type") != "deleted" and (edited is None or ev.timestamp >= edited):

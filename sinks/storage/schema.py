@@ -56,7 +56,8 @@ CONVERSATION_MERGE = (
     "message_count = message_count + excluded.message_count,"
     " last_text = CASE WHEN excluded.last_message_at >= coalesce(last_message_at, '')"
     "   THEN excluded.last_text ELSE last_text END,"
-    " last_message_at = max(coalesce(last_message_at, ''), excluded.last_message_at),"
+    " last_message_at = coalesce(max(coalesce(last_message_at, ''), excluded.last_message_at),"
+    "   last_message_at),"  # a stand-in's count comes without a time (excluded NULL)
     " last_inbound_at = CASE WHEN excluded.last_inbound_at IS NULL THEN last_inbound_at"
     "   ELSE max(coalesce(last_inbound_at, ''), excluded.last_inbound_at) END")
 

@@ -177,16 +177,40 @@ class _Batch:
                 if known[_TYPE] != "deleted":
                     self._delete(key, ev)
             elif known[_EVENT_ID] != ev.id:  # the message itself, after its unsend or edit
-                self.contact(ev)  # still the customer's word: times, name, consent
+                self._original(ev, key, known)
             return  # already stored: a redelivery or a second event for the same message
-        self._new(ev, key, mid, iso(ev))
+        self._new(ev, key, mid, iso(ev), stand_in=ev.type == "deleted")
 
-    def _new(self, ev: Event, key: str, mid: str, ts: str, edited_at: str | None = None) -> None:
+    def _new(self, ev: Event, key: str, mid: str, ts: str, edited_at: str | None = None,
+             stand_in: bool = False) -> None:
+        """A message's row; ``stand_in``: made by its unsend or edit, which came first. A
+        stand-in has no ``timestamp`` and moves no conversation time until its original comes
+        (:meth:`_original`): Meta keeps no order, and the unsend's or edit's time is not the
+        message's."""
         conv = doc_id(ev.conversation_id)
-        self.state[key] = (ev.id, ev.type, ts, edited_at)
-        self.rows[key] = _message_row(ev, key, mid, conv, ts, edited_at)
-        self._count(ev, conv, ts)
+        at = None if stand_in else ts
+        self.state[key] = (ev.id, ev.type, at, edited_at)
+        self.rows[key] = _message_row(ev, key, mid, conv, at, edited_at)
+        self._count(ev, conv, at, ev.text)
         self.contact(ev, ts)
+
+    def _original(self, ev: Event, key: str, known: tuple[str | None, ...]) -> None:
+        """The original of a message whose unsend or edit came first: its row takes the
+        original's ``event_id``, ``timestamp`` and ``reply_to`` and keeps its (blanked or
+        edited) content; the conversation takes the original's time, with that content's text,
+        as if the two had come in order."""
+        ts = iso(ev)
+        self.state[key] = (ev.id, known[_TYPE], ts, known[_EDITED_AT])
+        row = self.rows.get(key)
+        if row is None:
+            text = self.c.execute(
+                "UPDATE messages SET event_id = ?, timestamp = ?, reply_to = ? WHERE id = ?"
+                " RETURNING text", (ev.id, ts, ev.reply_to, key)).fetchone()[0]
+        else:
+            row[_AT["event_id"]], row[_AT["timestamp"]] = ev.id, ts
+            row[_AT["reply_to"]], text = ev.reply_to, row[_AT["text"]]
+        self._count(ev, doc_id(ev.conversation_id), ts, text, 0)
+        self.contact(ev, ts)  # still the customer's word: times, name, consent
 
     def _delete(self, key: str, ev: Event) -> None:
         event_id, _, at, edited_at = self.state[key]
@@ -208,7 +232,8 @@ class _Batch:
         known = self.state.get(key)
         if known is None or known[_EVENT_ID] is None:
             self._new(msgspec.structs.replace(ev, message_id=target, reply_to=None,
-                                              raw_type=None), key, target, ts, edited_at=ts)
+                                              raw_type=None), key, target, ts, edited_at=ts,
+                      stand_in=True)
             return
         if known[_TYPE] != "deleted" and (known[_EDITED_AT] is None or ts >= known[_EDITED_AT]):
             self.state[key] = (known[_EVENT_ID], ev.type, known[_TIMESTAMP], ts)
@@ -225,23 +250,29 @@ class _Batch:
     def _last_text(self, ev: Event, at: str | None, text: str | None, stored: bool) -> None:
         """``text`` becomes the conversation's ``last_text`` if the message of timestamp ``at``
         is its latest (``at`` equals ``last_message_at``), in the batch and on disk."""
+        if at is None:  # a stand-in: not the conversation's latest until its original comes
+            return
         conv_id = doc_id(ev.conversation_id)
         conv = self.conversations.get(conv_id)
         if conv is not None and conv[5] == at:
             conv[7] = text
-        if stored and at is not None:
+        if stored:
             self.c.execute(_SET_LAST_TEXT, (text, conv_id, at))
 
-    def _count(self, ev: Event, conv_id: str, ts: str) -> None:
+    def _count(self, ev: Event, conv_id: str, ts: str | None, text: str | None,
+               count: int = 1) -> None:
+        """Add ``count`` messages to the conversation, and one of time ``ts`` (None: a stand-in,
+        no time yet) and ``text``."""
         inbound = ts if ev.direction == "inbound" else None
         conv = self.conversations.get(conv_id)
         if conv is None:
             self.conversations[conv_id] = [
-                conv_id, ev.channel, ev.account_id, ev.customer_id, 1, ts, inbound, ev.text]
+                conv_id, ev.channel, ev.account_id, ev.customer_id, count, ts, inbound,
+                None if ts is None else text]
             return
-        conv[4] += 1
-        if ts >= conv[5]:
-            conv[5], conv[7] = ts, ev.text
+        conv[4] += count
+        if ts is not None and (conv[5] is None or ts >= conv[5]):
+            conv[5], conv[7] = ts, text
         conv[6] = _later(conv[6], inbound)
 
     def contact(self, ev: Event, ts: str | None = None) -> None:
@@ -277,7 +308,7 @@ class _Batch:
             self.c.executemany(_UPSERT_CONTACT, list(self.contacts.values()))
 
 
-def _message_row(ev: Event, key: str, mid: str, conv: str, ts: str,
+def _message_row(ev: Event, key: str, mid: str, conv: str, ts: str | None,
                  edited_at: str | None = None) -> list[Any]:
     """The ``messages`` row: ``key`` then the values of ``_MESSAGE_COLUMNS`` in order."""
     extra = None

@@ -685,12 +685,16 @@ async def test_unsends_edits_stub_errors_names_and_consent_match_storage(
         for n, batch in enumerate(batches):
             await fs.write(records(batch))
             await storage.write(records(batch))
-            if n == 2:  # m9 (its edit's time, read back from Firestore) was the latest
+            if n == 1:  # m9's edit stands in for it: counted, but no time of its own yet
                 conv = (await documents(fs, "conversations"))[CONV]
-                assert (conv["last_message_at"], conv["last_text"]) == (at(60), None)
+                assert (conv["last_message_at"], conv["last_text"]) == (at(20), "second (edited)")
+            if n == 2:  # m9 came (at 40, after its unsend): the latest, with no text
+                conv = (await documents(fs, "conversations"))[CONV]
+                assert (conv["last_message_at"], conv["last_text"]) == (at(40), None)
         docs = await assert_same_as_storage(StorageRows(storage), fs)
         assert docs["conversations"][CONV]["message_count"] == 6  # m1 m2 O1 m9 m0 m7
-        assert docs["conversations"][CONV]["last_text"] is None  # m7, unsent, is the latest
+        assert docs["conversations"][CONV]["last_text"] is None  # m9, unsent, is the latest
+        assert docs["messages"]["m7"]["timestamp"] == at(35)  # its own time, not its unsend's
         messages = docs["messages"]
         assert (messages["m2"]["text"], messages["m2"]["edited_at"]) == ("second (edited)", at(50))
         assert messages["m9"]["type"] == "deleted" and messages["m9"]["text"] is None
