@@ -11,8 +11,9 @@ another method or path, a query string, HTTP/1.0, chunked, compressed or ``Expec
 bodies, an upgrade, no ``Host``, more than :data:`MAX_HEADERS` header fields, or any header it does
 not accept strictly (a repeated header, a space before the colon, obs-fold, control bytes). From
 then on that connection is aiohttp's, and its parser (llhttp) applies the full rules, so nothing is
-accepted here that aiohttp would refuse. ``server.fast_intake = false`` leaves the whole port to
-aiohttp.
+accepted here that aiohttp would refuse, but one: a complete request with ``Connection: close``
+followed by more bytes is answered (and nothing after it processed), where llhttp refuses the
+whole buffer. ``server.fast_intake = false`` leaves the whole port to aiohttp.
 
 Requests on one connection are answered in order, one at a time (pipelined bytes wait, reading
 pauses past :data:`MAX_PIPELINED`). While the transport's write buffer is over its high-water
@@ -392,9 +393,11 @@ class WebhookConnection(asyncio.Protocol):
             self.paused = False
 
     def _next(self) -> None:
-        """Answer the next complete request in the buffer, or hand the connection off."""
+        """Answer the next complete request in the buffer, or hand the connection off. Nothing
+        once the transport closes (the client reset it, or our ``Connection: close`` answer
+        waits to drain): no request after that is journaled or handed to aiohttp."""
         buf = self.buffer
-        if not buf or self.transport is None or self.write_paused:
+        if not buf or self.transport is None or self.write_paused or self.transport.is_closing():
             return
         head = self.head
         if head is None:
@@ -450,12 +453,16 @@ class WebhookConnection(asyncio.Protocol):
         app = self.listener.app
         try:
             reply = intake.admit(app, head.channel, body, head.signature)
-            if reply is None:
-                waiter = asyncio.ensure_future(intake.journal(app, head.channel, body))
-                waiter.add_done_callback(functools.partial(self._journaled, head, started))
-                return
         except Exception as exc:  # noqa: BLE001 - never a dropped connection without an answer
             reply = _failed(head, exc)
+        if reply is None:
+            try:
+                waiter = asyncio.ensure_future(intake.journal(app, head.channel, body))
+            except Exception as exc:  # noqa: BLE001 - refused at once (its writer has ended):
+                reply = intake.journal_failed(app, head.channel, exc)  # as a failed commit, 503
+            else:
+                waiter.add_done_callback(functools.partial(self._journaled, head, started))
+                return
         # Answered on the next turn of the loop, not from here: _answer starts the next pipelined
         # request, and refusing each one from the last would recurse once per request.
         asyncio.get_running_loop().call_soon(self._answer, head, reply)

@@ -338,6 +338,19 @@ async def test_a_compressed_body_is_refused_before_it_is_read(gateway, encoding)
     assert status == 200
 
 
+async def test_a_journal_whose_writer_has_ended_answers_503_on_both_paths(gateway):
+    """The journal's thread is gone (its database closed under the running gateway, as after
+    an I/O error it could not reopen from): the journal refuses at once instead of failing a
+    commit later, and the answer is still 503 journal_unavailable, never a 500."""
+    gw = await gateway()
+    await gw.app[keys.JOURNAL].close()
+    for _ in range(2):
+        status, answer = await gw.post("whatsapp", fixture_bytes(TEXT))
+        assert status == 503, answer
+        _assert_error(answer, "journal_unavailable")
+    assert _metric(gw, "whatsapp", "unavailable") == 2
+
+
 async def test_a_journal_that_cannot_store_the_body_answers_503_and_recovers(gateway):
     """The journal's disk is full (SQLite's own limit here): its commit fails, nothing was
     stored or counted as accepted, so the answer is 503 with Retry-After (Meta delivers it

@@ -635,3 +635,57 @@ async def test_pipelined_bytes_do_not_take_the_port_past_its_byte_budget(gateway
             sock.close()
     await wait_for(lambda: budget.held == 0, timeout=10)
     assert (await gw.post("whatsapp", fixture_bytes("whatsapp/text.json")))[0] == 200
+
+
+class PausingTransport(asyncio.Transport):
+    """A client that reads slowly: every answer fills the write buffer past its high-water
+    mark (the protocol is told to pause writing), as a real transport does."""
+
+    def __init__(self, protocol) -> None:
+        super().__init__()
+        self.protocol, self.written, self.closing = protocol, [], False
+
+    def write(self, data) -> None:
+        self.written.append(bytes(data))
+        self.protocol.pause_writing()
+
+    def close(self) -> None:
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+async def test_no_pipelined_request_is_started_once_the_connection_closes(gateway):
+    """RFC 9112 §9.6: nothing after a ``Connection: close`` request is processed. The answer
+    that closes may still be draining; when it has, asyncio tells the protocol to resume
+    writing on the closing transport, which used to start (and journal) the next request."""
+    gw = await gateway()
+    journal = gw.app[keys.JOURNAL]
+    before = journal.committed_seq
+    conn = listener.WebhookConnection(gw.server._listener)
+    transport = PausingTransport(conn)
+    conn.connection_made(transport)
+    conn.data_received(post(TEXT, extra=b"Connection: close\r\n") + post(IMAGE))
+    for _ in range(100):
+        if transport.written:
+            break
+        await asyncio.sleep(0.01)
+    assert transport.closing and len(transport.written) == 1
+    assert b"connection: close" in transport.written[0].lower()
+    conn.resume_writing()  # the kernel has drained the answer
+    await asyncio.sleep(0.2)
+    assert len(transport.written) == 1 and journal.committed_seq == before + 1
+    conn.connection_lost(None)
