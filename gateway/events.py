@@ -10,7 +10,8 @@ so code can match on the class (``isinstance(ev, Status)``) or on ``ev.kind``.
 
 Fields the contract does not name but Meta's payloads carry (``referral``, ``order``, ``system``,
 ``contacts``, ``handover``, ``story_id``, ``raw_type``, ``standby``, ``callback_data``,
-``pricing``) are extra fields, omitted when empty.
+``pricing``, ``context``, ``participant``, and ``Media.voice``, ``Location.url``) are extra
+fields, omitted when empty.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Media(msgspec.Struct, omit_defaults=True, frozen=True):
     sha256: str | None = None
     caption: str | None = None
     filename: str | None = None
+    voice: bool = False  # WhatsApp: a push-to-talk voice note (an extra field)
 
 
 class Location(msgspec.Struct, omit_defaults=True, frozen=True):
@@ -67,6 +69,7 @@ class Location(msgspec.Struct, omit_defaults=True, frozen=True):
     longitude: float
     name: str | None = None
     address: str | None = None
+    url: str | None = None  # WhatsApp: the place's link (an extra field)
 
 
 class ErrorInfo(msgspec.Struct, omit_defaults=True, frozen=True):
@@ -121,6 +124,8 @@ class Event(msgspec.Struct, tag_field="kind", omit_defaults=True, kw_only=True, 
     contacts: list[Any] | None = None
     handover: dict[str, Any] | None = None
     pricing: dict[str, Any] | None = None
+    context: dict[str, Any] | None = None
+    participant: str | None = None
 
     kind: ClassVar[str]
 

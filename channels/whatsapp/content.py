@@ -47,7 +47,8 @@ def _media(obj: Any) -> Media | None:
         return None
     return Media(id=as_str(obj.get("id")), url=_str(obj.get("url")),
                  mime_type=_str(obj.get("mime_type")), sha256=_str(obj.get("sha256")),
-                 caption=_str(obj.get("caption")), filename=_str(obj.get("filename")))
+                 caption=_str(obj.get("caption")), filename=_str(obj.get("filename")),
+                 voice=obj.get("voice") is True)
 
 
 def _text(m: Content) -> dict[str, Any]:
@@ -76,7 +77,8 @@ def _location(m: Content) -> dict[str, Any]:
     if lat is None or lon is None:
         return {"type": "location"}
     return {"type": "location", "location": Location(
-        latitude=lat, longitude=lon, name=_str(loc.get("name")), address=_str(loc.get("address")))}
+        latitude=lat, longitude=lon, name=_str(loc.get("name")), address=_str(loc.get("address")),
+        url=_str(loc.get("url")))}
 
 
 def _interactive(m: Content) -> dict[str, Any]:

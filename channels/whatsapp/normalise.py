@@ -272,13 +272,35 @@ def _message(m: schemas.Message, account: str, people: dict,
                   "error": first_error(m.errors)}
     if fields["error"] is None:
         fields["error"] = value_error
-    if "reply_to" not in fields:
-        fields["reply_to"] = as_str(m.context.get("id")) if isinstance(m.context, dict) else None
+    if isinstance(m.context, dict):  # most messages have none
+        fields.setdefault("reply_to", as_str(m.context.get("id")))
+        fields["context"] = _context(m.context)
+    elif "reply_to" not in fields:
+        fields["reply_to"] = None
     # the common fields spelt out, not merged from a dict: this is the path of nearly every event
     return Message(id=event_id(CHANNEL, "message", m.id), schema=SCHEMA_VERSION, channel=CHANNEL,
                    direction="inbound", account_id=account, conversation_id=conversation,
                    sender=sender, recipient=recipient, timestamp=when, message_id=m.id,
                    referral=m.referral if isinstance(m.referral, dict) else None, **fields)
+
+
+PRODUCT = ("catalog_id", "product_retailer_id")
+
+
+def _context(context: dict[str, Any]) -> dict[str, Any] | None:
+    """What a message's ``context`` says beside the message it replies to (webhooks.md §4.4):
+    ``forwarded`` / ``frequently_forwarded`` (true, else absent) and ``referred_product``
+    ``{catalog_id, product_retailer_id}`` (the product a customer asks about); None when none."""
+    out: dict[str, Any] = {}
+    for flag in ("forwarded", "frequently_forwarded"):
+        if context.get(flag) is True:
+            out[flag] = True
+    product = context.get("referred_product")
+    if isinstance(product, dict):
+        ids = {key: product[key] for key in PRODUCT if isinstance(product.get(key), str)}
+        if ids:
+            out["referred_product"] = ids
+    return out or None
 
 
 def _reaction_or_revoke(m: schemas.Message, common: dict) -> Event:
@@ -315,6 +337,7 @@ def _status(s: schemas.Status, account: str) -> Event | None:
         raw_type=s.status if s.status in STATUS_AS else None,
         callback_data=callback if isinstance(callback, str) else None,
         pricing=_pricing(s.pricing, s.conversation),
+        participant=as_str(s.recipient_participant_id),
     )
 
 

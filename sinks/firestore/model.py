@@ -33,7 +33,7 @@ CANONICAL = ("schema", "kind", "channel", "direction", "account_id", "conversati
              "location", "error", "emoji")
 # Meta's detail the contract has no field for: written only when present.
 EXTRA = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
-         "contacts", "handover")
+         "contacts", "handover", "context")
 BLANKED = ("text", "payload", "media", "location")  # an unsent message loses these and EXTRA
 DELETE = object()  # marks a field to remove (the sink maps it to firestore.DELETE_FIELD)
 

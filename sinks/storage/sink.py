@@ -30,7 +30,7 @@ from sinks.storage.schema import (
 )
 
 _EXTRA = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
-          "contacts", "handover")
+          "contacts", "handover", "context")
 _extra_values = operator.attrgetter(*_EXTRA)
 _NO_EXTRA = tuple(False if name == "standby" else None for name in _EXTRA)  # the defaults
 _RANK_SQL = " ".join(f"WHEN '{s}' THEN {r}" for s, r in STATUS_RANK.items())
