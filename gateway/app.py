@@ -164,6 +164,7 @@ async def _start(app: web.Application, stack: contextlib.AsyncExitStack
     if outbound is not None:  # read-your-writes: sends are checked against acknowledged webhooks
         outbound.inbound_caught_up = processor.caught_up
         outbound.resolve_customer = processor.identities.resolve  # one customer, one window
+        outbound.aliases_of = processor.identities.aliases_of  # ... and one word on consent
         processor.notice_observers.append(outbound.notices)  # Meta's out-of-band throttling
     app[keys.DISPATCHER] = dispatcher
     app[keys.PROCESSOR] = processor

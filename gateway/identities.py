@@ -179,6 +179,19 @@ class Identities:
             raise JournalUnavailable(f"{type(exc).__name__}: {exc}") from exc
         return found.get(key, customer_id)
 
+    async def aliases_of(self, channel: str, customer_id: str) -> list[str]:
+        """The aliases (BSUIDs) last seen beside ``customer_id``: a template sent to the customer
+        heeds their word on consent too.
+
+        Raises:
+            JournalUnavailable: the journal did not answer.
+        """
+        try:
+            return await asyncio.wait_for(self.journal.aliases_of(channel, customer_id),
+                                          LOOKUP_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - whatever the backend raises
+            raise JournalUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
     async def linked(self, channel: str, contact_id: str) -> list[str]:
         """The person's other ids, for an erasure, one pair away and no further: the customer an
         alias was last seen beside, or the aliases last seen beside a customer; and the ids an

@@ -31,7 +31,7 @@ import asyncio
 import random
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -125,6 +125,9 @@ class OutboundService(PythonAPI, Pausing):
         # Set by the app to Identities.resolve: a customer known by an alias (a BSUID seen beside
         # a wa_id) is addressed, and checked, as the customer (gateway/identities.py).
         self.resolve_customer: Callable[[str, str], Awaitable[str]] | None = None
+        # Set by the app to Identities.aliases_of: the aliases (BSUIDs) seen beside a customer,
+        # whose word on consent counts for a template sent to the customer's own id.
+        self.aliases_of: Callable[[str, str], Awaitable[list[str]]] | None = None
         self._unsettled, self._unsettled_logged = 0, float("-inf")  # sends that waited in vain
 
     def accounts(self) -> list[tuple[str, str, dict[str, Any]]]:
@@ -189,14 +192,17 @@ class OutboundService(PythonAPI, Pausing):
                 log.warning("inbound_not_caught_up", seconds=SETTLE_SECONDS, sends=self._unsettled,
                             detail="sends checked against the consent and window known so far")
                 self._unsettled = 0
-        also = None  # the customer an alias ``to`` was last seen beside: after the catch-up,
-        if req.to and self.resolve_customer is not None and channel.may_be_alias(req.to):
-            try:  # so a pair in a webhook acknowledged before this send is known
-                owner = await self.resolve_customer(req.channel, req.to)
-            except JournalUnavailable as exc:
-                raise Unavailable(f"the journal did not say whose id {req.to!r} is ({exc}); "
-                                  "retry later", "journal_unavailable") from exc
-            also = owner if owner != req.to else None
+        also: list[str] = []  # the person's other ids: looked up after the catch-up, so that
+        try:  # a pair in a webhook acknowledged before this send is known
+            if req.to and self.resolve_customer is not None and channel.may_be_alias(req.to):
+                owner = await self.resolve_customer(req.channel, req.to)  # the alias's customer
+                also = [owner] if owner != req.to else []
+            elif req.to and self.aliases_of is not None and _consent_counts(req):
+                # a STOP the customer sent by BSUID alone, before it was seen beside this id
+                also = [a for a in await self.aliases_of(req.channel, req.to) if a != req.to]
+        except JournalUnavailable as exc:
+            raise Unavailable(f"the journal did not say whose id {req.to!r} is ({exc}); "
+                              "retry later", "journal_unavailable") from exc
         try:
             req = await self._check(req, account, also)
             row, new = await self.outbox.add(req.channel, account, req.to or "", req.type,
@@ -246,13 +252,14 @@ class OutboundService(PythonAPI, Pausing):
                 del cache[key]
 
     async def _check(self, req: rq.OutboundRequest, account: str,
-                     also: str | None = None) -> rq.OutboundRequest:
+                     also: Sequence[str] = ()) -> rq.OutboundRequest:
         """Window and consent, as the outbox and :meth:`observe` know them: of ``req.to``, and
-        of ``also`` (the customer an alias ``to`` was last seen beside) when given. The latest
-        message and the latest word on consent of either count: one person, two ids."""
+        of ``also`` (the customer an alias ``to`` was last seen beside, or the aliases seen
+        beside ``to``). The latest message and the latest word on consent of any of them count:
+        one person, several ids."""
         customer = await self._customer(req.channel, account, req.to or "")
-        if also is not None:
-            other = await self._customer(req.channel, account, also)
+        for other_id in also:
+            other = await self._customer(req.channel, account, other_id)
             if (other.last_inbound_at or 0) > (customer.last_inbound_at or 0):
                 customer = customer._replace(last_inbound_at=other.last_inbound_at,
                                              last_inbound_message_id=other.last_inbound_message_id)
@@ -712,6 +719,12 @@ class OutboundService(PythonAPI, Pausing):
             found[scope] = min(found.get(scope, 1.0), decayed)
         for scope, value in found.items():
             self.metrics.ratelimit_headroom.labels(channel, account, scope).set(value)
+
+
+def _consent_counts(req: rq.OutboundRequest) -> bool:
+    """Whether an opt-out can refuse ``req``: a marketing template, or one of no category."""
+    return (req.type == "template" and req.template is not None
+            and (req.template.category or "").lower() in ("", "marketing"))
 
 
 def _check_consent(template: rq.Template) -> None:

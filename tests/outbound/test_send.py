@@ -158,9 +158,8 @@ BSUID, WA_ID = "US.13491208655302741918", "16315551234"
 @pytest.mark.parametrize("start_first", [True, False])
 async def test_a_send_to_a_bsuid_is_checked_against_both_ids_latest_word(outbound, start_first):
     """A START by BSUID alone (before the pair was known: filed under the BSUID) and a STOP
-    beside the number: for a send to the BSUID the later of the two counts, whichever id said
-    it; the number alone knows only its STOP. The window the number's message opened lets a
-    free-form reply to the BSUID through."""
+    beside the number: for a send to either id the later of the two counts, whichever id said
+    it. The window the number's message opened lets a free-form reply to the BSUID through."""
     now = int(time.time())
     ob = await outbound()
     start_at, stop_at = (now - 100, now - 10) if start_first else (now - 10, now - 100)
@@ -168,13 +167,27 @@ async def test_a_send_to_a_bsuid_is_checked_against_both_ids_latest_word(outboun
                  _beside(stop_at, "STOP")):  # the START is journaled first: under the BSUID
         assert (await ob.gw.post("whatsapp", body))[0] == 200
         await ob.gw.settle()
+    for to in (WA_ID, BSUID):  # either id: the later word of the two
+        status, answer = await ob.send({**PROMO, "to": to})
+        if start_first:  # the number's STOP is the later word
+            assert status == 422 and answer["error"]["code"] == "opted_out", (to, answer)
+        else:
+            assert status == 202, (to, answer)
+
+
+async def test_a_stop_by_bsuid_alone_stops_marketing_to_the_number_it_is_seen_beside(outbound):
+    """The customer, hiding their number, sends STOP by BSUID alone: it is filed under the
+    BSUID. A later message names both ids. A marketing template sent to the number is refused:
+    the BSUID's word is the customer's (it used to be checked against the number's own only)."""
+    now = int(time.time())
+    ob = await outbound()
+    for body in (bsuid_only("wamid.TEST.IN.BSUID.STOP", now - 100, "STOP"),
+                 _beside(now - 10, "where is my order?")):
+        assert (await ob.gw.post("whatsapp", body))[0] == 200
+        await ob.gw.settle()
     status, answer = await ob.send({**PROMO, "to": WA_ID})
     assert status == 422 and answer["error"]["code"] == "opted_out", answer
-    status, answer = await ob.send({**PROMO, "to": BSUID})
-    if start_first:  # the number's STOP is the later word
-        assert status == 422 and answer["error"]["code"] == "opted_out", answer
-    else:
-        assert status == 202, answer
+    assert not ob.sim.accepted
 
 
 async def test_a_free_form_send_to_a_bsuid_uses_the_window_its_number_opened(outbound):
