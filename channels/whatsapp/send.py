@@ -32,9 +32,10 @@ def build(req: OutboundRequest, callback_data: str | None) -> dict[str, Any] | N
             return None
         return {"messaging_product": "whatsapp", "status": "read", "message_id": req.message_id,
                 "typing_indicator": {"type": "text"}}
+    kind = "interactive" if req.type == "quick_replies" else req.type  # sent as reply buttons
     body: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual",
-                            **address(req.to), "type": req.type}
-    body[req.type] = _content(req)
+                            **address(req.to), "type": kind}
+    body[kind] = _content(req)
     if req.reply_to:
         body["context"] = {"message_id": req.reply_to}
     if callback_data:
@@ -65,7 +66,7 @@ def _content(req: OutboundRequest) -> Any:
     if req.type == "quick_replies":  # WhatsApp's equivalent: reply buttons (at most 3)
         return {"type": "button", "body": {"text": req.text}, "action": {"buttons": [
             {"type": "reply", "reply": {"id": q.payload, "title": q.title}}
-            for q in req.quick_replies[:3]]}}
+            for q in req.quick_replies]}}  # at most 3: the request is refused otherwise
     return {"interactive": req.interactive, "location": req.location,
             "contacts": req.contacts}[req.type]
 

@@ -15,6 +15,10 @@ NO_WINDOW = ("template", "mark_read", "typing")  # allowed whatever the service 
 INSTAGRAM_TYPES = ("text", "quick_replies", "image", "audio", "video", "document", "reaction",
                    "mark_read", "typing")
 INSTAGRAM_TEXT_BYTES = 1000
+# quick_replies: WhatsApp sends them as reply buttons (at most 3), Instagram as quick replies (at
+# most 13); a title of at most 20 characters on both (meta/outbound.md §2, §3)
+QUICK_REPLIES = {"whatsapp": 3, "instagram": 13}
+QUICK_REPLY_TITLE = 20
 
 
 class InvalidRequest(ValueError):
@@ -86,8 +90,8 @@ class OutboundRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
         if self.type == "mark_read" and not (self.message_id or self.to):
             raise InvalidRequest("message_id", "required for type 'mark_read' (or give 'to': "
                                  "the customer's latest inbound message is read)")
-        if self.type == "quick_replies" and not self.text:
-            raise InvalidRequest("text", "required for type 'quick_replies'")
+        if self.type == "quick_replies":
+            self._validate_quick_replies()
         if self.type == "template" and (self.template.category or "marketing").lower() not in (
                 "marketing", "utility", "authentication"):
             raise InvalidRequest("template.category",
@@ -96,6 +100,21 @@ class OutboundRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
             raise InvalidRequest("tag", "only HUMAN_AGENT is supported")
         if self.channel == "instagram":
             self._validate_instagram()
+
+    def _validate_quick_replies(self) -> None:
+        if not self.text:
+            raise InvalidRequest("text", "required for type 'quick_replies'")
+        most = QUICK_REPLIES.get(self.channel)
+        if most is not None and len(self.quick_replies) > most:
+            raise InvalidRequest("quick_replies", f"{self.channel} takes at most {most}"
+                                 + (" (sent as reply buttons)" if self.channel == "whatsapp"
+                                    else ""))
+        for i, reply in enumerate(self.quick_replies):
+            if not reply.title or len(reply.title) > QUICK_REPLY_TITLE:
+                raise InvalidRequest(f"quick_replies[{i}].title",
+                                     f"needs 1 to {QUICK_REPLY_TITLE} characters")
+            if not reply.payload:
+                raise InvalidRequest(f"quick_replies[{i}].payload", "required")
 
     def _validate_instagram(self) -> None:
         """What Instagram cannot send is refused here, before it is accepted, not at send time."""

@@ -299,6 +299,45 @@ async def test_instagram_bodies(outbound, request_body, expected):
     assert request["path"] == f"/v24.0/{IG}/messages" and request["body"] == expected
 
 
+async def test_whatsapp_quick_replies_are_sent_as_reply_buttons(outbound):
+    """WhatsApp has no quick replies: they go as an interactive message of reply buttons (the
+    simulator refuses any other ``type``, as Meta does: 100 "Param type is invalid")."""
+    ob = await outbound()
+    await ob.inbound("whatsapp", A)
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "quick_replies",
+                                    "text": "Pick one", "quick_replies": [
+                                        {"title": "Yes", "payload": "Y"},
+                                        {"title": "No", "payload": "N"}]})
+    assert status == 202, answer
+    assert (await ob.wait(answer["id"], "sent", "failed"))["status"] == "sent"
+    (body,) = ob.sim.bodies(WA)
+    assert body["type"] == "interactive" and body["interactive"] == {
+        "type": "button", "body": {"text": "Pick one"}, "action": {"buttons": [
+            {"type": "reply", "reply": {"id": "Y", "title": "Yes"}},
+            {"type": "reply", "reply": {"id": "N", "title": "No"}}]}}
+
+
+def _replies(n: int, title: str = "Option") -> list[dict[str, str]]:
+    return [{"title": title, "payload": f"P{i}"} for i in range(n)]
+
+
+@pytest.mark.parametrize("channel,replies,field", [
+    ("whatsapp", _replies(4), "quick_replies"),  # reply buttons: at most 3
+    ("instagram", _replies(14), "quick_replies"),  # at most 13
+    ("whatsapp", _replies(1, "x" * 21), "quick_replies[0].title"),
+    ("instagram", _replies(2) + _replies(1, ""), "quick_replies[2].title"),
+    ("whatsapp", [{"title": "Yes", "payload": ""}], "quick_replies[0].payload"),
+], ids=["whatsapp-4", "instagram-14", "title-21", "empty-title", "empty-payload"])
+async def test_quick_replies_meta_would_refuse_are_a_422(outbound, channel, replies, field):
+    ob = await outbound()
+    to = A if channel == "whatsapp" else U1
+    await ob.inbound(channel, to)
+    status, answer = await ob.send({"channel": channel, "to": to, "type": "quick_replies",
+                                    "text": "Pick", "quick_replies": replies})
+    assert status == 422 and answer["error"]["field"] == field, answer
+    assert ob.sim.requests == []
+
+
 @pytest.mark.parametrize("request_body,field,reason", [
     ({"type": "audio", "media": {"id": "1203987655"}}, "media.link", "by URL"),
     ({"type": "image", "media": {"id": "123"}}, "media.link", "by URL"),
