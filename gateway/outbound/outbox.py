@@ -140,6 +140,13 @@ class Outbox:
 
         return await self._db.run(work)
 
+    async def by_key(self, idempotency_key: str) -> Row | None:
+        """The record an idempotency key was first given to, if any."""
+        row = await self._db.run(lambda c: c.execute(
+            f"SELECT {_COLUMNS} FROM outbox WHERE idempotency_key = ?",
+            (idempotency_key,)).fetchone())
+        return Row(*row) if row else None
+
     async def get(self, record_id: str) -> Row | None:
         row = await self._db.run(lambda c: c.execute(
             f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (record_id,)).fetchone())

@@ -294,6 +294,11 @@ class RedisOutbox:
             repr(now), int(now * 1000)])
         return _row(_pairs(fields)), bool(new)
 
+    async def by_key(self, idempotency_key: str) -> Row | None:
+        """The record an idempotency key was first given to, if any."""
+        record_id = await self.redis.get(f"{self.p}:out:idem:{idempotency_key}")
+        return None if record_id is None else await self.get(as_str(record_id))
+
     async def get(self, record_id: str) -> Row | None:
         flat = await self._get(args=[self.p, record_id])
         return _row(_pairs(flat)) if flat else None

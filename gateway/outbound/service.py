@@ -185,6 +185,14 @@ class OutboundService(PythonAPI, Pausing):
         if req.to:  # as inbound events name the customer: "+1 555..." is wa_id "1555..."
             req = msgspec.structs.replace(req, to=channel.recipient(req.to))
         account = self._account(req.channel, req.account_id)
+        if req.idempotency_key:  # a retry of an accepted send: its record, however it went
+            try:  # (checked again, a STOP or the window's end since would refuse it)
+                known = await self.outbox.by_key(req.idempotency_key)
+            except unavailable() as exc:
+                raise Unavailable(f"the outbox could not be read ({type(exc).__name__}); "
+                                  "retry later") from exc
+            if known is not None:
+                return {"id": known.id, "status": known.public()["status"]}
         if self.inbound_caught_up is not None and not await self.inbound_caught_up(SETTLE_SECONDS):
             self._unsettled += 1
             if time.monotonic() - self._unsettled_logged > 60:  # a backlog: once a minute

@@ -97,6 +97,35 @@ async def test_idempotency_key_sends_once(outbound):
     assert len(ob.sim.accepted) == 1
 
 
+@pytest.mark.parametrize("then", ["stop", "window-closed"])
+async def test_a_retry_with_the_key_of_an_accepted_send_gets_its_record(outbound, then):
+    """A client that lost the 202 retries with the same key after the customer said STOP, or
+    after the window closed: the answer is the record it was given (sent), not a refusal of a
+    message that went out; nothing is sent again."""
+    ob = await outbound()
+    if then == "stop":
+        await ob.inbound("whatsapp", A)
+        body = {"channel": "whatsapp", "to": A, "type": "template", "idempotency_key": "k-2",
+                "template": {"name": "promo", "language": "en_US", "category": "marketing"}}
+    else:
+        await ob.inbound("whatsapp", A, at=time.time() - 24 * 3600 + 1.5)  # closes in 1.5 s
+        body = {"channel": "whatsapp", "to": A, "type": "text", "text": "your code",
+                "idempotency_key": "k-2"}
+    status, first = await ob.send(body)
+    assert status == 202, first
+    await ob.wait(first["id"], "sent")
+    if then == "stop":
+        await ob.inbound("whatsapp", A, text="STOP")
+    else:
+        await asyncio.sleep(2)
+    status, again = await ob.send(body)
+    assert status == 202 and again == {"id": first["id"], "status": "sent"}, again
+    assert len(ob.sim.accepted) == 1
+    other = {**body, "idempotency_key": "k-3"}  # a new send is checked as ever
+    status, refused = await ob.send(other)
+    assert status == 422, refused
+
+
 @pytest.mark.parametrize("body,field", [
     ({"channel": "whatsapp", "type": "text", "text": "x"}, "to"),
     ({"channel": "whatsapp", "to": A, "type": "text"}, "text"),

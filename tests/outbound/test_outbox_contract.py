@@ -119,6 +119,8 @@ async def test_an_idempotency_key_gives_one_record_ever(backend):
     assert new and not new_again and again == first and again.idempotency_key == "key-1"
     other, new_other = await a.add("whatsapp", WA, CUSTOMER, "text", b"three", "key-2")
     assert new_other and other.id != first.id
+    assert await b.by_key("key-1") == first and await a.by_key("key-2") == other
+    assert await a.by_key("key-unknown") is None
     # the same key from many requests at once, on both replicas: still one record
     results = await asyncio.gather(*(ob.add("whatsapp", WA, CUSTOMER, "text", b"x", "key-3")
                                      for ob in [a, b] * 10))
