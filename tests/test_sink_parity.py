@@ -92,11 +92,13 @@ class View:
 
     def __init__(self, messages: dict, conversations: dict, contacts: dict,
                  message_conversations: set[str], reactions: dict[str, dict],
-                 times: dict[str, str | None], last_at: dict[str, str | None]) -> None:
+                 times: dict[str, str | None], last_at: dict[str, str | None],
+                 last_seen: dict[str, str | None], pricing: dict[str, dict | None]) -> None:
         self.messages, self.conversations, self.contacts = messages, conversations, contacts
         self.message_conversations = message_conversations  # messages' conversation_id values
         self.reactions = reactions  # per message: {sender id: emoji}
         self.times, self.last_at = times, last_at  # messages' timestamp, last_message_at
+        self.last_seen, self.pricing = last_seen, pricing  # contacts' last_seen, messages' pricing
 
 
 async def storage_view(batches: list[list[Event]], tmp_path) -> View:
@@ -119,7 +121,11 @@ async def storage_view(batches: list[list[Event]], tmp_path) -> View:
             "SELECT id, reactions FROM messages")}
         times = dict(await sink.query("SELECT id, timestamp FROM messages"))
         last_at = dict(await sink.query("SELECT id, last_message_at FROM conversations"))
-        return View(messages, conversations, contacts, linked, reactions, times, last_at)
+        last_seen = dict(await sink.query("SELECT id, last_seen FROM contacts"))
+        pricing = {key: p and json.loads(p) for key, p in await sink.query(
+            "SELECT id, pricing FROM messages")}
+        return View(messages, conversations, contacts, linked, reactions, times, last_at,
+                    last_seen, pricing)
     finally:
         await sink.close()
 
@@ -156,7 +162,9 @@ def firestore_view(batches: list[list[Event]]) -> View:
         {d["conversation_id"] for d in docs["messages"].values()},
         {k: d.get("reactions") or {} for k, d in docs["messages"].items()},
         {k: stamp(d.get("timestamp")) for k, d in docs["messages"].items()},
-        {k: stamp(d.get("last_message_at")) for k, d in docs["conversations"].items()})
+        {k: stamp(d.get("last_message_at")) for k, d in docs["conversations"].items()},
+        {k: stamp(d.get("last_seen")) for k, d in docs["contacts"].items()},
+        {k: d.get("pricing") for k, d in docs["messages"].items()})
 
 
 @pytest.fixture(params=["storage", "firestore-model"])
@@ -333,7 +341,11 @@ async def test_a_contacts_bsuid_follows_timestamps_not_arrival(view_of, batches)
     ([[react(20, "❤")], [react(10, "👍")]], {CUSTOMER: "❤"}),  # an older reaction arrives late
     ([[react(10, "👍")], [react(20, "")], [react(30, "🎉")], [react(10, "👍")]],
      {CUSTOMER: "🎉"}),  # a newer one after the removal, then a redelivery of the first
-], ids=["in-order", "removal-first", "removal-first-one-batch", "older-late", "newer-again"])
+    ([[react(10, "👍")], [react(10, "❤")]], {CUSTOMER: "👍"}),  # one second: the greater emoji
+    ([[react(10, "❤")], [react(10, "👍")]], {CUSTOMER: "👍"}),  # ... whichever came first
+    ([[react(10, "")], [react(10, "👍")], [react(10, "")]], {CUSTOMER: "👍"}),  # removal last
+], ids=["in-order", "removal-first", "removal-first-one-batch", "older-late", "newer-again",
+        "same-second", "same-second-reversed", "same-second-removal"])
 async def test_a_reaction_follows_timestamps_not_arrival(view_of, batches, left):
     view = await view_of(batches)
     assert view.reactions["wamid.O1"] == left
@@ -368,3 +380,28 @@ async def test_a_change_whose_original_never_comes_moves_no_conversation_time(vi
     assert view.times["mx"] is None  # no time of its own until the original comes
     assert view.conversations[CONV] == (2, "my address is 1 Main St")
     assert view.last_at[CONV] == stamp(at(20))
+
+
+@pytest.mark.parametrize("order", [
+    lambda m, r: [[m], [r]], lambda m, r: [[r], [m]], lambda m, r: [[m, r]],
+    lambda m, r: [[r, m]]], ids=["in-order", "unsend-first", "one-batch", "one-batch-reversed"])
+async def test_a_contacts_last_seen_is_the_same_whichever_comes_first(view_of, order):
+    view = await view_of(order(msg("e2", "m2", 20, "second"), revoke("rv2", "m2", 30)))
+    assert view.last_seen[CONTACT] == stamp(at(30))  # the unsend is the customer's doing too
+
+
+def priced(state: str, seconds: float, **pricing: Any) -> Status:
+    return Status(schema=1, id=f"st-{state}", channel="whatsapp", direction="outbound",
+                  account_id=ACCOUNT, conversation_id=CONV, sender=Party(ACCOUNT),
+                  recipient=Party(CUSTOMER), timestamp=at(seconds), message_id="wamid.O1",
+                  status=state, pricing={"billable": True, "category": "utility", **pricing})
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+async def test_a_messages_pricing_is_the_same_whichever_status_comes_first(view_of, reverse):
+    statuses = [priced("sent", 10, conversation_id="CONV1", expires_at="2026-01-02T00:00:10Z"),
+                priced("delivered", 12)]
+    view = await view_of([[s] for s in (statuses[::-1] if reverse else statuses)])
+    assert view.pricing["wamid.O1"] == {"billable": True, "category": "utility",
+                                        "conversation_id": "CONV1",
+                                        "expires_at": "2026-01-02T00:00:10Z"}

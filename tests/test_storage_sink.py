@@ -3,6 +3,7 @@ the dispatcher batches them."""
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -271,7 +272,7 @@ async def test_an_outbound_message_keeps_the_first_price_meta_gives_it(tmp_path)
                   [status("sent", 1, utility)],
                   [status("read", 3, {**utility, "category": "marketing"})]):
         await sink.write([Record(i, e, encode(e), 1.0) for i, e in enumerate(batch, 1)])
-    rows = await sink.query("SELECT status, pricing FROM messages WHERE id = 'wamid.OUT.P'")
-    assert rows == [("read", '{"billable":true,"pricing_model":"PMP","type":"regular",'
-                             '"category":"utility"}')]
+    [(state, pricing)] = await sink.query(
+        "SELECT status, pricing FROM messages WHERE id = 'wamid.OUT.P'")
+    assert (state, json.loads(pricing)) == ("read", utility)  # a key keeps its first value
     await sink.close()

@@ -7,8 +7,10 @@
   ``gateway_response_time_seconds``: an inbound message starts the wait, the next outbound
   message or ``sent`` status of that conversation ends it.
 - ``billing``: per day, channel and account, the messages Meta priced (WhatsApp statuses'
-  ``pricing``), by category, pricing type and model, billable or not; each message once
-  (``priced`` keeps its id, pruned with ``counted``).
+  ``pricing``), by category, pricing type and model, billable or not; each message once, on the
+  day of its earliest priced status by Meta's timestamp whatever the order they come in
+  (``priced`` keeps where each message is counted, for :data:`PRICED_KEEP_DAYS` at least: a
+  message may be delivered, and priced again, days after it was sent).
 
 Counting is exactly once: every counted event id is kept (``counted``, pruned after
 ``keep_days``), so the batch handed over again after a crash, a replayed dead letter, or the
@@ -53,9 +55,18 @@ CREATE TABLE IF NOT EXISTS billing (
     billable INTEGER NOT NULL, messages INTEGER NOT NULL,
     PRIMARY KEY (day, channel, account_id, category, pricing_type, pricing_model, billable)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS priced (message_id TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+"""
+# where each priced message is counted (apart: a database of the first billing version remade it)
+PRICED = """
+CREATE TABLE IF NOT EXISTS priced (
+    message_id TEXT PRIMARY KEY, at REAL NOT NULL,  -- when it was counted (for the prune)
+    timestamp REAL NOT NULL, day TEXT NOT NULL,     -- the status it is counted by
+    category TEXT NOT NULL, pricing_type TEXT NOT NULL, pricing_model TEXT NOT NULL,
+    billable INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS priced_at ON priced(at);
 """
+SCHEMA += PRICED
+PRICED_KEEP_DAYS = 31  # WhatsApp keeps an undelivered message for 30 days: priced again then
 _BUMP_DAILY = ("INSERT INTO daily VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
                "SET events = events + excluded.events")
 _BUMP_BILLING = ("INSERT INTO billing VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE "
@@ -93,6 +104,10 @@ class AnalyticsSink(SqliteSink):
         self.config: AnalyticsConfig = config
         self._pruned = 0.0
 
+    async def start(self) -> None:
+        await super().start()
+        await self._db.run(_migrate)
+
     async def erase_contact(self, channel: str, contact_id: str) -> dict[str, int]:
         """GDPR: the day tables' conversation ids name the customer; their rows go. The daily
         counts are anonymous and stay, and so do the opaque counted event ids."""
@@ -105,12 +120,14 @@ class AnalyticsSink(SqliteSink):
         if prune:
             self._pruned = now
         cutoff = now - self.config.keep_days * 86400.0
+        priced = now - max(self.config.keep_days, PRICED_KEEP_DAYS) * 86400.0
         events = [r.event for r in records]
-        await self._db.run(lambda c: count(c, events, now, cutoff if prune else None))
+        await self._db.run(lambda c: count(c, events, now, cutoff if prune else None,
+                                           priced if prune else None))
 
 
 def count(c: sqlite3.Connection, events: list[Event], now: float,
-          prune_before: float | None = None) -> None:
+          prune_before: float | None = None, priced_before: float | None = None) -> None:
     """Add the events not counted yet, in order, to the day tables."""
     done = {row[0] for row in rows_in(c, "SELECT id FROM counted WHERE id IN ({marks})",
                                       list({e.id for e in events}))}
@@ -133,19 +150,45 @@ def count(c: sqlite3.Connection, events: list[Event], now: float,
     c.executemany("INSERT OR IGNORE INTO active VALUES (?, ?, ?, ?)", list(active))
     if prune_before is not None:
         c.execute("DELETE FROM counted WHERE at < ?", (prune_before,))
-        c.execute("DELETE FROM priced WHERE at < ?", (prune_before,))
+    if priced_before is not None:
+        c.execute("DELETE FROM priced WHERE at < ?", (priced_before,))
 
 
 def _price(c: sqlite3.Connection, event: Event, where: tuple, now: float) -> None:
     """Count a priced message once: Meta prices it on ``sent`` and again on ``delivered`` or
-    ``read``, on the day of the first status that says (``priced`` keeps its id)."""
-    if c.execute("INSERT OR IGNORE INTO priced VALUES (?, ?)",
-                 (event.message_id, now)).rowcount == 0:
-        return
+    ``read``. It is counted on the day (and by the pricing) of its earliest priced status by
+    Meta's timestamp: a later-stamped one changes nothing, an earlier-stamped one arriving
+    after moves the count to its own day."""
     pricing = event.pricing or {}
     text = [pricing.get(key) for key in ("category", "type", "pricing_model")]
-    c.execute(_BUMP_BILLING, (*where, *(v if isinstance(v, str) else "" for v in text),
-                              int(pricing.get("billable") is True), 1))
+    key = (*(v if isinstance(v, str) else "" for v in text), int(pricing.get("billable") is True))
+    ts = event.timestamp.timestamp()
+    day, channel, account = where
+    known = c.execute("SELECT timestamp, day, category, pricing_type, pricing_model, billable"
+                      " FROM priced WHERE message_id = ?", (event.message_id,)).fetchone()
+    if known is not None:
+        if ts >= known[0]:
+            return
+        was = (known[1], channel, account, *known[2:])
+        c.execute(_BUMP_BILLING, (*was, -1))
+        c.execute("DELETE FROM billing WHERE day = ? AND channel = ? AND account_id = ?"
+                  " AND category = ? AND pricing_type = ? AND pricing_model = ? AND billable = ?"
+                  " AND messages <= 0", was)
+    c.execute("INSERT INTO priced VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
+              " timestamp = excluded.timestamp, day = excluded.day,"
+              " category = excluded.category, pricing_type = excluded.pricing_type,"
+              " pricing_model = excluded.pricing_model, billable = excluded.billable",
+              (event.message_id, now, ts, day, *key))
+    c.execute(_BUMP_BILLING, (day, channel, account, *key, 1))
+
+
+def _migrate(c: sqlite3.Connection) -> None:
+    """``priced`` as the first billing version made it (ids only): counted again from now."""
+    columns = {row[1] for row in c.execute("PRAGMA table_info(priced)")}
+    if "day" not in columns:
+        c.execute("DROP TABLE priced")
+        for statement in PRICED.split(";")[:-1]:  # not executescript: it would commit
+            c.execute(statement)
 
 
 def _response(c: sqlite3.Connection, event: Event, where: tuple) -> None:

@@ -174,6 +174,7 @@ class Plan:
                 if current.get("type") != "deleted":
                     _blank(current)
                     self._last_text(ev, current.get("timestamp"), None)
+                self._contact(ev)  # the customer's doing, as when the unsend came first
             elif current["event_id"] != ev.id:  # the message itself, after its unsend or edit
                 self._original(ev, current)
             return  # stored already: a redelivery, or a second event for the same message
@@ -256,8 +257,8 @@ class Plan:
             doc["status"], doc["status_updated_at"] = status, ev.timestamp
             if ev.error is not None:
                 doc["error"] = msgspec.to_builtins(ev.error)
-        if ev.pricing is not None and doc.get("pricing") is None:  # the first one stays
-            doc["pricing"] = dict(ev.pricing)
+        if ev.pricing is not None:  # merged: a key keeps its first value (the storage rule)
+            doc["pricing"] = {**ev.pricing, **(doc.get("pricing") or {})}
         self._conversation(ev)
 
     def _reaction(self, ev: Event) -> None:
@@ -265,9 +266,10 @@ class Plan:
             return
         doc = self._stub(ev, "outbound" if ev.direction == "inbound" else "inbound")
         times = dict(doc.get("reactions_at") or {})  # each sender's latest reaction: an older
-        latest = times.get(ev.sender.id)  # one arriving later changes nothing (no order kept)
-        if latest is None or ev.timestamp >= latest:
-            reactions = dict(doc.get("reactions") or {})
+        latest = times.get(ev.sender.id)  # one arriving later changes nothing (no order kept);
+        reactions = dict(doc.get("reactions") or {})  # in one second the greater emoji wins
+        if latest is None or ev.timestamp > latest or (
+                ev.timestamp == latest and ev.emoji >= reactions.get(ev.sender.id, "")):
             if ev.emoji:
                 reactions[ev.sender.id] = ev.emoji
             else:

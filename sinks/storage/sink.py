@@ -176,6 +176,7 @@ class _Batch:
             if ev.type == "deleted":
                 if known[_TYPE] != "deleted":
                     self._delete(key, ev)
+                self.contact(ev)  # the customer's doing, as when the unsend came first
             elif known[_EVENT_ID] != ev.id:  # the message itself, after its unsend or edit
                 self._original(ev, key, known)
             return  # already stored: a redelivery or a second event for the same message
@@ -360,9 +361,9 @@ def _apply_status(batch: _Batch, ev: Event, status: str | None = None) -> None:
         f"UPDATE messages SET status = ?, status_updated_at = ?, error = coalesce(?, error) "
         f"WHERE id = ? AND (CASE status {_RANK_SQL} ELSE 0 END) < (CASE ? {_RANK_SQL} ELSE 0 END)",
         (status, iso(ev), _json(ev.error), key, status))
-    if ev.pricing is not None:  # on sent and again on delivered or read: the first one stays
-        c.execute("UPDATE messages SET pricing = ? WHERE id = ? AND pricing IS NULL",
-                  (_json(ev.pricing), key))
+    if ev.pricing is not None:  # on sent and again on delivered or read: merged, a key once
+        c.execute("UPDATE messages SET pricing = json_patch(?, coalesce(pricing, '{}'))"
+                  " WHERE id = ?", (_json(ev.pricing), key))  # set keeps its value (any order)
     _ensure_conversation(c, ev)
 
 
@@ -379,15 +380,18 @@ def _apply_reaction(batch: _Batch, ev: Event) -> None:
     path = '$."' + ev.sender.id.replace('"', "") + '"'
     at = iso(ev)
     # Meta does not keep order (webhooks.md §3): a sender's older reaction or removal, arriving
-    # after a newer one, changes nothing (reactions_at keeps the time of each sender's latest)
+    # after a newer one, changes nothing (reactions_at keeps the time of each sender's latest);
+    # in the same second (whole seconds on WhatsApp) the greater emoji wins, a removal ("") last
     newer = ("reactions_at = json_set(coalesce(reactions_at, '{}'), ?, ?) WHERE id = ?"
-             " AND ? >= coalesce(json_extract(reactions_at, ?), '')")
+             " AND (? > coalesce(json_extract(reactions_at, ?), '') OR (? = json_extract("
+             "reactions_at, ?) AND ? >= coalesce(json_extract(reactions, ?), '')))")
+    order = (at, path, at, path, ev.emoji, path)
     if ev.emoji:
         c.execute("UPDATE messages SET reactions = json_set(coalesce(reactions, '{}'), ?, ?), "
-                  + newer, (path, ev.emoji, path, at, key, at, path))
+                  + newer, (path, ev.emoji, path, at, key, *order))
     else:
         c.execute("UPDATE messages SET reactions = json_remove(coalesce(reactions, '{}'), ?), "
-                  + newer, (path, path, at, key, at, path))
+                  + newer, (path, path, at, key, *order))
     _touch_contact(batch, ev)
 
 

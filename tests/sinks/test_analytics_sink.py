@@ -7,6 +7,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 
 from gateway import keys
@@ -204,3 +205,38 @@ async def test_the_report_reads_a_database_from_before_billing(tmp_path):
     db.close()
     rows = report(str(tmp_path / "analytics.db"), 7, today=T0)
     assert [(r["messages_in"], r["billable"]) for r in rows] == [(1, 0)]
+
+
+async def test_a_priced_message_is_counted_on_its_earliest_status_whatever_the_order(tmp_path):
+    """Meta keeps no order: a ``delivered`` (next day) that comes before its ``sent`` leaves the
+    message counted on the sent day, once; a status priced again long after the counted ids
+    are pruned (a message delivered days later) counts nothing more."""
+    sink = AnalyticsSink(AnalyticsConfig(path=str(tmp_path / "analytics.db"), keep_days=1))
+    await sink.start()
+    sent_at = T0.replace(hour=23, minute=59, second=59)
+    await sink.write(records(sent(1, "111", sent_at + timedelta(seconds=2), "delivered",
+                                  pricing=UTILITY)))
+    assert await sink.query("SELECT day, messages FROM billing") == [("2026-03-02", 1)]
+    await sink.write(records(sent(1, "111", sent_at, pricing=UTILITY)))
+    assert await sink.query("SELECT day, messages FROM billing") == [("2026-03-01", 1)]
+    await sink.close()
+    db = sqlite3.connect(tmp_path / "analytics.db")
+    from sinks.analytics.sink import count
+    now = time.time()
+    count(db, [sent(1, "111", sent_at + timedelta(days=10), "read", pricing=UTILITY)],
+          now + 10 * 86400, prune_before=now + 9 * 86400, priced_before=now - 86400)
+    assert db.execute("SELECT day, messages FROM billing").fetchall() == [("2026-03-01", 1)]
+    db.close()
+
+
+async def test_a_database_of_the_first_billing_version_is_brought_up_to_date(tmp_path):
+    db = sqlite3.connect(tmp_path / "analytics.db")
+    db.executescript("CREATE TABLE priced (message_id TEXT PRIMARY KEY, at REAL NOT NULL)"
+                     " WITHOUT ROWID; CREATE INDEX priced_at ON priced(at);"
+                     " INSERT INTO priced VALUES ('wamid.out.9', 1.0);")
+    db.close()
+    sink = await started(tmp_path)
+    await sink.write(records(sent(1, "111", T0, pricing=UTILITY)))
+    assert await sink.query("SELECT message_id, day FROM priced") == [("wamid.out.1",
+                                                                      "2026-03-01")]
+    await sink.close()
