@@ -118,6 +118,8 @@ class AccountLimiter:
         self.max_pairs = max_pairs
 
     def _pair(self, recipient: str, create: bool = True) -> GCRA | None:
+        if not recipient:  # a read receipt by message id alone: no one's pair to hold
+            return None
         gcra = self.pairs.get(recipient)
         if gcra is None and create:
             rate = 1e9 if self.pair_interval is None else 1.0 / self.pair_interval
@@ -153,16 +155,18 @@ class AccountLimiter:
         """Account for one message (of type ``kind``) sent to ``recipient``."""
         now = time.monotonic() if now is None else now
         self.account.take(now)
-        if self.pair_interval is not None:
-            self._pair(recipient).take(now)
+        pair = self._pair(recipient) if self.pair_interval is not None else None
+        if pair is not None:
+            pair.take(now)
         if kind in self.kinds:
             self.kinds[kind][1].take(now)
 
     def park(self, scope: str, seconds: float, recipient: str | None = None) -> float:
         """Send nothing in ``scope`` for ``seconds`` (``pair``: to ``recipient`` only)."""
         now = time.monotonic()
-        if scope == "pair" and recipient is not None:
-            self._pair(recipient).park(seconds, now)
+        if scope == "pair":  # one recipient's; none named (a read receipt): nothing to hold
+            if recipient:
+                self._pair(recipient).park(seconds, now)
         else:
             self.scopes.setdefault(scope, GCRA(1e9)).park(seconds, now)
         return seconds

@@ -121,6 +121,8 @@ class OutboundRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
         if self.type not in INSTAGRAM_TYPES:
             raise InvalidRequest("type", f"{self.type!r} cannot be sent on Instagram (it takes "
                                  f"{', '.join(INSTAGRAM_TYPES)})")
+        if not self.to:  # a sender action names the thread, never a message
+            raise InvalidRequest("to", "required on Instagram (the IGSID whose thread is read)")
         if self.text and len(self.text.encode("utf-8")) > INSTAGRAM_TEXT_BYTES:
             raise InvalidRequest("text", f"Instagram allows at most {INSTAGRAM_TEXT_BYTES} bytes "
                                  "of UTF-8")

@@ -305,3 +305,25 @@ async def test_a_body_nested_too_deeply_is_422_not_500(outbound):
                                   headers={**ob.auth, "Content-Type": "application/json"}) as r:
         answer = await r.json()
     assert r.status == 422 and answer["error"]["field"] == "body", answer
+
+
+async def test_read_receipts_by_message_id_alone_share_no_pair_limit(outbound):
+    """A WhatsApp ``mark_read`` names a message, not a customer: receipts for many customers'
+    messages are not held by one another as if they were messages to one recipient."""
+    ob = await outbound()
+    ids = []
+    for i in range(8):
+        status, answer = await ob.send({"channel": "whatsapp", "type": "mark_read",
+                                        "message_id": f"wamid.IN.customer{i}"})
+        assert status == 202, answer
+        ids.append(answer["id"])
+    for record in ids:
+        await ob.wait(record, "sent", timeout=3)  # all of them, at the number's rate
+
+
+async def test_an_instagram_read_receipt_needs_the_thread(outbound):
+    ob = await outbound()
+    status, answer = await ob.send({"channel": "instagram", "type": "mark_read",
+                                    "message_id": "aWdf.IN.1"})
+    assert status == 422 and answer["error"]["field"] == "to", answer
+    assert ob.sim.requests == []
