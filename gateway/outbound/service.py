@@ -67,6 +67,7 @@ READING_TTL = 3600.0  # a usage-header reading decays back to 1.0 over Meta's 1 
 CATEGORIES = ("marketing", "utility", "authentication")
 # A send waits at most this long for the webhooks acknowledged before it to be processed.
 SETTLE_SECONDS = 2.0
+WINDOW_RECHECK_SECONDS = 1.0  # a free-form message held longer is checked again before its send
 OPTED_OUT_CODE = 131050  # "the user stopped marketing messages"
 ALERT_HOLD_SECONDS = 3600.0  # an error code's gateway_alerts lasts this long after the last one
 DEPTH_INTERVAL = 0.2  # s: gateway_queue_depth{queue="outbox"} is recounted at most this often
@@ -290,9 +291,7 @@ class OutboundService(PythonAPI, Pausing):
             return req
         if req.type in rq.NO_WINDOW or not self.config.enforce_window:
             return req
-        hours = self.config.window_hours
-        if req.tag == "HUMAN_AGENT" and req.channel == "instagram":
-            hours = self.config.human_agent_days * 24
+        hours = self._window_hours(req)
         last = customer.last_inbound_at
         if last is None or time.time() - last > hours * 3600:
             since = ("never wrote" if last is None
@@ -303,6 +302,32 @@ class OutboundService(PythonAPI, Pausing):
                           + (" or use tag HUMAN_AGENT (7 days)" if req.channel == "instagram"
                              else ""))
         return req
+
+    def _window_hours(self, req: rq.OutboundRequest) -> float:
+        if req.tag == "HUMAN_AGENT" and req.channel == "instagram":
+            return self.config.human_agent_days * 24
+        return self.config.window_hours
+
+    async def _window_closed(self, row: Row, req: rq.OutboundRequest) -> bool:
+        """Whether the window of a free-form message, open when it was accepted, has closed
+        while it waited (retries, limits, a pause): Meta would refuse it (131047). Asked only of
+        one held longer than :data:`WINDOW_RECHECK_SECONDS`; a look-up that fails says no (Meta's
+        answer will tell)."""
+        if (req.type in rq.NO_WINDOW or not self.config.enforce_window
+                or time.time() - row.created_at < WINDOW_RECHECK_SECONDS):
+            return False
+        try:
+            ids = [row.recipient]
+            if (self.resolve_customer is not None
+                    and self.channels[row.channel].may_be_alias(row.recipient)):
+                ids.append(await self.resolve_customer(row.channel, row.recipient))
+            times = [(await self._customer(row.channel, row.account_id, cid)).last_inbound_at
+                     for cid in dict.fromkeys(ids)]
+        except Exception as exc:  # noqa: BLE001 - whatever the backend raises
+            log.warning("window_recheck_failed", channel=row.channel, id=row.id, error=repr(exc))
+            return False
+        last = max((t for t in times if t), default=None)
+        return last is not None and time.time() - last > self._window_hours(req) * 3600
 
     async def _customer(self, channel: str, account: str, contact_id: str):
         """The outbox's window and consent of one contact, with what :meth:`observe` saw since."""
@@ -406,6 +431,13 @@ class OutboundService(PythonAPI, Pausing):
         channel_name, account = key
         try:
             req = rq.decode(row.request)
+            if await self._window_closed(row, req):
+                await self._fail(row, {
+                    "code": "outside_window",
+                    "message": "the customer-service window closed while the message waited "
+                               "(retries, rate limits or a pause) before it could be sent",
+                    "hint": "send an approved template"}, attempts=row.attempts)
+                return
             result = await self.channels[channel_name].send(account, req, row.id)
         except rq.InvalidRequest as exc:  # refused before reaching Meta: proves nothing
             await self._fail(row, {"code": "invalid_request", "message": str(exc)})

@@ -327,3 +327,19 @@ async def test_an_instagram_read_receipt_needs_the_thread(outbound):
                                     "message_id": "aWdf.IN.1"})
     assert status == 422 and answer["error"]["field"] == "to", answer
     assert ob.sim.requests == []
+
+
+async def test_a_message_held_past_the_windows_end_fails_before_it_is_sent(outbound):
+    """A free-form message accepted while the window was open, then held by a retry until the
+    window closed, is failed outside_window at its next send instead of spending a call Meta
+    answers 131047 (limits.md §6); one sent in time is not checked again."""
+    ob = await outbound(outbound="backoff_initial = 3.0\nbackoff_max = 3.0")
+    last = time.time() - 24 * 3600 + 1.0  # the window closes in a second
+    await ob.inbound("whatsapp", A, at=last)
+    ob.sim.fail_next(WA, 131000, status=500)  # a transient error: retried in 1.5-3 s
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text",
+                                    "text": "late"})
+    assert status == 202, answer
+    record = await ob.wait(answer["id"], "failed", "sent", timeout=10)
+    assert record["status"] == "failed" and record["error"]["code"] == "outside_window", record
+    assert [r["status"] for r in ob.sim.requests] == [500]  # the first try only
