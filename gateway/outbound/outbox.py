@@ -174,12 +174,18 @@ class Outbox:
             "('queued', 'uncertain')", (channel, account_id)).fetchone()[0])
 
     async def sent(self, record_id: str, provider_message_id: str | None) -> None:
+        """Meta accepted the send. A record a status webhook settled first (failed, delivered)
+        keeps its state and error; one it queued again (:meth:`requeue` of the send still in
+        flight, its provider id superseded) is left as it is: it is to be sent again."""
         now = time.time()
         await self._db.run(lambda c: c.execute(
             "UPDATE outbox SET state = CASE WHEN state IN ('sending', 'uncertain', 'queued') "
             "THEN 'sent' ELSE state END, provider_message_id = coalesce(provider_message_id, ?), "
-            "sent_at = coalesce(sent_at, ?), updated_at = ?, error = NULL WHERE id = ?",
-            (provider_message_id, now, now, record_id)))
+            "sent_at = coalesce(sent_at, ?), updated_at = ?, error = CASE WHEN state IN "
+            "('sending', 'uncertain', 'queued') THEN NULL ELSE error END WHERE id = ? "
+            f"AND (? IS NULL OR {_SUPERSEDED} = 0)",
+            (provider_message_id, now, now, record_id, provider_message_id,
+             provider_message_id)))
 
     async def failed(self, record_id: str, error: dict[str, Any],
                      attempts: int | None = None) -> None:
@@ -237,7 +243,9 @@ class Outbox:
         webhook): send it again at ``at``, or fail it when ``max_attempts`` sends were made.
 
         Only a ``sent`` record whose provider id is ``provider_message_id`` moves (a redelivered
-        status of an earlier send changes nothing); it forgets that id, so the next send's is
+        status of an earlier send changes nothing), or one named by ``record_id`` whose send is
+        still in flight (the status came before Meta's answer: no provider id yet, and the
+        answer's :meth:`sent` then leaves it queued); it forgets that id, so the next send's is
         kept, and remembers it as superseded, so that a late status of that send (its ``sent``
         may arrive after its ``failed``) moves nothing (:meth:`status`). ``final_error`` is
         stored when it fails. Returns the record as it is now (``queued`` or ``failed``), or
@@ -257,10 +265,14 @@ class Outbox:
                 "sent_at = CASE WHEN attempts >= :max THEN sent_at END, "
                 "superseded = CASE WHEN attempts >= :max THEN superseded "
                 "ELSE coalesce(superseded || char(10), '') || :pmid END "
-                f"WHERE {where} AND state = 'sent' AND provider_message_id = :pmid "
+                f"WHERE {where} AND ((state = 'sent' AND provider_message_id = :pmid) OR "
+                "(:by_id AND state IN ('sending', 'uncertain') AND provider_message_id IS NULL "
+                f"AND instr(char(10) || coalesce(superseded, '') || char(10), "
+                "char(10) || :pmid || char(10)) = 0)) "
                 f"RETURNING {_COLUMNS}",
                 {"now": now, "max": max_attempts, "final": final, "error": encoded, "at": at,
-                 "pmid": provider_message_id, "arg": arg}).fetchone()
+                 "pmid": provider_message_id, "arg": arg,
+                 "by_id": record_id is not None}).fetchone()
             return Row(*row) if row else None
 
         return await self._db.run(work)

@@ -152,13 +152,18 @@ return out
 SENT = COMMON + """
 local p, id, pmid, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local rec = p .. ':out:rec:' .. id
-local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'sent_at')
+local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'sent_at', 'superseded')
 if not f[1] then return 0 end
-if open_state(f[1]) then redis.call('HSET', rec, 'state', 'sent') end
+if pmid ~= '' and superseded(f[4], pmid) then
+  return 0  -- a status queued it again while this send was in flight: it is sent again
+end
+if open_state(f[1]) then
+  redis.call('HSET', rec, 'state', 'sent')
+  redis.call('DEL', p .. ':out:err:' .. id)  -- a record a status settled keeps its error
+end
 if not f[2] and pmid ~= '' then redis.call('HSET', rec, 'provider_message_id', pmid) end
 if not f[3] then redis.call('HSET', rec, 'sent_at', now) end
 redis.call('HSET', rec, 'updated_at', now)
-redis.call('DEL', p .. ':out:err:' .. id)
 settle(p, id, ARGV[5], ARGV[6])
 return 1
 """
@@ -217,9 +222,10 @@ return record(p, id)
 """
 
 # ARGV: prefix, id ('' = by provider id), provider message id, at, error, now, max attempts,
-# ttl ms, expire at ms, error when it fails. A `sent` record with that provider id goes back to
-# the queue (due at `at`, its provider id forgotten and added to `superseded`, so that a late
-# status of that send moves nothing) or, after max attempts, fails. Returns its fields, or {}.
+# ttl ms, expire at ms, error when it fails. A `sent` record with that provider id (or the record
+# `id` names while its send is in flight: no provider id yet) goes back to the queue (due at
+# `at`, its provider id forgotten and added to `superseded`, so that a late status of that send
+# moves nothing) or, after max attempts, fails. Returns its fields, or {}.
 REQUEUE = COMMON + """
 local p, id, pmid, at, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 if id == '' then
@@ -229,7 +235,9 @@ end
 local rec = p .. ':out:rec:' .. id
 local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'attempts', 'channel',
                      'account_id', 'recipient', 'idempotency_key', 'superseded')
-if f[1] ~= 'sent' or f[2] ~= pmid then return {} end
+local in_flight = ARGV[2] ~= '' and (f[1] == 'sending' or f[1] == 'uncertain') and not f[2]
+  and not superseded(f[8], pmid)
+if not in_flight and (f[1] ~= 'sent' or f[2] ~= pmid) then return {} end
 if tonumber(f[3]) >= tonumber(ARGV[7]) then
   redis.call('SET', p .. ':out:err:' .. id, ARGV[10])
   redis.call('HSET', rec, 'state', 'failed', 'updated_at', now)

@@ -425,6 +425,33 @@ async def test_requeue_sends_a_sent_record_again_then_fails_it_at_max_attempts(o
     assert await outbox.claim_due("whatsapp", WA, 10) == []
 
 
+async def test_a_failed_status_before_the_sends_answer_is_kept(outbox):
+    """Meta's failed status can be processed before its answer to the send (a slow answer,
+    another replica): a retryable one queues the record again, and the answer's ``sent`` then
+    leaves it queued (to be sent again); a permanent one's error is not wiped by that answer."""
+    row = await add(outbox)
+    await outbox.claim_due("whatsapp", WA, 10)  # sending: Meta has it, its answer is late
+    back = await outbox.requeue(record_id=row.id, provider_message_id="wamid.early",
+                                at=time.time() - 1, error={"code": 131000}, final_error={},
+                                max_attempts=3)
+    assert back is not None and back.state == "queued"
+    await outbox.sent(row.id, "wamid.early")  # the answer of that same send
+    again = await outbox.get(row.id)
+    assert (again.state, again.provider_message_id) == ("queued", None)
+    assert again.public()["error"] == {"code": 131000}
+    assert [r.id for r in await outbox.claim_due("whatsapp", WA, 10)] == [row.id]
+    await outbox.sent(row.id, "wamid.resent")
+    assert (await outbox.get(row.id)).state == "sent"
+    other = await add(outbox, key="permanent")
+    await outbox.claim_due("whatsapp", WA, 10)
+    moved = await outbox.status(provider_message_id="wamid.p", record_id=other.id,
+                                status="failed", error={"code": 131026})
+    assert moved is not None and moved.state == "failed"
+    await outbox.sent(other.id, "wamid.p")
+    kept = await outbox.get(other.id)
+    assert kept.state == "failed" and kept.public()["error"] == {"code": 131026}
+
+
 async def test_a_late_status_of_a_requeued_send_moves_nothing(outbox):
     """Meta's statuses arrive in any order: the ``sent`` (or ``delivered``) of a send a failed
     status webhook requeued may come after that ``failed``. It must not settle the queued record

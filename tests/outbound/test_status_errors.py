@@ -7,6 +7,8 @@ import asyncio
 import json
 import time
 
+import pytest
+
 from tests.conftest import fixture_bytes
 from tests.outbound.conftest import WA
 
@@ -175,3 +177,36 @@ async def test_a_batch_normalised_again_after_a_failed_commit_counts_its_notices
     assert ob.metric("gateway_meta_errors_total", channel="whatsapp", account=WA,
                      code="130429") == 1
     assert dict(ob.service.limiters[("whatsapp", WA)].backoff.steps) == {"number": 1}
+
+
+@pytest.mark.parametrize("code,ends", [(131000, "sent"), (131026, "failed")])
+async def test_a_failed_status_that_beats_the_sends_answer_is_not_lost(outbound, code, ends):
+    """Meta accepts the message but answers slowly; its failed status webhook is processed
+    first. A retryable code sends the message again (the record used to stay ``sent``, never
+    resent); a permanent one keeps its error (the answer used to wipe it)."""
+    ob = await outbound()
+    await ob.inbound("whatsapp", A)
+    ob.sim.delay_next(WA, 1.0)  # Meta has it at once; its HTTP answer takes a second
+    fired = asyncio.get_running_loop().create_future()
+
+    async def on_accept(msg):  # the first send only
+        ob.sim.on_accept.remove(on_accept)
+        await ob.webhook("whatsapp", failed_status(msg.message_id, code,
+                                                   msg.body["biz_opaque_callback_data"]))
+        fired.set_result(msg.message_id)
+
+    ob.sim.on_accept.append(on_accept)
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text",
+                                    "text": "hello"})
+    assert status == 202, answer
+    first = await fired
+    record = await ob.wait(answer["id"], ends, timeout=10)
+    if ends == "sent":
+        await asyncio.sleep(0.5)
+        record = await ob.status(answer["id"])
+        assert record["status"] == "sent" and len(ob.sim.accepted) == 2
+        assert record["provider_message_id"] == ob.sim.accepted[1].message_id != first
+    else:
+        await asyncio.sleep(1.5)  # the answer has come
+        record = await ob.status(answer["id"])
+        assert record["status"] == "failed" and record["error"]["code"] == code, record
