@@ -69,6 +69,8 @@ CATEGORIES = ("marketing", "utility", "authentication")
 SETTLE_SECONDS = 2.0
 WINDOW_RECHECK_SECONDS = 1.0  # a free-form message held longer is checked again before its send
 OPTED_OUT_CODE = 131050  # "the user stopped marketing messages"
+MARKETING_CAP_CODE = 131049  # Meta withheld a marketing message: the user's marketing cap
+MARKETING_HOLD_SECONDS = 24 * 3600.0  # limits.md §9: no marketing to that user for 24 h
 ALERT_HOLD_SECONDS = 3600.0  # an error code's gateway_alerts lasts this long after the last one
 DEPTH_INTERVAL = 0.2  # s: gateway_queue_depth{queue="outbox"} is recounted at most this often
 ANNOUNCE_SECONDS = 2.0  # a batch's out-of-band throttling codes reach the replicas within this
@@ -118,6 +120,9 @@ class OutboundService(PythonAPI, Pausing):
         # latest message (window) and the latest word on consent (time, opted out).
         self.recent: OrderedDict[tuple[str, str, str], tuple[float, str | None]] = OrderedDict()
         self.said: OrderedDict[tuple[str, str, str], tuple[float, bool]] = OrderedDict()
+        # (channel, account, contact) -> until when marketing to them is held: Meta answered 131049
+        # (its per-user marketing cap); this replica's memory, as the outbox sink's caches are
+        self.marketing_held: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self.consent = Consent(self.config.opt_out_keywords, self.config.opt_in_keywords)
         self.depth_changed = asyncio.Event()
         # Set by the app to Processor.caught_up: a send is checked once the webhooks acknowledged
@@ -255,8 +260,8 @@ class OutboundService(PythonAPI, Pausing):
 
     def forget_contact(self, channel: str, contact_id: str) -> None:
         """GDPR: drop what :meth:`observe` remembers of a contact (its latest message, its word
-        on consent), as the outbox erases its stored copy of both."""
-        for cache in (self.recent, self.said):
+        on consent), as the outbox erases its stored copy of both, and its marketing hold."""
+        for cache in (self.recent, self.said, self.marketing_held):
             for key in [k for k in cache if k[0] == channel and k[2] == contact_id]:
                 del cache[key]
 
@@ -288,6 +293,14 @@ class OutboundService(PythonAPI, Pausing):
         if req.type == "template":
             if customer.opted_out:
                 _check_consent(req.template)
+            held = self.marketing_held.get((req.channel, account, req.to or ""), 0.0)
+            if held > time.time() and (req.template.category or "").lower() in ("", "marketing"):
+                raise Refused("marketing_held", "to", (
+                    f"Meta withheld a marketing message to this contact (131049, its marketing "
+                    f"cap): no marketing template to them for 24 h, until "
+                    f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(held))} (set "
+                    "template.category to \"utility\" or \"authentication\" if it is not "
+                    "marketing)"))
             return req
         if req.type in rq.NO_WINDOW or not self.config.enforce_window:
             return req
@@ -501,7 +514,19 @@ class OutboundService(PythonAPI, Pausing):
             return
         if exc.code == OPTED_OUT_CODE:  # Meta knows of an opt-out we missed (limits.md §9)
             await self._meta_opt_out(channel, account, row.recipient, time.time())
+        if exc.code == MARKETING_CAP_CODE:
+            self._hold_marketing(channel, account, row.recipient, time.time())
         await self._fail(row, error)
+
+    def _hold_marketing(self, channel: str, account: str, contact: str, at: float) -> None:
+        """Meta withheld a marketing message to ``contact`` (131049): refuse marketing to them
+        for 24 h from then (limits.md §9), instead of spending calls Meta withholds too."""
+        key = (channel, account, contact)
+        until = at + MARKETING_HOLD_SECONDS
+        if until > self.marketing_held.get(key, 0.0):
+            _remember(self.marketing_held, key, until)
+            log.info("marketing_held", channel=channel, account=account,
+                     until=round(until), source="meta_131049")
 
     async def _meta_opt_out(self, channel: str, account: str, contact: str, at: float) -> None:
         await self.outbox.set_opted_out(channel, account, contact, True, at)
@@ -534,6 +559,8 @@ class OutboundService(PythonAPI, Pausing):
         key = (ev.channel, ev.account_id)
         if code == OPTED_OUT_CODE:
             await self._meta_opt_out(*key, ev.customer_id, ev.timestamp.timestamp())
+        if code == MARKETING_CAP_CODE:
+            self._hold_marketing(*key, ev.customer_id, ev.timestamp.timestamp())
         if not (rule.kind.retryable and ev.message_id):
             return await self._status_failed(ev, record_id, error)
         row = await self._retry_failed(key, ev, record_id, rule, error)

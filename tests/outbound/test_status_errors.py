@@ -210,3 +210,31 @@ async def test_a_failed_status_that_beats_the_sends_answer_is_not_lost(outbound,
         await asyncio.sleep(1.5)  # the answer has come
         record = await ob.status(answer["id"])
         assert record["status"] == "failed" and record["error"]["code"] == code, record
+
+
+MARKETING = {"channel": "whatsapp", "type": "template", "template": {
+    "name": "promo", "language": "en_US", "category": "marketing"}}
+
+
+@pytest.mark.parametrize("where", ["answer", "status"])
+async def test_131049_holds_marketing_to_that_user_for_a_day(outbound, where):
+    """limits.md §9: Meta withheld a marketing message (the user's marketing cap): no marketing
+    template to that user for 24 h, refused up front (422 marketing_held); a utility template
+    to them, and marketing to anyone else, still go."""
+    ob = await outbound()
+    await ob.inbound("whatsapp", A)
+    if where == "answer":
+        ob.sim.fail_next(WA, 131049)
+    status, first = await ob.send({**MARKETING, "to": A})
+    assert status == 202, first
+    if where == "status":
+        sent = await ob.wait(first["id"], "sent")
+        await ob.webhook("whatsapp", failed_status(sent["provider_message_id"], 131049,
+                                                   first["id"]))
+    assert (await ob.wait(first["id"], "failed"))["error"]["code"] == 131049
+    status, held = await ob.send({**MARKETING, "to": A})
+    assert status == 422 and held["error"]["code"] == "marketing_held", held
+    utility = {**MARKETING, "template": {**MARKETING["template"], "category": "utility"}}
+    for body in ({**utility, "to": A}, {**MARKETING, "to": "15550009999"}):
+        status, answer = await ob.send(body)
+        assert status == 202, answer
