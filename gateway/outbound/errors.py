@@ -105,8 +105,8 @@ RULES: dict[int, Rule] = {
     3: Rule(MetaPermanent, None, True, "the app lacks a capability for this call"),
     4: Rule(SLOW, "app", False, "application request limit reached; slowing down", "long"),
     10: Rule(MetaPermanent, None, True, "permission denied: check the token's permissions"),
-    17: Rule(SLOW, "app", False, "user request limit reached; slowing down", "long"),
-    32: Rule(SLOW, "app", False, "page request limit reached; slowing down", "long"),
+    17: Rule(SLOW, "token", False, "user request limit reached; slowing down", "long"),
+    32: Rule(SLOW, "page", False, "page request limit reached; slowing down", "long"),
     100: Rule(MetaPermanent, None, False, "invalid parameter: the request body is wrong"),
     190: Rule(TokenExpired, None, True, TOKEN_HINT),
     368: Rule(AccountPaused, None, True, "temporarily blocked for policy violations: see the "

@@ -23,17 +23,30 @@ SAFETY = 0.96
 # least 1.0417 - 0.005 s apart, leaving over 35 ms for the requests' arrival jitter at Meta (a
 # process stalled between the limiter and the wire: up to 30 ms seen on a loaded 2-core host).
 CATCH_UP = 0.005
+# A throttling answer on the account's own scope (130429: the number's throughput) lowers its rate
+# to this share of what it was, at least MIN_RATE_SHARE of the configured rate; sends that go
+# through win it back by RECOVER_PER_SECOND of the configured rate per second of sending (AIMD:
+# a number whose real limit is below its configured rate probes it every few seconds, instead of
+# hitting it again at once after each park).
+DECREASE = 0.7
+MIN_RATE_SHARE = 0.05
+RECOVER_PER_SECOND = 0.01
 
 
 class GCRA:
     """A generic cell-rate limiter: ``rate`` per second, ``burst`` cells of tolerance."""
 
     def __init__(self, rate: float, burst: int = 1) -> None:
-        self.interval = 1.0 / rate
-        self.tolerance = self.interval * (burst - 1)
-        self.catch_up = min(CATCH_UP, self.interval)
+        self.burst = burst
+        self.set_rate(rate)
         self.tat = 0.0
         self.parked_until = 0.0
+
+    def set_rate(self, rate: float) -> None:
+        """Space cells for ``rate`` per second from the next one on."""
+        self.interval = 1.0 / rate
+        self.tolerance = self.interval * (self.burst - 1)
+        self.catch_up = min(CATCH_UP, self.interval)
 
     def wait(self, now: float) -> float:
         """Seconds until one more cell may go (0 when it may go now)."""
@@ -105,6 +118,9 @@ class AccountLimiter:
                  type_limits: dict[str, tuple[float, tuple[str, ...]]] | None = None,
                  name: str = "number") -> None:
         self.name = name
+        self.rate = rate  # as configured; the account is spaced for rate * share * SAFETY
+        self.share = 1.0  # lowered by a throttling answer on the account's scope (AIMD)
+        self._recovered_at = 0.0
         self.account = GCRA(rate * SAFETY)
         self.pair_interval = pair_interval
         self.pair_burst = pair_burst
@@ -177,14 +193,32 @@ class AccountLimiter:
 
         ``pair`` throttles only ``recipient`` (Meta: 4^X s, other recipients unaffected)."""
         key = f"pair:{recipient}" if scope == "pair" and recipient is not None else scope
+        if scope == self.name:  # the account's own throughput: Meta's limit is below ours
+            self._set_share(max(MIN_RATE_SHARE, self.share * DECREASE))
         return self.park(scope, self.backoff.next(key, initial, factor, cap, floor), recipient)
 
-    def sent_ok(self, recipient: str) -> None:
+    def sent_ok(self, recipient: str, now: float | None = None) -> None:
         """A successful send resets the backoff of the recipient's pair and of every account
-        scope (the parks already served stay as they are)."""
+        scope (the parks already served stay as they are), and wins back some of the rate a
+        throttling answer took."""
         self.backoff.reset(f"pair:{recipient}")
         for scope in (self.name, *self.scopes):
             self.backoff.reset(scope)
+        if self.share < 1.0:
+            now = time.monotonic() if now is None else now
+            gained = RECOVER_PER_SECOND * min(1.0, max(0.0, now - self._recovered_at))
+            self._recovered_at = now
+            self._set_share(min(1.0, self.share + gained))
+
+    def _set_share(self, share: float) -> None:
+        self.share = share
+        self._recovered_at = time.monotonic()
+        self.account.set_rate(self.rate * share * SAFETY)
+
+    @property
+    def effective_rate(self) -> float:
+        """Messages per second the account is spaced for now (before :data:`SAFETY`)."""
+        return self.rate * self.share
 
     def parked(self, scope: str, now: float | None = None) -> float:
         """Seconds ``scope`` stays parked (0 when it is not)."""

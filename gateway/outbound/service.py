@@ -715,8 +715,25 @@ class OutboundService(PythonAPI, Pausing):
     def _throttle(self, key: tuple[str, str], scope: str, recipient: str | None,
                   backoff: str | None, floor: float) -> float:
         factor = 4.0 if backoff == "pair" else 2.0  # Meta: 4^X s for the pair limit
-        return self.limiters[key].throttle(scope, recipient, self._initial_step(backoff), factor,
-                                           self.config.throttle_backoff_max, floor)
+        limiter = self.limiters[key]
+        wait = limiter.throttle(scope, recipient, self._initial_step(backoff), factor,
+                                self.config.throttle_backoff_max, floor)
+        if scope == "app":  # the app's limit (code 4, X-App-Usage) is every account's of it
+            for other, each in self.limiters.items():
+                if other != key and self._same_app(other[0], key[0]):
+                    each.park("app", wait)
+        elif scope == limiter.name:
+            log.info("outbound_rate_lowered", channel=key[0], account=key[1],
+                     rate=round(limiter.effective_rate, 2), configured=limiter.rate)
+        return wait
+
+    def _same_app(self, a: str, b: str) -> bool:
+        """Whether two channels are one Meta app: the same channel, or the same app secret (one
+        app with both WhatsApp and Instagram, ``META_APP_SECRET``)."""
+        if a == b:
+            return True
+        secret = getattr(self.channels.get(a), "app_secret", None)
+        return secret is not None and secret == getattr(self.channels.get(b), "app_secret", None)
 
     # -- retries, failures, usage -----------------------------------------------------------------
 

@@ -121,3 +121,71 @@ async def test_80007_waits_for_estimated_time_to_regain_access(outbound):
     await ob.wait(answer["id"], "sent", timeout=10)
     (wait,) = gaps(ob.sim.requests)
     assert 1.2 <= wait <= 2.0, wait  # 0.02 min, not the 0.1 s of throttle_backoff_long
+
+
+def test_a_throttle_of_the_accounts_own_scope_lowers_its_rate_and_sends_win_it_back():
+    """AIMD (limits.md §5, rule 6: throttle codes shrink the local bucket): each 130429 spaces
+    the number for 70% of its rate (not below 5% of the configured one); a second of sending
+    that goes through wins back 1% of the configured rate; other scopes leave the rate alone."""
+    from gateway.outbound.ratelimit import SAFETY, AccountLimiter
+
+    limiter = AccountLimiter(80.0)
+    limiter.throttle("number", None, 1.0, 2.0, 60.0)
+    assert limiter.effective_rate == 56.0
+    assert abs(limiter.account.interval - 1 / (56.0 * SAFETY)) < 1e-12
+    limiter.throttle("app", None, 1.0, 2.0, 60.0)
+    limiter.throttle("pair", "15550001234", 1.0, 4.0, 60.0)
+    assert limiter.effective_rate == 56.0
+    for _ in range(100):
+        limiter.throttle("number", None, 1.0, 2.0, 60.0)
+    assert limiter.effective_rate == 80.0 * 0.05
+    start = limiter._recovered_at
+    for second in range(1, 11):  # ten seconds of sends that go through
+        limiter.sent_ok("15550001234", now=start + second)
+    assert abs(limiter.effective_rate - 80.0 * 0.15) < 1e-9
+    limiter.sent_ok("15550001234", now=start + 3600)  # idle an hour: one second's worth only
+    assert abs(limiter.effective_rate - 80.0 * 0.16) < 1e-9
+
+
+async def test_a_number_meta_limits_below_its_configured_rate_is_slowed_down(outbound):
+    """The number is configured for 80/s; Meta takes 20/s from it (a coexistence number, or
+    inbound traffic sharing the 80). Each 130429 lowers the rate, so Meta refuses a few sends,
+    not one in ten (the rate used to come back in full after each park)."""
+    ob = await outbound(mps=20, outbound="throttle_max_attempts = 1000\n"
+                                         "throttle_backoff_initial = 0.5")
+    customers = [f"1555{i:07d}" for i in range(120)]
+    await ob.open_windows("whatsapp", customers)
+    ids = [(await ob.send(text(c)))[1]["id"] for c in customers]
+    for record in ids:
+        await ob.wait(record, "sent", timeout=60)
+    assert len(ob.sim.accepted) == 120
+    assert ob.sim.count_130429 <= 6, ob.sim.count_130429  # 11 before
+
+
+async def test_an_app_wide_throttle_parks_every_account_of_the_app(outbound):
+    """Code 4 (and X-App-Usage at 100%) is the app's limit: one account's answer parks the
+    app scope of every account of that app (the same channel, or one app secret for both
+    channels), so the others do not call into it again."""
+    wa2 = "100000000000002"
+    ob = await outbound(
+        extra_wa=f'[[channels.whatsapp.accounts]]\nphone_number_id = "{wa2}"\n'
+                 'access_token = "EAAB-2"\n',
+        outbound="throttle_backoff_long = 30.0\nthrottle_backoff_max = 60.0")
+    ob.sim.set_app_usage(100)  # over the app's hourly limit: Meta answers code 4 to every call
+    status, answer = await ob.send({"channel": "whatsapp", "account_id": WA, "to": A,
+                                    "type": "template", "template": {
+                                        "name": "hello", "language": "en_US"}})
+    assert status == 202, answer
+    for _ in range(100):
+        if ob.sim.count_4:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    for key in (("whatsapp", WA), ("whatsapp", wa2), ("instagram", IG)):
+        assert ob.service.limiters[key].parked("app") > 20, key
+    for body in ({"channel": "whatsapp", "account_id": wa2, "to": A, "type": "template",
+                  "template": {"name": "hello", "language": "en_US"}},
+                 {"channel": "instagram", "to": U1, "type": "mark_read", "message_id": "m"}):
+        assert (await ob.send(body))[0] == 202
+    await asyncio.sleep(0.5)
+    assert ob.sim.count_4 == 1  # nobody called into the app's limit again
