@@ -173,19 +173,38 @@ class Outbox:
             "SELECT min(next_at) FROM outbox WHERE channel = ? AND account_id = ? AND state IN "
             "('queued', 'uncertain')", (channel, account_id)).fetchone()[0])
 
-    async def sent(self, record_id: str, provider_message_id: str | None) -> None:
-        """Meta accepted the send. A record a status webhook settled first (failed, delivered)
-        keeps its state and error; one it queued again (:meth:`requeue` of the send still in
-        flight, its provider id superseded) is left as it is: it is to be sent again."""
+    async def sent(self, record_id: str, provider_message_id: str | None,
+                   max_attempts: int | None = None) -> str:
+        """Meta accepted the send: ``sent``, or what the record became instead. A record a
+        status webhook settled first (failed, delivered) keeps its state and error (``kept``).
+        If Meta failed this very send before answering (a retryable failed status, which
+        :meth:`requeue` noted in ``superseded``), the record is ``queued`` to be sent again, or
+        ``failed`` (with that error) when ``max_attempts`` sends were made."""
         now = time.time()
-        await self._db.run(lambda c: c.execute(
-            "UPDATE outbox SET state = CASE WHEN state IN ('sending', 'uncertain', 'queued') "
-            "THEN 'sent' ELSE state END, provider_message_id = coalesce(provider_message_id, ?), "
-            "sent_at = coalesce(sent_at, ?), updated_at = ?, error = CASE WHEN state IN "
-            "('sending', 'uncertain', 'queued') THEN NULL ELSE error END WHERE id = ? "
-            f"AND (? IS NULL OR {_SUPERSEDED} = 0)",
-            (provider_message_id, now, now, record_id, provider_message_id,
-             provider_message_id)))
+
+        def work(c: sqlite3.Connection) -> str:
+            if provider_message_id and c.execute(
+                    f"SELECT 1 FROM outbox WHERE id = ? AND {_SUPERSEDED} > 0",
+                    (record_id, provider_message_id)).fetchone():
+                row = c.execute(
+                    "UPDATE outbox SET state = CASE WHEN ? IS NOT NULL AND attempts >= ? "
+                    "THEN 'failed' ELSE 'queued' END, next_at = ?, updated_at = ? WHERE id = ? "
+                    "AND state IN ('sending', 'uncertain', 'queued') RETURNING state",
+                    (max_attempts, max_attempts, now, now, record_id)).fetchone()
+                return row[0] if row else "kept"
+            moved = c.execute(
+                "UPDATE outbox SET state = 'sent', provider_message_id = coalesce("
+                "provider_message_id, ?), sent_at = coalesce(sent_at, ?), updated_at = ?, "
+                "error = NULL WHERE id = ? AND state IN ('sending', 'uncertain', 'queued')",
+                (provider_message_id, now, now, record_id)).rowcount
+            if moved:
+                return "sent"
+            c.execute("UPDATE outbox SET provider_message_id = coalesce(provider_message_id, ?), "
+                      "sent_at = coalesce(sent_at, ?), updated_at = ? WHERE id = ?",
+                      (provider_message_id, now, now, record_id))
+            return "kept"
+
+        return await self._db.run(work)
 
     async def failed(self, record_id: str, error: dict[str, Any],
                      attempts: int | None = None) -> None:
@@ -243,19 +262,32 @@ class Outbox:
         webhook): send it again at ``at``, or fail it when ``max_attempts`` sends were made.
 
         Only a ``sent`` record whose provider id is ``provider_message_id`` moves (a redelivered
-        status of an earlier send changes nothing), or one named by ``record_id`` whose send is
-        still in flight (the status came before Meta's answer: no provider id yet, and the
-        answer's :meth:`sent` then leaves it queued); it forgets that id, so the next send's is
+        status of an earlier send changes nothing). One named by ``record_id`` whose send is
+        still in flight (the status came before Meta's answer) only notes that provider id as
+        failed, with ``error``: :meth:`sent` queues it again if the answer is that send's (the
+        send in flight may be a later one, after a timeout: then it is simply sent). A moved
+        record forgets its provider id, so the next send's is
         kept, and remembers it as superseded, so that a late status of that send (its ``sent``
         may arrive after its ``failed``) moves nothing (:meth:`status`). ``final_error`` is
-        stored when it fails. Returns the record as it is now (``queued`` or ``failed``), or
-        None."""
+        stored when it fails. Returns the record as it is now (``queued``, ``failed``, or still
+        ``sending`` with the failure noted), or None."""
         now = time.time()
         encoded, final = msgspec.json.encode(error), msgspec.json.encode(final_error)
 
         def work(c: sqlite3.Connection) -> Row | None:
             where = "id = :arg" if record_id else "provider_message_id = :arg"
             arg = record_id or provider_message_id
+            if record_id is not None:  # in flight, no answer yet: note the failed send
+                row = c.execute(
+                    "UPDATE outbox SET updated_at = ?, error = ?, "
+                    "superseded = coalesce(superseded || char(10), '') || ? "
+                    "WHERE id = ? AND state IN ('sending', 'uncertain') "
+                    f"AND provider_message_id IS NULL AND {_SUPERSEDED} = 0 "
+                    f"RETURNING {_COLUMNS}",
+                    (now, encoded, provider_message_id, record_id, provider_message_id)
+                ).fetchone()
+                if row:
+                    return Row(*row)
             row = c.execute(
                 "UPDATE outbox SET updated_at = :now, "
                 "error = CASE WHEN attempts >= :max THEN :final ELSE :error END, "
@@ -265,14 +297,10 @@ class Outbox:
                 "sent_at = CASE WHEN attempts >= :max THEN sent_at END, "
                 "superseded = CASE WHEN attempts >= :max THEN superseded "
                 "ELSE coalesce(superseded || char(10), '') || :pmid END "
-                f"WHERE {where} AND ((state = 'sent' AND provider_message_id = :pmid) OR "
-                "(:by_id AND state IN ('sending', 'uncertain') AND provider_message_id IS NULL "
-                f"AND instr(char(10) || coalesce(superseded, '') || char(10), "
-                "char(10) || :pmid || char(10)) = 0)) "
+                f"WHERE {where} AND state = 'sent' AND provider_message_id = :pmid "
                 f"RETURNING {_COLUMNS}",
                 {"now": now, "max": max_attempts, "final": final, "error": encoded, "at": at,
-                 "pmid": provider_message_id, "arg": arg,
-                 "by_id": record_id is not None}).fetchone()
+                 "pmid": provider_message_id, "arg": arg}).fetchone()
             return Row(*row) if row else None
 
         return await self._db.run(work)

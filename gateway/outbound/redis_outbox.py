@@ -326,11 +326,15 @@ class RedisOutbox:
             f"{self.p}:out:due:{channel}:{account_id}", 0, 0, withscores=True))
         return float(found[0][1]) if found else None
 
-    async def sent(self, record_id: str, provider_message_id: str | None) -> None:
+    async def sent(self, record_id: str, provider_message_id: str | None,
+                   max_attempts: int | None = None) -> str:
+        """As :meth:`Outbox.sent`."""
         ttl, until = self._expiry()
         now = repr(time.time())
-        await self._outage("sent", lambda: self._sent(args=[
-            self.p, record_id, provider_message_id or "", now, ttl, until]))
+        done = await self._outage("sent", lambda: self._sent(args=[
+            self.p, record_id, provider_message_id or "", now, ttl, until,
+            "" if max_attempts is None else max_attempts]))
+        return {1: "sent", 2: "queued", 3: "failed"}.get(int(done), "kept")
 
     async def failed(self, record_id: str, error: dict[str, Any],
                      attempts: int | None = None) -> None:

@@ -148,14 +148,27 @@ end
 return out
 """
 
-# ARGV: prefix, id, provider message id ('' none), now, ttl ms, expire at ms.
+# ARGV: prefix, id, provider message id ('' none), now, ttl ms, expire at ms, max attempts
+# ('' none).
+# Returns 1 (sent), 0 (nothing: unknown, or settled already), 2 (queued again: Meta failed this
+# send before its answer came, REQUEUE noted it) or 3 (failed: that, with max attempts made).
 SENT = COMMON + """
 local p, id, pmid, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local rec = p .. ':out:rec:' .. id
-local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'sent_at', 'superseded')
+local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'sent_at', 'superseded',
+                     'attempts', 'owner', 'channel', 'account_id')
 if not f[1] then return 0 end
-if pmid ~= '' and superseded(f[4], pmid) then
-  return 0  -- a status queued it again while this send was in flight: it is sent again
+if pmid ~= '' and superseded(f[4], pmid) then  -- Meta failed this send before it answered
+  if not open_state(f[1]) then return 0 end
+  if ARGV[7] ~= '' and tonumber(f[5]) >= tonumber(ARGV[7]) then
+    redis.call('HSET', rec, 'state', 'failed', 'updated_at', now)  -- its error is kept
+    settle(p, id, ARGV[5], ARGV[6])
+    return 3
+  end
+  redis.call('HSET', rec, 'state', 'queued', 'next_at', now, 'updated_at', now)
+  if f[6] then redis.call('SREM', p .. ':out:sending:' .. f[6], id) end
+  redis.call('ZADD', p .. ':out:due:' .. f[7] .. ':' .. f[8], now, id)
+  return 2
 end
 if open_state(f[1]) then
   redis.call('HSET', rec, 'state', 'sent')
@@ -165,7 +178,8 @@ if not f[2] and pmid ~= '' then redis.call('HSET', rec, 'provider_message_id', p
 if not f[3] then redis.call('HSET', rec, 'sent_at', now) end
 redis.call('HSET', rec, 'updated_at', now)
 settle(p, id, ARGV[5], ARGV[6])
-return 1
+if open_state(f[1]) then return 1 end
+return 0
 """
 
 # ARGV: prefix, id, error, now, ttl ms, expire at ms, attempts ('' unchanged).
@@ -222,10 +236,11 @@ return record(p, id)
 """
 
 # ARGV: prefix, id ('' = by provider id), provider message id, at, error, now, max attempts,
-# ttl ms, expire at ms, error when it fails. A `sent` record with that provider id (or the record
-# `id` names while its send is in flight: no provider id yet) goes back to the queue (due at
-# `at`, its provider id forgotten and added to `superseded`, so that a late status of that send
-# moves nothing) or, after max attempts, fails. Returns its fields, or {}.
+# ttl ms, expire at ms, error when it fails. A `sent` record with that provider id goes back to
+# the queue (due at `at`, its provider id forgotten and added to `superseded`, so that a late
+# status of that send moves nothing) or, after max attempts, fails. A record `id` names whose
+# send is in flight (no answer yet) only notes the failed provider id in `superseded`, with the
+# error: SENT queues it again if the answer is that send's. Returns its fields, or {}.
 REQUEUE = COMMON + """
 local p, id, pmid, at, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[6]
 if id == '' then
@@ -235,9 +250,17 @@ end
 local rec = p .. ':out:rec:' .. id
 local f = redis.call('HMGET', rec, 'state', 'provider_message_id', 'attempts', 'channel',
                      'account_id', 'recipient', 'idempotency_key', 'superseded')
-local in_flight = ARGV[2] ~= '' and (f[1] == 'sending' or f[1] == 'uncertain') and not f[2]
-  and not superseded(f[8], pmid)
-if not in_flight and (f[1] ~= 'sent' or f[2] ~= pmid) then return {} end
+if ARGV[2] ~= '' and (f[1] == 'sending' or f[1] == 'uncertain') and not f[2] then
+  -- in flight, no answer yet: mark the failed send; its answer (SENT) queues the record again.
+  -- The send in flight may be a later one (an earlier attempt timed out): its answer is not
+  -- that send's, and the record is sent.
+  if superseded(f[8], pmid) then return {} end
+  redis.call('HSET', rec, 'superseded', f[8] and (f[8] .. '\\n' .. pmid) or pmid,
+             'updated_at', now)
+  redis.call('SET', p .. ':out:err:' .. id, ARGV[5])
+  return record(p, id)
+end
+if f[1] ~= 'sent' or f[2] ~= pmid then return {} end
 if tonumber(f[3]) >= tonumber(ARGV[7]) then
   redis.call('SET', p .. ':out:err:' .. id, ARGV[10])
   redis.call('HSET', rec, 'state', 'failed', 'updated_at', now)

@@ -469,13 +469,20 @@ class OutboundService(PythonAPI, Pausing):
                 for code in [c for c, until in alerted.items() if until <= now]:
                     self.metrics.alerts.labels(channel_name, account, code).set(0)
                     del alerted[code]
-            await self.outbox.sent(row.id, result.message_id)
+            outcome = await self.outbox.sent(row.id, result.message_id, self.config.max_attempts)
             self.depth_changed.set()
             self.limiters[key].sent_ok(row.recipient)
             self._usage(key, result.headers)
-            self.metrics.outbound_messages.labels(channel_name, row.type, "sent").inc()
-            log.info("outbound_sent", channel=channel_name, account=account, id=row.id,
-                     provider_message_id=result.message_id)
+            if outcome in ("queued", "failed"):  # Meta failed this send before it answered
+                self.metrics.outbound_messages.labels(
+                    channel_name, row.type, "retried" if outcome == "queued" else "failed").inc()
+                log.info("outbound_failed_before_answer", channel=channel_name, account=account,
+                         id=row.id, provider_message_id=result.message_id, outcome=outcome)
+                self._woken(channel_name, account)
+            else:
+                self.metrics.outbound_messages.labels(channel_name, row.type, "sent").inc()
+                log.info("outbound_sent", channel=channel_name, account=account, id=row.id,
+                         provider_message_id=result.message_id)
         finally:
             gate.release()
             pause = self.paused.get(key)

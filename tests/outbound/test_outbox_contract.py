@@ -427,29 +427,51 @@ async def test_requeue_sends_a_sent_record_again_then_fails_it_at_max_attempts(o
 
 async def test_a_failed_status_before_the_sends_answer_is_kept(outbox):
     """Meta's failed status can be processed before its answer to the send (a slow answer,
-    another replica): a retryable one queues the record again, and the answer's ``sent`` then
-    leaves it queued (to be sent again); a permanent one's error is not wiped by that answer."""
+    another replica): a retryable one is noted on the record in flight, and the answer of that
+    send queues it again (or fails it, its sends used up); the answer of a later send (the
+    failed one had timed out) is simply sent; a permanent failure's error is not wiped."""
     row = await add(outbox)
     await outbox.claim_due("whatsapp", WA, 10)  # sending: Meta has it, its answer is late
-    back = await outbox.requeue(record_id=row.id, provider_message_id="wamid.early",
-                                at=time.time() - 1, error={"code": 131000}, final_error={},
-                                max_attempts=3)
-    assert back is not None and back.state == "queued"
-    await outbox.sent(row.id, "wamid.early")  # the answer of that same send
+    noted = await outbox.requeue(record_id=row.id, provider_message_id="wamid.early",
+                                 at=time.time() - 1, error={"code": 131000}, final_error={},
+                                 max_attempts=3)
+    assert noted is not None and noted.state == "sending"
+    assert await outbox.sent(row.id, "wamid.early", 3) == "queued"  # that send's answer
     again = await outbox.get(row.id)
     assert (again.state, again.provider_message_id) == ("queued", None)
     assert again.public()["error"] == {"code": 131000}
+    assert await outbox.waiting([("whatsapp", WA)]) == 1
     assert [r.id for r in await outbox.claim_due("whatsapp", WA, 10)] == [row.id]
-    await outbox.sent(row.id, "wamid.resent")
+    assert await outbox.sent(row.id, "wamid.resent", 3) == "sent"
     assert (await outbox.get(row.id)).state == "sent"
+    # a failed status of an earlier send that timed out, while a later one is in flight
+    later = await add(outbox, key="later")
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.requeue(record_id=later.id, provider_message_id="wamid.timed-out",
+                         at=time.time() - 1, error={"code": 131000}, final_error={},
+                         max_attempts=3)
+    assert await outbox.sent(later.id, "wamid.in-flight", 3) == "sent"
+    done = await outbox.get(later.id)
+    assert (done.state, done.provider_message_id) == ("sent", "wamid.in-flight")
+    assert await outbox.waiting([("whatsapp", WA)]) == 0
+    # the sends used up: failed with the status's error
+    last = await add(outbox, key="last")
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.requeue(record_id=last.id, provider_message_id="wamid.last",
+                         at=time.time() - 1, error={"code": 131000}, final_error={},
+                         max_attempts=1)
+    assert await outbox.sent(last.id, "wamid.last", 1) == "failed"
+    gone = await outbox.get(last.id)
+    assert gone.state == "failed" and gone.public()["error"] == {"code": 131000}
     other = await add(outbox, key="permanent")
     await outbox.claim_due("whatsapp", WA, 10)
     moved = await outbox.status(provider_message_id="wamid.p", record_id=other.id,
                                 status="failed", error={"code": 131026})
     assert moved is not None and moved.state == "failed"
-    await outbox.sent(other.id, "wamid.p")
+    assert await outbox.sent(other.id, "wamid.p", 3) == "kept"
     kept = await outbox.get(other.id)
     assert kept.state == "failed" and kept.public()["error"] == {"code": 131026}
+    assert await outbox.waiting([("whatsapp", WA)]) == 0
 
 
 async def test_a_late_status_of_a_requeued_send_moves_nothing(outbox):

@@ -238,3 +238,28 @@ async def test_131049_holds_marketing_to_that_user_for_a_day(outbound, where):
     for body in ({**utility, "to": A}, {**MARKETING, "to": "15550009999"}):
         status, answer = await ob.send(body)
         assert status == 202, answer
+
+
+async def test_a_late_failed_status_of_an_earlier_send_does_not_send_it_again(outbound):
+    """Send 1 reaches Meta but its answer times out (so it is reconciled and sent again); while
+    send 2 is in flight, send 1's failed status (retryable) is processed. Send 2 still gets
+    through: its answer is its own, the record is sent once more only if Meta failed *it*."""
+    ob = await outbound(extra_wa="send_timeout = 0.5", outbound="reconcile_seconds = 0.5")
+    await ob.inbound("whatsapp", A)
+    ob.sim.delay_next(WA, 0.9)  # send 1: Meta has it, its answer comes too late
+    ob.sim.delay_next(WA, 0.4)  # send 2: Meta has it, answers slowly but in time
+    seen: list[str] = []
+
+    async def on_accept(msg):
+        seen.append(msg.message_id)
+        if len(seen) == 2:  # send 2 in flight: Meta's failed status of send 1 arrives
+            await ob.webhook("whatsapp", failed_status(seen[0], 131000,
+                                                       msg.body["biz_opaque_callback_data"]))
+
+    ob.sim.on_accept.append(on_accept)
+    _, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text", "text": "once"})
+    record = await ob.wait(answer["id"], "sent", timeout=10)
+    await asyncio.sleep(2.5)  # no third send comes
+    record = await ob.status(answer["id"])
+    assert len(ob.sim.accepted) == 2 and record["status"] == "sent"
+    assert record["provider_message_id"] == seen[1]
