@@ -28,9 +28,15 @@ CATCH_UP = 0.005
 # through win it back by RECOVER_PER_SECOND of the configured rate per second of sending (AIMD:
 # a number whose real limit is below its configured rate probes it every few seconds, instead of
 # hitting it again at once after each park).
-DECREASE = 0.7
+DECREASE = 0.5
 MIN_RATE_SHARE = 0.05
 RECOVER_PER_SECOND = 0.01
+# One congestion, one decrease: the answers of every send already in flight (up to
+# outbound.concurrency) come back throttled too, and must not cut the rate once each.
+DECREASE_EVERY = 0.5
+# The codes that say the account's own throughput is over Meta's (the rate is lowered for them
+# only: 131048 is message quality, 133016 registrations, 132069 a flow, whatever their scope)
+RATE_CODES = frozenset({130429, 613})
 
 
 class GCRA:
@@ -121,6 +127,7 @@ class AccountLimiter:
         self.rate = rate  # as configured; the account is spaced for rate * share * SAFETY
         self.share = 1.0  # lowered by a throttling answer on the account's scope (AIMD)
         self._recovered_at = 0.0
+        self._lowered_at = float("-inf")
         self.account = GCRA(rate * SAFETY)
         self.pair_interval = pair_interval
         self.pair_burst = pair_burst
@@ -188,12 +195,14 @@ class AccountLimiter:
         return seconds
 
     def throttle(self, scope: str, recipient: str | None, initial: float, factor: float,
-                 cap: float, floor: float = 0.0) -> float:
+                 cap: float, floor: float = 0.0, code: int | None = None) -> float:
         """Meta throttled ``scope``: park it for its next backoff step; return the wait.
 
         ``pair`` throttles only ``recipient`` (Meta: 4^X s, other recipients unaffected)."""
         key = f"pair:{recipient}" if scope == "pair" and recipient is not None else scope
-        if scope == self.name:  # the account's own throughput: Meta's limit is below ours
+        now = time.monotonic()
+        if code in RATE_CODES and now - self._lowered_at >= DECREASE_EVERY:
+            self._lowered_at = now  # the account's own throughput: Meta's limit is below ours
             self._set_share(max(MIN_RATE_SHARE, self.share * DECREASE))
         return self.park(scope, self.backoff.next(key, initial, factor, cap, floor), recipient)
 

@@ -601,7 +601,7 @@ class OutboundService(PythonAPI, Pausing):
         wait *= random.uniform(0.5, 1.0)
         if issubclass(rule.kind, MetaThrottled) and key in self.limiters:
             wait = max(wait, self._throttle(key, rule.scope or "number", ev.customer_id,
-                                            rule.backoff, 0.0))
+                                            rule.backoff, 0.0, error["code"]))
         given_up = {**error, "hint": (
             f"{rule.hint or 'retryable error'} (code {error['code']} in a failed status "
             f"webhook): not sent again, outbound.max_attempts = {cfg.max_attempts} sends made")}
@@ -665,7 +665,7 @@ class OutboundService(PythonAPI, Pausing):
             until = time.monotonic() + self._first_step(rule.backoff)
             pending[scope] = max(pending.get(scope, 0.0), until)
             return
-        wait = self._throttle(key, scope, None, rule.backoff, 0.0)
+        wait = self._throttle(key, scope, None, rule.backoff, 0.0, code)
         self._headroom(key)
         log.warning("outbound_throttled_out_of_band", channel=channel, account=account,
                     code=code, scope=scope, wait=round(wait, 3))
@@ -712,7 +712,7 @@ class OutboundService(PythonAPI, Pausing):
             await self._fail(row, error)
             return
         wait = self._throttle(key, exc.scope or "number", row.recipient, exc.backoff,
-                              exc.retry_after or 0.0)
+                              exc.retry_after or 0.0, exc.code)
         self.metrics.outbound_messages.labels(row.channel, row.type, "retried").inc()
         log.info("outbound_throttled", channel=key[0], account=key[1], id=row.id, code=exc.code,
                  scope=exc.scope, wait=round(wait, 3), throttled=count)
@@ -720,17 +720,18 @@ class OutboundService(PythonAPI, Pausing):
         await self._reschedule(row, time.time() + wait, error, count_attempt=False)
 
     def _throttle(self, key: tuple[str, str], scope: str, recipient: str | None,
-                  backoff: str | None, floor: float) -> float:
+                  backoff: str | None, floor: float, code: int | None = None) -> float:
         factor = 4.0 if backoff == "pair" else 2.0  # Meta: 4^X s for the pair limit
         limiter = self.limiters[key]
+        share = limiter.share
         wait = limiter.throttle(scope, recipient, self._initial_step(backoff), factor,
-                                self.config.throttle_backoff_max, floor)
+                                self.config.throttle_backoff_max, floor, code)
         if scope == "app":  # the app's limit (code 4, X-App-Usage) is every account's of it
             for other, each in self.limiters.items():
                 if other != key and self._same_app(other[0], key[0]):
                     each.park("app", wait)
-        elif scope == limiter.name:
-            log.info("outbound_rate_lowered", channel=key[0], account=key[1],
+        elif limiter.share < share:
+            log.info("outbound_rate_lowered", channel=key[0], account=key[1], code=code,
                      rate=round(limiter.effective_rate, 2), configured=limiter.rate)
         return wait
 

@@ -183,12 +183,17 @@ def _price(c: sqlite3.Connection, event: Event, where: tuple, now: float) -> Non
 
 
 def _migrate(c: sqlite3.Connection) -> None:
-    """``priced`` as the first billing version made it (ids only): counted again from now."""
+    """``priced`` as the first billing version made it (ids only): its ids are kept, counted
+    where they are (a timestamp before any: a later status neither counts nor moves them)."""
     columns = {row[1] for row in c.execute("PRAGMA table_info(priced)")}
     if "day" not in columns:
-        c.execute("DROP TABLE priced")
+        c.execute("ALTER TABLE priced RENAME TO priced_ids")
+        c.execute("DROP INDEX IF EXISTS priced_at")
         for statement in PRICED.split(";")[:-1]:  # not executescript: it would commit
             c.execute(statement)
+        c.execute("INSERT OR IGNORE INTO priced SELECT message_id, at, -1e300, '', '', '', '',"
+                  " 0 FROM priced_ids")
+        c.execute("DROP TABLE priced_ids")
 
 
 def _response(c: sqlite3.Connection, event: Event, where: tuple) -> None:

@@ -124,20 +124,25 @@ async def test_80007_waits_for_estimated_time_to_regain_access(outbound):
 
 
 def test_a_throttle_of_the_accounts_own_scope_lowers_its_rate_and_sends_win_it_back():
-    """AIMD (limits.md §5, rule 6: throttle codes shrink the local bucket): each 130429 spaces
-    the number for 70% of its rate (not below 5% of the configured one); a second of sending
-    that goes through wins back 1% of the configured rate; other scopes leave the rate alone."""
+    """AIMD (limits.md §5, rule 6: throttle codes shrink the local bucket): a 130429 spaces the
+    number for half its rate (not below 5% of the configured one), once per congestion (the
+    throttled answers of the sends already in flight count once); a second of sending that
+    goes through wins back 1% of the configured rate; other codes leave the rate alone."""
     from gateway.outbound.ratelimit import SAFETY, AccountLimiter
 
     limiter = AccountLimiter(80.0)
-    limiter.throttle("number", None, 1.0, 2.0, 60.0)
-    assert limiter.effective_rate == 56.0
-    assert abs(limiter.account.interval - 1 / (56.0 * SAFETY)) < 1e-12
-    limiter.throttle("app", None, 1.0, 2.0, 60.0)
-    limiter.throttle("pair", "15550001234", 1.0, 4.0, 60.0)
-    assert limiter.effective_rate == 56.0
-    for _ in range(100):
-        limiter.throttle("number", None, 1.0, 2.0, 60.0)
+    limiter.throttle("number", None, 1.0, 2.0, 60.0, code=130429)
+    assert limiter.effective_rate == 40.0
+    assert abs(limiter.account.interval - 1 / (40.0 * SAFETY)) < 1e-12
+    for _ in range(63):  # the other sends in flight, answered 130429 in the same instant
+        limiter.throttle("number", None, 1.0, 2.0, 60.0, code=130429)
+    limiter.throttle("number", None, 1.0, 2.0, 60.0, code=131048)  # quality, not throughput
+    limiter.throttle("app", None, 1.0, 2.0, 60.0, code=4)
+    limiter.throttle("pair", "15550001234", 1.0, 4.0, 60.0, code=131056)
+    assert limiter.effective_rate == 40.0
+    for _ in range(100):  # one congestion after another
+        limiter._lowered_at = float("-inf")
+        limiter.throttle("number", None, 1.0, 2.0, 60.0, code=130429)
     assert limiter.effective_rate == 80.0 * 0.05
     start = limiter._recovered_at
     for second in range(1, 11):  # ten seconds of sends that go through

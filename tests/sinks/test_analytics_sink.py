@@ -232,11 +232,14 @@ async def test_a_priced_message_is_counted_on_its_earliest_status_whatever_the_o
 async def test_a_database_of_the_first_billing_version_is_brought_up_to_date(tmp_path):
     db = sqlite3.connect(tmp_path / "analytics.db")
     db.executescript("CREATE TABLE priced (message_id TEXT PRIMARY KEY, at REAL NOT NULL)"
-                     " WITHOUT ROWID; CREATE INDEX priced_at ON priced(at);"
-                     " INSERT INTO priced VALUES ('wamid.out.9', 1.0);")
+                     " WITHOUT ROWID; CREATE INDEX priced_at ON priced(at);")
+    db.execute("INSERT INTO priced VALUES ('wamid.out.9', ?)", (time.time(),))
+    db.commit()
     db.close()
     sink = await started(tmp_path)
-    await sink.write(records(sent(1, "111", T0, pricing=UTILITY)))
-    assert await sink.query("SELECT message_id, day FROM priced") == [("wamid.out.1",
-                                                                      "2026-03-01")]
+    await sink.write(records(sent(1, "111", T0, pricing=UTILITY),
+                             sent(9, "111", T0, "delivered", pricing=UTILITY)))  # counted before
+    assert await sink.query("SELECT message_id, day FROM priced ORDER BY 1") == [
+        ("wamid.out.1", "2026-03-01"), ("wamid.out.9", "")]
+    assert await sink.query("SELECT sum(messages) FROM billing") == [(1,)]  # not out.9 again
     await sink.close()
