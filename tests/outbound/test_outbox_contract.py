@@ -425,6 +425,15 @@ async def test_requeue_sends_a_sent_record_again_then_fails_it_at_max_attempts(o
     assert await outbox.claim_due("whatsapp", WA, 10) == []
 
 
+async def failed_in_flight(outbox, key: str, pmid: str, max_attempts: int):
+    """A record being sent, and a retryable failed status of send ``pmid`` noted on it."""
+    row = await add(outbox, key=key)
+    await outbox.claim_due("whatsapp", WA, 10)
+    await outbox.requeue(record_id=row.id, provider_message_id=pmid, at=time.time() - 1,
+                         error={"code": 131000}, final_error={}, max_attempts=max_attempts)
+    return row
+
+
 async def test_a_failed_status_before_the_sends_answer_is_kept(outbox):
     """Meta's failed status can be processed before its answer to the send (a slow answer,
     another replica): a retryable one is noted on the record in flight, and the answer of that
@@ -445,21 +454,13 @@ async def test_a_failed_status_before_the_sends_answer_is_kept(outbox):
     assert await outbox.sent(row.id, "wamid.resent", 3) == "sent"
     assert (await outbox.get(row.id)).state == "sent"
     # a failed status of an earlier send that timed out, while a later one is in flight
-    later = await add(outbox, key="later")
-    await outbox.claim_due("whatsapp", WA, 10)
-    await outbox.requeue(record_id=later.id, provider_message_id="wamid.timed-out",
-                         at=time.time() - 1, error={"code": 131000}, final_error={},
-                         max_attempts=3)
+    later = await failed_in_flight(outbox, "later", "wamid.timed-out", 3)
     assert await outbox.sent(later.id, "wamid.in-flight", 3) == "sent"
     done = await outbox.get(later.id)
     assert (done.state, done.provider_message_id) == ("sent", "wamid.in-flight")
     assert await outbox.waiting([("whatsapp", WA)]) == 0
     # the sends used up: failed with the status's error
-    last = await add(outbox, key="last")
-    await outbox.claim_due("whatsapp", WA, 10)
-    await outbox.requeue(record_id=last.id, provider_message_id="wamid.last",
-                         at=time.time() - 1, error={"code": 131000}, final_error={},
-                         max_attempts=1)
+    last = await failed_in_flight(outbox, "last", "wamid.last", 1)
     assert await outbox.sent(last.id, "wamid.last", 1) == "failed"
     gone = await outbox.get(last.id)
     assert gone.state == "failed" and gone.public()["error"] == {"code": 131000}
