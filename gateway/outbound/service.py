@@ -294,7 +294,7 @@ class OutboundService(PythonAPI, Pausing):
             if customer.opted_out:
                 _check_consent(req.template)
             held = self.marketing_held.get((req.channel, account, req.to or ""), 0.0)
-            if held > time.time() and (req.template.category or "").lower() in ("", "marketing"):
+            if held > time.time() and _consent_counts(req):
                 raise Refused("marketing_held", "to", (
                     f"Meta withheld a marketing message to this contact (131049, its marketing "
                     f"cap): no marketing template to them for 24 h, until "
@@ -814,7 +814,8 @@ class OutboundService(PythonAPI, Pausing):
 
 
 def _consent_counts(req: rq.OutboundRequest) -> bool:
-    """Whether an opt-out can refuse ``req``: a marketing template, or one of no category."""
+    """Whether an opt-out (or a marketing hold) can refuse ``req``: a marketing template, or one
+    of no category."""
     return (req.type == "template" and req.template is not None
             and (req.template.category or "").lower() in ("", "marketing"))
 
