@@ -19,6 +19,7 @@ INSTAGRAM_TEXT_BYTES = 1000
 # most 13); a title of at most 20 characters on both (meta/outbound.md §2, §3)
 QUICK_REPLIES = {"whatsapp": 3, "instagram": 13}
 QUICK_REPLY_TITLE = 20
+BUTTON_ID = 256  # a WhatsApp reply button's id (the payload): unique, at most this long
 
 
 class InvalidRequest(ValueError):
@@ -109,12 +110,18 @@ class OutboundRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
             raise InvalidRequest("quick_replies", f"{self.channel} takes at most {most}"
                                  + (" (sent as reply buttons)" if self.channel == "whatsapp"
                                     else ""))
+        seen: set[str] = set()
         for i, reply in enumerate(self.quick_replies):
             if not reply.title or len(reply.title) > QUICK_REPLY_TITLE:
                 raise InvalidRequest(f"quick_replies[{i}].title",
                                      f"needs 1 to {QUICK_REPLY_TITLE} characters")
             if not reply.payload:
                 raise InvalidRequest(f"quick_replies[{i}].payload", "required")
+            if self.channel == "whatsapp" and (reply.payload in seen
+                                               or len(reply.payload) > BUTTON_ID):
+                raise InvalidRequest(f"quick_replies[{i}].payload", "a reply button's id: unique "
+                                     f"and at most {BUTTON_ID} characters on WhatsApp")
+            seen.add(reply.payload)
 
     def _validate_instagram(self) -> None:
         """What Instagram cannot send is refused here, before it is accepted, not at send time."""

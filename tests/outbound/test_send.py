@@ -327,7 +327,11 @@ def _replies(n: int, title: str = "Option") -> list[dict[str, str]]:
     ("whatsapp", _replies(1, "x" * 21), "quick_replies[0].title"),
     ("instagram", _replies(2) + _replies(1, ""), "quick_replies[2].title"),
     ("whatsapp", [{"title": "Yes", "payload": ""}], "quick_replies[0].payload"),
-], ids=["whatsapp-4", "instagram-14", "title-21", "empty-title", "empty-payload"])
+    ("whatsapp", [{"title": "Yes", "payload": "Y"}, {"title": "Sure", "payload": "Y"}],
+     "quick_replies[1].payload"),  # reply button ids are unique
+    ("whatsapp", [{"title": "Yes", "payload": "Y" * 257}], "quick_replies[0].payload"),
+], ids=["whatsapp-4", "instagram-14", "title-21", "empty-title", "empty-payload",
+        "duplicate-payload", "payload-257"])
 async def test_quick_replies_meta_would_refuse_are_a_422(outbound, channel, replies, field):
     ob = await outbound()
     to = A if channel == "whatsapp" else U1
