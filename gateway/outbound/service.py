@@ -479,7 +479,7 @@ class OutboundService(PythonAPI, Pausing):
                 log.info("outbound_failed_before_answer", channel=channel_name, account=account,
                          id=row.id, provider_message_id=result.message_id, outcome=outcome)
                 self._woken(channel_name, account)
-            else:
+            elif outcome == "sent" or not await self._failed_already(row.id):
                 self.metrics.outbound_messages.labels(channel_name, row.type, "sent").inc()
                 log.info("outbound_sent", channel=channel_name, account=account, id=row.id,
                          provider_message_id=result.message_id)
@@ -488,6 +488,15 @@ class OutboundService(PythonAPI, Pausing):
             pause = self.paused.get(key)
             if probe and pause is not None:
                 pause.probing = False
+
+    async def _failed_already(self, record_id: str) -> bool:
+        """Whether a failed status settled the record before its send's answer came (counted
+        ``failed`` then: not ``sent`` now as well). Asked only when the answer changed nothing."""
+        try:
+            found = await self.outbox.get(record_id)
+        except Exception:  # noqa: BLE001 - a metric must not fail the send's bookkeeping
+            return False
+        return found is not None and found.state == "failed"
 
     async def _meta_error(self, key: tuple[str, str], row: Row, exc: MetaError) -> None:
         channel, account = key

@@ -210,6 +210,10 @@ async def test_a_failed_status_that_beats_the_sends_answer_is_not_lost(outbound,
         await asyncio.sleep(1.5)  # the answer has come
         record = await ob.status(answer["id"])
         assert record["status"] == "failed" and record["error"]["code"] == code, record
+        counted = {outcome: ob.metric("gateway_outbound_messages_total", channel="whatsapp",
+                                      type="text", outcome=outcome) for outcome in ("sent",
+                                                                                    "failed")}
+        assert counted == {"sent": None, "failed": 1.0}, counted  # the message failed, once
 
 
 MARKETING = {"channel": "whatsapp", "type": "template", "template": {
