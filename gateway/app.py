@@ -54,7 +54,8 @@ def create_app(config: GatewayConfig, pm: pluggy.PluginManager | None = None,
     require_secrets(config, channels)
     require_distinct_files(config, sinks)
     app = web.Application(client_max_size=config.server.max_body_bytes,
-                          middlewares=[json_errors])
+                          middlewares=[in_flight, json_errors])
+    app[keys.IN_FLIGHT] = {"requests": 0}
     app[keys.CONFIG] = config
     app[keys.PLUGINS] = pm
     app[keys.CHANNELS] = channels
@@ -281,6 +282,17 @@ def metrics_app(metrics: Metrics) -> web.Application:
     app[keys.METRICS] = metrics
     app.router.add_get("/metrics", metrics_handler)
     return app
+
+
+@web.middleware
+async def in_flight(request: web.Request, handler) -> web.StreamResponse:
+    """Counts the requests being served (``keys.IN_FLIGHT``), for the drain at SIGTERM."""
+    counter = request.app[keys.IN_FLIGHT]
+    counter["requests"] += 1
+    try:
+        return await handler(request)
+    finally:
+        counter["requests"] -= 1
 
 
 @web.middleware

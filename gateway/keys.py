@@ -35,3 +35,6 @@ BUDGET = web.AppKey("budget", "ByteBudget")
 # The outbound service (issue: outbound messaging): ``await app[OUTBOUND].send(body: dict)`` takes
 # the body of ``POST /v1/messages`` and returns ``{"id": ..., "status": "queued"}``.
 OUTBOUND = web.AppKey("outbound", object)
+# requests aiohttp is serving on the main port (their bodies may still be arriving): at SIGTERM
+# the gateway waits for them before aiohttp's own shutdown, which reads no more bytes
+IN_FLIGHT = web.AppKey("in_flight", "dict[str, int]")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import time
 
 from aiohttp import web
 
@@ -73,8 +74,14 @@ async def serve(config: GatewayConfig, stop: asyncio.Event | None = None,
         await stop.wait()
         log.info("shutting_down", timeout=config.server.shutdown_timeout)
     finally:
+        deadline = time.monotonic() + config.server.shutdown_timeout
         if listener is not None:
             await listener.stop(config.server.shutdown_timeout)
+        # aiohttp's shutdown stops reading at once: a request whose body is still arriving (an
+        # API call, a webhook handed to aiohttp) would never be answered. Let them finish first.
+        serving = app[keys.IN_FLIGHT]
+        while serving["requests"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         for runner in reversed(runners):
             await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -127,3 +127,36 @@ async def test_sigterm_drains_and_exits_cleanly(tmp_path):
         assert db.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_sigterm_answers_a_request_whose_body_is_still_arriving(tmp_path, fast):
+    """A webhook whose body is half sent when SIGTERM comes is still read, journaled and
+    answered 200 within the shutdown timeout, on the lean path and on aiohttp's (whose own
+    shutdown reads no more bytes: it used to leave the client without an answer)."""
+    import signal
+    import socket
+
+    proc = GatewayProcess(tmp_path, CONFIG.replace(
+        "shutdown_timeout = 10", f"shutdown_timeout = 10\nfast_intake = {str(fast).lower()}"))
+    proc.start()
+    try:
+        body = message_body(7)
+        head = (b"POST /webhooks/whatsapp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                + b"".join(f"{k}: {v}\r\n".encode() for k, v in sign_headers(SECRET, body).items())
+                + f"Content-Length: {len(body)}\r\n\r\n".encode())
+        sock = socket.create_connection(("127.0.0.1", proc.port))
+        sock.settimeout(8)
+        sock.sendall(head + body[:20])
+        await asyncio.sleep(0.3)
+        proc.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        sock.sendall(body[20:])
+        answer = await asyncio.to_thread(sock.recv, 4096)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+        assert proc.proc.wait(30) == 0
+        proc.proc = None
+        assert _jsonl_ids(proc) == ["wamid.CRASH.7"]
+    finally:
+        proc.kill()
