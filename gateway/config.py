@@ -41,6 +41,14 @@ def require_positive(struct: Any, prefix: str, *keys: str) -> None:
             raise ConfigError("must be greater than 0", f"{prefix}.{key}")
 
 
+def require_not_negative(struct: Any, prefix: str, *keys: str) -> None:
+    """Raise ConfigError naming the first of ``keys`` that is negative, NaN or infinite."""
+    for key in keys:
+        value = getattr(struct, key)
+        if not (0 <= value < float("inf")):
+            raise ConfigError("must be a finite number, not negative", f"{prefix}.{key}")
+
+
 def require_at_least(struct: Any, prefix: str, key: str, lower: str) -> None:
     """Raise ConfigError naming ``key`` when it is below ``lower`` (an initial <= max pair)."""
     if not getattr(struct, key) >= getattr(struct, lower):
@@ -83,8 +91,7 @@ class ServerConfig(_Section):
             raise ConfigError("must be at least 1024", f"{prefix}.max_body_bytes")
         if self.max_buffered_bytes < self.max_body_bytes:
             raise ConfigError("must be at least max_body_bytes", f"{prefix}.max_buffered_bytes")
-        if self.shutdown_timeout < 0:
-            raise ConfigError("must not be negative", f"{prefix}.shutdown_timeout")
+        require_not_negative(self, prefix, "shutdown_timeout")
         require_not_blank(self, prefix, "api_token")
         if self.erasure_audit_key is not None and len(self.erasure_audit_key.strip()) < 16:
             raise ConfigError("must be at least 16 characters (e.g. openssl rand -hex 32)",
@@ -175,8 +182,7 @@ class OutboundConfig(_Section):
         require_positive(self, prefix, "throttle_backoff_initial", "throttle_backoff_long",
                          "throttle_backoff_max", "throttle_max_seconds", "max_pause_seconds")
         require_at_least(self, prefix, "throttle_backoff_max", "throttle_backoff_initial")
-        if self.pause_probe_seconds < 0:
-            raise ConfigError("must not be negative", f"{prefix}.pause_probe_seconds")
+        require_not_negative(self, prefix, "pause_probe_seconds")
 
 
 class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -237,6 +243,13 @@ class ChannelConfig(PluginSection):
 
     def validate(self, prefix: str) -> None:
         require_not_blank(self, prefix, "app_secret", "verify_token", "access_token")
+        url = urlsplit(self.graph_base_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ConfigError("must be an http(s) URL with a host, e.g. "
+                              "\"https://graph.facebook.com\"", f"{prefix}.graph_base_url")
+        if not self.graph_version.strip() or "/" in self.graph_version:
+            raise ConfigError("must be a Graph API version, e.g. \"v24.0\"",
+                              f"{prefix}.graph_version")
 
 
 EMBEDDED_DEFAULTS: dict[str, Any] = {

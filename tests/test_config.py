@@ -272,6 +272,15 @@ BOUNDS = [  # (table text, key named, part of the message)
     ("[outbound]\nreconcile_seconds = 0", "outbound.reconcile_seconds", "greater than 0"),
     ("[outbound]\nwindow_hours = 0", "outbound.window_hours", "greater than 0"),
     ("[outbound]\nwindow_hours = nan", "outbound.window_hours", "greater than 0"),
+    ("[server]\nshutdown_timeout = nan", "server.shutdown_timeout", "finite"),  # no drain at all
+    ("[server]\nshutdown_timeout = inf", "server.shutdown_timeout", "finite"),  # until SIGKILL
+    ("[outbound]\npause_probe_seconds = nan", "outbound.pause_probe_seconds", "finite"),
+    ('[channels.whatsapp]\ngraph_base_url = "graph.facebook.com"',
+     "channels.whatsapp.graph_base_url", "http(s) URL"),
+    ('[channels.instagram]\ngraph_base_url = "https://"', "channels.instagram.graph_base_url",
+     "http(s) URL"),
+    ('[channels.whatsapp]\ngraph_version = ""', "channels.whatsapp.graph_version",
+     "Graph API version"),
     ("[outbound]\nhuman_agent_days = -1", "outbound.human_agent_days", "greater than 0"),
     ("[sinks.jsonl]\nbackoff_initial = 0", "sinks.jsonl.backoff_initial", "greater than 0"),
     ("[sinks.jsonl]\nbackoff_max = -1", "sinks.jsonl.backoff_max", "greater than 0"),
