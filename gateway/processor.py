@@ -109,6 +109,8 @@ class Processor:
         # outbound service's limiters slow down on a throttling code
         self.notice_observers: list[Callable[[list[Notice]], Awaitable[None]]] = []
         self._notice_series: set[tuple[str, str]] = set()  # (account, code) labels in use
+        for name in channels:  # from 0, so that the first failure is an increase (the alert)
+            metrics.normalise_failures.labels(name)
 
     async def run(self) -> None:
         """Process until :meth:`stop`; then finish what is journaled (bounded by the caller).

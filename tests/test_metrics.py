@@ -306,3 +306,13 @@ async def test_meta_error_series_stay_bounded(gateway):
     series = [s for m in registry.collect() if m.name == "gateway_meta_errors"
               for s in m.samples if s.name.endswith("_total")]
     assert len(series) == NOTICE_SERIES + 1
+
+
+async def test_normalise_failures_are_exported_from_0_for_every_channel(gateway):
+    """Before any failure, so that the alert's increase() sees the first one (a series born
+    at its first failure starts at 1, and increase() finds no change)."""
+    gw = await gateway()
+    registry = gw.app[keys.METRICS].registry
+    for channel in gw.app[keys.CHANNELS]:
+        assert registry.get_sample_value("gateway_normalise_failures_total",
+                                         {"channel": channel}) == 0.0, channel
