@@ -270,6 +270,17 @@ def test_the_replica_backend_guard_fails_clearly(tmp_path, values):
     ({"redis": {"uri": "redis://x"}}, "redis: Additional property uri is not allowed"),
     ({"config": {"channels": {"whatsapp": {"app_secret": "x"}}}},
      "config.channels.whatsapp.app_secret is a secret and would be written in plain text"),
+    # values the gateway refuses at start (check-config exits 2): the pod would crash-loop
+    ({"config": {"queue": {"retry_after_seconds": 0}}},
+     "config.queue.retry_after_seconds: Must be greater than or equal to 1"),
+    ({"config": {"queue": {"dedupe_window_seconds": 0}}},
+     "config.queue.dedupe_window_seconds: Must be greater than or equal to 1"),
+    ({"config": {"channels": {"whatsapp": {"phone_number_id": 106540352242922}}}},
+     "config.channels.whatsapp.phone_number_id: Invalid type. Expected: string"),
+    ({"config": {"channels": {"whatsapp": {"accounts": [{"phone_number_id": 1065403522}]}}}},
+     "phone_number_id: Invalid type. Expected: string"),
+    ({"config": {"channels": {"instagram": {"page_id": 17841400000000000}}}},
+     "config.channels.instagram.page_id: Invalid type. Expected: string"),
 ])
 def test_schema_rejects_wrong_values(tmp_path, values, message):
     path = tmp_path / "v.yaml"
