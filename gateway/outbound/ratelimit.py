@@ -23,8 +23,8 @@ SAFETY = 0.96
 # least 1.0417 - 0.005 s apart, leaving over 35 ms for the requests' arrival jitter at Meta (a
 # process stalled between the limiter and the wire: up to 30 ms seen on a loaded 2-core host).
 CATCH_UP = 0.005
-# A throttling answer on the account's own scope (130429: the number's throughput) lowers its rate
-# to this share of what it was, at least MIN_RATE_SHARE of the configured rate; sends that go
+# A throttling answer saying the account's own throughput is over Meta's (RATE_CODES) lowers its
+# rate to this share of what it was, at least MIN_RATE_SHARE of the configured rate; sends that go
 # through win it back by RECOVER_PER_SECOND of the configured rate per second of sending (AIMD:
 # a number whose real limit is below its configured rate probes it every few seconds, instead of
 # hitting it again at once after each park).
@@ -203,7 +203,7 @@ class AccountLimiter:
         now = time.monotonic()
         if code in RATE_CODES and now - self._lowered_at >= DECREASE_EVERY:
             self._lowered_at = now  # the account's own throughput: Meta's limit is below ours
-            self._set_share(max(MIN_RATE_SHARE, self.share * DECREASE))
+            self._set_share(max(MIN_RATE_SHARE, self.share * DECREASE), now)
         return self.park(scope, self.backoff.next(key, initial, factor, cap, floor), recipient)
 
     def sent_ok(self, recipient: str, now: float | None = None) -> None:
@@ -216,12 +216,11 @@ class AccountLimiter:
         if self.share < 1.0:
             now = time.monotonic() if now is None else now
             gained = RECOVER_PER_SECOND * min(1.0, max(0.0, now - self._recovered_at))
-            self._recovered_at = now
-            self._set_share(min(1.0, self.share + gained))
+            self._set_share(min(1.0, self.share + gained), now)
 
-    def _set_share(self, share: float) -> None:
+    def _set_share(self, share: float, now: float) -> None:
         self.share = share
-        self._recovered_at = time.monotonic()
+        self._recovered_at = now  # recovery counts from the latest change
         self.account.set_rate(self.rate * share * SAFETY)
 
     @property
