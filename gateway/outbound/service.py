@@ -208,9 +208,8 @@ class OutboundService(PythonAPI, Pausing):
                 self._unsettled = 0
         also: list[str] = []  # the person's other ids: looked up after the catch-up, so that
         try:  # a pair in a webhook acknowledged before this send is known
-            if req.to and self.resolve_customer is not None and channel.may_be_alias(req.to):
-                owner = await self.resolve_customer(req.channel, req.to)  # the alias's customer
-                also = [owner] if owner != req.to else []
+            if req.to and channel.may_be_alias(req.to):
+                also = await self._alias_owner(req.channel, req.to)
             elif req.to and self.aliases_of is not None and _consent_counts(req):
                 # a STOP the customer sent by BSUID alone, before it was seen beside this id
                 also = [a for a in await self.aliases_of(req.channel, req.to) if a != req.to]
@@ -316,6 +315,14 @@ class OutboundService(PythonAPI, Pausing):
                              else ""))
         return req
 
+    async def _alias_owner(self, channel: str, alias: str) -> list[str]:
+        """The customer an alias (a BSUID) was last seen beside, as a one-item list; [] when it
+        was seen beside none. Raises JournalUnavailable as :meth:`Identities.resolve` does."""
+        if self.resolve_customer is None:
+            return []
+        owner = await self.resolve_customer(channel, alias)
+        return [owner] if owner != alias else []
+
     def _window_hours(self, req: rq.OutboundRequest) -> float:
         if req.tag == "HUMAN_AGENT" and req.channel == "instagram":
             return self.config.human_agent_days * 24
@@ -331,11 +338,10 @@ class OutboundService(PythonAPI, Pausing):
             return False
         try:
             ids = [row.recipient]
-            if (self.resolve_customer is not None
-                    and self.channels[row.channel].may_be_alias(row.recipient)):
-                ids.append(await self.resolve_customer(row.channel, row.recipient))
+            if self.channels[row.channel].may_be_alias(row.recipient):
+                ids += await self._alias_owner(row.channel, row.recipient)
             times = [(await self._customer(row.channel, row.account_id, cid)).last_inbound_at
-                     for cid in dict.fromkeys(ids)]
+                     for cid in ids]
         except Exception as exc:  # noqa: BLE001 - whatever the backend raises
             log.warning("window_recheck_failed", channel=row.channel, id=row.id, error=repr(exc))
             return False
