@@ -10,8 +10,9 @@ so code can match on the class (``isinstance(ev, Status)``) or on ``ev.kind``.
 
 Fields the contract does not name but Meta's payloads carry (``referral``, ``order``, ``system``,
 ``contacts``, ``handover``, ``story_id``, ``raw_type``, ``standby``, ``callback_data``,
-``pricing``, ``context``, ``participant``, and ``Media.voice``, ``Location.url``) are extra
-fields, omitted when empty.
+``pricing``, ``context``, ``participant``, ``interactive``, ``identity``, and ``Party.username``,
+``Media.voice``, ``Location.url``) are extra fields, omitted when empty. ``STORED_EXTRAS`` are the
+ones the storage sinks keep in a message's ``extra``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ STATUSES = ("sent", "delivered", "read", "played", "failed", "deleted")
 # ``raw_type`` of a message that edits another (``reply_to`` names it): WhatsApp's ``edit``,
 # Instagram's ``message_edit``. Sinks apply it to the original; the AI sink does not answer it.
 EDITS = frozenset({"edit", "message_edit"})
+# Extra fields the storage sinks keep on a message (SQLite: the ``extra`` JSON column; Firestore:
+# fields of the document), each only when set. ``pricing`` and ``participant`` are statuses'.
+STORED_EXTRAS = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
+                 "contacts", "handover", "context", "interactive", "identity")
 
 
 class Party(msgspec.Struct, omit_defaults=True, frozen=True):
@@ -43,11 +48,13 @@ class Party(msgspec.Struct, omit_defaults=True, frozen=True):
 
     ``user_id`` (an extra field) is a WhatsApp customer's business-scoped user id (BSUID,
     ``US.1349...``) when Meta sends one: beside the wa_id, which stays the ``id`` while Meta sends
-    it, so that a later payload naming the BSUID alone can be matched to the same customer."""
+    it, so that a later payload naming the BSUID alone can be matched to the same customer.
+    ``username`` (an extra field) is the WhatsApp username of the customer's profile."""
 
     id: str
     name: str | None = None
     user_id: str | None = None
+    username: str | None = None  # WhatsApp: the customer's username, when Meta sends one (extra)
 
 
 class Media(msgspec.Struct, omit_defaults=True, frozen=True):
@@ -126,6 +133,8 @@ class Event(msgspec.Struct, tag_field="kind", omit_defaults=True, kw_only=True, 
     pricing: dict[str, Any] | None = None
     context: dict[str, Any] | None = None
     participant: str | None = None
+    interactive: dict[str, Any] | None = None
+    identity: dict[str, Any] | None = None
 
     kind: ClassVar[str]
 

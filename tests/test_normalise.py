@@ -186,6 +186,66 @@ def test_unknown_fields_and_types_pass_through():
     assert (event.type, event.raw_type, event.error) == ("unsupported", "poll", None)
 
 
+@pytest.mark.parametrize("normalise", [whatsapp, whatsapp_tolerant], ids=["fast", "tolerant"])
+@pytest.mark.parametrize(("name", "text", "payload", "detail"), [
+    ("interactive_list_reply", "09:00 - 10:00", "slot_0900",
+     {"type": "list_reply", "description": "Morning delivery"}),
+    ("interactive_nfm_reply", "Sent", None, {"type": "nfm_reply", "name": "flow"}),
+    ("interactive_button_reply", "Yes, confirm", "confirm_yes", {"type": "button_reply"}),
+])
+def test_an_interactive_reply_keeps_what_no_canonical_field_holds(name, text, payload, detail,
+                                                                  normalise):
+    """webhooks.md §4.4: ``list_reply{id, title, description?}``, ``nfm_reply{name, body,
+    response_json}``. Title / body and id / response_json are text and payload; the reply's type
+    and the rest (a row's description, a Flow's name) are the extra field ``interactive``."""
+    (event,) = normalise(fixture_bytes(f"whatsapp/{name}.json"))
+    assert event.text == text
+    if payload is not None:
+        assert event.payload == payload
+    else:  # a Flow's answers: the JSON string as Meta sent it
+        assert json.loads(event.payload)["flow_token"] == "FAKE-FLOW-TOKEN-0001"
+    assert event.interactive == detail
+    assert decode(encode(event)).interactive == detail
+
+
+@pytest.mark.parametrize("interactive", [{"type": "list_reply"}, {"type": "list_reply",
+                                          "list_reply": "row"}, {"type": 7}, "x", None])
+def test_an_interactive_reply_of_an_odd_shape_keeps_what_it_can(interactive):
+    envelope = json.loads(fixture_bytes("whatsapp/interactive_list_reply.json"))
+    envelope["entry"][0]["changes"][0]["value"]["messages"][0]["interactive"] = interactive
+    (event,) = whatsapp(json.dumps(envelope).encode())
+    assert (event.type, event.text, event.payload) == ("interactive", None, None)
+    named = isinstance(interactive, dict) and isinstance(interactive.get("type"), str)
+    assert event.interactive == ({"type": "list_reply"} if named else None)
+
+
+@pytest.mark.parametrize("normalise", [whatsapp, whatsapp_tolerant], ids=["fast", "tolerant"])
+def test_an_identity_change_keeps_the_identity_and_the_username(normalise):
+    """webhooks.md §4.4: on ``customer_identity_changed`` the ``identity`` object sits on the
+    message beside ``system``; §4.3: ``contacts[].profile.username``."""
+    (event,) = normalise(fixture_bytes("whatsapp/system_customer_identity_changed.json"))
+    assert event.identity == {"acknowledged": True, "created_timestamp": "1760000155",
+                              "hash": "q1w2e3r4"}
+    assert event.system["type"] == "customer_identity_changed"
+    assert (event.sender.name, event.sender.username) == ("Kerry Fisher", "@kerry.fisher")
+    wire = json.loads(encode(event))
+    assert wire["identity"]["hash"] == "q1w2e3r4"
+    assert wire["sender"]["username"] == "@kerry.fisher"
+
+
+@pytest.mark.parametrize(("username", "kept"), [("", None), (5, None), (None, None),
+                                                ("@ann", "@ann")])
+def test_a_username_is_a_nonempty_string_or_absent(username, kept):
+    envelope = json.loads(fixture_bytes("whatsapp/system_customer_identity_changed.json"))
+    value = envelope["entry"][0]["changes"][0]["value"]
+    value["contacts"][0]["profile"]["username"] = username
+    value["messages"][0]["identity"] = ["not", "an", "object"]
+    (event,) = whatsapp(json.dumps(envelope).encode())
+    assert (event.sender.name, event.sender.username, event.identity) == ("Kerry Fisher", kept,
+                                                                          None)
+    assert "username" not in json.loads(encode(event))["sender"] or kept
+
+
 def _warnings(event_name: str, body: bytes, normalise=whatsapp) -> tuple[list, list[dict]]:
     with capture_logs() as logs:
         events = normalise(body)

@@ -405,3 +405,35 @@ async def test_a_messages_pricing_is_the_same_whichever_status_comes_first(view_
     assert view.pricing["wamid.O1"] == {"billable": True, "category": "utility",
                                         "conversation_id": "CONV1",
                                         "expires_at": "2026-01-02T00:00:10Z"}
+
+
+# --- extra fields: Meta's detail rides on the message in both sinks --------------------------
+
+@pytest.mark.parametrize("fixture,extra", [
+    ("interactive_list_reply", {"interactive": {"type": "list_reply",
+                                                "description": "Morning delivery"}}),
+    ("system_customer_identity_changed", {
+        "system": {"body": "User identity changed", "type": "customer_identity_changed"},
+        "identity": {"acknowledged": True, "created_timestamp": "1760000155",
+                     "hash": "q1w2e3r4"}}),
+])
+async def test_a_messages_extra_fields_are_stored_by_both_sinks(fixture, extra, tmp_path):
+    """The storage sink keeps the extras in the row's ``extra`` JSON, the Firestore model as
+    fields of the document (``gateway.events.STORED_EXTRAS``)."""
+    from channels.whatsapp.normalise import normalise as whatsapp
+
+    (event,) = whatsapp(fixture_bytes(f"whatsapp/{fixture}.json"))
+    sink = StorageSink(StorageConfig(path=str(tmp_path / "storage.db")), CONSENT)
+    await sink.start()
+    try:
+        await sink.write([Record(1, event, encode(event), 1.0)])
+        ((stored,),) = await sink.query("SELECT extra FROM messages")
+    finally:
+        await sink.close()
+    assert json.loads(stored) == extra
+    plan = Plan({k: None for k in keys_of(event)}, CONSENT)
+    plan.apply(event)
+    store: dict[Key, dict] = {}
+    apply_changes(store, plan)
+    (doc,) = [d for k, d in store.items() if k.collection == "messages"]
+    assert {name: doc[name] for name in extra} == extra

@@ -81,17 +81,26 @@ def _location(m: Content) -> dict[str, Any]:
         url=_str(loc.get("url")))}
 
 
+# The reply's keys that become canonical fields (text, payload); the others stay in ``interactive``.
+_MAPPED = {"nfm_reply": ("body", "response_json")}
+
+
 def _interactive(m: Content) -> dict[str, Any]:
+    """A reply to an interactive message: ``text`` the title (a Flow's ``body``), ``payload`` the
+    id (a Flow's ``response_json``), and ``interactive`` = the reply's ``type`` with whatever else
+    it says (a list row's ``description``, a Flow's ``name``)."""
     inter = _obj(m.interactive)
     kind = inter.get("type")
     reply = inter.get(kind) if isinstance(kind, str) else None
     if not isinstance(reply, dict):
-        return {"type": "interactive"}
-    if kind == "nfm_reply":
-        return {"type": "interactive", "text": _str(reply.get("body")),
-                "payload": _str(reply.get("response_json"))}
-    return {"type": "interactive", "text": _str(reply.get("title")),
-            "payload": as_str(reply.get("id"))}
+        return {"type": "interactive", "interactive": {"type": kind} if _str(kind) else None}
+    text_key, payload_key = _MAPPED.get(kind, ("title", "id"))
+    detail = {"type": kind, **{k: v for k, v in reply.items()
+                               if k not in (text_key, payload_key) and k != "type"}}
+    payload = reply.get(payload_key)
+    return {"type": "interactive", "text": _str(reply.get(text_key)),
+            "payload": _str(payload) if kind == "nfm_reply" else as_str(payload),
+            "interactive": detail}
 
 
 def _button(m: Content) -> dict[str, Any]:

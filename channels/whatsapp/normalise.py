@@ -192,29 +192,31 @@ def _value(metadata: schemas.Metadata | None, errors: Any, contacts, messages, s
             events.append(event)
 
 
-def _people(contacts) -> dict[str, tuple[str | None, str | None]]:
-    """(name, BSUID) of each contact, by wa_id and by BSUID; a name or BSUID that is no string
-    is none."""
+def _people(contacts) -> dict[str, tuple[str | None, str | None, str | None]]:
+    """(name, BSUID, username) of each contact, by wa_id and by BSUID; a name, BSUID or username
+    that is no string (or an empty username) is none."""
     people = {}
     for c in contacts:
-        name = None if c.profile is None else c.profile.name
-        name = name if isinstance(name, str) else None
+        name = username = None
+        if c.profile is not None:
+            name = c.profile.name if isinstance(c.profile.name, str) else None
+            username = c.profile.username if isinstance(c.profile.username, str) else None
         user_id = as_str(c.user_id)
-        if name is None and user_id is None:
+        if name is None and user_id is None and not username:
             continue
         for key in (as_str(c.wa_id), user_id):
             if key is not None:
-                people[key] = (name, user_id)
+                people[key] = (name, user_id, username or None)
     return people
 
 
 def _party(customer: str, user_id: str | None, people: dict) -> Party:
-    """The customer as a party: their contact's name, and their BSUID (``user_id``: the item's
-    own, else the contact's)."""
+    """The customer as a party: their contact's name and username, and their BSUID
+    (``user_id``: the item's own, else the contact's)."""
     known = people.get(customer)
     if known is None:
         return Party(id=customer, user_id=user_id)
-    return Party(id=customer, name=known[0], user_id=user_id or known[1])
+    return Party(id=customer, name=known[0], user_id=user_id or known[1], username=known[2])
 
 
 def _value_error(errors: Any, account: str | None,
@@ -281,7 +283,8 @@ def _message(m: schemas.Message, account: str, people: dict,
     return Message(id=event_id(CHANNEL, "message", m.id), schema=SCHEMA_VERSION, channel=CHANNEL,
                    direction="inbound", account_id=account, conversation_id=conversation,
                    sender=sender, recipient=recipient, timestamp=when, message_id=m.id,
-                   referral=m.referral if isinstance(m.referral, dict) else None, **fields)
+                   referral=m.referral if isinstance(m.referral, dict) else None,
+                   identity=m.identity if isinstance(m.identity, dict) else None, **fields)
 
 
 PRODUCT = ("catalog_id", "product_retailer_id")

@@ -60,6 +60,7 @@ class Value(msgspec.Struct):
 
 class Profile(msgspec.Struct):
     name: Any = None  # a str, else absent
+    username: Any = None  # the customer's WhatsApp username (webhooks.md §4.3), a str, else absent
 
 
 class Contact(msgspec.Struct):
@@ -103,6 +104,7 @@ class Message(Content, rename={"from_": "from"}):
     from_user_id: Any = None  # BSUID: the sender when ``from`` is absent
     context: Any = None
     referral: Any = None
+    identity: Any = None  # customer_identity_changed: {acknowledged, created_timestamp, hash}
 
 
 class Status(msgspec.Struct):

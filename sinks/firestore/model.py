@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from gateway.consent import Consent
-from gateway.events import Event
+from gateway.events import STORED_EXTRAS, Event
 from sinks.storage.schema import STATUS_RANK, doc_id, edit_target
 
 MESSAGES, CONVERSATIONS, CONTACTS = "messages", "conversations", "contacts"
@@ -32,8 +32,7 @@ CANONICAL = ("schema", "kind", "channel", "direction", "account_id", "conversati
              "recipient", "timestamp", "message_id", "type", "text", "payload", "reply_to", "media",
              "location", "error", "emoji")
 # Meta's detail the contract has no field for: written only when present.
-EXTRA = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
-         "contacts", "handover", "context")
+EXTRA = STORED_EXTRAS
 BLANKED = ("text", "payload", "media", "location")  # an unsent message loses these and EXTRA
 DELETE = object()  # marks a field to remove (the sink maps it to firestore.DELETE_FIELD)
 

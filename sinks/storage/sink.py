@@ -17,7 +17,7 @@ import msgspec
 
 from gateway.config import SinkConfig
 from gateway.consent import Consent
-from gateway.events import Event
+from gateway.events import STORED_EXTRAS, Event
 from gateway.journal.writer import rows_in
 from gateway.sink import Record, SqliteSink
 from sinks.storage.schema import (
@@ -29,8 +29,7 @@ from sinks.storage.schema import (
     migrate,
 )
 
-_EXTRA = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",
-          "contacts", "handover", "context")
+_EXTRA = STORED_EXTRAS
 _extra_values = operator.attrgetter(*_EXTRA)
 _NO_EXTRA = tuple(False if name == "standby" else None for name in _EXTRA)  # the defaults
 _RANK_SQL = " ".join(f"WHEN '{s}' THEN {r}" for s, r in STATUS_RANK.items())
