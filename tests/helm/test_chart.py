@@ -341,6 +341,19 @@ def test_notes_say_where_the_audit_log_lives_with_redis(tmp_path):
     assert "erasures.jsonl" not in notes(tmp_path, {"secrets": {"META_APP_SECRET": "x"}})
 
 
+@pytest.mark.parametrize("storage", [None, {"enabled": False}], ids=["default", "off"])
+def test_notes_warn_that_a_redis_pods_storage_database_is_on_its_emptydir(tmp_path, storage):
+    """One Redis-backed replica may keep the SQLite storage sink (the guard allows it), but its
+    file lives on the pod's emptyDir and is lost at each rollout: say so when installing."""
+    values = {**REDIS, "secrets": {"META_APP_SECRET": "x"}}
+    if storage is not None:
+        values["config"] = {**values.get("config", {}), "sinks": {"storage": storage}}
+    text = notes(tmp_path, values)
+    assert ("WARNING: the SQLite storage sink is enabled with the redis backend" in text) == (
+        storage is None)
+    assert "storage sink is enabled" not in notes(tmp_path, {"secrets": {"META_APP_SECRET": "x"}})
+
+
 @pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda v: v.name if v else "defaults")
 def test_the_pod_config_is_what_check_config_accepts(tmp_path, values):
     docs = render(*([values] if values else []))
