@@ -37,6 +37,20 @@ STATUSES = ("sent", "delivered", "read", "played", "failed", "deleted")
 # ``raw_type`` of a message that edits another (``reply_to`` names it): WhatsApp's ``edit``,
 # Instagram's ``message_edit``. Sinks apply it to the original; the AI sink does not answer it.
 EDITS = frozenset({"edit", "message_edit"})
+
+
+def edit_target(ev: Event) -> str | None:
+    """The id of the message ``ev`` edits (its ``reply_to``), or None when ``ev`` is no edit.
+
+    An edit replaces the original's content in the original's row: it is never a message of its
+    own and never counted again. An edit has a ``message_id`` (WhatsApp: its own wamid;
+    Instagram: the edited mid); Instagram's ``message_edit`` items normalised before they were
+    edits (``unsupported``, no ``message_id``), replayed from a journal, stay rows of their own."""
+    if ev.kind == "message" and ev.raw_type in EDITS and ev.message_id:
+        return ev.reply_to
+    return None
+
+
 # Extra fields the storage sinks keep on a message (SQLite: the ``extra`` JSON column; Firestore:
 # fields of the document), each only when set. ``pricing`` and ``participant`` are statuses'.
 STORED_EXTRAS = ("raw_type", "standby", "story_id", "callback_data", "referral", "order", "system",

@@ -505,9 +505,9 @@ def test_unknown_instagram_ids_differ_by_key_sender_time_and_mid():
 def test_an_instagram_message_edit_is_an_edit_of_its_mid():
     """Shaped as WhatsApp's ``edit``: text, ``reply_to`` the edited mid, and ``message_id`` that
     mid too (an edit has no id of its own), so the storage sinks rewrite that message in place
-    (``sinks.storage.schema.edit_target``). The id is Meta's (mid, num_edit): a redelivery keeps
+    (``gateway.events.edit_target``). The id is Meta's (mid, num_edit): a redelivery keeps
     it, the next edit of the same message differs."""
-    from sinks.storage.schema import edit_target
+    from gateway.events import edit_target
 
     item = {"mid": "aWdfTEST_IN_0001", "text": "edited", "num_edit": 2}
     (event,) = instagram(_instagram_item(message_edit=item))

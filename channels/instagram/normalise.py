@@ -37,7 +37,7 @@ skipped on its own; every valid item beside it still counts. Mapping choices
   ``message`` of type ``text`` (``unsupported`` without a text), ``text`` = the edited text,
   ``raw_type`` ``message_edit``, ``reply_to`` = the edited ``mid``, and ``message_id`` = that
   ``mid`` too (an edit has no id of its own; the storage sinks rewrite that message's content in
-  place, ``sinks.storage.schema.edit_target``, and never count it again). One without a ``mid``
+  place, ``gateway.events.edit_target``, and never count it again). One without a ``mid``
   edits nothing known: ``unsupported`` with ``raw_type`` ``message_edit``;
 - an item whose event key is none of those (``optin``, a key Meta adds later) is a ``message``
   of type ``unsupported`` with ``raw_type`` = that key, never dropped; when its object names a

@@ -13,7 +13,10 @@ It speaks ``POST /v1/chat/completions`` (non-streaming) with OpenAI's response s
 ``object``, ``created``, ``model``, ``choices[0].message``, ``finish_reason``, ``usage``) and its
 error shape (``{"error": {"message", "type", "param", "code"}}``): 401 for a wrong or missing key,
 400 for a body without ``model`` or ``messages``, and 429 / 500 / 503 on demand
-(:meth:`OpenAIServer.fail_next`). ``GET /v1/models`` lists the configured model.
+(:meth:`OpenAIServer.fail_next`). ``GET /v1/models`` lists the configured model. An answer may
+end otherwise than whole (``finish_reason`` ``length`` or ``content_filter``, a ``refusal``: the
+attributes of the same names), and the next answer may be a body that is no JSON at all
+(:meth:`OpenAIServer.answer_next_raw`, as a proxy's error page).
 
 Replies: a fixed string (``reply="..."``), a callable receiving the request body and returning the
 text, or, by default, an echo of the last user message (``"echo: <text>"``).
@@ -77,6 +80,9 @@ class OpenAIServer:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self._faults: deque[int] = deque()
+        self._raw: deque[tuple[int, bytes, str]] = deque()
+        self.finish_reason = "stop"  # of every answer: "length", "content_filter", ...
+        self.refusal: str | None = None  # the model's refusal (content then null)
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
 
@@ -95,6 +101,11 @@ class OpenAIServer:
         if status not in _ERRORS:
             raise ValueError(f"unsupported fault status {status}; choose from {sorted(_ERRORS)}")
         self._faults.extend([status] * times)
+
+    def answer_next_raw(self, body: bytes, content_type: str = "text/html",
+                        status: int = 200) -> None:
+        """Answer the next request with these bytes as they are (a proxy's page, cut JSON)."""
+        self._raw.append((status, body, content_type))
 
     async def start(self) -> OpenAIServer:
         """Listen on ``host:port`` (a free port when 0)."""
@@ -139,6 +150,9 @@ class OpenAIServer:
         model = body.get("model")
         if self._faults:
             return self._error(self._faults.popleft(), model=model or self.model)
+        if self._raw:
+            status, raw, content_type = self._raw.popleft()
+            return web.Response(status=status, body=raw, content_type=content_type)
         problem = _invalid(body)
         if problem:
             return self._error(400, message=problem[0], param=problem[1])
@@ -172,10 +186,10 @@ class OpenAIServer:
             "model": body["model"],
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None,
-                            "annotations": []},
+                "message": {"role": "assistant", "content": None if self.refusal else text,
+                            "refusal": self.refusal, "annotations": []},
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": self.finish_reason,
             }],
             "usage": {
                 "prompt_tokens": prompt,

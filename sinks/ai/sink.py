@@ -33,15 +33,16 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
 from gateway import keys
 from gateway import logging as gwlog
 from gateway.aio import wait_event
-from gateway.config import SinkConfig
+from gateway.config import SinkConfig, require_not_blank
 from gateway.errors import ConfigError, PermanentError, RateLimited, RetryableError
-from gateway.events import EDITS, MESSAGE_TYPES
+from gateway.events import EDITS, MESSAGE_TYPES, edit_target
 from gateway.sink import Record, Sink
 from sinks.ai.rules import DEFAULT_FALLBACK, DEFAULT_GREETING, DEFAULT_RULES, Rule, RulesEngine
 
@@ -104,9 +105,24 @@ class AIConfig(SinkConfig):
         for key in ("timeout", "max_age_seconds"):
             if getattr(self, key) <= 0:
                 raise ConfigError("must be positive", f"{prefix}.{key}")
+        require_not_blank(self, prefix, "api_key")
         if self.provider == "openai" and not self.api_key:
             raise ConfigError("required for provider 'openai' (or set OPENAI_API_KEY)",
                               f"{prefix}.api_key")
+        if not self.model.strip():
+            raise ConfigError("must name a model, e.g. \"gpt-4o-mini\"", f"{prefix}.model")
+        if self.base_url is not None:
+            url = urlsplit(self.base_url)
+            if url.scheme not in ("http", "https") or not url.netloc:
+                raise ConfigError("must be an http(s) URL with a host, e.g. "
+                                  "\"http://127.0.0.1:11434/v1\"", f"{prefix}.base_url")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise ConfigError("must be between 0 and 2 (OpenAI's range)", f"{prefix}.temperature")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError("must be at least 1", f"{prefix}.max_tokens")
+        if len(set(self.channels)) != len(self.channels) or not all(
+                isinstance(c, str) and c.strip() for c in self.channels):
+            raise ConfigError("must be distinct channel names", f"{prefix}.channels")
         for index, rule in enumerate(self.rules):
             try:
                 RulesEngine([rule], defaults=())
@@ -119,45 +135,82 @@ MAX_DRAFTS = 1000  # replies kept for the retry of a send that failed
 TURN_CHARS = 4096  # of a remembered text (a reply is at most this already: WhatsApp's limit)
 
 
+REVOKED = 10_000  # unsent message ids remembered, so that one unsent first is never answered
+
+
 class Memory:
     """Bounded per-conversation history (LRU over conversations) and answered event ids, each
-    entry tagged with its customer so that :meth:`erase` can forget one contact (GDPR)."""
+    entry tagged with its customer so that :meth:`erase` can forget one contact (GDPR).
+
+    A turn keeps the id of the customer's message it answers: an unsend removes that exchange
+    (:meth:`revoke`), an edit replaces the customer's text (:meth:`edit`), so what they took
+    back never reaches the provider again."""
 
     def __init__(self, history: int, conversations: int, events: int,
                  chars: int = 5_000_000) -> None:
         self._history = history
-        self._conversations: OrderedDict[str, tuple[Owner, deque[dict[str, str]]]] = OrderedDict()
+        # conversation -> (owner, turns): each turn (message id or None, {"role", "content"})
+        self._conversations: OrderedDict[
+            str, tuple[Owner, deque[tuple[str | None, dict[str, str]]]]] = OrderedDict()
         self._max_conversations = conversations
         self._answered: OrderedDict[str, Owner] = OrderedDict()
         self._max_events = events
         self._max_chars = chars  # all the texts together: long messages must not add up
         self._chars = 0
+        self._revoked: OrderedDict[str, None] = OrderedDict()
 
     def history(self, conversation_id: str) -> list[dict[str, str]]:
         entry = self._conversations.get(conversation_id)
-        return list(entry[1]) if entry else []
+        return [turn for _, turn in entry[1]] if entry else []
 
     def known(self, conversation_id: str) -> bool:
         return conversation_id in self._conversations
 
     def add_turn(self, conversation_id: str, user: str, assistant: str,
-                 owner: Owner = ("", "")) -> None:
+                 owner: Owner = ("", ""), message_id: str | None = None) -> None:
         entry = self._conversations.pop(conversation_id, None)
         turns = entry[1] if entry is not None else deque(maxlen=self._history)
         for role, content in (("user", user[:TURN_CHARS]), ("assistant", assistant[:TURN_CHARS])):
             if self._history and len(turns) == self._history:
-                self._chars -= len(turns[0]["content"])
+                self._chars -= len(turns[0][1]["content"])
             if self._history:
                 self._chars += len(content)
-            turns.append({"role": role, "content": content})
+            turns.append((message_id, {"role": role, "content": content}))
         self._conversations[conversation_id] = (owner, turns)
         while len(self._conversations) > self._max_conversations or (
                 self._chars > self._max_chars and len(self._conversations) > 1):
             self._drop_oldest()
 
+    def revoke(self, conversation_id: str, message_id: str) -> None:
+        """The customer unsent ``message_id``: drop it and our answer to it from the history;
+        remember the id, so that the message is not answered if it comes (or is retried) later."""
+        self._revoked[message_id] = None
+        while len(self._revoked) > REVOKED:
+            self._revoked.popitem(last=False)
+        entry = self._conversations.get(conversation_id)
+        if entry is None:
+            return
+        turns = entry[1]
+        kept = [t for t in turns if t[0] != message_id]
+        if len(kept) != len(turns):
+            self._chars -= sum(len(t[1]["content"]) for t in turns if t[0] == message_id)
+            turns.clear()
+            turns.extend(kept)
+
+    def revoked(self, message_id: str | None) -> bool:
+        return message_id is not None and message_id in self._revoked
+
+    def edit(self, conversation_id: str, message_id: str, text: str) -> None:
+        """The customer edited ``message_id``: the history holds the new text instead."""
+        entry = self._conversations.get(conversation_id)
+        for index, (mid, turn) in enumerate(entry[1] if entry else ()):
+            if mid == message_id and turn["role"] == "user":
+                self._chars += len(text) - len(turn["content"])
+                entry[1][index] = (mid, {"role": "user", "content": text})
+
     def _drop_oldest(self) -> None:
         _, (_, turns) = self._conversations.popitem(last=False)
-        self._chars -= sum(len(t["content"]) for t in turns)
+        self._chars -= sum(len(t[1]["content"]) for t in turns)
 
     def answered(self, event_id: str) -> bool:
         return event_id in self._answered
@@ -178,7 +231,7 @@ class Memory:
         for conversation in conversations:
             turns = self._conversations.pop(conversation)[1]
             messages += len(turns)
-            self._chars -= sum(len(t["content"]) for t in turns)
+            self._chars -= sum(len(t[1]["content"]) for t in turns)
         events = [e for e, who in self._answered.items() if who == owner]
         for event_id in events:
             self._answered[event_id] = ("", "")
@@ -232,11 +285,38 @@ class OpenAIProvider:
                                  "(sinks.ai.timeout)") from exc
         except Exception as exc:  # noqa: BLE001 - classified for the dispatcher
             raise classify_openai_error(exc) from exc
-        choice = completion.choices[0] if completion.choices else None
-        return ((choice.message.content if choice else None) or "").strip()
+        return answer_text(completion, event)
 
     async def close(self) -> None:
         await self.client.close()
+
+
+SENDABLE = frozenset({"stop"})  # finish_reason of a whole answer
+
+
+def answer_text(completion: Any, event: Event) -> str:
+    """The reply in a Chat Completions answer; "" (nothing is sent) when the answer is not a
+    whole reply: cut off (``finish_reason`` ``length``), filtered (``content_filter``), a
+    refusal, or a tool call. A body that is no completion at all (a proxy's HTML page, which the
+    SDK hands back as a str) is a RetryableError."""
+    choices = getattr(completion, "choices", None)
+    if not isinstance(choices, list):
+        raise RetryableError(f"malformed provider answer: no choices in a "
+                             f"{type(completion).__name__} (is sinks.ai.base_url an OpenAI-"
+                             "compatible API?)")
+    if not choices:
+        return ""
+    choice = choices[0]
+    message = getattr(choice, "message", None)
+    reason = getattr(choice, "finish_reason", None)
+    refusal = getattr(message, "refusal", None)
+    if reason not in SENDABLE or refusal:
+        log.warning("ai_answer_not_sent", event_id=event.id,
+                    conversation_id=event.conversation_id, finish_reason=reason,
+                    refusal=bool(refusal))
+        return ""
+    content = getattr(message, "content", None)
+    return content.strip() if isinstance(content, str) else ""
 
 
 def classify_openai_error(exc: Exception) -> Exception:
@@ -247,6 +327,8 @@ def classify_openai_error(exc: Exception) -> Exception:
         return RateLimited(f"OpenAI rate limit (429): {exc.message}", _retry_after(exc.response))
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
         return RetryableError(f"OpenAI unreachable: {type(exc).__name__}: {exc}")
+    if isinstance(exc, ValueError):  # a body that is not JSON (json.JSONDecodeError)
+        return RetryableError(f"malformed provider answer: {type(exc).__name__}: {exc}")
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         if status >= 500 or status in (408, 409):
@@ -305,6 +387,11 @@ class AISink(Sink):
         """Remember the running app; replies go out through ``app[keys.OUTBOUND]``."""
         self.app = app
         self._attached.set()
+        channels = app.get(keys.CHANNELS)
+        unknown = sorted(set(self.config.channels) - set(channels or ())) if channels else []
+        if unknown:  # a typo would answer nobody, silently
+            log.error("ai_unknown_channels", channels=unknown, enabled=sorted(channels),
+                      key="sinks.ai.channels")
 
     async def start(self) -> None:
         self.provider = (OpenAIProvider(self.config) if self.config.provider == "openai"
@@ -323,7 +410,15 @@ class AISink(Sink):
                 and not self.memory.answered(event.id))
 
     async def write(self, records: list[Record]) -> None:
-        events = [r.event for r in records if self.wants(r.event)]
+        events, revisions = [], []
+        for record in records:
+            event = record.event
+            if self.wants(event):
+                events.append(event)
+            elif event.kind == "message" and event.direction == "inbound":
+                revisions.append(event)
+        for event in revisions:  # before the answers: an unsent message is not answered
+            self._revise(event)
         if not events:
             return
         outbound = await self._outbound()
@@ -332,6 +427,8 @@ class AISink(Sink):
             lanes.setdefault(event.conversation_id, []).append(event)
         results = await asyncio.gather(*(self._lane(lane, outbound) for lane in lanes.values()),
                                        return_exceptions=True)
+        for event in revisions:  # and after: an edit of a message this batch answered
+            self._revise(event)
         errors = [r for r in results if isinstance(r, BaseException)]
         if not errors:
             return
@@ -365,6 +462,15 @@ class AISink(Sink):
                      conversation_id=event.conversation_id)
             self.memory.mark_answered(event.id, owner)
             return
+        if self._not_ours(event):
+            log.warning("ai_not_our_account", event_id=event.id, channel=event.channel,
+                        account_id=event.account_id,
+                        sending_accounts=sorted(self._sending_accounts(event.channel) or ()))
+            self.memory.mark_answered(event.id, owner)
+            return
+        if self.memory.revoked(event.message_id):  # unsent before we got to it
+            self.memory.mark_answered(event.id, owner)
+            return
         self._inflight[event.id] = owner
         try:
             draft = self._drafts.get(event.id)
@@ -378,9 +484,10 @@ class AISink(Sink):
                 log.warning("ai_empty_reply", event_id=event.id,
                             conversation_id=event.conversation_id)
             else:
-                self._drafts[event.id] = (reply, owner)
-                while len(self._drafts) > MAX_DRAFTS:
-                    self._drafts.popitem(last=False)
+                if event.id not in self._forget:  # never a draft of an erased contact
+                    self._drafts[event.id] = (reply, owner)
+                    while len(self._drafts) > MAX_DRAFTS:
+                        self._drafts.popitem(last=False)
                 await self._send(outbound, self.body(event, reply))
                 self._drafts.pop(event.id, None)
             if event.id in self._forget:  # the contact was erased while we were answering
@@ -389,12 +496,24 @@ class AISink(Sink):
                 return
             self.memory.mark_answered(event.id, owner)
             if reply:
-                self.memory.add_turn(event.conversation_id, event.text or "", reply, owner)
+                self.memory.add_turn(event.conversation_id, event.text or "", reply, owner,
+                                     event.message_id)
                 log.info("ai_replied", event_id=event.id, channel=event.channel,
                          conversation_id=event.conversation_id, provider=self.config.provider)
         finally:
             self._inflight.pop(event.id, None)
             self._forget.discard(event.id)
+
+    def _revise(self, event: Event) -> None:
+        """The customer unsent (``deleted``) or edited a message: its text leaves the history
+        that goes to the provider (an edit's new text replaces it). Unsent before it was
+        answered: it is not answered (:meth:`Memory.revoked`)."""
+        if event.type == "deleted" and event.message_id:
+            self.memory.revoke(event.conversation_id, event.message_id)
+        else:
+            target = edit_target(event)
+            if target is not None:
+                self.memory.edit(event.conversation_id, target, (event.text or "")[:TURN_CHARS])
 
     @staticmethod
     def _silenced(event: Event, outbound: Any) -> bool:
@@ -418,15 +537,17 @@ class AISink(Sink):
         return self.memory.erase(channel, contact_id)
 
     def body(self, event: Event, reply: str) -> dict[str, Any]:
-        """The ``POST /v1/messages`` body that answers ``event`` with ``reply``."""
-        body = {"channel": event.channel, "account_id": event.account_id, "to": event.sender.id,
+        """The ``POST /v1/messages`` body that answers ``event`` with ``reply``: from the account
+        the customer wrote to, never another one."""
+        return {"channel": event.channel, "account_id": event.account_id, "to": event.sender.id,
                 "type": "text", "text": reply, "idempotency_key": f"ai:{event.id}"}
+
+    def _not_ours(self, event: Event) -> bool:
+        """The customer wrote to an account this gateway does not send as (another number of
+        the app; an Instagram account whose ``account_id`` is not configured): no reply, from
+        no other account either (a customer answered by another number would not know it)."""
         accounts = self._sending_accounts(event.channel)
-        if accounts is not None and event.account_id not in accounts and len(accounts) == 1:
-            # Instagram webhooks name the IG account; the channel may send as its Page: when
-            # there is only one sending account, let the outbound service pick it.
-            del body["account_id"]
-        return body
+        return accounts is not None and event.account_id not in accounts
 
     def _sending_accounts(self, channel: str) -> set[str] | None:
         channels = self.app.get(keys.CHANNELS) if self.app is not None else None

@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 import msgspec
 
 from gateway.consent import Consent
-from gateway.events import STORED_EXTRAS, Event
-from sinks.storage.schema import STATUS_RANK, doc_id, edit_target
+from gateway.events import STORED_EXTRAS, Event, edit_target
+from sinks.storage.schema import STATUS_RANK, doc_id
 
 MESSAGES, CONVERSATIONS, CONTACTS = "messages", "conversations", "contacts"
 # Canonical fields of CONTRACT §5 written on every message document (null when absent).

@@ -7,17 +7,11 @@ message, inserts and commit). Databases made with the earlier WITHOUT ROWID layo
 every statement addresses rows by ``id``.
 
 The rules shared with the Firestore sink's model (``sinks/firestore/model.py``) live here too:
-``STATUS_RANK`` and what an edit is (``edit_target``).
+``STATUS_RANK`` and ``doc_id``; what an edit is, ``gateway.events.edit_target``, the AI sink reads
+as well.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from gateway.events import EDITS
-
-if TYPE_CHECKING:
-    from gateway.events import Event
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS contacts (
@@ -106,15 +100,3 @@ STATUS_RANK = {"sent": 1, "delivered": 2, "read": 3, "played": 4, "failed": 5, "
 def doc_id(value: str) -> str:
     """Document ids never contain ``/`` (CONTRACT §8): the storage and Firestore sinks' keys."""
     return value.replace("/", "_")
-
-
-def edit_target(ev: Event) -> str | None:
-    """The id of the message ``ev`` edits (its ``reply_to``), or None when ``ev`` is no edit.
-
-    An edit replaces the original's content in the original's row: it is never a message of its
-    own and never counted again. An edit has a ``message_id`` (WhatsApp: its own wamid;
-    Instagram: the edited mid); Instagram's ``message_edit`` items normalised before they were
-    edits (``unsupported``, no ``message_id``), replayed from a journal, stay rows of their own."""
-    if ev.kind == "message" and ev.raw_type in EDITS and ev.message_id:
-        return ev.reply_to
-    return None

@@ -17,7 +17,7 @@ import msgspec
 
 from gateway.config import SinkConfig
 from gateway.consent import Consent
-from gateway.events import STORED_EXTRAS, Event
+from gateway.events import STORED_EXTRAS, Event, edit_target
 from gateway.journal.writer import rows_in
 from gateway.sink import Record, SqliteSink
 from sinks.storage.schema import (
@@ -25,7 +25,6 @@ from sinks.storage.schema import (
     SCHEMA,
     STATUS_RANK,
     doc_id,
-    edit_target,
     migrate,
 )
 

@@ -203,15 +203,117 @@ async def test_messages_older_than_max_age_get_no_answer():
     await sink.close()
 
 
-async def test_instagram_account_falls_back_to_the_only_sending_account():
+@pytest.mark.parametrize("channel", ["whatsapp", "instagram"])
+async def test_a_message_to_an_account_we_do_not_send_as_gets_no_reply(channel):
+    """The customer wrote to another number of the app (or an Instagram account whose id is not
+    configured): no reply, and none from the one account we do send as. It used to be sent from
+    that account: a reply from a number the customer never wrote to."""
     class Channel:
         def accounts(self):
             return {"page-1": {}}
 
     sink, out = await started_sink()
-    sink.attach({keys.OUTBOUND: out, keys.CHANNELS: {"instagram": Channel()}})
-    await sink.write(records(message("hi", channel="instagram", customer="9000000000000001")))
-    assert "account_id" not in out.sent[0] and out.sent[0]["channel"] == "instagram"
+    sink.attach({keys.OUTBOUND: out, keys.CHANNELS: {channel: Channel()}})
+    event = message("hi", channel=channel, customer="9000000000000001")
+    await sink.write(records(event))
+    assert out.sent == [] and sink.memory.answered(event.id)
+    sink.attach({keys.OUTBOUND: out, keys.CHANNELS: {channel: type("Ours", (), {
+        "accounts": lambda self: {event.account_id: {}}})()}})
+    await sink.write(records(message("hi again", channel=channel, customer="9000000000000001")))
+    assert [b["account_id"] for b in out.sent] == [event.account_id]
+    await sink.close()
+
+
+async def test_an_unsent_message_leaves_the_history_and_is_never_answered(openai_server):
+    """webhooks.md: a customer may unsend (WhatsApp ``revoke``, Instagram ``is_deleted``). What
+    they took back must not go to the provider with every later message."""
+    sink, out = await started_sink(provider="openai", api_key="sk-test",
+                                   base_url=openai_server.base_url)
+    card = message("my card is 4111 1111 1111 1111")
+    await sink.write(records(card))
+    unsend = msgspec.structs.replace(message(None, type="deleted"), message_id=card.message_id)
+    await sink.write(records(unsend))
+    await sink.write(records(message("what are your opening hours?")))
+    contents = [m["content"] for m in openai_server.requests[-1]["messages"]]
+    assert not any("4111" in c for c in contents)
+    assert contents[-1] == "what are your opening hours?" and len(contents) == 2  # system + it
+    # unsent before it was answered: in the same batch, or a retry after the unsend
+    late = message("my pin is 1234")
+    gone = msgspec.structs.replace(message(None, type="deleted"), message_id=late.message_id)
+    before = len(openai_server.requests)
+    await sink.write(records(late, gone))
+    await sink.write(records(late))
+    assert len(openai_server.requests) == before and sink.memory.answered(late.id)
+    await sink.close()
+
+
+async def test_an_edit_replaces_the_customers_text_in_the_history(openai_server):
+    sink, out = await started_sink(provider="openai", api_key="sk-test",
+                                   base_url=openai_server.base_url)
+    first = message("my adress is 5 Mian St")
+    await sink.write(records(first))
+    fixed = msgspec.structs.replace(message("my address is 5 Main St"), raw_type="edit",
+                                    reply_to=first.message_id)
+    await sink.write(records(fixed))
+    assert len(out.sent) == 1  # an edit is not answered
+    await sink.write(records(message("when will it ship?")))
+    contents = [m["content"] for m in openai_server.requests[-1]["messages"]]
+    assert "my address is 5 Main St" in contents and "my adress is 5 Mian St" not in contents
+    await sink.close()
+
+
+@pytest.mark.parametrize("finish_reason, refusal", [("length", None), ("content_filter", None),
+                                                    ("stop", "I can't help with that.")])
+async def test_an_answer_that_is_not_whole_is_not_sent(openai_server, finish_reason, refusal):
+    """A completion cut off at ``max_tokens``, filtered, or refused is not a reply to send."""
+    openai_server.finish_reason, openai_server.refusal = finish_reason, refusal
+    sink, out = await started_sink(provider="openai", api_key="sk-test",
+                                   base_url=openai_server.base_url, max_tokens=5)
+    event = message("Where is my refund?")
+    await sink.write(records(event))
+    assert out.sent == [] and sink.memory.answered(event.id)
+    await sink.close()
+
+
+@pytest.mark.parametrize("raw, content_type", [
+    (b"<html><body>502 Bad Gateway</body></html>", "text/html"),
+    (b'{"id": "chatcmpl-1", "choices": [', "application/json"),
+], ids=["html", "cut-json"])
+async def test_an_answer_that_is_no_completion_is_retryable(openai_server, raw, content_type):
+    openai_server.answer_next_raw(raw, content_type)
+    sink, out = await started_sink(provider="openai", api_key="sk-test",
+                                   base_url=openai_server.base_url)
+    with pytest.raises(RetryableError, match="malformed provider answer"):
+        await sink.write(records(message("hello?")))
+    await sink.close()
+
+
+async def test_a_draft_for_a_contact_erased_meanwhile_is_not_kept(openai_server):
+    """The erasure lands while the provider answers and the send then fails: the draft (the
+    reply's text, about the erased contact) must not stay in memory."""
+    openai_server.delay = 0.3
+    outbound = RecordingOutbound(fail=RetryableError("Meta is down"))
+    sink, _ = await started_sink(outbound, provider="openai", api_key="sk-test",
+                                 base_url=openai_server.base_url)
+    event = message("ship to 5 Main St")
+    task = asyncio.ensure_future(sink.write(records(event)))
+    await asyncio.sleep(0.1)
+    await sink.erase_contact("whatsapp", event.customer_id)
+    with pytest.raises(RetryableError):
+        await task
+    assert sink._drafts == {}
+    await sink.close()
+
+
+async def test_a_channel_name_no_channel_has_is_logged_at_start():
+    from structlog.testing import capture_logs
+
+    sink = AISink(ai_config(channels=["whatsap"]))
+    await sink.start()
+    with capture_logs() as logs:
+        sink.attach({keys.OUTBOUND: RecordingOutbound(), keys.CHANNELS: {"whatsapp": object()}})
+    (entry,) = [e for e in logs if e["event"] == "ai_unknown_channels"]
+    assert entry["channels"] == ["whatsap"] and entry["log_level"] == "error"
     await sink.close()
 
 
@@ -228,6 +330,15 @@ def test_instagram_replies_fit_in_1000_bytes():
     ({"rules": [{"match": "x", "reply": "y", "typo": 1}]}, "sinks.ai.rules"),
     ({"modle": "gpt"}, "sinks.ai.modle"),
     ({"history": -1}, "sinks.ai.history"),
+    ({"model": "  "}, "sinks.ai.model"),
+    ({"provider": "openai", "api_key": "   "}, "sinks.ai.api_key"),
+    ({"temperature": 7.5}, "sinks.ai.temperature"),
+    ({"temperature": float("nan")}, "sinks.ai.temperature"),
+    ({"max_tokens": 0}, "sinks.ai.max_tokens"),
+    ({"base_url": "localhost:11434/v1"}, "sinks.ai.base_url"),
+    ({"base_url": "ftp://models.example/v1"}, "sinks.ai.base_url"),
+    ({"channels": ["whatsapp", "whatsapp"]}, "sinks.ai.channels"),
+    ({"channels": [""]}, "sinks.ai.channels"),
 ])
 def test_bad_config_names_the_key(table, key, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
