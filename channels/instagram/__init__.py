@@ -6,11 +6,14 @@ from typing import Any, ClassVar
 
 from channels.instagram import normalise, send
 from gateway import Channel, hookimpl
+from gateway import logging as gwlog
 from gateway.config import ChannelConfig, GatewayConfig, require_positive, section
 from gateway.errors import ConfigError
 from gateway.events import Event
 from gateway.outbound.http import GraphClient, SendResult
 from gateway.outbound.request import OutboundRequest
+
+log = gwlog.get("channels.instagram")
 
 
 class InstagramConfig(ChannelConfig):
@@ -52,6 +55,10 @@ class InstagramChannel(Channel):
         super().__init__(app_secret=config.app_secret, verify_token=config.verify_token)
         self.config = config
         self.client: GraphClient | None = None
+        # Sending as a Page whose IG account id is not configured: the ids webhooks name instead
+        # (warned about once each; replies are keyed by the account the customer wrote to).
+        self._unmapped: set[str] | None = (
+            set() if config.page_id and not config.account_id and config.access_token else None)
 
     def check_envelope(self, body: bytes) -> None:
         normalise.parse_envelope(body)
@@ -61,7 +68,26 @@ class InstagramChannel(Channel):
         return False
 
     def normalise(self, body: bytes) -> list[Event]:
-        return normalise.normalise(body)
+        events = normalise.normalise(body)
+        if self._unmapped is not None:
+            for event in events:
+                if event.account_id != self.config.page_id:
+                    self._warn_unmapped(event.account_id)
+        return events
+
+    def _warn_unmapped(self, account_id: str) -> None:
+        """webhooks.md §5: ``entry[].id`` is the IG professional account id, not the Facebook
+        Page id of ``/{page_id}/messages``. Without ``account_id``, the channel's sending account
+        is ``page_id``, so a customer who wrote to the IG account seems never to have written
+        (422 outside_window) and the AI sink does not answer: say what to set, once per id."""
+        if account_id in self._unmapped or len(self._unmapped) >= 100:
+            return
+        self._unmapped.add(account_id)
+        log.warning("instagram_account_id_not_configured", account_id=account_id,
+                    page_id=self.config.page_id,
+                    hint=f"set channels.instagram.account_id = \"{account_id}\" if this is the "
+                         "IG account of the Page: replies are checked against the window of "
+                         "the account the customer wrote to")
 
     @property
     def account(self) -> str | None:

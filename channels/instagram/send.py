@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from channels.instagram.normalise import LABELS
 from gateway.outbound.request import InvalidRequest, OutboundRequest
 
 ATTACHMENT = {"image": "image", "audio": "audio", "video": "video", "document": "file"}
+# emoji -> Instagram's label; the emoji without its variation selector too ("\u2764" for love)
+LABEL_OF = {**{emoji.rstrip("\ufe0f"): label for label, emoji in LABELS.items()},
+            **{emoji: label for label, emoji in LABELS.items()}}
 
 
 def build(req: OutboundRequest, callback_data: str | None) -> dict[str, Any] | None:
@@ -19,9 +23,13 @@ def build(req: OutboundRequest, callback_data: str | None) -> dict[str, Any] | N
         return {"recipient": recipient, "sender_action": "typing_on" if req.on else "typing_off"}
     if req.type == "mark_read":
         return {"recipient": recipient, "sender_action": "mark_seen"}
-    if req.type == "reaction":
-        return {"recipient": recipient, "sender_action": "react" if req.emoji else "unreact",
-                "payload": {"message_id": req.message_id, "reaction": req.emoji or None}}
+    if req.type == "reaction":  # outbound.md §3: the reaction by its label ("love")
+        if not req.emoji:
+            return {"recipient": recipient, "sender_action": "unreact",
+                    "payload": {"message_id": req.message_id}}
+        return {"recipient": recipient, "sender_action": "react",
+                "payload": {"message_id": req.message_id,
+                            "reaction": LABEL_OF.get(req.emoji, req.emoji)}}
     body: dict[str, Any] = {"recipient": recipient, "message": _message(req)}
     if req.tag:
         body["messaging_type"], body["tag"] = "MESSAGE_TAG", req.tag

@@ -10,6 +10,9 @@ TYPES = ("text", "template", "image", "audio", "video", "document", "sticker", "
          "reaction", "quick_replies", "mark_read", "typing", "location", "contacts")
 MEDIA = ("image", "audio", "video", "document", "sticker")
 NO_WINDOW = ("template", "mark_read", "typing")  # allowed whatever the service window says
+# Instagram types that go as a message, which a tag (HUMAN_AGENT) rides on; the others are
+# sender actions (react, mark_seen, typing), which carry none: a reaction keeps the 24 h window.
+INSTAGRAM_TAGGED = ("text", "quick_replies", "image", "audio", "video", "document")
 # What Instagram's Send API takes (meta/outbound.md §3): no templates, stickers, interactive,
 # location or contacts; attachments by URL only; text at most 1000 bytes of UTF-8.
 INSTAGRAM_TYPES = ("text", "quick_replies", "image", "audio", "video", "document", "reaction",
@@ -136,6 +139,10 @@ class OutboundRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
         if self.type in MEDIA and not self.media.link:
             raise InvalidRequest("media.link", "Instagram attachments are sent by URL: give "
                                  "media.link (an uploaded media id cannot be sent)")
+        if self.tag is not None and self.type not in INSTAGRAM_TAGGED:
+            raise InvalidRequest("tag", f"a {self.type!r} is a sender action, which carries no "
+                                 "tag: HUMAN_AGENT (7 days) is for messages ("
+                                 f"{', '.join(INSTAGRAM_TAGGED)})")
 
 
 _decoder = msgspec.json.Decoder(OutboundRequest)

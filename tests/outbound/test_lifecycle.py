@@ -45,6 +45,23 @@ async def test_instagram_human_agent_tag_extends_the_window_to_seven_days(outbou
     assert ob.sim.requests[0]["body"]["messaging_type"] == "MESSAGE_TAG"
 
 
+@pytest.mark.parametrize("extra", [
+    {"type": "reaction", "message_id": "aWdf.IN.1", "emoji": "\u2764\ufe0f"},
+    {"type": "typing", "on": True},
+    {"type": "mark_read", "message_id": "aWdf.IN.1"},
+], ids=["reaction", "typing", "mark_read"])
+async def test_an_instagram_sender_action_takes_no_tag(outbound, extra):
+    """A sender action carries no tag (the body has no place for one): a reaction tagged
+    HUMAN_AGENT passed the 7-day check and went out untagged, for Meta to refuse."""
+    ob = await outbound()
+    await ob.inbound("instagram", U1, at=time.time() - 2 * 24 * 3600)
+    status, answer = await ob.send({"channel": "instagram", "to": U1, "tag": "HUMAN_AGENT",
+                                    **extra})
+    assert status == 422 and answer["error"]["field"] == "tag", answer
+    assert "sender action" in answer["error"]["message"]
+    assert ob.sim.requests == []
+
+
 async def test_opt_out_keyword_blocks_marketing_templates_only(outbound):
     ob = await outbound()
     await ob.inbound("whatsapp", A, text=" stop ")

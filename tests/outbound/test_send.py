@@ -284,6 +284,16 @@ IG_CASES = [
     ({"type": "typing", "on": False}, {"recipient": {"id": U1}, "sender_action": "typing_off"}),
     ({"type": "mark_read", "message_id": "aWdf.IN.1"},
      {"recipient": {"id": U1}, "sender_action": "mark_seen"}),
+    # outbound.md §3: a reaction by its label; an unreact names the message alone
+    ({"type": "reaction", "message_id": "aWdf.IN.1", "emoji": "\u2764\ufe0f"},
+     {"recipient": {"id": U1}, "sender_action": "react",
+      "payload": {"message_id": "aWdf.IN.1", "reaction": "love"}}),
+    ({"type": "reaction", "message_id": "aWdf.IN.1", "emoji": "\u2764"},
+     {"recipient": {"id": U1}, "sender_action": "react",
+      "payload": {"message_id": "aWdf.IN.1", "reaction": "love"}}),
+    ({"type": "reaction", "message_id": "aWdf.IN.1", "emoji": ""},
+     {"recipient": {"id": U1}, "sender_action": "unreact",
+      "payload": {"message_id": "aWdf.IN.1"}}),
 ]
 
 
@@ -400,3 +410,27 @@ def test_whatsapp_recipients_are_the_wa_id_inbound_events_carry(written, canonic
     from channels.whatsapp import WhatsAppChannel, WhatsAppConfig
 
     assert WhatsAppChannel(WhatsAppConfig(app_secret="s")).recipient(written) == canonical
+
+
+@pytest.mark.parametrize("account_id, warned", [(None, True), ("17840000000000001", False)])
+def test_instagram_warns_once_when_webhooks_name_an_account_it_does_not_send_as(account_id,
+                                                                                 warned):
+    """webhooks.md §5: ``entry[].id`` is the IG account id, not the Page id of
+    ``/{page_id}/messages``. With only ``page_id`` set, replies would find no window: the
+    channel says which ``account_id`` to set, once."""
+    from structlog.testing import capture_logs
+
+    from channels.instagram import InstagramChannel, InstagramConfig
+
+    channel = InstagramChannel(InstagramConfig(app_secret="s", verify_token="v",
+                                               access_token="t", page_id="104000000000009",
+                                               account_id=account_id))
+    body = fixture_bytes("instagram/text.json")
+    with capture_logs() as logs:
+        (event,) = channel.normalise(body)
+        channel.normalise(body)
+    found = [e for e in logs if e["event"] == "instagram_account_id_not_configured"]
+    assert len(found) == (1 if warned else 0)
+    if warned:
+        assert found[0]["account_id"] == event.account_id
+        assert f'account_id = "{event.account_id}"' in found[0]["hint"]
