@@ -10,9 +10,10 @@ so code can match on the class (``isinstance(ev, Status)``) or on ``ev.kind``.
 
 Fields the contract does not name but Meta's payloads carry (``referral``, ``order``, ``system``,
 ``contacts``, ``handover``, ``story_id``, ``raw_type``, ``standby``, ``callback_data``,
-``pricing``, ``context``, ``participant``, ``interactive``, ``identity``, and ``Party.username``,
-``Media.voice``, ``Location.url``) are extra fields, omitted when empty. ``STORED_EXTRAS`` are the
-ones the storage sinks keep in a message's ``extra``.
+``pricing``, ``context``, ``participant``, ``interactive``, ``identity``, and
+``Party.username``, ``Party.parent_user_id``, ``Media.voice``, ``Media.animated``,
+``Location.url``) are extra fields, omitted when empty. ``STORED_EXTRAS`` are the ones the
+storage sinks keep in a message's ``extra``.
 """
 
 from __future__ import annotations
@@ -63,12 +64,14 @@ class Party(msgspec.Struct, omit_defaults=True, frozen=True):
     ``user_id`` (an extra field) is a WhatsApp customer's business-scoped user id (BSUID,
     ``US.1349...``) when Meta sends one: beside the wa_id, which stays the ``id`` while Meta sends
     it, so that a later payload naming the BSUID alone can be matched to the same customer.
-    ``username`` (an extra field) is the WhatsApp username of the customer's profile."""
+    ``username`` (an extra field) is the WhatsApp username of the customer's profile, and
+    ``parent_user_id`` (an extra field) the parent BSUID Meta names beside the BSUID."""
 
     id: str
     name: str | None = None
     user_id: str | None = None
     username: str | None = None  # WhatsApp: the customer's username, when Meta sends one (extra)
+    parent_user_id: str | None = None  # WhatsApp: the parent BSUID (US.ENT...), when sent (extra)
 
 
 class Media(msgspec.Struct, omit_defaults=True, frozen=True):
@@ -81,6 +84,7 @@ class Media(msgspec.Struct, omit_defaults=True, frozen=True):
     caption: str | None = None
     filename: str | None = None
     voice: bool = False  # WhatsApp: a push-to-talk voice note (an extra field)
+    animated: bool = False  # WhatsApp: an animated sticker (an extra field)
 
 
 class Location(msgspec.Struct, omit_defaults=True, frozen=True):

@@ -63,7 +63,8 @@ async def test_a_customer_named_by_bsuid_alone_stays_the_contact_it_was_seen_as(
     assert status["recipient"] == {"id": WA_ID, "user_id": BSUID}
     assert status["conversation_id"] == CONVERSATION
     (event,) = [e for e in gw.jsonl() if e.get("message_id") == "wamid.TEST.IN.BSUID.AFTER"]
-    assert event["sender"] == {"id": WA_ID, "name": "Kerry Fisher", "user_id": BSUID}
+    assert event["sender"] == {"id": WA_ID, "name": "Kerry Fisher", "user_id": BSUID,
+                               "username": "kerry"}  # the profile's, carried as it came
     assert event["conversation_id"] == CONVERSATION
     assert await gw.sql("SELECT message_count FROM conversations WHERE id = ?",
                         (CONVERSATION,)) == [(3,)]  # the two beside, the one after

@@ -246,6 +246,77 @@ def test_a_username_is_a_nonempty_string_or_absent(username, kept):
     assert "username" not in json.loads(encode(event))["sender"] or kept
 
 
+@pytest.mark.parametrize("normalise", [whatsapp, whatsapp_tolerant], ids=["fast", "tolerant"])
+def test_a_bsuid_only_sender_whose_contact_has_a_wa_id_is_that_wa_id(normalise):
+    """webhooks.md §4.3: "Keep wa_id as the contact key while it is present". A message without
+    ``from`` whose ``contacts`` item names the wa_id beside the BSUID is the wa_id's."""
+    envelope = json.loads(fixture_bytes("whatsapp/bsuid_only.json"))
+    value = envelope["entry"][0]["changes"][0]["value"]
+    value["contacts"][0].update(wa_id="16315551234", parent_user_id="US.ENT.1181")
+    (event,) = normalise(json.dumps(envelope).encode())
+    assert (event.sender.id, event.sender.user_id) == ("16315551234", "US.13491208655302741918")
+    assert event.sender.parent_user_id == "US.ENT.1181"
+    assert event.conversation_id == conversation_id("whatsapp", "100000000000001", "16315551234")
+    del value["contacts"][0]["wa_id"]  # without it, the BSUID stays the customer
+    (event,) = normalise(json.dumps(envelope).encode())
+    assert event.sender.id == event.sender.user_id == "US.13491208655302741918"
+
+
+@pytest.mark.parametrize("normalise", [whatsapp, whatsapp_tolerant], ids=["fast", "tolerant"])
+@pytest.mark.parametrize("profile", ["K", 5, ["Kerry"], None])
+def test_a_contact_whose_profile_is_no_object_keeps_its_bsuid(normalise, profile):
+    """An odd ``profile`` loses only itself: the contact's BSUID still rides on the sender."""
+    envelope = json.loads(fixture_bytes("whatsapp/bsuid_beside_wa_id.json"))
+    value = envelope["entry"][0]["changes"][0]["value"]
+    value["contacts"][0]["profile"] = profile
+    event = next(e for e in normalise(json.dumps(envelope).encode()) if e.kind == "message")
+    assert (event.sender.name, event.sender.user_id) == (None, "US.13491208655302741918")
+
+
+def test_an_animated_sticker_says_so():
+    (event,) = whatsapp(fixture_bytes("whatsapp/sticker.json"))
+    assert event.media.animated is False and "animated" not in json.loads(encode(event))["media"]
+    envelope = json.loads(fixture_bytes("whatsapp/sticker.json"))
+    envelope["entry"][0]["changes"][0]["value"]["messages"][0]["sticker"]["animated"] = True
+    (event,) = whatsapp(json.dumps(envelope).encode())
+    assert event.media.animated is True and decode(encode(event)) == event
+
+
+@pytest.mark.parametrize("normalise", [whatsapp, whatsapp_tolerant], ids=["fast", "tolerant"])
+@pytest.mark.parametrize("where", ["errors", "referral", "location"])
+def test_a_number_no_float_holds_loses_only_itself(normalise, where):
+    """``1e400`` in a field read as any JSON (a value's errors, a referral, a coordinate) is
+    read as infinity: it used to fail the decode of its message, or of the whole change."""
+    envelope = json.loads(fixture_bytes("whatsapp/three_messages.json"))
+    value = envelope["entry"][0]["changes"][0]["value"]
+    first = value["messages"][0]
+    body = json.dumps(envelope)
+    want = len(normalise(body.encode()))
+    marker = "__HUGE__"
+    if where == "errors":
+        value["errors"] = [{"code": marker, "title": "x"}]
+    elif where == "referral":
+        first["referral"] = {"source_id": "1", "score": marker}
+    else:
+        first.update(type="location", location={"latitude": marker, "longitude": 1.0})
+    body = json.dumps(envelope).replace(f'"{marker}"', "1e400")
+    assert "1e400" in body
+    events = normalise(body.encode())
+    assert len(events) == want
+    if where == "location":
+        assert events[0].type == "location" and events[0].location is None
+
+
+def test_a_preference_id_does_not_depend_on_how_its_time_is_written():
+    envelope = json.loads(fixture_bytes("whatsapp/user_preferences_stop.json"))
+    item = envelope["entry"][0]["changes"][0]["value"]["user_preferences"][0]
+    ids = set()
+    for stamp in (1760000300, "1760000300", 1760000300.0):
+        item["timestamp"] = stamp
+        ids.update(e.id for e in whatsapp(json.dumps(envelope).encode()))
+    assert len(ids) == 1
+
+
 def _warnings(event_name: str, body: bytes, normalise=whatsapp) -> tuple[list, list[dict]]:
     with capture_logs() as logs:
         events = normalise(body)

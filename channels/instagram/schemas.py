@@ -48,7 +48,7 @@ class Item(msgspec.Struct):
     message_edit: Obj | None = None
 
 
-entry_decoder = msgspec.json.Decoder(Entry)
-item_decoder = msgspec.json.Decoder(Item)
+entry_decoder = msgspec.json.Decoder(Entry, float_hook=float)
+item_decoder = msgspec.json.Decoder(Item, float_hook=float)
 # An item's top-level keys, values undecoded: finds the event key of a kind Item does not know.
 fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])

@@ -48,7 +48,7 @@ def _media(obj: Any) -> Media | None:
     return Media(id=as_str(obj.get("id")), url=_str(obj.get("url")),
                  mime_type=_str(obj.get("mime_type")), sha256=_str(obj.get("sha256")),
                  caption=_str(obj.get("caption")), filename=_str(obj.get("filename")),
-                 voice=obj.get("voice") is True)
+                 voice=obj.get("voice") is True, animated=obj.get("animated") is True)
 
 
 def _text(m: Content) -> dict[str, Any]:

@@ -54,7 +54,7 @@ counts as empty) while every valid part beside it still counts. Mapping choices
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -165,7 +165,8 @@ def _preferences(metadata: schemas.Metadata | None, contacts, preferences,
                 or not isinstance(p.value, str)):
             continue
         events.append(Preference(
-            id=event_id(CHANNEL, "preference", customer, p.category, p.value, str(p.timestamp)),
+            id=event_id(CHANNEL, "preference", customer, p.category, p.value,
+                        str(int(when.timestamp()))),  # one instant, one id (1760000300(.0))
             schema=SCHEMA_VERSION, channel=CHANNEL, direction="inbound", account_id=account,
             conversation_id=conversation_id(CHANNEL, account, customer),
             sender=_party(customer, as_str(p.user_id), people), recipient=Party(id=account),
@@ -192,31 +193,45 @@ def _value(metadata: schemas.Metadata | None, errors: Any, contacts, messages, s
             events.append(event)
 
 
-def _people(contacts) -> dict[str, tuple[str | None, str | None, str | None]]:
-    """(name, BSUID, username) of each contact, by wa_id and by BSUID; a name, BSUID or username
-    that is no string (or an empty username) is none."""
+class Person(NamedTuple):
+    """What a ``value.contacts[]`` item says of a customer (each field a str, else None)."""
+
+    name: str | None
+    user_id: str | None  # BSUID
+    username: str | None
+    wa_id: str | None
+    parent_user_id: str | None
+
+
+def _people(contacts) -> dict[str, Person]:
+    """Each contact, by wa_id and by BSUID; a field that is no string (or an empty username) is
+    none, and a ``profile`` that is no object names no one while the ids beside it count."""
     people = {}
     for c in contacts:
         name = username = None
-        if c.profile is not None:
-            name = c.profile.name if isinstance(c.profile.name, str) else None
-            username = c.profile.username if isinstance(c.profile.username, str) else None
-        user_id = as_str(c.user_id)
-        if name is None and user_id is None and not username:
+        if isinstance(c.profile, dict):
+            name = c.profile.get("name") if isinstance(c.profile.get("name"), str) else None
+            username = c.profile.get("username")
+            username = username if isinstance(username, str) and username else None
+        user_id, wa_id = as_str(c.user_id), as_str(c.wa_id)
+        parent = as_str(c.parent_user_id)
+        if name is None and user_id is None and username is None and parent is None:
             continue
-        for key in (as_str(c.wa_id), user_id):
+        person = Person(name, user_id, username, wa_id, parent)
+        for key in (wa_id, user_id):
             if key is not None:
-                people[key] = (name, user_id, username or None)
+                people[key] = person
     return people
 
 
-def _party(customer: str, user_id: str | None, people: dict) -> Party:
-    """The customer as a party: their contact's name and username, and their BSUID
-    (``user_id``: the item's own, else the contact's)."""
+def _party(customer: str, user_id: str | None, people: dict[str, Person]) -> Party:
+    """The customer as a party: their contact's name, username and parent BSUID, and their
+    BSUID (``user_id``: the item's own, else the contact's)."""
     known = people.get(customer)
     if known is None:
         return Party(id=customer, user_id=user_id)
-    return Party(id=customer, name=known[0], user_id=user_id or known[1], username=known[2])
+    return Party(id=customer, name=known.name, user_id=user_id or known.user_id,
+                 username=known.username, parent_user_id=known.parent_user_id)
 
 
 def _value_error(errors: Any, account: str | None,
@@ -247,16 +262,25 @@ def _timestamp(value: Any):
         return None
 
 
-def _customer(m: schemas.Message) -> str | None:
-    customer = as_str(m.from_) or as_str(m.from_user_id)  # wa_id while present, else the BSUID
-    if customer is None and isinstance(m.system, dict):  # user_changed_user_id has no "from"
+def _customer(m: schemas.Message, people: dict[str, Person]) -> str | None:
+    """The wa_id while present (``from``, else the wa_id of the contact the BSUID
+    ``from_user_id`` names: webhooks.md §4.3 "keep wa_id as the contact key while it is
+    present"), else the BSUID."""
+    customer = as_str(m.from_)
+    if customer is not None:
+        return customer
+    customer = as_str(m.from_user_id)
+    if customer is not None:
+        known = people.get(customer)
+        return known.wa_id if known is not None and known.wa_id else customer
+    if isinstance(m.system, dict):  # user_changed_user_id has no "from"
         customer = as_str(m.system.get("user_id")) or as_str(m.system.get("previous_user_id"))
     return customer
 
 
 def _message(m: schemas.Message, account: str, people: dict,
              value_error: ErrorInfo | None) -> Event | None:
-    customer = _customer(m)
+    customer = _customer(m, people)
     when = _timestamp(m.timestamp)
     if not m.id or customer is None or when is None:
         return None

@@ -58,17 +58,13 @@ class Value(msgspec.Struct):
     user_preferences: msgspec.Raw = msgspec.Raw()  # of the ``user_preferences`` field (§4.8)
 
 
-class Profile(msgspec.Struct):
-    name: Any = None  # a str, else absent
-    username: Any = None  # the customer's WhatsApp username (webhooks.md §4.3), a str, else absent
-
-
 class Contact(msgspec.Struct):
     """``value.contacts[]``: the profile of a sender of ``messages[]`` (keys read via as_str)."""
 
     wa_id: Any = None
     user_id: Any = None  # BSUID (webhooks.md §4.3): newer payloads, maybe without wa_id
-    profile: Profile | None = None  # not an object: the contact names no one, as without one
+    parent_user_id: Any = None  # the parent BSUID (US.ENT...) of a business portfolio
+    profile: Any = None  # {name, username}: an object, else it names no one (the rest counts)
 
 
 class Content(msgspec.Struct):
@@ -164,12 +160,12 @@ class FastEnvelope(msgspec.Struct):
     entry: list[FastEntry]
 
 
-entry_decoder = msgspec.json.Decoder(Entry)
-change_decoder = msgspec.json.Decoder(Change)
-value_decoder = msgspec.json.Decoder(Value)
-metadata_decoder = msgspec.json.Decoder(Metadata)
-contact_decoder = msgspec.json.Decoder(Contact)
-message_decoder = msgspec.json.Decoder(Message)
-status_decoder = msgspec.json.Decoder(Status)
-preference_decoder = msgspec.json.Decoder(Preference)
-fast_decoder = msgspec.json.Decoder(FastEnvelope)
+entry_decoder = msgspec.json.Decoder(Entry, float_hook=float)
+change_decoder = msgspec.json.Decoder(Change, float_hook=float)
+value_decoder = msgspec.json.Decoder(Value, float_hook=float)
+metadata_decoder = msgspec.json.Decoder(Metadata, float_hook=float)
+contact_decoder = msgspec.json.Decoder(Contact, float_hook=float)
+message_decoder = msgspec.json.Decoder(Message, float_hook=float)
+status_decoder = msgspec.json.Decoder(Status, float_hook=float)
+preference_decoder = msgspec.json.Decoder(Preference, float_hook=float)
+fast_decoder = msgspec.json.Decoder(FastEnvelope, float_hook=float)
