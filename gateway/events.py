@@ -40,6 +40,15 @@ STATUSES = ("sent", "delivered", "read", "played", "failed", "deleted")
 EDITS = frozenset({"edit", "message_edit"})
 
 
+def customer_wrote(ev: Event) -> bool:
+    """Whether ``ev`` is the customer writing: an inbound message or postback, but not an unsend
+    (``deleted``: no content). What opens the service window (limits.md §8: "after the user's
+    last message") and moves ``last_inbound_at``; a read, reaction, referral or handover is the
+    customer (or another app) active, not writing."""
+    return (ev.direction == "inbound" and ev.kind in ("message", "postback")
+            and ev.type != "deleted")
+
+
 def edit_target(ev: Event) -> str | None:
     """The id of the message ``ev`` edits (its ``reply_to``), or None when ``ev`` is no edit.
 

@@ -93,12 +93,14 @@ class View:
     def __init__(self, messages: dict, conversations: dict, contacts: dict,
                  message_conversations: set[str], reactions: dict[str, dict],
                  times: dict[str, str | None], last_at: dict[str, str | None],
-                 last_seen: dict[str, str | None], pricing: dict[str, dict | None]) -> None:
+                 last_seen: dict[str, str | None], pricing: dict[str, dict | None],
+                 last_inbound: dict[str, str | None] | None = None) -> None:
         self.messages, self.conversations, self.contacts = messages, conversations, contacts
         self.message_conversations = message_conversations  # messages' conversation_id values
         self.reactions = reactions  # per message: {sender id: emoji}
         self.times, self.last_at = times, last_at  # messages' timestamp, last_message_at
         self.last_seen, self.pricing = last_seen, pricing  # contacts' last_seen, messages' pricing
+        self.last_inbound = last_inbound or {}  # contacts' last_inbound_at
 
 
 async def storage_view(batches: list[list[Event]], tmp_path) -> View:
@@ -124,8 +126,9 @@ async def storage_view(batches: list[list[Event]], tmp_path) -> View:
         last_seen = dict(await sink.query("SELECT id, last_seen FROM contacts"))
         pricing = {key: p and json.loads(p) for key, p in await sink.query(
             "SELECT id, pricing FROM messages")}
+        last_inbound = dict(await sink.query("SELECT id, last_inbound_at FROM contacts"))
         return View(messages, conversations, contacts, linked, reactions, times, last_at,
-                    last_seen, pricing)
+                    last_seen, pricing, last_inbound)
     finally:
         await sink.close()
 
@@ -164,7 +167,8 @@ def firestore_view(batches: list[list[Event]]) -> View:
         {k: stamp(d.get("timestamp")) for k, d in docs["messages"].items()},
         {k: stamp(d.get("last_message_at")) for k, d in docs["conversations"].items()},
         {k: stamp(d.get("last_seen")) for k, d in docs["contacts"].items()},
-        {k: d.get("pricing") for k, d in docs["messages"].items()})
+        {k: d.get("pricing") for k, d in docs["messages"].items()},
+        {k: stamp(d.get("last_inbound_at")) for k, d in docs["contacts"].items()})
 
 
 @pytest.fixture(params=["storage", "firestore-model"])
@@ -388,6 +392,21 @@ async def test_a_change_whose_original_never_comes_moves_no_conversation_time(vi
 async def test_a_contacts_last_seen_is_the_same_whichever_comes_first(view_of, order):
     view = await view_of(order(msg("e2", "m2", 20, "second"), revoke("rv2", "m2", 30)))
     assert view.last_seen[CONTACT] == stamp(at(30))  # the unsend is the customer's doing too
+
+
+async def test_a_contact_last_wrote_when_it_last_sent_a_message(view_of):
+    """limits.md §8: the window runs from the customer's last message. A read, a reaction or an
+    unsend later is the customer active (``last_seen``), not writing (``last_inbound_at``), as
+    the conversation's ``last_inbound_at`` already had it."""
+    from gateway.events import Read
+
+    read = Read(schema=1, id="rd-1", channel="whatsapp", direction="inbound", account_id=ACCOUNT,
+                conversation_id=CONV, sender=Party(CUSTOMER), recipient=Party(ACCOUNT),
+                timestamp=at(50), message_id="wamid.O1")
+    view = await view_of([[msg("e1", "m1", 10, "hi")], [revoke("rv1", "m1", 20)],
+                          [react(30, "\U0001f44d")], [read]])
+    assert view.last_inbound[CONTACT] == stamp(at(10))
+    assert view.last_seen[CONTACT] == stamp(at(50))
 
 
 def priced(state: str, seconds: float, **pricing: Any) -> Status:

@@ -39,6 +39,7 @@ import msgspec
 from gateway import logging as gwlog
 from gateway.aio import wait_event
 from gateway.consent import Consent
+from gateway.events import customer_wrote
 from gateway.identities import JournalUnavailable
 from gateway.outbound import request as rq
 from gateway.outbound.errors import (
@@ -247,7 +248,7 @@ class OutboundService(PythonAPI, Pausing):
         STOP is honoured from then on (the outbox sink stores both later)."""
         for record in records:
             ev = record.event
-            if ev.direction == "inbound" and ev.kind in ("message", "postback", "preference"):
+            if customer_wrote(ev) or (ev.kind == "preference" and ev.direction == "inbound"):
                 key = (ev.channel, ev.account_id, ev.customer_id)
                 at = ev.timestamp.timestamp()
                 if ev.kind != "preference":  # a preference says consent, opens no window

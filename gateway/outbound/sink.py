@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.config import SinkConfig
+from gateway.events import customer_wrote
 from gateway.sink import Record, Sink
 
 if TYPE_CHECKING:
@@ -33,10 +34,12 @@ class OutboxSink(Sink):
         outbox = self.service.outbox
         for record in records:
             ev = record.event
-            if ev.direction == "inbound" and ev.kind in ("message", "postback"):
+            if customer_wrote(ev):
                 await outbox.inbound(ev.channel, ev.account_id, ev.customer_id,
                                      ev.timestamp.timestamp(), ev.message_id,
                                      self.consent.of(ev))
+            elif ev.kind in ("message", "postback"):  # an echo, or an unsend: no window
+                continue
             elif ev.kind == "preference":  # consent only: no message, so no window
                 opted_out = self.consent.of(ev)
                 if opted_out is not None:

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from gateway.consent import Consent
-from gateway.events import STORED_EXTRAS, Event, edit_target
+from gateway.events import STORED_EXTRAS, Event, customer_wrote, edit_target
 from sinks.storage.schema import STATUS_RANK, doc_id
 
 MESSAGES, CONVERSATIONS, CONTACTS = "messages", "conversations", "contacts"
@@ -315,7 +315,7 @@ class Plan:
         first = doc.get("first_seen")
         doc["first_seen"] = ev.timestamp if first is None else min(first, ev.timestamp)
         doc["last_seen"] = _later(doc.get("last_seen"), ev.timestamp)
-        if inbound:
+        if customer_wrote(ev):
             doc["last_inbound_at"] = _later(doc.get("last_inbound_at"), ev.timestamp)
         opted_out = self.consent.of(ev) if self.consent is not None else None
         if opted_out is not None:

@@ -17,7 +17,7 @@ import msgspec
 
 from gateway.config import SinkConfig
 from gateway.consent import Consent
-from gateway.events import STORED_EXTRAS, Event, edit_target
+from gateway.events import STORED_EXTRAS, Event, customer_wrote, edit_target
 from gateway.journal.writer import rows_in
 from gateway.sink import Record, SqliteSink
 from sinks.storage.schema import (
@@ -276,7 +276,7 @@ class _Batch:
 
     def contact(self, ev: Event, ts: str | None = None) -> None:
         ts = ts or iso(ev)
-        inbound = ts if ev.direction == "inbound" else None
+        inbound = ts if customer_wrote(ev) else None
         name = ev.sender.name if ev.direction == "inbound" else None
         name_at = ts if name else None
         key = doc_id(f"{ev.channel}:{ev.customer_id}")

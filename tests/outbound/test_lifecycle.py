@@ -62,6 +62,24 @@ async def test_an_instagram_sender_action_takes_no_tag(outbound, extra):
     assert ob.sim.requests == []
 
 
+async def test_an_unsend_does_not_open_the_window(outbound):
+    """An unsend has no content: it is not the customer writing (limits.md §8: "24 h after the
+    user's last message"). It used to open the window for a free-form reply 30 hours on."""
+    ob = await outbound()
+    old = time.time() - 30 * 3600
+    await ob.inbound("instagram", U1, mid="aWdf.IN.OLD", at=old)
+    body = json.loads(fixture_bytes("instagram/text.json"))
+    item = body["entry"][0]["messaging"][0]
+    item["sender"]["id"] = U1
+    item["timestamp"] = int(time.time() * 1000)
+    item["message"] = {"mid": "aWdf.IN.OLD", "is_deleted": True}
+    assert (await ob.gw.post("instagram", json.dumps(body).encode()))[0] == 200
+    await ob.gw.settle()
+    status, answer = await ob.send({"channel": "instagram", "to": U1, "type": "text",
+                                    "text": "hello again"})
+    assert status == 422 and answer["error"]["code"] == "outside_window", answer
+
+
 async def test_opt_out_keyword_blocks_marketing_templates_only(outbound):
     ob = await outbound()
     await ob.inbound("whatsapp", A, text=" stop ")
