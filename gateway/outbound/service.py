@@ -71,6 +71,7 @@ SETTLE_SECONDS = 2.0
 WINDOW_RECHECK_SECONDS = 1.0  # a free-form message held longer is checked again before its send
 OPTED_OUT_CODE = 131050  # "the user stopped marketing messages"
 MARKETING_CAP_CODE = 131049  # Meta withheld a marketing message: the user's marketing cap
+UNAVAILABLE_CODE = 551  # Instagram / Messenger: this person is not available (blocked, deactivated)
 MARKETING_HOLD_SECONDS = 24 * 3600.0  # limits.md §9: no marketing to that user for 24 h
 ALERT_HOLD_SECONDS = 3600.0  # an error code's gateway_alerts lasts this long after the last one
 DEPTH_INTERVAL = 0.2  # s: gateway_queue_depth{queue="outbox"} is recounted at most this often
@@ -124,6 +125,9 @@ class OutboundService(PythonAPI, Pausing):
         # (channel, account, contact) -> until when marketing to them is held: Meta answered 131049
         # (its per-user marketing cap); this replica's memory, as the outbox sink's caches are
         self.marketing_held: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        # (channel, account, contact) -> since when Meta says the person is unavailable (551:
+        # blocked or deactivated, limits.md §9): no send to them until they write again
+        self.unreachable: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self.consent = Consent(self.config.opt_out_keywords, self.config.opt_in_keywords)
         self.depth_changed = asyncio.Event()
         # Set by the app to Processor.caught_up: a send is checked once the webhooks acknowledged
@@ -260,8 +264,9 @@ class OutboundService(PythonAPI, Pausing):
 
     def forget_contact(self, channel: str, contact_id: str) -> None:
         """GDPR: drop what :meth:`observe` remembers of a contact (its latest message, its word
-        on consent), as the outbox erases its stored copy of both, and its marketing hold."""
-        for cache in (self.recent, self.said, self.marketing_held):
+        on consent), as the outbox erases its stored copy of both, its marketing hold and
+        whether it was unreachable."""
+        for cache in (self.recent, self.said, self.marketing_held, self.unreachable):
             for key in [k for k in cache if k[0] == channel and k[2] == contact_id]:
                 del cache[key]
 
@@ -283,6 +288,13 @@ class OutboundService(PythonAPI, Pausing):
                     (customer.opted_out_at or float("-inf")), bool(customer.opted_out)):
                 customer = customer._replace(opted_out=other.opted_out,
                                              opted_out_at=other.opted_out_at)
+        since = self.unreachable.get((req.channel, account, req.to or ""))
+        # Meta's times are whole seconds (WhatsApp): a message in the 551's second lifts it
+        if since is not None and (customer.last_inbound_at or 0.0) < int(since):
+            raise Refused("unreachable", "to", (
+                "Meta answered 551 for this person (not available: they blocked the account or "
+                "deactivated) at " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+                + ": nothing is sent to them until they write again"))
         if req.type in ("mark_read", "typing") and not req.message_id:
             if customer.last_inbound_message_id:
                 req = msgspec.structs.replace(req, message_id=customer.last_inbound_message_id)
@@ -539,7 +551,18 @@ class OutboundService(PythonAPI, Pausing):
             await self._meta_opt_out(channel, account, row.recipient, time.time())
         if exc.code == MARKETING_CAP_CODE:
             self._hold_marketing(channel, account, row.recipient, time.time())
+        if exc.code == UNAVAILABLE_CODE:
+            self._unreachable(channel, account, row.recipient, time.time())
         await self._fail(row, error)
+
+    def _unreachable(self, channel: str, account: str, contact: str, at: float) -> None:
+        """Meta says the person is not available (551: they blocked the account or
+        deactivated): refuse sends to them until they write again (limits.md §9: "mark the
+        contact unreachable"), instead of sending each one for Meta to refuse."""
+        key = (channel, account, contact)
+        if at > self.unreachable.get(key, 0.0):
+            _remember(self.unreachable, key, at)
+            log.info("contact_unreachable", channel=channel, account=account, source="meta_551")
 
     def _hold_marketing(self, channel: str, account: str, contact: str, at: float) -> None:
         """Meta withheld a marketing message to ``contact`` (131049): refuse marketing to them
@@ -584,6 +607,8 @@ class OutboundService(PythonAPI, Pausing):
             await self._meta_opt_out(*key, ev.customer_id, ev.timestamp.timestamp())
         if code == MARKETING_CAP_CODE:
             self._hold_marketing(*key, ev.customer_id, ev.timestamp.timestamp())
+        if code == UNAVAILABLE_CODE:
+            self._unreachable(*key, ev.customer_id, ev.timestamp.timestamp())
         if not (rule.kind.retryable and ev.message_id):
             return await self._status_failed(ev, record_id, error)
         row = await self._retry_failed(key, ev, record_id, rule, error)

@@ -267,3 +267,30 @@ async def test_a_late_failed_status_of_an_earlier_send_does_not_send_it_again(ou
     record = await ob.status(answer["id"])
     assert len(ob.sim.accepted) == 2 and record["status"] == "sent"
     assert record["provider_message_id"] == seen[1]
+
+
+async def test_551_marks_the_person_unreachable_until_they_write_again(outbound):
+    """limits.md §9: a person who blocks the account or deactivates yields 551: "mark the contact
+    unreachable". Later sends are refused up front (422 unreachable) instead of each going to
+    Meta to be refused; a message from them lifts it; others are not affected."""
+    from gateway.testing.graph import meta_error
+    from tests.outbound.conftest import IG
+
+    customer, other = "9000000000000001", "9000000000000002"
+    ob = await outbound(extra_ig="thread_interval_seconds = 0")
+    await ob.inbound("instagram", customer, at=time.time() - 60)
+    await ob.inbound("instagram", other)
+    ob.sim.fail_next(IG, meta_error(551, "(#551) This person isn't available right now."))
+    body = {"channel": "instagram", "to": customer, "type": "text", "text": "one"}
+    status, first = await ob.send(body)
+    assert status == 202
+    assert (await ob.wait(first["id"], "failed"))["error"]["code"] == 551
+    status, answer = await ob.send({**body, "text": "two"})
+    assert status == 422 and answer["error"]["code"] == "unreachable", answer
+    assert len(ob.sim.requests) == 1
+    status, answer = await ob.send({**body, "to": other})
+    assert status == 202, answer
+    await ob.inbound("instagram", customer, text="I'm back")
+    status, answer = await ob.send({**body, "text": "welcome back"})
+    assert status == 202, answer
+    await ob.wait(answer["id"], "sent")
