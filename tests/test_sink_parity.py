@@ -14,6 +14,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
 from channels.instagram.normalise import normalise as instagram
@@ -94,13 +95,15 @@ class View:
                  message_conversations: set[str], reactions: dict[str, dict],
                  times: dict[str, str | None], last_at: dict[str, str | None],
                  last_seen: dict[str, str | None], pricing: dict[str, dict | None],
-                 last_inbound: dict[str, str | None] | None = None) -> None:
+                 last_inbound: dict[str, str | None] | None = None,
+                 usernames: dict[str, str | None] | None = None) -> None:
         self.messages, self.conversations, self.contacts = messages, conversations, contacts
         self.message_conversations = message_conversations  # messages' conversation_id values
         self.reactions = reactions  # per message: {sender id: emoji}
         self.times, self.last_at = times, last_at  # messages' timestamp, last_message_at
         self.last_seen, self.pricing = last_seen, pricing  # contacts' last_seen, messages' pricing
         self.last_inbound = last_inbound or {}  # contacts' last_inbound_at
+        self.usernames = usernames or {}  # contacts' username
 
 
 async def storage_view(batches: list[list[Event]], tmp_path) -> View:
@@ -127,8 +130,9 @@ async def storage_view(batches: list[list[Event]], tmp_path) -> View:
         pricing = {key: p and json.loads(p) for key, p in await sink.query(
             "SELECT id, pricing FROM messages")}
         last_inbound = dict(await sink.query("SELECT id, last_inbound_at FROM contacts"))
+        usernames = dict(await sink.query("SELECT id, username FROM contacts"))
         return View(messages, conversations, contacts, linked, reactions, times, last_at,
-                    last_seen, pricing, last_inbound)
+                    last_seen, pricing, last_inbound, usernames)
     finally:
         await sink.close()
 
@@ -168,7 +172,8 @@ def firestore_view(batches: list[list[Event]]) -> View:
         {k: stamp(d.get("last_message_at")) for k, d in docs["conversations"].items()},
         {k: stamp(d.get("last_seen")) for k, d in docs["contacts"].items()},
         {k: d.get("pricing") for k, d in docs["messages"].items()},
-        {k: stamp(d.get("last_inbound_at")) for k, d in docs["contacts"].items()})
+        {k: stamp(d.get("last_inbound_at")) for k, d in docs["contacts"].items()},
+        {k: d.get("username") for k, d in docs["contacts"].items()})
 
 
 @pytest.fixture(params=["storage", "firestore-model"])
@@ -407,6 +412,22 @@ async def test_a_contact_last_wrote_when_it_last_sent_a_message(view_of):
                           [react(30, "\U0001f44d")], [read]])
     assert view.last_inbound[CONTACT] == stamp(at(10))
     assert view.last_seen[CONTACT] == stamp(at(50))
+
+
+@pytest.mark.parametrize("batches", [
+    lambda a, b, c: [[a], [b], [c]], lambda a, b, c: [[c], [b], [a]],
+    lambda a, b, c: [[b, c, a]]], ids=["in-order", "reversed", "one-batch"])
+async def test_a_contacts_username_follows_timestamps_not_arrival(view_of, batches):
+    """The WhatsApp username of the latest message that names one (``contacts[].profile``),
+    whichever arrives first; a message naming none keeps it."""
+    def named(eid: str, seconds: float, username: str | None) -> Message:
+        event = msg(eid, f"m-{eid}", seconds)
+        return msgspec.structs.replace(event, sender=msgspec.structs.replace(
+            event.sender, username=username))
+
+    view = await view_of(batches(named("u1", 10, "kerry.f"), named("u2", 20, "kerry.fisher"),
+                                 named("u3", 30, None)))
+    assert view.usernames[CONTACT] == "kerry.fisher"
 
 
 def priced(state: str, seconds: float, **pricing: Any) -> Status:

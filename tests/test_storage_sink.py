@@ -50,17 +50,18 @@ async def test_a_contact_is_the_same_whether_its_events_came_in_one_batch_or_two
 
 def schema_without_schema_and_emoji() -> str:
     """The storage layout before ``messages`` had the ``schema`` and ``emoji`` columns (and the
-    later ``messages.edited_at`` and ``messages.pricing``, ``contacts.name_at`` and
-    ``contacts.user_id``)."""
+    later ``messages.edited_at`` and ``messages.pricing``, ``contacts.name_at``,
+    ``contacts.user_id`` and ``contacts.username``)."""
     from sinks.storage.schema import SCHEMA
 
     old = re.sub(r",(\s*--[^\n]*)\n\s*schema INTEGER, emoji TEXT[^\n]*(\n\s*edited_at TEXT[^\n]*)?"
                  r"(\n\s*pricing TEXT[^\n]*)?(\n\s*reactions_at TEXT[^\n]*)?",
                  r"\1", SCHEMA)
-    old = re.sub(r",\s*name_at TEXT,[^\n]*\n\s*user_id TEXT,[^\n]*\n\s*user_id_at TEXT\)"
-                 r" WITHOUT ROWID;[^\n]*", ") WITHOUT ROWID;", old)
+    old = re.sub(r",\s*name_at TEXT,[^\n]*\n\s*user_id TEXT,[^\n]*\n\s*user_id_at TEXT,[^\n]*"
+                 r"\n\s*username TEXT,[^\n]*\n\s*username_at TEXT\) WITHOUT ROWID;[^\n]*",
+                 ") WITHOUT ROWID;", old)
     for column in ("emoji TEXT", "schema INTEGER", "edited_at", "pricing", "reactions_at",
-                   "name_at", "user_id"):
+                   "name_at", "user_id", "username"):
         assert column not in old, column
     return old
 

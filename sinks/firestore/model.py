@@ -300,12 +300,17 @@ class Plan:
                 "channel": ev.channel, "contact_id": ev.customer_id, "name": None,
                 "name_at": None, "account_id": ev.account_id, "first_seen": ev.timestamp,
                 "last_seen": ev.timestamp, "last_inbound_at": None, "opted_out": False,
-                "opted_out_at": None, "user_id": None, "user_id_at": None}
+                "opted_out_at": None, "user_id": None, "user_id_at": None, "username": None,
+                "username_at": None}
         user_id = (ev.sender if inbound else ev.recipient).user_id
         if user_id is not None:
             given = doc.get("user_id_at")
             if given is None or ev.timestamp >= given:  # the BSUID of the latest event naming one
                 doc["user_id"], doc["user_id_at"] = user_id, ev.timestamp
+        if inbound and ev.sender.username:
+            given = doc.get("username_at")
+            if given is None or ev.timestamp >= given:  # the username of the latest event
+                doc["username"], doc["username_at"] = ev.sender.username, ev.timestamp
         if inbound and ev.sender.name:
             named = doc.get("name_at")
             if named is None or ev.timestamp >= named:  # the name of the latest event

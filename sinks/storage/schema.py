@@ -21,7 +21,9 @@ CREATE TABLE IF NOT EXISTS contacts (
     opted_out INTEGER NOT NULL DEFAULT 0, opted_out_at TEXT,
     name_at TEXT,                        -- the timestamp of the event that gave the name
     user_id TEXT,                        -- WhatsApp BSUID beside the wa_id, or NULL
-    user_id_at TEXT) WITHOUT ROWID;      -- the timestamp of the event that gave the BSUID
+    user_id_at TEXT,                     -- the timestamp of the event that gave the BSUID
+    username TEXT,                       -- WhatsApp username of the profile, or NULL
+    username_at TEXT) WITHOUT ROWID;     -- the timestamp of the event that gave the username
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY,                 -- conversation_id with '/' replaced by '_'
     channel TEXT NOT NULL, account_id TEXT NOT NULL, contact_id TEXT NOT NULL,
@@ -62,7 +64,8 @@ def migrate(c) -> None:
                                        ("edited_at", "TEXT"), ("pricing", "TEXT"),
                                        ("reactions_at", "TEXT"))),
                          ("contacts", (("name_at", "TEXT"), ("user_id", "TEXT"),
-                                       ("user_id_at", "TEXT")))):
+                                       ("user_id_at", "TEXT"), ("username", "TEXT"),
+                                       ("username_at", "TEXT")))):
         columns = {row[1] for row in c.execute(f"PRAGMA table_info({table})")}
         for column, kind in added:
             if column not in columns:

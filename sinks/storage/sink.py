@@ -111,10 +111,11 @@ _NEWER_CONSENT = ("excluded.opted_out_at IS NOT NULL"
                   " AND excluded.opted_out_at >= coalesce(opted_out_at, '')")
 _NEWER_NAME = "excluded.name_at >= coalesce(name_at, '')"  # NULL (no name): not newer
 _NEWER_USER_ID = "excluded.user_id_at >= coalesce(user_id_at, '')"  # the same for the BSUID
+_NEWER_USERNAME = "excluded.username_at >= coalesce(username_at, '')"  # ... and the username
 _UPSERT_CONTACT = (
     "INSERT INTO contacts(id, channel, contact_id, name, account_id, first_seen, last_seen,"
-    " last_inbound_at, opted_out, opted_out_at, name_at, user_id, user_id_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, 0), ?, ?, ?, ?) "
+    " last_inbound_at, opted_out, opted_out_at, name_at, user_id, user_id_at, username,"
+    " username_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, 0), ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(id) DO UPDATE SET"
     f" name = CASE WHEN {_NEWER_NAME} THEN excluded.name ELSE name END,"
     f" name_at = CASE WHEN {_NEWER_NAME} THEN excluded.name_at ELSE name_at END,"
@@ -127,7 +128,10 @@ _UPSERT_CONTACT = (
     f" opted_out_at = CASE WHEN {_NEWER_CONSENT} THEN excluded.opted_out_at"
     "   ELSE opted_out_at END,"
     f" user_id = CASE WHEN {_NEWER_USER_ID} THEN excluded.user_id ELSE user_id END,"
-    f" user_id_at = CASE WHEN {_NEWER_USER_ID} THEN excluded.user_id_at ELSE user_id_at END")
+    f" user_id_at = CASE WHEN {_NEWER_USER_ID} THEN excluded.user_id_at ELSE user_id_at END,"
+    f" username = CASE WHEN {_NEWER_USERNAME} THEN excluded.username ELSE username END,"
+    f" username_at = CASE WHEN {_NEWER_USERNAME} THEN excluded.username_at"
+    "   ELSE username_at END")
 _EDIT_MESSAGE = ("UPDATE messages SET type = ?, text = ?, payload = ?, media = ?, edited_at = ?"
                  " WHERE id = ?")
 _SET_LAST_TEXT = "UPDATE conversations SET last_text = ? WHERE id = ? AND last_message_at = ?"
@@ -284,13 +288,18 @@ class _Batch:
         consent_at = ts if opted_out is not None else None
         user_id = (ev.sender if ev.direction == "inbound" else ev.recipient).user_id
         user_id_at = ts if user_id else None
+        username = ev.sender.username if ev.direction == "inbound" else None
+        username_at = ts if username else None
         row = self.contacts.get(key)
         if row is None:
             self.contacts[key] = [key, ev.channel, ev.customer_id, name, ev.account_id, ts, ts,
-                                  inbound, opted_out, consent_at, name_at, user_id, user_id_at]
+                                  inbound, opted_out, consent_at, name_at, user_id, user_id_at,
+                                  username, username_at]
             return
         if user_id_at is not None and (row[12] is None or user_id_at >= row[12]):
             row[11], row[12] = user_id, user_id_at  # the BSUID of the latest event naming one
+        if username_at is not None and (row[14] is None or username_at >= row[14]):
+            row[13], row[14] = username, username_at  # ... and the username
         if name_at is not None and (row[10] is None or name_at >= row[10]):
             row[3], row[10] = name, name_at  # the name of the latest event by timestamp
         row[5], row[6] = min(row[5], ts), max(row[6], ts)
