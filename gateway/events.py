@@ -42,11 +42,12 @@ EDITS = frozenset({"edit", "message_edit"})
 
 def customer_wrote(ev: Event) -> bool:
     """Whether ``ev`` is the customer writing: an inbound message or postback, but not an unsend
-    (``deleted``: no content). What opens the service window (limits.md §8: "after the user's
-    last message") and moves ``last_inbound_at``; a read, reaction, referral or handover is the
+    (``deleted``: no content) nor a ``system`` message (WhatsApp's own notice of a changed
+    number or identity). What opens the service window (limits.md §8: "after the user's last
+    message") and moves ``last_inbound_at``; a read, reaction, referral or handover is the
     customer (or another app) active, not writing."""
     return (ev.direction == "inbound" and ev.kind in ("message", "postback")
-            and ev.type != "deleted")
+            and ev.type not in ("deleted", "system"))
 
 
 def edit_target(ev: Event) -> str | None:

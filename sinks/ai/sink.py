@@ -43,6 +43,7 @@ from gateway.aio import wait_event
 from gateway.config import SinkConfig, require_not_blank
 from gateway.errors import ConfigError, PermanentError, RateLimited, RetryableError
 from gateway.events import EDITS, MESSAGE_TYPES, edit_target
+from gateway.events import event_id as opaque_id
 from gateway.sink import Record, Sink
 from sinks.ai.rules import DEFAULT_FALLBACK, DEFAULT_GREETING, DEFAULT_RULES, Rule, RulesEngine
 
@@ -112,7 +113,10 @@ class AIConfig(SinkConfig):
         if not self.model.strip():
             raise ConfigError("must name a model, e.g. \"gpt-4o-mini\"", f"{prefix}.model")
         if self.base_url is not None:
-            url = urlsplit(self.base_url)
+            try:
+                url = urlsplit(self.base_url)
+            except ValueError:  # "http://[::1:11434/v1": an unclosed IPv6 address
+                url = urlsplit("")
             if url.scheme not in ("http", "https") or not url.netloc:
                 raise ConfigError("must be an http(s) URL with a host, e.g. "
                                   "\"http://127.0.0.1:11434/v1\"", f"{prefix}.base_url")
@@ -135,7 +139,13 @@ MAX_DRAFTS = 1000  # replies kept for the retry of a send that failed
 TURN_CHARS = 4096  # of a remembered text (a reply is at most this already: WhatsApp's limit)
 
 
-REVOKED = 10_000  # unsent message ids remembered, so that one unsent first is never answered
+REVOKED = 10_000  # unsent and edited messages remembered, so that one that came first counts
+
+
+def _message_key(channel: str, message_id: str) -> str:
+    """An opaque key for a message id (a wamid embeds the customer's number): what the memory
+    keeps after an erasure is a hash, as the answered event ids are."""
+    return opaque_id(channel, "ai-message", message_id)
 
 
 class Memory:
@@ -144,7 +154,9 @@ class Memory:
 
     A turn keeps the id of the customer's message it answers: an unsend removes that exchange
     (:meth:`revoke`), an edit replaces the customer's text (:meth:`edit`), so what they took
-    back never reaches the provider again."""
+    back never reaches the provider again. Meta keeps no order: an unsend or an edit that comes
+    before its message is remembered (bounded, by an opaque key, owner-tagged) and applied when
+    the message is answered."""
 
     def __init__(self, history: int, conversations: int, events: int,
                  chars: int = 5_000_000) -> None:
@@ -157,7 +169,9 @@ class Memory:
         self._max_events = events
         self._max_chars = chars  # all the texts together: long messages must not add up
         self._chars = 0
-        self._revoked: OrderedDict[str, None] = OrderedDict()
+        self._revoked: OrderedDict[str, Owner] = OrderedDict()  # message key -> owner
+        # message key -> (owner, edit time, new text): edits whose message has no turn yet
+        self._edits: OrderedDict[str, tuple[Owner, float, str]] = OrderedDict()
 
     def history(self, conversation_id: str) -> list[dict[str, str]]:
         entry = self._conversations.get(conversation_id)
@@ -168,6 +182,10 @@ class Memory:
 
     def add_turn(self, conversation_id: str, user: str, assistant: str,
                  owner: Owner = ("", ""), message_id: str | None = None) -> None:
+        if message_id is not None and self._edits:
+            edited = self._edits.pop(_message_key(owner[0], message_id), None)
+            if edited is not None:  # edited before it was answered: the history has the edit
+                user = edited[2]
         entry = self._conversations.pop(conversation_id, None)
         turns = entry[1] if entry is not None else deque(maxlen=self._history)
         for role, content in (("user", user[:TURN_CHARS]), ("assistant", assistant[:TURN_CHARS])):
@@ -181,12 +199,15 @@ class Memory:
                 self._chars > self._max_chars and len(self._conversations) > 1):
             self._drop_oldest()
 
-    def revoke(self, conversation_id: str, message_id: str) -> None:
+    def revoke(self, conversation_id: str, message_id: str, owner: Owner = ("", "")) -> None:
         """The customer unsent ``message_id``: drop it and our answer to it from the history;
-        remember the id, so that the message is not answered if it comes (or is retried) later."""
-        self._revoked[message_id] = None
+        remember it, so that the message is not answered if it comes (or is retried) later."""
+        key = _message_key(owner[0], message_id)
+        self._revoked[key] = owner
+        self._revoked.move_to_end(key)
         while len(self._revoked) > REVOKED:
             self._revoked.popitem(last=False)
+        self._edits.pop(key, None)
         entry = self._conversations.get(conversation_id)
         if entry is None:
             return
@@ -197,16 +218,26 @@ class Memory:
             turns.clear()
             turns.extend(kept)
 
-    def revoked(self, message_id: str | None) -> bool:
-        return message_id is not None and message_id in self._revoked
+    def revoked(self, channel: str, message_id: str | None) -> bool:
+        return message_id is not None and _message_key(channel, message_id) in self._revoked
 
-    def edit(self, conversation_id: str, message_id: str, text: str) -> None:
-        """The customer edited ``message_id``: the history holds the new text instead."""
+    def edit(self, conversation_id: str, message_id: str, text: str, owner: Owner = ("", ""),
+             at: float = 0.0) -> None:
+        """The customer edited ``message_id`` (at ``at``): the history holds the new text
+        instead; before the message is answered, the latest edit waits for it."""
         entry = self._conversations.get(conversation_id)
         for index, (mid, turn) in enumerate(entry[1] if entry else ()):
             if mid == message_id and turn["role"] == "user":
                 self._chars += len(text) - len(turn["content"])
                 entry[1][index] = (mid, {"role": "user", "content": text})
+                return
+        key = _message_key(owner[0], message_id)
+        known = self._edits.get(key)
+        if known is None or at >= known[1]:
+            self._edits[key] = (owner, at, text)
+            self._edits.move_to_end(key)
+            while len(self._edits) > REVOKED:
+                self._edits.popitem(last=False)
 
     def _drop_oldest(self) -> None:
         _, (_, turns) = self._conversations.popitem(last=False)
@@ -233,8 +264,12 @@ class Memory:
             messages += len(turns)
             self._chars -= sum(len(t[1]["content"]) for t in turns)
         events = [e for e, who in self._answered.items() if who == owner]
-        for event_id in events:
-            self._answered[event_id] = ("", "")
+        for answered in events:
+            self._answered[answered] = ("", "")
+        for key in [k for k, who in self._revoked.items() if who == owner]:
+            self._revoked[key] = ("", "")  # still unsent: an opaque key, owned by nobody
+        for key in [k for k, (who, _, _) in self._edits.items() if who == owner]:
+            del self._edits[key]  # their words
         return {"conversations": len(conversations), "messages": messages,
                 "answered_events": len(events)}
 
@@ -291,7 +326,9 @@ class OpenAIProvider:
         await self.client.close()
 
 
-SENDABLE = frozenset({"stop"})  # finish_reason of a whole answer
+# finish_reason of an answer that is not a whole reply; any other (OpenAI's "stop", another
+# server's "eos" / "eos_token" / none) with content is sent
+NOT_WHOLE = frozenset({"length", "content_filter", "tool_calls", "function_call"})
 
 
 def answer_text(completion: Any, event: Event) -> str:
@@ -310,7 +347,7 @@ def answer_text(completion: Any, event: Event) -> str:
     message = getattr(choice, "message", None)
     reason = getattr(choice, "finish_reason", None)
     refusal = getattr(message, "refusal", None)
-    if reason not in SENDABLE or refusal:
+    if reason in NOT_WHOLE or refusal:
         log.warning("ai_answer_not_sent", event_id=event.id,
                     conversation_id=event.conversation_id, finish_reason=reason,
                     refusal=bool(refusal))
@@ -468,7 +505,8 @@ class AISink(Sink):
                         sending_accounts=sorted(self._sending_accounts(event.channel) or ()))
             self.memory.mark_answered(event.id, owner)
             return
-        if self.memory.revoked(event.message_id):  # unsent before we got to it
+        if self.memory.revoked(event.channel, event.message_id):  # unsent before we got to it
+            self._drafts.pop(event.id, None)
             self.memory.mark_answered(event.id, owner)
             return
         self._inflight[event.id] = owner
@@ -508,12 +546,14 @@ class AISink(Sink):
         """The customer unsent (``deleted``) or edited a message: its text leaves the history
         that goes to the provider (an edit's new text replaces it). Unsent before it was
         answered: it is not answered (:meth:`Memory.revoked`)."""
+        owner = (event.channel, event.customer_id)
         if event.type == "deleted" and event.message_id:
-            self.memory.revoke(event.conversation_id, event.message_id)
+            self.memory.revoke(event.conversation_id, event.message_id, owner)
         else:
             target = edit_target(event)
             if target is not None:
-                self.memory.edit(event.conversation_id, target, (event.text or "")[:TURN_CHARS])
+                self.memory.edit(event.conversation_id, target, (event.text or "")[:TURN_CHARS],
+                                 owner, event.timestamp.timestamp())
 
     @staticmethod
     def _silenced(event: Event, outbound: Any) -> bool:

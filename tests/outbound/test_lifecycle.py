@@ -80,6 +80,22 @@ async def test_an_unsend_does_not_open_the_window(outbound):
     assert status == 422 and answer["error"]["code"] == "outside_window", answer
 
 
+async def test_a_whatsapp_system_notice_does_not_open_the_window(outbound):
+    """A ``system`` message is WhatsApp's notice (a changed number or identity), not the
+    customer writing: no window for a free-form reply to it."""
+    ob = await outbound()
+    await ob.inbound("whatsapp", A, at=time.time() - 30 * 3600)
+    body = json.loads(fixture_bytes("whatsapp/system_customer_identity_changed.json"))
+    value = body["entry"][0]["changes"][0]["value"]
+    value["contacts"][0]["wa_id"] = A
+    value["messages"][0].update({"from": A, "timestamp": str(int(time.time()))})
+    assert (await ob.gw.post("whatsapp", json.dumps(body).encode()))[0] == 200
+    await ob.gw.settle()
+    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text",
+                                    "text": "hello"})
+    assert status == 422 and answer["error"]["code"] == "outside_window", answer
+
+
 async def test_opt_out_keyword_blocks_marketing_templates_only(outbound):
     ob = await outbound()
     await ob.inbound("whatsapp", A, text=" stop ")

@@ -288,6 +288,65 @@ async def test_an_answer_that_is_no_completion_is_retryable(openai_server, raw, 
     await sink.close()
 
 
+async def test_an_edit_before_its_message_is_the_text_the_history_keeps(openai_server):
+    """Meta keeps no order: the edit may come first. The message is answered as it was sent,
+    and the history then holds the edit, as if they had come in order."""
+    sink, out = await started_sink(provider="openai", api_key="sk-test",
+                                   base_url=openai_server.base_url)
+    first = message("my adress is 5 Mian St")
+    fixed = msgspec.structs.replace(message("my address is 5 Main St"), raw_type="edit",
+                                    reply_to=first.message_id)
+    await sink.write(records(fixed))
+    await sink.write(records(first))
+    await sink.write(records(message("when will it ship?")))
+    contents = [m["content"] for m in openai_server.requests[-1]["messages"]]
+    assert "my address is 5 Main St" in contents and "my adress is 5 Mian St" not in contents
+    await sink.close()
+
+
+async def test_what_is_kept_of_unsent_and_edited_messages_goes_with_an_erasure():
+    """A wamid embeds the customer's number: the unsent ids the sink keeps are opaque hashes,
+    owned by nobody after an erasure; an edit waiting for its message (their words) is gone."""
+    sink, out = await started_sink()
+    late = message("hi")
+    unsend = msgspec.structs.replace(message(None, type="deleted"), message_id="wamid.HBgL1650")
+    edit = msgspec.structs.replace(message("fixed"), raw_type="edit", reply_to="wamid.NOT.YET")
+    await sink.write(records(unsend, edit, late))
+    kept = repr(vars(sink.memory))
+    assert "wamid.HBgL1650" not in kept and "wamid.NOT.YET" not in kept
+    await sink.erase_contact("whatsapp", late.customer_id)
+    assert sink.memory._edits == {}
+    assert set(sink.memory._revoked.values()) == {("", "")}
+    assert sink.memory.revoked("whatsapp", "wamid.HBgL1650")  # still never answered
+    await sink.close()
+
+
+@pytest.mark.parametrize("reason", ["eos", "eos_token", None])
+async def test_a_whole_answer_of_another_server_is_sent(openai_server, reason):
+    """Servers that speak Chat Completions end a whole answer otherwise than OpenAI's "stop"
+    (Together "eos", TGI and watsonx "eos_token", proxies none): it is a reply."""
+    openai_server.finish_reason = reason
+    sink, out = await started_sink(provider="openai", api_key="sk-test",
+                                   base_url=openai_server.base_url)
+    await sink.write(records(message("Where is my refund?")))
+    assert [b["text"] for b in out.sent] == ["Happy to help!"]
+    await sink.close()
+
+
+async def test_a_draft_of_a_message_unsent_before_its_retry_is_dropped(openai_server):
+    outbound = RecordingOutbound(fail=RetryableError("Meta is down"))
+    sink, _ = await started_sink(outbound, provider="openai", api_key="sk-test",
+                                 base_url=openai_server.base_url)
+    event = message("my card is 4111")
+    with pytest.raises(RetryableError):
+        await sink.write(records(event))
+    assert event.id in sink._drafts
+    unsend = msgspec.structs.replace(message(None, type="deleted"), message_id=event.message_id)
+    await sink.write(records(event, unsend))
+    assert sink._drafts == {} and outbound.sent == []
+    await sink.close()
+
+
 async def test_a_draft_for_a_contact_erased_meanwhile_is_not_kept(openai_server):
     """The erasure lands while the provider answers and the send then fails: the draft (the
     reply's text, about the erased contact) must not stay in memory."""
@@ -339,6 +398,7 @@ def test_instagram_replies_fit_in_1000_bytes():
     ({"base_url": "ftp://models.example/v1"}, "sinks.ai.base_url"),
     ({"channels": ["whatsapp", "whatsapp"]}, "sinks.ai.channels"),
     ({"channels": [""]}, "sinks.ai.channels"),
+    ({"base_url": "http://[::1:11434/v1"}, "sinks.ai.base_url"),
 ])
 def test_bad_config_names_the_key(table, key, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
