@@ -73,11 +73,7 @@ async def test_an_unsend_does_not_open_the_window(outbound):
     item["sender"]["id"] = U1
     item["timestamp"] = int(time.time() * 1000)
     item["message"] = {"mid": "aWdf.IN.OLD", "is_deleted": True}
-    assert (await ob.gw.post("instagram", json.dumps(body).encode()))[0] == 200
-    await ob.gw.settle()
-    status, answer = await ob.send({"channel": "instagram", "to": U1, "type": "text",
-                                    "text": "hello again"})
-    assert status == 422 and answer["error"]["code"] == "outside_window", answer
+    await still_no_window(ob, "instagram", U1, body)
 
 
 async def test_a_whatsapp_system_notice_does_not_open_the_window(outbound):
@@ -89,9 +85,14 @@ async def test_a_whatsapp_system_notice_does_not_open_the_window(outbound):
     value = body["entry"][0]["changes"][0]["value"]
     value["contacts"][0]["wa_id"] = A
     value["messages"][0].update({"from": A, "timestamp": str(int(time.time()))})
-    assert (await ob.gw.post("whatsapp", json.dumps(body).encode()))[0] == 200
+    await still_no_window(ob, "whatsapp", A, body)
+
+
+async def still_no_window(ob, channel: str, to: str, webhook: dict) -> None:
+    """After ``webhook`` is processed, a free-form message to ``to`` is still refused."""
+    assert (await ob.gw.post(channel, json.dumps(webhook).encode()))[0] == 200
     await ob.gw.settle()
-    status, answer = await ob.send({"channel": "whatsapp", "to": A, "type": "text",
+    status, answer = await ob.send({"channel": channel, "to": to, "type": "text",
                                     "text": "hello"})
     assert status == 422 and answer["error"]["code"] == "outside_window", answer
 
