@@ -210,8 +210,8 @@ def _people(contacts) -> dict[str, Person]:
     for c in contacts:
         name = username = None
         if isinstance(c.profile, dict):
-            name = c.profile.get("name") if isinstance(c.profile.get("name"), str) else None
-            username = c.profile.get("username")
+            name, username = c.profile.get("name"), c.profile.get("username")
+            name = name if isinstance(name, str) else None
             username = username if isinstance(username, str) and username else None
         user_id, wa_id = as_str(c.user_id), as_str(c.wa_id)
         parent = as_str(c.parent_user_id)

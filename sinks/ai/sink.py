@@ -454,8 +454,8 @@ class AISink(Sink):
                 events.append(event)
             elif event.kind == "message" and event.direction == "inbound":
                 revisions.append(event)
-        for event in revisions:  # before the answers: an unsent message is not answered
-            self._revise(event)
+        for event in revisions:  # before the answers: an unsent message is not answered, an
+            self._revise(event)  # edit waits for its message (Memory.edit)
         if not events:
             return
         outbound = await self._outbound()
@@ -464,8 +464,6 @@ class AISink(Sink):
             lanes.setdefault(event.conversation_id, []).append(event)
         results = await asyncio.gather(*(self._lane(lane, outbound) for lane in lanes.values()),
                                        return_exceptions=True)
-        for event in revisions:  # and after: an edit of a message this batch answered
-            self._revise(event)
         errors = [r for r in results if isinstance(r, BaseException)]
         if not errors:
             return
@@ -499,10 +497,12 @@ class AISink(Sink):
                      conversation_id=event.conversation_id)
             self.memory.mark_answered(event.id, owner)
             return
-        if self._not_ours(event):
+        accounts = self._sending_accounts(event.channel)
+        if accounts is not None and event.account_id not in accounts:
+            # another number of the app, or an Instagram account whose account_id is not
+            # configured: no reply, from no other account either
             log.warning("ai_not_our_account", event_id=event.id, channel=event.channel,
-                        account_id=event.account_id,
-                        sending_accounts=sorted(self._sending_accounts(event.channel) or ()))
+                        account_id=event.account_id, sending_accounts=sorted(accounts))
             self.memory.mark_answered(event.id, owner)
             return
         if self.memory.revoked(event.channel, event.message_id):  # unsent before we got to it
@@ -581,13 +581,6 @@ class AISink(Sink):
         the customer wrote to, never another one."""
         return {"channel": event.channel, "account_id": event.account_id, "to": event.sender.id,
                 "type": "text", "text": reply, "idempotency_key": f"ai:{event.id}"}
-
-    def _not_ours(self, event: Event) -> bool:
-        """The customer wrote to an account this gateway does not send as (another number of
-        the app; an Instagram account whose ``account_id`` is not configured): no reply, from
-        no other account either (a customer answered by another number would not know it)."""
-        accounts = self._sending_accounts(event.channel)
-        return accounts is not None and event.account_id not in accounts
 
     def _sending_accounts(self, channel: str) -> set[str] | None:
         channels = self.app.get(keys.CHANNELS) if self.app is not None else None

@@ -247,14 +247,18 @@ async def test_an_unsent_message_leaves_the_history_and_is_never_answered(openai
     await sink.close()
 
 
-async def test_an_edit_replaces_the_customers_text_in_the_history(openai_server):
+@pytest.mark.parametrize("together", [False, True], ids=["later-batch", "same-batch"])
+async def test_an_edit_replaces_the_customers_text_in_the_history(openai_server, together):
     sink, out = await started_sink(provider="openai", api_key="sk-test",
                                    base_url=openai_server.base_url)
     first = message("my adress is 5 Mian St")
-    await sink.write(records(first))
     fixed = msgspec.structs.replace(message("my address is 5 Main St"), raw_type="edit",
                                     reply_to=first.message_id)
-    await sink.write(records(fixed))
+    if together:
+        await sink.write(records(first, fixed))
+    else:
+        await sink.write(records(first))
+        await sink.write(records(fixed))
     assert len(out.sent) == 1  # an edit is not answered
     await sink.write(records(message("when will it ship?")))
     contents = [m["content"] for m in openai_server.requests[-1]["messages"]]
